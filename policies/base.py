@@ -1,0 +1,105 @@
+"""The policy interface: pure decisions, no clock, no SimPy, no CUDA.
+
+Shaped after libCacheSim's eviction interface (find / insert / choose-victim / evict) with prefetch
+and preload as separate hooks. The controller (``policies.controller``) calls these hooks in the same
+order under both clocks; a policy never touches slots itself, it only answers questions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, NamedTuple
+
+from policies.cache import CacheMode, ExpertCache
+
+if TYPE_CHECKING:
+    from policies.copy_queue import CopyJob
+    from policies.oracle import NextUse
+    from traces import ModelShape, Trace
+
+
+class PrefetchRequest(NamedTuple):
+    key: int          # layer * num_experts + expert
+    need_step: int    # the decode step (token * num_layers + layer) expected to use it; sets the order
+
+
+@dataclass(slots=True)
+class LayerAccess:
+    """What a policy learns when a layer's router has chosen: the step, the choice, and in the live
+    engine the hidden state that predictors read."""
+    token: int                 # token index in the run (the replayed trace slice in the simulator)
+    layer: int
+    step: int                  # token * num_layers + layer
+    experts: list[int]
+    weights: list[float] | None = None
+    hidden: Any = None         # live engine only
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """Everything a policy may consult, fixed for one run."""
+    shape: "ModelShape"
+    cache_slots: int
+    cache_mode: CacheMode
+    prefetch_depth: int = 1
+    trace: "Trace | None" = None        # the decode being run: future knowledge for bounds, prediction tracks
+    train_trace: "Trace | None" = None  # a separate slice to learn from (static pins, affinity counts)
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.shape.num_layers
+
+    @property
+    def num_experts(self) -> int:
+        return self.shape.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.shape.top_k
+
+    @cached_property
+    def oracle(self) -> "NextUse":
+        from policies.oracle import NextUse
+        if self.trace is None:
+            raise ValueError("this policy needs the future of the run (a trace); the live engine "
+                             "must record the run first and replay it")
+        return NextUse(self.trace.experts, self.shape.num_experts)
+
+    def require_train_trace(self, policy_name: str) -> "Trace":
+        if self.train_trace is None or self.train_trace.num_tokens == 0:
+            raise ValueError(f"policy {policy_name!r} learns from a training slice but none was given; "
+                             f"set train_fraction to a value in (0, 1)")
+        return self.train_trace
+
+
+class Policy:
+    """Base class: on-demand fetching, no preload, no prefetch. Subclasses choose victims."""
+
+    lossless: ClassVar[bool] = True
+
+    def __init__(self, ctx: PolicyContext):
+        self.ctx = ctx
+
+    def preload(self) -> list[tuple[int, bool]]:
+        """Experts placed before decoding starts, as (key, pinned). Untimed, like model loading."""
+        return []
+
+    def on_access(self, access: LayerAccess, index: int, key: int, hit: bool) -> None:
+        """``access.experts[index]`` (``key``) is needed now; ``hit`` says whether it was resident."""
+
+    def on_insert(self, key: int) -> None:
+        """A copy of ``key`` into a slot starts (or ``key`` was preloaded)."""
+
+    def on_evict(self, key: int) -> None:
+        """``key`` lost its slot."""
+
+    def choose_victim(self, scope: int, cache: ExpertCache, job: "CopyJob") -> int | None:
+        """An evictable key of ``scope`` to make room for ``job``, or None to refuse (a refused
+        prefetch is dropped; a demand fetch may be refused only when nothing is evictable)."""
+        raise NotImplementedError
+
+    def prefetch(self, access: LayerAccess) -> list[PrefetchRequest] | None:
+        """Copies to queue after this layer's routing, most urgent first. The list *replaces* the
+        queued (not yet started) prefetches: those not in it are cancelled. None keeps them."""
+        return None

@@ -1,0 +1,203 @@
+"""The offload controller: the one piece of bookkeeping both clocks drive.
+
+A clock (the SimPy model in ``sim/``, the CUDA engine in ``real/``) tells the controller *when*
+things happen — a layer's router has chosen, a copy engine is free, a copy finished, a layer is done —
+and the controller decides *what* happens, by consulting the policy and updating the cache and the
+copy queue. Counting (hits, misses, bytes) happens here too, so both clocks count the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from policies.base import LayerAccess, Policy, PrefetchRequest
+from policies.cache import ABSENT, RESIDENT, ExpertCache
+from policies.copy_queue import DONE, DROPPED, RUNNING, CopyJob, CopyQueue
+
+
+@dataclass
+class OffloadStats:
+    accesses: int = 0          # (token, layer, chosen expert) triples
+    hits: int = 0              # resident when the router chose it
+    misses: int = 0            # absent and not queued: a new demand fetch
+    late: int = 0              # absent but already queued or in flight as a prefetch
+    prefetches: int = 0        # prefetch jobs queued
+    prefetch_useful: int = 0   # prefetched copies later used
+    prefetch_wasted: int = 0   # prefetched copies evicted unused
+    cancelled: int = 0         # queued prefetches dropped by a newer prediction
+    dropped: int = 0           # prefetches refused a slot by the policy
+    copies: int = 0            # completed copies
+    demand_copies: int = 0
+    prefetch_copies: int = 0
+    evictions: int = 0
+    bytes_moved: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+Need = tuple[int, "CopyJob | None"]   # (key, the copy it waits for, or None if resident)
+
+
+class OffloadController:
+    def __init__(self, policy: Policy, cache: ExpertCache, expert_bytes: int,
+                 record_copies: bool = False):
+        self.policy = policy
+        self.cache = cache
+        self.queue = CopyQueue()
+        self.expert_bytes = expert_bytes
+        self.num_layers = cache.num_layers
+        self.num_experts = cache.num_experts
+        self.running: dict[int, CopyJob] = {}
+        self.stats = OffloadStats()
+        self.blocked = False                 # a demand job waits for a slot to be released
+        self._unused_prefetch: set[int] = set()
+        self._order = 0                      # counts demand promotions and copy starts
+        self.copy_log: list[CopyJob] | None = [] if record_copies else None
+
+    # -- before decoding -----------------------------------------------------------------------
+    def preload(self) -> None:
+        for key, pinned in self.policy.preload():
+            if self.cache.state(key) != ABSENT:
+                continue
+            self.cache.load_resident(key)
+            if pinned:
+                self.cache.pin(key)
+            self.policy.on_insert(key)
+
+    # -- the compute side ----------------------------------------------------------------------
+    def begin_layer(self, token: int, layer: int, experts: list[int], weights: list[float] | None,
+                    now_ns: int, hidden=None) -> list[Need]:
+        """The router of ``layer`` chose ``experts`` for ``token``. Protects them from eviction,
+        queues demand fetches for the absent ones, asks the policy for prefetches, and returns what
+        the compute stream must wait for: resident experts first, then the rest in copy order."""
+        cache, queue, policy, stats = self.cache, self.queue, self.policy, self.stats
+        key_slot, slot_state = cache.key_slot, cache.slot_state
+        step = token * self.num_layers + layer
+        access = LayerAccess(token, layer, step, experts, weights, hidden)
+        base = layer * self.num_experts
+        ready: list[Need] = []
+        waiting: list[tuple[int, CopyJob]] = []
+        for i, e in enumerate(experts):
+            key = base + e
+            cache.acquire(key)
+            slot = key_slot.get(key)
+            hit = slot is not None and slot_state[slot] == RESIDENT
+            if hit:
+                ready.append((key, None))
+            elif slot is not None:                       # its copy is in flight
+                stats.late += 1
+                waiting.append((key, self.running[key]))
+            else:
+                job = queue.queued.get(key)
+                if job is None:
+                    stats.misses += 1
+                    job = queue.push(key, True, step, now_ns)
+                else:                                    # a queued prefetch becomes a demand fetch
+                    stats.late += 1
+                    queue.reprioritise(job, True, step, now_ns)
+                job.demand_order = self._order
+                self._order += 1
+                waiting.append((key, job))
+            if key in self._unused_prefetch:
+                self._unused_prefetch.discard(key)
+                stats.prefetch_useful += 1
+            policy.on_access(access, i, key, hit)
+        stats.accesses += len(experts)
+        stats.hits += len(ready)
+        requests = policy.prefetch(access)
+        if requests is not None:
+            self._apply_prefetch(requests, now_ns)
+        # In-flight copies finish first, then queued ones in queue order.
+        waiting.sort(key=lambda kj: (kj[1].state != RUNNING, kj[1].sort_key()))
+        ready.extend(waiting)
+        return ready
+
+    def end_layer(self, needs: list[Need]) -> None:
+        release = self.cache.release
+        for key, _ in needs:
+            release(key)
+
+    # -- the copy side -------------------------------------------------------------------------
+    def next_copy(self, now_ns: int) -> CopyJob | None:
+        """Start the most urgent queued copy that can get a slot; None if there is none (or the
+        head is a demand fetch waiting for a slot: ``blocked``)."""
+        cache, queue, policy = self.cache, self.queue, self.policy
+        self.blocked = False
+        while True:
+            job = queue.peek()
+            if job is None:
+                return None
+            key = job.key
+            scope = cache.scope(key)
+            victim = None
+            if not cache.has_free_slot(scope):
+                victim = policy.choose_victim(scope, cache, job)
+                if victim is None:
+                    if job.demand:
+                        if cache.evictable(scope):
+                            raise RuntimeError(
+                                f"policy {type(policy).__name__} refused a victim for a demand fetch "
+                                f"of key {key} while experts {sorted(cache.evictable(scope))} are "
+                                f"evictable; choose_victim may refuse only prefetches")
+                        self.blocked = True
+                        return None
+                    queue.pop(job)
+                    job.state = DROPPED
+                    self.stats.dropped += 1
+                    continue
+            queue.pop(job)
+            if victim is not None:
+                self._evict(victim)
+            job.slot = cache.start_copy(key, victim)
+            job.state = RUNNING
+            job.started_ns = now_ns
+            job.start_order = self._order
+            self._order += 1
+            self.running[key] = job
+            if not job.demand:
+                self._unused_prefetch.add(key)
+            policy.on_insert(key)
+            if self.copy_log is not None:
+                self.copy_log.append(job)
+            return job
+
+    def copy_done(self, job: CopyJob, now_ns: int) -> None:
+        job.state = DONE
+        job.finished_ns = now_ns
+        del self.running[job.key]
+        self.cache.finish_copy(job.key)
+        stats = self.stats
+        stats.copies += 1
+        stats.bytes_moved += self.expert_bytes
+        if job.demand:
+            stats.demand_copies += 1
+        else:
+            stats.prefetch_copies += 1
+
+    # -- internals -----------------------------------------------------------------------------
+    def _evict(self, key: int) -> None:
+        self.stats.evictions += 1
+        if key in self._unused_prefetch:
+            self._unused_prefetch.discard(key)
+            self.stats.prefetch_wasted += 1
+        self.policy.on_evict(key)
+
+    def _apply_prefetch(self, requests: list[PrefetchRequest], now_ns: int) -> None:
+        queue, cache = self.queue, self.cache
+        wanted: dict[int, int] = {}
+        for key, need_step in requests:
+            wanted.setdefault(key, need_step)
+        for job in queue.queued_prefetches():
+            if job.key not in wanted:
+                queue.cancel(job)
+                self.stats.cancelled += 1
+        key_slot = cache.key_slot
+        for key, need_step in wanted.items():
+            if key in key_slot:                          # resident or being copied
+                continue
+            job = queue.queued.get(key)
+            if job is None:
+                queue.push(key, False, need_step, now_ns)
+                self.stats.prefetches += 1
+            elif not job.demand and job.need_step != need_step:
+                queue.reprioritise(job, False, need_step, now_ns)

@@ -1,0 +1,534 @@
+"""Hardware profiles: the cost model the simulator's copy engine and compute stream read.
+
+All simulated times are integer nanoseconds. A useful identity: 1 GB/s (1e9 bytes/s) moves one byte
+per nanosecond, so ``bytes / GBps`` is a time in ns.
+
+Profiles live as YAML in ``sim/profiles/<name>.yaml``; units are in every field name. The host-to-
+device copy cost is either a constant link (``pcie_GBps``) or a measured table of effective
+bandwidth by copy size (``h2d_GBps_by_MiB``). Compute is analytic (weight bytes over HBM bandwidth
+plus kernel launches) unless the profile holds a measured entry for the model and precision.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import yaml
+
+if TYPE_CHECKING:
+    from traces.model_shape import ModelShape
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+MiB = 1 << 20
+
+
+class CopyCost(Protocol):
+    def copy_ns(self, nbytes: int) -> int:
+        """Time of one host-to-device copy of ``nbytes``, integer ns, >= 1 for nbytes > 0."""
+        ...
+
+
+def _to_ns(t: float) -> int:
+    return max(1, int(t + 0.5))
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ConstantCopyCost:
+    """A link with a fixed per-copy latency and a size-independent bandwidth."""
+
+    copy_latency_us: float
+    pcie_GBps: float
+
+    def __post_init__(self) -> None:
+        _require(self.copy_latency_us >= 0, f"copy_latency_us must be >= 0, got {self.copy_latency_us}")
+        _require(self.pcie_GBps > 0, f"pcie_GBps must be > 0, got {self.pcie_GBps}")
+
+    def copy_ns(self, nbytes: int) -> int:
+        if nbytes <= 0:
+            _require(nbytes == 0, f"copy of negative size {nbytes} bytes")
+            return 0
+        return _to_ns(self.copy_latency_us * 1000.0 + nbytes / self.pcie_GBps)
+
+
+@dataclass(frozen=True)
+class TabulatedCopyCost:
+    """Measured effective bandwidth (bytes / wall time of one copy) at several copy sizes.
+
+    Inside the table the bandwidth is interpolated linearly in log2(size). Below the smallest point
+    the time falls linearly to ``copy_latency_us`` at size 0; above the largest point it grows at the
+    last measured bandwidth (a measured slope is never extrapolated upward).
+    """
+
+    copy_latency_us: float
+    points: tuple[tuple[int, float], ...]  # (copy_bytes, effective_GBps), sizes strictly increasing
+
+    _sizes: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _log2_sizes: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _bws: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _bw_slopes: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _latency_ns: float = field(init=False, repr=False, compare=False)
+    _below_ns_per_byte: float = field(init=False, repr=False, compare=False)
+    _t_max_ns: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        points = tuple((s, float(b)) for s, b in self.points)
+        object.__setattr__(self, "points", points)
+        _require(self.copy_latency_us >= 0, f"copy_latency_us must be >= 0, got {self.copy_latency_us}")
+        _require(len(points) >= 1, "points: need at least one (copy_bytes, effective_GBps) point")
+        for i, (size, bw) in enumerate(points):
+            _require(
+                isinstance(size, int) and not isinstance(size, bool) and size > 0,
+                f"point {i} ({size!r} B): copy size must be a positive integer number of bytes",
+            )
+            _require(bw > 0 and math.isfinite(bw), f"point {i} ({size} B): bandwidth must be > 0 GB/s, got {bw}")
+        latency_ns = self.copy_latency_us * 1000.0
+        size_min, bw_min = points[0]
+        t_min = size_min / bw_min
+        _require(
+            t_min >= latency_ns,
+            f"point 0 ({size_min} B at {bw_min} GB/s = {t_min / 1000:.3f} us) is faster than "
+            f"copy_latency_us={self.copy_latency_us}; lower the latency or check the point",
+        )
+        slopes = []
+        for i in range(1, len(points)):
+            (s0, b0), (s1, b1) = points[i - 1], points[i]
+            _require(s1 > s0, f"point {i} ({s1} B): sizes must be strictly increasing (previous {s0} B)")
+            doublings = math.log2(s1) - math.log2(s0)
+            slope = (b1 - b0) / doublings
+            # t(s) = s / bw(s) with bw linear in log2(s) is non-decreasing on the segment exactly when
+            # the bandwidth gains at most bw_left * ln 2 per doubling (checked at the left end, where it binds).
+            bw_limit = b0 + b0 * math.log(2) * doublings
+            _require(
+                slope <= b0 * math.log(2),
+                f"point {i} ({s1} B at {b1} GB/s): bandwidth rises too fast from point {i - 1} "
+                f"({s0} B at {b0} GB/s), so interpolated copy time would fall as size grows; "
+                f"at most {bw_limit:.3f} GB/s is consistent (drop latency-dominated small points: "
+                f"below the smallest point the model is latency + linear)",
+            )
+            slopes.append(slope)
+        size_max, bw_max = points[-1]
+        object.__setattr__(self, "_sizes", tuple(s for s, _ in points))
+        object.__setattr__(self, "_log2_sizes", tuple(math.log2(s) for s, _ in points))
+        object.__setattr__(self, "_bws", tuple(b for _, b in points))
+        object.__setattr__(self, "_bw_slopes", tuple(slopes))
+        object.__setattr__(self, "_latency_ns", latency_ns)
+        object.__setattr__(self, "_below_ns_per_byte", (t_min - latency_ns) / size_min)
+        object.__setattr__(self, "_t_max_ns", size_max / bw_max)
+
+    def copy_ns(self, nbytes: int) -> int:
+        sizes = self._sizes
+        if nbytes <= sizes[0]:
+            if nbytes <= 0:
+                _require(nbytes == 0, f"copy of negative size {nbytes} bytes")
+                return 0
+            return _to_ns(self._latency_ns + self._below_ns_per_byte * nbytes)
+        if nbytes >= sizes[-1]:
+            return _to_ns(self._t_max_ns + (nbytes - sizes[-1]) / self._bws[-1])
+        i = bisect_right(sizes, nbytes) - 1
+        bw = self._bws[i] + self._bw_slopes[i] * (math.log2(nbytes) - self._log2_sizes[i])
+        return _to_ns(nbytes / bw)
+
+
+@dataclass(frozen=True)
+class _PiecewiseLinear:
+    """y(x) through the points; flat below the first, last segment's slope (clamped >= 0) above the last."""
+
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+
+    def __call__(self, x: float) -> float:
+        xs, ys = self.xs, self.ys
+        if x <= xs[0]:
+            return ys[0]
+        if x >= xs[-1]:
+            if len(xs) == 1:
+                return ys[0]
+            slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+            return ys[-1] + slope * (x - xs[-1])
+        i = bisect_right(xs, x) - 1
+        return ys[i] + (ys[i + 1] - ys[i]) * (x - xs[i]) / (xs[i + 1] - xs[i])
+
+
+def _check_ctx_points(points: tuple[tuple[int, float], ...], what: str) -> None:
+    _require(len(points) >= 1, f"{what}: need at least one (context_len, time) point")
+    previous = -1
+    for ctx, t in points:
+        _require(
+            isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > previous,
+            f"{what}: context lengths must be integers >= 0, strictly increasing (got {ctx!r} after {previous})",
+        )
+        _require(t >= 0 and math.isfinite(t), f"{what}: time at context {ctx} must be >= 0, got {t}")
+        previous = ctx
+
+
+@dataclass(frozen=True)
+class MeasuredCompute:
+    """Per-layer compute times of one model at one precision, from the engine's profiler."""
+
+    precision: str
+    attention_us_by_ctx: tuple[tuple[int, float], ...]
+    router_us: float
+    expert_us: float
+    layer_overhead_us: float
+    token_overhead_us: float
+
+    _attention: _PiecewiseLinear = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        points = tuple((c, float(t)) for c, t in self.attention_us_by_ctx)
+        object.__setattr__(self, "attention_us_by_ctx", points)
+        _require(isinstance(self.precision, str) and self.precision != "", "precision must be a non-empty string")
+        _check_ctx_points(points, "attention_us_by_ctx")
+        for name in ("router_us", "expert_us", "layer_overhead_us", "token_overhead_us"):
+            value = getattr(self, name)
+            _require(value >= 0 and math.isfinite(value), f"{name} must be >= 0, got {value}")
+        object.__setattr__(
+            self, "_attention", _PiecewiseLinear(tuple(c for c, _ in points), tuple(t for _, t in points))
+        )
+
+    def attention_us(self, context_len: int) -> float:
+        return self._attention(context_len)
+
+
+@dataclass(frozen=True)
+class ComputeCost:
+    """Compute times of one model at one precision on one GPU, integer ns, batch 1."""
+
+    attention_base_ns: int  # attention of one layer at context length 0 (projections)
+    attention_per_ctx_ns: float  # extra per token of context (KV-cache read)
+    router_ns: int
+    expert_ns: int  # one expert at batch 1
+    layer_overhead_ns: int  # host/launch overhead per layer
+    token_overhead_ns: int  # embedding + LM head + sampling per token
+    basis: str = "analytic"  # "analytic" or "measured": which the numbers come from
+    # Measured attention is piecewise linear in context; when given it replaces base + per_ctx * ctx.
+    attention_ns_by_ctx: tuple[tuple[int, float], ...] = ()
+
+    _attention: _PiecewiseLinear | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        points = tuple((c, float(t)) for c, t in self.attention_ns_by_ctx)
+        object.__setattr__(self, "attention_ns_by_ctx", points)
+        curve = None
+        if points:
+            _check_ctx_points(points, "attention_ns_by_ctx")
+            curve = _PiecewiseLinear(tuple(c for c, _ in points), tuple(t for _, t in points))
+        object.__setattr__(self, "_attention", curve)
+
+    def attention_ns(self, context_len: int) -> int:
+        if self._attention is not None:
+            return _to_ns(self._attention(context_len))
+        return _to_ns(self.attention_base_ns + self.attention_per_ctx_ns * context_len)
+
+
+_OVERRIDABLE = ("pcie_GBps", "copy_latency_us", "copy_engines", "hbm_GBps")
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    description: str
+    source: str  # where the numbers come from (measured, date, how)
+    copy: CopyCost
+    copy_engines: int
+    hbm_GBps: float  # effective device-memory bandwidth for batch-1 weight streaming
+    kernel_launch_us: float  # fixed cost per kernel (launch + minimum kernel time at batch 1)
+    kernels_per_expert: int
+    kernels_per_attention: int
+    layer_overhead_us: float
+    token_overhead_us: float
+    measured_compute: tuple[tuple[str, MeasuredCompute], ...] = ()
+
+    def __post_init__(self) -> None:
+        measured = tuple((m, c) for m, c in self.measured_compute)
+        object.__setattr__(self, "measured_compute", measured)
+        _require(isinstance(self.name, str) and self.name != "", "name must be a non-empty string")
+        _require(
+            isinstance(self.copy_engines, int) and not isinstance(self.copy_engines, bool) and self.copy_engines >= 1,
+            f"copy_engines must be an integer >= 1, got {self.copy_engines!r}",
+        )
+        _require(self.hbm_GBps > 0, f"hbm_GBps must be > 0, got {self.hbm_GBps}")
+        for name in ("kernels_per_expert", "kernels_per_attention"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                f"{name} must be an integer >= 0, got {value!r}",
+            )
+        for name in ("kernel_launch_us", "layer_overhead_us", "token_overhead_us"):
+            value = getattr(self, name)
+            _require(value >= 0, f"{name} must be >= 0, got {value}")
+        seen = set()
+        for model, entry in measured:
+            key = (model, entry.precision)
+            _require(key not in seen, f"measured_compute: two entries for model {model!r} at {entry.precision!r}")
+            seen.add(key)
+
+    def compute_cost(self, shape: ModelShape, precision: str) -> ComputeCost:
+        """Measured times for (shape.name, precision) if the profile has them, else the analytic model."""
+        for model, m in self.measured_compute:
+            if model == shape.name and m.precision == precision:
+                return ComputeCost(
+                    attention_base_ns=_to_ns(m.attention_us(0) * 1000.0),
+                    attention_per_ctx_ns=_last_slope(m.attention_us_by_ctx) * 1000.0,
+                    router_ns=_to_ns(m.router_us * 1000.0),
+                    expert_ns=_to_ns(m.expert_us * 1000.0),
+                    layer_overhead_ns=round(m.layer_overhead_us * 1000.0),
+                    token_overhead_ns=round(m.token_overhead_us * 1000.0),
+                    basis="measured",
+                    attention_ns_by_ctx=tuple((c, t * 1000.0) for c, t in m.attention_us_by_ctx),
+                )
+        launch_ns = self.kernel_launch_us * 1000.0
+        hbm = self.hbm_GBps
+        bf16 = 2  # non-expert weights (attention, router, embeddings) stay in bf16
+        return ComputeCost(
+            attention_base_ns=_to_ns(self.kernels_per_attention * launch_ns + shape.attention_params * bf16 / hbm),
+            attention_per_ctx_ns=shape.kv_bytes_per_token() / hbm,
+            router_ns=_to_ns(launch_ns + shape.hidden_size * shape.num_experts * bf16 / hbm),
+            expert_ns=_to_ns(self.kernels_per_expert * launch_ns + shape.expert_bytes(precision) / hbm),
+            layer_overhead_ns=round(self.layer_overhead_us * 1000.0),
+            token_overhead_ns=_to_ns(self.token_overhead_us * 1000.0 + shape.vocab_size * shape.hidden_size * bf16 / hbm),
+        )
+
+    def with_overrides(self, **overrides: Any) -> HardwareProfile:
+        """A copy with some link/memory numbers replaced, for what-if sweeps.
+
+        ``pcie_GBps`` replaces the copy model by a constant link at that bandwidth (keeping the
+        latency, or ``copy_latency_us`` if given too); ``copy_latency_us`` alone keeps the model's kind.
+        """
+        unknown = sorted(set(overrides) - set(_OVERRIDABLE))
+        _require(not unknown, f"unknown hardware override(s) {unknown}; valid keys: {list(_OVERRIDABLE)}")
+        if not overrides:
+            return self
+        copy = self.copy
+        latency_us = overrides.get("copy_latency_us", copy.copy_latency_us)
+        if "pcie_GBps" in overrides:
+            copy = ConstantCopyCost(copy_latency_us=latency_us, pcie_GBps=overrides["pcie_GBps"])
+        elif "copy_latency_us" in overrides:
+            copy = replace(copy, copy_latency_us=latency_us)
+        changed = ", ".join(f"{k}={overrides[k]}" for k in _OVERRIDABLE if k in overrides)
+        return replace(
+            self,
+            copy=copy,
+            copy_engines=overrides.get("copy_engines", self.copy_engines),
+            hbm_GBps=overrides.get("hbm_GBps", self.hbm_GBps),
+            source=f"{self.source} [overridden: {changed}]",
+        )
+
+
+def _last_slope(points: tuple[tuple[int, float], ...]) -> float:
+    if len(points) < 2:
+        return 0.0
+    (c0, t0), (c1, t1) = points[-2], points[-1]
+    return max(0.0, (t1 - t0) / (c1 - c0))
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML <-> profile
+
+
+_REQUIRED = {
+    "name": str,
+    "description": str,
+    "source": str,
+    "copy_latency_us": float,
+    "hbm_GBps": float,
+    "kernel_launch_us": float,
+    "kernels_per_expert": int,
+    "kernels_per_attention": int,
+    "layer_overhead_us": float,
+    "token_overhead_us": float,
+}
+_OPTIONAL = {"copy_engines": int, "measured_compute": dict}
+_COPY_TABLES = ("h2d_GBps_by_MiB", "pcie_GBps")  # exactly one: measured table or constant link
+_MEASURED_FIELDS = {
+    "attention_us_by_ctx": dict,
+    "router_us": float,
+    "expert_us": float,
+    "layer_overhead_us": float,
+    "token_overhead_us": float,
+}
+
+
+def available_hardware() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def load_hardware(name_or_path: str | Path) -> HardwareProfile:
+    """A profile by name (``sim/profiles/<name>.yaml``) or by path to a YAML file."""
+    text = str(name_or_path)
+    by_name = not (text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text)
+    path = PROFILES_DIR / f"{text}.yaml" if by_name else Path(text)
+    if not path.is_file():
+        if by_name:
+            raise ValueError(f"unknown hardware profile {text!r}; available: {available_hardware()}")
+        raise ValueError(f"hardware profile file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from e
+    profile = hardware_from_dict(data, origin=str(path))
+    if by_name and profile.name != text:
+        raise ValueError(f"{path}: field 'name' is {profile.name!r}; set it to the file's name {text!r}")
+    return profile
+
+
+def hardware_from_dict(data: Any, origin: str = "<dict>") -> HardwareProfile:
+    """Build a profile from the YAML layout (also what hardware_to_dict writes); errors name origin and field."""
+
+    def fail(message: str) -> ValueError:
+        return ValueError(f"{origin}: {message}")
+
+    if not isinstance(data, dict):
+        raise fail("expected a mapping of hardware fields at the top level")
+    valid = [*_REQUIRED, *_OPTIONAL, *_COPY_TABLES]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise fail(f"unknown field(s) {unknown}; valid fields: {valid}")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise fail(f"missing field(s) {missing}; add them (units are in the field names)")
+    tables = [k for k in _COPY_TABLES if k in data]
+    if len(tables) != 1:
+        raise fail(
+            f"give exactly one of {list(_COPY_TABLES)} (a measured table 'h2d_GBps_by_MiB: {{0.25: 19.8, 1: 43.8}}' "
+            f"or a constant link 'pcie_GBps: 25'), found {tables}"
+        )
+    values = {k: _typed(data[k], kind, k, fail) for k, kind in {**_REQUIRED, **_OPTIONAL}.items() if k in data}
+    latency_us = values.pop("copy_latency_us")
+    try:
+        if "pcie_GBps" in data:
+            copy: CopyCost = ConstantCopyCost(latency_us, _typed(data["pcie_GBps"], float, "pcie_GBps", fail))
+        else:
+            table = _typed(data["h2d_GBps_by_MiB"], dict, "h2d_GBps_by_MiB", fail)
+            points = sorted(
+                (_mib_to_bytes(k, fail), _typed(v, float, f"h2d_GBps_by_MiB[{k}]", fail)) for k, v in table.items()
+            )
+            copy = TabulatedCopyCost(latency_us, tuple(points))
+    except ValueError as e:
+        if str(e).startswith(origin):
+            raise
+        raise fail(f"copy model (copy_latency_us / {tables[0]}): {e}") from e
+    values.setdefault("copy_engines", 1)
+    measured = _measured_from_dict(values.pop("measured_compute", {}), fail)
+    try:
+        return HardwareProfile(copy=copy, measured_compute=measured, **values)
+    except ValueError as e:
+        raise fail(f"{e}") from e
+
+
+def _typed(value: Any, kind: type, key: str, fail) -> Any:
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(f"field {key!r} must be a number, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise fail(f"field {key!r} must be a finite number >= 0, got {value!r}")
+        return float(value)
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"field {key!r} must be an integer, got {value!r}")
+        if value < 0:
+            raise fail(f"field {key!r} must be >= 0, got {value!r}")
+        return value
+    if not isinstance(value, kind):
+        raise fail(f"field {key!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _mib_to_bytes(key: Any, fail) -> int:
+    try:
+        mib = float(key)
+    except (TypeError, ValueError):
+        raise fail(f"h2d_GBps_by_MiB: key {key!r} must be a copy size in MiB, e.g. 0.25") from None
+    nbytes = mib * MiB
+    if not (nbytes >= 1 and nbytes == int(nbytes)):
+        raise fail(f"h2d_GBps_by_MiB: key {key!r} MiB must be a positive whole number of bytes")
+    return int(nbytes)
+
+
+def _ctx_key(key: Any, where: str, fail) -> int:
+    """A context length; JSON turns mapping keys into strings, so whole-number strings are accepted."""
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key)
+    if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+        raise fail(f"{where}: key {key!r} must be a context length in tokens (integer >= 0)")
+    return key
+
+
+def _measured_from_dict(data: dict, fail) -> tuple[tuple[str, MeasuredCompute], ...]:
+    """``{model: {precision: {attention_us_by_ctx: {ctx: us}, router_us, expert_us, ...}}}``."""
+    out = []
+    for model, by_precision in data.items():
+        where = f"measured_compute[{model}]"
+        if not isinstance(by_precision, dict):
+            raise fail(f"{where} must map precision (e.g. bf16) to measured fields")
+        for precision, fields in by_precision.items():
+            here = f"{where}[{precision}]"
+            if not isinstance(fields, dict):
+                raise fail(f"{here} must be a mapping of {list(_MEASURED_FIELDS)}")
+            unknown = sorted(set(fields) - set(_MEASURED_FIELDS))
+            missing = [k for k in _MEASURED_FIELDS if k not in fields]
+            if unknown or missing:
+                raise fail(f"{here}: missing {missing}, unknown {unknown}; fields are {list(_MEASURED_FIELDS)}")
+            v = {k: _typed(fields[k], kind, f"{here}.{k}", fail) for k, kind in _MEASURED_FIELDS.items()}
+            attention = v.pop("attention_us_by_ctx")
+            points = sorted(
+                (_ctx_key(ctx, f"{here}.attention_us_by_ctx", fail), _typed(us, float, f"{here}.attention_us_by_ctx[{ctx}]", fail))
+                for ctx, us in attention.items()
+            )
+            try:
+                entry = MeasuredCompute(str(precision), tuple(points), **v)
+            except ValueError as e:
+                raise fail(f"{here}: {e}") from e
+            out.append((str(model), entry))
+    return tuple(out)
+
+
+def hardware_to_dict(profile: HardwareProfile) -> dict:
+    """The fully resolved profile in the YAML layout; ``hardware_from_dict`` reads it back."""
+    out: dict[str, Any] = {
+        "name": profile.name,
+        "description": profile.description,
+        "source": profile.source,
+        "copy_latency_us": profile.copy.copy_latency_us,
+    }
+    copy = profile.copy
+    if isinstance(copy, ConstantCopyCost):
+        out["pcie_GBps"] = copy.pcie_GBps
+    elif isinstance(copy, TabulatedCopyCost):
+        out["h2d_GBps_by_MiB"] = {_bytes_to_mib(s): bw for s, bw in copy.points}
+    else:
+        raise TypeError(f"cannot serialise copy model {type(copy).__name__}")
+    out.update(
+        copy_engines=profile.copy_engines,
+        hbm_GBps=profile.hbm_GBps,
+        kernel_launch_us=profile.kernel_launch_us,
+        kernels_per_expert=profile.kernels_per_expert,
+        kernels_per_attention=profile.kernels_per_attention,
+        layer_overhead_us=profile.layer_overhead_us,
+        token_overhead_us=profile.token_overhead_us,
+    )
+    measured: dict[str, dict] = {}
+    for model, m in profile.measured_compute:
+        measured.setdefault(model, {})[m.precision] = {
+            "attention_us_by_ctx": dict(m.attention_us_by_ctx),
+            "router_us": m.router_us,
+            "expert_us": m.expert_us,
+            "layer_overhead_us": m.layer_overhead_us,
+            "token_overhead_us": m.token_overhead_us,
+        }
+    out["measured_compute"] = measured
+    return out
+
+
+def _bytes_to_mib(nbytes: int) -> int | float:
+    mib = nbytes / MiB  # exact: division by a power of two
+    return int(mib) if mib == int(mib) else mib

@@ -1,0 +1,256 @@
+"""Reading and writing trace files (.npz, never pickles), validated once at this boundary."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from traces.model_shape import ModelShape
+from traces.trace import SCHEMA_VERSION, Trace, TraceMeta
+
+_PRED = "pred."
+_TIME = "time."
+_ARRAYS = {
+    "__meta__",
+    "experts",
+    "weights",
+    "request_starts",
+    "router_probs",
+    "hidden_states",
+    "hidden_token_index",
+    "text_bytes",
+    "text_offsets",
+}
+_META_KEYS = ("schema_version", "model", "source", "licence", "recorded_on", "description")
+_REEXPORT = "re-export it with traces.io.save_trace (or re-run the importer that made it)"
+
+
+class TraceError(ValueError):
+    """A trace file or trace that breaks the schema; the message names the file, the field and the fix."""
+
+
+def _fail(where, field: str, problem: str, fix: str):
+    raise TraceError(f"{where}: {field}: {problem}: {fix}")
+
+
+def save_trace(trace: Trace, path, compress: bool = True) -> None:
+    """Validate, then write atomically: a temp file in the same directory, fsync, os.replace."""
+    path = Path(path)
+    validate_trace(trace, where=path)
+    id_dtype = np.uint8 if trace.num_experts <= 256 else np.uint16
+    arrays = {
+        "__meta__": np.frombuffer(json.dumps(trace.meta.to_dict()).encode("utf-8"), dtype=np.uint8),
+        "experts": trace.experts.astype(id_dtype, copy=False),
+        "weights": trace.weights,
+        "request_starts": trace.request_starts.astype(np.int64, copy=False),
+    }
+    optional = {
+        "router_probs": trace.router_probs,
+        "hidden_states": trace.hidden_states,
+        "hidden_token_index": trace.hidden_token_index,
+        "text_bytes": trace.text_bytes,
+        "text_offsets": trace.text_offsets,
+    }
+    arrays.update({k: v for k, v in optional.items() if v is not None})
+    arrays.update({_PRED + k: v for k, v in trace.predictions.items()})
+    arrays.update({_TIME + k: v for k, v in trace.timings.items()})
+    writer = np.savez_compressed if compress else np.savez
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_trace(path) -> Trace:
+    path = Path(path)
+    if not path.is_file():
+        _fail(path, "file", "no such trace file", "check the path (traces.DEFAULT_TRACE is the committed sample)")
+    arrays = _read_arrays(path)
+    if "__meta__" not in arrays:
+        _fail(path, "__meta__", "missing", f"this is not a trace file; {_REEXPORT}")
+    meta = _parse_meta(arrays["__meta__"], path)
+    unknown = sorted(k for k in arrays if k not in _ARRAYS and not k.startswith((_PRED, _TIME)))
+    if unknown:
+        _fail(path, ", ".join(unknown), "unknown array(s)", "prediction tracks are named 'pred.<name>', timings 'time.<name>'")
+    for name in ("experts", "weights", "request_starts"):
+        if name not in arrays:
+            _fail(path, name, "required array missing", _REEXPORT)
+    trace = Trace(
+        meta=meta,
+        experts=arrays["experts"],
+        weights=arrays["weights"],
+        request_starts=arrays["request_starts"],
+        router_probs=arrays.get("router_probs"),
+        hidden_states=arrays.get("hidden_states"),
+        hidden_token_index=arrays.get("hidden_token_index"),
+        predictions={k[len(_PRED) :]: v for k, v in arrays.items() if k.startswith(_PRED)},
+        timings={k[len(_TIME) :]: v for k, v in arrays.items() if k.startswith(_TIME)},
+        text_bytes=arrays.get("text_bytes"),
+        text_offsets=arrays.get("text_offsets"),
+    )
+    validate_trace(trace, where=path)
+    return trace
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except (zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError, KeyError) as e:
+        # np.load raises any of these for truncated, bit-flipped or non-zip files, and ValueError for pickles.
+        _fail(path, "file", f"file is truncated or corrupt ({type(e).__name__}: {e})", _REEXPORT)
+
+
+def _parse_meta(raw: np.ndarray, path: Path) -> TraceMeta:
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        _fail(path, "__meta__", f"must be a 1-D uint8 array of UTF-8 JSON, got {raw.dtype} {raw.shape}", _REEXPORT)
+    try:
+        d = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        _fail(path, "__meta__", f"not valid UTF-8 JSON ({e})", _REEXPORT)
+    if not isinstance(d, dict):
+        _fail(path, "__meta__", "must be a JSON object", _REEXPORT)
+    version = d.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        _fail(path, "__meta__.schema_version", f"missing or not an integer ({version!r})", _REEXPORT)
+    if version > SCHEMA_VERSION:
+        _fail(path, "__meta__.schema_version", f"{version} is newer than this code's {SCHEMA_VERSION}",
+              "upgrade moe-offload-lab")
+    if version < SCHEMA_VERSION:
+        _fail(path, "__meta__.schema_version", f"{version} is older than this code's {SCHEMA_VERSION}",
+              "re-import the trace from its source")
+    missing = [k for k in _META_KEYS if k not in d]
+    if missing:
+        _fail(path, "__meta__", f"missing key(s) {missing}", _REEXPORT)
+    for k in _META_KEYS[2:]:
+        if not isinstance(d[k], str):
+            _fail(path, f"__meta__.{k}", f"must be a string, got {d[k]!r}", _REEXPORT)
+    extra = d.get("extra", {})
+    if not isinstance(extra, dict):
+        _fail(path, "__meta__.extra", f"must be a JSON object, got {type(extra).__name__}", _REEXPORT)
+    try:
+        model = ModelShape.from_dict(d["model"], source=f"{path}: __meta__.model")
+    except ValueError as e:
+        raise TraceError(str(e)) from None
+    return TraceMeta(
+        schema_version=version,
+        model=model,
+        source=d["source"],
+        licence=d["licence"],
+        recorded_on=d["recorded_on"],
+        description=d["description"],
+        extra=extra,
+    )
+
+
+def validate_trace(trace: Trace, where) -> None:
+    """Check every schema rule with whole-array numpy operations; raise TraceError naming the field."""
+    model = trace.meta.model
+    L, K, E = model.num_layers, model.top_k, model.num_experts
+    experts = trace.experts
+    if experts.ndim != 3 or experts.shape[1:] != (L, K):
+        _fail(where, "experts", f"shape {experts.shape}, expected [T, {L}, {K}] (num_layers, top_k of {model.name})",
+              "fix __meta__.model or the array")
+    if not np.issubdtype(experts.dtype, np.integer):
+        _fail(where, "experts", f"dtype {experts.dtype} is not an integer type", "store expert ids as uint8/uint16")
+    T = experts.shape[0]
+    _check_expert_ids(experts, E, where)
+    _check_float(trace.weights, "weights", (T, L, K), where)
+
+    starts = trace.request_starts
+    if starts.ndim != 1 or len(starts) < 2 or not np.issubdtype(starts.dtype, np.integer):
+        _fail(where, "request_starts", f"must be a 1-D integer array [R+1] with R >= 1, got {starts.dtype} {starts.shape}",
+              "store one start index per request plus the total token count")
+    if starts[0] != 0 or starts[-1] != T:
+        _fail(where, "request_starts", f"must start at 0 and end at T={T}, got {starts[0]}..{starts[-1]}",
+              "rebuild it from the request boundaries")
+    if not (np.diff(starts) > 0).all():
+        bad = int(np.argmax(np.diff(starts) <= 0))
+        _fail(where, "request_starts", f"not strictly increasing at request {bad} ({starts[bad]} -> {starts[bad + 1]})",
+              "drop empty requests and sort the boundaries")
+
+    if trace.router_probs is not None:
+        _check_float(trace.router_probs, "router_probs", (T, L, E), where)
+    if (trace.hidden_states is None) != (trace.hidden_token_index is None):
+        _fail(where, "hidden_states", "hidden_states and hidden_token_index must come together", "store both or neither")
+    if trace.hidden_states is not None:
+        index = trace.hidden_token_index
+        if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
+            _fail(where, "hidden_token_index", f"must be a 1-D integer array, got {index.dtype} {index.shape}", _REEXPORT)
+        if len(index) and (index[0] < 0 or index[-1] >= T or not (np.diff(index) > 0).all()):
+            _fail(where, "hidden_token_index", f"must be strictly increasing token indices in [0, {T})",
+                  "sort the recorded tokens and drop duplicates")
+        _check_float(trace.hidden_states, "hidden_states", (len(index), L, model.hidden_size), where)
+    for name, scores in trace.predictions.items():
+        if scores.ndim != 4 or scores.shape[2] < 1:
+            _fail(where, _PRED + name, f"shape {scores.shape}, expected [T, L, D, E] with D >= 1",
+                  "store scores for layers l+1..l+D")
+        _check_float(scores, _PRED + name, (T, L, scores.shape[2], E), where)
+    for name, values in trace.timings.items():
+        if values.ndim < 1 or values.shape[0] != T or not (
+            np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+        ):
+            _fail(where, _TIME + name, f"must be numeric with first dimension T={T}, got {values.dtype} {values.shape}",
+                  "store one row per token")
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            _fail(where, _TIME + name, "contains NaN or inf", "drop or re-measure the bad tokens")
+    _check_text(trace, T, where)
+
+
+def _check_expert_ids(experts: np.ndarray, num_experts: int, where) -> None:
+    if experts.size == 0:
+        return
+    lo, hi = experts.min(), experts.max()
+    if lo < 0 or hi >= num_experts:
+        flat = int(np.argmax((experts < 0) | (experts >= num_experts)))
+        t, layer, _ = np.unravel_index(flat, experts.shape)
+        _fail(where, "experts", f"id out of range [0, {num_experts}) first at token {t}, layer {layer} "
+              f"(min {lo}, max {hi}, num_experts {num_experts})", "fix __meta__.model.num_experts or the ids")
+    # k(k-1)/2 column comparisons: for top-k <= 8 this is ~10x faster than sorting every row.
+    top_k = experts.shape[-1]
+    dup = np.zeros(experts.shape[:-1], dtype=bool)
+    for i in range(top_k):
+        for j in range(i + 1, top_k):
+            dup |= experts[..., i] == experts[..., j]
+    if dup.any():
+        t, layer = np.unravel_index(int(np.argmax(dup)), dup.shape)
+        _fail(where, "experts", f"duplicate expert id within token {t}, layer {layer}: {experts[t, layer].tolist()}",
+              "the top-k ids of one (token, layer) must be distinct")
+
+
+def _check_float(values: np.ndarray, field: str, shape: tuple, where) -> None:
+    if values.shape != shape:
+        _fail(where, field, f"shape {values.shape}, expected {list(shape)}", "fix __meta__.model or the array")
+    if not np.issubdtype(values.dtype, np.floating):
+        _fail(where, field, f"dtype {values.dtype} is not a float type", "store float16 or float32")
+    if not np.isfinite(values).all():
+        bad = np.unravel_index(int(np.argmax(~np.isfinite(values))), values.shape)
+        _fail(where, field, f"contains NaN or inf, first at index {tuple(int(i) for i in bad)}",
+              "fix the recording or drop the affected requests")
+
+
+def _check_text(trace: Trace, T: int, where) -> None:
+    if (trace.text_bytes is None) != (trace.text_offsets is None):
+        _fail(where, "text_bytes", "text_bytes and text_offsets must come together", "store both or neither")
+    if trace.text_bytes is None:
+        return
+    text, offsets = trace.text_bytes, trace.text_offsets
+    if text.dtype != np.uint8 or text.ndim != 1:
+        _fail(where, "text_bytes", f"must be 1-D uint8, got {text.dtype} {text.shape}", "store UTF-8 bytes")
+    if offsets.shape != (T + 1,) or not np.issubdtype(offsets.dtype, np.integer):
+        _fail(where, "text_offsets", f"must be [T+1]={T + 1} integers, got {offsets.dtype} {offsets.shape}", _REEXPORT)
+    if offsets[0] != 0 or offsets[-1] != len(text) or (np.diff(offsets) < 0).any():
+        _fail(where, "text_offsets", f"must rise from 0 to len(text_bytes)={len(text)} without decreasing", _REEXPORT)
