@@ -71,15 +71,16 @@ class OffloadController:
         queues demand fetches for the absent ones, asks the policy for prefetches, and returns what
         the compute stream must wait for: resident experts first, then the rest in copy order."""
         cache, queue, policy, stats = self.cache, self.queue, self.policy, self.stats
-        key_slot, slot_state = cache.key_slot, cache.slot_state
+        key_slot, slot_state, in_use = cache.key_slot, cache.slot_state, cache.in_use
         step = token * self.num_layers + layer
         access = LayerAccess(token, layer, step, experts, weights, hidden)
         base = layer * self.num_experts
+        unused_prefetch = self._unused_prefetch
         ready: list[Need] = []
         waiting: list[tuple[int, CopyJob]] = []
         for i, e in enumerate(experts):
             key = base + e
-            cache.acquire(key)
+            in_use[key] = in_use.get(key, 0) + 1      # protect it from eviction until end_layer
             slot = key_slot.get(key)
             hit = slot is not None and slot_state[slot] == RESIDENT
             if hit:
@@ -98,8 +99,8 @@ class OffloadController:
                 job.demand_order = self._order
                 self._order += 1
                 waiting.append((key, job))
-            if key in self._unused_prefetch:
-                self._unused_prefetch.discard(key)
+            if key in unused_prefetch:
+                unused_prefetch.discard(key)
                 stats.prefetch_useful += 1
             policy.on_access(access, i, key, hit)
         stats.accesses += len(experts)
@@ -108,8 +109,9 @@ class OffloadController:
         if requests is not None:
             self._apply_prefetch(requests, now_ns)
         # In-flight copies finish first, then queued ones in queue order.
-        waiting.sort(key=lambda kj: (kj[1].state != RUNNING, kj[1].sort_key()))
-        ready.extend(waiting)
+        if waiting:
+            waiting.sort(key=lambda kj: (kj[1].state != RUNNING, kj[1].sort_key()))
+            ready.extend(waiting)
         return ready
 
     def end_layer(self, needs: list[Need]) -> None:

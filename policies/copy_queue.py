@@ -23,7 +23,7 @@ class CopyJob:
 
     __slots__ = ("key", "demand", "need_step", "seq", "slot", "state", "queued_ns", "started_ns",
                  "finished_ns", "demand_since_ns", "waiter", "used", "demand_order",
-                 "start_order")
+                 "start_order", "entry")
 
     def __init__(self, key: int, demand: bool, need_step: int, seq: int, now_ns: int):
         self.key = key
@@ -42,6 +42,7 @@ class CopyJob:
         # that share a timestamp: when this job became a demand fetch, and when it started.
         self.demand_order = -1
         self.start_order = -1
+        self.entry: tuple | None = None   # its live heap entry; older entries of this job are stale
 
     def sort_key(self) -> tuple[int, int, int]:
         return (DEMAND if self.demand else PREFETCH, self.need_step, self.seq)
@@ -63,8 +64,12 @@ class CopyQueue:
     def push(self, key: int, demand: bool, need_step: int, now_ns: int) -> CopyJob:
         job = CopyJob(key, demand, need_step, next(self._seq), now_ns)
         self.queued[key] = job
-        heapq.heappush(self._heap, (*job.sort_key(), job))
+        self._enter(job)
         return job
+
+    def _enter(self, job: CopyJob) -> None:
+        job.entry = (*job.sort_key(), job)
+        heapq.heappush(self._heap, job.entry)
 
     def reprioritise(self, job: CopyJob, demand: bool, need_step: int, now_ns: int) -> None:
         """Move a queued job (to demand, or to a new need step); its old heap entry goes stale."""
@@ -75,7 +80,7 @@ class CopyQueue:
             job.used = True
         job.need_step = need_step
         if job.sort_key() != before:
-            heapq.heappush(self._heap, (*job.sort_key(), job))
+            self._enter(job)
 
     def cancel(self, job: CopyJob, state: str = CANCELLED) -> None:
         job.state = state
@@ -85,8 +90,9 @@ class CopyQueue:
         """The job that should start next, or None. Stale entries are discarded on the way."""
         heap = self._heap
         while heap:
-            cls, step, seq, job = heap[0]
-            if job.state == QUEUED and (cls, step, seq) == job.sort_key():
+            entry = heap[0]
+            job = entry[3]
+            if job.entry is entry and job.state == QUEUED:
                 return job
             heapq.heappop(heap)
         return None

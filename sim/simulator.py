@@ -116,15 +116,20 @@ class _Run:
             job = ctrl.next_copy(env.now)
             if job is None:
                 return
-            engine = free.pop()
             done = env.timeout(self.copy_ns)
-            done.callbacks.append(lambda _event, job=job, engine=engine: self._copy_done(job, engine))
+            done.job, done.engine = job, free.pop()
+            done.callbacks.append(self._copy_done)
             if job.waiter is None:
                 job.waiter = done
             else:   # decode already waits on a plain event for this (then queued) job
-                done.callbacks.append(lambda _event, waiter=job.waiter: waiter.succeed())
+                done.callbacks.append(self._wake_waiter)
 
-    def _copy_done(self, job: CopyJob, engine: int) -> None:
+    @staticmethod
+    def _wake_waiter(done) -> None:
+        done.job.waiter.succeed()
+
+    def _copy_done(self, done) -> None:
+        job, engine = done.job, done.engine
         self.ctrl.copy_done(job, self.env.now)
         self.copy_busy_ns += self.copy_ns
         self._free_engines.append(engine)
