@@ -53,8 +53,8 @@ def test_readme_example_policy_runs_and_prefetches():
     readme = (ROOT / "README.md").read_text()
     example = (ROOT / "examples" / "my_policy.py").read_text()
     assert example.strip().split("\n", 1)[1] in readme, "README must show examples/my_policy.py"
-    cls = resolve_policy(f"{ROOT / 'examples' / 'my_policy.py'}:PreviousTokenPrefetch")
-    trace = synthetic_trace(num_tokens=50, num_layers=4, num_experts=8, top_k=2, temporal_locality=0.9)
+    cls = resolve_policy(f"{ROOT / 'examples' / 'my_policy.py'}:PopularNextLayer")
+    trace = synthetic_trace(num_tokens=200, num_layers=4, num_experts=8, top_k=2, popularity_skew=1.5)
     result = simulate(trace, cls, load_hardware("h100-pcie5"), SimSettings(cache_slots=4))
     assert result.metrics["prefetch_copies"] > 0
     assert result.metrics["prefetch_useful"] > 0

@@ -1,0 +1,143 @@
+"""``key=value`` tokens and YAML scenario files, turned into a ``SweepSpec``.
+
+Value forms (each typed by the ``RunConfig`` field it sets):
+
+- ``cache_slots=4..8``        inclusive integer range: 4, 5, 6, 7, 8
+- ``cache_slots=range(4,9)``  Hydra-style, stop exclusive; ``range(4,12,2)`` with a step
+- ``policy=lru,lfu,belady``   a list
+- ``pcie_GBps=25`` / ``pcie_GBps=null``   a scalar (YAML-like: null, true/false, numbers, strings)
+
+A scenario file maps keys to a scalar or a list; a string given for a numeric key is read like a
+token, so ``cache_slots: 4..8`` works there too. Command-line tokens replace the file's keys.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from experiments.config import FIELD_TYPES, POLICY_PARAM_PREFIX, ConfigError, SweepSpec, check_key, coerce
+
+_RANGE_DOTS = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
+_RANGE_CALL = re.compile(r"^\s*range\((.*)\)\s*$")
+_INT = re.compile(r"^\s*-?\d+\s*$")
+
+
+def _scalar(text: str) -> Any:
+    """YAML-like scalar: null, booleans, ints, floats (``1e9`` included), else the string itself."""
+    stripped = text.strip()
+    try:
+        value = yaml.safe_load(stripped) if stripped else ""
+    except yaml.YAMLError:
+        return stripped
+    if isinstance(value, str):
+        try:
+            return float(value)          # YAML 1.1 reads 1e9 as a string
+        except ValueError:
+            return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return stripped                     # a YAML list/mapping inside a token is kept as text
+
+
+def _typed_scalar(key: str, text: str) -> Any:
+    if key in FIELD_TYPES and FIELD_TYPES[key][0] is str:
+        stripped = text.strip()
+        return None if stripped in ("null", "~") and FIELD_TYPES[key][1] else stripped
+    return coerce(key, _scalar(text))
+
+
+def _int_range(key: str, text: str) -> list[int] | None:
+    """The values of ``a..b`` or ``range(...)``, or None if ``text`` is neither."""
+    if m := _RANGE_DOTS.match(text):
+        lo, hi = int(m.group(1)), int(m.group(2))
+        if hi < lo:
+            raise ConfigError(f"{key}={text}: empty range; write the smaller bound first ({hi}..{lo})")
+        return list(range(lo, hi + 1))
+    if m := _RANGE_CALL.match(text):
+        parts = [p.strip() for p in m.group(1).split(",")]
+        if not 2 <= len(parts) <= 3 or not all(_INT.match(p) for p in parts):
+            raise ConfigError(f"{key}={text}: expected range(start,stop) or range(start,stop,step) with integers")
+        start, stop, *rest = (int(p) for p in parts)
+        step = rest[0] if rest else 1
+        if step == 0:
+            raise ConfigError(f"{key}={text}: range step must not be 0")
+        values = list(range(start, stop, step))
+        if not values:
+            raise ConfigError(f"{key}={text}: empty range (stop is exclusive)")
+        return values
+    return None
+
+
+def parse_value(key: str, text: str) -> list[Any]:
+    """The list of typed values that ``text`` gives ``key``."""
+    values = _int_range(key, text)
+    if values is not None:
+        return [coerce(key, v) for v in values]
+    if "," in text:
+        items = text.split(",")
+        if any(not item.strip() for item in items):
+            raise ConfigError(f"{key}={text}: empty item in a list; write key=a,b,c")
+        return [_typed_scalar(key, item) for item in items]
+    return [_typed_scalar(key, text)]
+
+
+def parse_override(token: str) -> tuple[str, list[Any]]:
+    key, sep, text = token.partition("=")
+    key = key.strip()
+    if not sep or not key or not text.strip():
+        raise ConfigError(f"expected key=value, got {token!r} (e.g. cache_slots=4..8 or policy=lru,lfu)")
+    check_key(key)
+    return key, parse_value(key, text)
+
+
+def load_scenario(path: str | Path) -> dict[str, list[Any]]:
+    """A YAML mapping key -> scalar or list, as key -> typed list of values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: scenario file not found; check the --config path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value or key: [values], got {type(data).__name__}")
+    out = {}
+    for key, raw in data.items():
+        key = str(key)
+        try:
+            check_key(key)
+            items = raw if isinstance(raw, list) else [raw]
+            values = []
+            for item in items:
+                if isinstance(item, (list, dict)):
+                    raise ConfigError(f"{key}: nested lists or mappings are not allowed; give scalars")
+                if isinstance(item, str) and not _is_str_key(key):
+                    values.extend(parse_value(key, item))
+                else:
+                    values.append(coerce(key, item))
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        out[key] = values
+    return out
+
+
+def _is_str_key(key: str) -> bool:
+    return key.startswith(POLICY_PARAM_PREFIX) or FIELD_TYPES[key][0] is str
+
+
+def build_spec(tokens: list[str], config_path: str | Path | None = None) -> SweepSpec:
+    """The scenario file's keys, then the tokens' keys replacing them."""
+    mapping = load_scenario(config_path) if config_path is not None else {}
+    seen = set()
+    for token in tokens:
+        key, values = parse_override(token)
+        if key in seen:
+            raise ConfigError(f"key {key!r} is given twice on the command line; give it once (a list: {key}=a,b)")
+        seen.add(key)
+        mapping[key] = values
+    return SweepSpec.from_mapping(mapping)

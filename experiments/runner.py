@@ -1,0 +1,170 @@
+"""One configuration in, one results row out; plus the checks a grid passes before any run starts.
+
+Traces, their train/eval slices, hardware profiles and Belady's hit counts are cached per process:
+a worker that runs many configurations of one trace loads it once.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from experiments.config import ConfigError, RunConfig
+from experiments.results import config_hash, trace_sha256
+from policies.cache import CacheMode, ExpertCache
+from policies.registry import resolve_policy
+from sim.hardware import HardwareProfile, load_hardware
+from sim.replay import replay_untimed
+from sim.simulator import SimSettings, Timeline, simulate
+from traces import Trace, TraceError, load_trace
+
+# The order of a results table's columns: the resolved configuration, what it ran on, the metrics.
+CONFIG_COLUMNS = [
+    "policy", "cache_slots", "cache_mode", "precision", "hardware", "pcie_GBps", "copy_latency_us",
+    "copy_engines", "prefetch_depth", "train_fraction", "max_tokens", "prompt_tokens", "policy_params",
+    "trace",
+]
+RUN_COLUMNS = ["model", "expert_bytes", "trace_sha256", "train_tokens", "trace_tokens", "trace_requests"]
+METRIC_COLUMNS = [
+    "tokens_per_s", "hit_rate", "belady_hit_fraction", "belady_hits", "tokens", "sim_time_s",
+    "tpot_ms_mean", "tpot_ms_p50", "tpot_ms_p99", "hits", "misses", "late_prefetches", "accesses",
+    "copies", "demand_copies", "prefetch_copies", "prefetch_useful", "prefetch_wasted",
+    "prefetch_cancelled", "prefetch_dropped", "bytes_moved", "link_utilisation", "stall_ms_per_token",
+]
+ROW_COLUMNS = [*CONFIG_COLUMNS, *RUN_COLUMNS, *METRIC_COLUMNS, "config_hash"]
+
+_traces: dict[str, tuple[str, Trace]] = {}
+_slices: dict[tuple, tuple[Trace | None, Trace]] = {}
+_hardware: dict[tuple, HardwareProfile] = {}
+_belady: dict[tuple, int] = {}
+
+
+def cached_trace(path: str) -> Trace:
+    """The trace at ``path``, loaded once per process (reloaded if the file's content changed)."""
+    hit = _traces.get(path)
+    if hit is None:
+        trace = load_trace(path)    # first: its TraceError names a missing or malformed file
+        hit = _traces[path] = (trace_sha256(path), trace)
+    elif hit[0] != trace_sha256(path):
+        hit = _traces[path] = (trace_sha256(path), load_trace(path))
+    return hit[1]
+
+
+def _slice_key(cfg: RunConfig) -> tuple:
+    return (cfg.trace, trace_sha256(cfg.trace), cfg.train_fraction, cfg.max_tokens)
+
+
+def trace_slices(cfg: RunConfig) -> tuple[Trace | None, Trace]:
+    """(train, eval): the leading ``train_fraction`` of requests, then the rest up to ``max_tokens``.
+    Every policy of a sweep replays the same eval slice."""
+    trace = cached_trace(cfg.trace)
+    key = _slice_key(cfg)
+    if key not in _slices:
+        train, rest = trace.split(cfg.train_fraction)
+        if rest is None:
+            raise ConfigError(f"train_fraction={cfg.train_fraction} leaves no requests to replay; use a value below 1")
+        _slices[key] = (train, rest.head_tokens(cfg.max_tokens) if cfg.max_tokens else rest)
+    return _slices[key]
+
+
+def hardware_for(cfg: RunConfig) -> HardwareProfile:
+    overrides = cfg.hardware_overrides()
+    key = (cfg.hardware, tuple(sorted(overrides.items())))
+    if key not in _hardware:
+        _hardware[key] = load_hardware(cfg.hardware).with_overrides(**overrides)
+    return _hardware[key]
+
+
+def belady_hits(cfg: RunConfig) -> int:
+    """Hits of Belady's MIN on the same eval slice, slots and mode: the bound for eviction."""
+    key = (*_slice_key(cfg), cfg.cache_slots, cfg.cache_mode)
+    if key not in _belady:
+        train, run = trace_slices(cfg)
+        stats = replay_untimed(run, resolve_policy("belady"), cfg.cache_slots, cfg.cache_mode,
+                               train_trace=train)
+        _belady[key] = stats.hits
+    return _belady[key]
+
+
+def _settings(cfg: RunConfig) -> SimSettings:
+    return SimSettings(cache_slots=cfg.cache_slots, cache_mode=cfg.cache_mode, precision=cfg.precision,
+                       prefetch_depth=cfg.prefetch_depth, prompt_tokens=cfg.prompt_tokens,
+                       policy_params=dict(cfg.policy_params))
+
+
+def run_config(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(row, perf): the deterministic results row, and the simulator's own speed on this run."""
+    train, run = trace_slices(cfg)
+    shape = run.model
+    result = simulate(run, resolve_policy(cfg.policy), hardware_for(cfg), _settings(cfg), train_trace=train)
+    bound = belady_hits(cfg)
+    h = config_hash(cfg)
+    row = cfg.to_dict()
+    row["policy_params"] = json.dumps(row["policy_params"], sort_keys=True)
+    row.update(
+        model=shape.name,
+        expert_bytes=shape.expert_bytes(cfg.precision),
+        trace_sha256=trace_sha256(cfg.trace),
+        train_tokens=train.num_tokens if train is not None else 0,
+        trace_tokens=run.num_tokens,
+        trace_requests=run.num_requests,
+        **result.metrics,
+        belady_hits=bound,
+        belady_hit_fraction=result.metrics["hits"] / bound if bound else None,
+        config_hash=h,
+    )
+    perf = {"config_hash": h, "wall_s": result.wall_s, "layer_steps": result.layer_steps,
+            "sim_layer_steps_per_wall_s": result.layer_steps_per_wall_s}
+    return row, perf
+
+
+def record_timeline(cfg: RunConfig, tokens: int = 20) -> Timeline:
+    """The event timeline of the first ``tokens`` tokens of ``cfg``'s eval slice."""
+    train, run = trace_slices(cfg)
+    head = run.head_tokens(tokens)
+    result = simulate(head, resolve_policy(cfg.policy), hardware_for(cfg), _settings(cfg),
+                      train_trace=train, record_timeline=True)
+    timeline = result.timeline
+    n = min(tokens, len(timeline.token_end_ns))
+    end_ns = timeline.token_end_ns[n - 1]
+    return Timeline(compute=[e for e in timeline.compute if e.token < n],
+                    copies=[c for c in timeline.copies if c.start_ns < end_ns],
+                    token_end_ns=timeline.token_end_ns[:n])
+
+
+def validate_grid(configs: list[RunConfig]) -> None:
+    """Raise ConfigError / TraceError / ValueError naming the first bad value, before any run starts."""
+    for policy in sorted({c.policy for c in configs}):
+        resolve_policy(policy)
+    for cfg in configs:
+        hardware_for(cfg)
+        _check_numbers(cfg)
+        try:
+            CacheMode(cfg.cache_mode)
+        except ValueError:
+            raise ConfigError(f"cache_mode={cfg.cache_mode!r} is not valid; "
+                              f"use one of {[m.value for m in CacheMode]}") from None
+        try:
+            train, run = trace_slices(cfg)
+        except (ConfigError, TraceError):
+            raise
+        except ValueError as err:
+            raise ConfigError(f"{cfg.trace}: {err}") from None
+        shape = run.model
+        try:
+            shape.expert_bytes(cfg.precision)
+        except ValueError as err:
+            raise ConfigError(f"precision: {err}") from None
+        try:
+            ExpertCache(shape.num_layers, shape.num_experts, cfg.cache_slots, cfg.cache_mode, shape.top_k)
+        except ValueError as err:
+            raise ConfigError(f"model {shape.name}: {err}") from None
+
+
+def _check_numbers(cfg: RunConfig) -> None:
+    limits = {"cache_slots": 1, "prefetch_depth": 1, "max_tokens": 1, "prompt_tokens": 0}
+    for key, low in limits.items():
+        value = getattr(cfg, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{key}={value} is out of range; use {key} >= {low}")
+    if not 0.0 <= cfg.train_fraction < 1.0:
+        raise ConfigError(f"train_fraction={cfg.train_fraction} is out of range; use 0 <= train_fraction < 1")

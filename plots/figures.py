@@ -1,0 +1,126 @@
+"""Figures from results tables (one row per configuration) and from simulated timelines, as PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import pandas as pd  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from sim.simulator import Timeline  # noqa: E402
+
+# Keys that, when they vary in a table besides policy and cache_slots, split a policy's line in two.
+_SERIES_KEYS = ("cache_mode", "precision", "hardware", "pcie_GBps", "copy_latency_us", "copy_engines",
+                "prefetch_depth", "train_fraction", "max_tokens", "prompt_tokens", "policy_params", "trace")
+
+
+def _series(df: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
+    """(label, rows sorted by cache_slots) per policy and per combination of the other varying keys."""
+    varying = [k for k in _SERIES_KEYS if k in df.columns and df[k].astype(str).nunique() > 1]
+    keys = ["policy", *varying]
+    for values, group in df.groupby(keys, sort=False, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        label = values[0] + "".join(f" {k}={v}" for k, v in zip(varying, values[1:]))
+        yield label, group.sort_values("cache_slots")
+
+
+def _title(df: pd.DataFrame, what: str) -> str:
+    def one(col: str) -> str:
+        vals = list(dict.fromkeys(df[col].astype(str))) if col in df.columns else []
+        return ", ".join(vals)
+    return f"{what}\n{one('model')} on {one('hardware')} ({one('precision')})"
+
+
+def _save(fig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_tokens_vs_slots(df: pd.DataFrame, path: str | Path) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for label, rows in _series(df):
+        ax.plot(rows["cache_slots"], rows["tokens_per_s"], marker="o", label=label)
+    ax.set_xlabel("cache slots per layer")
+    ax.set_ylabel("decode tokens/s (simulated)")
+    ax.set_xticks(sorted(df["cache_slots"].unique()))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(_title(df, "Tokens/s against cache size"), fontsize=10)
+    _save(fig, path)
+
+
+def plot_hit_rate_vs_belady(df: pd.DataFrame, path: str | Path) -> None:
+    """Left: hit rate per policy with Belady's MIN as a dashed reference. Right: hits as % of Belady's."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for label, rows in _series(df):
+        line, = left.plot(rows["cache_slots"], rows["hit_rate"], marker="o", label=label)
+        right.plot(rows["cache_slots"], 100 * rows["belady_hit_fraction"].astype(float), marker="o",
+                   color=line.get_color(), label=label)
+    bound = (df.assign(belady_rate=df["belady_hits"] / df["accesses"])
+               .groupby("cache_slots")["belady_rate"].first())
+    left.plot(bound.index, bound.values, "k--", linewidth=2, label="Belady MIN (optimal eviction)")
+    right.axhline(100, color="k", linestyle="--", linewidth=2)
+    slots = sorted(df["cache_slots"].unique())
+    left.set_ylabel("hit rate")
+    left.set_ylim(0, 1)
+    right.set_ylabel("hits as % of Belady's MIN")
+    right.set_ylim(bottom=0)
+    for ax in (left, right):
+        ax.set_xlabel("cache slots per layer")
+        ax.set_xticks(slots)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="best")
+    fig.suptitle(_title(df, "Hit rate against Belady's optimum"), fontsize=10)
+    _save(fig, path)
+
+
+_COMPUTE, _DEMAND, _PREFETCH = "#4c72b0", "#c44e52", "#55a868"
+
+
+def plot_timeline(timeline: Timeline, path: str | Path, max_ms: float | None = None) -> None:
+    """Lanes: the compute stream, then each copy engine; demand and prefetch copies coloured apart,
+    token ends as thin grey lines."""
+    engines = sorted({c.engine for c in timeline.copies}) or [0]
+    lanes = ["compute"] + [f"copy engine {e}" for e in engines]
+    fig, ax = plt.subplots(figsize=(14, 1.2 + 0.7 * len(lanes)))
+    ms = 1e-6
+    end_ms = max([timeline.token_end_ns[-1] * ms] if timeline.token_end_ns else [0.0])
+    limit = min(max_ms, end_ms) if max_ms is not None else end_ms
+
+    def bars(spans):
+        return [(s * ms, (e - s) * ms) for s, e in spans if s * ms < limit]
+
+    height = 0.6
+    # Thin bars keep an edge of their own colour so that sub-pixel kernels stay visible.
+    ax.broken_barh(bars((e.start_ns, e.end_ns) for e in timeline.compute), (0 - height / 2, height),
+                   facecolors=_COMPUTE, edgecolor=_COMPUTE, linewidth=0.6)
+    for lane, engine in enumerate(engines, start=1):
+        copies = [c for c in timeline.copies if c.engine == engine]
+        for demand, colour in ((True, _DEMAND), (False, _PREFETCH)):
+            # Alternate shades so back-to-back copies read as separate bars.
+            for parity, alpha in ((0, 1.0), (1, 0.6)):
+                spans = ((c.start_ns, c.end_ns) for i, c in enumerate(copies)
+                         if c.demand == demand and i % 2 == parity)
+                ax.broken_barh(bars(spans), (lane - height / 2, height), facecolors=colour, alpha=alpha,
+                               edgecolor="none")
+    for end_ns in timeline.token_end_ns:
+        if end_ns * ms <= limit:
+            ax.axvline(end_ns * ms, color="grey", linewidth=0.5, alpha=0.6)
+    ax.set_yticks(range(len(lanes)), lanes)
+    ax.set_ylim(len(lanes) - 0.5, -0.5)
+    ax.set_xlim(0, limit if limit > 0 else 1)
+    ax.set_xlabel("simulated time (ms); grey lines: token ends")
+    ax.legend(handles=[Patch(color=_COMPUTE, label="expert compute"), Patch(color=_DEMAND, label="demand copy"),
+                       Patch(color=_PREFETCH, label="prefetch copy")],
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, fontsize=8, frameon=False)
+    shown = f" (first {limit:.3g} ms shown)" if limit < end_ms else ""
+    ax.set_title(f"Timeline of the first {len(timeline.token_end_ns)} tokens{shown}", fontsize=10, loc="left")
+    _save(fig, path)

@@ -1,0 +1,228 @@
+"""The sweep's front door: key=value parsing, YAML scenarios, and bad input refused with exit code 2."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from experiments.config import ConfigError, RunConfig, SweepSpec
+from experiments.overrides import build_spec, load_scenario, parse_override
+from experiments.sweep import DEFAULT_CONFIG, format_table
+from policies.registry import BASELINES
+from traces import DEFAULT_TRACE, save_trace, synthetic_trace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sweep_cli(*args, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "experiments.sweep", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trace_path(tmp_path_factory):
+    """top-2 of 8 experts, 4 layers: cache_slots 2..8 are valid."""
+    path = tmp_path_factory.mktemp("trace") / "tiny.npz"
+    save_trace(synthetic_trace(num_tokens=240, num_layers=4, num_experts=8, top_k=2, num_requests=8, seed=3), path)
+    return path
+
+
+# -- override tokens ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("token, key, values", [
+    ("cache_slots=4..8", "cache_slots", [4, 5, 6, 7, 8]),
+    ("cache_slots=6..6", "cache_slots", [6]),
+    ("cache_slots=range(4,8)", "cache_slots", [4, 5, 6, 7]),
+    ("cache_slots=range(4, 12, 3)", "cache_slots", [4, 7, 10]),
+    ("cache_slots=4,6", "cache_slots", [4, 6]),
+    ("cache_slots=5", "cache_slots", [5]),
+    ("policy=lru,lfu,belady", "policy", ["lru", "lfu", "belady"]),
+    ("policy=my/file.py:Mine", "policy", ["my/file.py:Mine"]),
+    ("pcie_GBps=25", "pcie_GBps", [25.0]),
+    ("pcie_GBps=1e2", "pcie_GBps", [100.0]),
+    ("pcie_GBps=null", "pcie_GBps", [None]),
+    ("pcie_GBps=12.5,null", "pcie_GBps", [12.5, None]),
+    ("train_fraction=0", "train_fraction", [0.0]),
+    ("max_tokens=null", "max_tokens", [None]),
+    ("copy_engines=1..2", "copy_engines", [1, 2]),
+    ("policy.alpha=0.5", "policy.alpha", [0.5]),
+    ("policy.mode=fast,slow", "policy.mode", ["fast", "slow"]),
+    ("policy.on=true", "policy.on", [True]),
+])
+def test_override_values_are_typed_by_field(token, key, values):
+    got_key, got = parse_override(token)
+    assert got_key == key
+    assert got == values
+    assert [type(v) for v in got] == [type(v) for v in values]
+
+
+@pytest.mark.parametrize("token, fragment", [
+    ("cache_slots", "expected key=value, got 'cache_slots'"),
+    ("=4", "expected key=value"),
+    ("cache_slots=", "expected key=value"),
+    ("cache_slots=4.5", "cache_slots: expected an integer, got 4.5"),
+    ("cache_slots=four", "cache_slots: expected an integer"),
+    ("cache_slots=null", "cache_slots: null is not allowed"),
+    ("cache_slots=8..4", "empty range"),
+    ("cache_slots=range(4)", "range(start,stop)"),
+    ("cache_slots=range(4,8,0)", "step must not be 0"),
+    ("cache_slots=4,,5", "empty item"),
+    ("pcie_GBps=fast", "pcie_GBps: expected a number"),
+])
+def test_malformed_tokens_are_refused_clearly(token, fragment):
+    with pytest.raises(ConfigError, match=None) as err:
+        parse_override(token)
+    assert fragment in str(err.value)
+
+
+def test_unknown_key_lists_the_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        parse_override("cache_slot=4")
+    message = str(err.value)
+    assert "unknown key 'cache_slot'" in message
+    for key in ("cache_slots", "policy", "pcie_GBps", "max_tokens", "policy.NAME"):
+        assert key in message
+
+
+# -- scenarios and the grid --------------------------------------------------------------------
+
+def test_yaml_scenario_then_cli_overrides(tmp_path):
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text("policy: [lru, belady]\ncache_slots: 4..6\nprecision: fp8\npcie_GBps: 25\n"
+                        "policy.alpha: [1, 2]\n")
+    loaded = load_scenario(scenario)
+    assert loaded == {"policy": ["lru", "belady"], "cache_slots": [4, 5, 6], "precision": ["fp8"],
+                      "pcie_GBps": [25.0], "policy.alpha": [1, 2]}
+    spec = build_spec(["cache_slots=7,8", "pcie_GBps=null"], scenario)
+    d = spec.to_dict()
+    assert d["cache_slots"] == [7, 8] and d["pcie_GBps"] == [None] and d["policy"] == ["lru", "belady"]
+    assert d["precision"] == ["fp8"]
+    grid = spec.grid()
+    assert len(grid) == 2 * 2 * 2
+    # Policy-major: all of lru's configurations come first.
+    assert [c.policy for c in grid] == ["lru"] * 4 + ["belady"] * 4
+    assert grid[0] == RunConfig(policy="lru", cache_slots=7, precision="fp8", policy_params=(("alpha", 1),))
+    assert grid[1].policy_params == (("alpha", 2),)
+
+
+def test_scenario_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cache_slotz: 4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'cache_slotz'"):
+        load_scenario(bad)
+    bad.write_text("cache_slots: [4, [5]]\n")
+    with pytest.raises(ConfigError, match="nested"):
+        load_scenario(bad)
+    with pytest.raises(ConfigError, match="scenario file not found"):
+        load_scenario(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="given twice"):
+        build_spec(["cache_slots=4", "cache_slots=5"])
+
+
+def test_default_scenario_is_the_baselines_on_the_sample():
+    spec = build_spec([], DEFAULT_CONFIG)
+    d = spec.to_dict()
+    assert d["policy"] == list(BASELINES)
+    assert d["cache_slots"] == [4, 5, 6, 7, 8]
+    assert d["hardware"] == ["h100-pcie5"] and d["precision"] == ["bf16"]
+    assert all(c.trace == str(DEFAULT_TRACE) for c in spec.grid())
+
+
+def test_repeated_values_do_not_repeat_configurations():
+    spec = SweepSpec.from_mapping({"cache_slots": [4, 4, 5], "policy": ["lru"]})
+    assert [c.cache_slots for c in spec.grid()] == [4, 5]
+
+
+# -- bad input through the CLI -----------------------------------------------------------------
+
+def _refused(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_cli_refuses_cache_slots_below_top_k(trace_path, tmp_path):
+    r = sweep_cli(f"trace={trace_path}", "policy=lru", "cache_slots=1..3", "--out", tmp_path / "out")
+    _refused(r, "cache_slots=1", "top_k=2", "use cache_slots >= 2")
+    assert not (tmp_path / "out").exists()      # nothing ran
+
+
+def test_cli_refuses_cache_slots_above_experts(trace_path, tmp_path):
+    r = sweep_cli(f"trace={trace_path}", "cache_slots=9", "--out", tmp_path / "out")
+    _refused(r, "cache_slots=9", "use cache_slots <= 8")
+
+
+def test_cli_refuses_unknown_policy(trace_path, tmp_path):
+    r = sweep_cli(f"trace={trace_path}", "policy=lru,lruu", "--out", tmp_path / "out")
+    _refused(r, "unknown policy 'lruu'", "belady", "FILE.py:Class")
+
+
+def test_cli_refuses_truncated_trace(trace_path, tmp_path):
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(trace_path.read_bytes()[:300])
+    r = sweep_cli(f"trace={broken}", "--out", tmp_path / "out")
+    _refused(r, str(broken), "truncated or corrupt")
+    r = sweep_cli(f"trace={tmp_path / 'nope.npz'}", "--out", tmp_path / "out")
+    _refused(r, "nope.npz", "no such trace file")
+
+
+def test_cli_refuses_unknown_key_and_hardware(trace_path, tmp_path):
+    r = sweep_cli(f"trace={trace_path}", "cache_size=4", "--out", tmp_path / "out")
+    _refused(r, "unknown key 'cache_size'", "cache_slots")
+    r = sweep_cli(f"trace={trace_path}", "hardware=tpu-v9", "--out", tmp_path / "out")
+    _refused(r, "unknown hardware profile 'tpu-v9'", "h100-pcie5")
+    r = sweep_cli(f"trace={trace_path}", "precision=fp7", "--out", tmp_path / "out")
+    _refused(r, "unknown precision 'fp7'", "bf16")
+    r = sweep_cli(f"trace={trace_path}", "cache_slots", "--out", tmp_path / "out")
+    _refused(r, "expected key=value, got 'cache_slots'")
+
+
+# -- a user's own policy -----------------------------------------------------------------------
+
+def test_user_policy_file_runs_in_the_sweep(trace_path, tmp_path):
+    policy_file = tmp_path / "my_policy.py"
+    policy_file.write_text("from policies.lru import LRU\n\n\nclass MyLRU(LRU):\n    pass\n\n\n"
+                           "class Broken(LRU):\n    def __init__(self, ctx):\n"
+                           "        raise RuntimeError('broken on purpose')\n")
+    mine = f"{policy_file}:MyLRU"
+    out = tmp_path / "out"
+    r = sweep_cli(f"trace={trace_path}", f"policy=lru,{mine}", "cache_slots=2,3", "--out", out,
+                  "--workers", "2", "--no-plots")
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out / "results.csv")
+    assert list(df["policy"]) == ["lru", "lru", mine, mine]
+    # A subclass that changes nothing must behave exactly as LRU.
+    assert list(df["hits"][:2]) == list(df["hits"][2:])
+    assert mine in r.stdout
+
+    # A policy that fails at run time is reported by name; the other rows are still written.
+    broken = f"{policy_file}:Broken"
+    r = sweep_cli(f"trace={trace_path}", f"policy=fifo,{broken}", "cache_slots=2,3", "--out", out,
+                  "--workers", "2", "--no-plots")
+    assert r.returncode == 1
+    assert "broken on purpose" in r.stderr and f"policy={broken} cache_slots=2" in r.stderr
+    assert "2 of 4 configurations failed" in r.stderr
+    df = pd.read_csv(out / "results.csv")
+    assert list(df["policy"]) == ["fifo", "fifo"]
+
+
+def test_table_has_policy_rows_and_slot_columns():
+    df = pd.DataFrame({
+        "policy": ["lru", "lru", "belady", "belady"], "cache_slots": [4, 5, 4, 5],
+        "policy_params": ["{}"] * 4, "tokens_per_s": [19.04, 20.8, 19.04, 24.4],
+        "hit_rate": [0.4231, 0.475, 0.4231, 0.557], "belady_hit_fraction": [1.0, 0.853, 1.0, 1.0],
+    })
+    lines = format_table(df, ["policy", "cache_slots"]).splitlines()
+    assert "slots=4" in lines[0] and "slots=5" in lines[0] and "tok/s | hit | %Belady" in lines[1]
+    assert lines[3].split() == ["lru", "19.0", "|", "0.423", "|", "100%", "20.8", "|", "0.475", "|", "85%"]
+    assert lines[4].startswith("belady")
+    params = format_table(df.assign(policy_params=['{"a": 1}', '{"a": 1}', '{"a": 2}', '{"a": 2}']),
+                          ["policy", "cache_slots", "policy.a"])
+    assert 'lru policy_params={"a": 1}' in params
