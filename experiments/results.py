@@ -12,14 +12,14 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import Any
 
 import pandas as pd
 import yaml
 
 from experiments.config import RunConfig
+from traces.io import atomic_write
 
 _digests: dict[tuple[str, int, int], str] = {}
 
@@ -58,21 +58,6 @@ def config_hash(cfg: RunConfig) -> str:
                             "model_code_sha256": model_code_sha256()},
                            sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
-    """``write(f)`` into a temp file beside ``path``, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _dump_json(obj: Any) -> str:

@@ -7,12 +7,11 @@ nanoseconds become floats, so nothing is rounded away.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from sim.simulator import Timeline
+from traces.io import atomic_write
 
 PID = 0
 TOKENS_TID = 0
@@ -73,16 +72,5 @@ def to_chrome_trace(timeline: Timeline, key_names: Callable[[int], str] | None =
 def write_chrome_trace(timeline: Timeline, path: str | Path, key_names: Callable[[int], str] | None = None,
                        num_experts: int | None = None) -> None:
     """Write atomically: a temp file beside ``path``, fsync, rename."""
-    path = Path(path)
     data = json.dumps(to_chrome_trace(timeline, key_names, num_experts))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(data))

@@ -22,7 +22,7 @@ import simpy
 from policies.base import Policy, PolicyContext
 from policies.cache import CacheMode, ExpertCache
 from policies.controller import OffloadController, OffloadStats
-from policies.copy_queue import DONE, CopyJob
+from policies.copy_queue import DONE
 from sim.hardware import HardwareProfile
 from traces import Trace
 

@@ -1,7 +1,6 @@
 """The policy registry, the cache's boundary checks, the copy queue's order, and the learned policies."""
 from __future__ import annotations
 
-import heapq
 from pathlib import Path
 
 import numpy as np

@@ -61,11 +61,18 @@ def save_trace(trace: Trace, path, compress: bool = True) -> None:
     arrays.update({_PRED + k: v for k, v in trace.predictions.items()})
     arrays.update({_TIME + k: v for k, v in trace.timings.items()})
     writer = np.savez_compressed if compress else np.savez
+    atomic_write(path, lambda f: writer(f, **arrays), binary=True)
+
+
+def atomic_write(path, write, binary: bool = False) -> None:
+    """``write(f)`` into a temp file beside ``path``, fsync, then rename over ``path``: a reader
+    never sees half a file, and a crash leaves the old one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            writer(f, **arrays)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
