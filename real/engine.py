@@ -1,0 +1,215 @@
+"""The offloaded MoE engine: non-expert weights on the GPU, every expert in one pinned host arena,
+a GPU slot cache filled by a dedicated copy stream, and the shared ``policies`` controller deciding
+what is copied, when, and what is evicted.
+
+The decode path per layer mirrors the simulator's: attention, router (its ids are read on the host:
+that is the one synchronisation a routed model needs), ``begin_layer`` (hits, demand fetches,
+prefetch requests), then the chosen experts with resident ones first, each made to wait on the GPU
+for its own copy only. Expert outputs are combined in a fixed order, so every cache size and policy
+performs exactly the same arithmetic as the all-resident engine: lossless policies give identical
+tokens, bit for bit.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from policies.base import Policy, PolicyContext
+from policies.cache import CacheMode, ExpertCache
+from policies.controller import OffloadController, OffloadStats
+from real.copies import CopyFeeder, CopyRecord
+from traces import ModelShape, Trace
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    cache_slots: int
+    cache_mode: CacheMode | str = CacheMode.PER_LAYER
+    prefetch_depth: int = 1
+    max_copies_in_flight: int = 2
+    policy_params: Mapping = field(default_factory=dict)
+
+
+@dataclass
+class Routing:
+    """What the engine saw, step by step: becomes a trace."""
+    experts: list[list[list[int]]] = field(default_factory=list)     # [T][L][K]
+    weights: list[list[list[float]]] = field(default_factory=list)
+    request_starts: list[int] = field(default_factory=lambda: [0])
+    hidden: list[np.ndarray] = field(default_factory=list)            # [L, H] per recorded step
+    step_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class EngineResult:
+    generated: list[list[int]]        # per request: the generated token ids
+    metrics: dict
+    stats: OffloadStats
+    copies: list[CopyRecord]
+    routing: Routing
+
+
+class OffloadEngine:
+    def __init__(self, model, shape: ModelShape, policy_cls: type[Policy], settings: EngineSettings,
+                 future: Trace | None = None, train_trace: Trace | None = None,
+                 record_hidden_steps: int = 0):
+        self.model = model
+        self.shape = shape
+        L, E, K = shape.num_layers, shape.num_experts, shape.top_k
+        blobs = model.expert_blobs                      # [L, E, blob]
+        self.device = model.device
+        self.cuda = self.device.type == "cuda"
+        blob_numel = blobs.shape[-1]
+        # One pinned allocation for every expert: thousands of small pinned tensors would each be
+        # rounded up by the caching allocator, and pinning is slow per call. A model built with its
+        # experts on the host already has one; several engines can share it, one after another.
+        if blobs.device.type == "cpu" and (blobs.is_pinned() or not self.cuda):
+            self.arena = blobs.reshape(L * E, blob_numel)
+        else:
+            self.arena = torch.empty((L * E, blob_numel), dtype=blobs.dtype, pin_memory=self.cuda)
+            self.arena.copy_(blobs.reshape(L * E, blob_numel))
+            model.expert_blobs = None                   # free the GPU copy: the engine owns the experts
+        self.cache = ExpertCache(L, E, settings.cache_slots, settings.cache_mode, K)
+        try:
+            self.slots = torch.empty((self.cache.num_slots, blob_numel), dtype=blobs.dtype,
+                                     device=self.device)
+        except torch.OutOfMemoryError as err:
+            need = self.cache.num_slots * blob_numel * blobs.element_size() / 1e9
+            raise MemoryError(f"the GPU cannot hold {self.cache.num_slots} expert slots ({need:.1f} GB); "
+                              f"lower cache_slots") from err
+        self.expert_bytes = blob_numel * blobs.element_size()
+        ctx = PolicyContext(shape, settings.cache_slots, CacheMode(settings.cache_mode),
+                            settings.prefetch_depth, future, train_trace, dict(settings.policy_params))
+        self.policy = policy_cls(ctx)
+        self.ctrl = OffloadController(self.policy, self.cache, self.expert_bytes)
+        self.copies = CopyFeeder(self.ctrl, self.arena, self.slots, settings.max_copies_in_flight)
+        self.ctrl.preload()
+        for key, slot in self.cache.key_slot.items():   # model load: untimed, not counted
+            self.slots[slot].copy_(self.arena[key])
+        self.record_hidden_steps = record_hidden_steps
+        self.routing = Routing()
+        self._step_index = 0
+
+    # -- one decode step -----------------------------------------------------------------------
+    def _step(self, token_id: int, pos: int, forced: list[list[int]] | None = None,
+              forced_weights: list[list[float]] | None = None) -> torch.Tensor:
+        m, ctrl, copies, cache = self.model, self.ctrl, self.copies, self.cache
+        E = self.shape.num_experts
+        step = self._step_index
+        keep_hidden = step < self.record_hidden_steps
+        hidden = []
+        experts_of_step, weights_of_step = [], []
+        h = m.embed(token_id)
+        for layer in range(self.shape.num_layers):
+            h = m.attention(layer, h, pos)
+            x, ids, w = m.route(layer, h)
+            experts = ids.reshape(-1).tolist()            # the host learns the routing here
+            weights = w.reshape(-1).float().tolist()
+            if forced is not None:                        # shape replay: routing from a trace
+                experts, weights = forced[layer], forced_weights[layer]
+                w = torch.tensor(weights, dtype=w.dtype, device=w.device)
+            experts_of_step.append(experts)
+            weights_of_step.append(weights)
+            if keep_hidden:
+                hidden.append(x.reshape(-1).float().cpu().numpy())
+            needs = ctrl.begin_layer(step, layer, experts, weights, copies.now_ns(), hidden=x)
+            copies.pump()
+            outputs: dict[int, torch.Tensor] = {}
+            used = []
+            base = layer * E
+            for key, job in needs:
+                if job is not None:
+                    copies.make_ready(job)
+                slot = cache.key_slot[key]
+                used.append(slot)
+                outputs[key - base] = m.expert(x, self.slots[slot])
+            copies.release_slots(used)
+            ctrl.end_layer(needs)
+            h = m.combine(layer, h, x, experts, w, outputs)
+        self.routing.experts.append(experts_of_step)
+        self.routing.weights.append(weights_of_step)
+        if keep_hidden:
+            self.routing.hidden.append(np.stack(hidden))
+        self._step_index += 1
+        return m.final(h)
+
+    # -- runs ------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> EngineResult:
+        """Greedy decoding, batch 1, one request after another (the expert cache persists).
+        Prompt tokens go through the same per-token path; only generated tokens are timed."""
+        generated = []
+        decode_ms: list[float] = []
+        for prompt in prompts:
+            self.model.reset()
+            pos = 0
+            logits = None
+            for tok in prompt:
+                start = time.perf_counter()
+                logits = self._step(tok, pos)
+                self.routing.step_ms.append((time.perf_counter() - start) * 1e3)
+                pos += 1
+            out = []
+            nxt = int(logits.argmax(-1).reshape(-1)[0])
+            for _ in range(max_new_tokens):
+                out.append(nxt)
+                start = time.perf_counter()
+                logits = self._step(nxt, pos)
+                nxt = int(logits.argmax(-1).reshape(-1)[0])   # synchronises: the token is known
+                ms = (time.perf_counter() - start) * 1e3
+                decode_ms.append(ms)
+                self.routing.step_ms.append(ms)
+                pos += 1
+            generated.append(out)
+            self.routing.request_starts.append(self._step_index)
+        return self._result(generated, decode_ms)
+
+    def replay(self, trace: Trace, max_tokens: int | None = None) -> EngineResult:
+        """Shape replay: run every step of ``trace`` with its routing forced (real copies and real
+        compute at the model's size, real routing), requests restarting the KV cache."""
+        starts = trace.request_starts.tolist()
+        decode_ms: list[float] = []
+        generated = []
+        done = 0
+        for r in range(len(starts) - 1):
+            self.model.reset()
+            nxt, out = 0, []
+            for t in range(starts[r], starts[r + 1]):
+                if max_tokens is not None and done >= max_tokens:
+                    break
+                start = time.perf_counter()
+                logits = self._step(nxt, t - starts[r], trace.experts[t].tolist(),
+                                    trace.weights[t].astype(np.float32).tolist())
+                nxt = int(logits.argmax(-1).reshape(-1)[0])
+                ms = (time.perf_counter() - start) * 1e3
+                decode_ms.append(ms)
+                self.routing.step_ms.append(ms)
+                out.append(nxt)
+                done += 1
+            generated.append(out)
+            self.routing.request_starts.append(self._step_index)
+            if max_tokens is not None and done >= max_tokens:
+                break
+        return self._result(generated, decode_ms)
+
+    def _result(self, generated, decode_ms) -> EngineResult:
+        self.copies.drain()
+        stats = self.ctrl.stats
+        tpot = np.asarray(decode_ms, dtype=np.float64)
+        demand = [c.duration_ms for c in self.copies.records if c.demand and c.duration_ms > 0]
+        metrics = {
+            "tokens": len(tpot),
+            "tokens_per_s": 1e3 / tpot.mean() if len(tpot) else 0.0,
+            "tpot_ms": float(tpot.mean()) if len(tpot) else 0.0,
+            "tpot_ms_p50": float(np.percentile(tpot, 50)) if len(tpot) else 0.0,
+            "tpot_ms_p99": float(np.percentile(tpot, 99)) if len(tpot) else 0.0,
+            "hit_rate": stats.hits / stats.accesses if stats.accesses else 0.0,
+            "misses": stats.misses,
+            "bytes_moved": stats.bytes_moved,
+            "copy_GBps": (self.expert_bytes / 1e9) / (float(np.median(demand)) / 1e3) if demand else float("nan"),
+            "gpu_mem_GB": torch.cuda.max_memory_allocated(self.device) / 1e9 if self.cuda else 0.0,
+        }
+        return EngineResult(generated, metrics, stats, list(self.copies.records), self.routing)

@@ -1,0 +1,288 @@
+"""A compact batch-1 greedy decoder for the MoE families ``real.checkpoint`` loads (Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE), in plain eager PyTorch, checked against Hugging Face's forward by
+``tests/test_real_model.py``.
+
+Why not Hugging Face's own forward: its per-layer overhead (masks, caches, output capturing, grouped
+expert dispatch) costs several milliseconds per layer per token, which would drown the copy and compute
+times that offloading studies measure. Here one decode step is a handful of kernels per layer.
+
+The step is split where an offloading engine needs to interpose: ``attention`` -> ``route`` (the
+router's choice, still on the device) -> the engine makes the chosen experts resident -> ``expert`` on
+each blob -> ``combine``. Every expert lives in one row of ``expert_blobs`` [L, E, 3*I*H] =
+gate [I, H] | up [I, H] | down [H, I], so one expert is one contiguous copy; gate and up are adjacent
+and form the [2I, H] matrix of one matmul, exactly as transformers' fused experts do.
+
+Numerics follow transformers' eager modules: RMSNorm in float32 then cast back before the weight; RoPE
+tables computed in float32 and cast to the model dtype; router softmax in float32 and ``torch.topk``
+order; Mixtral keeps the routing weights in float32 (so expert output x weight is rounded once, from
+float32), the other families cast them to the model dtype; expert outputs are summed in ascending
+expert id, as transformers' per-expert loop does.
+
+CUDA graphs (not built yet): every buffer is preallocated (KV cache, RoPE tables) and ``attention``
+reads the cache through a slice ending at ``pos``; a graphed variant would read the whole window with a
+position mask instead, taking ``pos`` as a device tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from real.checkpoint import MoEConfig
+
+BlobOf = Callable[[int, int], torch.Tensor]   # (layer, expert) -> that expert's blob on the compute device
+DEFAULT_MAX_LEN = 4096
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What one MoE layer saw in one step, left on the device (no synchronisation)."""
+    expert_ids: torch.Tensor   # [K] int64, in torch.topk order
+    weights: torch.Tensor      # [K] the weights applied to the expert outputs
+    probs: torch.Tensor        # [E] float32: the full router softmax
+    hidden: torch.Tensor       # [H] the MoE layer's input (after the post-attention norm)
+
+
+@dataclass
+class _Layer:
+    attn_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor
+    o_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    moe_norm: torch.Tensor
+    router: torch.Tensor
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # gate, up, down, router
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def unpack_expert(blob: torch.Tensor, I: int, H: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of one expert's gate [I, H], up [I, H] and down [H, I] inside its flat blob."""
+    n = I * H
+    return blob[:n].view(I, H), blob[n:2 * n].view(I, H), blob[2 * n:].view(H, I)
+
+
+class MoEModel:
+    def __init__(self, config: MoEConfig, tensors: Mapping[str, torch.Tensor],
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                 experts_device: str | torch.device | None = None, max_len: int | None = None,
+                 attention_impl: str = "sdpa"):
+        """``tensors``: the internal tensors of ``real.checkpoint.load_checkpoint``. Non-expert weights go
+        to ``device``; the experts are packed into ``expert_blobs`` on ``experts_device`` (default:
+        ``device``; pinned when it is the CPU and ``device`` is CUDA). The KV cache holds ``max_len``
+        positions (default: the model's limit, at most 4096). ``attention_impl``: "sdpa" (one fused kernel)
+        or "eager" (transformers' eager arithmetic, bit for bit: the reference for tests)."""
+        if attention_impl not in ("sdpa", "eager"):
+            raise ValueError(f"attention_impl={attention_impl!r}: use 'sdpa' or 'eager'")
+        self.attention_impl = attention_impl
+        c = self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_len = min(c.max_position_embeddings, DEFAULT_MAX_LEN) if max_len is None else int(max_len)
+        H, I, E, D = c.hidden_size, c.expert_intermediate_size, c.num_experts, c.head_dim
+        self._I, self._H = I, H
+        self._q_rows, self._kv_rows = c.num_attention_heads * D, c.num_kv_heads * D
+        self._scale = D ** -0.5
+
+        def w(name: str) -> torch.Tensor | None:
+            t = tensors.get(name)
+            return None if t is None else t.to(device=self.device, dtype=dtype).contiguous()
+
+        self.embed_weight = w("embed")
+        self.final_norm = w("final_norm")
+        self.lm_head = self.embed_weight if c.tie_word_embeddings else w("lm_head")
+        self.layers: list[_Layer] = []
+        for l in range(c.num_layers):
+            p = f"layers.{l}."
+            shared = None
+            if c.shared_expert_intermediate_size:
+                shared = (w(p + "shared.gate"), w(p + "shared.up"), w(p + "shared.down"), w(p + "shared.router"))
+            self.layers.append(_Layer(w(p + "attn_norm"), w(p + "qkv"), w(p + "qkv_bias"), w(p + "o_proj"),
+                                      w(p + "o_bias"), w(p + "q_norm"), w(p + "k_norm"), w(p + "moe_norm"),
+                                      w(p + "router"), shared))
+
+        self.experts_device = self.device if experts_device is None else torch.device(experts_device)
+        pin = self.experts_device.type == "cpu" and self.device.type == "cuda"
+        self.expert_blobs: torch.Tensor | None = torch.empty(
+            (c.num_layers, E, 3 * I * H), dtype=dtype, device=self.experts_device, pin_memory=pin)
+        n = I * H
+        for l in range(c.num_layers):
+            p = f"layers.{l}.experts."
+            self.expert_blobs[l, :, :n].copy_(tensors[p + "gate"].reshape(E, n))
+            self.expert_blobs[l, :, n:2 * n].copy_(tensors[p + "up"].reshape(E, n))
+            self.expert_blobs[l, :, 2 * n:].copy_(tensors[p + "down"].reshape(E, n))
+
+        self.kv_cache = torch.zeros((c.num_layers, 2, self.max_len, c.num_kv_heads, D),
+                                    dtype=dtype, device=self.device)
+        # RoPE as transformers computes it: inv_freq on the CPU in float32, angles and cos/sin in float32
+        # on the compute device, then cast to the model dtype.
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+        positions = torch.arange(self.max_len, dtype=torch.float, device=self.device)
+        freqs = positions[:, None] * inv_freq.to(self.device)[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.rope_cos = angles.cos().to(dtype)
+        self.rope_sin = angles.sin().to(dtype)
+
+    # -- the decode step, piece by piece --------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new request: forget every cached key and value."""
+        self.kv_cache.zero_()
+
+    def embed(self, token_id: int) -> torch.Tensor:
+        return self.embed_weight[token_id].unsqueeze(0)                       # [1, H]
+
+    def attention(self, layer: int, h: torch.Tensor, pos: int) -> torch.Tensor:
+        """Pre-norm self-attention of the token at ``pos`` over positions ``0..pos`` (or the sliding
+        window), writing its key and value into the cache; returns ``h`` plus the attention output."""
+        if not 0 <= pos < self.max_len:
+            raise ValueError(f"position {pos} is outside the KV cache (max_len={self.max_len}); "
+                             f"build the model with a larger max_len")
+        c, L = self.config, self.layers[layer]
+        D, heads, kv_heads = c.head_dim, c.num_attention_heads, c.num_kv_heads
+        x = rms_norm(h, L.attn_norm, c.rms_norm_eps)
+        q, k, v = F.linear(x, L.qkv, L.qkv_bias).split([self._q_rows, self._kv_rows, self._kv_rows], dim=-1)
+        if c.qk_norm == "full":
+            q, k = rms_norm(q, L.q_norm, c.rms_norm_eps), rms_norm(k, L.k_norm, c.rms_norm_eps)
+        if c.clip_qkv is not None:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        q, k, v = q.view(heads, D), k.view(kv_heads, D), v.view(kv_heads, D)
+        if c.qk_norm == "per_head":
+            q, k = rms_norm(q, L.q_norm, c.rms_norm_eps), rms_norm(k, L.k_norm, c.rms_norm_eps)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        cache = self.kv_cache[layer]
+        cache[0, pos].copy_(k)
+        cache[1, pos].copy_(v)
+        start = 0 if c.sliding_window is None else max(0, pos - c.sliding_window + 1)
+        keys = cache[0, start:pos + 1].transpose(0, 1)                        # [KV, T, D]
+        values = cache[1, start:pos + 1].transpose(0, 1)
+        # Grouped-query attention without repeating keys: query head h uses kv head h // group (as
+        # transformers' repeat_kv), so the group's queries become a KV-head's "sequence" of queries.
+        q = q.view(kv_heads, heads // kv_heads, D)
+        if self.attention_impl == "sdpa":
+            out = F.scaled_dot_product_attention(q, keys, values)
+        else:   # transformers' eager arithmetic: scores scaled in the model dtype, softmax in float32
+            scores = torch.matmul(q, keys.transpose(1, 2)) * self._scale
+            out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)
+        return h + F.linear(out.reshape(1, heads * D), L.o_proj, L.o_bias)
+
+    def route(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x = post-attention norm of ``h``; the top-k expert ids [1, K] and their weights [1, K]."""
+        x, ids, weights, _ = self._route(layer, h)
+        return x, ids, weights
+
+    def _route(self, layer: int, h: torch.Tensor):
+        c, L = self.config, self.layers[layer]
+        x = rms_norm(h, L.moe_norm, c.rms_norm_eps)
+        probs = torch.softmax(F.linear(x, L.router).float(), dim=-1)
+        weights, ids = torch.topk(probs, c.top_k, dim=-1)
+        if c.norm_topk_prob:                          # Mixtral always renormalises, the others by config
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if c.family != "mixtral":                     # Mixtral's router keeps float32 weights
+            weights = weights.to(self.dtype)
+        return x, ids, weights, probs
+
+    def expert(self, x: torch.Tensor, blob: torch.Tensor) -> torch.Tensor:
+        """SwiGLU expert on its blob: down(silu(gate x) * up x); gate and up in one matmul."""
+        I, H = self._I, self._H
+        gate, up = F.linear(x, blob[:2 * I * H].view(2 * I, H)).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, blob[2 * I * H:].view(H, I))
+
+    def shared_expert(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Qwen2-MoE's always-on expert, scaled by its sigmoid gate; None for the other families."""
+        shared = self.layers[layer].shared
+        if shared is None:
+            return None
+        gate, up, down, router = shared
+        y = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+        return torch.sigmoid(F.linear(x, router)) * y
+
+    def combine(self, layer: int, h: torch.Tensor, x: torch.Tensor, expert_ids: Sequence[int],
+                weights: torch.Tensor, outputs: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """h + sum_i weights[i] * outputs[expert_ids[i]] (+ the shared expert). ``outputs`` holds the raw
+        (unweighted) ``expert`` results keyed by expert id; the sum runs in ascending expert id, each
+        term rounded to the model dtype, as transformers accumulates."""
+        w = weights.reshape(-1)
+        acc = None
+        for i in sorted(range(len(expert_ids)), key=expert_ids.__getitem__):
+            # w[i:i+1], not the 0-d w[i]: a 0-d tensor does not take part in type promotion, so Mixtral's
+            # float32 weight could be rounded to bf16 before the product; transformers multiplies by a
+            # [n, 1] float32 column and rounds the float32 product once.
+            term = (outputs[expert_ids[i]] * w[i:i + 1]).to(self.dtype)
+            acc = term if acc is None else acc + term
+        shared = self.shared_expert(layer, x)
+        if shared is not None:
+            acc = acc + shared
+        return h + acc
+
+    def moe(self, layer: int, h: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor | Sequence[int],
+            weights: torch.Tensor, blob_of: BlobOf | None = None) -> torch.Tensor:
+        """The MoE half of a layer with each expert's blob from ``blob_of(layer, expert)`` (default: the
+        resident ``expert_blobs``). Reading tensor ids synchronises with the device."""
+        ids = expert_ids.reshape(-1).tolist() if isinstance(expert_ids, torch.Tensor) else list(expert_ids)
+        blob_of = blob_of or self.resident_blob
+        outputs = {e: self.expert(x, blob_of(layer, e)) for e in ids}
+        return self.combine(layer, h, x, ids, weights, outputs)
+
+    def resident_blob(self, layer: int, expert: int) -> torch.Tensor:
+        blob = self.expert_blobs[layer, expert]
+        return blob if blob.device == self.device else blob.to(self.device, non_blocking=True)
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(h, self.final_norm, self.config.rms_norm_eps), self.lm_head)   # [1, V]
+
+    # -- whole steps ---------------------------------------------------------------------------------
+    def decode_step(self, token_id: int, pos: int, blob_of: BlobOf | None = None,
+                    record: list[LayerRecord] | None = None) -> torch.Tensor:
+        """Logits [1, V] after the token at ``pos``; appends one ``LayerRecord`` per layer to ``record``."""
+        h = self.embed(token_id)
+        for layer in range(self.config.num_layers):
+            h = self.attention(layer, h, pos)
+            x, ids, weights, probs = self._route(layer, h)
+            if record is not None:
+                record.append(LayerRecord(ids.reshape(-1), weights.reshape(-1), probs.reshape(-1), x.reshape(-1)))
+            h = self.moe(layer, h, x, ids, weights, blob_of)
+        return self.final(h)
+
+    def generate_greedy(self, prompt_ids: Sequence[int], max_new_tokens: int, blob_of: BlobOf | None = None,
+                        record: list[list[LayerRecord]] | None = None) -> list[int]:
+        """Greedy continuation of ``prompt_ids`` (a new request: the cache is reset); returns the
+        ``max_new_tokens`` new tokens. The prompt runs token by token; ``record`` gets one list of
+        ``LayerRecord`` per step (prompt steps included)."""
+        if not prompt_ids:
+            raise ValueError("generate_greedy needs at least one prompt token")
+        if len(prompt_ids) + max_new_tokens - 1 > self.max_len:
+            raise ValueError(f"{len(prompt_ids)} prompt + {max_new_tokens} new tokens exceed max_len="
+                             f"{self.max_len}; build the model with a larger max_len")
+        self.reset()
+
+        def step(token: int, pos: int) -> torch.Tensor:
+            layers = None if record is None else []
+            logits = self.decode_step(token, pos, blob_of, layers)
+            if record is not None:
+                record.append(layers)
+            return logits
+
+        for pos, token in enumerate(prompt_ids):
+            logits = step(int(token), pos)
+        out: list[int] = []
+        for i in range(max_new_tokens):
+            out.append(int(logits.argmax(dim=-1)[0]))
+            if i + 1 < max_new_tokens:
+                logits = step(out[-1], len(prompt_ids) + i)
+        return out

@@ -1,0 +1,82 @@
+"""Measure the hardware profile the simulator uses, on the machine at hand, in its YAML format.
+
+- Copies: pinned host-to-device copies one at a time (as the engine issues them), timed with CUDA
+  events around each copy, median of many; effective bandwidth = bytes / time, the same quantity
+  as the profile's ``h2d_GBps_by_MiB`` table; the latency is a 4-byte copy's time.
+- Compute, for one model: attention at several context lengths, the router, one expert, with CUDA
+  events, medians; then the engine's own per-layer host overhead: a resident decode step's wall
+  time minus the GPU compute it launched, per layer.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+COPY_SIZES_MIB = (0.25, 1, 4, 16, 64, 256)
+
+
+def _median_event_ms(fn, repeats: int, stream=None) -> float:
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure_copies(device: torch.device, sizes_MiB=COPY_SIZES_MIB, repeats: int = 30):
+    """(copy_latency_us, {MiB: effective GBps}) for pinned host-to-device copies."""
+    largest = int(max(sizes_MiB) * 2**20)
+    src = torch.randint(0, 255, (largest,), dtype=torch.uint8).pin_memory()
+    dst = torch.empty(largest, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device)
+    table = {}
+    with torch.cuda.stream(stream):
+        for mib in sizes_MiB:
+            n = int(mib * 2**20)
+            _median_event_ms(lambda: dst[:n].copy_(src[:n], non_blocking=True), 3, stream)
+            ms = _median_event_ms(lambda: dst[:n].copy_(src[:n], non_blocking=True), repeats, stream)
+            table[mib] = round(n / (ms / 1e3) / 1e9, 2)
+        latency_ms = _median_event_ms(lambda: dst[:4].copy_(src[:4], non_blocking=True), repeats, stream)
+    return round(latency_ms * 1e3, 2), table
+
+
+@torch.no_grad()
+def measure_compute(model, contexts=(0, 128, 512, 1024), repeats: int = 50) -> dict:
+    """Per-layer GPU times of ``model`` (a ``real.model.MoEModel`` with its experts on the GPU)."""
+    layer = model.config.num_layers // 2
+    h = torch.randn(1, model.config.hidden_size, device=model.device, dtype=model.dtype)
+    attention = {}
+    for ctx in contexts:
+        attention[ctx] = round(1e3 * _median_event_ms(lambda: model.attention(layer, h, ctx), repeats), 2)
+    router_ms = _median_event_ms(lambda: model.route(layer, h), repeats)
+    x, _, _ = model.route(layer, h)
+    blob = model.expert_blobs[layer, 0]
+    expert_ms = _median_event_ms(lambda: model.expert(x, blob), repeats)
+    token_ms = _median_event_ms(lambda: model.final(model.embed(1)), repeats)
+    return {"attention_us_by_ctx": attention, "router_us": round(router_ms * 1e3, 2),
+            "expert_us": round(expert_ms * 1e3, 2), "token_overhead_us": round(token_ms * 1e3, 2)}
+
+
+def measure_layer_overhead(engine, compute: dict, steps: int = 32) -> float:
+    """Host time per layer that the GPU compute does not account for, from a resident engine run
+    (every expert in its slot): wall time per step minus the GPU work it launched, per layer."""
+    shape = engine.shape
+    engine.model.reset()
+    tok, pos = 1, 0
+    walls = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        logits = engine._step(tok, pos)
+        tok = int(logits.argmax(-1).reshape(-1)[0])
+        walls.append((time.perf_counter() - start) * 1e6)
+        pos += 1
+    ctx = sorted(compute["attention_us_by_ctx"])[0]
+    gpu = (compute["token_overhead_us"] + shape.num_layers * (
+        compute["attention_us_by_ctx"][ctx] + compute["router_us"] + shape.top_k * compute["expert_us"]))
+    return round(max(0.0, (statistics.median(walls) - gpu) / shape.num_layers), 2)
