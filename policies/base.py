@@ -32,7 +32,7 @@ class LayerAccess:
     step: int                  # token * num_layers + layer
     experts: list[int]
     weights: list[float] | None = None
-    hidden: Any = None         # live engine only
+    hidden: Any = None         # live engine only: the post-attention residual entering this MoE layer
 
 
 @dataclass(frozen=True)

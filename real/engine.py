@@ -40,7 +40,8 @@ class Routing:
     experts: list[list[list[int]]] = field(default_factory=list)     # [T][L][K]
     weights: list[list[list[float]]] = field(default_factory=list)
     request_starts: list[int] = field(default_factory=lambda: [0])
-    hidden: list[np.ndarray] = field(default_factory=list)            # [L, H] per recorded step
+    hidden: list[np.ndarray] = field(default_factory=list)            # [L, H] per recorded step:
+    # the post-attention residual entering each MoE layer (before its norm)
     step_ms: list[float] = field(default_factory=list)
 
 
@@ -114,9 +115,11 @@ class OffloadEngine:
                 w = torch.tensor(weights, dtype=w.dtype, device=w.device)
             experts_of_step.append(experts)
             weights_of_step.append(weights)
+            # Predictors read the post-attention residual (before this layer's MoE norm), so that
+            # pre-gating can apply a later layer's own norm and router to it.
             if keep_hidden:
-                hidden.append(x.reshape(-1).float().cpu().numpy())
-            needs = ctrl.begin_layer(step, layer, experts, weights, copies.now_ns(), hidden=x)
+                hidden.append(h.reshape(-1).float().cpu().numpy())
+            needs = ctrl.begin_layer(step, layer, experts, weights, copies.now_ns(), hidden=h)
             copies.pump()
             outputs: dict[int, torch.Tensor] = {}
             used = []
