@@ -1,0 +1,245 @@
+"""Measure the offloaded engine on this machine and write the results the simulator is checked against.
+
+    # a trained (or any HF Mixtral / Qwen-MoE / OLMoE) checkpoint, live routing
+    python -m experiments.engine_bench live --model DIR --out experiments/results/h100
+    # a named shape with random weights, routing forced from a trace (gpt-oss-20b: 38 GB of bf16 experts)
+    python -m experiments.engine_bench replay --shape gpt-oss-20b --out experiments/results/h100
+
+Each run appends rows to OUT/engine.csv (written atomically after every run, so a crash keeps what
+was measured). ``live`` also checks correctness (every lossless policy at every cache size gives the
+all-resident engine's tokens: OUT/correctness.csv; the resident model's logits against Hugging Face's
+forward: OUT/hf_parity.json), records a trace with hidden states (OUT/<name>-trace.npz), measures the
+hardware profile (OUT/<hardware>-measured.yaml), and runs the two references: the model fully on the
+GPU, and Hugging Face accelerate's CPU offload.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from policies.registry import resolve_policy
+from real.checkpoint import load_checkpoint
+from real.corpus import DEFAULT_CORPUS_DIR
+from real.engine import EngineSettings, OffloadEngine
+from real.model import MoEModel
+from real.profile_hw import measure_compute, measure_copies, measure_layer_overhead
+from real.record import routing_trace
+from real.shape_model import random_model
+from sim.hardware import hardware_to_dict, load_hardware
+from traces import DEFAULT_TRACE, load_shape, load_trace, save_trace
+from traces.io import atomic_write
+
+ENGINE_COLUMNS = ["model", "mode", "policy", "cache_slots", "tokens_per_s", "tpot_ms", "hit_rate",
+                  "bytes_moved", "copy_GBps", "gpu_mem_GB", "tokens", "tpot_ms_p50", "tpot_ms_p99",
+                  "misses"]
+
+
+class Results:
+    def __init__(self, out: Path):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "engine.csv"
+        self.rows = pd.read_csv(self.path).to_dict("records") if self.path.exists() else []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        frame = pd.DataFrame(self.rows)
+        cols = [c for c in ENGINE_COLUMNS if c in frame] + [c for c in frame if c not in ENGINE_COLUMNS]
+        atomic_write(self.path, lambda f: frame[cols].to_csv(f, index=False))
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
+
+
+def _row(model: str, mode: str, policy: str, slots: int, metrics: dict) -> dict:
+    return {"model": model, "mode": mode, "policy": policy, "cache_slots": slots,
+            **{k: metrics[k] for k in ENGINE_COLUMNS[4:] if k in metrics}}
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run(model, shape, policy: str, slots: int, future=None, record_hidden_steps: int = 0):
+    _reset_peak(model.device)
+    return OffloadEngine(model, shape, resolve_policy(policy), EngineSettings(cache_slots=slots),
+                         future=future, train_trace=future, record_hidden_steps=record_hidden_steps)
+
+
+def _prompts(tokenizer_dir: Path, corpus: str, count: int, length: int) -> list[list[int]]:
+    """The start of the held-out text of ``count`` corpus domains, ``length`` tokens each."""
+    from transformers import AutoTokenizer
+    from real.corpus import load_corpus
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    domains = load_corpus(corpus)
+    return [tok(domains[d].held_out[0][:4000])["input_ids"][:length] for d in sorted(domains)[:count]]
+
+
+def live(args) -> None:
+    out = Path(args.out)
+    results = Results(out)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    name = args.name or Path(args.model).name
+    dtype = getattr(torch, args.dtype)
+    config, tensors = load_checkpoint(args.model, dtype)
+    shape = config.to_model_shape(name)
+    prompts = _prompts(Path(args.model), args.corpus, args.prompts, args.prompt_len)
+
+    # References: the model fully on the GPU (upper bound) and its logits against HF's forward.
+    resident = MoEModel(config, tensors, device=device, dtype=dtype)
+    _reset_peak(device)
+    start = time.perf_counter()
+    resident_tokens = [resident.generate_greedy(p, args.new_tokens) for p in prompts]
+    _sync(device)
+    wall = time.perf_counter() - start
+    steps = sum(len(p) + args.new_tokens - 1 for p in prompts)
+    results.add({"model": name, "mode": "fully-on-gpu", "policy": "none", "cache_slots": shape.num_experts,
+                 "tokens_per_s": steps / wall, "tpot_ms": 1e3 * wall / steps,
+                 "gpu_mem_GB": torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0})
+    _hf_parity(args.model, resident, prompts[0], resident_tokens[0], out)
+    compute = measure_compute(resident) if cuda else None
+    del resident
+    if cuda:
+        torch.cuda.empty_cache()
+
+    host = MoEModel(config, tensors, device=device, dtype=dtype, experts_device="cpu")
+    del tensors
+    # The all-resident engine: every expert in a slot; its routing is the future for the bounds.
+    eng = _run(host, shape, "lru", shape.num_experts, record_hidden_steps=args.hidden_steps)
+    base = eng.generate(prompts, args.new_tokens)
+    recorded = routing_trace(base, shape, source=f"experiments.engine_bench live --model {name}",
+                             recorded_on=torch.cuda.get_device_name() if cuda else "cpu", description="greedy decode of "
+                             "held-out corpus prompts (prompt steps included), all experts resident")
+    save_trace(recorded, out / f"{name}-trace.npz")
+    correctness = []
+    correctness.append({"policy": "all-resident-engine", "cache_slots": shape.num_experts,
+                        "identical_to_fully_on_gpu": base.generated == resident_tokens})
+    warm = _run(host, shape, "static", shape.num_experts, future=recorded)
+    measured = warm.generate(prompts, args.new_tokens)
+    results.add(_row(name, "engine-all-resident", "static", shape.num_experts, measured.metrics))
+    if cuda:
+        compute["layer_overhead_us"] = measure_layer_overhead(warm, compute)
+        compute["precision"] = "bf16"
+    for policy in args.policies.split(","):
+        for slots in [int(s) for s in args.slots.split(",")]:
+            r = _run(host, shape, policy, slots, future=recorded).generate(prompts, args.new_tokens)
+            correctness.append({"policy": policy, "cache_slots": slots,
+                                "identical_to_fully_on_gpu": r.generated == resident_tokens})
+            results.add(_row(name, "live", policy, slots, r.metrics))
+    atomic_write(out / "correctness.csv", lambda f: pd.DataFrame(correctness).to_csv(f, index=False))
+    if cuda:   # the profile and accelerate's offload need a GPU
+        _write_profile(args.hardware, out, {name: compute})
+    if cuda and args.accelerate_gpu_GiB:
+        _accelerate(args.model, name, prompts, args.new_tokens, args.accelerate_gpu_GiB, results)
+
+
+def _hf_parity(model_dir: str, resident: MoEModel, prompt: list[int], generated: list[int], out: Path) -> None:
+    """Our resident model's logits at every position against HF's full-sequence forward (bf16)."""
+    from transformers import AutoModelForCausalLM
+    device = resident.device
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resident.dtype).to(device).eval()
+    ids = prompt + generated[:-1]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids], device=device)).logits[0].float()
+        resident.reset()
+        ours = torch.cat([resident.decode_step(t, i) for i, t in enumerate(ids)]).float()
+    diff = (ours - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    report = {"positions": len(ids), "max_abs_diff": diff, "max_abs_logit": scale,
+              "relative": diff / scale, "argmax_agreement": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+    atomic_write(out / "hf_parity.json", lambda f: json.dump(report, f, indent=1))
+    print("hf parity", report, flush=True)
+    del hf
+
+
+def _accelerate(model_dir, name, prompts, new_tokens, gpu_GiB, results: Results) -> None:
+    """What a user without this tool would do: accelerate's device_map offload to the CPU."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="auto",
+                                              max_memory={0: f"{gpu_GiB}GiB", "cpu": "100GiB"})
+    torch.cuda.reset_peak_memory_stats()
+    prompt = torch.tensor([prompts[0]], device="cuda")
+    hf.generate(prompt, max_new_tokens=2, do_sample=False)
+    start = time.perf_counter()
+    hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    wall = time.perf_counter() - start
+    results.add({"model": name, "mode": f"hf-accelerate-offload-{gpu_GiB}GiB", "policy": "device_map",
+                 "cache_slots": -1, "tokens_per_s": new_tokens / wall, "tpot_ms": 1e3 * wall / new_tokens,
+                 "gpu_mem_GB": torch.cuda.max_memory_allocated() / 1e9})
+
+
+def _write_profile(hardware: str, out: Path, measured: dict) -> None:
+    latency, table = measure_copies(torch.device("cuda"))
+    profile = hardware_to_dict(load_hardware(hardware))
+    profile.update(name=f"{hardware}-measured", copy_latency_us=latency, h2d_GBps_by_MiB=table,
+                   description=f"{torch.cuda.get_device_name()}, measured by experiments.engine_bench",
+                   source="measured by python -m experiments.engine_bench on this GPU: pinned H2D copies one "
+                          "at a time (CUDA events, median); compute per model from the engine's kernels")
+    profile.pop("pcie_GBps", None)
+    profile["measured_compute"] = {model: {c.pop("precision"): c} for model, c in measured.items()}
+    atomic_write(out / f"{hardware}-measured.yaml", lambda f: yaml.safe_dump(profile, f, sort_keys=False))
+    print("profile", profile, flush=True)
+
+
+def replay(args) -> None:
+    out = Path(args.out)
+    results = Results(out)
+    shape = load_shape(args.shape)
+    trace = load_trace(args.trace)
+    if trace.model.num_experts != shape.num_experts or trace.model.num_layers != shape.num_layers:
+        raise SystemExit(f"error: trace {args.trace} is for {trace.model.name}, not {shape.name}")
+    _, trace = trace.split(0.25)
+    trace = trace.head_tokens(args.max_tokens)
+    longest = int(max(b - a for a, b in zip(trace.request_starts[:-1], trace.request_starts[1:])))
+    model = random_model(shape, "cuda", torch.bfloat16, max_len=longest + 1)
+    for policy in args.policies.split(","):
+        for slots in [int(s) for s in args.slots.split(",")]:
+            r = _run(model, shape, policy, slots, future=trace).replay(trace, args.max_tokens)
+            results.add(_row(shape.name, "shape-replay", policy, slots, r.metrics))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("live")
+    p.add_argument("--model", required=True)
+    p.add_argument("--name")
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS_DIR), help="held-out prompts come from here")
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--hidden-steps", type=int, default=256)
+    p.add_argument("--policies", default="lru,lfu,belady,oracle")
+    p.add_argument("--slots", default="2,3,4,6")
+    p.add_argument("--hardware", default="h100-pcie5")
+    p.add_argument("--accelerate-gpu-GiB", type=float, default=2.0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16, or float32 for CPU checks")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=live)
+    r = sub.add_parser("replay")
+    r.add_argument("--shape", default="gpt-oss-20b")
+    r.add_argument("--trace", default=str(DEFAULT_TRACE))
+    r.add_argument("--max-tokens", type=int, default=48)
+    r.add_argument("--policies", default="lru,lfu,belady,oracle")
+    r.add_argument("--slots", default="4,8,16")
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=replay)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
