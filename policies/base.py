@@ -15,6 +15,7 @@ from policies.cache import CacheMode, ExpertCache
 if TYPE_CHECKING:
     from policies.copy_queue import CopyJob
     from policies.oracle import NextUse
+    from policies.predictors import Predictor
     from traces import ModelShape, Trace
 
 
@@ -45,6 +46,12 @@ class PolicyContext:
     trace: "Trace | None" = None        # the decode being run: future knowledge for bounds, prediction tracks
     train_trace: "Trace | None" = None  # a separate slice to learn from (static pins, affinity counts)
     params: Mapping[str, Any] = field(default_factory=dict)
+    # Predictive policies: the predictor they consult (the engine passes a live one; the simulator
+    # reads the prediction track the policy class names), and the clock's estimates of one expert
+    # copy's link time and one layer's compute, for limiting prefetch depth. None: not available.
+    predictor: "Predictor | None" = None
+    expert_copy_ns: int | None = None
+    layer_compute_ns: int | None = None
 
     @property
     def num_layers(self) -> int:

@@ -20,6 +20,9 @@ BUILTIN: dict[str, str] = {
     "belady": "policies.belady:Belady",
     "oracle": "policies.oracle_prefetch:OraclePrefetch",
     "affinity": "policies.affinity:AffinityPrefetch",
+    "mixtral-offloading": "policies.mixtral_offloading:MixtralOffloading",
+    "lookahead": "policies.lookahead:Lookahead",
+    "speculating-experts": "policies.speculating_experts:SpeculatingExperts",
 }
 
 # What `python -m experiments.sweep` runs when no policy is named.

@@ -9,6 +9,7 @@ from __future__ import annotations
 from policies.base import Policy, PolicyContext
 from policies.cache import CacheMode, ExpertCache
 from policies.controller import OffloadController, OffloadStats
+from policies.speculative import track_predictor
 from traces import Trace
 
 
@@ -17,8 +18,10 @@ def replay_untimed(trace: Trace, policy_cls: type[Policy], cache_slots: int,
                    train_trace: Trace | None = None, policy_params: dict | None = None) -> OffloadStats:
     shape = trace.model
     cache = ExpertCache(shape.num_layers, shape.num_experts, cache_slots, cache_mode, shape.top_k)
+    params = dict(policy_params or {})
+    # No clock, so no copy or compute estimates: predictive policies run without a depth limit.
     ctx = PolicyContext(shape, cache_slots, CacheMode(cache_mode), prefetch_depth, trace, train_trace,
-                        dict(policy_params or {}))
+                        params, predictor=track_predictor(policy_cls, trace, prefetch_depth, params))
     ctrl = OffloadController(policy_cls(ctx), cache, expert_bytes=1)
     ctrl.preload()
     L = trace.num_layers

@@ -23,6 +23,7 @@ from policies.base import Policy, PolicyContext
 from policies.cache import CacheMode, ExpertCache
 from policies.controller import OffloadController, OffloadStats
 from policies.copy_queue import DONE
+from policies.speculative import track_predictor
 from sim.hardware import HardwareProfile
 from traces import Trace
 
@@ -92,13 +93,20 @@ class _Run:
         self.env = simpy.Environment()
         self.cache = ExpertCache(shape.num_layers, shape.num_experts, settings.cache_slots,
                                  settings.cache_mode, shape.top_k)
-        ctx = PolicyContext(shape, settings.cache_slots, CacheMode(settings.cache_mode),
-                            settings.prefetch_depth, trace, train_trace, dict(settings.policy_params))
-        self.policy = policy_cls(ctx)
         expert_bytes = shape.expert_bytes(settings.precision)
-        self.ctrl = OffloadController(self.policy, self.cache, expert_bytes)
-        self.cost = hardware.compute_cost(shape, settings.precision)
+        self.cost = cost = hardware.compute_cost(shape, settings.precision)
         self.copy_ns = hardware.copy.copy_ns(expert_bytes)   # every expert has the same size
+        params = dict(settings.policy_params)
+        ctx = PolicyContext(
+            shape, settings.cache_slots, CacheMode(settings.cache_mode), settings.prefetch_depth, trace,
+            train_trace, params,
+            predictor=track_predictor(policy_cls, trace, settings.prefetch_depth, params),
+            # The link's time per copy: the copy engines run side by side.
+            expert_copy_ns=max(1, self.copy_ns // hardware.copy_engines),
+            layer_compute_ns=(cost.attention_ns(0) + cost.router_ns + cost.layer_overhead_ns
+                              + shape.top_k * cost.expert_ns))
+        self.policy = policy_cls(ctx)
+        self.ctrl = OffloadController(self.policy, self.cache, expert_bytes)
         self.copy_engines = hardware.copy_engines
         self.timeline = Timeline() if record else None
         self._free_engines = list(range(hardware.copy_engines - 1, -1, -1))
@@ -188,6 +196,10 @@ class _Run:
                             timeline.compute.append(ComputeEvent(
                                 t, layer, key, cache.key_slot[key], begin, begin + expert_ns))
                         pending += expert_ns
+                    if pending and (len(free_engines) < n_engines or len(queue)):
+                        # The layer's experts stay protected until their compute ends.
+                        yield env.timeout(pending)
+                        pending = 0
                     ctrl.end_layer(needs)
                 end = env.now + pending
                 self.token_ns.append(end - token_start)

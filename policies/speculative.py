@@ -1,0 +1,124 @@
+"""Speculative expert scheduling: what the predictive policies share (Ou et al. 2025's scheduling).
+
+After each layer the policy asks its predictor for the experts of layers l+1..l+D and queues their
+copies so that they arrive in the order they will be needed:
+
+- *order*: one request per predicted expert, by distance (need step l+d) and within a distance by
+  score; the controller's queue serves demand fetches first, then by need step.
+- *cancellation*: the list replaces the queued prefetches, so a newer prediction that drops an
+  expert cancels its queued copy (``OffloadController._apply_prefetch``).
+- *depth limit*: a copy requested now for layer l+d is useful only if it lands before l+d's experts
+  run, about d layers of compute from now. In that time the link delivers d * layer_compute_ns /
+  expert_copy_ns copies, so at most floor(d * layer_compute_ns / expert_copy_ns) + top_k copies are
+  requested for distances 1..d together. The + top_k keeps the next layer's predicted experts even on
+  a slow link: a late prefetch still starts earlier than the demand fetch it replaces. Experts that
+  already hold a slot cost no copy and do not count. Without the clock's estimates (None) there is
+  no limit.
+- *protection*: the eviction victim is the least recently used evictable expert that the latest
+  prediction does not name. When every candidate is predicted, the one predicted for the latest step
+  goes, but for a prefetch only if that step is later than the prefetch's own (else it is refused).
+
+Predictions never cross into the next token: its layers depend on attention not yet run.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Mapping
+
+import numpy as np
+
+from policies.base import LayerAccess, Policy, PolicyContext, PrefetchRequest
+from policies.cache import ExpertCache
+from policies.lru import LRU
+from policies.predictors import TrackPredictor
+
+
+def track_predictor(policy_cls: type[Policy], trace, prefetch_depth: int,
+                    params: Mapping) -> TrackPredictor | None:
+    """The predictor the simulator gives ``policy_cls``: a reader of the trace's prediction track
+    that the class names in ``track`` (``predictor=<name>`` in ``params`` overrides it), looking as
+    far ahead as the policy will; None for a policy that names no track."""
+    name = getattr(policy_cls, "track", None)
+    if name is None:
+        return None
+    name = params.get("predictor", name)
+    max_depth = getattr(policy_cls, "max_depth", None)
+    return TrackPredictor(trace, name, prefetch_depth if max_depth is None else min(prefetch_depth, max_depth))
+
+
+class SpeculativePrefetch(LRU):
+    """LRU eviction plus predicted prefetch with speculative scheduling. Subclasses name the track
+    they read in the simulator and may switch the scheduling features off."""
+
+    track: ClassVar[str | None] = None        # the prediction track the simulator reads
+    max_depth: ClassVar[int | None] = None    # look no further than this, whatever prefetch_depth says
+    protect: ClassVar[bool] = True            # keep predicted-soon experts from eviction
+    limit_depth: ClassVar[bool] = True        # request no more than the link can deliver in time
+
+    def __init__(self, ctx: PolicyContext):
+        super().__init__(ctx)
+        if ctx.predictor is None:
+            raise ValueError(f"policy {type(self).__name__} needs a predictor: in the simulator a trace "
+                             f"with the prediction track {self.track!r} (or policy.predictor=<track>), "
+                             f"in the engine a live predictor")
+        self.predictor = ctx.predictor
+        depth = min(ctx.prefetch_depth, self.predictor.depth)
+        self.depth = depth if self.max_depth is None else min(depth, self.max_depth)
+        min_score = ctx.params.get("min_score")
+        self.min_score = None if min_score is None else float(min_score)
+        self.budget = self.copy_budget(ctx, self.depth) if self.limit_depth else None
+        self._predicted: dict[int, int] = {}   # key -> need step, from the latest prediction
+
+    @staticmethod
+    def copy_budget(ctx: PolicyContext, depth: int) -> list[int] | None:
+        """Copies allowed for distances 1..d together, for d = 1..depth; None without estimates."""
+        if ctx.expert_copy_ns is None or ctx.layer_compute_ns is None:
+            return None
+        return [d * ctx.layer_compute_ns // ctx.expert_copy_ns + ctx.top_k for d in range(1, depth + 1)]
+
+    def _chosen(self, scores: np.ndarray) -> np.ndarray:
+        """Experts of one target layer to fetch, best first: the top-k, or those >= min_score."""
+        order = np.argsort(-scores, kind="stable")
+        if self.min_score is None:
+            return order[: self.ctx.top_k]
+        return order[scores[order] >= self.min_score]
+
+    def prefetch(self, access: LayerAccess) -> list[PrefetchRequest]:
+        L, E = self.ctx.num_layers, self.ctx.num_experts
+        rows = self.predictor.scores(access)
+        budget, order, per_layer = self.budget, self._order, self._per_layer
+        predicted: dict[int, int] = {}
+        requests: list[PrefetchRequest] = []
+        for d in range(1, min(self.depth, L - 1 - access.layer) + 1):
+            need = access.step + d
+            base = (access.layer + d) * E
+            cap = None if budget is None else budget[d - 1]
+            held = order[access.layer + d] if per_layer else order[0]   # keys holding a slot
+            for e in self._chosen(rows[d - 1]).tolist():
+                key = base + e
+                predicted[key] = need
+                if key in held:
+                    continue
+                if cap is not None and len(requests) >= cap:
+                    continue
+                requests.append(PrefetchRequest(key, need))
+        if self.protect:
+            self._predicted = predicted
+        return requests
+
+    def choose_victim(self, scope: int, cache: ExpertCache, job) -> int | None:
+        predicted = self._predicted
+        if not predicted:
+            return super().choose_victim(scope, cache, job)
+        is_evictable = cache.is_evictable
+        latest, latest_need = None, -1
+        for key in self._order[scope]:          # least recent first
+            if not is_evictable(key):
+                continue
+            need = predicted.get(key)
+            if need is None:
+                return key
+            if need > latest_need:
+                latest, latest_need = key, need
+        if latest is not None and (job.demand or latest_need > job.need_step):
+            return latest
+        return None
