@@ -42,3 +42,8 @@ class TrackPredictor:
     def scores(self, access: LayerAccess) -> np.ndarray:
         return self.track[access.token, access.layer, :self.depth]
 
+
+def top_k(scores: np.ndarray, k: int) -> list[int]:
+    """Indices of the k largest scores, best first (ties: lower index first)."""
+    order = np.argsort(-scores, kind="stable")
+    return order[:k].tolist()
