@@ -19,6 +19,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -28,10 +29,15 @@ from real.checkpoint import load_checkpoint
 from real.corpus import DEFAULT_CORPUS_DIR
 from real.engine import EngineSettings, OffloadEngine
 from real.model import MoEModel
+from experiments.make_tracks import RECALL_COLUMNS, affinity_recall, compute_tracks
+from real.hidden_capture import capture_hidden_states
+from real.lookahead_gate import train_lookahead_gate
+from real.predictors import LookaheadGatePredictor, PreGate, QuasiHiddenPreGate, default_vectors
 from real.profile_hw import measure_compute, measure_copies, measure_layer_overhead
 from real.record import routing_trace
 from real.shape_model import random_model
-from sim.hardware import hardware_to_dict, load_hardware
+from sim.hardware import hardware_from_dict, hardware_to_dict, load_hardware
+from sim.simulator import SimSettings, simulate
 from traces import DEFAULT_TRACE, load_shape, load_trace, save_trace
 from traces.io import atomic_write
 
@@ -71,10 +77,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run(model, shape, policy: str, slots: int, future=None, record_hidden_steps: int = 0):
+def _engine(model, shape, policy: str, slots: int, future=None, record_hidden_steps: int = 0,
+            predictors=None, estimates: tuple[int, int] | None = None, depth: int = 1) -> OffloadEngine:
     _reset_peak(model.device)
-    return OffloadEngine(model, shape, resolve_policy(policy), EngineSettings(cache_slots=slots),
-                         future=future, train_trace=future, record_hidden_steps=record_hidden_steps)
+    copy_ns, layer_ns = estimates or (None, None)
+    settings = EngineSettings(cache_slots=slots, prefetch_depth=depth, expert_copy_ns=copy_ns, layer_compute_ns=layer_ns)
+    return OffloadEngine(model, shape, resolve_policy(policy), settings, future=future, train_trace=future,
+                         record_hidden_steps=record_hidden_steps, predictors=predictors)
 
 
 def _prompts(tokenizer_dir: Path, corpus: str, count: int, length: int) -> list[list[int]]:
@@ -86,8 +95,28 @@ def _prompts(tokenizer_dir: Path, corpus: str, count: int, length: int) -> list[
     return [tok(domains[d].held_out[0][:4000])["input_ids"][:length] for d in sorted(domains)[:count]]
 
 
+def _score_sequences(tokenizer_dir: Path, corpus: str, count: int, length: int) -> list[list[int]]:
+    """Held-out text for accuracy: ``count`` windows of ``length`` tokens, later in each domain's held-out
+    split than the prompts, one domain after another."""
+    from transformers import AutoTokenizer
+    from real.corpus import load_corpus
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    domains = load_corpus(corpus)
+    names = sorted(domains)
+    return [tok(domains[names[i % len(names)]].held_out[0][8000:16000])["input_ids"][:length] for i in range(count)]
+
+
+def _decode_mask(trace, prompts: list[list[int]]) -> np.ndarray:
+    """True for the steps of ``trace`` that generated a token (a request's steps after its prompt)."""
+    mask = np.zeros(trace.num_tokens, dtype=bool)
+    for r, prompt in enumerate(prompts):
+        mask[int(trace.request_starts[r]) + len(prompt):int(trace.request_starts[r + 1])] = True
+    return mask
+
+
 def live(args) -> None:
     out = Path(args.out)
+    work = Path(args.work) if args.work else out
     results = Results(out)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -95,18 +124,20 @@ def live(args) -> None:
     dtype = getattr(torch, args.dtype)
     config, tensors = load_checkpoint(args.model, dtype)
     shape = config.to_model_shape(name)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "bf16")
     prompts = _prompts(Path(args.model), args.corpus, args.prompts, args.prompt_len)
+    steps = sum(len(p) + args.new_tokens for p in prompts)
 
-    # References: the model fully on the GPU (upper bound) and its logits against HF's forward.
+    # 1. References: the model fully on the GPU (upper bound) and its logits against HF's forward.
     resident = MoEModel(config, tensors, device=device, dtype=dtype)
     _reset_peak(device)
     start = time.perf_counter()
     resident_tokens = [resident.generate_greedy(p, args.new_tokens) for p in prompts]
     _sync(device)
     wall = time.perf_counter() - start
-    steps = sum(len(p) + args.new_tokens - 1 for p in prompts)
+    ran = steps - len(prompts)            # generate_greedy skips the step after the last token
     results.add({"model": name, "mode": "fully-on-gpu", "policy": "none", "cache_slots": shape.num_experts,
-                 "tokens_per_s": steps / wall, "tpot_ms": 1e3 * wall / steps,
+                 "tokens_per_s": ran / wall, "tpot_ms": 1e3 * wall / ran,
                  "gpu_mem_GB": torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0})
     _hf_parity(args.model, resident, prompts[0], resident_tokens[0], out)
     compute = measure_compute(resident) if cuda else None
@@ -114,35 +145,100 @@ def live(args) -> None:
     if cuda:
         torch.cuda.empty_cache()
 
+    # 2. The all-resident engine records the run: routing, hidden states, timings. Its routing is the
+    #    future the bounds (Belady, oracle) are given, and its hidden states are what the predictors
+    #    are scored on (held-out text: the prompts and their greedy continuations).
     host = MoEModel(config, tensors, device=device, dtype=dtype, experts_device="cpu")
     del tensors
-    # The all-resident engine: every expert in a slot; its routing is the future for the bounds.
-    eng = _run(host, shape, "lru", shape.num_experts, record_hidden_steps=args.hidden_steps)
+    eng = _engine(host, shape, "lru", shape.num_experts, record_hidden_steps=steps)
     base = eng.generate(prompts, args.new_tokens)
     recorded = routing_trace(base, shape, source=f"experiments.engine_bench live --model {name}",
                              recorded_on=torch.cuda.get_device_name() if cuda else "cpu", description="greedy decode of "
                              "held-out corpus prompts (prompt steps included), all experts resident")
-    save_trace(recorded, out / f"{name}-trace.npz")
-    correctness = []
-    correctness.append({"policy": "all-resident-engine", "cache_slots": shape.num_experts,
-                        "identical_to_fully_on_gpu": base.generated == resident_tokens})
-    warm = _run(host, shape, "static", shape.num_experts, future=recorded)
+    correctness = [{"policy": "all-resident-engine", "cache_slots": shape.num_experts, "lossless": True,
+                    "identical_to_fully_on_gpu": base.generated == resident_tokens}]
+    warm = _engine(host, shape, "static", shape.num_experts, future=recorded)
     measured = warm.generate(prompts, args.new_tokens)
     results.add(_row(name, "engine-all-resident", "static", shape.num_experts, measured.metrics))
+
+    # 3. The hardware profile the simulator uses (measured on a GPU; the named one on a CPU).
     if cuda:
         compute["layer_overhead_us"] = measure_layer_overhead(warm, compute)
-        compute["precision"] = "bf16"
+        compute["precision"] = precision
+        hardware = hardware_from_dict(_write_profile(args.hardware, out, {name: compute}))
+    else:
+        hardware = load_hardware(args.hardware)
+    estimates = hardware.prefetch_estimates(shape, precision)
+    print(f"prefetch estimates: expert copy {estimates[0] / 1e3:.1f} us, layer compute {estimates[1] / 1e3:.1f} us",
+          flush=True)
+
+    # 4. Predictors: default vectors and the lookahead gate learn from training-split text; tracks of
+    #    the recorded (held-out) run let the simulator replay exactly what the live predictors say.
+    predictors, tracked = _predictors(args, host, recorded, out, work, name)
+
+    # 5. Every policy at every cache size: measured in the engine, predicted by the simulator.
+    mask = _decode_mask(recorded, prompts)
+    scored = _score_sequences(Path(args.model), args.corpus, args.score_seqs, args.score_len)
+    reference = _engine(host, shape, "lru", shape.num_experts).score(scored)
+    accuracy = {}
+    rows = []
     for policy in args.policies.split(","):
+        policy_cls = resolve_policy(policy)
+        if not policy_cls.lossless:   # the accuracy cost: the cache does not change what runs
+            lossy = _engine(host, shape, policy, shape.num_experts, predictors=predictors, estimates=estimates,
+                            depth=args.depth).score(scored)
+            accuracy[policy] = {"perplexity": lossy["perplexity"], "top1_agreement": float(np.mean(
+                np.asarray(lossy["argmax"]) == np.asarray(reference["argmax"])))}
         for slots in [int(s) for s in args.slots.split(",")]:
-            r = _run(host, shape, policy, slots, future=recorded).generate(prompts, args.new_tokens)
-            correctness.append({"policy": policy, "cache_slots": slots,
-                                "identical_to_fully_on_gpu": r.generated == resident_tokens})
+            r = _engine(host, shape, policy, slots, future=recorded, predictors=predictors, estimates=estimates,
+                        depth=args.depth).generate(prompts, args.new_tokens)
+            identical = r.generated == resident_tokens
+            correctness.append({"policy": policy, "cache_slots": slots, "lossless": policy_cls.lossless,
+                                "identical_to_fully_on_gpu": identical})
             results.add(_row(name, "live", policy, slots, r.metrics))
-    atomic_write(out / "correctness.csv", lambda f: pd.DataFrame(correctness).to_csv(f, index=False))
-    if cuda:   # the profile and accelerate's offload need a GPU
-        _write_profile(args.hardware, out, {name: compute})
+            sim = simulate(tracked, policy_cls, hardware, SimSettings(cache_slots=slots, precision=precision,
+                                                                      prefetch_depth=args.depth))
+            sim_ms = np.asarray(sim.token_ns, dtype=np.float64)[mask].mean() / 1e6
+            acc = accuracy.get(policy, {"perplexity": reference["perplexity"], "top1_agreement": 1.0})
+            rows.append({"policy": policy, "cache_slots": slots, "tokens_per_s": r.metrics["tokens_per_s"],
+                         "sim_tokens_per_s": 1e3 / sim_ms, "hit_rate": r.metrics["hit_rate"],
+                         "sim_hit_rate": sim.metrics["hit_rate"], "lossy": not policy_cls.lossless,
+                         "identical_tokens": identical, "held_out_perplexity": acc["perplexity"],
+                         "top1_agreement": acc["top1_agreement"], "tpot_ms": r.metrics["tpot_ms"],
+                         "sim_tpot_ms": sim_ms, "bytes_moved": r.metrics["bytes_moved"],
+                         "prefetch_depth": args.depth, "model": name, "precision": precision})
+            atomic_write(out / "policies.csv", lambda f: pd.DataFrame(rows).to_csv(f, index=False))
+            atomic_write(out / "correctness.csv", lambda f: pd.DataFrame(correctness).to_csv(f, index=False))
+    print(pd.DataFrame(rows)[["policy", "cache_slots", "tokens_per_s", "sim_tokens_per_s", "hit_rate", "sim_hit_rate",
+                              "lossy", "held_out_perplexity", "top1_agreement"]].to_string(index=False), flush=True)
     if cuda and args.accelerate_gpu_GiB:
         _accelerate(args.model, name, prompts, args.new_tokens, args.accelerate_gpu_GiB, results)
+
+
+def _predictors(args, host: MoEModel, recorded, out: Path, work: Path, name: str):
+    """The live predictors (pre-gate, quasi-hidden pre-gate, lookahead gate) and ``recorded`` with their
+    tracks; writes OUT/gate_recall.csv and OUT/<name>-trace.npz (the recording with its tracks)."""
+    train_h = capture_hidden_states(args.model, args.gate_train_tokens, args.corpus, device=str(host.device),
+                                    dtype=host.dtype, seed=args.seed)
+    vectors = default_vectors(host, train_h[:args.vector_tokens])
+    start = time.perf_counter()
+    gate = train_lookahead_gate(host, train_h, args.depth, args.gate_rank, args.gate_steps, args.gate_lr,
+                                args.seed, host.device, args.gate_batch, log_every=max(args.gate_steps // 5, 1))
+    gate_s = time.perf_counter() - start
+    del train_h
+    predictors = {"pregate": PreGate(host, args.depth), "quasi": QuasiHiddenPreGate(host, vectors, args.depth),
+                  "lookahead": LookaheadGatePredictor(gate)}
+    tracked, recall = compute_tracks(recorded, predictors, args.depth, f"{name}: held-out decode")
+    recall.extend(affinity_recall(DEFAULT_TRACE, args.depth))
+    table = pd.DataFrame(recall, columns=RECALL_COLUMNS)
+    table["gate_parameters"] = gate.num_parameters
+    table["gate_flops_per_token"] = gate.flops_per_token()
+    atomic_write(out / "gate_recall.csv", lambda f: table.to_csv(f, index=False))
+    print(table.to_string(index=False), flush=True)
+    gate.save(work / f"{name}-gate", extra={"train_tokens": args.gate_train_tokens, "steps": args.gate_steps,
+                                            "train_s": round(gate_s, 2), "recall": recall})
+    save_trace(tracked, out / f"{name}-trace.npz")
+    return predictors, tracked
 
 
 def _hf_parity(model_dir: str, resident: MoEModel, prompt: list[int], generated: list[int], out: Path) -> None:
@@ -191,6 +287,7 @@ def _write_profile(hardware: str, out: Path, measured: dict) -> None:
     profile["measured_compute"] = {model: {c.pop("precision"): c} for model, c in measured.items()}
     atomic_write(out / f"{hardware}-measured.yaml", lambda f: yaml.safe_dump(profile, f, sort_keys=False))
     print("profile", profile, flush=True)
+    return profile
 
 
 def replay(args) -> None:
@@ -206,7 +303,7 @@ def replay(args) -> None:
     model = random_model(shape, "cuda", torch.bfloat16, max_len=longest + 1)
     for policy in args.policies.split(","):
         for slots in [int(s) for s in args.slots.split(",")]:
-            r = _run(model, shape, policy, slots, future=trace).replay(trace, args.max_tokens)
+            r = _engine(model, shape, policy, slots, future=trace).replay(trace, args.max_tokens)
             results.add(_row(shape.name, "shape-replay", policy, slots, r.metrics))
 
 
@@ -220,9 +317,20 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--hidden-steps", type=int, default=256)
-    p.add_argument("--policies", default="lru,lfu,belady,oracle")
+    p.add_argument("--policies", default="lru,lfu,belady,oracle,mixtral-offloading,speculating-experts,"
+                                         "speculating-experts-lossy,lookahead")
     p.add_argument("--slots", default="2,3,4,6")
+    p.add_argument("--depth", type=int, default=3, help="predictors look this many layers ahead")
+    p.add_argument("--gate-train-tokens", type=int, default=32768, help="training-split tokens for the gate")
+    p.add_argument("--vector-tokens", type=int, default=4096, help="of those, tokens for the default vectors")
+    p.add_argument("--gate-steps", type=int, default=3000)
+    p.add_argument("--gate-rank", type=int, default=64)
+    p.add_argument("--gate-lr", type=float, default=1e-3)
+    p.add_argument("--gate-batch", type=int, default=1024)
+    p.add_argument("--score-seqs", type=int, default=4, help="held-out windows for lossy policies' accuracy")
+    p.add_argument("--score-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", help="where the trained gate goes (default: --out)")
     p.add_argument("--hardware", default="h100-pcie5")
     p.add_argument("--accelerate-gpu-GiB", type=float, default=2.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -3,7 +3,9 @@
     python -m experiments.make_tracks --trace RECORDED.npz --model CHECKPOINT_DIR [--gate GATE_DIR] \
         --depth 3 --out TRACED.npz [--recall-csv gate_recall.csv] [--affinity-trace SAMPLE.npz]
 
-RECORDED.npz is an engine recording with hidden states (``OffloadEngine(record_hidden_steps=N)`` then
+``--train-tokens N`` computes Madan et al.'s default vectors from N tokens of the corpus's training
+split (``real.hidden_capture``) rather than from the recording itself, so that the quasi track is
+scored on text its vectors never saw. RECORDED.npz is an engine recording with hidden states (``OffloadEngine(record_hidden_steps=N)`` then
 ``real.record.routing_trace``). The output holds the tokens that have hidden states (the first N steps),
 with the tracks ``pregate`` (multi-layer pre-gate, D rows), ``quasi`` (Madan et al.'s quasi-hidden
 state, default vectors from the same recorded tokens) and, with ``--gate``, ``lookahead``: float16
@@ -25,6 +27,8 @@ import torch
 
 from policies.affinity import AffinityPredictor
 from real.checkpoint import load_checkpoint
+from real.corpus import DEFAULT_CORPUS_DIR
+from real.hidden_capture import capture_hidden_states
 from real.lookahead_gate import LookaheadGate
 from real.model import MoEModel
 from real.predictors import LookaheadGatePredictor, PreGate, QuasiHiddenPreGate, default_vectors, track_recall
@@ -93,6 +97,19 @@ def affinity_recall(path, depth: int) -> list[dict]:
             for d, r in enumerate(track_recall(track, test.experts), start=1)]
 
 
+def compute_tracks(trace: Trace, predictors: dict, depth: int, source: str) -> tuple[Trace, list[dict]]:
+    """``trace`` (every token with hidden states) plus one prediction track per predictor, float16
+    [T, L, depth, E], and the recall rows of each track against the routing that happened."""
+    tracks, rows = {}, []
+    for name, predictor in predictors.items():
+        tracks[name] = predictor.track(trace.hidden_states)[:, :, :depth].astype(np.float16)
+        # recall of the stored (float16) scores: what the simulator will replay, ties included
+        for d, r in enumerate(track_recall(tracks[name], trace.experts), start=1):
+            rows.append({"predictor": name, "distance": d, "recall": r, "tokens": trace.num_tokens,
+                         "source": source})
+    return dataclasses.replace(trace, predictions={**trace.predictions, **tracks}), rows
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", required=True, type=Path, help="engine recording with hidden states")
@@ -102,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--recall-csv", type=Path)
     p.add_argument("--affinity-trace", type=Path, help="add affinity's recall on this trace to the CSV")
+    p.add_argument("--train-tokens", type=int, default=0,
+                   help="default vectors from this many tokens of the corpus's training split (0: from the recording)")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR, help="with --train-tokens: the corpus")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     args = p.parse_args(argv)
@@ -117,33 +137,31 @@ def main(argv=None) -> list[dict]:
     model = load_model(args.model, args.device, args.dtype)
     check_model_matches(trace, model, args.trace, args.model)
     hidden = trace.hidden_states
+    if args.train_tokens:
+        vector_hidden = capture_hidden_states(args.model, args.train_tokens, args.corpus, device=args.device,
+                                              dtype=model.dtype)
+    else:
+        vector_hidden = hidden
     predictors = {"pregate": PreGate(model, args.depth),
-                  "quasi": QuasiHiddenPreGate(model, default_vectors(model, hidden), args.depth)}
+                  "quasi": QuasiHiddenPreGate(model, default_vectors(model, vector_hidden), args.depth)}
     if args.gate:
         gate = LookaheadGate.load(args.gate, model)
         if gate.depth < args.depth:
             raise ValueError(f"{args.gate}: the gate looks {gate.depth} layers ahead, not --depth {args.depth}; "
                              f"retrain it with --depth {args.depth}")
         predictors["lookahead"] = LookaheadGatePredictor(gate)
-    tracks, rows = {}, []
-    for name, predictor in predictors.items():
-        tracks[name] = predictor.track(hidden)[:, :, :args.depth].astype(np.float16)
-        # recall of the stored (float16) scores: what the simulator will replay, ties included
-        for d, r in enumerate(track_recall(tracks[name], trace.experts), start=1):
-            rows.append({"predictor": name, "distance": d, "recall": r, "tokens": trace.num_tokens,
-                         "source": str(args.trace)})
+    out, rows = compute_tracks(trace, predictors, args.depth, str(args.trace))
     if args.affinity_trace:
         rows.extend(affinity_recall(args.affinity_trace, args.depth))
-    extra = dict(trace.meta.extra, tracks={"model": str(args.model), "gate": str(args.gate) if args.gate else None,
-                                           "depth": args.depth})
-    out = dataclasses.replace(trace, meta=dataclasses.replace(trace.meta, extra=extra),
-                              predictions={**trace.predictions, **tracks})
+    extra = dict(out.meta.extra, tracks={"model": str(args.model), "gate": str(args.gate) if args.gate else None,
+                                         "depth": args.depth})
+    out = dataclasses.replace(out, meta=dataclasses.replace(out.meta, extra=extra))
     save_trace(out, args.out)
     table = pd.DataFrame(rows, columns=RECALL_COLUMNS)
     if args.recall_csv:
         atomic_write(args.recall_csv, lambda f: table.to_csv(f, index=False))
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    print(f"-> {args.out} ({trace.num_tokens} tokens, tracks {sorted(tracks)}) in {time.perf_counter() - t0:.1f}s")
+    print(f"-> {args.out} ({trace.num_tokens} tokens, tracks {sorted(predictors)}) in {time.perf_counter() - t0:.1f}s")
     return rows
 
 

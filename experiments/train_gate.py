@@ -1,9 +1,12 @@
 """Train a lookahead gate (``real.lookahead_gate``) on the hidden states of a recorded run.
 
     python -m experiments.train_gate --trace RECORDED.npz --model CHECKPOINT_DIR --depth 3 --out GATE_DIR \
-        [--steps 2000 --rank 64 --lr 1e-3 --device cpu|cuda --holdout 0.2 --seed 0]
+        [--train-tokens 32768 [--corpus DIR]] [--steps 2000 --rank 64 --lr 1e-3 --device cpu|cuda --holdout 0.2]
 
-Trains on the first (1 - holdout) of the recorded tokens, then reports, on the held-out rest, the recall
+Training data: with ``--train-tokens N``, the hidden states of N tokens of the corpus's *training* split
+(``real.hidden_capture``: Hugging Face's batched forward with hooks), and the whole recording is the
+held-out evaluation set; without it, the first (1 - holdout) of the recorded tokens. Then it reports,
+on the held-out tokens, the recall
 per distance (routed top-k at l+d found in the predicted top-k) and the KL to the true router
 distribution for the untrained gate (which is the multi-layer pre-gate) and the trained one. Writes
 the gate (``gate.safetensors`` + ``gate.json``, the report inside its ``extra``) to GATE_DIR.
@@ -19,6 +22,8 @@ import numpy as np
 import torch
 
 from experiments.make_tracks import check_model_matches, load_model, recorded_tokens
+from real.corpus import DEFAULT_CORPUS_DIR
+from real.hidden_capture import capture_hidden_states
 from real.lookahead_gate import LookaheadGate, train_lookahead_gate, true_router_probs
 from real.predictors import FrozenRouters, LookaheadGatePredictor, kl_to_router, track_recall
 from traces import load_trace
@@ -38,11 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of the recorded tokens held out (the last ones)")
+    p.add_argument("--train-tokens", type=int, default=0,
+                   help="train on this many tokens of the corpus's training split instead (0: on the recording)")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR, help="with --train-tokens: the corpus")
     args = p.parse_args(argv)
     if not 0.0 < args.holdout < 1.0:
         p.error(f"--holdout {args.holdout}: must be in (0, 1)")
-    if args.depth < 1 or args.rank < 1 or args.steps < 0:
-        p.error("--depth and --rank must be at least 1, --steps at least 0")
+    if args.depth < 1 or args.rank < 1 or args.steps < 0 or args.train_tokens < 0:
+        p.error("--depth and --rank must be at least 1, --steps and --train-tokens at least 0")
     return args
 
 
@@ -61,21 +69,29 @@ def main(argv=None) -> dict:
     model = load_model(args.model, args.device, args.dtype)
     check_model_matches(trace, model, args.trace, args.model)
     hidden, experts = trace.hidden_states, trace.experts
-    n_train = int(round(len(hidden) * (1.0 - args.holdout)))
-    if not 0 < n_train < len(hidden):
-        raise ValueError(f"{args.trace}: {len(hidden)} recorded tokens cannot be split with --holdout {args.holdout}; "
-                         f"record more steps")
-    held_h, held_e = hidden[n_train:], experts[n_train:len(hidden)]
+    if args.train_tokens:
+        train_h = capture_hidden_states(args.model, args.train_tokens, args.corpus, device=args.device,
+                                        dtype=model.dtype, seed=args.seed)
+        held_h, held_e = hidden, experts[:len(hidden)]
+        source = f"{len(train_h)} tokens of the training split of {args.corpus}"
+    else:
+        n_train = int(round(len(hidden) * (1.0 - args.holdout)))
+        if not 0 < n_train < len(hidden):
+            raise ValueError(f"{args.trace}: {len(hidden)} recorded tokens cannot be split with --holdout "
+                             f"{args.holdout}; record more steps")
+        train_h, held_h, held_e = hidden[:n_train], hidden[n_train:], experts[n_train:len(hidden)]
+        source = f"the first {n_train} tokens of {args.trace}"
+    n_train = len(train_h)
     routers = FrozenRouters(model)
     routers.folded = routers.folded.to(args.device)
     untrained = LookaheadGate(routers, args.depth, args.rank, args.seed).eval()
     before = evaluate(untrained, held_h, held_e)
     t_train = time.perf_counter()
-    gate = train_lookahead_gate(model, hidden[:n_train], args.depth, args.rank, args.steps, args.lr, args.seed,
+    gate = train_lookahead_gate(model, train_h, args.depth, args.rank, args.steps, args.lr, args.seed,
                                 args.device, args.batch_size, log_every=max(args.steps // 10, 1))
     train_s = time.perf_counter() - t_train
     after = evaluate(gate, held_h, held_e)
-    report = {"trace": str(args.trace), "model": str(args.model), "train_tokens": n_train,
+    report = {"trace": str(args.trace), "model": str(args.model), "train_tokens": n_train, "train_source": source,
               "held_out_tokens": len(held_h), "steps": args.steps, "lr": args.lr, "seed": args.seed,
               "device": args.device, "train_s": round(train_s, 2), "parameters": gate.num_parameters,
               "flops_per_token": gate.flops_per_token(), "held_out": {"pregate": before, "lookahead": after}}

@@ -106,6 +106,12 @@ class Policy:
         prefetch is dropped; a demand fetch may be refused only when nothing is evictable)."""
         raise NotImplementedError
 
+    def execute(self, access: LayerAccess) -> list[int] | None:
+        """Lossy policies only (``lossless = False``): the experts to *run* at this layer in place of
+        the routed ``access.experts`` (same count), or None to run the routed ones. Asked before
+        ``on_access``; what it returns is what the cache is asked for."""
+        return None
+
     def prefetch(self, access: LayerAccess) -> list[PrefetchRequest] | None:
         """Copies to queue after this layer's routing, most urgent first. The list *replaces* the
         queued (not yet started) prefetches: those not in it are cancelled. None keeps them."""

@@ -30,6 +30,7 @@ class OffloadStats:
     prefetch_copies: int = 0
     evictions: int = 0
     bytes_moved: int = 0
+    replaced: int = 0          # lossy execution: routed experts not run, a speculated one ran instead
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -65,6 +66,23 @@ class OffloadController:
             self.policy.on_insert(key)
 
     # -- the compute side ----------------------------------------------------------------------
+    def executed_experts(self, token: int, layer: int, experts: list[int],
+                         weights: list[float] | None = None) -> list[int]:
+        """The experts the clock must run at ``layer``: the routed ones, unless a lossy policy
+        substitutes its speculation (``Policy.execute``). Both clocks ask this before ``begin_layer``."""
+        if self.policy.lossless:
+            return experts
+        step = token * self.num_layers + layer
+        chosen = self.policy.execute(LayerAccess(token, layer, step, experts, weights))
+        if chosen is None:
+            return experts
+        if len(chosen) != len(experts) or len(set(chosen)) != len(chosen) or not all(
+                0 <= e < self.num_experts for e in chosen):
+            raise ValueError(f"policy {type(self.policy).__name__}.execute returned {chosen} at layer {layer}: "
+                             f"expected {len(experts)} distinct expert ids in [0, {self.num_experts})")
+        self.stats.replaced += len(set(experts) - set(chosen))
+        return list(chosen)
+
     def begin_layer(self, token: int, layer: int, experts: list[int], weights: list[float] | None,
                     now_ns: int, hidden=None) -> list[Need]:
         """The router of ``layer`` chose ``experts`` for ``token``. Protects them from eviction,

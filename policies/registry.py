@@ -23,6 +23,7 @@ BUILTIN: dict[str, str] = {
     "mixtral-offloading": "policies.mixtral_offloading:MixtralOffloading",
     "lookahead": "policies.lookahead:Lookahead",
     "speculating-experts": "policies.speculating_experts:SpeculatingExperts",
+    "speculating-experts-lossy": "policies.speculating_experts:SpeculatingExpertsLossy",
 }
 
 # What `python -m experiments.sweep` runs when no policy is named.

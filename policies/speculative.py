@@ -32,17 +32,28 @@ from policies.lru import LRU
 from policies.predictors import TrackPredictor
 
 
+def predictor_name(policy_cls: type[Policy], params: Mapping) -> str | None:
+    """The predictor ``policy_cls`` consults: the one its ``track`` names (``predictor=<name>`` in
+    ``params`` overrides it); None for a policy that names none. The simulator reads the trace's
+    prediction track of that name, the engine the live predictor of that name: one name, two sources."""
+    name = getattr(policy_cls, "track", None)
+    return None if name is None else params.get("predictor", name)
+
+
+def policy_depth(policy_cls: type[Policy], prefetch_depth: int) -> int:
+    """How far ahead ``policy_cls`` looks: ``prefetch_depth``, capped by the class's ``max_depth``."""
+    max_depth = getattr(policy_cls, "max_depth", None)
+    return prefetch_depth if max_depth is None else min(prefetch_depth, max_depth)
+
+
 def track_predictor(policy_cls: type[Policy], trace, prefetch_depth: int,
                     params: Mapping) -> TrackPredictor | None:
     """The predictor the simulator gives ``policy_cls``: a reader of the trace's prediction track
-    that the class names in ``track`` (``predictor=<name>`` in ``params`` overrides it), looking as
-    far ahead as the policy will; None for a policy that names no track."""
-    name = getattr(policy_cls, "track", None)
+    ``predictor_name`` names, looking as far ahead as the policy will; None for a policy without one."""
+    name = predictor_name(policy_cls, params)
     if name is None:
         return None
-    name = params.get("predictor", name)
-    max_depth = getattr(policy_cls, "max_depth", None)
-    return TrackPredictor(trace, name, prefetch_depth if max_depth is None else min(prefetch_depth, max_depth))
+    return TrackPredictor(trace, name, policy_depth(policy_cls, prefetch_depth))
 
 
 class SpeculativePrefetch(LRU):
@@ -67,6 +78,7 @@ class SpeculativePrefetch(LRU):
         self.min_score = None if min_score is None else float(min_score)
         self.budget = self.copy_budget(ctx, self.depth) if self.limit_depth else None
         self._predicted: dict[int, int] = {}   # key -> need step, from the latest prediction
+        self.latest_scores: tuple[int, np.ndarray] | None = None   # (step, [D, E]) of the latest prediction
 
     @staticmethod
     def copy_budget(ctx: PolicyContext, depth: int) -> list[int] | None:
@@ -85,6 +97,7 @@ class SpeculativePrefetch(LRU):
     def prefetch(self, access: LayerAccess) -> list[PrefetchRequest]:
         L, E = self.ctx.num_layers, self.ctx.num_experts
         rows = self.predictor.scores(access)
+        self.latest_scores = (access.step, rows)
         budget, order, per_layer = self.budget, self._order, self._per_layer
         predicted: dict[int, int] = {}
         requests: list[PrefetchRequest] = []

@@ -21,7 +21,10 @@ import torch
 from policies.base import Policy, PolicyContext
 from policies.cache import CacheMode, ExpertCache
 from policies.controller import OffloadController, OffloadStats
+from policies.predictors import Predictor
+from policies.speculative import predictor_name
 from real.copies import CopyFeeder, CopyRecord
+from real.pinned import is_page_locked, pinned_empty
 from traces import ModelShape, Trace
 
 
@@ -32,6 +35,11 @@ class EngineSettings:
     prefetch_depth: int = 1
     max_copies_in_flight: int = 2
     policy_params: Mapping = field(default_factory=dict)
+    # The clock's estimates that predictive policies use to limit prefetch depth (as the simulator
+    # derives them from its hardware profile): one expert's copy time and one layer's compute time.
+    # None: no depth limit. ``experiments.engine_bench`` passes what it measured on this machine.
+    expert_copy_ns: int | None = None
+    layer_compute_ns: int | None = None
 
 
 @dataclass
@@ -57,7 +65,10 @@ class EngineResult:
 class OffloadEngine:
     def __init__(self, model, shape: ModelShape, policy_cls: type[Policy], settings: EngineSettings,
                  future: Trace | None = None, train_trace: Trace | None = None,
-                 record_hidden_steps: int = 0):
+                 record_hidden_steps: int = 0, predictors: Mapping[str, Predictor] | None = None):
+        """``predictors``: live predictors by name (``real.predictors``); a predictive policy gets the
+        one its class names (``policies.speculative.predictor_name``), as the simulator gets the
+        prediction track of that name."""
         self.model = model
         self.shape = shape
         L, E, K = shape.num_layers, shape.num_experts, shape.top_k
@@ -68,10 +79,11 @@ class OffloadEngine:
         # One pinned allocation for every expert: thousands of small pinned tensors would each be
         # rounded up by the caching allocator, and pinning is slow per call. A model built with its
         # experts on the host already has one; several engines can share it, one after another.
-        if blobs.device.type == "cpu" and (blobs.is_pinned() or not self.cuda):
+        if blobs.device.type == "cpu" and (is_page_locked(blobs) or not self.cuda):
             self.arena = blobs.reshape(L * E, blob_numel)
         else:
-            self.arena = torch.empty((L * E, blob_numel), dtype=blobs.dtype, pin_memory=self.cuda)
+            self.arena = pinned_empty((L * E, blob_numel), blobs.dtype) if self.cuda else torch.empty(
+                (L * E, blob_numel), dtype=blobs.dtype)
             self.arena.copy_(blobs.reshape(L * E, blob_numel))
             model.expert_blobs = None                   # free the GPU copy: the engine owns the experts
         self.cache = ExpertCache(L, E, settings.cache_slots, settings.cache_mode, K)
@@ -83,8 +95,11 @@ class OffloadEngine:
             raise MemoryError(f"the GPU cannot hold {self.cache.num_slots} expert slots ({need:.1f} GB); "
                               f"lower cache_slots") from err
         self.expert_bytes = blob_numel * blobs.element_size()
+        params = dict(settings.policy_params)
         ctx = PolicyContext(shape, settings.cache_slots, CacheMode(settings.cache_mode),
-                            settings.prefetch_depth, future, train_trace, dict(settings.policy_params))
+                            settings.prefetch_depth, future, train_trace, params,
+                            predictor=_live_predictor(policy_cls, predictors or {}, params),
+                            expert_copy_ns=settings.expert_copy_ns, layer_compute_ns=settings.layer_compute_ns)
         self.policy = policy_cls(ctx)
         self.ctrl = OffloadController(self.policy, self.cache, self.expert_bytes)
         self.copies = CopyFeeder(self.ctrl, self.arena, self.slots, settings.max_copies_in_flight)
@@ -101,18 +116,24 @@ class OffloadEngine:
         m, ctrl, copies, cache = self.model, self.ctrl, self.copies, self.cache
         E = self.shape.num_experts
         step = self._step_index
+        lossy = not self.policy.lossless
         keep_hidden = step < self.record_hidden_steps
         hidden = []
         experts_of_step, weights_of_step = [], []
         h = m.embed(token_id)
         for layer in range(self.shape.num_layers):
             h = m.attention(layer, h, pos)
-            x, ids, w = m.route(layer, h)
+            x, ids, w, probs = m.route_with_probs(layer, h)
             experts = ids.reshape(-1).tolist()            # the host learns the routing here
             weights = w.reshape(-1).float().tolist()
             if forced is not None:                        # shape replay: routing from a trace
                 experts, weights = forced[layer], forced_weights[layer]
                 w = torch.tensor(weights, dtype=w.dtype, device=w.device)
+            if lossy:                                     # run the speculated experts instead
+                run = ctrl.executed_experts(step, layer, experts, weights)
+                if run != experts:
+                    w = m.weights_for(probs, torch.tensor([run], device=probs.device))
+                    experts, weights = run, w.reshape(-1).float().tolist()
             experts_of_step.append(experts)
             weights_of_step.append(weights)
             # Predictors read the post-attention residual (before this layer's MoE norm), so that
@@ -141,6 +162,21 @@ class OffloadEngine:
         return m.final(h)
 
     # -- runs ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]]) -> dict:
+        """Teacher-forced pass over ``sequences`` (new requests, one after another): the negative
+        log-likelihood of every next token and the argmax at every position, so a lossy policy's
+        accuracy can be compared with the lossless model's (``perplexity``, top-1 agreement)."""
+        nll, argmax = [], []
+        for seq in sequences:
+            self.model.reset()
+            for pos, tok in enumerate(seq[:-1]):
+                logits = self._step(tok, pos).float().reshape(-1)
+                nll.append(float(torch.logsumexp(logits, 0) - logits[seq[pos + 1]]))
+                argmax.append(int(logits.argmax()))
+        self.copies.drain()
+        return {"nll": nll, "argmax": argmax, "perplexity": float(np.exp(np.mean(nll))) if nll else float("nan")}
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> EngineResult:
         """Greedy decoding, batch 1, one request after another (the expert cache persists).
         Prompt tokens go through the same per-token path; only generated tokens are timed."""
@@ -213,6 +249,20 @@ class OffloadEngine:
             "misses": stats.misses,
             "bytes_moved": stats.bytes_moved,
             "copy_GBps": (self.expert_bytes / 1e9) / (float(np.median(demand)) / 1e3) if demand else float("nan"),
+            "replaced": stats.replaced,
             "gpu_mem_GB": torch.cuda.max_memory_allocated(self.device) / 1e9 if self.cuda else 0.0,
         }
         return EngineResult(generated, metrics, stats, list(self.copies.records), self.routing)
+
+
+def _live_predictor(policy_cls: type[Policy], predictors: Mapping[str, Predictor], params: Mapping):
+    name = predictor_name(policy_cls, params)
+    if name is None:
+        return None
+    if name not in predictors:
+        have = ", ".join(sorted(predictors)) or "none"
+        raise ValueError(f"policy {policy_cls.__name__} consults the predictor {name!r}, but the engine was "
+                         f"given {have}; pass predictors={{{name!r}: ...}} (real.predictors; a lookahead gate "
+                         f"comes from python -m experiments.train_gate)")
+    predictor = predictors[name]
+    return predictor

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from real.checkpoint import MoEConfig
+from real.pinned import pinned_empty
 
 BlobOf = Callable[[int, int], torch.Tensor]   # (layer, expert) -> that expert's blob on the compute device
 DEFAULT_MAX_LEN = 4096
@@ -117,8 +118,9 @@ class MoEModel:
 
         self.experts_device = self.device if experts_device is None else torch.device(experts_device)
         pin = self.experts_device.type == "cpu" and self.device.type == "cuda"
-        self.expert_blobs: torch.Tensor | None = torch.empty(
-            (c.num_layers, E, 3 * I * H), dtype=dtype, device=self.experts_device, pin_memory=pin)
+        blob_shape = (c.num_layers, E, 3 * I * H)
+        self.expert_blobs: torch.Tensor | None = (
+            pinned_empty(blob_shape, dtype) if pin else torch.empty(blob_shape, dtype=dtype, device=self.experts_device))
         n = I * H
         for l in range(c.num_layers):
             p = f"layers.{l}.experts."
@@ -183,19 +185,28 @@ class MoEModel:
 
     def route(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x = post-attention norm of ``h``; the top-k expert ids [1, K] and their weights [1, K]."""
-        x, ids, weights, _ = self._route(layer, h)
+        x, ids, weights, _ = self.route_with_probs(layer, h)
         return x, ids, weights
 
-    def _route(self, layer: int, h: torch.Tensor):
+    def route_with_probs(self, layer: int, h: torch.Tensor):
+        """``route`` plus the full router softmax [1, E] (float32)."""
         c, L = self.config, self.layers[layer]
         x = rms_norm(h, L.moe_norm, c.rms_norm_eps)
         probs = torch.softmax(F.linear(x, L.router).float(), dim=-1)
-        weights, ids = torch.topk(probs, c.top_k, dim=-1)
-        if c.norm_topk_prob:                          # Mixtral always renormalises, the others by config
+        _, ids = torch.topk(probs, c.top_k, dim=-1)
+        return x, ids, self.weights_for(probs, ids), probs
+
+    def weights_for(self, probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The weights the model applies to experts ``ids`` [B, K] given router probs [B, E]: the
+        family's rule (renormalised over the chosen ones or not; float32 for Mixtral, else the model
+        dtype). For the routed top-k this is the model itself; lossy speculative execution applies it
+        to the speculated experts."""
+        weights = torch.gather(probs, -1, ids)
+        if self.config.norm_topk_prob:                # Mixtral always renormalises, the others by config
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if c.family != "mixtral":                     # Mixtral's router keeps float32 weights
+        if self.config.family != "mixtral":           # Mixtral's router keeps float32 weights
             weights = weights.to(self.dtype)
-        return x, ids, weights, probs
+        return weights
 
     def expert(self, x: torch.Tensor, blob: torch.Tensor) -> torch.Tensor:
         """SwiGLU expert on its blob: down(silu(gate x) * up x); gate and up in one matmul."""
@@ -253,7 +264,7 @@ class MoEModel:
         h = self.embed(token_id)
         for layer in range(self.config.num_layers):
             h = self.attention(layer, h, pos)
-            x, ids, weights, probs = self._route(layer, h)
+            x, ids, weights, probs = self.route_with_probs(layer, h)
             if record is not None:
                 record.append(LayerRecord(ids.reshape(-1), weights.reshape(-1), probs.reshape(-1), x.reshape(-1)))
             h = self.moe(layer, h, x, ids, weights, blob_of)

@@ -141,7 +141,7 @@ def default_vectors(model: "MoEModel", hidden_states, prior_tokens: float = 8.0)
         chunk = hs[start:start + TRACK_CHUNK].to(model.device)
         for layer in range(L):
             h = chunk[:, layer].to(model.dtype)
-            x, ids, _, _ = model._route(layer, h)
+            x, ids, _, _ = model.route_with_probs(layer, h)
             chosen = torch.zeros((len(h), E), dtype=torch.float32, device=model.device)
             chosen.scatter_(1, ids, 1.0)
             counts[layer] += chosen.sum(0)

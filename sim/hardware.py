@@ -298,6 +298,15 @@ class HardwareProfile:
             token_overhead_ns=_to_ns(self.token_overhead_us * 1000.0 + shape.vocab_size * shape.hidden_size * bf16 / hbm),
         )
 
+    def prefetch_estimates(self, shape: ModelShape, precision: str) -> tuple[int, int]:
+        """(expert_copy_ns, layer_compute_ns): the link's time per expert copy (the copy engines run side
+        by side) and one layer's compute at short context, the estimates predictive policies use to
+        limit prefetch depth (``PolicyContext``). The simulator and the engine both take them from here."""
+        cost = self.compute_cost(shape, precision)
+        copy_ns = max(1, self.copy.copy_ns(shape.expert_bytes(precision)) // self.copy_engines)
+        layer_ns = cost.attention_ns(0) + cost.router_ns + cost.layer_overhead_ns + shape.top_k * cost.expert_ns
+        return copy_ns, layer_ns
+
     def with_overrides(self, **overrides: Any) -> HardwareProfile:
         """A copy with some link/memory numbers replaced, for what-if sweeps.
 

@@ -29,7 +29,8 @@ def replay_untimed(trace: Trace, policy_cls: type[Policy], cache_slots: int,
         routes = trace.experts[t].tolist()
         weights = trace.weights[t].tolist()
         for layer in range(L):
-            needs = ctrl.begin_layer(t, layer, routes[layer], weights[layer], 0)
+            run = ctrl.executed_experts(t, layer, routes[layer], weights[layer])
+            needs = ctrl.begin_layer(t, layer, run, weights[layer], 0)
             while (job := ctrl.next_copy(0)) is not None:
                 ctrl.copy_done(job, 0)
             ctrl.end_layer(needs)

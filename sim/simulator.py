@@ -97,14 +97,12 @@ class _Run:
         self.cost = cost = hardware.compute_cost(shape, settings.precision)
         self.copy_ns = hardware.copy.copy_ns(expert_bytes)   # every expert has the same size
         params = dict(settings.policy_params)
+        estimates = hardware.prefetch_estimates(shape, settings.precision)
         ctx = PolicyContext(
             shape, settings.cache_slots, CacheMode(settings.cache_mode), settings.prefetch_depth, trace,
             train_trace, params,
             predictor=track_predictor(policy_cls, trace, settings.prefetch_depth, params),
-            # The link's time per copy: the copy engines run side by side.
-            expert_copy_ns=max(1, self.copy_ns // hardware.copy_engines),
-            layer_compute_ns=(cost.attention_ns(0) + cost.router_ns + cost.layer_overhead_ns
-                              + shape.top_k * cost.expert_ns))
+            expert_copy_ns=estimates[0], layer_compute_ns=estimates[1])
         self.policy = policy_cls(ctx)
         self.ctrl = OffloadController(self.policy, self.cache, expert_bytes)
         self.copy_engines = hardware.copy_engines
@@ -175,7 +173,8 @@ class _Run:
                         # The copy side is active: meet it at the router's time.
                         yield env.timeout(pending)
                         pending = 0
-                    needs = ctrl.begin_layer(t, layer, routes[layer], weights[layer], env.now + pending)
+                    run = ctrl.executed_experts(t, layer, routes[layer], weights[layer])   # lossy policies substitute
+                    needs = ctrl.begin_layer(t, layer, run, weights[layer], env.now + pending)
                     if len(queue):
                         if pending:
                             yield env.timeout(pending)

@@ -19,16 +19,29 @@ def test_live_flow_on_cpu(tmp_path):
     out = tmp_path / "bench"
     bench(["live", "--model", str(model), "--out", str(out), "--device", "cpu", "--dtype", "float32",
            "--prompts", "2", "--prompt-len", "6", "--new-tokens", "6", "--slots", "2,3",
-           "--policies", "lru,belady,oracle", "--hidden-steps", "4"])
+           "--policies", "lru,belady,oracle,mixtral-offloading,speculating-experts-lossy,lookahead",
+           "--gate-train-tokens", "512", "--vector-tokens", "256", "--gate-steps", "20", "--gate-batch", "64",
+           "--score-seqs", "2", "--score-len", "12"])
     rows = pd.read_csv(out / "engine.csv")
     assert {"model", "mode", "policy", "cache_slots", "tokens_per_s", "tpot_ms", "hit_rate", "bytes_moved",
             "copy_GBps", "gpu_mem_GB"} <= set(rows.columns)
-    assert len(rows[rows["mode"] == "live"]) == 6
+    assert len(rows[rows["mode"] == "live"]) == 12
     assert (rows.loc[rows["mode"] == "live", "tokens_per_s"] > 0).all()
     correctness = pd.read_csv(out / "correctness.csv")
-    assert correctness["identical_to_fully_on_gpu"].all() and len(correctness) == 7
+    assert len(correctness) == 13
+    assert correctness.loc[correctness["lossless"], "identical_to_fully_on_gpu"].all()
     parity = json.loads((out / "hf_parity.json").read_text())
     assert parity["relative"] < 1e-4 and parity["argmax_agreement"] == 1.0
+    policies = pd.read_csv(out / "policies.csv")
+    assert {"policy", "cache_slots", "tokens_per_s", "sim_tokens_per_s", "hit_rate", "lossy"} <= set(policies.columns)
+    assert len(policies) == 12 and (policies["sim_tokens_per_s"] > 0).all()
+    # engine and simulator drive the same controller on the same routing: lossless hit rates agree
+    lossless = policies[policies["policy"].isin(["lru", "belady"])]   # on demand: timing cannot change hits
+    assert (lossless["hit_rate"] - lossless["sim_hit_rate"]).abs().max() < 1e-9
+    assert policies.loc[policies["lossy"], "top1_agreement"].between(0, 1).all()
+    recall = pd.read_csv(out / "gate_recall.csv")
+    assert set(recall["predictor"]) == {"pregate", "quasi", "lookahead", "affinity"}
     from traces import load_trace
     trace = load_trace(out / "tiny-lm-trace.npz")
-    assert trace.hidden_states.shape[0] == 4
+    assert trace.hidden_states.shape[0] == trace.num_tokens == 2 * (6 + 6)
+    assert {"pregate", "quasi", "lookahead"} <= set(trace.predictions)

@@ -87,7 +87,7 @@ def test_pregate_applied_to_a_layers_own_input_is_that_layers_router(world):
     for target in range(1, SHAPE.num_layers):
         for d in range(1, min(DEPTH, target) + 1):
             ours = gate.probs(target - d, h[:, target])[d - 1]
-            theirs = model._route(target, h[:, target])[3]
+            theirs = model.route_with_probs(target, h[:, target])[3]
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     # and rows past the last layer are zero
     assert (gate.probs(SHAPE.num_layers - 2, h[:, 0])[1:] == 0).all()
@@ -117,7 +117,7 @@ def test_default_vectors_are_each_experts_mean_output_on_its_routed_tokens(world
     vectors = default_vectors(model, hs, prior_tokens=0.0)
     layer, expert = 2, 5
     h = torch.from_numpy(hs[:, layer].astype(np.float32))
-    x, ids, _, _ = model._route(layer, h)
+    x, ids, _, _ = model.route_with_probs(layer, h)
     routed = (ids == expert).any(-1)
     assert routed.sum() > 0
     want = model.expert(x[routed], model.expert_blobs[layer, expert]).mean(0)

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from real.checkpoint import CheckpointError, MoEConfig, load_checkpoint, save_checkpoint  # noqa: E402
 from real.model import MoEModel, unpack_expert  # noqa: E402
+from real.pinned import is_page_locked  # noqa: E402
 
 COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               initializer_range=0.1, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
@@ -205,7 +206,7 @@ def test_cuda_matches_hf(saved):
     model = MoEModel(cfg, tensors, device="cuda", dtype=torch.float32)
     assert _rel_err(_step_logits(model, SEQ).cpu(), ref) < 1e-4, family
     pinned = MoEModel(cfg, tensors, device="cuda", dtype=torch.float32, experts_device="cpu")
-    assert pinned.expert_blobs.is_pinned()
+    assert is_page_locked(pinned.expert_blobs)
     assert pinned.generate_greedy(SEQ[:5], 10) == model.generate_greedy(SEQ[:5], 10)
     hf_gpu = _eager(getattr(transformers, FAMILIES[family][1]).from_pretrained(path, dtype=torch.bfloat16)
                     .to("cuda").eval())
