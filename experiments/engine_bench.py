@@ -130,6 +130,7 @@ def live(args) -> None:
 
     # 1. References: the model fully on the GPU (upper bound) and its logits against HF's forward.
     resident = MoEModel(config, tensors, device=device, dtype=dtype)
+    resident.capture_graphs()          # the same lean decode path the engine runs
     _reset_peak(device)
     start = time.perf_counter()
     resident_tokens = [resident.generate_greedy(p, args.new_tokens) for p in prompts]

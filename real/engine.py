@@ -71,6 +71,7 @@ class OffloadEngine:
         prediction track of that name."""
         self.model = model
         self.shape = shape
+        model.capture_graphs()      # attention + router as CUDA graphs (no-op off CUDA)
         L, E, K = shape.num_layers, shape.num_experts, shape.top_k
         blobs = model.expert_blobs                      # [L, E, blob]
         self.device = model.device
@@ -120,10 +121,10 @@ class OffloadEngine:
         keep_hidden = step < self.record_hidden_steps
         hidden = []
         experts_of_step, weights_of_step = [], []
+        m.set_position(pos)
         h = m.embed(token_id)
         for layer in range(self.shape.num_layers):
-            h = m.attention(layer, h, pos)
-            x, ids, w, probs = m.route_with_probs(layer, h)
+            h, x, ids, w, probs = m.attention_route(layer, h, pos)
             experts = ids.reshape(-1).tolist()            # the host learns the routing here
             weights = w.reshape(-1).float().tolist()
             if forced is not None:                        # shape replay: routing from a trace

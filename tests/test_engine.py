@@ -32,6 +32,7 @@ def engine(policy, slots, mode="per_layer", future=None, device="cpu", dtype=tor
 
 def reference_tokens(device="cpu", dtype=torch.float32):
     m = model(device, dtype)
+    m.capture_graphs()          # the engine runs its model's graphs (on CUDA); so must the reference
     return [m.generate_greedy(p, NEW_TOKENS) for p in PROMPTS]
 
 
