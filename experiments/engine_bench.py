@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from policies.registry import resolve_policy
+from policies.speculative import policy_depth
 from real.checkpoint import load_checkpoint
 from real.corpus import DEFAULT_CORPUS_DIR
 from real.engine import EngineSettings, OffloadEngine
@@ -175,7 +176,9 @@ def live(args) -> None:
 
     # 4. Predictors: default vectors and the lookahead gate learn from training-split text; tracks of
     #    the recorded (held-out) run let the simulator replay exactly what the live predictors say.
-    predictors, tracked = _predictors(args, host, recorded, out, work, name)
+    predictors_at, tracked = _predictors(args, host, recorded, out, work, name)
+    if cuda and args.accelerate_gpu_GiB:
+        _accelerate(args.model, name, prompts, args.new_tokens, args.accelerate_gpu_GiB, results)
 
     # 5. Every policy at every cache size: measured in the engine, predicted by the simulator.
     mask = _decode_mask(recorded, prompts)
@@ -185,6 +188,7 @@ def live(args) -> None:
     rows = []
     for policy in args.policies.split(","):
         policy_cls = resolve_policy(policy)
+        predictors = predictors_at(policy_depth(policy_cls, args.depth))
         if not policy_cls.lossless:   # the accuracy cost: the cache does not change what runs
             lossy = _engine(host, shape, policy, shape.num_experts, predictors=predictors, estimates=estimates,
                             depth=args.depth).score(scored)
@@ -212,8 +216,6 @@ def live(args) -> None:
             atomic_write(out / "correctness.csv", lambda f: pd.DataFrame(correctness).to_csv(f, index=False))
     print(pd.DataFrame(rows)[["policy", "cache_slots", "tokens_per_s", "sim_tokens_per_s", "hit_rate", "sim_hit_rate",
                               "lossy", "held_out_perplexity", "top1_agreement"]].to_string(index=False), flush=True)
-    if cuda and args.accelerate_gpu_GiB:
-        _accelerate(args.model, name, prompts, args.new_tokens, args.accelerate_gpu_GiB, results)
 
 
 def _predictors(args, host: MoEModel, recorded, out: Path, work: Path, name: str):
@@ -227,8 +229,14 @@ def _predictors(args, host: MoEModel, recorded, out: Path, work: Path, name: str
                                 args.seed, host.device, args.gate_batch, log_every=max(args.gate_steps // 5, 1))
     gate_s = time.perf_counter() - start
     del train_h
-    predictors = {"pregate": PreGate(host, args.depth), "quasi": QuasiHiddenPreGate(host, vectors, args.depth),
-                  "lookahead": LookaheadGatePredictor(gate)}
+    def at_depth(depth: int) -> dict:
+        return {"pregate": PreGate(host, depth), "quasi": QuasiHiddenPreGate(host, vectors, depth),
+                "lookahead": LookaheadGatePredictor(gate)}
+
+    predictors = at_depth(args.depth)
+    # A policy that looks one layer ahead gets one-layer predictors: the live cost of the deeper ones
+    # (three chained quasi-hidden steps, a [3E, H] matvec) would be paid for rows it never reads.
+    shallow = at_depth(1)
     tracked, recall = compute_tracks(recorded, predictors, args.depth, f"{name}: held-out decode")
     recall.extend(affinity_recall(DEFAULT_TRACE, args.depth))
     table = pd.DataFrame(recall, columns=RECALL_COLUMNS)
@@ -239,7 +247,7 @@ def _predictors(args, host: MoEModel, recorded, out: Path, work: Path, name: str
     gate.save(work / f"{name}-gate", extra={"train_tokens": args.gate_train_tokens, "steps": args.gate_steps,
                                             "train_s": round(gate_s, 2), "recall": recall})
     save_trace(tracked, out / f"{name}-trace.npz")
-    return predictors, tracked
+    return (lambda depth: shallow if depth == 1 else predictors), tracked
 
 
 def _hf_parity(model_dir: str, resident: MoEModel, prompt: list[int], generated: list[int], out: Path) -> None:
@@ -270,6 +278,7 @@ def _accelerate(model_dir, name, prompts, new_tokens, gpu_GiB, results: Results)
     prompt = torch.tensor([prompts[0]], device="cuda")
     hf.generate(prompt, max_new_tokens=2, do_sample=False)
     start = time.perf_counter()
+    new_tokens = min(new_tokens, 16)      # seconds per token: a few tokens measure it
     hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     wall = time.perf_counter() - start
     results.add({"model": name, "mode": f"hf-accelerate-offload-{gpu_GiB}GiB", "policy": "device_map",
