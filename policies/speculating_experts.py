@@ -29,5 +29,7 @@ class SpeculatingExpertsLossy(SpeculatingExperts):
         latest = self.latest_scores
         if latest is None or latest[0] != access.step - 1 or access.layer == 0:
             return None            # no speculation for this layer (first layer of a token)
-        order = np.argsort(-latest[1][0], kind="stable")
-        return order[: len(access.experts)].tolist()
+        speculated = np.argsort(-latest[1][0], kind="stable")[: len(access.experts)].tolist()
+        # routed experts that were speculated keep their routed order; the others follow
+        kept = [e for e in access.experts if e in speculated]
+        return kept + [e for e in speculated if e not in kept]

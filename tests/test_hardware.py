@@ -66,8 +66,10 @@ def _write(tmp_path, data, name="hw.yaml"):
 # --- profiles -----------------------------------------------------------------------------------
 
 
-def test_both_profiles_load(h100, a100):
-    assert available_hardware() == ["a100-pcie4", "h100-pcie5"]
+def test_committed_profiles_load(h100, a100):
+    assert available_hardware() == ["a100-pcie4", "h100-pcie5", "h100-pcie5-measured"]
+    measured = load_hardware("h100-pcie5-measured")
+    assert "moe-lm" in dict(measured.measured_compute) and measured.copy.copy_ns(25 * 2**20) > 0
     assert h100.name == "h100-pcie5" and a100.name == "a100-pcie4"
     for p in (h100, a100):
         assert isinstance(p.copy, TabulatedCopyCost)

@@ -324,3 +324,58 @@ def test_a_prefetch_never_evicts_an_expert_still_computing():
     settings = SimSettings(cache_slots=1, cache_mode="global", policy_params={"min_score": 0.3})
     inv.test_no_expert_is_computed_before_its_copy_completes.hypothesis.inner_test(
         (trace, "mixtral-offloading", H100.with_overrides(pcie_GBps=50.0), settings))
+
+
+# -- lossy speculative execution ----------------------------------------------------------------
+def expected_replacements(trace, name="quasi") -> int:
+    """Routed experts that the lossy policy does not run: at layers >= 1 it runs the top-k of the
+    previous layer's distance-1 prediction."""
+    T, L, K = trace.experts.shape
+    total = 0
+    for t in range(T):
+        for layer in range(1, L):
+            spec = np.argsort(-trace.predictions[name][t, layer - 1, 0], kind="stable")[:K]
+            total += len(set(trace.experts[t, layer].tolist()) - set(spec.tolist()))
+    return total
+
+
+@pytest.mark.parametrize("accuracy", [1.0, 0.5, 0.0])
+def test_lossy_policy_runs_the_previous_layers_speculation(accuracy):
+    trace = with_tracks(synthetic_trace(num_tokens=60, num_layers=5, num_experts=8, top_k=2, seed=3), accuracy)
+    policy = resolve_policy("speculating-experts-lossy")
+    assert not policy.lossless
+    expected = expected_replacements(trace)
+    assert (expected == 0) == (accuracy == 1.0)
+    assert replay_untimed(trace, policy, 3).replaced == expected
+    sim = simulate(trace, policy, H100, SimSettings(cache_slots=3))
+    assert sim.stats.replaced == expected
+    # with a perfect prediction nothing changes: the lossless twin's hits and copies exactly
+    if accuracy == 1.0:
+        lossless = simulate(trace, resolve_policy("speculating-experts"), H100, SimSettings(cache_slots=3))
+        assert (sim.stats.hits, sim.stats.copies) == (lossless.stats.hits, lossless.stats.copies)
+
+
+def test_lossy_execution_never_waits_for_a_missed_prediction():
+    """Everything it runs at layers >= 1 was requested one layer earlier, so with a link fast enough
+    for a layer's copies its misses are only layer 0's (and slot-starved prefetches)."""
+    trace = with_tracks(synthetic_trace(num_tokens=80, num_layers=6, num_experts=8, top_k=2, seed=4,
+                                        expert_bytes=2**20), 0.0)
+    lossy = simulate(trace, resolve_policy("speculating-experts-lossy"), H100, SimSettings(cache_slots=4))
+    lossless = simulate(trace, resolve_policy("speculating-experts"), H100, SimSettings(cache_slots=4))
+    assert lossy.stats.misses < lossless.stats.misses / 2
+    assert lossy.metrics["tokens_per_s"] > lossless.metrics["tokens_per_s"]
+
+
+@pytest.mark.parametrize("bad", [[0], [1, 1], [0, 99]])
+def test_a_lossy_policy_returning_a_bad_expert_set_is_a_clear_error(bad):
+    trace = synthetic_trace(num_tokens=2, num_layers=2, num_experts=8, top_k=2)
+
+    class Broken(resolve_policy("lru")):
+        lossless = False
+
+        def execute(self, access):
+            return bad
+    ctrl = OffloadController(Broken(PolicyContext(trace.model, 2, CacheMode.PER_LAYER)),
+                             ExpertCache(2, 8, 2, "per_layer", 2), 1)
+    with pytest.raises(ValueError, match="execute returned"):
+        ctrl.executed_experts(0, 0, [0, 1])
