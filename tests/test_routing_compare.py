@@ -1,0 +1,29 @@
+"""The routing comparison reads both sides through the same statistics function."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from experiments.routing_compare import main
+
+
+def test_comparison_table(tmp_path):
+    rng = np.random.default_rng(0)
+    T = 300
+    experts = np.stack([np.stack([rng.choice(32, 4, replace=False) for _ in range(3)]) for _ in range(T)])
+    np.savez(tmp_path / "g.npz", experts=experts.astype(np.uint8), gen_start=np.array([0, 100, 300]),
+             gen_category=np.array(["math", "law"]))
+    report = {"routing_summary": {"load_max_min_ratio_max": 3.0, "load_entropy_normalized_mean": 0.9,
+                                  "reuse_mean": 0.5, "domain_jsd_bits_mean": 0.1, "domain_max_lift_mean": 1.5},
+              "model_shape": {"top_k": 2, "experts": 8}}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    main(["--model-stats", str(tmp_path / "r.json"), "--gpt-oss", str(tmp_path / "g.npz"),
+          "--out", str(tmp_path / "c.csv")])
+    table = pd.read_csv(tmp_path / "c.csv").set_index("statistic")
+    ours, theirs = table.columns[1], table.columns[2]
+    assert table.loc["random_reuse", ours] == 0.25 and table.loc["random_reuse", theirs] == 0.125
+    # random routing: reuse near K/E, almost no domain information
+    assert abs(table.loc["reuse_mean", theirs] - 0.125) < 0.03
+    assert table.loc["domain_jsd_bits_mean", theirs] < 0.1
