@@ -79,12 +79,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _engine(model, shape, policy: str, slots: int, future=None, record_hidden_steps: int = 0,
-            predictors=None, estimates: tuple[int, int] | None = None, depth: int = 1) -> OffloadEngine:
+            predictors=None, estimates: tuple[int, int] | None = None, depth: int = 1,
+            record_layer_timings: bool = False) -> OffloadEngine:
     _reset_peak(model.device)
     copy_ns, layer_ns = estimates or (None, None)
     settings = EngineSettings(cache_slots=slots, prefetch_depth=depth, expert_copy_ns=copy_ns, layer_compute_ns=layer_ns)
     return OffloadEngine(model, shape, resolve_policy(policy), settings, future=future, train_trace=future,
-                         record_hidden_steps=record_hidden_steps, predictors=predictors)
+                         record_hidden_steps=record_hidden_steps, predictors=predictors,
+                         record_layer_timings=record_layer_timings)
 
 
 def _prompts(tokenizer_dir: Path, corpus: str, count: int, length: int) -> list[list[int]]:
@@ -195,8 +197,15 @@ def live(args) -> None:
             accuracy[policy] = {"perplexity": lossy["perplexity"], "top1_agreement": float(np.mean(
                 np.asarray(lossy["argmax"]) == np.asarray(reference["argmax"])))}
         for slots in [int(s) for s in args.slots.split(",")]:
+            timed = policy == args.timed_policy and slots == min(int(s) for s in args.slots.split(","))
             r = _engine(host, shape, policy, slots, future=recorded, predictors=predictors, estimates=estimates,
-                        depth=args.depth).generate(prompts, args.new_tokens)
+                        depth=args.depth, record_layer_timings=timed).generate(prompts, args.new_tokens)
+            if timed:   # an offloaded run's copies, stalls and layer times, as a trace
+                save_trace(routing_trace(r, shape, source=f"experiments.engine_bench live --model {name}",
+                                         recorded_on=torch.cuda.get_device_name() if cuda else "cpu",
+                                         description=f"greedy decode, policy {policy}, {slots} slots per layer, "
+                                                     "layer timings and copy start/end recorded"),
+                           out / f"{name}-{policy}-{slots}-timed.npz")
             identical = r.generated == resident_tokens
             correctness.append({"policy": policy, "cache_slots": slots, "lossless": policy_cls.lossless,
                                 "identical_to_fully_on_gpu": identical})
@@ -340,6 +349,9 @@ def main(argv=None) -> None:
     p.add_argument("--score-seqs", type=int, default=4, help="held-out windows for lossy policies' accuracy")
     p.add_argument("--score-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timed-policy", default="lru",
+                   help="its run at the smallest --slots also records layer timings and copy start/end: "
+                        "OUT/<model>-<policy>-<slots>-timed.npz")
     p.add_argument("--work", help="where the trained gate goes (default: --out)")
     p.add_argument("--hardware", default="h100-pcie5")
     p.add_argument("--accelerate-gpu-GiB", type=float, default=2.0)

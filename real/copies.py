@@ -47,6 +47,8 @@ class CopyFeeder:
         self._slot_free: list[object] = [None] * slots.shape[0]
         self.records: list[CopyRecord] = []
         self._pending_timings: list[tuple[CopyJob, object, object]] = []
+        # id(job) -> (job, start mark, end mark) of every copy issued, for the engine's layer timings
+        self.job_marks: dict[int, tuple[CopyJob, object, object]] | None = None
 
     @staticmethod
     def now_ns() -> int:
@@ -65,7 +67,10 @@ class CopyFeeder:
     def _issue(self, job: CopyJob) -> None:
         src, dst = self.arena[job.key], self.slots[job.slot]
         if not self.cuda:
+            start = time.perf_counter()
             dst.copy_(src)
+            if self.job_marks is not None:
+                self.job_marks[id(job)] = (job, start, time.perf_counter())
             self.ctrl.copy_done(job, self.now_ns())
             self.records.append(CopyRecord(job.key, job.slot, job.demand, 0.0))
             return
@@ -73,13 +78,16 @@ class CopyFeeder:
             free = self._slot_free[job.slot]
             if free is not None:
                 self.stream.wait_event(free)
-            start = torch.cuda.Event(enable_timing=self.record_timings)
-            end = torch.cuda.Event(enable_timing=self.record_timings)
+            timed = self.record_timings or self.job_marks is not None
+            start = torch.cuda.Event(enable_timing=timed)
+            end = torch.cuda.Event(enable_timing=timed)
             start.record(self.stream)
             dst.copy_(src, non_blocking=True)
             end.record(self.stream)
         job.waiter = end
         self._in_flight.append((job, start, end))
+        if self.job_marks is not None:
+            self.job_marks[id(job)] = (job, start, end)
 
     def _retire(self) -> None:
         while self._in_flight and self._in_flight[0][2].query():

@@ -24,6 +24,7 @@ from policies.controller import OffloadController, OffloadStats
 from policies.predictors import Predictor
 from policies.speculative import predictor_name
 from real.copies import CopyFeeder, CopyRecord
+from real.marks import Marks
 from real.pinned import is_page_locked, pinned_empty
 from traces import ModelShape, Trace
 
@@ -51,6 +52,10 @@ class Routing:
     hidden: list[np.ndarray] = field(default_factory=list)            # [L, H] per recorded step:
     # the post-attention residual entering each MoE layer (before its norm)
     step_ms: list[float] = field(default_factory=list)
+    # With ``record_layer_timings``: per step [L] arrays (layer_start_ms, layer_ms, stall_ms) and [L, K]
+    # arrays (copy_start_ms, copy_end_ms; -1 where the expert was resident). Points in time are ms
+    # from the engine's creation (always >= 0: a prefetch may start layers before it is used).
+    layer_timings: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,10 +70,13 @@ class EngineResult:
 class OffloadEngine:
     def __init__(self, model, shape: ModelShape, policy_cls: type[Policy], settings: EngineSettings,
                  future: Trace | None = None, train_trace: Trace | None = None,
-                 record_hidden_steps: int = 0, predictors: Mapping[str, Predictor] | None = None):
+                 record_hidden_steps: int = 0, predictors: Mapping[str, Predictor] | None = None,
+                 record_layer_timings: bool = False):
         """``predictors``: live predictors by name (``real.predictors``); a predictive policy gets the
         one its class names (``policies.speculative.predictor_name``), as the simulator gets the
-        prediction track of that name."""
+        prediction track of that name. ``record_layer_timings``: mark each layer's start, routing and end
+        on the compute stream (CUDA events, resolved after the run) and keep each copy's start and end
+        events, for ``Routing.layer_timings``."""
         self.model = model
         self.shape = shape
         model.capture_graphs()      # attention + router as CUDA graphs (no-op off CUDA)
@@ -108,6 +116,11 @@ class OffloadEngine:
         for key, slot in self.cache.key_slot.items():   # model load: untimed, not counted
             self.slots[slot].copy_(self.arena[key])
         self.record_hidden_steps = record_hidden_steps
+        self.marks = Marks(self.cuda) if record_layer_timings else None
+        self._layer_marks: list[tuple] = []     # (step, layer, start, routed, end, [(k, job)])
+        if record_layer_timings:
+            self.copies.job_marks = {}
+            self._base_mark = self.marks.mark()
         self.routing = Routing()
         self._step_index = 0
 
@@ -123,7 +136,10 @@ class OffloadEngine:
         experts_of_step, weights_of_step = [], []
         m.set_position(pos)
         h = m.embed(token_id)
+        marks = self.marks
         for layer in range(self.shape.num_layers):
+            if marks is not None:
+                layer_start = marks.mark()
             h, x, ids, w, probs = m.attention_route(layer, h, pos)
             experts = ids.reshape(-1).tolist()            # the host learns the routing here
             weights = w.reshape(-1).float().tolist()
@@ -141,6 +157,8 @@ class OffloadEngine:
             # pre-gating can apply a later layer's own norm and router to it.
             if keep_hidden:
                 hidden.append(h.reshape(-1).float().cpu().numpy())
+            if marks is not None:
+                routed = marks.mark()
             needs = ctrl.begin_layer(step, layer, experts, weights, copies.now_ns(), hidden=h)
             copies.pump()
             outputs: dict[int, torch.Tensor] = {}
@@ -155,6 +173,9 @@ class OffloadEngine:
             copies.release_slots(used)
             ctrl.end_layer(needs)
             h = m.combine(layer, h, x, experts, w, outputs)
+            if marks is not None:
+                copied = [(experts.index(key - base), job) for key, job in needs if job is not None]
+                self._layer_marks.append((step, layer, layer_start, routed, marks.mark(), copied))
         self.routing.experts.append(experts_of_step)
         self.routing.weights.append(weights_of_step)
         if keep_hidden:
@@ -235,8 +256,42 @@ class OffloadEngine:
                 break
         return self._result(generated, decode_ms)
 
+    def _resolve_layer_timings(self) -> None:
+        """Turn the recorded marks into per-step arrays (the run has drained: every event completed)."""
+        if self.marks is None or not self._layer_marks:
+            return
+        ms, L, K = self.marks.ms, self.shape.num_layers, self.shape.top_k
+        job_marks = self.copies.job_marks
+        out = self.routing.layer_timings
+        names = ("layer_start_ms", "layer_ms", "stall_ms", "copy_start_ms", "copy_end_ms")
+        for name in names:
+            out.setdefault(name, [])
+        base = self._base_mark
+        current, arrays = None, None
+        for step, layer, start, routed, end, copied in self._layer_marks:
+            if step != current:
+                current = step
+                arrays = (np.zeros(L, np.float32), np.zeros(L, np.float32), np.zeros(L, np.float32),
+                          np.full((L, K), -1.0, np.float32), np.full((L, K), -1.0, np.float32))
+                for name, a in zip(names, arrays):
+                    out[name].append(a)
+            layer_start, layer_ms, stall_ms, copy_start, copy_end = arrays
+            layer_start[layer] = ms(base, start)
+            layer_ms[layer] = ms(start, end)
+            routed_ms = ms(base, routed)
+            for k, job in copied:
+                marked = job_marks.get(id(job))
+                if marked is None:
+                    continue
+                copy_start[layer, k] = ms(base, marked[1])
+                copy_end[layer, k] = ms(base, marked[2])
+                # the experts could start once routed; a copy ending later made the layer wait
+                stall_ms[layer] = max(stall_ms[layer], copy_end[layer, k] - routed_ms)
+        self._layer_marks.clear()
+
     def _result(self, generated, decode_ms) -> EngineResult:
         self.copies.drain()
+        self._resolve_layer_timings()
         stats = self.ctrl.stats
         tpot = np.asarray(decode_ms, dtype=np.float64)
         demand = [c.duration_ms for c in self.copies.records if c.demand and c.duration_ms > 0]

@@ -2,6 +2,7 @@
 lossless policy and cache size, the same bookkeeping as the simulator, and recorded traces."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +94,23 @@ def test_shape_replay_forces_the_traces_routing():
 def test_cache_smaller_than_top_k_is_refused():
     with pytest.raises(ValueError, match="cache_slots=1 is smaller than top_k=2"):
         engine("lru", 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_timings_are_recorded_into_the_trace(device, tmp_path):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    eng = OffloadEngine(model(device, dtype), SHAPE, resolve_policy("lru"), EngineSettings(cache_slots=3),
+                        record_layer_timings=True)
+    result = eng.generate(PROMPTS, NEW_TOKENS)
+    save_trace(routing_trace(result, SHAPE, "tests", device, "timed"), tmp_path / "t.npz")
+    t = load_trace(tmp_path / "t.npz").timings
+    T, L, K = len(result.routing.experts), SHAPE.num_layers, SHAPE.top_k
+    assert t["layer_start_ms"].shape == t["layer_ms"].shape == t["stall_ms"].shape == (T, L)
+    assert (np.diff(t["layer_start_ms"].reshape(-1)) > 0).all()     # layers in order, one clock
+    assert t["copy_start_ms"].shape == t["copy_end_ms"].shape == (T, L, K)
+    copied = t["copy_start_ms"] >= 0
+    # exactly the accesses that were not hits waited for a copy, and every copy has an end after its start
+    assert copied.sum() == result.stats.accesses - result.stats.hits > 0
+    assert (t["copy_end_ms"][copied] >= t["copy_start_ms"][copied]).all()
+    assert (t["layer_ms"] > 0).all() and (t["stall_ms"] >= 0).all()
+    assert (t["stall_ms"][~copied.any(-1)] == 0).all()        # a layer of hits never stalls

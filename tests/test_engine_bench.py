@@ -45,3 +45,6 @@ def test_live_flow_on_cpu(tmp_path):
     trace = load_trace(out / "tiny-lm-trace.npz")
     assert trace.hidden_states.shape[0] == trace.num_tokens == 2 * (6 + 6)
     assert {"pregate", "quasi", "lookahead"} <= set(trace.predictions)
+    timed = load_trace(out / "tiny-lm-lru-2-timed.npz")
+    assert timed.timings["copy_start_ms"].shape == (timed.num_tokens, 2, 2)
+    assert (timed.timings["copy_start_ms"] >= 0).any()
