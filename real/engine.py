@@ -25,6 +25,7 @@ from policies.predictors import Predictor
 from policies.speculative import predictor_name
 from real.copies import CopyFeeder, CopyRecord
 from real.marks import Marks
+from real.predictors import GraphedPredictor, HiddenStatePredictor
 from real.pinned import is_page_locked, pinned_empty
 from traces import ModelShape, Trace
 
@@ -79,7 +80,6 @@ class OffloadEngine:
         events, for ``Routing.layer_timings``."""
         self.model = model
         self.shape = shape
-        model.capture_graphs()      # attention + router as CUDA graphs (no-op off CUDA)
         L, E, K = shape.num_layers, shape.num_experts, shape.top_k
         blobs = model.expert_blobs                      # [L, E, blob]
         self.device = model.device
@@ -105,9 +105,15 @@ class OffloadEngine:
                               f"lower cache_slots") from err
         self.expert_bytes = blob_numel * blobs.element_size()
         params = dict(settings.policy_params)
+        predictor = _live_predictor(policy_cls, predictors or {}, params)
+        # Attention + router as CUDA graphs (no-op off CUDA), with a hidden-state predictor inside them.
+        if isinstance(predictor, HiddenStatePredictor) and model.capture_graphs(extra=predictor.probs):
+            predictor = GraphedPredictor(predictor, model)
+        else:
+            model.capture_graphs()
         ctx = PolicyContext(shape, settings.cache_slots, CacheMode(settings.cache_mode),
                             settings.prefetch_depth, future, train_trace, params,
-                            predictor=_live_predictor(policy_cls, predictors or {}, params),
+                            predictor=predictor,
                             expert_copy_ns=settings.expert_copy_ns, layer_compute_ns=settings.layer_compute_ns)
         self.policy = policy_cls(ctx)
         self.ctrl = OffloadController(self.policy, self.cache, self.expert_bytes)

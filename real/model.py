@@ -214,15 +214,27 @@ class MoEModel:
     def graphed(self) -> bool:
         return self._graphs is not None
 
-    def capture_graphs(self) -> bool:
+    def capture_graphs(self, extra: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> bool:
         """Capture every layer's attention + router as a CUDA graph (see the module docstring). Returns
-        False, capturing nothing, off CUDA or with ``attention_impl="eager"`` (the tests' reference)."""
+        False, capturing nothing, off CUDA or with ``attention_impl="eager"`` (the tests' reference).
+
+        ``extra(layer, h)``: more device work on the layer's post-attention residual to run inside the
+        same graph (a live predictor: its kernels would otherwise be launched one by one from Python
+        and read back with a synchronisation of their own); its output is ``graph_extra(layer)``.
+        Capturing with a different ``extra`` replaces the graphs; attention and router are unchanged."""
         if self.device.type != "cuda" or self.attention_impl != "sdpa":
             return False
-        if self._graphs is not None:
+        if self._graphs is not None and self._graphs.extra == extra:    # bound methods compare by ==
             return True
-        self._graphs = _LayerGraphs(self)
+        self._graphs = None                      # free the old graphs before capturing new ones
+        self._graphs = _LayerGraphs(self, extra)
         return True
+
+    def graph_extra(self, layer: int) -> torch.Tensor:
+        """The output of ``capture_graphs``'s ``extra`` for ``layer`` from its latest replay."""
+        if self._graphs is None or self._graphs.extra is None:
+            raise RuntimeError("graph_extra: no graphs with an extra output were captured")
+        return self._graphs.extras[layer]
 
     def _attention_graphable(self, layer: int, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """``attention`` with the position as a device tensor (shape [1]) and no host-side shapes."""
@@ -370,8 +382,11 @@ class MoEModel:
 class _LayerGraphs:
     """One CUDA graph per layer for attention + router, sharing one input buffer and the position."""
 
-    def __init__(self, model: MoEModel):
+    @torch.no_grad()
+    def __init__(self, model: MoEModel, extra=None):
         device = model.device
+        self.extra = extra
+        self.extras: list[torch.Tensor | None] = []
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.h_in = torch.zeros((1, model.config.hidden_size), dtype=model.dtype, device=device)
         self.graphs: list[torch.cuda.CUDAGraph] = []
@@ -383,13 +398,17 @@ class _LayerGraphs:
         with torch.cuda.stream(stream):
             for layer in range(model.config.num_layers):
                 for _ in range(2):          # warm-up: kernels chosen and workspaces allocated before capture
-                    model._attention_graphable(layer, self.h_in, self.pos)
+                    h = model._attention_graphable(layer, self.h_in, self.pos)
+                    if extra is not None:
+                        extra(layer, h)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     h = model._attention_graphable(layer, self.h_in, self.pos)
                     out = (h, *model.route_with_probs(layer, h))
+                    extra_out = None if extra is None else extra(layer, h)
                 pool = graph.pool()
                 self.graphs.append(graph)
                 self.outputs.append(out)
+                self.extras.append(extra_out)
         torch.cuda.current_stream(device).wait_stream(stream)
         model.kv_cache.copy_(saved)          # warm-up and capture wrote position 0

@@ -56,7 +56,7 @@ class FrozenRouters:
         return ids, weights
 
 
-class _HiddenStatePredictor:
+class HiddenStatePredictor:
     """Shared plumbing: ``probs(layer, h [B, H]) -> [D, B, E]`` is what a subclass defines."""
 
     depth: int
@@ -88,7 +88,7 @@ class _HiddenStatePredictor:
         return max(0, min(self.depth, self.routers.num_layers - 1 - layer))
 
 
-class PreGate(_HiddenStatePredictor):
+class PreGate(HiddenStatePredictor):
     """Multi-layer pre-gate: score layer l+d's experts with router_{l+d}(norm_{l+d}(h_l)), softmaxed.
 
     ``depth=1`` is the classic next-layer pre-gate. Per token and layer: one [D*E, H] @ [H] matvec."""
@@ -154,7 +154,7 @@ def default_vectors(model: "MoEModel", hidden_states, prior_tokens: float = 8.0)
     return (routed_sum + prior_tokens * all_mean) / (n + prior_tokens)
 
 
-class QuasiHiddenPreGate(_HiddenStatePredictor):
+class QuasiHiddenPreGate(HiddenStatePredictor):
     """Madan et al. 2026, "Speculating Experts": guess layer l+1's input as the quasi-hidden state
     q_{l+1} = h_l + sum_{e in top-k_l} w_e * v_{l,e}, the MoE output of layer l with each chosen expert's
     output replaced by its default vector v (``default_vectors``) and the routing (top-k and applied
@@ -189,7 +189,7 @@ class QuasiHiddenPreGate(_HiddenStatePredictor):
         return out
 
 
-class LookaheadGatePredictor(_HiddenStatePredictor):
+class LookaheadGatePredictor(HiddenStatePredictor):
     """A trained ``real.lookahead_gate.LookaheadGate`` (Ou et al. 2025) as a predictor."""
 
     def __init__(self, gate: "LookaheadGate"):
@@ -201,6 +201,20 @@ class LookaheadGatePredictor(_HiddenStatePredictor):
         p = torch.softmax(self.gate.logits(layer, h.float()), dim=-1)
         p[self._targets(layer):] = 0.0
         return p
+
+
+class GraphedPredictor:
+    """A hidden-state predictor whose ``probs`` run inside the model's per-layer CUDA graph
+    (``MoEModel.capture_graphs(extra=predictor.probs)``): by the time the engine has read the layer's
+    routing, the scores are already computed, and reading them back is one small copy."""
+
+    def __init__(self, predictor: HiddenStatePredictor, model: "MoEModel"):
+        self.predictor = predictor
+        self.depth = predictor.depth
+        self.model = model
+
+    def scores(self, access: LayerAccess) -> np.ndarray:
+        return self.model.graph_extra(access.layer)[:, 0].cpu().numpy()
 
 
 def track_recall(track: np.ndarray, experts: np.ndarray) -> list[float]:

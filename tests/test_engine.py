@@ -114,3 +114,33 @@ def test_layer_timings_are_recorded_into_the_trace(device, tmp_path):
     assert (t["copy_end_ms"][copied] >= t["copy_start_ms"][copied]).all()
     assert (t["layer_ms"] > 0).all() and (t["stall_ms"] >= 0).all()
     assert (t["stall_ms"][~copied.any(-1)] == 0).all()        # a layer of hits never stalls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["pregate", "quasi"])
+def test_graphed_predictor_matches_the_eager_one_and_keeps_tokens(name):
+    """On CUDA a live predictor runs inside the layer's graph: same scores as computing it eagerly on
+    the same residual, and the lossless policy still gives the resident model's tokens."""
+    from real.predictors import GraphedPredictor, PreGate, QuasiHiddenPreGate
+    m = model("cuda", torch.bfloat16)
+    if name == "pregate":
+        predictor = PreGate(m, 2)
+    else:
+        vectors = 0.02 * torch.randn((SHAPE.num_layers, SHAPE.num_experts, SHAPE.hidden_size),
+                                     generator=torch.Generator().manual_seed(0))
+        predictor = QuasiHiddenPreGate(m, vectors, 2)
+    policy = "mixtral-offloading" if name == "pregate" else "speculating-experts"
+    eng = OffloadEngine(m, SHAPE, resolve_policy(policy), EngineSettings(cache_slots=3, prefetch_depth=2),
+                        predictors={name: predictor})
+    graphed = eng.policy.predictor
+    assert isinstance(graphed, GraphedPredictor)
+    diffs = []
+    graphed_scores = graphed.scores
+
+    def both(access):
+        ours = graphed_scores(access)
+        diffs.append(float(np.abs(ours - predictor.scores(access)).max()))
+        return ours
+    graphed.scores = both
+    assert eng.generate(PROMPTS, NEW_TOKENS).generated == reference_tokens("cuda", torch.bfloat16)
+    assert diffs and max(diffs) < 1e-5
