@@ -89,22 +89,21 @@ def _engine(model, shape, policy: str, slots: int, future=None, record_hidden_st
                          record_layer_timings=record_layer_timings)
 
 
-def _prompts(tokenizer_dir: Path, corpus: str, count: int, length: int) -> list[list[int]]:
-    """The start of the held-out text of ``count`` corpus domains, ``length`` tokens each."""
+def _held_out(tokenizer_dir: Path, corpus: str):
+    """The tokenizer and the corpus domains, loaded once for the prompts and the scored windows."""
     from transformers import AutoTokenizer
     from real.corpus import load_corpus
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    domains = load_corpus(corpus)
+    return AutoTokenizer.from_pretrained(tokenizer_dir), load_corpus(corpus)
+
+
+def _prompts(tok, domains, count: int, length: int) -> list[list[int]]:
+    """The start of the held-out text of ``count`` corpus domains, ``length`` tokens each."""
     return [tok(domains[d].held_out[0][:4000])["input_ids"][:length] for d in sorted(domains)[:count]]
 
 
-def _score_sequences(tokenizer_dir: Path, corpus: str, count: int, length: int) -> list[list[int]]:
+def _score_sequences(tok, domains, count: int, length: int) -> list[list[int]]:
     """Held-out text for accuracy: ``count`` windows of ``length`` tokens, later in each domain's held-out
     split than the prompts, one domain after another."""
-    from transformers import AutoTokenizer
-    from real.corpus import load_corpus
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    domains = load_corpus(corpus)
     names = sorted(domains)
     return [tok(domains[names[i % len(names)]].held_out[0][8000:16000])["input_ids"][:length] for i in range(count)]
 
@@ -128,7 +127,8 @@ def live(args) -> None:
     config, tensors = load_checkpoint(args.model, dtype)
     shape = config.to_model_shape(name)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "bf16")
-    prompts = _prompts(Path(args.model), args.corpus, args.prompts, args.prompt_len)
+    tok, domains = _held_out(Path(args.model), args.corpus)
+    prompts = _prompts(tok, domains, args.prompts, args.prompt_len)
     steps = sum(len(p) + args.new_tokens for p in prompts)
 
     # 1. References: the model fully on the GPU (upper bound) and its logits against HF's forward.
@@ -184,7 +184,7 @@ def live(args) -> None:
 
     # 5. Every policy at every cache size: measured in the engine, predicted by the simulator.
     mask = _decode_mask(recorded, prompts)
-    scored = _score_sequences(Path(args.model), args.corpus, args.score_seqs, args.score_len)
+    scored = _score_sequences(tok, domains, args.score_seqs, args.score_len)
     reference = _engine(host, shape, "lru", shape.num_experts).score(scored)
     accuracy = {}
     rows = []

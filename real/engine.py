@@ -326,5 +326,4 @@ def _live_predictor(policy_cls: type[Policy], predictors: Mapping[str, Predictor
         raise ValueError(f"policy {policy_cls.__name__} consults the predictor {name!r}, but the engine was "
                          f"given {have}; pass predictors={{{name!r}: ...}} (real.predictors; a lookahead gate "
                          f"comes from python -m experiments.train_gate)")
-    predictor = predictors[name]
-    return predictor
+    return predictors[name]

@@ -157,23 +157,10 @@ class MoEModel:
     def attention(self, layer: int, h: torch.Tensor, pos: int) -> torch.Tensor:
         """Pre-norm self-attention of the token at ``pos`` over positions ``0..pos`` (or the sliding
         window), writing its key and value into the cache; returns ``h`` plus the attention output."""
-        if not 0 <= pos < self.max_len:
-            raise ValueError(f"position {pos} is outside the KV cache (max_len={self.max_len}); "
-                             f"build the model with a larger max_len")
+        self._check_position(pos)
         c, L = self.config, self.layers[layer]
         D, heads, kv_heads = c.head_dim, c.num_attention_heads, c.num_kv_heads
-        x = rms_norm(h, L.attn_norm, c.rms_norm_eps)
-        q, k, v = F.linear(x, L.qkv, L.qkv_bias).split([self._q_rows, self._kv_rows, self._kv_rows], dim=-1)
-        if c.qk_norm == "full":
-            q, k = rms_norm(q, L.q_norm, c.rms_norm_eps), rms_norm(k, L.k_norm, c.rms_norm_eps)
-        if c.clip_qkv is not None:
-            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
-        q, k, v = q.view(heads, D), k.view(kv_heads, D), v.view(kv_heads, D)
-        if c.qk_norm == "per_head":
-            q, k = rms_norm(q, L.q_norm, c.rms_norm_eps), rms_norm(k, L.k_norm, c.rms_norm_eps)
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = self._qkv(layer, h, self.rope_cos[pos], self.rope_sin[pos])
         cache = self.kv_cache[layer]
         cache[0, pos].copy_(k)
         cache[1, pos].copy_(v)
@@ -190,6 +177,27 @@ class MoEModel:
             out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)
         return h + F.linear(out.reshape(1, heads * D), L.o_proj, L.o_bias)
 
+    def _check_position(self, pos: int) -> None:
+        if not 0 <= pos < self.max_len:
+            raise ValueError(f"position {pos} is outside the KV cache (max_len={self.max_len}); "
+                             f"build the model with a larger max_len")
+
+    def _qkv(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The token's query [heads, D], key and value [KV heads, D], norms, clipping and RoPE (rows
+        ``cos``, ``sin`` of its position) applied: what both attention paths share."""
+        c, L = self.config, self.layers[layer]
+        D, heads, kv_heads = c.head_dim, c.num_attention_heads, c.num_kv_heads
+        x = rms_norm(h, L.attn_norm, c.rms_norm_eps)
+        q, k, v = F.linear(x, L.qkv, L.qkv_bias).split([self._q_rows, self._kv_rows, self._kv_rows], dim=-1)
+        if c.qk_norm == "full":
+            q, k = rms_norm(q, L.q_norm, c.rms_norm_eps), rms_norm(k, L.k_norm, c.rms_norm_eps)
+        if c.clip_qkv is not None:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        q, k, v = q.view(heads, D), k.view(kv_heads, D), v.view(kv_heads, D)
+        if c.qk_norm == "per_head":
+            q, k = rms_norm(q, L.q_norm, c.rms_norm_eps), rms_norm(k, L.k_norm, c.rms_norm_eps)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
     def attention_route(self, layer: int, h: torch.Tensor, pos: int):
         """``attention`` then ``route_with_probs``: (h, x, ids, weights, probs). With graphs captured
         it replays layer ``layer``'s graph; its outputs are the graph's static buffers, valid until the
@@ -204,9 +212,7 @@ class MoEModel:
 
     def set_position(self, pos: int) -> None:
         """The position of the token about to run (graphs read it from the device)."""
-        if not 0 <= pos < self.max_len:
-            raise ValueError(f"position {pos} is outside the KV cache (max_len={self.max_len}); "
-                             f"build the model with a larger max_len")
+        self._check_position(pos)
         if self._graphs is not None:
             self._graphs.pos.fill_(pos)
 
@@ -240,18 +246,7 @@ class MoEModel:
         """``attention`` with the position as a device tensor (shape [1]) and no host-side shapes."""
         c, L = self.config, self.layers[layer]
         D, heads, kv_heads = c.head_dim, c.num_attention_heads, c.num_kv_heads
-        x = rms_norm(h, L.attn_norm, c.rms_norm_eps)
-        q, k, v = F.linear(x, L.qkv, L.qkv_bias).split([self._q_rows, self._kv_rows, self._kv_rows], dim=-1)
-        if c.qk_norm == "full":
-            q, k = rms_norm(q, L.q_norm, c.rms_norm_eps), rms_norm(k, L.k_norm, c.rms_norm_eps)
-        if c.clip_qkv is not None:
-            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
-        q, k, v = q.view(heads, D), k.view(kv_heads, D), v.view(kv_heads, D)
-        if c.qk_norm == "per_head":
-            q, k = rms_norm(q, L.q_norm, c.rms_norm_eps), rms_norm(k, L.k_norm, c.rms_norm_eps)
-        cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = self._qkv(layer, h, self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos))
         cache = self.kv_cache[layer]
         cache[0].index_copy_(0, pos, k.unsqueeze(0))
         cache[1].index_copy_(0, pos, v.unsqueeze(0))

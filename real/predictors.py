@@ -209,7 +209,6 @@ class GraphedPredictor:
     routing, the scores are already computed, and reading them back is one small copy."""
 
     def __init__(self, predictor: HiddenStatePredictor, model: "MoEModel"):
-        self.predictor = predictor
         self.depth = predictor.depth
         self.model = model
 
