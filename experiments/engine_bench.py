@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from real.checkpoint import load_checkpoint
 from real.corpus import DEFAULT_CORPUS_DIR
 from real.engine import EngineSettings, OffloadEngine
 from real.model import MoEModel
-from experiments.make_tracks import RECALL_COLUMNS, affinity_recall, compute_tracks
+from experiments.make_tracks import RECALL_COLUMNS, affinity_recall, compute_tracks, text_recall
 from real.hidden_capture import capture_hidden_states
 from real.lookahead_gate import train_lookahead_gate
 from real.predictors import LookaheadGatePredictor, PreGate, QuasiHiddenPreGate, default_vectors
@@ -127,6 +128,8 @@ def live(args) -> None:
     config, tensors = load_checkpoint(args.model, dtype)
     shape = config.to_model_shape(name)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "bf16")
+    for policy in args.policies.split(","):     # a misspelt name fails now, not after minutes of measuring
+        resolve_policy(policy)
     tok, domains = _held_out(Path(args.model), args.corpus)
     prompts = _prompts(tok, domains, args.prompts, args.prompt_len)
     steps = sum(len(p) + args.new_tokens for p in prompts)
@@ -188,7 +191,11 @@ def live(args) -> None:
     reference = _engine(host, shape, "lru", shape.num_experts).score(scored)
     accuracy = {}
     rows = []
-    for policy in args.policies.split(","):
+    failed = []
+
+    def measure(policy: str) -> None:
+        """One policy at every cache size: engine run, correctness, simulator prediction; policies.csv
+        and correctness.csv are rewritten after each size."""
         policy_cls = resolve_policy(policy)
         predictors = predictors_at(policy_depth(policy_cls, args.depth))
         if not policy_cls.lossless:   # the accuracy cost: the cache does not change what runs
@@ -223,8 +230,19 @@ def live(args) -> None:
                          "prefetch_depth": args.depth, "model": name, "precision": precision})
             atomic_write(out / "policies.csv", lambda f: pd.DataFrame(rows).to_csv(f, index=False))
             atomic_write(out / "correctness.csv", lambda f: pd.DataFrame(correctness).to_csv(f, index=False))
-    print(pd.DataFrame(rows)[["policy", "cache_slots", "tokens_per_s", "sim_tokens_per_s", "hit_rate", "sim_hit_rate",
-                              "lossy", "held_out_perplexity", "top1_agreement"]].to_string(index=False), flush=True)
+
+    for policy in args.policies.split(","):
+        try:
+            measure(policy)
+        except Exception:       # one policy's failure must not lose the others' measurements
+            traceback.print_exc()
+            failed.append(policy)
+    if rows:
+        print(pd.DataFrame(rows)[["policy", "cache_slots", "tokens_per_s", "sim_tokens_per_s", "hit_rate",
+                                  "sim_hit_rate", "lossy", "held_out_perplexity", "top1_agreement"]].to_string(index=False),
+              flush=True)
+    if failed:
+        raise SystemExit(f"error: policies {', '.join(failed)} failed (tracebacks above); the others are in {out}")
 
 
 def _predictors(args, host: MoEModel, recorded, out: Path, work: Path, name: str):
@@ -232,10 +250,13 @@ def _predictors(args, host: MoEModel, recorded, out: Path, work: Path, name: str
     tracks; writes OUT/gate_recall.csv and OUT/<name>-trace.npz (the recording with its tracks)."""
     train_h = capture_hidden_states(args.model, args.gate_train_tokens, args.corpus, device=str(host.device),
                                     dtype=host.dtype, seed=args.seed)
+    text_h = capture_hidden_states(args.model, args.recall_tokens, args.corpus, device=str(host.device),
+                                   dtype=host.dtype, seed=args.seed, split="held_out")
     vectors = default_vectors(host, train_h[:args.vector_tokens])
     start = time.perf_counter()
     gate = train_lookahead_gate(host, train_h, args.depth, args.gate_rank, args.gate_steps, args.gate_lr,
-                                args.seed, host.device, args.gate_batch, log_every=max(args.gate_steps // 5, 1))
+                                args.seed, host.device, args.gate_batch, log_every=max(args.gate_steps // 5, 1),
+                                val_hidden_states=text_h)
     gate_s = time.perf_counter() - start
     del train_h
     def at_depth(depth: int) -> dict:
@@ -247,6 +268,8 @@ def _predictors(args, host: MoEModel, recorded, out: Path, work: Path, name: str
     # (three chained quasi-hidden steps, a [3E, H] matvec) would be paid for rows it never reads.
     shallow = at_depth(1)
     tracked, recall = compute_tracks(recorded, predictors, args.depth, f"{name}: held-out decode")
+    recall.extend(text_recall(predictors, text_h, args.depth, f"{name}: held-out text, teacher-forced"))
+    del text_h
     recall.extend(affinity_recall(DEFAULT_TRACE, args.depth))
     table = pd.DataFrame(recall, columns=RECALL_COLUMNS)
     table["gate_parameters"] = gate.num_parameters
@@ -340,9 +363,11 @@ def main(argv=None) -> None:
                                          "speculating-experts-lossy,lookahead")
     p.add_argument("--slots", default="2,3,4,6")
     p.add_argument("--depth", type=int, default=3, help="predictors look this many layers ahead")
-    p.add_argument("--gate-train-tokens", type=int, default=32768, help="training-split tokens for the gate")
+    p.add_argument("--gate-train-tokens", type=int, default=131072, help="training-split tokens for the gate")
+    p.add_argument("--recall-tokens", type=int, default=8192,
+                   help="held-out-split tokens, teacher-forced, every predictor's recall is scored on")
     p.add_argument("--vector-tokens", type=int, default=4096, help="of those, tokens for the default vectors")
-    p.add_argument("--gate-steps", type=int, default=3000)
+    p.add_argument("--gate-steps", type=int, default=4000)
     p.add_argument("--gate-rank", type=int, default=64)
     p.add_argument("--gate-lr", type=float, default=1e-3)
     p.add_argument("--gate-batch", type=int, default=1024)

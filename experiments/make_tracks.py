@@ -31,7 +31,8 @@ from real.corpus import DEFAULT_CORPUS_DIR
 from real.hidden_capture import capture_hidden_states
 from real.lookahead_gate import LookaheadGate
 from real.model import MoEModel
-from real.predictors import LookaheadGatePredictor, PreGate, QuasiHiddenPreGate, default_vectors, track_recall
+from real.predictors import (TRACK_CHUNK, LookaheadGatePredictor, PreGate, QuasiHiddenPreGate, default_vectors,
+                             track_recall)
 from traces import Trace, load_trace, save_trace
 from traces.io import atomic_write
 
@@ -78,6 +79,27 @@ def check_model_matches(trace: Trace, model: MoEModel, trace_path, model_path) -
     if want != got:
         raise ValueError(f"{trace_path}: __meta__.model (layers, experts, top_k, hidden) = {got}, but "
                          f"{model_path} has {want}; pass the checkpoint the trace was recorded with")
+
+
+@torch.no_grad()
+def text_recall(predictors: dict, hidden: np.ndarray, depth: int, source: str) -> list[dict]:
+    """Recall of each live predictor on teacher-forced text: ``hidden`` [N, L, H] is h_l captured by
+    ``real.hidden_capture`` (held-out split), and the routing that happened is each layer's own router
+    top-k on its h_l. Thousands of tokens in one batched forward, where a decode recording gives hundreds."""
+    routers = next(iter(predictors.values())).routers
+    hs = torch.as_tensor(np.asarray(hidden))
+    N, L = hs.shape[:2]
+    experts = np.zeros((N, L, routers.top_k), dtype=np.int64)
+    for start in range(0, N, TRACK_CHUNK):
+        chunk = hs[start:start + TRACK_CHUNK].to(device=routers.folded.device, dtype=torch.float32)
+        for layer in range(L):
+            experts[start:start + len(chunk), layer] = routers.choose(routers.logits(layer, chunk[:, layer]))[0].cpu().numpy()
+    rows = []
+    for name, predictor in predictors.items():
+        track = predictor.track(hidden)[:, :, :depth]
+        rows.extend({"predictor": name, "distance": d, "recall": r, "tokens": N, "source": source}
+                    for d, r in enumerate(track_recall(track, experts), start=1))
+    return rows
 
 
 def affinity_recall(path, depth: int) -> list[dict]:

@@ -22,13 +22,16 @@ MOE_NORM = "post_attention_layernorm"
 @torch.no_grad()
 def capture_hidden_states(model_dir: str | Path, tokens: int, corpus: str | Path = DEFAULT_CORPUS_DIR,
                           window: int = 256, batch: int = 16, device: str = "cpu",
-                          dtype: torch.dtype = torch.float32, seed: int = 0) -> np.ndarray:
-    """h_l for ``tokens`` training-text tokens: float16 [tokens, L, H]. Windows of ``window`` tokens
-    are drawn at random (seeded) from every domain's training split in turn, so all domains count."""
+                          dtype: torch.dtype = torch.float32, seed: int = 0, split: str = "train") -> np.ndarray:
+    """h_l for ``tokens`` tokens of text: float16 [tokens, L, H]. Windows of ``window`` tokens are
+    drawn at random (seeded) from every domain's ``split`` ("train", or "held_out" to score predictors
+    teacher-forced on text nothing was trained on) in turn, so all domains count."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from real.corpus import load_corpus
     if tokens < 1 or window < 2:
         raise ValueError(f"capture_hidden_states: tokens={tokens}, window={window}; need tokens >= 1, window >= 2")
+    if split not in ("train", "held_out"):
+        raise ValueError(f"capture_hidden_states: split={split!r}; use 'train' or 'held_out'")
     tok = AutoTokenizer.from_pretrained(model_dir)
     domains = load_corpus(corpus)
     rng = np.random.default_rng(seed)
@@ -37,7 +40,7 @@ def capture_hidden_states(model_dir: str | Path, tokens: int, corpus: str | Path
     chars = window * 8                      # generous: the local BPE averages about 4 characters a token
     ids: list[list[int]] = []
     for name in sorted(domains):
-        text = "\n".join(domains[name].train)
+        text = "\n".join(getattr(domains[name], split))
         if not text:
             continue
         starts = rng.integers(0, max(1, len(text) - chars), size=per_domain)
@@ -46,7 +49,7 @@ def capture_hidden_states(model_dir: str | Path, tokens: int, corpus: str | Path
             if len(piece) == window:
                 ids.append(piece)
     if not ids:
-        raise ValueError(f"{corpus}: no training text of {window} tokens in any domain")
+        raise ValueError(f"{corpus}: no {split} text of {window} tokens in any domain")
     ids = [ids[i] for i in rng.permutation(len(ids))][:windows_needed]
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()

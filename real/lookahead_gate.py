@@ -36,6 +36,7 @@ WEIGHTS_NAME = "gate.safetensors"
 CONFIG_NAME = "gate.json"
 FORMAT = "moe-offload-lab/lookahead-gate"
 FORMAT_VERSION = 1
+VAL_TOKENS = 4096      # held-out tokens the training log scores
 
 
 def _pairs(num_layers: int, depth: int) -> list[tuple[int, int]]:
@@ -164,9 +165,10 @@ def true_router_probs(routers: FrozenRouters, hidden: torch.Tensor) -> torch.Ten
 
 def train_lookahead_gate(model, hidden_states, depth: int = 3, rank: int = 64, steps: int = 2000,
                          lr: float = 1e-3, seed: int = 0, device: str | torch.device = "cpu",
-                         batch_size: int = 256, log_every: int = 0) -> LookaheadGate:
+                         batch_size: int = 256, log_every: int = 0, val_hidden_states=None) -> LookaheadGate:
     """Train a gate on recorded residuals ``hidden_states`` [N, L, H] (a trace's ``hidden_states``):
-    AdamW on random minibatches of tokens. Deterministic for a seed on the CPU."""
+    AdamW on random minibatches of tokens. Deterministic for a seed on the CPU. With ``log_every``, the
+    log also shows the KL on ``val_hidden_states`` (text the gate never trains on), so overfitting shows."""
     device = torch.device(device)
     routers = FrozenRouters(model)
     routers.folded = routers.folded.to(device)
@@ -177,6 +179,11 @@ def train_lookahead_gate(model, hidden_states, depth: int = 3, rank: int = 64, s
     opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 1)
     N = len(hidden)
+    val = val_probs = None
+    if log_every and val_hidden_states is not None:
+        val = torch.as_tensor(np.asarray(val_hidden_states[:VAL_TOKENS])).to(device=device, dtype=torch.float32)
+        with torch.no_grad():
+            val_probs = true_router_probs(routers, val)
     for step in range(steps):
         idx = torch.randint(N, (min(batch_size, N),), generator=g).to(device)
         loss = gate.loss(hidden[idx], probs[idx])
@@ -184,5 +191,9 @@ def train_lookahead_gate(model, hidden_states, depth: int = 3, rank: int = 64, s
         loss.backward()
         opt.step()
         if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:5d}  KL {loss.item():.5f}", flush=True)
+            held = ""
+            if val is not None:
+                with torch.no_grad():
+                    held = f"  held-out KL {gate.loss(val, val_probs).item():.5f}"
+            print(f"step {step:5d}  KL {loss.item():.5f}{held}", flush=True)
     return gate.eval()

@@ -17,11 +17,20 @@ def test_live_flow_on_cpu(tmp_path):
     model = tmp_path / "tiny-lm"
     train(["--size", "tiny", "--device", "cpu", "--max-steps", "6", "--out", str(model)])
     out = tmp_path / "bench"
-    bench(["live", "--model", str(model), "--out", str(out), "--device", "cpu", "--dtype", "float32",
-           "--prompts", "2", "--prompt-len", "6", "--new-tokens", "6", "--slots", "2,3",
-           "--policies", "lru,belady,oracle,mixtral-offloading,speculating-experts-lossy,lookahead",
-           "--gate-train-tokens", "512", "--vector-tokens", "256", "--gate-steps", "20", "--gate-batch", "64",
-           "--score-seqs", "2", "--score-len", "12"])
+    broken = tmp_path / "broken.py"     # a policy that fails mid-run must not lose the others' rows
+    broken.write_text("from policies.lru import LRU\n\nclass Broken(LRU):\n"
+                      "    def on_access(self, *args):\n        raise RuntimeError('broken on purpose')\n")
+    with pytest.raises(SystemExit, match="Broken failed"):
+        bench(["live", "--model", str(model), "--out", str(out), "--device", "cpu", "--dtype", "float32",
+               "--prompts", "2", "--prompt-len", "6", "--new-tokens", "6", "--slots", "2,3",
+               "--policies", f"lru,belady,{broken}:Broken,oracle,mixtral-offloading,speculating-experts-lossy,lookahead",
+               "--gate-train-tokens", "512", "--recall-tokens", "256", "--vector-tokens", "256",
+               "--gate-steps", "20", "--gate-batch", "64",
+               "--score-seqs", "2", "--score-len", "12"])
+    with pytest.raises(ValueError, match="no-such-policy|unknown"):     # checked before any measuring
+        bench(["live", "--model", str(model), "--out", str(tmp_path / "typo"), "--device", "cpu",
+               "--policies", "lru,no-such-policy"])
+    assert not (tmp_path / "typo" / "engine.csv").exists()
     rows = pd.read_csv(out / "engine.csv")
     assert {"model", "mode", "policy", "cache_slots", "tokens_per_s", "tpot_ms", "hit_rate", "bytes_moved",
             "copy_GBps", "gpu_mem_GB"} <= set(rows.columns)
@@ -41,6 +50,8 @@ def test_live_flow_on_cpu(tmp_path):
     assert policies.loc[policies["lossy"], "top1_agreement"].between(0, 1).all()
     recall = pd.read_csv(out / "gate_recall.csv")
     assert set(recall["predictor"]) == {"pregate", "quasi", "lookahead", "affinity"}
+    text = recall[recall["source"].str.contains("held-out text")]
+    assert set(text["predictor"]) == {"pregate", "quasi", "lookahead"} and (text["tokens"] == 256).all()
     from traces import load_trace
     trace = load_trace(out / "tiny-lm-trace.npz")
     assert trace.hidden_states.shape[0] == trace.num_tokens == 2 * (6 + 6)

@@ -142,6 +142,22 @@ def test_training_lowers_held_out_kl_and_keeps_training_recall(world):
     assert gate.num_parameters == P * (2 * SHAPE.hidden_size * 16 + 16 + SHAPE.hidden_size)
 
 
+def test_text_recall_scores_against_each_layers_own_router(world):
+    tensors, _, _, trace, _ = world
+    model = _model(tensors)
+    pre = {"pregate": PreGate(model, DEPTH)}
+    # The same residual at every layer: the pre-gate *is* each later layer's router, so recall is exact.
+    same = np.repeat(trace.hidden_states[:, :1], SHAPE.num_layers, axis=1)
+    rows = make_tracks.text_recall(pre, same, DEPTH, "same")
+    assert [r["recall"] for r in rows] == [1.0] * DEPTH and all(r["tokens"] == len(same) for r in rows)
+    # On the engine's residuals the routing it derives is the recorded one, so recall matches track_recall
+    # (up to a near-tie or two: the trace stores h in float16, the engine routed on float32).
+    rows = make_tracks.text_recall(pre, trace.hidden_states, DEPTH, "recorded")
+    want = track_recall(pre["pregate"].track(trace.hidden_states), trace.experts)
+    np.testing.assert_allclose([r["recall"] for r in rows], want, atol=1e-3)
+    assert max(want) < 1.0
+
+
 def test_gate_round_trips_through_safetensors(world, tmp_path):
     tensors, _, _, trace, _ = world
     model = _model(tensors)
