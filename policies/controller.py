@@ -53,6 +53,9 @@ class OffloadController:
         self.blocked = False                 # a demand job waits for a slot to be released
         self._unused_prefetch: set[int] = set()
         self._order = 0                      # counts demand promotions and copy starts
+        # Set by begin_layer until prefetch_layer: the layer whose prefetch is still to be asked for.
+        # In between only demand fetches may start (see next_copy).
+        self._prefetch_access: LayerAccess | None = None
         self.copy_log: list[CopyJob] | None = [] if record_copies else None
 
     # -- before decoding -----------------------------------------------------------------------
@@ -86,8 +89,13 @@ class OffloadController:
     def begin_layer(self, token: int, layer: int, experts: list[int], weights: list[float] | None,
                     now_ns: int, hidden=None) -> list[Need]:
         """The router of ``layer`` chose ``experts`` for ``token``. Protects them from eviction,
-        queues demand fetches for the absent ones, asks the policy for prefetches, and returns what
-        the compute stream must wait for: resident experts first, then the rest in copy order."""
+        queues demand fetches for the absent ones, and returns what the compute stream must wait for:
+        resident experts first, then the rest in copy order. The clock then starts the demand copies
+        and calls ``prefetch_layer``: the engine does so after launching the layer's experts, so the
+        policy's prediction and scheduling run while the GPU computes instead of before."""
+        if self._prefetch_access is not None:
+            raise RuntimeError(f"begin_layer({token}, {layer}): prefetch_layer was not called after the "
+                               f"previous begin_layer; every clock calls the two in turn")
         cache, queue, policy, stats = self.cache, self.queue, self.policy, self.stats
         key_slot, slot_state, in_use = cache.key_slot, cache.slot_state, cache.in_use
         step = token * self.num_layers + layer
@@ -123,14 +131,23 @@ class OffloadController:
             policy.on_access(access, i, key, hit)
         stats.accesses += len(experts)
         stats.hits += len(ready)
-        requests = policy.prefetch(access)
-        if requests is not None:
-            self._apply_prefetch(requests, now_ns)
+        self._prefetch_access = access
         # In-flight copies finish first, then queued ones in queue order.
         if waiting:
             waiting.sort(key=lambda kj: (kj[1].state != RUNNING, kj[1].sort_key()))
             ready.extend(waiting)
         return ready
+
+    def prefetch_layer(self, now_ns: int) -> None:
+        """The policy's prefetches for the layer ``begin_layer`` last saw: queues them in need order
+        and cancels queued prefetches that the new prediction dropped. Until this is called, only
+        demand fetches start, so a stale prefetch never takes the link from this layer's demand."""
+        access, self._prefetch_access = self._prefetch_access, None
+        if access is None:
+            raise RuntimeError("prefetch_layer: no begin_layer to prefetch for")
+        requests = self.policy.prefetch(access)
+        if requests is not None:
+            self._apply_prefetch(requests, now_ns)
 
     def end_layer(self, needs: list[Need]) -> None:
         release = self.cache.release
@@ -140,12 +157,13 @@ class OffloadController:
     # -- the copy side -------------------------------------------------------------------------
     def next_copy(self, now_ns: int) -> CopyJob | None:
         """Start the most urgent queued copy that can get a slot; None if there is none (or the
-        head is a demand fetch waiting for a slot: ``blocked``)."""
+        head is a demand fetch waiting for a slot: ``blocked``; or it is a prefetch and the current
+        layer's ``prefetch_layer`` is still to come)."""
         cache, queue, policy = self.cache, self.queue, self.policy
         self.blocked = False
         while True:
             job = queue.peek()
-            if job is None:
+            if job is None or (not job.demand and self._prefetch_access is not None):
                 return None
             key = job.key
             scope = cache.scope(key)

@@ -78,6 +78,7 @@ class SpeculativePrefetch(LRU):
         self.min_score = None if min_score is None else float(min_score)
         self.budget = self.copy_budget(ctx, self.depth) if self.limit_depth else None
         self._predicted: dict[int, int] = {}   # key -> need step, from the latest prediction
+        self._step = -1                         # the step being routed now
         self.latest_scores: tuple[int, np.ndarray] | None = None   # (step, [D, E]) of the latest prediction
 
     @staticmethod
@@ -118,6 +119,10 @@ class SpeculativePrefetch(LRU):
             self._predicted = predicted
         return requests
 
+    def on_access(self, access: LayerAccess, index: int, key: int, hit: bool) -> None:
+        self._step = access.step
+        super().on_access(access, index, key, hit)
+
     def choose_victim(self, scope: int, cache: ExpertCache, job) -> int | None:
         predicted = self._predicted
         if not predicted:
@@ -128,7 +133,7 @@ class SpeculativePrefetch(LRU):
             if not is_evictable(key):
                 continue
             need = predicted.get(key)
-            if need is None:
+            if need is None or need <= self._step:    # not predicted, or its layer has already routed
                 return key
             if need > latest_need:
                 latest, latest_need = key, need

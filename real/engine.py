@@ -3,9 +3,10 @@ a GPU slot cache filled by a dedicated copy stream, and the shared ``policies`` 
 what is copied, when, and what is evicted.
 
 The decode path per layer mirrors the simulator's: attention, router (its ids are read on the host:
-that is the one synchronisation a routed model needs), ``begin_layer`` (hits, demand fetches,
-prefetch requests), then the chosen experts with resident ones first, each made to wait on the GPU
-for its own copy only. Expert outputs are combined in a fixed order, so every cache size and policy
+that is the one synchronisation a routed model needs), ``begin_layer`` (hits, demand fetches), the
+demand copies, then the chosen experts with resident ones first, each made to wait on the GPU for its
+own copy only. Only then does the policy predict and schedule prefetches (``prefetch_layer``): that
+host work overlaps the GPU's expert compute instead of leaving the GPU idle. Expert outputs are combined in a fixed order, so every cache size and policy
 performs exactly the same arithmetic as the all-resident engine: lossless policies give identical
 tokens, bit for bit.
 """
@@ -166,7 +167,7 @@ class OffloadEngine:
             if marks is not None:
                 routed = marks.mark()
             needs = ctrl.begin_layer(step, layer, experts, weights, copies.now_ns(), hidden=h)
-            copies.pump()
+            copies.pump()                                 # demand fetches only, until prefetch_layer
             outputs: dict[int, torch.Tensor] = {}
             used = []
             base = layer * E
@@ -177,8 +178,11 @@ class OffloadEngine:
                 used.append(slot)
                 outputs[key - base] = m.expert(x, self.slots[slot])
             copies.release_slots(used)
-            ctrl.end_layer(needs)
             h = m.combine(layer, h, x, experts, w, outputs)
+            # The GPU now has this layer's experts to run: predict and schedule meanwhile.
+            ctrl.prefetch_layer(copies.now_ns())
+            copies.pump()
+            ctrl.end_layer(needs)
             if marks is not None:
                 copied = [(experts.index(key - base), job) for key, job in needs if job is not None]
                 self._layer_marks.append((step, layer, layer_start, routed, marks.mark(), copied))

@@ -31,7 +31,10 @@ def replay_untimed(trace: Trace, policy_cls: type[Policy], cache_slots: int,
         for layer in range(L):
             run = ctrl.executed_experts(t, layer, routes[layer], weights[layer])
             needs = ctrl.begin_layer(t, layer, run, weights[layer], 0)
-            while (job := ctrl.next_copy(0)) is not None:
+            while (job := ctrl.next_copy(0)) is not None:    # this layer's demand fetches
+                ctrl.copy_done(job, 0)
+            ctrl.prefetch_layer(0)
+            while (job := ctrl.next_copy(0)) is not None:    # then prefetches
                 ctrl.copy_done(job, 0)
             ctrl.end_layer(needs)
     return ctrl.stats

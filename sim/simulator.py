@@ -179,6 +179,12 @@ class _Run:
                         if pending:
                             yield env.timeout(pending)
                             pending = 0
+                        self._start_copies()           # demand fetches only (controller rule)
+                    ctrl.prefetch_layer(env.now + pending)
+                    if len(queue):
+                        if pending:
+                            yield env.timeout(pending)
+                            pending = 0
                         self._start_copies()
                     for key, job in needs:
                         if job is not None and job.state != DONE:

@@ -135,6 +135,9 @@ def drive(trace, policy, tokens: int):
     for t in range(tokens):
         for layer in range(trace.num_layers):
             needs = ctrl.begin_layer(t, layer, trace.experts[t, layer].tolist(), None, 0)
+            while (job := ctrl.next_copy(0)) is not None:
+                ctrl.copy_done(job, 0)
+            ctrl.prefetch_layer(0)
             queued.append(len(ctrl.queue.queued_prefetches()))
             while (job := ctrl.next_copy(0)) is not None:
                 ctrl.copy_done(job, 0)
@@ -228,6 +231,44 @@ def test_a_predicted_expert_is_not_evicted_while_an_unpredicted_one_can_be():
     cache.acquire(11)                                      # only predicted experts are evictable now
     assert policy.choose_victim(1, cache, prefetch) is None   # both needed as soon as the prefetch
     assert policy.choose_victim(1, cache, demand) == 8       # a demand fetch always gets one
+
+
+def test_a_prediction_for_a_layer_that_has_routed_protects_nothing():
+    scores = np.zeros(8)
+    scores[[0, 1]] = 1.0                                   # predicted at layer 0 for layer 1
+    policy, cache = protected_policy(2, [scores])
+    for e in (0, 1, 2, 3):
+        cache.load_resident(8 + e)
+        policy.on_insert(8 + e)
+    policy.prefetch(LayerAccess(0, 0, 0, [4, 5]))
+    policy.on_access(LayerAccess(0, 1, 1, [1, 3]), 0, 9, True)   # layer 1 routed: the prediction is spent
+    cache.acquire(9)
+    cache.acquire(11)
+    demand = CopyJob(8 + 6, True, need_step=1, seq=1, now_ns=0)
+    # 8 (least recent) and 10 are evictable; 8 was predicted, but layer 1 has routed since
+    assert policy.choose_victim(1, cache, demand) == 8
+
+
+def test_no_prefetch_starts_between_begin_layer_and_prefetch_layer():
+    trace = with_tracks(synthetic_trace(num_tokens=4, num_layers=3, num_experts=8, top_k=2, seed=1), 1.0)
+    ctx = lookahead_ctx(trace, None, None, slots=2, depth=2)
+    cache = ExpertCache(3, 8, 2, CacheMode.PER_LAYER, 2)
+    ctrl = OffloadController(Lookahead(ctx), cache, expert_bytes=1)
+    needs = ctrl.begin_layer(0, 0, trace.experts[0, 0].tolist(), None, 0)
+    with pytest.raises(RuntimeError, match="prefetch_layer was not called"):
+        ctrl.begin_layer(0, 1, trace.experts[0, 1].tolist(), None, 0)
+    started = []
+    while (job := ctrl.next_copy(0)) is not None:
+        started.append(job)
+        ctrl.copy_done(job, 0)
+    assert started and all(job.demand for job in started)
+    ctrl.prefetch_layer(0)
+    assert ctrl.queue.queued_prefetches()                  # layers 1 and 2 predicted, not held
+    job = ctrl.next_copy(0)
+    assert job is not None and not job.demand
+    ctrl.end_layer(needs)
+    with pytest.raises(RuntimeError, match="no begin_layer"):
+        ctrl.prefetch_layer(0)
 
 
 @given(st.permutations(range(24)), st.sets(st.integers(0, 23)), st.sets(st.integers(0, 23)),
