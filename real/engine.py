@@ -95,7 +95,7 @@ class OffloadEngine:
             self.arena = pinned_empty((L * E, blob_numel), blobs.dtype) if self.cuda else torch.empty(
                 (L * E, blob_numel), dtype=blobs.dtype)
             self.arena.copy_(blobs.reshape(L * E, blob_numel))
-            model.expert_blobs = None                   # free the GPU copy: the engine owns the experts
+            model.drop_resident_experts()               # free the GPU copy: the engine owns the experts
         self.cache = ExpertCache(L, E, settings.cache_slots, settings.cache_mode, K)
         try:
             self.slots = torch.empty((self.cache.num_slots, blob_numel), dtype=blobs.dtype,
@@ -112,6 +112,8 @@ class OffloadEngine:
             predictor = GraphedPredictor(predictor, model)
         else:
             model.capture_graphs()
+        # Experts and combine as graphs too, one expert graph per (slot, top-k position); None on CPU.
+        self.expert_graphs = model.expert_graphs(self.slots)
         ctx = PolicyContext(shape, settings.cache_slots, CacheMode(settings.cache_mode),
                             settings.prefetch_depth, future, train_trace, params,
                             predictor=predictor,
@@ -144,11 +146,15 @@ class OffloadEngine:
         m.set_position(pos)
         h = m.embed(token_id)
         marks = self.marks
+        graphs = self.expert_graphs
+        if graphs is not None and graphs.layers is not m._graphs:
+            graphs = None                                 # the layer graphs were recaptured since
+        routed_as_is = forced is None
         for layer in range(self.shape.num_layers):
             if marks is not None:
                 layer_start = marks.mark()
             h, x, ids, w, probs = m.attention_route(layer, h, pos)
-            experts = ids.reshape(-1).tolist()            # the host learns the routing here
+            experts = router_ids = ids.reshape(-1).tolist()   # the host learns the routing here
             weights = w.reshape(-1).float().tolist()
             if forced is not None:                        # shape replay: routing from a trace
                 experts, weights = forced[layer], forced_weights[layer]
@@ -176,9 +182,17 @@ class OffloadEngine:
                     copies.make_ready(job)
                 slot = cache.key_slot[key]
                 used.append(slot)
-                outputs[key - base] = m.expert(x, self.slots[slot])
+                if graphs is not None:
+                    position = experts.index(key - base)
+                    graphs.expert(slot, position)
+                    outputs[key - base] = graphs.out[position]
+                else:
+                    outputs[key - base] = m.expert(x, self.slots[slot])
             copies.release_slots(used)
-            h = m.combine(layer, h, x, experts, w, outputs)
+            if graphs is not None and routed_as_is and experts is router_ids:
+                h = graphs.combine(layer)                 # the router's own ids and weights, on the device
+            else:
+                h = m.combine(layer, h, x, experts, w, outputs)
             # The GPU now has this layer's experts to run: predict and schedule meanwhile.
             ctrl.prefetch_layer(copies.now_ns())
             copies.pump()

@@ -23,12 +23,17 @@ kernels, and launching them one by one from Python costs far more than running t
 layer on an H100, against microseconds of GPU time), which would hide every copy behind host overhead.
 So on CUDA the attention and router of each layer are captured as one graph: the token's position is a
 device tensor, the key and value are written with ``index_copy_``, and attention reads the whole KV
-window under a position mask. Routing is data-dependent, so the experts and the combine stay outside
-the graph. Every path (the resident model, the offloaded engine at any cache size) runs the same
-graphs, so they stay bit-identical with each other; against the eager path they agree to rounding.
+window under a position mask. Routing is data-dependent, so the experts and the combine cannot join
+that graph; they get graphs of their own (``ExpertGraphs``): one per (expert weight blob, top-k
+position) and one combine per layer, so that the host picks which to launch from the routing it has
+read, for a few microseconds each instead of about 100 µs per expert launched op by op. Every path
+(the resident model, the offloaded engine at any cache size) runs the same graphs, so they stay
+bit-identical with each other; against the eager path they agree to rounding.
 """
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -40,6 +45,7 @@ from real.pinned import pinned_empty
 
 BlobOf = Callable[[int, int], torch.Tensor]   # (layer, expert) -> that expert's blob on the compute device
 DEFAULT_MAX_LEN = 4096
+DISABLE_ENV = "MOE_LAB_EXPERT_GRAPHS"         # "0": experts and combine launched op by op (for comparison)
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,7 @@ class MoEModel:
         self.rope_sin = angles.sin().to(dtype)
         self._positions = torch.arange(self.max_len, device=self.device)
         self._graphs: _LayerGraphs | None = None
+        self._resident_experts: ExpertGraphs | None = None     # graphs over expert_blobs, when on the GPU
 
     # -- the decode step, piece by piece --------------------------------------------------------
     def reset(self) -> None:
@@ -206,7 +213,8 @@ class MoEModel:
             h = self.attention(layer, h, pos)
             return (h, *self.route_with_probs(layer, h))
         g = self._graphs
-        g.h_in.copy_(h)
+        if h is not g.h_in:                # an ExpertGraphs combine leaves h in place already
+            g.h_in.copy_(h)
         g.graphs[layer].replay()
         return g.outputs[layer]
 
@@ -232,9 +240,25 @@ class MoEModel:
             return False
         if self._graphs is not None and self._graphs.extra == extra:    # bound methods compare by ==
             return True
-        self._graphs = None                      # free the old graphs before capturing new ones
+        self._graphs = self._resident_experts = None     # free the old graphs before capturing new ones
         self._graphs = _LayerGraphs(self, extra)
+        if self.expert_blobs is not None and self.expert_blobs.device.type == "cuda":
+            c = self.config
+            self._resident_experts = ExpertGraphs.capture(self, self.expert_blobs.reshape(
+                c.num_layers * c.num_experts, -1))
         return True
+
+    def expert_graphs(self, blobs: torch.Tensor) -> "ExpertGraphs | None":
+        """``ExpertGraphs`` over ``blobs`` [N, blob] on the GPU (an engine's slots), for the layer graphs
+        captured now; None without layer graphs or when there would be too many graphs to capture."""
+        if self._graphs is None:
+            return None
+        return ExpertGraphs.capture(self, blobs)
+
+    def drop_resident_experts(self) -> None:
+        """``expert_blobs`` is about to go (an engine took the experts): forget graphs that read it."""
+        self.expert_blobs = None
+        self._resident_experts = None
 
     def graph_extra(self, layer: int) -> torch.Tensor:
         """The output of ``capture_graphs``'s ``extra`` for ``layer`` from its latest replay."""
@@ -338,11 +362,18 @@ class MoEModel:
         """Logits [1, V] after the token at ``pos``; appends one ``LayerRecord`` per layer to ``record``."""
         self.set_position(pos)
         h = self.embed(token_id)
+        E = self.config.num_experts
+        graphs = self._resident_experts if blob_of is None else None
         for layer in range(self.config.num_layers):
             h, x, ids, weights, probs = self.attention_route(layer, h, pos)
             if record is not None:
                 record.append(LayerRecord(ids.reshape(-1), weights.reshape(-1), probs.reshape(-1), x.reshape(-1)))
-            h = self.moe(layer, h, x, ids, weights, blob_of)
+            if graphs is not None and graphs.layers is self._graphs:
+                for i, e in enumerate(ids.reshape(-1).tolist()):
+                    graphs.expert(layer * E + e, i)
+                h = graphs.combine(layer)
+            else:
+                h = self.moe(layer, h, x, ids, weights, blob_of)
         return self.final(h)
 
     def generate_greedy(self, prompt_ids: Sequence[int], max_new_tokens: int, blob_of: BlobOf | None = None,
@@ -384,6 +415,8 @@ class _LayerGraphs:
         self.extras: list[torch.Tensor | None] = []
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.h_in = torch.zeros((1, model.config.hidden_size), dtype=model.dtype, device=device)
+        # Every layer's expert input x also lands here, so one expert graph per weight blob serves any layer.
+        self.x_shared = torch.zeros_like(self.h_in)
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.outputs: list[tuple[torch.Tensor, ...]] = []
         saved = model.kv_cache.clone()
@@ -400,6 +433,7 @@ class _LayerGraphs:
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     h = model._attention_graphable(layer, self.h_in, self.pos)
                     out = (h, *model.route_with_probs(layer, h))
+                    self.x_shared.copy_(out[1])
                     extra_out = None if extra is None else extra(layer, h)
                 pool = graph.pool()
                 self.graphs.append(graph)
@@ -407,3 +441,80 @@ class _LayerGraphs:
                 self.extras.append(extra_out)
         torch.cuda.current_stream(device).wait_stream(stream)
         model.kv_cache.copy_(saved)          # warm-up and capture wrote position 0
+
+
+class ExpertGraphs:
+    """A layer's experts and its combine as CUDA graphs, over a fixed set of expert weight blobs [N, blob]
+    (an engine's slots, or a resident model's experts). Graph (n, i) runs the expert whose weights are
+    ``blobs[n]`` on the layer's normalised input and leaves the result in output position i (the i-th
+    expert in router order); the combine graph of a layer adds the weighted outputs to the residual in
+    ascending expert id, exactly as ``MoEModel.combine`` does, and leaves the sum in the layer graphs'
+    input buffer, where the next layer's graph reads it. The combine reads the router's own ids and
+    weights from the layer graph, so it serves only when the routed experts are the ones that ran
+    (an engine with forced routing or lossy substitution combines eagerly from ``out``)."""
+
+    MAX_GRAPHS = 4096           # above this, capture time and graph memory outweigh the launch savings
+
+    def __init__(self, layers: "_LayerGraphs", out: torch.Tensor, experts: list, combines: list):
+        self.layers = layers    # the layer graphs these read from and write to (stale once recaptured)
+        self.out = out          # [K, 1, H] expert outputs by top-k position
+        self._experts = experts
+        self._combines = combines
+
+    @classmethod
+    @torch.no_grad()
+    def capture(cls, model: MoEModel, blobs: torch.Tensor) -> "ExpertGraphs | None":
+        g = model._graphs
+        c = model.config
+        K, H = c.top_k, c.hidden_size
+        if g is None or len(blobs) * K + c.num_layers > cls.MAX_GRAPHS or os.environ.get(DISABLE_ENV) == "0":
+            return None
+        device = model.device
+        out = torch.zeros((K, 1, H), dtype=model.dtype, device=device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        pool = None
+        experts, combines = [], []
+        with torch.cuda.stream(stream):
+            model.expert(g.x_shared, blobs[0])          # warm-up: kernels chosen, workspace allocated
+            for n in range(len(blobs)):
+                row = []
+                for i in range(K):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        out[i].copy_(model.expert(g.x_shared, blobs[n]))
+                    pool = graph.pool()
+                    row.append(graph)
+                experts.append(row)
+            for layer in range(c.num_layers):
+                h, x, ids, weights, _ = g.outputs[layer]
+                for warm in (True, False):
+                    graph = None if warm else torch.cuda.CUDAGraph()
+                    ctx = torch.cuda.graph(graph, pool=pool, stream=stream) if graph is not None else nullcontext()
+                    with ctx:
+                        order = torch.argsort(ids.reshape(-1))          # ascending expert id
+                        w = weights.reshape(-1)
+                        acc = None
+                        for j in range(K):
+                            at = order[j:j + 1]
+                            # as MoEModel.combine: a [1, H] output times a one-element weight, rounded once
+                            term = (out.index_select(0, at).reshape(1, H) * w.index_select(0, at)).to(model.dtype)
+                            acc = term if acc is None else acc + term
+                        shared = model.shared_expert(layer, x)
+                        if shared is not None:
+                            acc = acc + shared
+                        g.h_in.copy_(h + acc)
+                    if graph is not None:
+                        pool = graph.pool()
+                        combines.append(graph)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        return cls(g, out, experts, combines)
+
+    def expert(self, n: int, i: int) -> None:
+        """Run the expert in blob ``n`` on the current layer's input, into ``out[i]``."""
+        self._experts[n][i].replay()
+
+    def combine(self, layer: int) -> torch.Tensor:
+        """The residual after ``layer``'s MoE (the layer graphs' input buffer), from ``out``."""
+        self._combines[layer].replay()
+        return self.layers.h_in

@@ -284,11 +284,13 @@ def test_config_errors(change, match, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_match_the_eager_path(saved):
     """Attention + router captured as CUDA graphs (position on the device, masked full-window
-    attention) give the eager path's logits to float32 rounding and its greedy tokens."""
+    attention), and experts + combine as ExpertGraphs, give the eager path's logits to float32
+    rounding and its greedy tokens."""
     family, _, path = saved
     cfg, tensors = load_checkpoint(path, dtype=torch.float32)
     eager = MoEModel(cfg, tensors, device="cuda", dtype=torch.float32, max_len=64)
     graphed = MoEModel(cfg, tensors, device="cuda", dtype=torch.float32, max_len=64)
     assert graphed.capture_graphs() and graphed.graphed and not eager.graphed
+    assert graphed._resident_experts is not None          # experts and combine run as graphs too
     assert _rel_err(_step_logits(graphed, SEQ), _step_logits(eager, SEQ)) < 1e-5, family
     assert graphed.generate_greedy(SEQ[:5], 12) == eager.generate_greedy(SEQ[:5], 12), family
