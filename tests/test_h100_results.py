@@ -32,8 +32,8 @@ def test_the_recorded_trace_has_what_the_predictors_need(committed):
     assert trace.predictions["lookahead"].shape == (192, 16, 3, 8)
 
 
-@pytest.mark.parametrize("policy", ["lru", "belady", "oracle", "mixtral-offloading", "speculating-experts",
-                                    "lookahead"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "belady", "oracle", "mixtral-offloading", "speculating-experts",
+                                    "speculating-experts-lossy", "lookahead"])
 def test_simulated_column_is_reproduced_from_the_committed_trace_and_profile(committed, policy):
     trace, hardware, table = committed
     mask = np.zeros(trace.num_tokens, dtype=bool)
@@ -57,3 +57,14 @@ def test_measured_claims(committed):
     assert live["copy_GBps"].min() >= 0.9 * 55       # demand copies at >= 90 % of the link figure
     correctness = pd.read_csv(RESULTS / "correctness.csv")
     assert correctness.loc[correctness["lossless"], "identical_to_fully_on_gpu"].all()
+    assert len(correctness) == 1 + len(table)        # the all-resident engine, then every policy row
+
+
+def test_the_timed_trace_accounts_for_every_copy_and_stall():
+    """The offloaded run's layer timings (LRU, 2 slots): a layer waits only where one of its experts
+    was copied, and each copy it waited for ended after it started."""
+    t = load_trace(ROOT / "traces" / "moe-lm-h100-lru-2-timed.npz").timings
+    copied = t["copy_start_ms"] >= 0
+    assert copied.any() and (t["copy_end_ms"][copied] > t["copy_start_ms"][copied]).all()
+    assert (t["stall_ms"][~copied.any(-1)] == 0).all() and (t["stall_ms"] >= 0).all()
+    assert (t["layer_ms"] > 0).all()
