@@ -5,8 +5,9 @@ what is copied, when, and what is evicted.
 The decode path per layer mirrors the simulator's: attention, router (its ids are read on the host:
 that is the one synchronisation a routed model needs), ``begin_layer`` (hits, demand fetches), the
 demand copies, then the chosen experts with resident ones first, each made to wait on the GPU for its
-own copy only. Only then does the policy predict and schedule prefetches (``prefetch_layer``): that
-host work overlaps the GPU's expert compute instead of leaving the GPU idle. Expert outputs are combined in a fixed order, so every cache size and policy
+own copy only; then the combine and the next layer's attention are launched, and only then does the
+policy predict and schedule this layer's prefetches (``prefetch_layer``): that host work overlaps the
+GPU's expert and attention compute instead of leaving the GPU idle. Expert outputs are combined in a fixed order, so every cache size and policy
 performs exactly the same arithmetic as the all-resident engine: lossless policies give identical
 tokens, bit for bit.
 """
@@ -150,12 +151,14 @@ class OffloadEngine:
         if graphs is not None and graphs.layers is not m._graphs:
             graphs = None                                 # the layer graphs were recaptured since
         routed_as_is = forced is None
-        for layer in range(self.shape.num_layers):
-            if marks is not None:
-                layer_start = marks.mark()
-            h, x, ids, w, probs = m.attention_route(layer, h, pos)
-            experts = router_ids = ids.reshape(-1).tolist()   # the host learns the routing here
-            weights = w.reshape(-1).float().tolist()
+        L = self.shape.num_layers
+        if marks is not None:
+            layer_start = marks.mark()
+        launched = m.attention_route(0, h, pos)
+        for layer in range(L):
+            h, x, ids, w, probs = launched
+            router_ids, weights = m.read_routing(layer, ids, w)    # the host learns the routing here
+            experts = router_ids
             if forced is not None:                        # shape replay: routing from a trace
                 experts, weights = forced[layer], forced_weights[layer]
                 w = torch.tensor(weights, dtype=w.dtype, device=w.device)
@@ -190,16 +193,22 @@ class OffloadEngine:
                     outputs[key - base] = m.expert(x, self.slots[slot])
             copies.release_slots(used)
             if graphs is not None and routed_as_is and experts is router_ids:
-                h = graphs.combine(layer)                 # the router's own ids and weights, on the device
+                h_next = graphs.combine(layer)            # the router's own ids and weights, on the device
             else:
-                h = m.combine(layer, h, x, experts, w, outputs)
-            # The GPU now has this layer's experts to run: predict and schedule meanwhile.
-            ctrl.prefetch_layer(copies.now_ns())
-            copies.pump()
-            ctrl.end_layer(needs)
+                h_next = m.combine(layer, h, x, experts, w, outputs)
             if marks is not None:
                 copied = [(experts.index(key - base), job) for key, job in needs if job is not None]
                 self._layer_marks.append((step, layer, layer_start, routed, marks.mark(), copied))
+            # The GPU has this layer's experts and the next layer's attention to run; the host meanwhile
+            # asks the policy for this layer's prefetches and feeds the copies (same controller order).
+            if layer + 1 < L:
+                if marks is not None:
+                    layer_start = marks.mark()
+                launched = m.attention_route(layer + 1, h_next, pos)
+            ctrl.prefetch_layer(copies.now_ns())
+            copies.pump()
+            ctrl.end_layer(needs)
+            h = h_next
         self.routing.experts.append(experts_of_step)
         self.routing.weights.append(weights_of_step)
         if keep_hidden:

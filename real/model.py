@@ -37,6 +37,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -216,7 +217,21 @@ class MoEModel:
         if h is not g.h_in:                # an ExpertGraphs combine leaves h in place already
             g.h_in.copy_(h)
         g.graphs[layer].replay()
+        g.replays[layer] += 1
         return g.outputs[layer]
+
+    def read_routing(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> tuple[list[int], list[float]]:
+        """The routed expert ids and weights of ``layer`` on the host: the one synchronisation a routed
+        layer needs. With graphs, ids, weights and the graph's extra output (a live predictor's
+        scores, ``graph_extra_host``) come back in one copy of a buffer the graph packed."""
+        g = self._graphs
+        if g is None:
+            return ids.reshape(-1).tolist(), weights.reshape(-1).float().tolist()
+        host = g.readouts[layer].cpu().numpy()
+        K = self.config.top_k
+        if g.extra is not None:
+            g.host_extra[layer] = (g.replays[layer], host[2 * K:].reshape(g.extras[layer].shape))
+        return host[:K].astype(np.int64).tolist(), host[K:2 * K].tolist()
 
     def set_position(self, pos: int) -> None:
         """The position of the token about to run (graphs read it from the device)."""
@@ -265,6 +280,15 @@ class MoEModel:
         if self._graphs is None or self._graphs.extra is None:
             raise RuntimeError("graph_extra: no graphs with an extra output were captured")
         return self._graphs.extras[layer]
+
+    def graph_extra_host(self, layer: int) -> np.ndarray:
+        """``graph_extra(layer)`` on the host: the copy ``read_routing`` brought back with the routing
+        of the latest replay, or (if routing was not read since) a copy made now."""
+        g = self._graphs
+        cached = g.host_extra[layer] if g is not None else None
+        if cached is not None and cached[0] == g.replays[layer]:
+            return cached[1]
+        return self.graph_extra(layer).cpu().numpy()
 
     def _attention_graphable(self, layer: int, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """``attention`` with the position as a device tensor (shape [1]) and no host-side shapes."""
@@ -369,7 +393,7 @@ class MoEModel:
             if record is not None:
                 record.append(LayerRecord(ids.reshape(-1), weights.reshape(-1), probs.reshape(-1), x.reshape(-1)))
             if graphs is not None and graphs.layers is self._graphs:
-                for i, e in enumerate(ids.reshape(-1).tolist()):
+                for i, e in enumerate(self.read_routing(layer, ids, weights)[0]):
                     graphs.expert(layer * E + e, i)
                 h = graphs.combine(layer)
             else:
@@ -419,6 +443,12 @@ class _LayerGraphs:
         self.x_shared = torch.zeros_like(self.h_in)
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.outputs: list[tuple[torch.Tensor, ...]] = []
+        # What the host reads after each layer, packed by the graph into one float32 buffer: ids (exact
+        # in float32), weights, then the extra output. One device-to-host copy, one synchronisation.
+        self.readouts: list[torch.Tensor] = []
+        L = model.config.num_layers
+        self.replays = [0] * L                          # replays per layer, to tell a host copy is current
+        self.host_extra: list[tuple[int, np.ndarray] | None] = [None] * L
         saved = model.kv_cache.clone()
         pool = None
         stream = torch.cuda.Stream(device)
@@ -435,10 +465,15 @@ class _LayerGraphs:
                     out = (h, *model.route_with_probs(layer, h))
                     self.x_shared.copy_(out[1])
                     extra_out = None if extra is None else extra(layer, h)
+                    parts = [out[2].reshape(-1).float(), out[3].reshape(-1).float()]
+                    if extra_out is not None:
+                        parts.append(extra_out.reshape(-1).float())
+                    readout = torch.cat(parts)
                 pool = graph.pool()
                 self.graphs.append(graph)
                 self.outputs.append(out)
                 self.extras.append(extra_out)
+                self.readouts.append(readout)
         torch.cuda.current_stream(device).wait_stream(stream)
         model.kv_cache.copy_(saved)          # warm-up and capture wrote position 0
 

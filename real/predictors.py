@@ -206,14 +206,15 @@ class LookaheadGatePredictor(HiddenStatePredictor):
 class GraphedPredictor:
     """A hidden-state predictor whose ``probs`` run inside the model's per-layer CUDA graph
     (``MoEModel.capture_graphs(extra=predictor.probs)``): by the time the engine has read the layer's
-    routing, the scores are already computed, and reading them back is one small copy."""
+    routing, the scores are already computed, and they came back in the same copy as the routing
+    (``MoEModel.read_routing``): no synchronisation of their own."""
 
     def __init__(self, predictor: HiddenStatePredictor, model: "MoEModel"):
         self.depth = predictor.depth
         self.model = model
 
     def scores(self, access: LayerAccess) -> np.ndarray:
-        return self.model.graph_extra(access.layer)[:, 0].cpu().numpy()
+        return self.model.graph_extra_host(access.layer)[:, 0]
 
 
 def track_recall(track: np.ndarray, experts: np.ndarray) -> list[float]:
