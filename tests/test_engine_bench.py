@@ -59,3 +59,10 @@ def test_live_flow_on_cpu(tmp_path):
     timed = load_trace(out / "tiny-lm-lru-2-timed.npz")
     assert timed.timings["copy_start_ms"].shape == (timed.num_tokens, 2, 2)
     assert (timed.timings["copy_start_ms"] >= 0).any()
+
+
+def test_host_overlap_bench_runs_on_cpu(tmp_path):
+    from experiments.bench_host_overlap import main as bench
+    table = bench(["after", "--out", str(tmp_path), "--device", "cpu", "--prompts", "1", "--new-tokens", "4"])
+    assert len(table) == 8 and (table["tokens_per_s"] > 0).all()
+    assert (tmp_path / "host_overlap_after.csv").is_file()
