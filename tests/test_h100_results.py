@@ -27,7 +27,7 @@ def committed():
 
 def test_the_recorded_trace_has_what_the_predictors_need(committed):
     trace, _, _ = committed
-    assert trace.model.name == "moe-lm" and trace.hidden_states.shape == (192, 16, 1024) and trace.num_tokens == 192
+    assert trace.model.name == "moe-lm" and trace.hidden_states.shape == (16, 16, 1024) and trace.num_tokens == 192
     assert {"pregate", "quasi", "lookahead"} <= set(trace.predictions)
     assert trace.predictions["lookahead"].shape == (192, 16, 3, 8)
 
