@@ -7,9 +7,9 @@ that is the one synchronisation a routed model needs), ``begin_layer`` (hits, de
 demand copies, then the chosen experts with resident ones first, each made to wait on the GPU for its
 own copy only; then the combine and the next layer's attention are launched, and only then does the
 policy predict and schedule this layer's prefetches (``prefetch_layer``): that host work overlaps the
-GPU's expert and attention compute instead of leaving the GPU idle. Expert outputs are combined in a fixed order, so every cache size and policy
-performs exactly the same arithmetic as the all-resident engine: lossless policies give identical
-tokens, bit for bit.
+GPU's expert and attention compute instead of leaving the GPU idle. Expert outputs are combined in a
+fixed order, so every cache size and policy performs exactly the same arithmetic as the all-resident
+engine: lossless policies give identical tokens, bit for bit.
 """
 from __future__ import annotations
 
@@ -150,7 +150,6 @@ class OffloadEngine:
         graphs = self.expert_graphs
         if graphs is not None and graphs.layers is not m._graphs:
             graphs = None                                 # the layer graphs were recaptured since
-        routed_as_is = forced is None
         L = self.shape.num_layers
         if marks is not None:
             layer_start = marks.mark()
@@ -192,7 +191,7 @@ class OffloadEngine:
                 else:
                     outputs[key - base] = m.expert(x, self.slots[slot])
             copies.release_slots(used)
-            if graphs is not None and routed_as_is and experts is router_ids:
+            if graphs is not None and experts is router_ids:    # not forced, not substituted
                 h_next = graphs.combine(layer)            # the router's own ids and weights, on the device
             else:
                 h_next = m.combine(layer, h, x, experts, w, outputs)

@@ -352,12 +352,19 @@ class MoEModel:
         (unweighted) ``expert`` results keyed by expert id; the sum runs in ascending expert id, each
         term rounded to the model dtype, as transformers accumulates."""
         w = weights.reshape(-1)
+        # w[i:i+1], not the 0-d w[i]: a 0-d tensor does not take part in type promotion, so Mixtral's
+        # float32 weight could be rounded to bf16 before the product; transformers multiplies by a
+        # [n, 1] float32 column and rounds the float32 product once.
+        order = sorted(range(len(expert_ids)), key=expert_ids.__getitem__)
+        return self.weighted_sum(layer, h, x, ((outputs[expert_ids[i]], w[i:i + 1]) for i in order))
+
+    def weighted_sum(self, layer: int, h: torch.Tensor, x: torch.Tensor, terms) -> torch.Tensor:
+        """h + the sum of output [1, H] x weight [1] over ``terms``, in the order given, each product
+        rounded once to the model dtype (+ the shared expert): the one combine rule, for ``combine``
+        and for the combine that ``ExpertGraphs`` captures."""
         acc = None
-        for i in sorted(range(len(expert_ids)), key=expert_ids.__getitem__):
-            # w[i:i+1], not the 0-d w[i]: a 0-d tensor does not take part in type promotion, so Mixtral's
-            # float32 weight could be rounded to bf16 before the product; transformers multiplies by a
-            # [n, 1] float32 column and rounds the float32 product once.
-            term = (outputs[expert_ids[i]] * w[i:i + 1]).to(self.dtype)
+        for output, weight in terms:
+            term = (output * weight).to(self.dtype)
             acc = term if acc is None else acc + term
         shared = self.shared_expert(layer, x)
         if shared is not None:
@@ -527,18 +534,11 @@ class ExpertGraphs:
                     graph = None if warm else torch.cuda.CUDAGraph()
                     ctx = torch.cuda.graph(graph, pool=pool, stream=stream) if graph is not None else nullcontext()
                     with ctx:
-                        order = torch.argsort(ids.reshape(-1))          # ascending expert id
+                        order = torch.argsort(ids.reshape(-1))          # ascending expert id, on the device
                         w = weights.reshape(-1)
-                        acc = None
-                        for j in range(K):
-                            at = order[j:j + 1]
-                            # as MoEModel.combine: a [1, H] output times a one-element weight, rounded once
-                            term = (out.index_select(0, at).reshape(1, H) * w.index_select(0, at)).to(model.dtype)
-                            acc = term if acc is None else acc + term
-                        shared = model.shared_expert(layer, x)
-                        if shared is not None:
-                            acc = acc + shared
-                        g.h_in.copy_(h + acc)
+                        terms = ((out.index_select(0, at).reshape(1, H), w.index_select(0, at))
+                                 for at in (order[j:j + 1] for j in range(K)))
+                        g.h_in.copy_(model.weighted_sum(layer, h, x, terms))
                     if graph is not None:
                         pool = graph.pool()
                         combines.append(graph)
