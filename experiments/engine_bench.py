@@ -32,8 +32,8 @@ from real.corpus import DEFAULT_CORPUS_DIR
 from real.engine import EngineSettings, OffloadEngine
 from real.model import MoEModel
 from experiments.make_tracks import RECALL_COLUMNS, affinity_recall, compute_tracks, text_recall
-from real.hidden_capture import capture_hidden_states
-from real.lookahead_gate import train_lookahead_gate
+from real.hidden_capture import CAPTURE_WINDOW, capture_hidden_states
+from real.lookahead_gate import VAL_TOKENS, train_lookahead_gate
 from real.predictors import LookaheadGatePredictor, PreGate, QuasiHiddenPreGate, default_vectors
 from real.profile_hw import measure_compute, measure_copies, measure_layer_overhead
 from real.record import routing_trace
@@ -248,17 +248,28 @@ def live(args) -> None:
 def _predictors(args, host: MoEModel, recorded, out: Path, work: Path, name: str):
     """The live predictors (pre-gate, quasi-hidden pre-gate, lookahead gate) and ``recorded`` with their
     tracks; writes OUT/gate_recall.csv and OUT/<name>-trace.npz (the recording with its tracks)."""
-    train_h = capture_hidden_states(args.model, args.gate_train_tokens, args.corpus, device=str(host.device),
-                                    dtype=host.dtype, seed=args.seed)
+    # The gate's validation text (for keeping its best step) is carved from the training split: the text
+    # recall is scored on must not choose the gate.
+    captured = capture_hidden_states(args.model, args.gate_train_tokens + args.gate_val_tokens, args.corpus,
+                                     device=str(host.device), dtype=host.dtype, seed=args.seed, window=CAPTURE_WINDOW)
+    n_train = (len(captured) - args.gate_val_tokens) // CAPTURE_WINDOW * CAPTURE_WINDOW    # whole windows each
+    train_h, val_h = captured[:n_train], captured[n_train:]
+    del captured
     text_h = capture_hidden_states(args.model, args.recall_tokens, args.corpus, device=str(host.device),
-                                   dtype=host.dtype, seed=args.seed, split="held_out")
+                                   dtype=host.dtype, seed=args.seed, split="held_out", window=CAPTURE_WINDOW)
     vectors = default_vectors(host, train_h[:args.vector_tokens])
-    start = time.perf_counter()
-    gate = train_lookahead_gate(host, train_h, args.depth, args.gate_rank, args.gate_steps, args.gate_lr,
-                                args.seed, host.device, args.gate_batch, log_every=max(args.gate_steps // 5, 1),
-                                val_hidden_states=text_h)
-    gate_s = time.perf_counter() - start
-    del train_h
+    gates, gate_s = {}, {}
+    for key, context in (("lookahead", False), ("lookahead-context", True)):
+        start = time.perf_counter()
+        print(f"training {key}", flush=True)
+        gates[key] = train_lookahead_gate(host, train_h, args.depth, args.gate_rank, args.gate_steps, args.gate_lr,
+                                          args.seed, host.device, args.gate_batch,
+                                          log_every=max(args.gate_steps // 20, 1), val_hidden_states=val_h,
+                                          keep_best=True, context=context, window=CAPTURE_WINDOW)
+        gate_s[key] = round(time.perf_counter() - start, 2)
+        print(f"{key}: trained in {gate_s[key]} s", flush=True)
+    gate = gates["lookahead"]
+    del train_h, val_h
     def at_depth(depth: int) -> dict:
         return {"pregate": PreGate(host, depth), "quasi": QuasiHiddenPreGate(host, vectors, depth),
                 "lookahead": LookaheadGatePredictor(gate)}
@@ -268,16 +279,20 @@ def _predictors(args, host: MoEModel, recorded, out: Path, work: Path, name: str
     # (three chained quasi-hidden steps, a [3E, H] matvec) would be paid for rows it never reads.
     shallow = at_depth(1)
     tracked, recall = compute_tracks(recorded, predictors, args.depth, f"{name}: held-out decode")
-    recall.extend(text_recall(predictors, text_h, args.depth, f"{name}: held-out text, teacher-forced"))
+    # The context gate scores offline only (the engine keeps no previous-token state yet): text rows only.
+    offline = {**predictors, "lookahead-context": LookaheadGatePredictor(gates["lookahead-context"], CAPTURE_WINDOW)}
+    recall.extend(text_recall(offline, text_h, args.depth, f"{name}: held-out text, teacher-forced"))
     del text_h
     recall.extend(affinity_recall(DEFAULT_TRACE, args.depth))
     table = pd.DataFrame(recall, columns=RECALL_COLUMNS)
-    table["gate_parameters"] = gate.num_parameters
-    table["gate_flops_per_token"] = gate.flops_per_token()
+    # The trained gates' own size and cost on their rows; the other predictors have no parameters.
+    table["gate_parameters"] = table["predictor"].map(lambda k: gates[k].num_parameters if k in gates else 0)
+    table["gate_flops_per_token"] = table["predictor"].map(lambda k: gates[k].flops_per_token() if k in gates else 0)
+    table["gate_train_s"] = table["predictor"].map(lambda k: gate_s.get(k, 0.0))
     atomic_write(out / "gate_recall.csv", lambda f: table.to_csv(f, index=False))
     print(table.to_string(index=False), flush=True)
     gate.save(work / f"{name}-gate", extra={"train_tokens": args.gate_train_tokens, "steps": args.gate_steps,
-                                            "train_s": round(gate_s, 2), "recall": recall})
+                                            "train_s": gate_s["lookahead"], "recall": recall})
     save_trace(tracked, out / f"{name}-trace.npz")
     return (lambda depth: shallow if depth == 1 else predictors), tracked
 
@@ -367,6 +382,8 @@ def main(argv=None) -> None:
     p.add_argument("--recall-tokens", type=int, default=8192,
                    help="held-out-split tokens, teacher-forced, every predictor's recall is scored on")
     p.add_argument("--vector-tokens", type=int, default=4096, help="of those, tokens for the default vectors")
+    p.add_argument("--gate-val-tokens", type=int, default=VAL_TOKENS,
+                   help="more training-split tokens, not trained on, that pick the gate's best step")
     p.add_argument("--gate-steps", type=int, default=4000)
     p.add_argument("--gate-rank", type=int, default=64)
     p.add_argument("--gate-lr", type=float, default=1e-3)

@@ -20,7 +20,7 @@ if [ "$PART" = model ] || [ "$PART" = all ]; then
         || export MOE_LAB_EXPERT_GRAPHS=0
     python -m real.train_lm --out runs/moe-lm --corpus "$CORPUS" --minutes 4 > "$OUT/train.log" 2>&1
     cp runs/moe-lm/train_report.json runs/moe-lm/routing_stats.json "$OUT/" 2>/dev/null
-    timeout 300 python -m experiments.engine_bench live --model runs/moe-lm --corpus "$CORPUS" --out "$OUT" \
+    timeout 330 python -m experiments.engine_bench live --model runs/moe-lm --corpus "$CORPUS" --out "$OUT" \
         --work runs --prompts 4 --prompt-len 16 --new-tokens 32 --slots 2,4,6 \
         --policies lru,lookahead,mixtral-offloading,oracle,belady,lfu,speculating-experts,speculating-experts-lossy \
         >> "$LOG" 2>&1

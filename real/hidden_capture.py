@@ -17,11 +17,12 @@ import torch
 from real.corpus import DEFAULT_CORPUS_DIR
 
 MOE_NORM = "post_attention_layernorm"
+CAPTURE_WINDOW = 256    # tokens per captured sequence: rows t and t+1 are consecutive unless t+1 starts one
 
 
 @torch.no_grad()
 def capture_hidden_states(model_dir: str | Path, tokens: int, corpus: str | Path = DEFAULT_CORPUS_DIR,
-                          window: int = 256, batch: int = 16, device: str = "cpu",
+                          window: int = CAPTURE_WINDOW, batch: int = 16, device: str = "cpu",
                           dtype: torch.dtype = torch.float32, seed: int = 0, split: str = "train") -> np.ndarray:
     """h_l for ``tokens`` tokens of text: float16 [tokens, L, H]. Windows of ``window`` tokens are
     drawn at random (seeded) from every domain's ``split`` ("train", or "held_out" to score predictors

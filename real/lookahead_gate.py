@@ -6,6 +6,14 @@ For each source layer l and distance d with l+d < L (a "pair" p):
     scores_{l,d}(h) = router_{l+d}(norm_{l+d}(h + s(h) * A_p(h / s(h)))),   s(h) = sqrt(mean(h^2) + eps)
     A_p(u) = W2_p silu(W1_p u + b1_p) + b2_p                                 (H -> r -> H)
 
+With ``context=True`` the adapter also reads the *previous token's* residual at the target layer,
+c = h_{t-1, l+d} (unit-RMS, zero for a sequence's first token): A_p(u, c) = W2_p silu(W1_p u + C_p c +
+b1_p) + b2_p. That is our extension, not Ou et al.'s. The hypothesis: much of what h_l cannot know about
+layer l+d is what that layer's attention adds from earlier tokens, which the previous token's residual
+there summarises.
+It is scored offline only so far (``LookaheadGatePredictor(gate, window).track``): the live engine
+keeps no previous-token state yet.
+
 The target layers' norms and routers are frozen copies of the model's. A_p reads the unit-RMS residual
 and its output is scaled back by s(h): the residual's magnitude grows with depth, and a correction of
 fixed relative size keeps one learning rate right for every layer (it is the spec's h + A(h) with the
@@ -51,16 +59,18 @@ class GateConfig:
     hidden_size: int
     depth: int
     rank: int
+    context: bool = False
 
 
 class LookaheadGate(torch.nn.Module):
-    def __init__(self, routers: FrozenRouters, depth: int, rank: int = 64, seed: int = 0):
+    def __init__(self, routers: FrozenRouters, depth: int, rank: int = 64, seed: int = 0, context: bool = False):
         super().__init__()
         if depth < 1 or rank < 1:
             raise ValueError(f"LookaheadGate: depth={depth} and rank={rank} must be at least 1")
         self.routers = routers                      # frozen: plain tensors, not parameters
         L, E, H = routers.folded.shape[0], routers.folded.shape[1], routers.folded.shape[2]
-        self.config = GateConfig(L, E, H, depth, rank)
+        self.config = GateConfig(L, E, H, depth, rank, bool(context))
+        self.context = bool(context)
         self.depth = depth
         pairs = _pairs(L, depth)
         if not pairs:
@@ -80,6 +90,8 @@ class LookaheadGate(torch.nn.Module):
         self.b1 = torch.nn.Parameter(torch.zeros((P, rank), device=device))
         self.w2 = torch.nn.Parameter(torch.zeros((P, H, rank), device=device))
         self.b2 = torch.nn.Parameter(torch.zeros((P, H), device=device))
+        if self.context:    # drawn after the others, so a context gate's W1 equals the plain gate's
+            self.c1 = torch.nn.Parameter((torch.randn((P, rank, H), generator=g) / H ** 0.5).to(device))
 
     @property
     def num_parameters(self) -> int:
@@ -87,33 +99,44 @@ class LookaheadGate(torch.nn.Module):
 
     def flops_per_token(self) -> int:
         c, P = self.config, len(self.source)
-        return P * (4 * c.hidden_size * c.rank + 2 * c.hidden_size * c.num_experts + 8 * c.hidden_size)
+        context = 2 * c.hidden_size * c.rank + 2 * c.hidden_size if c.context else 0
+        return P * (4 * c.hidden_size * c.rank + 2 * c.hidden_size * c.num_experts + 8 * c.hidden_size + context)
 
-    def pair_logits(self, first: int, stop: int, h: torch.Tensor) -> torch.Tensor:
-        """Logits of pairs [first, stop) for their source residuals h [P', B, H] -> [P', B, E]."""
+    def pair_logits(self, first: int, stop: int, h: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of pairs [first, stop) for their source residuals h [P', B, H] -> [P', B, E]; a
+        context gate also needs ``prev`` [P', B, H], the previous token's residual at each pair's target."""
         eps = self.routers.eps
         scale = torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         u = h / scale
-        a = F.silu(torch.baddbmm(self.b1[first:stop, None], u, self.w1[first:stop].transpose(1, 2)))
+        pre = torch.baddbmm(self.b1[first:stop, None], u, self.w1[first:stop].transpose(1, 2))
+        if self.context:
+            if prev is None:
+                raise ValueError("a context gate needs the previous token's residuals (prev)")
+            c = prev / torch.sqrt(prev.pow(2).mean(-1, keepdim=True) + eps)      # zero rows stay zero
+            pre = pre + torch.bmm(c, self.c1[first:stop].transpose(1, 2))
+        a = F.silu(pre)
         delta = torch.baddbmm(self.b2[first:stop, None], a, self.w2[first:stop].transpose(1, 2))
         z = h + scale * delta
         folded = self.routers.folded[self.target[first:stop]]                           # [P', E, H]
         return torch.bmm(self.routers.unit(z), folded.transpose(1, 2))
 
-    def logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, layer: int, h: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         """[D, B, E] logits for layers layer+1..layer+D from h [B, H] (float32); rows past the last
-        layer are zero."""
+        layer are zero. A context gate also reads ``prev`` [B, L, H]: every layer's residual of each
+        row's previous token (zeros for a sequence's first token)."""
         first, stop = self._first[layer], self._first[layer + 1]
         out = torch.zeros((self.depth, len(h), self.config.num_experts), dtype=torch.float32, device=h.device)
         if stop > first:
-            out[:stop - first] = self.pair_logits(first, stop, h.expand(stop - first, *h.shape))
+            p = None if prev is None else prev[:, self.target[first:stop]].transpose(0, 1)
+            out[:stop - first] = self.pair_logits(first, stop, h.expand(stop - first, *h.shape), p)
         return out
 
-    def loss(self, hidden: torch.Tensor, true_probs: torch.Tensor) -> torch.Tensor:
+    def loss(self, hidden: torch.Tensor, true_probs: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         """Sum over distances of KL(true || gate), averaged over tokens and source layers.
-        hidden [B, L, H] float32, true_probs [B, L, E]."""
+        hidden [B, L, H] float32, true_probs [B, L, E]; ``prev`` [B, L, H] for a context gate."""
         h = hidden[:, self.source].transpose(0, 1)                                      # [P, B, H]
-        logq = F.log_softmax(self.pair_logits(0, len(self.source), h), dim=-1)
+        p_ctx = None if prev is None else prev[:, self.target].transpose(0, 1)
+        logq = F.log_softmax(self.pair_logits(0, len(self.source), h, p_ctx), dim=-1)
         p = true_probs[:, self.target].transpose(0, 1)
         kl = (p * (torch.log(p.clamp_min(1e-12)) - logq)).sum(-1)                      # [P, B]
         return kl.sum() / (hidden.shape[0] * self._num_sources)
@@ -151,7 +174,7 @@ class LookaheadGate(torch.nn.Module):
         routers = FrozenRouters(model)
         if device is not None:
             routers.folded = routers.folded.to(device)
-        gate = cls(routers, int(meta["depth"]), int(meta["rank"]))
+        gate = cls(routers, int(meta["depth"]), int(meta["rank"]), context=bool(meta.get("context", False)))
         state = load_file(str(weights_path), device=str(routers.folded.device))
         gate.load_state_dict(state, strict=True)
         return gate
@@ -163,30 +186,49 @@ def true_router_probs(routers: FrozenRouters, hidden: torch.Tensor) -> torch.Ten
                         for l in range(hidden.shape[1])], dim=1)
 
 
+def previous_token_states(hidden: torch.Tensor, rows: torch.Tensor, window: int) -> torch.Tensor:
+    """hidden [N, L, H] holds consecutive tokens in windows of ``window`` (as ``real.hidden_capture``
+    returns them): the residuals of the token before each of ``rows``, zeros for a window's first."""
+    prev = hidden[(rows - 1).clamp_min(0)]
+    return prev.masked_fill((rows % window == 0).view(-1, 1, 1), 0.0)
+
+
 def train_lookahead_gate(model, hidden_states, depth: int = 3, rank: int = 64, steps: int = 2000,
                          lr: float = 1e-3, seed: int = 0, device: str | torch.device = "cpu",
-                         batch_size: int = 256, log_every: int = 0, val_hidden_states=None) -> LookaheadGate:
+                         batch_size: int = 256, log_every: int = 0, val_hidden_states=None,
+                         keep_best: bool = False, context: bool = False, window: int = 0) -> LookaheadGate:
     """Train a gate on recorded residuals ``hidden_states`` [N, L, H] (a trace's ``hidden_states``):
     AdamW on random minibatches of tokens. Deterministic for a seed on the CPU. With ``log_every``, the
-    log also shows the KL on ``val_hidden_states`` (text the gate never trains on), so overfitting shows."""
+    log also shows the KL on ``val_hidden_states`` (text the gate never trains on), so overfitting shows;
+    with ``keep_best`` too, the gate returned is the one of the logged step with the lowest such KL
+    (then pass validation text, not the text the gate will be scored on). A ``context`` gate needs
+    ``window``: both arrays hold consecutive tokens in windows of that many (``previous_token_states``)."""
+    if context and window < 2:
+        raise ValueError(f"train_lookahead_gate: a context gate needs window >= 2 (tokens per sequence), got {window}")
+    if keep_best and not (log_every and val_hidden_states is not None):
+        raise ValueError("train_lookahead_gate: keep_best needs log_every and val_hidden_states")
     device = torch.device(device)
     routers = FrozenRouters(model)
     routers.folded = routers.folded.to(device)
     hidden = torch.as_tensor(np.asarray(hidden_states)).to(device=device, dtype=torch.float32)
     with torch.no_grad():
         probs = true_router_probs(routers, hidden)
-    gate = LookaheadGate(routers, depth, rank, seed)
+    gate = LookaheadGate(routers, depth, rank, seed, context=context)
     opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 1)
     N = len(hidden)
-    val = val_probs = None
+    val = val_probs = val_prev = None
     if log_every and val_hidden_states is not None:
         val = torch.as_tensor(np.asarray(val_hidden_states[:VAL_TOKENS])).to(device=device, dtype=torch.float32)
         with torch.no_grad():
             val_probs = true_router_probs(routers, val)
+        if context:
+            val_prev = previous_token_states(val, torch.arange(len(val), device=device), window)
+    best = (float("inf"), -1, None)
     for step in range(steps):
         idx = torch.randint(N, (min(batch_size, N),), generator=g).to(device)
-        loss = gate.loss(hidden[idx], probs[idx])
+        prev = previous_token_states(hidden, idx, window) if context else None
+        loss = gate.loss(hidden[idx], probs[idx], prev)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -194,6 +236,12 @@ def train_lookahead_gate(model, hidden_states, depth: int = 3, rank: int = 64, s
             held = ""
             if val is not None:
                 with torch.no_grad():
-                    held = f"  held-out KL {gate.loss(val, val_probs).item():.5f}"
+                    val_kl = gate.loss(val, val_probs, val_prev).item()
+                held = f"  held-out KL {val_kl:.5f}"
+                if keep_best and val_kl < best[0]:
+                    best = (val_kl, step, {k: v.detach().clone() for k, v in gate.state_dict().items()})
             print(f"step {step:5d}  KL {loss.item():.5f}{held}", flush=True)
+    if keep_best and best[2] is not None:
+        gate.load_state_dict(best[2])
+        print(f"kept step {best[1]} (held-out KL {best[0]:.5f})", flush=True)
     return gate.eval()

@@ -79,9 +79,15 @@ class HiddenStatePredictor:
         out = np.zeros((N, L, self.depth, self.routers.num_experts), dtype=np.float32)
         for start in range(0, N, TRACK_CHUNK):
             chunk = hs[start:start + TRACK_CHUNK].to(device=device, dtype=torch.float32)
+            self._chunk_started(hs, start, start + len(chunk), device)
             for layer in range(L):
                 out[start:start + len(chunk), layer] = self.probs(layer, chunk[:, layer]).permute(1, 0, 2).cpu().numpy()
+        self._chunk_started(hs, 0, 0, device)
         return out
+
+    def _chunk_started(self, hs: torch.Tensor, start: int, stop: int, device) -> None:
+        """``track`` is about to score tokens [start, stop) of ``hs``: a hook for predictors that read
+        more than each token's own residuals."""
 
     def _targets(self, layer: int) -> int:
         """How many of the D target layers exist after ``layer``."""
@@ -192,15 +198,31 @@ class QuasiHiddenPreGate(HiddenStatePredictor):
 class LookaheadGatePredictor(HiddenStatePredictor):
     """A trained ``real.lookahead_gate.LookaheadGate`` (Ou et al. 2025) as a predictor."""
 
-    def __init__(self, gate: "LookaheadGate"):
+    def __init__(self, gate: "LookaheadGate", window: int = 0):
+        """``window``: for a context gate (``LookaheadGate(context=True)``), which scores only offline so
+        far, the tokens per sequence of the hidden states ``track`` gets."""
+        if gate.context and window < 2:
+            raise ValueError("a context lookahead gate scores recorded text only, in windows: pass window "
+                             "(tokens per sequence); the live engine keeps no previous-token state yet")
         self.gate = gate.eval()
         self.depth = gate.depth
         self.routers = gate.routers
+        self.window = window
+        self._prev: torch.Tensor | None = None       # the chunk's previous-token residuals, during track
 
     def probs(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(self.gate.logits(layer, h.float()), dim=-1)
+        if self.gate.context and (self._prev is None or len(self._prev) != len(h)):
+            raise RuntimeError("a context lookahead gate scores only inside track(), which knows each "
+                               "token's predecessor")
+        p = torch.softmax(self.gate.logits(layer, h.float(), self._prev), dim=-1)
         p[self._targets(layer):] = 0.0
         return p
+
+    def _chunk_started(self, hs: torch.Tensor, start: int, stop: int, device) -> None:
+        if self.gate.context:
+            from real.lookahead_gate import previous_token_states
+            rows = torch.arange(start, stop)
+            self._prev = previous_token_states(hs, rows, self.window).to(device=device, dtype=torch.float32)
 
 
 class GraphedPredictor:

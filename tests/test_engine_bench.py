@@ -25,7 +25,7 @@ def test_live_flow_on_cpu(tmp_path):
                "--prompts", "2", "--prompt-len", "6", "--new-tokens", "6", "--slots", "2,3",
                "--policies", f"lru,belady,{broken}:Broken,oracle,mixtral-offloading,speculating-experts-lossy,lookahead",
                "--gate-train-tokens", "512", "--recall-tokens", "256", "--vector-tokens", "256",
-               "--gate-steps", "20", "--gate-batch", "64",
+               "--gate-steps", "20", "--gate-batch", "64", "--gate-val-tokens", "256",
                "--score-seqs", "2", "--score-len", "12"])
     with pytest.raises(ValueError, match="no-such-policy|unknown"):     # checked before any measuring
         bench(["live", "--model", str(model), "--out", str(tmp_path / "typo"), "--device", "cpu",
@@ -49,9 +49,12 @@ def test_live_flow_on_cpu(tmp_path):
     assert (lossless["hit_rate"] - lossless["sim_hit_rate"]).abs().max() < 1e-9
     assert policies.loc[policies["lossy"], "top1_agreement"].between(0, 1).all()
     recall = pd.read_csv(out / "gate_recall.csv")
-    assert set(recall["predictor"]) == {"pregate", "quasi", "lookahead", "affinity"}
+    assert set(recall["predictor"]) == {"pregate", "quasi", "lookahead", "lookahead-context", "affinity"}
     text = recall[recall["source"].str.contains("held-out text")]
-    assert set(text["predictor"]) == {"pregate", "quasi", "lookahead"} and (text["tokens"] == 256).all()
+    assert set(text["predictor"]) == {"pregate", "quasi", "lookahead", "lookahead-context"}
+    assert (text["tokens"] == 256).all()
+    gates = recall.set_index("predictor")["gate_parameters"]
+    assert gates["lookahead-context"].max() > gates["lookahead"].max() > 0 and gates["pregate"].max() == 0
     from traces import load_trace
     trace = load_trace(out / "tiny-lm-trace.npz")
     assert trace.hidden_states.shape[0] == trace.num_tokens == 2 * (6 + 6)

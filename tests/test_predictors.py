@@ -14,7 +14,7 @@ from policies.lru import LRU
 from policies.predictors import TrackPredictor, top_k
 from real.checkpoint import save_checkpoint
 from real.engine import EngineSettings, OffloadEngine
-from real.lookahead_gate import LookaheadGate, train_lookahead_gate, true_router_probs
+from real.lookahead_gate import LookaheadGate, previous_token_states, train_lookahead_gate, true_router_probs
 from real.model import MoEModel
 from real.predictors import (FrozenRouters, LookaheadGatePredictor, PreGate, QuasiHiddenPreGate, default_vectors,
                              kl_to_router, track_recall)
@@ -167,6 +167,76 @@ def test_gate_round_trips_through_safetensors(world, tmp_path):
     np.testing.assert_array_equal(LookaheadGatePredictor(loaded).track(trace.hidden_states),
                                   LookaheadGatePredictor(gate).track(trace.hidden_states))
     assert not list(tmp_path.glob("gate/*.pt")) and not list(tmp_path.glob("gate/*.bin"))
+
+
+def _drifting_residuals(windows: int, window: int, seed: int) -> np.ndarray:
+    """[windows * window, L, H] where each layer's residual is its own slow random walk along the
+    sequence: h_{t,l} tells nothing about h_{t,l+d}, but h_{t-1,l+d} is close to it."""
+    g = np.random.default_rng(seed)
+    L, H = SHAPE.num_layers, SHAPE.hidden_size
+    start = g.normal(size=(windows, 1, L, H))
+    steps = 0.25 * g.normal(size=(windows, window, L, H))
+    steps[:, 0] = 0.0
+    return (start + np.cumsum(steps, axis=1)).reshape(windows * window, L, H).astype(np.float32)
+
+
+def test_previous_token_states_stop_at_window_starts():
+    hs = torch.arange(12, dtype=torch.float32).reshape(12, 1, 1).expand(12, 2, 3)
+    prev = previous_token_states(hs, torch.arange(12), window=4)
+    assert prev[:, 0, 0].tolist() == [0, 0, 1, 2, 0, 4, 5, 6, 0, 8, 9, 10]
+
+
+def test_context_gate_learns_from_the_previous_token(world):
+    tensors = world[0]
+    model = _model(tensors)
+    W = 16
+    train, test = _drifting_residuals(48, W, seed=0), _drifting_residuals(8, W, seed=1)
+    experts = FrozenRouters(model).choose(true_router_probs(FrozenRouters(model), torch.from_numpy(test)).log())[0]
+    untrained = LookaheadGatePredictor(LookaheadGate(FrozenRouters(model), DEPTH, rank=8, context=True), window=W)
+    np.testing.assert_allclose(untrained.track(test), PreGate(model, DEPTH).track(test), atol=1e-6)
+    recall = {}
+    for context in (False, True):
+        gate = train_lookahead_gate(model, train, DEPTH, rank=16, steps=300, lr=3e-3, seed=0,
+                                    context=context, window=W)
+        recall[context] = track_recall(LookaheadGatePredictor(gate, window=W).track(test), experts.numpy())
+    # only the context gate can see where layer l+d's own walk is; the plain one is left guessing
+    assert all(c > p + 0.2 for c, p in zip(recall[True], recall[False])), recall
+
+
+def test_context_gate_round_trips_and_refuses_live_use(world, tmp_path):
+    tensors, _, _, trace, _ = world
+    model = _model(tensors)
+    hs = _drifting_residuals(4, 8, seed=2)
+    gate = train_lookahead_gate(model, hs, DEPTH, rank=8, steps=5, seed=1, context=True, window=8)
+    gate.save(tmp_path / "gate")
+    loaded = LookaheadGate.load(tmp_path / "gate", model)
+    assert loaded.context and loaded.num_parameters == gate.num_parameters
+    np.testing.assert_array_equal(LookaheadGatePredictor(loaded, window=8).track(hs),
+                                  LookaheadGatePredictor(gate, window=8).track(hs))
+    with pytest.raises(ValueError, match="window"):
+        LookaheadGatePredictor(gate)
+    access = LayerAccess(token=0, layer=1, step=1, experts=[0, 1], hidden=torch.from_numpy(hs[0, 1]))
+    with pytest.raises(RuntimeError, match="track"):
+        LookaheadGatePredictor(gate, window=8).scores(access)
+    with pytest.raises(ValueError, match="window"):
+        train_lookahead_gate(model, hs, DEPTH, rank=8, steps=1, context=True)
+
+
+def test_keep_best_returns_the_step_with_the_lowest_held_out_kl(world, capsys):
+    tensors, _, _, trace, _ = world
+    model = _model(tensors)
+    hs = trace.hidden_states
+    n = int(len(hs) * 0.75)
+    gate = train_lookahead_gate(model, hs[:n], DEPTH, rank=16, steps=60, lr=3e-2, seed=0, log_every=10,
+                                val_hidden_states=hs[n:], keep_best=True)
+    logged = [float(line.split("held-out KL ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+              if "held-out KL" in line and line.startswith("step")]
+    probs = true_router_probs(FrozenRouters(model), torch.from_numpy(hs[n:].astype(np.float32)))
+    with torch.no_grad():
+        kl = gate.loss(torch.from_numpy(hs[n:].astype(np.float32)), probs).item()
+    assert kl == pytest.approx(min(logged), abs=1e-5)
+    with pytest.raises(ValueError, match="keep_best"):
+        train_lookahead_gate(model, hs[:n], DEPTH, steps=1, keep_best=True)
 
 
 def test_predictors_run_live_in_the_engine_and_match_their_tracks(world):
