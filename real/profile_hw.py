@@ -43,11 +43,29 @@ def measure_copies(device: torch.device, sizes_MiB=COPY_SIZES_MIB, repeats: int 
             ms = _median_event_ms(lambda: dst[:n].copy_(src[:n], non_blocking=True), repeats, stream)
             table[mib] = round(n / (ms / 1e3) / 1e9, 2)
         latency_ms = _median_event_ms(lambda: dst[:4].copy_(src[:4], non_blocking=True), repeats, stream)
-    # Events around a 4-byte copy carry their own overhead, which can exceed the smallest table point's
-    # whole time; the copy model needs latency <= every point's time, so the smallest point caps it.
-    smallest = min(sizes_MiB)
-    latency_us = min(latency_ms * 1e3, smallest * 2**20 / (table[smallest] * 1e9) * 1e6)
-    return round(latency_us * 0.999, 2), table
+    return consistent_copy_table(latency_ms * 1e3, table)
+
+
+def consistent_copy_table(latency_us: float, table: dict) -> tuple[float, dict]:
+    """(latency, table) the simulator's copy model accepts (``sim.hardware.TabulatedCopyCost``): the
+    smallest, latency-dominated points go while the table would make a larger copy faster than a smaller
+    one (measured noise at 0.25-1 MiB can), as that model's own error advises; below the smallest point
+    left the model is latency + linear. Events around a 4-byte copy carry their own overhead, which can
+    exceed the smallest point's whole time; the model needs latency <= every point's time, so the
+    smallest point caps it."""
+    from sim.hardware import TabulatedCopyCost
+    sizes = sorted(table)
+    while True:
+        smallest = sizes[0]
+        capped = round(min(latency_us, smallest * 2**20 / (table[smallest] * 1e9) * 1e6) * 0.999, 2)
+        kept = {mib: table[mib] for mib in sizes}
+        try:
+            TabulatedCopyCost(capped, tuple((int(mib * 2**20), bw) for mib, bw in kept.items()))
+            return capped, kept
+        except ValueError:
+            if len(sizes) == 1:
+                raise
+            sizes = sizes[1:]
 
 
 @torch.no_grad()

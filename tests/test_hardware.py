@@ -410,3 +410,19 @@ def test_compute_cost_constant_attention_without_points():
                     layer_overhead_ns=3, token_overhead_ns=4)
     assert c.attention_ns(0) == 10_000 and c.attention_ns(1001) == 10_501
     assert math.isclose(c.attention_per_ctx_ns, 0.5)
+
+
+def test_measured_copy_table_drops_only_the_small_points_the_copy_model_cannot_take():
+    from real.profile_hw import consistent_copy_table
+    from sim.hardware import TabulatedCopyCost
+    # measured on the H100 machine (run 8): 0.25 -> 1 MiB rises faster than latency + bytes/bw allows
+    noisy = {0.25: 11.38, 1: 27.72, 4: 43.09, 16: 47.68, 64: 51.28, 256: 51.73}
+    with pytest.raises(ValueError, match="rises too fast"):
+        TabulatedCopyCost(18.9, tuple((int(m * 2**20), b) for m, b in noisy.items()))
+    latency, table = consistent_copy_table(18.94, noisy)
+    assert list(table) == [1, 4, 16, 64, 256] and latency <= 18.94
+    TabulatedCopyCost(latency, tuple((int(m * 2**20), b) for m, b in table.items()))
+    clean = {0.25: 13.54, 1: 30.65, 4: 45.79, 16: 52.48, 64: 53.4, 256: 53.97}
+    assert consistent_copy_table(19.36, clean) == (19.34, clean)
+    # the latency is capped by the smallest point's whole time
+    assert consistent_copy_table(1000.0, clean)[0] < 0.25 * 2**20 / 13.54e3
