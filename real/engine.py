@@ -27,6 +27,7 @@ from policies.predictors import Predictor
 from policies.speculative import predictor_name
 from real.copies import CopyFeeder, CopyRecord
 from real.marks import Marks
+from real.model import quiet_gc
 from real.predictors import GraphedPredictor, HiddenStatePredictor
 from real.pinned import is_page_locked, pinned_empty
 from traces import ModelShape, Trace
@@ -236,28 +237,29 @@ class OffloadEngine:
         Prompt tokens go through the same per-token path; only generated tokens are timed."""
         generated = []
         decode_ms: list[float] = []
-        for prompt in prompts:
-            self.model.reset()
-            pos = 0
-            logits = None
-            for tok in prompt:
-                start = time.perf_counter()
-                logits = self._step(tok, pos)
-                self.routing.step_ms.append((time.perf_counter() - start) * 1e3)
-                pos += 1
-            out = []
-            nxt = int(logits.argmax(-1).reshape(-1)[0])
-            for _ in range(max_new_tokens):
-                out.append(nxt)
-                start = time.perf_counter()
-                logits = self._step(nxt, pos)
-                nxt = int(logits.argmax(-1).reshape(-1)[0])   # synchronises: the token is known
-                ms = (time.perf_counter() - start) * 1e3
-                decode_ms.append(ms)
-                self.routing.step_ms.append(ms)
-                pos += 1
-            generated.append(out)
-            self.routing.request_starts.append(self._step_index)
+        with quiet_gc():
+            for prompt in prompts:
+                self.model.reset()
+                pos = 0
+                logits = None
+                for tok in prompt:
+                    start = time.perf_counter()
+                    logits = self._step(tok, pos)
+                    self.routing.step_ms.append((time.perf_counter() - start) * 1e3)
+                    pos += 1
+                out = []
+                nxt = int(logits.argmax(-1).reshape(-1)[0])
+                for _ in range(max_new_tokens):
+                    out.append(nxt)
+                    start = time.perf_counter()
+                    logits = self._step(nxt, pos)
+                    nxt = int(logits.argmax(-1).reshape(-1)[0])   # synchronises: the token is known
+                    ms = (time.perf_counter() - start) * 1e3
+                    decode_ms.append(ms)
+                    self.routing.step_ms.append(ms)
+                    pos += 1
+                generated.append(out)
+                self.routing.request_starts.append(self._step_index)
         return self._result(generated, decode_ms)
 
     def replay(self, trace: Trace, max_tokens: int | None = None) -> EngineResult:
@@ -267,25 +269,26 @@ class OffloadEngine:
         decode_ms: list[float] = []
         generated = []
         done = 0
-        for r in range(len(starts) - 1):
-            self.model.reset()
-            nxt, out = 0, []
-            for t in range(starts[r], starts[r + 1]):
+        with quiet_gc():
+            for r in range(len(starts) - 1):
+                self.model.reset()
+                nxt, out = 0, []
+                for t in range(starts[r], starts[r + 1]):
+                    if max_tokens is not None and done >= max_tokens:
+                        break
+                    start = time.perf_counter()
+                    logits = self._step(nxt, t - starts[r], trace.experts[t].tolist(),
+                                        trace.weights[t].astype(np.float32).tolist())
+                    nxt = int(logits.argmax(-1).reshape(-1)[0])
+                    ms = (time.perf_counter() - start) * 1e3
+                    decode_ms.append(ms)
+                    self.routing.step_ms.append(ms)
+                    out.append(nxt)
+                    done += 1
+                generated.append(out)
+                self.routing.request_starts.append(self._step_index)
                 if max_tokens is not None and done >= max_tokens:
                     break
-                start = time.perf_counter()
-                logits = self._step(nxt, t - starts[r], trace.experts[t].tolist(),
-                                    trace.weights[t].astype(np.float32).tolist())
-                nxt = int(logits.argmax(-1).reshape(-1)[0])
-                ms = (time.perf_counter() - start) * 1e3
-                decode_ms.append(ms)
-                self.routing.step_ms.append(ms)
-                out.append(nxt)
-                done += 1
-            generated.append(out)
-            self.routing.request_starts.append(self._step_index)
-            if max_tokens is not None and done >= max_tokens:
-                break
         return self._result(generated, decode_ms)
 
     def _resolve_layer_timings(self) -> None:

@@ -32,8 +32,9 @@ bit-identical with each other; against the eager path they agree to rounding.
 """
 from __future__ import annotations
 
+import gc
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -70,6 +71,20 @@ class _Layer:
     moe_norm: torch.Tensor
     router: torch.Tensor
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # gate, up, down, router
+
+
+@contextmanager
+def quiet_gc():
+    """Decode with the objects that exist now (model, tokenizer, corpus, the harness's tables) moved out
+    of the garbage collector's reach, as serving engines do after start-up: otherwise a full collection,
+    triggered by whatever the decode loop allocates, walks all of them in the middle of a token (our
+    suspect for the single 10-260 ms steps of the H100 runs). Collections of new objects still run."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -426,13 +441,14 @@ class MoEModel:
                 record.append(layers)
             return logits
 
-        for pos, token in enumerate(prompt_ids):
-            logits = step(int(token), pos)
-        out: list[int] = []
-        for i in range(max_new_tokens):
-            out.append(int(logits.argmax(dim=-1)[0]))
-            if i + 1 < max_new_tokens:
-                logits = step(out[-1], len(prompt_ids) + i)
+        with quiet_gc():
+            for pos, token in enumerate(prompt_ids):
+                logits = step(int(token), pos)
+            out: list[int] = []
+            for i in range(max_new_tokens):
+                out.append(int(logits.argmax(dim=-1)[0]))
+                if i + 1 < max_new_tokens:
+                    logits = step(out[-1], len(prompt_ids) + i)
         return out
 
 

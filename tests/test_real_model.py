@@ -294,3 +294,17 @@ def test_cuda_graphs_match_the_eager_path(saved):
     assert graphed._resident_experts is not None          # experts and combine run as graphs too
     assert _rel_err(_step_logits(graphed, SEQ), _step_logits(eager, SEQ)) < 1e-5, family
     assert graphed.generate_greedy(SEQ[:5], 12) == eager.generate_greedy(SEQ[:5], 12), family
+
+
+def test_quiet_gc_freezes_what_exists_and_gives_it_back():
+    import gc
+    from real.model import quiet_gc
+    before = gc.get_freeze_count()
+    keep = [[i] for i in range(1000)]
+    with quiet_gc():
+        assert gc.get_freeze_count() >= before + len(keep)
+        assert gc.isenabled()
+    assert gc.get_freeze_count() == before
+    with pytest.raises(RuntimeError), quiet_gc():
+        raise RuntimeError("the decode loop failed")
+    assert gc.get_freeze_count() == before
