@@ -78,7 +78,9 @@ def quiet_gc():
     """Decode with the objects that exist now (model, tokenizer, corpus, the harness's tables) moved out
     of the garbage collector's reach, as serving engines do after start-up: otherwise a full collection,
     triggered by whatever the decode loop allocates, walks all of them in the middle of a token (our
-    suspect for the single 10-260 ms steps of the H100 runs). Collections of new objects still run."""
+    suspect for the single 10-260 ms steps of the H100 runs). Collections of new objects still run.
+    Its own full collection can take a few hundred ms in a process that has loaded transformers: enter
+    it before a timed region, not inside one."""
     gc.collect()
     gc.freeze()
     try:
@@ -441,14 +443,13 @@ class MoEModel:
                 record.append(layers)
             return logits
 
-        with quiet_gc():
-            for pos, token in enumerate(prompt_ids):
-                logits = step(int(token), pos)
-            out: list[int] = []
-            for i in range(max_new_tokens):
-                out.append(int(logits.argmax(dim=-1)[0]))
-                if i + 1 < max_new_tokens:
-                    logits = step(out[-1], len(prompt_ids) + i)
+        for pos, token in enumerate(prompt_ids):
+            logits = step(int(token), pos)
+        out: list[int] = []
+        for i in range(max_new_tokens):
+            out.append(int(logits.argmax(dim=-1)[0]))
+            if i + 1 < max_new_tokens:
+                logits = step(out[-1], len(prompt_ids) + i)
         return out
 
 
