@@ -248,14 +248,14 @@ def live(args) -> None:
 
 def _predictors(args, host: MoEModel, recorded, out: Path, work: Path, name: str):
     """The live predictors (pre-gate, quasi-hidden pre-gate, lookahead gate) and ``recorded`` with their
-    tracks; writes OUT/gate_recall.csv and OUT/<name>-trace.npz (the recording with its tracks)."""
+    tracks; writes OUT/gate_recall.csv (with the offline context gate's text recall) and
+    OUT/<name>-trace.npz (the recording with its tracks)."""
     # The gate's validation text (for keeping its best step) is carved from the training split: the text
     # recall is scored on must not choose the gate.
     captured = capture_hidden_states(args.model, args.gate_train_tokens + args.gate_val_tokens, args.corpus,
                                      device=str(host.device), dtype=host.dtype, seed=args.seed, window=CAPTURE_WINDOW)
     n_train = (len(captured) - args.gate_val_tokens) // CAPTURE_WINDOW * CAPTURE_WINDOW    # whole windows each
     train_h, val_h = captured[:n_train], captured[n_train:]
-    del captured
     text_h = capture_hidden_states(args.model, args.recall_tokens, args.corpus, device=str(host.device),
                                    dtype=host.dtype, seed=args.seed, split="held_out", window=CAPTURE_WINDOW)
     vectors = default_vectors(host, train_h[:args.vector_tokens])
@@ -270,7 +270,7 @@ def _predictors(args, host: MoEModel, recorded, out: Path, work: Path, name: str
         gate_s[key] = round(time.perf_counter() - start, 2)
         print(f"{key}: trained in {gate_s[key]} s", flush=True)
     gate = gates["lookahead"]
-    del train_h, val_h
+    del captured, train_h, val_h
     def at_depth(depth: int) -> dict:
         return {"pregate": PreGate(host, depth), "quasi": QuasiHiddenPreGate(host, vectors, depth),
                 "lookahead": LookaheadGatePredictor(gate)}
