@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from policies.registry import resolve_policy
-from policies.speculative import policy_depth
+from offload.predictors import policy_depth
 from real.engine import EngineSettings, OffloadEngine
 from real.lookahead_gate import LookaheadGate
 from real.predictors import FrozenRouters, LookaheadGatePredictor, PreGate

@@ -13,7 +13,7 @@ import io
 import pstats
 
 from policies.registry import resolve_policy
-from sim.hardware import load_hardware
+from hardware.profile import load_hardware
 from sim.simulator import SimSettings, simulate
 from traces import DEFAULT_TRACE, load_trace
 

@@ -31,7 +31,7 @@ class RunConfig:
     cache_slots: int = 4                  # expert slots per MoE layer (global mode: the same total, shared)
     cache_mode: str = "per_layer"         # "per_layer" | "global"
     precision: str = "bf16"
-    hardware: str = "h100-pcie5"          # profile name (sim/profiles) or a YAML path
+    hardware: str = "h100-pcie5"          # profile name (hardware/profiles) or a YAML path
     pcie_GBps: float | None = None        # None: the profile's measured link; a number: a constant link
     copy_latency_us: float | None = None
     copy_engines: int | None = None

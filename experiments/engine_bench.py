@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from policies.registry import resolve_policy
-from policies.speculative import policy_depth
+from offload.predictors import policy_depth
 from real.checkpoint import load_checkpoint
 from real.corpus import DEFAULT_CORPUS_DIR
 from real.engine import EngineSettings, OffloadEngine
@@ -38,7 +38,7 @@ from real.predictors import LookaheadGatePredictor, PreGate, QuasiHiddenPreGate,
 from real.profile_hw import measure_compute, measure_copies, measure_layer_overhead
 from real.record import routing_trace
 from real.shape_model import random_model
-from sim.hardware import hardware_from_dict, hardware_to_dict, load_hardware
+from hardware.profile import hardware_from_dict, hardware_to_dict, load_hardware
 from sim.simulator import SimSettings, simulate
 from traces import DEFAULT_TRACE, load_shape, load_trace, save_trace
 from traces.io import atomic_write

@@ -10,9 +10,9 @@ from typing import Any
 
 from experiments.config import ConfigError, RunConfig
 from experiments.results import config_hash, trace_sha256
-from policies.cache import CacheMode, ExpertCache
+from offload.cache import CacheMode, ExpertCache
 from policies.registry import resolve_policy
-from sim.hardware import HardwareProfile, load_hardware
+from hardware.profile import HardwareProfile, load_hardware
 from sim.replay import replay_untimed
 from sim.simulator import SimSettings, Timeline, simulate
 from traces import Trace, TraceError, load_trace

@@ -30,7 +30,7 @@ from experiments.overrides import build_spec
 from experiments.results import ResultStore, config_hash
 from experiments.runner import (ROW_COLUMNS, cached_trace, hardware_for, record_timeline, run_config,
                                 trace_slices, validate_grid)
-from sim.hardware import hardware_to_dict
+from hardware.profile import hardware_to_dict
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 TIMELINE_TOKENS = 20

@@ -1,10 +1,13 @@
-"""Pure decision logic shared by the simulator and the engine: cache state, copy queue, the policy
-interface, the registry and the built-in policies."""
-from policies.base import LayerAccess, Policy, PolicyContext, PrefetchRequest
-from policies.cache import CacheMode, ExpertCache
-from policies.controller import OffloadController, OffloadStats
+"""The policy plug-ins: one policy per file, one line each in ``policies.registry``.
+
+What a policy (built in, or a user's own file) is written against is re-exported here from the
+shared core, ``offload``: ``Policy``, ``PolicyContext``, ``LayerAccess``, ``PrefetchRequest`` and the
+read-only ``CacheView`` its hooks see.
+"""
+from offload.access import LayerAccess, PrefetchRequest
+from offload.cache import CacheMode, CacheView
+from offload.policy import Policy, PolicyContext
 from policies.registry import BASELINES, BUILTIN, available_policies, resolve_policy
 
-__all__ = ["BASELINES", "BUILTIN", "CacheMode", "ExpertCache", "LayerAccess", "OffloadController",
-           "OffloadStats", "Policy", "PolicyContext", "PrefetchRequest", "available_policies",
-           "resolve_policy"]
+__all__ = ["BASELINES", "BUILTIN", "CacheMode", "CacheView", "LayerAccess", "Policy", "PolicyContext",
+           "PrefetchRequest", "available_policies", "resolve_policy"]

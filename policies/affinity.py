@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from policies.base import LayerAccess, PolicyContext, PrefetchRequest
+from offload.policy import LayerAccess, PolicyContext, PrefetchRequest
 from policies.lru import LRU
 
 

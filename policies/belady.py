@@ -6,8 +6,8 @@ simulator the trace; in the engine a recorded run.
 """
 from __future__ import annotations
 
-from policies.base import LayerAccess, Policy, PolicyContext
-from policies.cache import ExpertCache
+from offload.policy import LayerAccess, Policy, PolicyContext
+from offload.cache import CacheView
 
 
 class Belady(Policy):
@@ -33,7 +33,7 @@ class Belady(Policy):
     def next_use(self, key: int) -> int:
         return self._next[key]
 
-    def choose_victim(self, scope, cache: ExpertCache, job):
+    def choose_victim(self, scope, cache: CacheView, job):
         nxt = self._next
         best, best_next = None, -1
         for key in cache.evictable(scope):

@@ -1,7 +1,7 @@
 """On-demand fetching, evicting the expert that entered the cache first (hits do not refresh it)."""
 from __future__ import annotations
 
-from policies.base import LayerAccess
+from offload.policy import LayerAccess
 from policies.lru import LRU
 
 

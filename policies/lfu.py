@@ -5,8 +5,8 @@ expert evicted and fetched again keeps its history.
 """
 from __future__ import annotations
 
-from policies.base import LayerAccess, PolicyContext
-from policies.cache import ExpertCache
+from offload.policy import LayerAccess, PolicyContext
+from offload.cache import CacheView
 from policies.lru import LRU
 
 
@@ -21,7 +21,7 @@ class LFU(LRU):
         self._last[key] = access.step
         super().on_access(access, index, key, hit)
 
-    def choose_victim(self, scope, cache: ExpertCache, job):
+    def choose_victim(self, scope, cache: CacheView, job):
         count, last = self._count, self._last
         candidates = cache.evictable(scope)
         if not candidates:

@@ -5,7 +5,7 @@ cache and link, so a policy's gap to it is the room left.
 """
 from __future__ import annotations
 
-from policies.base import LayerAccess, PrefetchRequest
+from offload.policy import LayerAccess, PrefetchRequest
 from policies.belady import Belady
 
 

@@ -10,7 +10,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from policies.base import Policy
+from offload.policy import Policy
 
 BUILTIN: dict[str, str] = {
     "lru": "policies.lru:LRU",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from policies.base import LayerAccess
+from offload.policy import LayerAccess
 from policies.mixtral_offloading import MixtralOffloading
 
 

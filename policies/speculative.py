@@ -22,38 +22,13 @@ Predictions never cross into the next token: its layers depend on attention not 
 """
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+from typing import ClassVar
 
 import numpy as np
 
-from policies.base import LayerAccess, Policy, PolicyContext, PrefetchRequest
-from policies.cache import ExpertCache
+from offload.policy import LayerAccess, Policy, PolicyContext, PrefetchRequest
+from offload.cache import CacheView
 from policies.lru import LRU
-from policies.predictors import TrackPredictor
-
-
-def predictor_name(policy_cls: type[Policy], params: Mapping) -> str | None:
-    """The predictor ``policy_cls`` consults: the one its ``track`` names (``predictor=<name>`` in
-    ``params`` overrides it); None for a policy that names none. The simulator reads the trace's
-    prediction track of that name, the engine the live predictor of that name: one name, two sources."""
-    name = getattr(policy_cls, "track", None)
-    return None if name is None else params.get("predictor", name)
-
-
-def policy_depth(policy_cls: type[Policy], prefetch_depth: int) -> int:
-    """How far ahead ``policy_cls`` looks: ``prefetch_depth``, capped by the class's ``max_depth``."""
-    max_depth = getattr(policy_cls, "max_depth", None)
-    return prefetch_depth if max_depth is None else min(prefetch_depth, max_depth)
-
-
-def track_predictor(policy_cls: type[Policy], trace, prefetch_depth: int,
-                    params: Mapping) -> TrackPredictor | None:
-    """The predictor the simulator gives ``policy_cls``: a reader of the trace's prediction track
-    ``predictor_name`` names, looking as far ahead as the policy will; None for a policy without one."""
-    name = predictor_name(policy_cls, params)
-    if name is None:
-        return None
-    return TrackPredictor(trace, name, policy_depth(policy_cls, prefetch_depth))
 
 
 class SpeculativePrefetch(LRU):
@@ -99,18 +74,17 @@ class SpeculativePrefetch(LRU):
         L, E = self.ctx.num_layers, self.ctx.num_experts
         rows = self.predictor.scores(access)
         self.latest_scores = (access.step, rows)
-        budget, order, per_layer = self.budget, self._order, self._per_layer
+        budget, holds = self.budget, self.cache.holds
         predicted: dict[int, int] = {}
         requests: list[PrefetchRequest] = []
         for d in range(1, min(self.depth, L - 1 - access.layer) + 1):
             need = access.step + d
             base = (access.layer + d) * E
             cap = None if budget is None else budget[d - 1]
-            held = order[access.layer + d] if per_layer else order[0]   # keys holding a slot
             for e in self._chosen(rows[d - 1]).tolist():
                 key = base + e
                 predicted[key] = need
-                if key in held:
+                if holds(key):                  # resident or in flight: costs no copy
                     continue
                 if cap is not None and len(requests) >= cap:
                     continue
@@ -123,15 +97,12 @@ class SpeculativePrefetch(LRU):
         self._step = access.step
         super().on_access(access, index, key, hit)
 
-    def choose_victim(self, scope: int, cache: ExpertCache, job) -> int | None:
+    def choose_victim(self, scope: int, cache: CacheView, job) -> int | None:
         predicted = self._predicted
         if not predicted:
             return super().choose_victim(scope, cache, job)
-        is_evictable = cache.is_evictable
         latest, latest_need = None, -1
-        for key in self._order[scope]:          # least recent first
-            if not is_evictable(key):
-                continue
+        for key in self.recency_order(scope, cache):
             need = predicted.get(key)
             if need is None or need <= self._step:    # not predicted, or its layer has already routed
                 return key

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from policies.base import PolicyContext
+from offload.cache import CacheMode
+from offload.policy import PolicyContext
 from policies.lru import LRU
 
 
@@ -22,7 +23,7 @@ class Static(LRU):
             counts[layer] = np.bincount(train.experts[:, layer, :].ravel(), minlength=E)[:E]
         # Ties broken by expert id so the choice is deterministic.
         keys = np.arange(L * E).reshape(L, E)
-        if ctx.cache_mode.value == "per_layer":
+        if ctx.cache_mode is CacheMode.PER_LAYER:
             ranked = [keys[l][np.lexsort((np.arange(E), -counts[l]))].tolist() for l in range(L)]
             self._preload = [(k, i < ctx.cache_slots - K)
                              for layer_keys in ranked for i, k in enumerate(layer_keys[:ctx.cache_slots])]

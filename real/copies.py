@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from policies.controller import OffloadController
-from policies.copy_queue import QUEUED, RUNNING, CopyJob
+from offload.controller import OffloadController
+from offload.copy_queue import QUEUED, RUNNING, CopyJob
 
 
 @dataclass(frozen=True)

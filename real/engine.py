@@ -20,11 +20,11 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from policies.base import Policy, PolicyContext
-from policies.cache import CacheMode, ExpertCache
-from policies.controller import OffloadController, OffloadStats
-from policies.predictors import Predictor
-from policies.speculative import predictor_name
+from offload.policy import Policy, PolicyContext
+from offload.cache import CacheMode, ExpertCache
+from offload.controller import OffloadController, OffloadStats
+from offload.predictors import Predictor
+from offload.predictors import predictor_name
 from real.copies import CopyFeeder, CopyRecord
 from real.marks import Marks
 from real.model import quiet_gc

@@ -2,7 +2,7 @@
 (``LayerAccess.hidden``) and score the experts of layers l+1..l+D with the model's own routers.
 
 Every predictor here answers two ways from one computation: ``scores(access)`` for one token in the
-engine ([D, E] numpy, as ``policies.predictors.Predictor`` asks), and ``track(hidden_states)`` for a
+engine ([D, E] numpy, as ``offload.predictors.Predictor`` asks), and ``track(hidden_states)`` for a
 recorded run ([N, L, D, E], the prediction track ``experiments.make_tracks`` stores so the simulator
 replays exactly the same scores). Rows past the last layer are zero.
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from policies.base import LayerAccess
+from offload.policy import LayerAccess
 
 if TYPE_CHECKING:
     from real.lookahead_gate import LookaheadGate

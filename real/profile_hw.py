@@ -47,13 +47,13 @@ def measure_copies(device: torch.device, sizes_MiB=COPY_SIZES_MIB, repeats: int 
 
 
 def consistent_copy_table(latency_us: float, table: dict) -> tuple[float, dict]:
-    """(latency, table) the simulator's copy model accepts (``sim.hardware.TabulatedCopyCost``): the
+    """(latency, table) the simulator's copy model accepts (``hardware.profile.TabulatedCopyCost``): the
     smallest, latency-dominated points go while the table would make a larger copy faster than a smaller
     one (measured noise at 0.25-1 MiB can), as that model's own error advises; below the smallest point
     left the model is latency + linear. Events around a 4-byte copy carry their own overhead, which can
     exceed the smallest point's whole time; the model needs latency <= every point's time, so the
     smallest point caps it."""
-    from sim.hardware import TabulatedCopyCost
+    from hardware.profile import TabulatedCopyCost
     sizes = sorted(table)
     while True:
         smallest = sizes[0]

@@ -6,10 +6,10 @@ policy's hits by Belady's from here.
 """
 from __future__ import annotations
 
-from policies.base import Policy, PolicyContext
-from policies.cache import CacheMode, ExpertCache
-from policies.controller import OffloadController, OffloadStats
-from policies.speculative import track_predictor
+from offload.policy import Policy, PolicyContext
+from offload.cache import CacheMode, ExpertCache
+from offload.controller import OffloadController, OffloadStats
+from offload.predictors import track_predictor
 from traces import Trace
 
 

@@ -19,12 +19,12 @@ from typing import Any, Mapping
 import numpy as np
 import simpy
 
-from policies.base import Policy, PolicyContext
-from policies.cache import CacheMode, ExpertCache
-from policies.controller import OffloadController, OffloadStats
-from policies.copy_queue import DONE
-from policies.speculative import track_predictor
-from sim.hardware import HardwareProfile
+from offload.policy import Policy, PolicyContext
+from offload.cache import CacheMode, ExpertCache
+from offload.controller import OffloadController, OffloadStats
+from offload.copy_queue import DONE
+from offload.predictors import track_predictor
+from hardware.profile import HardwareProfile
 from traces import Trace
 
 

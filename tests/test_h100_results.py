@@ -1,6 +1,6 @@
 """The committed H100 results are consistent with the committed trace, profile and code: the simulator
 half of ``policies.csv`` is recomputed here from ``traces/moe-lm-h100.npz`` and
-``sim/profiles/h100-pcie5-measured.yaml``, and the measured half is checked for what it claims."""
+``hardware/profiles/h100-pcie5-measured.yaml``, and the measured half is checked for what it claims."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from policies.registry import resolve_policy
-from sim.hardware import load_hardware
+from hardware.profile import load_hardware
 from sim.simulator import SimSettings, simulate
 from traces import load_trace
 

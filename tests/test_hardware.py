@@ -7,7 +7,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim.hardware import (
+from hardware.profile import (
     ComputeCost,
     ConstantCopyCost,
     HardwareProfile,
@@ -414,7 +414,7 @@ def test_compute_cost_constant_attention_without_points():
 
 def test_measured_copy_table_drops_only_the_small_points_the_copy_model_cannot_take():
     from real.profile_hw import consistent_copy_table
-    from sim.hardware import TabulatedCopyCost
+    from hardware.profile import TabulatedCopyCost
     # measured on the H100 machine (run 8): 0.25 -> 1 MiB rises faster than latency + bytes/bw allows
     noisy = {0.25: 11.38, 1: 27.72, 4: 43.09, 16: 47.68, 64: 51.28, 256: 51.73}
     with pytest.raises(ValueError, match="rises too fast"):

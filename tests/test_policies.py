@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from policies import CacheMode, ExpertCache, PolicyContext
+from offload.cache import ExpertCache
+from policies import CacheMode, PolicyContext
 from policies.affinity import AffinityPredictor
-from policies.copy_queue import CopyQueue
+from offload.copy_queue import CopyQueue
 from policies.lru import LRU
 from policies.registry import BASELINES, BUILTIN, available_policies, resolve_policy
-from sim.hardware import load_hardware
+from hardware.profile import load_hardware
 from sim.replay import replay_untimed
 from sim.simulator import SimSettings, simulate
 from traces import synthetic_trace

@@ -14,14 +14,14 @@ import pytest
 from hypothesis import given, strategies as st
 
 import tests.test_sim_invariants as inv
-from policies.base import LayerAccess, PolicyContext
-from policies.cache import CacheMode, ExpertCache
-from policies.controller import OffloadController
-from policies.copy_queue import CopyJob
+from offload.policy import LayerAccess, PolicyContext
+from offload.cache import CacheMode, ExpertCache
+from offload.controller import OffloadController
+from offload.copy_queue import CopyJob
 from policies.lookahead import Lookahead
-from policies.predictors import TrackPredictor
+from offload.predictors import TrackPredictor
 from policies.registry import BASELINES, resolve_policy
-from sim.hardware import load_hardware
+from hardware.profile import load_hardware
 from sim.replay import replay_untimed
 from sim.simulator import SimSettings, simulate
 from traces import synthetic_trace
@@ -179,8 +179,10 @@ def test_experts_already_held_cost_no_copy_budget():
     policy = Lookahead(PolicyContext(shape, 4, CacheMode.PER_LAYER, 2, predictor=FixedScores(rows),
                                      expert_copy_ns=10, layer_compute_ns=1))
     assert policy.budget == [2, 2]
-    policy.on_insert(8)
-    policy.on_insert(9)
+    cache = ExpertCache(3, 8, 4, CacheMode.PER_LAYER, 2)
+    OffloadController(policy, cache, expert_bytes=1)     # gives the policy its view of the cache
+    cache.load_resident(8)
+    cache.load_resident(9)
     assert policy.prefetch(LayerAccess(0, 0, 0, [4, 5])) == [(18, 2), (19, 2)]
 
 
@@ -213,7 +215,9 @@ def protected_policy(num_layers, rows, mode="per_layer", slots=4, depth=1):
     shape = synthetic_trace(num_tokens=2, num_layers=num_layers, num_experts=8, top_k=2).model
     ctx = PolicyContext(shape, slots, CacheMode(mode), depth, predictor=FixedScores(rows))
     cache = ExpertCache(num_layers, 8, slots, mode, 2)
-    return Lookahead(ctx), cache
+    policy = Lookahead(ctx)
+    OffloadController(policy, cache, expert_bytes=1)     # gives the policy its view of the cache
+    return policy, cache
 
 
 def test_a_predicted_expert_is_not_evicted_while_an_unpredicted_one_can_be():

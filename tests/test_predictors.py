@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from experiments import make_tracks, train_gate
-from policies.base import LayerAccess, PrefetchRequest
+from offload.policy import LayerAccess, PrefetchRequest
 from policies.lru import LRU
-from policies.predictors import TrackPredictor, top_k
+from offload.predictors import TrackPredictor
 from real.checkpoint import save_checkpoint
 from real.engine import EngineSettings, OffloadEngine
 from real.lookahead_gate import LookaheadGate, previous_token_states, train_lookahead_gate, true_router_probs
@@ -62,7 +62,7 @@ class PredictorPrefetch(LRU):
         E, L = self.ctx.num_experts, self.ctx.num_layers
         return [PrefetchRequest((access.layer + d) * E + e, access.step + d)
                 for d in range(1, min(self.ctx.prefetch_depth, L - 1 - access.layer) + 1)
-                for e in top_k(scores[d - 1], self.ctx.top_k)]
+                for e in np.argsort(-scores[d - 1], kind="stable")[: self.ctx.top_k].tolist()]
 
 
 @pytest.fixture(scope="module")

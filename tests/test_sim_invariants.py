@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from policies.registry import resolve_policy
-from sim.hardware import load_hardware
+from hardware.profile import load_hardware
 from sim.replay import replay_untimed
 from sim.simulator import SimSettings, simulate
 from traces import synthetic_trace

@@ -56,6 +56,9 @@ class ExpertCache:
         self.pinned: set[int] = set()
 
     # -- queries -------------------------------------------------------------------------------
+    def view(self) -> "CacheView":
+        return CacheView(self)
+
     def scope(self, key: int) -> int:
         return key // self.num_experts if self.per_layer else 0
 
@@ -66,6 +69,10 @@ class ExpertCache:
     def is_resident(self, key: int) -> bool:
         slot = self.key_slot.get(key)
         return slot is not None and self.slot_state[slot] == RESIDENT
+
+    def holds(self, key: int) -> bool:
+        """``key`` has a slot: resident, or its copy is in flight."""
+        return key in self.key_slot
 
     def is_evictable(self, key: int) -> bool:
         """Resident, not pinned, and not needed by the layer now computing."""
@@ -123,3 +130,29 @@ class ExpertCache:
         slot = self.start_copy(key, None)
         self.finish_copy(key)
         return slot
+
+
+class CacheView:
+    """The cache as a policy sees it, in every hook: the queries, none of the transitions.
+
+    Policies decide; only the controller changes slots. A policy that needs to know what is resident
+    asks here instead of mirroring inserts and evictions in a shadow copy of its own.
+    """
+
+    __slots__ = ("num_layers", "num_experts", "cache_slots", "mode", "per_layer", "num_scopes",
+                 "num_slots", "scope", "state", "holds", "is_resident", "is_evictable", "evictable",
+                 "has_free_slot", "residents")
+
+    def __init__(self, cache: ExpertCache):
+        for name in ("num_layers", "num_experts", "cache_slots", "mode", "per_layer", "num_scopes",
+                     "num_slots"):
+            setattr(self, name, getattr(cache, name))
+        # Bound query methods of the one cache: no copy of its state, no way to change it.
+        self.scope = cache.scope
+        self.state = cache.state
+        self.holds = cache.holds
+        self.is_resident = cache.is_resident
+        self.is_evictable = cache.is_evictable
+        self.evictable = cache.evictable
+        self.has_free_slot = cache.has_free_slot
+        self.residents = cache.residents

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from policies.base import LayerAccess, Policy, PrefetchRequest
-from policies.cache import ABSENT, RESIDENT, ExpertCache
-from policies.copy_queue import DONE, DROPPED, RUNNING, CopyJob, CopyQueue
+from offload.access import LayerAccess, PrefetchRequest
+from offload.policy import Policy
+from offload.cache import ABSENT, RESIDENT, ExpertCache
+from offload.copy_queue import DONE, DROPPED, RUNNING, CopyJob, CopyQueue
 
 
 @dataclass
@@ -44,6 +45,7 @@ class OffloadController:
                  record_copies: bool = False):
         self.policy = policy
         self.cache = cache
+        policy.cache = cache.view()          # what every hook may read; only the controller writes
         self.queue = CopyQueue()
         self.expert_bytes = expert_bytes
         self.num_layers = cache.num_layers
@@ -169,7 +171,7 @@ class OffloadController:
             scope = cache.scope(key)
             victim = None
             if not cache.has_free_slot(scope):
-                victim = policy.choose_victim(scope, cache, job)
+                victim = policy.choose_victim(scope, policy.cache, job)
                 if victim is None:
                     if job.demand:
                         if cache.evictable(scope):

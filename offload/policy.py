@@ -1,39 +1,23 @@
 """The policy interface: pure decisions, no clock, no SimPy, no CUDA.
 
 Shaped after libCacheSim's eviction interface (find / insert / choose-victim / evict) with prefetch
-and preload as separate hooks. The controller (``policies.controller``) calls these hooks in the same
+and preload as separate hooks. The controller (``offload.controller``) calls these hooks in the same
 order under both clocks; a policy never touches slots itself, it only answers questions.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from policies.cache import CacheMode, ExpertCache
+from offload.access import LayerAccess, PrefetchRequest
+from offload.cache import CacheMode, CacheView
+from offload.next_use import NextUse
+from offload.predictors import Predictor
 
 if TYPE_CHECKING:
-    from policies.copy_queue import CopyJob
-    from policies.oracle import NextUse
-    from policies.predictors import Predictor
+    from offload.copy_queue import CopyJob
     from traces import ModelShape, Trace
-
-
-class PrefetchRequest(NamedTuple):
-    key: int          # layer * num_experts + expert
-    need_step: int    # the decode step (token * num_layers + layer) expected to use it; sets the order
-
-
-@dataclass(slots=True)
-class LayerAccess:
-    """What a policy learns when a layer's router has chosen: the step, the choice, and in the live
-    engine the hidden state that predictors read."""
-    token: int                 # token index in the run (the replayed trace slice in the simulator)
-    layer: int
-    step: int                  # token * num_layers + layer
-    experts: list[int]
-    weights: list[float] | None = None
-    hidden: Any = None         # live engine only: the post-attention residual entering this MoE layer
 
 
 @dataclass(frozen=True)
@@ -66,8 +50,7 @@ class PolicyContext:
         return self.shape.top_k
 
     @cached_property
-    def oracle(self) -> "NextUse":
-        from policies.oracle import NextUse
+    def oracle(self) -> NextUse:
         if self.trace is None:
             raise ValueError("this policy needs the future of the run (a trace); the live engine "
                              "must record the run first and replay it")
@@ -81,9 +64,15 @@ class PolicyContext:
 
 
 class Policy:
-    """Base class: on-demand fetching, no preload, no prefetch. Subclasses choose victims."""
+    """Base class: on-demand fetching, no preload, no prefetch. Subclasses choose victims.
+
+    ``self.cache`` is a read-only view of the run's cache (``offload.cache.CacheView``), set by the
+    controller before the first hook runs: every hook may ask what is resident, in flight or
+    evictable there, so a policy keeps no residency bookkeeping of its own.
+    """
 
     lossless: ClassVar[bool] = True
+    cache: CacheView | None = None
 
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx
@@ -101,7 +90,7 @@ class Policy:
     def on_evict(self, key: int) -> None:
         """``key`` lost its slot."""
 
-    def choose_victim(self, scope: int, cache: ExpertCache, job: "CopyJob") -> int | None:
+    def choose_victim(self, scope: int, cache: CacheView, job: "CopyJob") -> int | None:
         """An evictable key of ``scope`` to make room for ``job``, or None to refuse (a refused
         prefetch is dropped; a demand fetch may be refused only when nothing is evictable)."""
         raise NotImplementedError

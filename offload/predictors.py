@@ -8,11 +8,11 @@ Either way a policy sees ``scores(access)``: one row of E scores for each of the
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import numpy as np
 
-from policies.base import LayerAccess
+from offload.access import LayerAccess
 
 
 class Predictor(Protocol):
@@ -43,7 +43,25 @@ class TrackPredictor:
         return self.track[access.token, access.layer, :self.depth]
 
 
-def top_k(scores: np.ndarray, k: int) -> list[int]:
-    """Indices of the k largest scores, best first (ties: lower index first)."""
-    order = np.argsort(-scores, kind="stable")
-    return order[:k].tolist()
+def predictor_name(policy_cls: type, params: Mapping) -> str | None:
+    """The predictor ``policy_cls`` consults: the one its ``track`` names (``predictor=<name>`` in
+    ``params`` overrides it); None for a policy that names none. The simulator reads the trace's
+    prediction track of that name, the engine the live predictor of that name: one name, two sources."""
+    name = getattr(policy_cls, "track", None)
+    return None if name is None else params.get("predictor", name)
+
+
+def policy_depth(policy_cls: type, prefetch_depth: int) -> int:
+    """How far ahead ``policy_cls`` looks: ``prefetch_depth``, capped by the class's ``max_depth``."""
+    max_depth = getattr(policy_cls, "max_depth", None)
+    return prefetch_depth if max_depth is None else min(prefetch_depth, max_depth)
+
+
+def track_predictor(policy_cls: type, trace, prefetch_depth: int,
+                    params: Mapping) -> TrackPredictor | None:
+    """The predictor the simulator gives ``policy_cls``: a reader of the trace's prediction track
+    ``predictor_name`` names, looking as far ahead as the policy will; None for a policy without one."""
+    name = predictor_name(policy_cls, params)
+    if name is None:
+        return None
+    return TrackPredictor(trace, name, policy_depth(policy_cls, prefetch_depth))

@@ -3,7 +3,7 @@
 All simulated times are integer nanoseconds. A useful identity: 1 GB/s (1e9 bytes/s) moves one byte
 per nanosecond, so ``bytes / GBps`` is a time in ns.
 
-Profiles live as YAML in ``sim/profiles/<name>.yaml``; units are in every field name. The host-to-
+Profiles live as YAML in ``hardware/profiles/<name>.yaml``; units are in every field name. The host-to-
 device copy cost is either a constant link (``pcie_GBps``) or a measured table of effective
 bandwidth by copy size (``h2d_GBps_by_MiB``). Compute is analytic (weight bytes over HBM bandwidth
 plus kernel launches) unless the profile holds a measured entry for the model and precision.
@@ -26,6 +26,11 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 MiB = 1 << 20
 
 
+class HardwareProfileError(ValueError):
+    """A hardware profile (YAML file, dict or override) that cannot be used; the message names the
+    file or origin, the field and the fix."""
+
+
 class CopyCost(Protocol):
     def copy_ns(self, nbytes: int) -> int:
         """Time of one host-to-device copy of ``nbytes``, integer ns, >= 1 for nbytes > 0."""
@@ -38,7 +43,7 @@ def _to_ns(t: float) -> int:
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise HardwareProfileError(message)
 
 
 @dataclass(frozen=True)
@@ -372,29 +377,29 @@ def available_hardware() -> list[str]:
 
 
 def load_hardware(name_or_path: str | Path) -> HardwareProfile:
-    """A profile by name (``sim/profiles/<name>.yaml``) or by path to a YAML file."""
+    """A profile by name (``hardware/profiles/<name>.yaml``) or by path to a YAML file."""
     text = str(name_or_path)
     by_name = not (text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text)
     path = PROFILES_DIR / f"{text}.yaml" if by_name else Path(text)
     if not path.is_file():
         if by_name:
-            raise ValueError(f"unknown hardware profile {text!r}; available: {available_hardware()}")
-        raise ValueError(f"hardware profile file {path} does not exist")
+            raise HardwareProfileError(f"unknown hardware profile {text!r}; available: {available_hardware()}")
+        raise HardwareProfileError(f"hardware profile file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from e
+        raise HardwareProfileError(f"{path}: not valid YAML: {e}") from e
     profile = hardware_from_dict(data, origin=str(path))
     if by_name and profile.name != text:
-        raise ValueError(f"{path}: field 'name' is {profile.name!r}; set it to the file's name {text!r}")
+        raise HardwareProfileError(f"{path}: field 'name' is {profile.name!r}; set it to the file's name {text!r}")
     return profile
 
 
 def hardware_from_dict(data: Any, origin: str = "<dict>") -> HardwareProfile:
     """Build a profile from the YAML layout (also what hardware_to_dict writes); errors name origin and field."""
 
-    def fail(message: str) -> ValueError:
-        return ValueError(f"{origin}: {message}")
+    def fail(message: str) -> HardwareProfileError:
+        return HardwareProfileError(f"{origin}: {message}")
 
     if not isinstance(data, dict):
         raise fail("expected a mapping of hardware fields at the top level")
