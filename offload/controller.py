@@ -41,8 +41,7 @@ Need = tuple[int, "CopyJob | None"]   # (key, the copy it waits for, or None if 
 
 
 class OffloadController:
-    def __init__(self, policy: Policy, cache: ExpertCache, expert_bytes: int,
-                 record_copies: bool = False):
+    def __init__(self, policy: Policy, cache: ExpertCache, expert_bytes: int):
         self.policy = policy
         self.cache = cache
         policy.cache = cache.view()          # what every hook may read; only the controller writes
@@ -58,7 +57,6 @@ class OffloadController:
         # Set by begin_layer until prefetch_layer: the layer whose prefetch is still to be asked for.
         # In between only demand fetches may start (see next_copy).
         self._prefetch_access: LayerAccess | None = None
-        self.copy_log: list[CopyJob] | None = [] if record_copies else None
 
     # -- before decoding -----------------------------------------------------------------------
     def preload(self) -> None:
@@ -197,8 +195,6 @@ class OffloadController:
             if not job.demand:
                 self._unused_prefetch.add(key)
             policy.on_insert(key)
-            if self.copy_log is not None:
-                self.copy_log.append(job)
             return job
 
     def copy_done(self, job: CopyJob, now_ns: int) -> None:

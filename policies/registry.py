@@ -68,8 +68,3 @@ def resolve_policy(spec: str) -> type[Policy]:
     if not (isinstance(cls, type) and issubclass(cls, Policy)):
         raise ValueError(f"policy {spec!r}: {cls_name} must subclass policies.Policy")
     return cls
-
-
-def policy_name(spec: str) -> str:
-    """The name results are keyed by: the registered name, or the user's ``Class`` spec as given."""
-    return spec
