@@ -22,7 +22,9 @@ import torch
 
 from policies.registry import resolve_policy
 from offload.predictors import policy_depth
-from real.engine import EngineSettings, OffloadEngine
+from hardware import load_hardware
+from offload.session import RunSettings
+from real.engine import OffloadEngine
 from real.lookahead_gate import LookaheadGate
 from real.predictors import FrozenRouters, LookaheadGatePredictor, PreGate
 from real.record import routing_trace
@@ -31,7 +33,6 @@ from traces import ModelShape
 
 MOE_LM = ModelShape("moe-lm", 16, 8, 2, 1024, 4096, 16, 4, 64, 8192)
 TINY = ModelShape("tiny", 4, 8, 2, 32, 48, 4, 2, 8, 8192)      # a CPU smoke run
-COPY_NS, LAYER_NS = 477_000, 329_000                             # the H100 profile's estimates
 
 
 def main(argv=None) -> pd.DataFrame:
@@ -43,17 +44,21 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--hardware", default="h100-pcie5-measured",
+                   help="profile whose copy and layer estimates limit the predictive policies' depth")
     args = p.parse_args(argv)
+    hardware = load_hardware(args.hardware)
     cuda = args.device == "cuda"
     shape = MOE_LM if cuda else TINY
     model = random_model(shape, args.device, torch.bfloat16 if cuda else torch.float32, seed=0, max_len=256)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, shape.vocab_size, 16).tolist() for _ in range(args.prompts)]
 
-    def settings(slots: int) -> EngineSettings:
-        return EngineSettings(cache_slots=slots, prefetch_depth=3, expert_copy_ns=COPY_NS, layer_compute_ns=LAYER_NS)
+    def settings(slots: int) -> RunSettings:
+        return RunSettings(cache_slots=slots, prefetch_depth=3)
 
-    base = OffloadEngine(model, shape, resolve_policy("lru"), settings(shape.num_experts)).generate(prompts, args.new_tokens)
+    base = OffloadEngine(model, shape, resolve_policy("lru"), settings(shape.num_experts),
+                         hardware=hardware).generate(prompts, args.new_tokens)
     future = routing_trace(base, shape, "bench_host_overlap", args.device, "all resident")
     predictors = {d: {"pregate": PreGate(model, d),
                       "lookahead": LookaheadGatePredictor(LookaheadGate(FrozenRouters(model), d))} for d in (1, 3)}
@@ -61,8 +66,8 @@ def main(argv=None) -> pd.DataFrame:
     for policy in args.policies.split(","):
         cls = resolve_policy(policy)
         for slots in [int(s) for s in args.slots.split(",")]:
-            engine = OffloadEngine(model, shape, cls, settings(slots), future=future, train_trace=future,
-                                   predictors=predictors[policy_depth(cls, 3)])
+            engine = OffloadEngine(model, shape, cls, settings(slots), hardware=hardware, future=future,
+                                   train_trace=future, predictors=predictors[policy_depth(cls, 3)])
             r = engine.generate(prompts, args.new_tokens)
             if r.generated != base.generated:
                 raise SystemExit(f"error: {policy} at {slots} slots changed the greedy tokens")

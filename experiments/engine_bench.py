@@ -29,7 +29,7 @@ from policies.registry import resolve_policy
 from offload.predictors import policy_depth
 from real.checkpoint import load_checkpoint
 from real.corpus import DEFAULT_CORPUS_DIR
-from real.engine import EngineSettings, OffloadEngine
+from real.engine import OffloadEngine
 from real.model import MoEModel, quiet_gc
 from experiments.make_tracks import RECALL_COLUMNS, affinity_recall, compute_tracks, text_recall
 from real.hidden_capture import CAPTURE_WINDOW, capture_hidden_states
@@ -39,11 +39,13 @@ from real.profile_hw import measure_compute, measure_copies, measure_layer_overh
 from real.record import routing_trace
 from real.shape_model import random_model
 from hardware.profile import hardware_from_dict, hardware_to_dict, load_hardware
-from sim.simulator import SimSettings, simulate
+from offload.session import RunSettings
+from offload.metrics import tpot_summary
+from sim.simulator import simulate
 from traces import DEFAULT_TRACE, load_shape, load_trace, save_trace
 from traces.io import atomic_write
 
-ENGINE_COLUMNS = ["model", "mode", "policy", "cache_slots", "tokens_per_s", "tpot_ms", "hit_rate",
+ENGINE_COLUMNS = ["model", "mode", "policy", "cache_slots", "tokens_per_s", "tpot_ms_mean", "hit_rate",
                   "bytes_moved", "copy_GBps", "gpu_mem_GB", "tokens", "tpot_ms_p50", "tpot_ms_p99",
                   "misses"]
 
@@ -80,13 +82,12 @@ def _sync(device: torch.device) -> None:
 
 
 def _engine(model, shape, policy: str, slots: int, future=None, record_hidden_steps: int = 0,
-            predictors=None, estimates: tuple[int, int] | None = None, depth: int = 1,
+            predictors=None, hardware=None, depth: int = 1, precision: str = "bf16",
             record_layer_timings: bool = False) -> OffloadEngine:
     _reset_peak(model.device)
-    copy_ns, layer_ns = estimates or (None, None)
-    settings = EngineSettings(cache_slots=slots, prefetch_depth=depth, expert_copy_ns=copy_ns, layer_compute_ns=layer_ns)
-    return OffloadEngine(model, shape, resolve_policy(policy), settings, future=future, train_trace=future,
-                         record_hidden_steps=record_hidden_steps, predictors=predictors,
+    settings = RunSettings(cache_slots=slots, prefetch_depth=depth, precision=precision)
+    return OffloadEngine(model, shape, resolve_policy(policy), settings, hardware=hardware, future=future,
+                         train_trace=future, record_hidden_steps=record_hidden_steps, predictors=predictors,
                          record_layer_timings=record_layer_timings)
 
 
@@ -145,7 +146,7 @@ def live(args) -> None:
         wall = time.perf_counter() - start
     ran = steps - len(prompts)            # generate_greedy skips the step after the last token
     results.add({"model": name, "mode": "fully-on-gpu", "policy": "none", "cache_slots": shape.num_experts,
-                 "tokens_per_s": ran / wall, "tpot_ms": 1e3 * wall / ran,
+                 "tokens_per_s": ran / wall, "tpot_ms_mean": 1e3 * wall / ran,
                  "gpu_mem_GB": torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0})
     _hf_parity(args.model, resident, prompts[0], resident_tokens[0], out)
     compute = measure_compute(resident) if cuda else None
@@ -200,14 +201,15 @@ def live(args) -> None:
         policy_cls = resolve_policy(policy)
         predictors = predictors_at(policy_depth(policy_cls, args.depth))
         if not policy_cls.lossless:   # the accuracy cost: the cache does not change what runs
-            lossy = _engine(host, shape, policy, shape.num_experts, predictors=predictors, estimates=estimates,
-                            depth=args.depth).score(scored)
+            lossy = _engine(host, shape, policy, shape.num_experts, predictors=predictors, hardware=hardware,
+                            depth=args.depth, precision=precision).score(scored)
             accuracy[policy] = {"perplexity": lossy["perplexity"], "top1_agreement": float(np.mean(
                 np.asarray(lossy["argmax"]) == np.asarray(reference["argmax"])))}
         for slots in [int(s) for s in args.slots.split(",")]:
             timed = policy == args.timed_policy and slots == min(int(s) for s in args.slots.split(","))
-            r = _engine(host, shape, policy, slots, future=recorded, predictors=predictors, estimates=estimates,
-                        depth=args.depth, record_layer_timings=timed).generate(prompts, args.new_tokens)
+            r = _engine(host, shape, policy, slots, future=recorded, predictors=predictors, hardware=hardware,
+                        depth=args.depth, precision=precision, record_layer_timings=timed).generate(
+                prompts, args.new_tokens)
             if timed:   # an offloaded run's copies, stalls and layer times, as a trace
                 save_trace(routing_trace(r, shape, source=f"experiments.engine_bench live --model {name}",
                                          recorded_on=torch.cuda.get_device_name() if cuda else "cpu",
@@ -218,16 +220,16 @@ def live(args) -> None:
             correctness.append({"policy": policy, "cache_slots": slots, "lossless": policy_cls.lossless,
                                 "identical_to_fully_on_gpu": identical})
             results.add(_row(name, "live", policy, slots, r.metrics))
-            sim = simulate(tracked, policy_cls, hardware, SimSettings(cache_slots=slots, precision=precision,
+            sim = simulate(tracked, policy_cls, hardware, RunSettings(cache_slots=slots, precision=precision,
                                                                       prefetch_depth=args.depth))
-            sim_ms = np.asarray(sim.token_ns, dtype=np.float64)[mask].mean() / 1e6
+            sim_decode = tpot_summary(np.asarray(sim.token_ns)[mask])   # the steps the engine timed
             acc = accuracy.get(policy, {"perplexity": reference["perplexity"], "top1_agreement": 1.0})
             rows.append({"policy": policy, "cache_slots": slots, "tokens_per_s": r.metrics["tokens_per_s"],
-                         "sim_tokens_per_s": 1e3 / sim_ms, "hit_rate": r.metrics["hit_rate"],
+                         "sim_tokens_per_s": sim_decode["tokens_per_s"], "hit_rate": r.metrics["hit_rate"],
                          "sim_hit_rate": sim.metrics["hit_rate"], "lossy": not policy_cls.lossless,
                          "identical_tokens": identical, "held_out_perplexity": acc["perplexity"],
-                         "top1_agreement": acc["top1_agreement"], "tpot_ms": r.metrics["tpot_ms"],
-                         "sim_tpot_ms": sim_ms, "bytes_moved": r.metrics["bytes_moved"],
+                         "top1_agreement": acc["top1_agreement"], "tpot_ms_mean": r.metrics["tpot_ms_mean"],
+                         "sim_tpot_ms_mean": sim_decode["tpot_ms_mean"], "bytes_moved": r.metrics["bytes_moved"],
                          "prefetch_depth": args.depth, "model": name, "precision": precision})
             atomic_write(out / "policies.csv", lambda f: pd.DataFrame(rows).to_csv(f, index=False))
             atomic_write(out / "correctness.csv", lambda f: pd.DataFrame(correctness).to_csv(f, index=False))
@@ -330,7 +332,7 @@ def _accelerate(model_dir, name, prompts, new_tokens, gpu_GiB, results: Results)
     hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     wall = time.perf_counter() - start
     results.add({"model": name, "mode": f"hf-accelerate-offload-{gpu_GiB}GiB", "policy": "device_map",
-                 "cache_slots": -1, "tokens_per_s": new_tokens / wall, "tpot_ms": 1e3 * wall / new_tokens,
+                 "cache_slots": -1, "tokens_per_s": new_tokens / wall, "tpot_ms_mean": 1e3 * wall / new_tokens,
                  "gpu_mem_GB": torch.cuda.max_memory_allocated() / 1e9})
 
 

@@ -14,7 +14,8 @@ from offload.cache import CacheMode, ExpertCache
 from policies.registry import resolve_policy
 from hardware.profile import HardwareProfile, load_hardware
 from sim.replay import replay_untimed
-from sim.simulator import SimSettings, Timeline, simulate
+from offload.session import RunSettings
+from sim.simulator import Timeline, simulate
 from traces import Trace, TraceError, load_trace
 
 # The order of a results table's columns: the resolved configuration, what it ran on, the metrics.
@@ -25,10 +26,11 @@ CONFIG_COLUMNS = [
 ]
 RUN_COLUMNS = ["model", "expert_bytes", "trace_sha256", "train_tokens", "trace_tokens", "trace_requests"]
 METRIC_COLUMNS = [
-    "tokens_per_s", "hit_rate", "belady_hit_fraction", "belady_hits", "tokens", "sim_time_s",
+    "tokens_per_s", "hit_rate", "belady_hit_fraction", "belady_hits", "tokens", "decode_s",
     "tpot_ms_mean", "tpot_ms_p50", "tpot_ms_p99", "hits", "misses", "late_prefetches", "accesses",
     "copies", "demand_copies", "prefetch_copies", "prefetch_useful", "prefetch_wasted",
-    "prefetch_cancelled", "prefetch_dropped", "bytes_moved", "link_utilisation", "stall_ms_per_token",
+    "prefetch_cancelled", "prefetch_dropped", "bytes_moved", "replaced", "link_utilisation",
+    "stall_ms_per_token",
 ]
 ROW_COLUMNS = [*CONFIG_COLUMNS, *RUN_COLUMNS, *METRIC_COLUMNS, "config_hash"]
 
@@ -79,14 +81,14 @@ def belady_hits(cfg: RunConfig) -> int:
     key = (*_slice_key(cfg), cfg.cache_slots, cfg.cache_mode)
     if key not in _belady:
         train, run = trace_slices(cfg)
-        stats = replay_untimed(run, resolve_policy("belady"), cfg.cache_slots, cfg.cache_mode,
+        stats = replay_untimed(run, resolve_policy("belady"), RunSettings(cfg.cache_slots, cfg.cache_mode),
                                train_trace=train)
         _belady[key] = stats.hits
     return _belady[key]
 
 
-def _settings(cfg: RunConfig) -> SimSettings:
-    return SimSettings(cache_slots=cfg.cache_slots, cache_mode=cfg.cache_mode, precision=cfg.precision,
+def _settings(cfg: RunConfig) -> RunSettings:
+    return RunSettings(cache_slots=cfg.cache_slots, cache_mode=cfg.cache_mode, precision=cfg.precision,
                        prefetch_depth=cfg.prefetch_depth, prompt_tokens=cfg.prompt_tokens,
                        policy_params=dict(cfg.policy_params))
 

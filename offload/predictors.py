@@ -57,11 +57,20 @@ def policy_depth(policy_cls: type, prefetch_depth: int) -> int:
     return prefetch_depth if max_depth is None else min(prefetch_depth, max_depth)
 
 
-def track_predictor(policy_cls: type, trace, prefetch_depth: int,
-                    params: Mapping) -> TrackPredictor | None:
-    """The predictor the simulator gives ``policy_cls``: a reader of the trace's prediction track
-    ``predictor_name`` names, looking as far ahead as the policy will; None for a policy without one."""
+def predictor_for(policy_cls: type, params: Mapping, prefetch_depth: int, *, trace=None,
+                  live: Mapping[str, Predictor] | None = None) -> Predictor | None:
+    """The predictor a run gives ``policy_cls``, None for a policy that names none
+    (``predictor_name``). With ``live`` (the engine: live predictors by name) the one of that name;
+    otherwise (the simulator, the untimed replay) a reader of ``trace``'s prediction track of that
+    name, looking as far ahead as the policy will. Raises ValueError naming what is missing."""
     name = predictor_name(policy_cls, params)
     if name is None:
         return None
-    return TrackPredictor(trace, name, policy_depth(policy_cls, prefetch_depth))
+    if live is None:
+        return TrackPredictor(trace, name, policy_depth(policy_cls, prefetch_depth))
+    if name not in live:
+        have = ", ".join(sorted(live)) or "none"
+        raise ValueError(f"policy {policy_cls.__name__} consults the predictor {name!r}, but the engine was "
+                         f"given {have}; pass predictors={{{name!r}: ...}} (real.predictors; a lookahead gate "
+                         f"comes from python -m experiments.train_gate)")
+    return live[name]

@@ -13,18 +13,20 @@ engine: lossless policies give identical tokens, bit for bit.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import torch
 
-from offload.policy import Policy, PolicyContext
-from offload.cache import CacheMode, ExpertCache
-from offload.controller import OffloadController, OffloadStats
-from offload.predictors import Predictor
-from offload.predictors import predictor_name
+from offload.controller import Need, OffloadStats
+from offload.layer_turn import drive, layer_turn
+from offload.metrics import run_metrics
+from offload.policy import Policy
+from offload.predictors import Predictor, predictor_for
+from offload.session import RunSettings, open_session
 from real.copies import CopyFeeder, CopyRecord
 from real.marks import Marks
 from real.model import quiet_gc
@@ -32,19 +34,20 @@ from real.predictors import GraphedPredictor, HiddenStatePredictor
 from real.pinned import is_page_locked, pinned_empty
 from traces import ModelShape, Trace
 
+if TYPE_CHECKING:
+    from hardware import HardwareProfile
 
-@dataclass(frozen=True)
-class EngineSettings:
-    cache_slots: int
-    cache_mode: CacheMode | str = CacheMode.PER_LAYER
-    prefetch_depth: int = 1
-    max_copies_in_flight: int = 2
-    policy_params: Mapping = field(default_factory=dict)
-    # The clock's estimates that predictive policies use to limit prefetch depth (as the simulator
-    # derives them from its hardware profile): one expert's copy time and one layer's compute time.
-    # None: no depth limit. ``experiments.engine_bench`` passes what it measured on this machine.
-    expert_copy_ns: int | None = None
-    layer_compute_ns: int | None = None
+
+class RoutingError(RuntimeError):
+    """The router produced non-finite weights (an overflowed layer, a broken checkpoint): the model's
+    output from here on is garbage, so the run stops at the step and layer where it happened.
+    ``step`` and ``layer`` name them; what the engine recorded before stays in ``engine.routing``."""
+
+    def __init__(self, step: int, layer: int, weights: list[float]):
+        super().__init__(f"router of layer {layer} gave non-finite weights {weights} at decode step {step}: "
+                         f"the checkpoint or its dtype overflows there; check the weights of layer {layer} "
+                         f"(load in float32 to tell an overflow from broken weights)")
+        self.step, self.layer = step, layer
 
 
 @dataclass
@@ -72,18 +75,27 @@ class EngineResult:
 
 
 class OffloadEngine:
-    def __init__(self, model, shape: ModelShape, policy_cls: type[Policy], settings: EngineSettings,
-                 future: Trace | None = None, train_trace: Trace | None = None,
-                 record_hidden_steps: int = 0, predictors: Mapping[str, Predictor] | None = None,
-                 record_layer_timings: bool = False):
-        """``predictors``: live predictors by name (``real.predictors``); a predictive policy gets the
-        one its class names (``policies.speculative.predictor_name``), as the simulator gets the
-        prediction track of that name. ``record_layer_timings``: mark each layer's start, routing and end
-        on the compute stream (CUDA events, resolved after the run) and keep each copy's start and end
-        events, for ``Routing.layer_timings``."""
+    """The CUDA clock: interprets ``offload.layer_turn`` with the GPU's streams and events."""
+
+    def __init__(self, model, shape: ModelShape, policy_cls: type[Policy], settings: RunSettings, *,
+                 hardware: "HardwareProfile | None" = None, future: Trace | None = None,
+                 train_trace: Trace | None = None, record_hidden_steps: int = 0,
+                 predictors: Mapping[str, Predictor] | None = None, record_layer_timings: bool = False,
+                 max_copies_in_flight: int = 2):
+        """``settings``: the run's settings, as the simulator takes them (``offload.session``).
+        ``hardware``: a profile measured on this machine, whose copy and layer estimates limit a
+        predictive policy's prefetch depth as in the simulator; None: no limit. ``future``: the run's
+        routing, recorded before, for the bounds (Belady, oracle); ``train_trace``: the separate slice
+        ``static`` and ``affinity`` learn from. ``predictors``: live predictors by name
+        (``real.predictors``); a predictive policy gets the one its class names
+        (``offload.predictors.predictor_name``), as the simulator gets the prediction track of that
+        name. ``record_layer_timings``: mark each layer's start, routing and end on the compute stream
+        (CUDA events, resolved after the run) and keep each copy's start and end events, for
+        ``Routing.layer_timings``. ``max_copies_in_flight``: copies handed to the copy stream at once
+        (``real.copies``). Raises MemoryError when the GPU cannot hold the slots, naming the fix."""
         self.model = model
         self.shape = shape
-        L, E, K = shape.num_layers, shape.num_experts, shape.top_k
+        L, E = shape.num_layers, shape.num_experts
         blobs = model.expert_blobs                      # [L, E, blob]
         self.device = model.device
         self.cuda = self.device.type == "cuda"
@@ -98,17 +110,16 @@ class OffloadEngine:
                 (L * E, blob_numel), dtype=blobs.dtype)
             self.arena.copy_(blobs.reshape(L * E, blob_numel))
             model.drop_resident_experts()               # free the GPU copy: the engine owns the experts
-        self.cache = ExpertCache(L, E, settings.cache_slots, settings.cache_mode, K)
+        num_slots = settings.cache_slots * L
         try:
-            self.slots = torch.empty((self.cache.num_slots, blob_numel), dtype=blobs.dtype,
-                                     device=self.device)
+            self.slots = torch.empty((num_slots, blob_numel), dtype=blobs.dtype, device=self.device)
         except torch.OutOfMemoryError as err:
-            need = self.cache.num_slots * blob_numel * blobs.element_size() / 1e9
-            raise MemoryError(f"the GPU cannot hold {self.cache.num_slots} expert slots ({need:.1f} GB); "
+            need = num_slots * blob_numel * blobs.element_size() / 1e9
+            raise MemoryError(f"the GPU cannot hold {num_slots} expert slots ({need:.1f} GB); "
                               f"lower cache_slots") from err
         self.expert_bytes = blob_numel * blobs.element_size()
-        params = dict(settings.policy_params)
-        predictor = _live_predictor(policy_cls, predictors or {}, params)
+        predictor = predictor_for(policy_cls, settings.policy_params, settings.prefetch_depth,
+                                  live=predictors or {})
         # Attention + router as CUDA graphs (no-op off CUDA), with a hidden-state predictor inside them.
         if isinstance(predictor, HiddenStatePredictor) and model.capture_graphs(extra=predictor.probs):
             predictor = GraphedPredictor(predictor, model)
@@ -116,15 +127,12 @@ class OffloadEngine:
             model.capture_graphs()
         # Experts and combine as graphs too, one expert graph per (slot, top-k position); None on CPU.
         self.expert_graphs = model.expert_graphs(self.slots)
-        ctx = PolicyContext(shape, settings.cache_slots, CacheMode(settings.cache_mode),
-                            settings.prefetch_depth, future, train_trace, params,
-                            predictor=predictor,
-                            expert_copy_ns=settings.expert_copy_ns, layer_compute_ns=settings.layer_compute_ns)
-        self.policy = policy_cls(ctx)
-        self.ctrl = OffloadController(self.policy, self.cache, self.expert_bytes)
-        self.copies = CopyFeeder(self.ctrl, self.arena, self.slots, settings.max_copies_in_flight)
-        self.ctrl.preload()
-        for key, slot in self.cache.key_slot.items():   # model load: untimed, not counted
+        self.session = open_session(shape, policy_cls, settings, expert_bytes=self.expert_bytes,
+                                    trace=future, train_trace=train_trace, predictor=predictor,
+                                    hardware=hardware)
+        self.policy, self.ctrl, self.cache = self.session.policy, self.session.ctrl, self.session.cache
+        self.copies = CopyFeeder(self.ctrl, self.arena, self.slots, max_copies_in_flight)
+        for key, slot in self.cache.key_slot.items():   # the preload is model load: untimed, not counted
             self.slots[slot].copy_(self.arena[key])
         self.record_hidden_steps = record_hidden_steps
         self.marks = Marks(self.cuda) if record_layer_timings else None
@@ -138,83 +146,108 @@ class OffloadEngine:
     # -- one decode step -----------------------------------------------------------------------
     def _step(self, token_id: int, pos: int, forced: list[list[int]] | None = None,
               forced_weights: list[list[float]] | None = None) -> torch.Tensor:
-        m, ctrl, copies, cache = self.model, self.ctrl, self.copies, self.cache
-        E = self.shape.num_experts
+        m = self.model
         step = self._step_index
-        lossy = not self.policy.lossless
-        keep_hidden = step < self.record_hidden_steps
-        hidden = []
-        experts_of_step, weights_of_step = [], []
+        self._forced, self._forced_weights = forced, forced_weights
+        self._hidden = [] if step < self.record_hidden_steps else None
+        self._experts_of_step, self._weights_of_step = [], []
         m.set_position(pos)
-        h = m.embed(token_id)
-        marks = self.marks
-        graphs = self.expert_graphs
-        if graphs is not None and graphs.layers is not m._graphs:
-            graphs = None                                 # the layer graphs were recaptured since
-        L = self.shape.num_layers
-        if marks is not None:
-            layer_start = marks.mark()
-        launched = m.attention_route(0, h, pos)
-        for layer in range(L):
-            h, x, ids, w, probs = launched
-            router_ids, weights = m.read_routing(layer, ids, w)    # the host learns the routing here
-            experts = router_ids
-            if forced is not None:                        # shape replay: routing from a trace
-                experts, weights = forced[layer], forced_weights[layer]
-                w = torch.tensor(weights, dtype=w.dtype, device=w.device)
-            if lossy:                                     # run the speculated experts instead
-                run = ctrl.executed_experts(step, layer, experts, weights)
-                if run != experts:
-                    w = m.weights_for(probs, torch.tensor([run], device=probs.device))
-                    experts, weights = run, w.reshape(-1).float().tolist()
-            experts_of_step.append(experts)
-            weights_of_step.append(weights)
-            # Predictors read the post-attention residual (before this layer's MoE norm), so that
-            # pre-gating can apply a later layer's own norm and router to it.
-            if keep_hidden:
-                hidden.append(h.reshape(-1).float().cpu().numpy())
-            if marks is not None:
-                routed = marks.mark()
-            needs = ctrl.begin_layer(step, layer, experts, weights, copies.now_ns(), hidden=h)
-            copies.pump()                                 # demand fetches only, until prefetch_layer
-            outputs: dict[int, torch.Tensor] = {}
-            used = []
-            base = layer * E
-            for key, job in needs:
-                if job is not None:
-                    copies.make_ready(job)
-                slot = cache.key_slot[key]
-                used.append(slot)
-                if graphs is not None:
-                    position = experts.index(key - base)
-                    graphs.expert(slot, position)
-                    outputs[key - base] = graphs.out[position]
-                else:
-                    outputs[key - base] = m.expert(x, self.slots[slot])
-            copies.release_slots(used)
-            if graphs is not None and experts is router_ids:    # not forced, not substituted
-                h_next = graphs.combine(layer)            # the router's own ids and weights, on the device
-            else:
-                h_next = m.combine(layer, h, x, experts, w, outputs)
-            if marks is not None:
-                copied = [(experts.index(key - base), job) for key, job in needs if job is not None]
-                self._layer_marks.append((step, layer, layer_start, routed, marks.mark(), copied))
-            # The GPU has this layer's experts and the next layer's attention to run; the host meanwhile
-            # asks the policy for this layer's prefetches and feeds the copies (same controller order).
-            if layer + 1 < L:
-                if marks is not None:
-                    layer_start = marks.mark()
-                launched = m.attention_route(layer + 1, h_next, pos)
-            ctrl.prefetch_layer(copies.now_ns())
-            copies.pump()
-            ctrl.end_layer(needs)
-            h = h_next
-        self.routing.experts.append(experts_of_step)
-        self.routing.weights.append(weights_of_step)
-        if keep_hidden:
-            self.routing.hidden.append(np.stack(hidden))
+        self._pos = pos
+        self._h = m.embed(token_id)
+        self._graphs = self.expert_graphs
+        if self._graphs is not None and self._graphs.layers is not m._graphs:
+            self._graphs = None                          # the layer graphs were recaptured since
+        if self.marks is not None:
+            self._layer_start = self.marks.mark()
+        self._launched = m.attention_route(0, self._h, pos)
+        for layer in range(self.shape.num_layers):
+            drive(layer_turn(self.ctrl, self, step, layer))
+        self.routing.experts.append(self._experts_of_step)
+        self.routing.weights.append(self._weights_of_step)
+        if self._hidden is not None:
+            self.routing.hidden.append(np.stack(self._hidden))
         self._step_index += 1
-        return m.final(h)
+        return m.final(self._h)
+
+    # -- the named points of the layer turn (offload.layer_turn) --------------------------------
+    def now_ns(self) -> int:
+        return self.copies.now_ns()
+
+    def route(self, token: int, layer: int):
+        return ()                # attention + router were launched at the previous layer's decide
+
+    def chosen(self, token: int, layer: int):
+        h, self._x, ids, w, self._probs = self._launched
+        experts, weights = self.model.read_routing(layer, ids, w)   # the host learns the routing here
+        if not all(map(math.isfinite, weights)):
+            raise RoutingError(token, layer, weights)
+        self._routed_on_device = self._forced is None
+        if self._forced is not None:                     # shape replay: routing from a trace
+            experts, weights = self._forced[layer], self._forced_weights[layer]
+            w = torch.tensor(weights, dtype=w.dtype, device=w.device)
+        self._w = w
+        self._experts_of_step.append(experts)
+        self._weights_of_step.append(weights)
+        # Predictors read the post-attention residual (before this layer's MoE norm), so that
+        # pre-gating can apply a later layer's own norm and router to it.
+        if self._hidden is not None:
+            self._hidden.append(h.reshape(-1).float().cpu().numpy())
+        if self.marks is not None:
+            self._routed_mark = self.marks.mark()
+        self._h = h
+        return experts, weights, h
+
+    def reweigh(self, layer: int, run: list[int], weights):
+        """A lossy policy runs ``run`` instead: the model's own weighting of them."""
+        self._w = self.model.weights_for(self._probs, torch.tensor([run], device=self._probs.device))
+        self._routed_on_device = False
+        weights = self._w.reshape(-1).float().tolist()
+        self._experts_of_step[-1], self._weights_of_step[-1] = run, weights
+        return weights
+
+    def start_copies(self):
+        self.copies.pump()
+        return ()
+
+    def launch_experts(self, token: int, layer: int, run: list[int], needs: list[Need]) -> None:
+        """Each expert made to wait on the GPU for its own copy, then launched; then the combine."""
+        m, copies, key_slot, graphs = self.model, self.copies, self.cache.key_slot, self._graphs
+        base = layer * self.shape.num_experts
+        outputs: dict[int, torch.Tensor] = {}
+        used = []
+        for key, job in needs:
+            if job is not None:
+                copies.make_ready(job)
+            slot = key_slot[key]
+            used.append(slot)
+            if graphs is not None:
+                position = run.index(key - base)
+                graphs.expert(slot, position)
+                outputs[key - base] = graphs.out[position]
+            else:
+                outputs[key - base] = m.expert(self._x, self.slots[slot])
+        copies.release_slots(used)
+        if graphs is not None and self._routed_on_device:
+            self._h_next = graphs.combine(layer)         # the router's own ids and weights, on the device
+        else:
+            self._h_next = m.combine(layer, self._h, self._x, run, self._w, outputs)
+        if self.marks is not None:
+            copied = [(run.index(key - base), job) for key, job in needs if job is not None]
+            self._layer_marks.append((token, layer, self._layer_start, self._routed_mark, self.marks.mark(),
+                                      copied))
+
+    def decide(self, token: int, layer: int):
+        """The GPU has this layer's experts and the next layer's attention to run; the host meanwhile
+        takes the policy's prefetch decision (the layer turn's next step)."""
+        self._h = self._h_next
+        if layer + 1 < self.shape.num_layers:
+            if self.marks is not None:
+                self._layer_start = self.marks.mark()
+            self._launched = self.model.attention_route(layer + 1, self._h, self._pos)
+        return ()
+
+    def finish_experts(self, token: int, layer: int, needs):
+        return ()                # the next routing read-back waits for the GPU
 
     # -- runs ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -232,64 +265,62 @@ class OffloadEngine:
         self.copies.drain()
         return {"nll": nll, "argmax": argmax, "perplexity": float(np.exp(np.mean(nll))) if nll else float("nan")}
 
+    def _timed_step(self, token_id: int, pos: int, forced=None) -> tuple[int, int]:
+        """One step, timed from its start to its next token on the host (the argmax read-back
+        synchronises): (the next token, integer ns). ``forced``: (experts, weights) of a trace step."""
+        start = time.perf_counter_ns()
+        logits = self._step(token_id, pos) if forced is None else self._step(token_id, pos, *forced)
+        nxt = int(logits.argmax(-1).reshape(-1)[0])
+        ns = time.perf_counter_ns() - start
+        self.routing.step_ms.append(ns / 1e6)
+        return nxt, ns
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> EngineResult:
         """Greedy decoding, batch 1, one request after another (the expert cache persists).
-        Prompt tokens go through the same per-token path; only generated tokens are timed."""
+        Prompt tokens go through the same per-token path; only generated tokens are timed.
+        Raises ValueError, before anything runs, for an empty prompt."""
+        empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+        if empty or not prompts:
+            raise ValueError(f"prompts {empty} are empty: every request needs at least one token to start "
+                             f"decoding from" if prompts else "no prompts given: pass at least one request")
         generated = []
-        decode_ms: list[float] = []
+        decode_ns: list[int] = []
         with quiet_gc():
             for prompt in prompts:
                 self.model.reset()
-                pos = 0
-                logits = None
-                for tok in prompt:
-                    start = time.perf_counter()
-                    logits = self._step(tok, pos)
-                    self.routing.step_ms.append((time.perf_counter() - start) * 1e3)
-                    pos += 1
+                for pos, tok in enumerate(prompt):
+                    nxt, _ = self._timed_step(tok, pos)
                 out = []
-                nxt = int(logits.argmax(-1).reshape(-1)[0])
-                for _ in range(max_new_tokens):
+                for i in range(max_new_tokens):
                     out.append(nxt)
-                    start = time.perf_counter()
-                    logits = self._step(nxt, pos)
-                    nxt = int(logits.argmax(-1).reshape(-1)[0])   # synchronises: the token is known
-                    ms = (time.perf_counter() - start) * 1e3
-                    decode_ms.append(ms)
-                    self.routing.step_ms.append(ms)
-                    pos += 1
+                    nxt, ns = self._timed_step(nxt, len(prompt) + i)
+                    decode_ns.append(ns)
                 generated.append(out)
                 self.routing.request_starts.append(self._step_index)
-        return self._result(generated, decode_ms)
+        return self._result(generated, decode_ns)
 
     def replay(self, trace: Trace, max_tokens: int | None = None) -> EngineResult:
         """Shape replay: run every step of ``trace`` with its routing forced (real copies and real
         compute at the model's size, real routing), requests restarting the KV cache."""
         starts = trace.request_starts.tolist()
-        decode_ms: list[float] = []
+        decode_ns: list[int] = []
         generated = []
-        done = 0
         with quiet_gc():
             for r in range(len(starts) - 1):
+                if max_tokens is not None and len(decode_ns) >= max_tokens:
+                    break
                 self.model.reset()
                 nxt, out = 0, []
                 for t in range(starts[r], starts[r + 1]):
-                    if max_tokens is not None and done >= max_tokens:
+                    if max_tokens is not None and len(decode_ns) >= max_tokens:
                         break
-                    start = time.perf_counter()
-                    logits = self._step(nxt, t - starts[r], trace.experts[t].tolist(),
-                                        trace.weights[t].astype(np.float32).tolist())
-                    nxt = int(logits.argmax(-1).reshape(-1)[0])
-                    ms = (time.perf_counter() - start) * 1e3
-                    decode_ms.append(ms)
-                    self.routing.step_ms.append(ms)
+                    forced = (trace.experts[t].tolist(), trace.weights[t].astype(np.float32).tolist())
+                    nxt, ns = self._timed_step(nxt, t - starts[r], forced)
+                    decode_ns.append(ns)
                     out.append(nxt)
-                    done += 1
                 generated.append(out)
                 self.routing.request_starts.append(self._step_index)
-                if max_tokens is not None and done >= max_tokens:
-                    break
-        return self._result(generated, decode_ms)
+        return self._result(generated, decode_ns)
 
     def _resolve_layer_timings(self) -> None:
         """Turn the recorded marks into per-step arrays (the run has drained: every event completed)."""
@@ -324,35 +355,13 @@ class OffloadEngine:
                 stall_ms[layer] = max(stall_ms[layer], copy_end[layer, k] - routed_ms)
         self._layer_marks.clear()
 
-    def _result(self, generated, decode_ms) -> EngineResult:
+    def _result(self, generated, decode_ns: list[int]) -> EngineResult:
         self.copies.drain()
         self._resolve_layer_timings()
         stats = self.ctrl.stats
-        tpot = np.asarray(decode_ms, dtype=np.float64)
         demand = [c.duration_ms for c in self.copies.records if c.demand and c.duration_ms > 0]
-        metrics = {
-            "tokens": len(tpot),
-            "tokens_per_s": 1e3 / tpot.mean() if len(tpot) else 0.0,
-            "tpot_ms": float(tpot.mean()) if len(tpot) else 0.0,
-            "tpot_ms_p50": float(np.percentile(tpot, 50)) if len(tpot) else 0.0,
-            "tpot_ms_p99": float(np.percentile(tpot, 99)) if len(tpot) else 0.0,
-            "hit_rate": stats.hits / stats.accesses if stats.accesses else 0.0,
-            "misses": stats.misses,
-            "bytes_moved": stats.bytes_moved,
-            "copy_GBps": (self.expert_bytes / 1e9) / (float(np.median(demand)) / 1e3) if demand else float("nan"),
-            "replaced": stats.replaced,
-            "gpu_mem_GB": torch.cuda.max_memory_allocated(self.device) / 1e9 if self.cuda else 0.0,
-        }
+        metrics = run_metrics(decode_ns, stats)
+        # What only the engine measures: the copies' achieved bandwidth and the GPU's peak memory.
+        metrics["copy_GBps"] = (self.expert_bytes / 1e9) / (float(np.median(demand)) / 1e3) if demand else float("nan")
+        metrics["gpu_mem_GB"] = torch.cuda.max_memory_allocated(self.device) / 1e9 if self.cuda else 0.0
         return EngineResult(generated, metrics, stats, list(self.copies.records), self.routing)
-
-
-def _live_predictor(policy_cls: type[Policy], predictors: Mapping[str, Predictor], params: Mapping):
-    name = predictor_name(policy_cls, params)
-    if name is None:
-        return None
-    if name not in predictors:
-        have = ", ".join(sorted(predictors)) or "none"
-        raise ValueError(f"policy {policy_cls.__name__} consults the predictor {name!r}, but the engine was "
-                         f"given {have}; pass predictors={{{name!r}: ...}} (real.predictors; a lookahead gate "
-                         f"comes from python -m experiments.train_gate)")
-    return predictors[name]

@@ -1,8 +1,6 @@
-"""The SimPy model of offloaded MoE decoding: copy engines, the GPU expert cache, the compute
-stream, driven by the shared controller in ``policies``."""
-from hardware import HardwareProfile, available_hardware, load_hardware
+"""The SimPy clock: offloaded MoE decoding in virtual time (copy engines, the GPU expert cache, the
+compute stream), driven through the shared core ``offload``; and the untimed replay."""
 from sim.replay import replay_untimed
-from sim.simulator import SimResult, SimSettings, Timeline, simulate
+from sim.simulator import SimResult, Timeline, simulate
 
-__all__ = ["HardwareProfile", "SimResult", "SimSettings", "Timeline", "available_hardware",
-           "load_hardware", "replay_untimed", "simulate"]
+__all__ = ["SimResult", "Timeline", "replay_untimed", "simulate"]

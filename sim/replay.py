@@ -1,4 +1,4 @@
-"""Replay without a clock: the same controller, every copy finishing the instant it starts.
+"""Replay without a clock: the same session and layer turn, every copy finishing the instant it starts.
 
 Hit counts of on-demand policies do not depend on timing (a layer's demand fetches all finish
 before the next layer routes), so this gives them cheaply; ``belady_hit_fraction`` divides a
@@ -6,35 +6,66 @@ policy's hits by Belady's from here.
 """
 from __future__ import annotations
 
-from offload.policy import Policy, PolicyContext
-from offload.cache import CacheMode, ExpertCache
-from offload.controller import OffloadController, OffloadStats
-from offload.predictors import track_predictor
+from offload.controller import OffloadStats
+from offload.layer_turn import drive, layer_turn
+from offload.policy import Policy
+from offload.predictors import predictor_for
+from offload.session import RunSettings, open_session
 from traces import Trace
 
 
-def replay_untimed(trace: Trace, policy_cls: type[Policy], cache_slots: int,
-                   cache_mode: CacheMode | str = CacheMode.PER_LAYER, prefetch_depth: int = 1,
-                   train_trace: Trace | None = None, policy_params: dict | None = None) -> OffloadStats:
-    shape = trace.model
-    cache = ExpertCache(shape.num_layers, shape.num_experts, cache_slots, cache_mode, shape.top_k)
-    params = dict(policy_params or {})
-    # No clock, so no copy or compute estimates: predictive policies run without a depth limit.
-    ctx = PolicyContext(shape, cache_slots, CacheMode(cache_mode), prefetch_depth, trace, train_trace,
-                        params, predictor=track_predictor(policy_cls, trace, prefetch_depth, params))
-    ctrl = OffloadController(policy_cls(ctx), cache, expert_bytes=1)
-    ctrl.preload()
-    L = trace.num_layers
+class _Instant:
+    """The clock of the untimed replay: time stands at 0 and a copy completes when it starts."""
+
+    def __init__(self, trace: Trace, ctrl):
+        self.trace = trace
+        self.ctrl = ctrl
+        self._routes: list[list[int]] = []
+        self._weights: list[list[float]] = []
+
+    def now_ns(self) -> int:
+        return 0
+
+    def next_token(self, t: int) -> None:
+        self._routes = self.trace.experts[t].tolist()
+        self._weights = self.trace.weights[t].tolist()
+
+    def route(self, token, layer):
+        return ()
+
+    def chosen(self, token, layer):
+        return self._routes[layer], self._weights[layer], None
+
+    def reweigh(self, layer, run, weights):
+        return weights
+
+    def start_copies(self):
+        ctrl = self.ctrl
+        while (job := ctrl.next_copy(0)) is not None:
+            ctrl.copy_done(job, 0)
+        return ()
+
+    def launch_experts(self, token, layer, run, needs) -> None:
+        pass
+
+    def decide(self, token, layer):
+        return ()
+
+    def finish_experts(self, token, layer, needs):
+        return ()
+
+
+def replay_untimed(trace: Trace, policy_cls: type[Policy], settings: RunSettings,
+                   train_trace: Trace | None = None) -> OffloadStats:
+    """The controller's counts for ``policy_cls`` on ``trace`` with instant copies. No hardware, so
+    predictive policies run without a depth limit."""
+    predictor = predictor_for(policy_cls, settings.policy_params, settings.prefetch_depth, trace=trace)
+    session = open_session(trace.model, policy_cls, settings, expert_bytes=1, trace=trace,
+                           train_trace=train_trace, predictor=predictor)
+    ctrl = session.ctrl
+    clock = _Instant(trace, ctrl)
     for t in range(trace.num_tokens):
-        routes = trace.experts[t].tolist()
-        weights = trace.weights[t].tolist()
-        for layer in range(L):
-            run = ctrl.executed_experts(t, layer, routes[layer], weights[layer])
-            needs = ctrl.begin_layer(t, layer, run, weights[layer], 0)
-            while (job := ctrl.next_copy(0)) is not None:    # this layer's demand fetches
-                ctrl.copy_done(job, 0)
-            ctrl.prefetch_layer(0)
-            while (job := ctrl.next_copy(0)) is not None:    # then prefetches
-                ctrl.copy_done(job, 0)
-            ctrl.end_layer(needs)
+        clock.next_token(t)
+        for layer in range(trace.num_layers):
+            drive(layer_turn(ctrl, clock, t, layer))
     return ctrl.stats

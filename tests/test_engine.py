@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from policies.registry import resolve_policy
-from real.engine import EngineSettings, OffloadEngine
+from offload.session import RunSettings
+from real.engine import OffloadEngine
 from real.record import routing_trace
 from real.shape_model import random_model
 from sim.replay import replay_untimed
@@ -27,7 +28,7 @@ def model(device="cpu", dtype=torch.float32):
 
 def engine(policy, slots, mode="per_layer", future=None, device="cpu", dtype=torch.float32, **kw):
     return OffloadEngine(model(device, dtype), SHAPE, resolve_policy(policy),
-                         EngineSettings(cache_slots=slots, cache_mode=mode, **kw), future=future,
+                         RunSettings(cache_slots=slots, cache_mode=mode, **kw), future=future,
                          train_trace=future)
 
 
@@ -64,7 +65,7 @@ def test_engine_counts_what_the_simulators_replay_counts(policy, recorded):
     """Same controller, two clocks: on-demand hits, misses and copies agree exactly."""
     for slots in (2, 3, 5):
         stats = engine(policy, slots, future=recorded).generate(PROMPTS, NEW_TOKENS).stats
-        replayed = replay_untimed(recorded, resolve_policy(policy), slots)
+        replayed = replay_untimed(recorded, resolve_policy(policy), RunSettings(slots))
         assert (stats.hits, stats.misses, stats.copies) == (replayed.hits, replayed.misses, replayed.copies)
 
 
@@ -79,7 +80,7 @@ def test_recorded_trace_round_trips_and_matches_the_run(tmp_path, recorded):
 
 
 def test_hidden_states_are_recorded_for_the_first_steps():
-    eng = OffloadEngine(model(), SHAPE, resolve_policy("lru"), EngineSettings(cache_slots=3),
+    eng = OffloadEngine(model(), SHAPE, resolve_policy("lru"), RunSettings(cache_slots=3),
                         record_hidden_steps=5)
     trace = routing_trace(eng.generate(PROMPTS[:1], 4), SHAPE, "tests", "cpu", "hidden")
     assert trace.hidden_states.shape == (5, SHAPE.num_layers, SHAPE.hidden_size)
@@ -88,10 +89,10 @@ def test_hidden_states_are_recorded_for_the_first_steps():
 
 def test_shape_replay_forces_the_traces_routing():
     trace = synthetic_trace(num_tokens=30, num_layers=3, num_experts=6, top_k=2, num_requests=2, seed=4)
-    eng = OffloadEngine(model(), SHAPE, resolve_policy("lru"), EngineSettings(cache_slots=3))
+    eng = OffloadEngine(model(), SHAPE, resolve_policy("lru"), RunSettings(cache_slots=3))
     result = eng.replay(trace)
     assert result.routing.experts == trace.experts.tolist()
-    replayed = replay_untimed(trace, resolve_policy("lru"), 3)
+    replayed = replay_untimed(trace, resolve_policy("lru"), RunSettings(3))
     assert (result.stats.hits, result.stats.misses) == (replayed.hits, replayed.misses)
 
 
@@ -103,7 +104,7 @@ def test_cache_smaller_than_top_k_is_refused():
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_timings_are_recorded_into_the_trace(device, tmp_path):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    eng = OffloadEngine(model(device, dtype), SHAPE, resolve_policy("lru"), EngineSettings(cache_slots=3),
+    eng = OffloadEngine(model(device, dtype), SHAPE, resolve_policy("lru"), RunSettings(cache_slots=3),
                         record_layer_timings=True)
     result = eng.generate(PROMPTS, NEW_TOKENS)
     save_trace(routing_trace(result, SHAPE, "tests", device, "timed"), tmp_path / "t.npz")
@@ -134,7 +135,7 @@ def test_graphed_predictor_matches_the_eager_one_and_keeps_tokens(name):
                                      generator=torch.Generator().manual_seed(0))
         predictor = QuasiHiddenPreGate(m, vectors, 2)
     policy = "mixtral-offloading" if name == "pregate" else "speculating-experts"
-    eng = OffloadEngine(m, SHAPE, resolve_policy(policy), EngineSettings(cache_slots=3, prefetch_depth=2),
+    eng = OffloadEngine(m, SHAPE, resolve_policy(policy), RunSettings(cache_slots=3, prefetch_depth=2),
                         predictors={name: predictor})
     graphed = eng.policy.predictor
     assert isinstance(graphed, GraphedPredictor)

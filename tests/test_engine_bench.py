@@ -32,7 +32,7 @@ def test_live_flow_on_cpu(tmp_path):
                "--policies", "lru,no-such-policy"])
     assert not (tmp_path / "typo" / "engine.csv").exists()
     rows = pd.read_csv(out / "engine.csv")
-    assert {"model", "mode", "policy", "cache_slots", "tokens_per_s", "tpot_ms", "hit_rate", "bytes_moved",
+    assert {"model", "mode", "policy", "cache_slots", "tokens_per_s", "tpot_ms_mean", "hit_rate", "bytes_moved",
             "copy_GBps", "gpu_mem_GB"} <= set(rows.columns)
     assert len(rows[rows["mode"] == "live"]) == 12
     assert (rows.loc[rows["mode"] == "live", "tokens_per_s"] > 0).all()

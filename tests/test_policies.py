@@ -15,7 +15,8 @@ from policies.lru import LRU
 from policies.registry import BASELINES, BUILTIN, available_policies, resolve_policy
 from hardware.profile import load_hardware
 from sim.replay import replay_untimed
-from sim.simulator import SimSettings, simulate
+from offload.session import RunSettings
+from sim.simulator import simulate
 from traces import synthetic_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def test_readme_example_policy_runs_and_prefetches():
     assert example.strip().split("\n", 1)[1] in readme, "README must show examples/my_policy.py"
     cls = resolve_policy(f"{ROOT / 'examples' / 'my_policy.py'}:PopularNextLayer")
     trace = synthetic_trace(num_tokens=200, num_layers=4, num_experts=8, top_k=2, popularity_skew=1.5)
-    result = simulate(trace, cls, load_hardware("h100-pcie5"), SimSettings(cache_slots=4))
+    result = simulate(trace, cls, load_hardware("h100-pcie5"), RunSettings(cache_slots=4))
     assert result.metrics["prefetch_copies"] > 0
     assert result.metrics["prefetch_useful"] > 0
 
@@ -109,7 +110,7 @@ def test_static_and_affinity_need_a_training_slice():
     trace = synthetic_trace(num_tokens=20, num_layers=2, num_experts=4, top_k=2)
     for name in ("static", "affinity"):
         with pytest.raises(ValueError, match="train_fraction"):
-            replay_untimed(trace, resolve_policy(name), 2)
+            replay_untimed(trace, resolve_policy(name), RunSettings(2))
 
 
 def test_affinity_learns_a_deterministic_layer_to_layer_mapping():
@@ -126,7 +127,7 @@ def test_affinity_learns_a_deterministic_layer_to_layer_mapping():
 def test_oracle_prefetch_beats_belady_on_a_fast_link():
     trace = synthetic_trace(num_tokens=200, num_layers=4, num_experts=16, top_k=2, seed=2)
     hw = load_hardware("h100-pcie5").with_overrides(pcie_GBps=1000.0)
-    settings = SimSettings(cache_slots=4, prefetch_depth=2)
+    settings = RunSettings(cache_slots=4, prefetch_depth=2)
     belady = simulate(trace, resolve_policy("belady"), hw, settings).metrics
     oracle = simulate(trace, resolve_policy("oracle"), hw, settings).metrics
     assert oracle["tokens_per_s"] > belady["tokens_per_s"]
@@ -137,4 +138,4 @@ def test_lru_subclass_needs_no_registration():
     class Mine(LRU):
         pass
     trace = synthetic_trace(num_tokens=30, num_layers=2, num_experts=4, top_k=2)
-    assert replay_untimed(trace, Mine, 2).hits == replay_untimed(trace, LRU, 2).hits
+    assert replay_untimed(trace, Mine, RunSettings(2)).hits == replay_untimed(trace, LRU, RunSettings(2)).hits

@@ -23,7 +23,8 @@ from offload.predictors import TrackPredictor
 from policies.registry import BASELINES, resolve_policy
 from hardware.profile import load_hardware
 from sim.replay import replay_untimed
-from sim.simulator import SimSettings, simulate
+from offload.session import RunSettings
+from sim.simulator import simulate
 from traces import synthetic_trace
 
 PREDICTIVE = ["mixtral-offloading", "speculating-experts", "lookahead"]
@@ -81,7 +82,7 @@ def test_perfect_track_beats_lru_and_comes_close_to_the_oracle():
     (mixtral-offloading); the tolerance is 5 %. Without prediction LRU is 12 % slower."""
     trace = with_tracks(synthetic_trace(num_tokens=300, num_layers=8, num_experts=8, top_k=2, seed=1,
                                         expert_bytes=2**20), accuracy=1.0)
-    settings = SimSettings(cache_slots=4, prefetch_depth=3)
+    settings = RunSettings(cache_slots=4, prefetch_depth=3)
     lru = tokens_per_s(trace, "lru", settings)
     oracle = tokens_per_s(trace, "oracle", settings)
     for policy in PREDICTIVE:
@@ -95,7 +96,7 @@ def test_lookahead_depth_pays_on_a_slow_link():
     looking 3 layers ahead helps (measured +15 % over mixtral-offloading)."""
     trace = with_tracks(synthetic_trace(num_tokens=300, num_layers=8, num_experts=8, top_k=2, seed=1,
                                         expert_bytes=2**22), accuracy=1.0)
-    settings = SimSettings(cache_slots=4, prefetch_depth=3)
+    settings = RunSettings(cache_slots=4, prefetch_depth=3)
     assert tokens_per_s(trace, "lookahead", settings) > 1.08 * tokens_per_s(trace, "mixtral-offloading", settings)
 
 
@@ -108,11 +109,11 @@ def test_useless_track_costs_at_most_the_link_time_of_its_extra_copies(policy, e
     LRU's time plus (its copies - LRU's copies) copy times. Measured margin: 10-30 % of that bound."""
     trace = with_tracks(synthetic_trace(num_tokens=300, num_layers=8, num_experts=8, top_k=2, seed=2,
                                         expert_bytes=expert_bytes), accuracy=0.0, seed=7)
-    settings = SimSettings(cache_slots=4, prefetch_depth=3)
+    settings = RunSettings(cache_slots=4, prefetch_depth=3)
     lru = simulate(trace, resolve_policy("lru"), H100, settings).metrics
     m = simulate(trace, resolve_policy(policy), H100, settings).metrics
     copy_s = H100.copy.copy_ns(expert_bytes) / 1e9
-    assert m["sim_time_s"] <= lru["sim_time_s"] + (m["copies"] - lru["copies"]) * copy_s
+    assert m["decode_s"] <= lru["decode_s"] + (m["copies"] - lru["copies"]) * copy_s
     assert m["prefetch_wasted"] > 0
     assert m["prefetch_cancelled"] + m["prefetch_wasted"] > m["prefetch_useful"]
 
@@ -195,7 +196,7 @@ def test_simulator_fills_the_estimates_from_the_hardware_profile():
         def __init__(self, ctx):
             super().__init__(ctx)
             seen["ctx"] = ctx
-    simulate(trace, Spy, hw, SimSettings(cache_slots=4, prefetch_depth=2))
+    simulate(trace, Spy, hw, RunSettings(cache_slots=4, prefetch_depth=2))
     ctx, cost = seen["ctx"], hw.compute_cost(trace.model, "bf16")
     assert ctx.expert_copy_ns == hw.copy.copy_ns(trace.model.expert_bytes("bf16")) // 2
     assert ctx.layer_compute_ns == (cost.attention_ns(0) + cost.router_ns + cost.layer_overhead_ns
@@ -206,7 +207,7 @@ def test_simulator_fills_the_estimates_from_the_hardware_profile():
         def __init__(self, ctx):
             super().__init__(ctx)
             seen["lru"] = ctx
-    simulate(trace, LRUSpy, hw, SimSettings(cache_slots=4))
+    simulate(trace, LRUSpy, hw, RunSettings(cache_slots=4))
     assert seen["lru"].predictor is None                   # it names no track
 
 
@@ -338,9 +339,9 @@ def test_simulator_invariants_hold_for_predictive_policies(check, scenario):
 def test_a_missing_track_is_a_clear_error(policy, name):
     trace = synthetic_trace(num_tokens=10, num_layers=3, num_experts=8, top_k=2)
     with pytest.raises(ValueError, match=f"has no prediction track '{name}'.*make_tracks"):
-        simulate(trace, resolve_policy(policy), H100, SimSettings(cache_slots=2))
+        simulate(trace, resolve_policy(policy), H100, RunSettings(cache_slots=2))
     with pytest.raises(ValueError, match=f"has no prediction track '{name}'"):
-        replay_untimed(trace, resolve_policy(policy), 2)
+        replay_untimed(trace, resolve_policy(policy), RunSettings(2))
     with pytest.raises(ValueError, match="needs a predictor"):
         resolve_policy(policy)(PolicyContext(trace.model, 2, CacheMode.PER_LAYER))
 
@@ -349,14 +350,14 @@ def test_policy_predictor_param_overrides_the_track():
     base = synthetic_trace(num_tokens=100, num_layers=6, num_experts=8, top_k=2, seed=4, expert_bytes=2**20)
     perfect = track(base, 1.0)
     useless = with_tracks(base, 0.0, seed=1, good=perfect)     # "lookahead" is noise, "good" the truth
-    settings = SimSettings(cache_slots=3, prefetch_depth=2)
+    settings = RunSettings(cache_slots=3, prefetch_depth=2)
     overridden = simulate(useless, Lookahead, H100,
                           dataclasses.replace(settings, policy_params={"predictor": "good"})).metrics
     assert overridden == simulate(dataclasses.replace(base, predictions={"lookahead": perfect}),
                                   Lookahead, H100, settings).metrics
     assert overridden["prefetch_useful"] > simulate(useless, Lookahead, H100, settings).metrics["prefetch_useful"]
     with pytest.raises(ValueError, match="no prediction track 'absent'"):
-        replay_untimed(useless, Lookahead, 3, policy_params={"predictor": "absent"})
+        replay_untimed(useless, Lookahead, RunSettings(3, policy_params={"predictor": "absent"}))
 
 
 def test_a_prefetch_never_evicts_an_expert_still_computing():
@@ -366,7 +367,7 @@ def test_a_prefetch_never_evicts_an_expert_still_computing():
     scores = np.zeros((4, 2, 1, 2), dtype=np.float32)
     scores[:, 0, 0] = [0.4, 0.45]                          # both of layer 1's experts above min_score
     trace = dataclasses.replace(trace, predictions={"pregate": scores})
-    settings = SimSettings(cache_slots=1, cache_mode="global", policy_params={"min_score": 0.3})
+    settings = RunSettings(cache_slots=1, cache_mode="global", policy_params={"min_score": 0.3})
     inv.test_no_expert_is_computed_before_its_copy_completes.hypothesis.inner_test(
         (trace, "mixtral-offloading", H100.with_overrides(pcie_GBps=50.0), settings))
 
@@ -391,12 +392,12 @@ def test_lossy_policy_runs_the_previous_layers_speculation(accuracy):
     assert not policy.lossless
     expected = expected_replacements(trace)
     assert (expected == 0) == (accuracy == 1.0)
-    assert replay_untimed(trace, policy, 3).replaced == expected
-    sim = simulate(trace, policy, H100, SimSettings(cache_slots=3))
+    assert replay_untimed(trace, policy, RunSettings(3)).replaced == expected
+    sim = simulate(trace, policy, H100, RunSettings(cache_slots=3))
     assert sim.stats.replaced == expected
     # with a perfect prediction nothing changes: the lossless twin's hits and copies exactly
     if accuracy == 1.0:
-        lossless = simulate(trace, resolve_policy("speculating-experts"), H100, SimSettings(cache_slots=3))
+        lossless = simulate(trace, resolve_policy("speculating-experts"), H100, RunSettings(cache_slots=3))
         assert (sim.stats.hits, sim.stats.copies) == (lossless.stats.hits, lossless.stats.copies)
 
 
@@ -405,8 +406,8 @@ def test_lossy_execution_never_waits_for_a_missed_prediction():
     for a layer's copies its misses are only layer 0's (and slot-starved prefetches)."""
     trace = with_tracks(synthetic_trace(num_tokens=80, num_layers=6, num_experts=8, top_k=2, seed=4,
                                         expert_bytes=2**20), 0.0)
-    lossy = simulate(trace, resolve_policy("speculating-experts-lossy"), H100, SimSettings(cache_slots=4))
-    lossless = simulate(trace, resolve_policy("speculating-experts"), H100, SimSettings(cache_slots=4))
+    lossy = simulate(trace, resolve_policy("speculating-experts-lossy"), H100, RunSettings(cache_slots=4))
+    lossless = simulate(trace, resolve_policy("speculating-experts"), H100, RunSettings(cache_slots=4))
     assert lossy.stats.misses < lossless.stats.misses / 2
     assert lossy.metrics["tokens_per_s"] > lossless.metrics["tokens_per_s"]
 

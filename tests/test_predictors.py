@@ -13,7 +13,8 @@ from offload.policy import LayerAccess, PrefetchRequest
 from policies.lru import LRU
 from offload.predictors import TrackPredictor
 from real.checkpoint import save_checkpoint
-from real.engine import EngineSettings, OffloadEngine
+from offload.session import RunSettings
+from real.engine import OffloadEngine
 from real.lookahead_gate import LookaheadGate, previous_token_states, train_lookahead_gate, true_router_probs
 from real.model import MoEModel
 from real.predictors import (FrozenRouters, LookaheadGatePredictor, PreGate, QuasiHiddenPreGate, default_vectors,
@@ -71,7 +72,7 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("predictors")
     tensors = _tensors()
     save_checkpoint(HF_CONFIG, tensors, tmp / "ckpt")
-    engine = OffloadEngine(_model(tensors), SHAPE, LRU, EngineSettings(cache_slots=SHAPE.num_experts),
+    engine = OffloadEngine(_model(tensors), SHAPE, LRU, RunSettings(cache_slots=SHAPE.num_experts),
                            record_hidden_steps=10 ** 6)
     result = engine.generate(PROMPTS, NEW_TOKENS)
     trace = routing_trace(result, SHAPE, "tests", "cpu", "predictor tests")
@@ -247,7 +248,7 @@ def test_predictors_run_live_in_the_engine_and_match_their_tracks(world):
     with torch.no_grad():
         gate.w2.normal_(0, 0.1)       # a gate that is not the pre-gate, so its own path is exercised
     for predictor in (PreGate(model, DEPTH), QuasiHiddenPreGate(model, vectors, DEPTH), LookaheadGatePredictor(gate)):
-        settings = EngineSettings(cache_slots=3, prefetch_depth=DEPTH, policy_params={"predictor": predictor})
+        settings = RunSettings(cache_slots=3, prefetch_depth=DEPTH, policy_params={"predictor": predictor})
         engine = OffloadEngine(_model(tensors), SHAPE, PredictorPrefetch, settings)
         result = engine.generate(PROMPTS, NEW_TOKENS)
         assert result.generated == reference                   # prefetching never changes the tokens

@@ -14,7 +14,8 @@ from hypothesis import given, strategies as st
 from policies.registry import resolve_policy
 from hardware.profile import load_hardware
 from sim.replay import replay_untimed
-from sim.simulator import SimSettings, simulate
+from offload.session import RunSettings
+from sim.simulator import simulate
 from traces import synthetic_trace
 
 ON_DEMAND = ["lru", "lfu", "fifo", "belady"]
@@ -45,13 +46,13 @@ def scenarios(draw, policies=ALL):
     slots = draw(st.integers(shape.top_k, shape.num_experts))
     hardware = H100.with_overrides(pcie_GBps=draw(st.sampled_from([0.5, 5.0, 50.0])),
                                    copy_engines=draw(st.integers(1, 2)))
-    settings = SimSettings(cache_slots=slots, cache_mode=mode,
+    settings = RunSettings(cache_slots=slots, cache_mode=mode,
                            prefetch_depth=draw(st.integers(1, 3)))
     return trace, draw(st.sampled_from(policies)), hardware, settings
 
 
 def run(trace, policy, hardware=H100, settings=None, record=True):
-    settings = settings or SimSettings(cache_slots=trace.model.top_k)
+    settings = settings or RunSettings(cache_slots=trace.model.top_k)
     return simulate(trace, resolve_policy(policy), hardware, settings, train_trace=trace,
                     record_timeline=record)
 
@@ -124,8 +125,7 @@ def test_on_demand_hits_do_not_depend_on_the_clock(scenario):
     """The SimPy clock and the untimed replay drive the same controller: same hits."""
     trace, policy, hardware, settings = scenario
     timed = run(trace, policy, hardware, settings, record=False).stats
-    untimed = replay_untimed(trace, resolve_policy(policy), settings.cache_slots, settings.cache_mode,
-                             train_trace=trace)
+    untimed = replay_untimed(trace, resolve_policy(policy), settings, train_trace=trace)
     assert (timed.hits, timed.misses, timed.copies) == (untimed.hits, untimed.misses, untimed.copies)
 
 
@@ -133,10 +133,10 @@ def test_on_demand_hits_do_not_depend_on_the_clock(scenario):
 def test_belady_hits_at_least_every_other_eviction_policy(trace, data):
     mode = data.draw(st.sampled_from(["per_layer", "global"]))
     slots = data.draw(st.integers(trace.model.top_k, trace.num_experts))
-    belady = replay_untimed(trace, resolve_policy("belady"), slots, mode).hits
+    belady = replay_untimed(trace, resolve_policy("belady"), RunSettings(slots, mode)).hits
     # static is left out: it preloads its slots, which a cold-started Belady does not.
     for policy in ("lru", "lfu", "fifo"):
-        assert belady >= replay_untimed(trace, resolve_policy(policy), slots, mode).hits, policy
+        assert belady >= replay_untimed(trace, resolve_policy(policy), RunSettings(slots, mode)).hits, policy
 
 
 def brute_force_max_hits(steps: list[set[int]], slots: int) -> int:
@@ -163,7 +163,7 @@ def brute_force_max_hits(steps: list[set[int]], slots: int) -> int:
 def test_belady_equals_brute_force_optimum_on_tiny_traces(trace, data):
     slots = data.draw(st.integers(trace.model.top_k, trace.num_experts))
     steps = [set(map(int, trace.experts[t, 0])) for t in range(trace.num_tokens)]
-    assert replay_untimed(trace, resolve_policy("belady"), slots).hits == brute_force_max_hits(steps, slots)
+    assert replay_untimed(trace, resolve_policy("belady"), RunSettings(slots)).hits == brute_force_max_hits(steps, slots)
 
 
 def reference_lru_hits(trace, slots: int) -> int:
@@ -189,14 +189,14 @@ def reference_lru_hits(trace, slots: int) -> int:
 @given(traces(), st.data())
 def test_lru_matches_reference_implementation(trace, data):
     slots = data.draw(st.integers(trace.model.top_k, trace.num_experts))
-    assert replay_untimed(trace, resolve_policy("lru"), slots).hits == reference_lru_hits(trace, slots)
-    assert run(trace, "lru", settings=SimSettings(cache_slots=slots), record=False).stats.hits == \
+    assert replay_untimed(trace, resolve_policy("lru"), RunSettings(slots)).hits == reference_lru_hits(trace, slots)
+    assert run(trace, "lru", settings=RunSettings(cache_slots=slots), record=False).stats.hits == \
         reference_lru_hits(trace, slots)
 
 
 @given(traces())
 def test_all_experts_resident_means_no_stalls(trace):
-    result = run(trace, "static", settings=SimSettings(cache_slots=trace.num_experts), record=False)
+    result = run(trace, "static", settings=RunSettings(cache_slots=trace.num_experts), record=False)
     m = result.metrics
     assert m["copies"] == 0 and m["misses"] == 0 and m["stall_ms_per_token"] == 0
     assert m["hit_rate"] == 1.0
@@ -219,7 +219,7 @@ def test_stall_time_is_accounted_on_a_known_case():
     # Force alternation so every access misses.
     trace.experts[:, 0, 0] = [0, 1, 0, 1, 0, 1]
     hw = H100.with_overrides(pcie_GBps=10.0, copy_latency_us=10.0)
-    result = run(trace, "lru", hw, SimSettings(cache_slots=1), record=False)
+    result = run(trace, "lru", hw, RunSettings(cache_slots=1), record=False)
     cost = hw.compute_cost(trace.model, "bf16")
     copy = hw.copy.copy_ns(2**20)
     per_token = [cost.token_overhead_ns + cost.attention_ns(i) + cost.layer_overhead_ns + cost.router_ns
