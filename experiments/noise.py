@@ -1,0 +1,399 @@
+"""The engine's noise floor: identical shape-replay runs, repeated and measured with the discipline of
+``real.measurement`` (untimed warm-up until steady, repeats interleaved round-robin with the order
+rotated each round, median and spread per configuration, and every run's possible disturbances: host
+speed, GPU clocks, garbage collection, steal time, thread placement).
+
+    # the trained model's shape (the trace's own), three policies at three cache sizes, 5 repeats
+    python -m experiments.noise --trace traces/moe-lm-h100.npz --policies lru,belady,oracle --slots 2,4,6 --out OUT
+    # gpt-oss-20b's shape (38 GB of bf16 experts, pinned), a few tokens per run
+    python -m experiments.noise --shape gpt-oss-20b --trace traces/samples/gpt-oss-20b-sample.npz \\
+        --slots 4,8,16 --policies lru,oracle --max-tokens 24 --out OUT
+    # causes, one at a time: 'before' (no warm-up, fixed order), an A/B of the decode thread on a core
+    # of its own (arms interleaved), an A/B of the engine's frozen garbage collector
+    python -m experiments.noise ... --session before --no-warmup --no-rotate
+    python -m experiments.noise ... --session pin --configs lru:2,oracle:6 --ab decode-core --decode-core 7
+    python -m experiments.noise ... --session gc --ab quiet-gc
+    # the host's speed alone: the calibration workload every 50 ms, unpinned, then on each core
+    python -m experiments.noise --host-probe 20 --out OUT
+    # the tables of every session in OUT
+    python -m experiments.noise --report OUT
+
+Every session of one OUT shares three files, rewritten atomically after every run (a crash keeps what
+was measured; running a session name again replaces its rows): OUT/noise_runs.csv (one row per run),
+OUT/noise_floor.csv (one row per configuration: median tokens/s, spread, steadiness, outliers and
+their causes) and OUT/noise_sessions.json (settings, machine facts, warm-ups, the host probe); the
+host probe adds OUT/host_probe.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import real.engine as engine_module
+from policies.registry import resolve_policy
+from offload.session import RunSettings
+from real.engine import OffloadEngine
+from real.measurement import (CALIBRATION_ITERATIONS, ClockSampler, Config, Discipline, Measurement, Report, RunOutput, calibration_ms,
+                              place_threads, steal_ms)
+from real.shape_model import random_model
+from traces import load_shape, load_trace
+from traces.io import atomic_write
+
+TRAIN_FRACTION = 0.25       # as experiments.engine_bench replay: the leading quarter of requests is not replayed
+ARMS = ("decode_core", "quiet_gc")      # the configuration columns an A/B varies
+
+
+def make_engine(model, shape, policy: str, slots: int, trace) -> OffloadEngine:
+    """The one place this command builds an engine: ``policy`` at ``slots`` per layer, ``trace`` as the
+    future the bounds read (as experiments.engine_bench replay builds it)."""
+    return OffloadEngine(model, shape, resolve_policy(policy), RunSettings(cache_slots=slots), future=trace,
+                         train_trace=trace)
+
+
+@contextmanager
+def engine_quiet_gc(enabled: bool):
+    """The engine decodes inside ``quiet_gc`` (the collector frozen around the run). Disabled, the engine's
+    module is given a stand-in that freezes nothing, for the A/B of that cause; if the engine no longer
+    enters it, this fails rather than report an A/B that is not one."""
+    if enabled:
+        yield
+        return
+    entered = []
+
+    @contextmanager
+    def unfrozen():
+        entered.append(True)
+        yield
+
+    original = engine_module.quiet_gc
+    engine_module.quiet_gc = unfrozen
+    try:
+        yield
+    finally:
+        engine_module.quiet_gc = original
+    if not entered:
+        raise RuntimeError("--no-quiet-gc: real.engine no longer decodes inside its module's quiet_gc; "
+                           "the A/B needs a switch in the engine")
+
+
+class ReplayRuns:
+    """The run function of a shape-replay session. A run is a fresh engine (its step index, cache and
+    policy state are per engine, as in every engine figure) replaying the first ``max_tokens`` tokens of
+    ``trace``; a warm-up pass replays the first ``warmup_tokens``. Besides the engine's counts, a run
+    reports how long the host waited in each layer's routing read-back (the one synchronisation per
+    layer; timed by wrapping the model's ``read_routing``, two clock reads per layer) and the rest of
+    the step's wall time per layer: the host's own work plus the waits the read-back does not see (a
+    copy slot's wait in make_ready, the final logits' read)."""
+
+    def __init__(self, model, shape, trace, max_tokens: int, warmup_tokens: int):
+        self.model, self.shape, self.trace = model, shape, trace
+        self.max_tokens, self.warmup_tokens = max_tokens, warmup_tokens
+
+    def __call__(self, config: Config, warmup: bool) -> RunOutput:
+        waits: list[float] = []
+        first_ns: list[int] = []        # when the first step reads its first layer's routing
+        read = self.model.read_routing
+
+        def timed_read(*args):
+            if not waits:
+                first_ns.append(time.monotonic_ns())
+            start = time.perf_counter()
+            try:
+                return read(*args)
+            finally:
+                waits.append(time.perf_counter() - start)
+
+        self.model.read_routing = timed_read        # this instance only; deleted below
+        try:
+            with engine_quiet_gc(config.fields["quiet_gc"]):
+                engine = make_engine(self.model, self.shape, config.fields["policy"], config.fields["cache_slots"],
+                                     self.trace)
+                waits.clear()
+                first_ns.clear()
+                result = engine.replay(self.trace, self.warmup_tokens if warmup else self.max_tokens)
+        finally:
+            del self.model.read_routing
+        step_ms = np.asarray(result.routing.step_ms, dtype=np.float64)
+        L = self.shape.num_layers
+        columns = {k: result.metrics[k] for k in ("hit_rate", "misses", "bytes_moved", "copy_GBps")}
+        nan = float("nan")
+        columns.update(routing_wait_ms_per_layer=nan, host_ms_per_layer=nan, host_ms_per_layer_p90=nan)
+        if len(waits) == len(step_ms) * L and len(step_ms):    # else the engine no longer reads routing per layer
+            wait_ms = 1e3 * np.asarray(waits).reshape(-1, L).sum(axis=1)
+            host = (step_ms - wait_ms) / L
+            columns.update(routing_wait_ms_per_layer=float(np.median(wait_ms)) / L,
+                           host_ms_per_layer=float(np.median(host)),
+                           host_ms_per_layer_p90=float(np.percentile(host, 90)))
+        return RunOutput(step_ms.tolist(), columns, first_ns[0] if first_ns else None)
+
+
+def configurations(pairs: list[tuple[str, int]], decode_core: int | None, quiet_gc: bool, ab: str | None) -> list[Config]:
+    """Each (policy, slots) pair, in both arms of ``ab`` (adjacent, so every round interleaves them)."""
+    arms = [(decode_core, quiet_gc)]
+    if ab == "decode-core":
+        arms = [(None, quiet_gc), (decode_core, quiet_gc)]
+    elif ab == "quiet-gc":
+        arms = [(decode_core, True), (decode_core, False)]
+    return [Config({"policy": p, "cache_slots": s, "quiet_gc": gc_on}, core) for p, s in pairs for core, gc_on in arms]
+
+
+class Outputs:
+    """The session's rows in OUT's shared files (the module docstring), beside the other sessions'."""
+
+    def __init__(self, out: Path, session: str, settings: dict):
+        self.out, self.session, self.settings = out, session, settings
+        out.mkdir(parents=True, exist_ok=True)
+
+    def _others(self, name: str) -> pd.DataFrame:
+        path = self.out / name
+        if not path.exists():
+            return pd.DataFrame()
+        frame = pd.read_csv(path)
+        return frame[frame["session"] != self.session]
+
+    def write(self, report: Report) -> None:
+        for name, rows in (("noise_runs.csv", report.rows), ("noise_floor.csv", report.floor())):
+            if not rows:        # only the warm-up so far
+                continue
+            frame = pd.concat([self._others(name), pd.DataFrame([{"session": self.session, **r} for r in rows])],
+                              ignore_index=True)
+            atomic_write(self.out / name, lambda f: frame.to_csv(f, index=False))
+        update_sessions(self.out, self.session, {"settings": self.settings, **report.info, "warmups": report.warmups})
+
+
+def update_sessions(out: Path, key: str, entry: dict) -> None:
+    path = out / "noise_sessions.json"
+    sessions = json.loads(path.read_text()) if path.exists() else {}
+    sessions[key] = entry
+    atomic_write(path, lambda f: json.dump(sessions, f, indent=1, default=str))
+
+
+def host_probe(seconds: float, per_core_s: float, out: Path, period_s: float = 0.05) -> dict:
+    """The host's speed beside nothing: the calibration workload (one sample) every ``period_s``, for
+    ``seconds`` with the thread free to move, then ``per_core_s`` pinned to each allowed core in turn;
+    the GPU's clocks sampled meanwhile. Writes OUT/host_probe.csv and the summary into
+    noise_sessions.json ('host-probe'); returns the summary."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    phases = [(None, seconds)] + ([(c, per_core_s) for c in sorted(allowed)] if len(allowed) > 1 else [])
+    rows = []
+    steal0 = steal_ms()
+    with tempfile.TemporaryDirectory(prefix="clocks-") as tmp, ClockSampler(Path(tmp) / "clocks.txt") as clocks:
+        others = [clocks.pid] if clocks.pid else []
+        for core, duration in phases:
+            if allowed:
+                place_threads(core, allowed, others)
+            due = time.monotonic()
+            end = due + duration
+            while time.monotonic() < end:
+                t_ns = time.monotonic_ns()
+                rows.append({"core": "any" if core is None else core, "t_ns": t_ns, "cal_ms": calibration_ms(1)})
+                due += period_s
+                time.sleep(max(0.0, due - time.monotonic()))
+        if allowed:
+            place_threads(None, allowed, others)
+        t, sm, mem, _ = clocks.samples()
+        info = clocks.info
+    steal1 = steal_ms()
+    frame = pd.DataFrame(rows)
+    frame["t_s"] = (frame["t_ns"] - frame["t_ns"].iloc[0]) / 1e9
+    frame["sm_mhz"] = frame["mem_mhz"] = np.nan
+    if len(t):      # each sample's clocks: the latest clock reading at or before it, if under 1 s old
+        probe_ns = frame["t_ns"].to_numpy()
+        at = (np.searchsorted(t, probe_ns, side="right") - 1).clip(0)
+        fresh = (t[at] <= probe_ns) & (probe_ns - t[at] < 1e9)
+        frame["sm_mhz"] = np.where(fresh, sm[at], np.nan)
+        frame["mem_mhz"] = np.where(fresh, mem[at], np.nan)
+    frame = frame.drop(columns="t_ns")
+    atomic_write(out / "host_probe.csv", lambda f: frame.to_csv(f, index=False))
+    free = frame.loc[frame["core"] == "any", "cal_ms"].to_numpy()
+    per_core = {int(c): float(g["cal_ms"].median()) for c, g in frame[frame["core"] != "any"].groupby("core")}
+    p10 = float(np.percentile(free, 10))
+    summary = {
+        "samples": len(free), "period_s": period_s, "cal_ms_median": float(np.median(free)), "cal_ms_p10": p10,
+        "cal_ms_p90": float(np.percentile(free, 90)), "cal_ms_max": float(free.max()),
+        "slow_share": float(np.mean(free > 1.5 * p10)),     # the issue's host: ~15 ms or ~30 ms, two modes
+        "per_core_cal_ms_median": per_core,
+        "fastest_core": min(per_core, key=per_core.get) if per_core else None,
+        "steal_ms": None if steal0 is None else steal1 - steal0,
+        "sm_mhz": [float(np.nanmin(frame["sm_mhz"])), float(np.nanmedian(frame["sm_mhz"])),
+                   float(np.nanmax(frame["sm_mhz"]))] if frame["sm_mhz"].notna().any() else None,
+        "clocks": info, "calibration_iterations": CALIBRATION_ITERATIONS,
+    }
+    update_sessions(out, "host-probe", summary)
+    return summary
+
+
+def _probe_line(p: dict) -> str:
+    cores = p["per_core_cal_ms_median"]
+    line = (f"host probe: calibration {p['cal_ms_median']:.2f} ms median (p10 {p['cal_ms_p10']:.2f}, p90 "
+            f"{p['cal_ms_p90']:.2f}, max {p['cal_ms_max']:.2f}), {100 * p['slow_share']:.0f} % of {p['samples']} "
+            f"samples > 1.5x p10")
+    if cores:
+        line += (f"; per core {min(cores.values()):.2f}..{max(cores.values()):.2f} ms (fastest: core "
+                 f"{p['fastest_core']})")
+    line += f"; steal {p['steal_ms']} ms; SM MHz {p['sm_mhz'] or 'not read: ' + p['clocks'].get('reason', '')}"
+    return line
+
+
+def print_report(out: Path, only: str | None = None) -> None:
+    """The floor table of every session in OUT (or of session ``only``), the spread over its
+    configurations, and each A/B's differences read against the floor."""
+    sessions = json.loads((out / "noise_sessions.json").read_text()) if (out / "noise_sessions.json").exists() else {}
+    if only is None and "host-probe" in sessions:
+        print(_probe_line(sessions["host-probe"]))
+    path = out / "noise_floor.csv"
+    if not path.exists():
+        print(f"no sessions measured in {out}")
+        return
+    floor = pd.read_csv(path)
+    floor["decode_core"] = floor["decode_core"].map(lambda v: "-" if pd.isna(v) else str(int(v)))
+    floor["outlier_causes"] = floor["outlier_causes"].fillna("")
+    floor["warmup_steady"] = floor["warmup_steady"].map(lambda v: "-" if pd.isna(v) else "yes" if v else "no")
+    for session, table in floor.groupby("session", sort=False):
+        if only is not None and session != only:
+            continue
+        stopped = sessions.get(session, {}).get("stopped")
+        print(f"\nsession {session}: {len(table)} configurations; spread over runs: median "
+              f"{table['spread_pct'].median():.1f} %, max {table['spread_pct'].max():.1f} % "
+              f"(runs without outside perturbation: median {table['spread_clean_pct'].median():.1f} %)"
+              + (f"; stopped {stopped}" if stopped else ""))
+        cols = ["policy", "cache_slots", *ARMS, "n", "median_tokens_per_s", "spread_pct", "spread_clean_pct",
+                "warmup_steady", "long_enough", "outliers", "outlier_causes"]
+        print(table[cols].rename(columns={"median_tokens_per_s": "tok/s", "spread_pct": "spread%",
+                                          "spread_clean_pct": "clean%", "warmup_steady": "warm",
+                                          "cache_slots": "slots"}).to_string(index=False, float_format="%.2f"))
+        _print_ab(table)
+
+
+def _print_ab(table: pd.DataFrame) -> None:
+    """For each arm column that varies within the session: B against A per (policy, slots), in % of A,
+    beside the larger of the two spreads (a difference inside it is not a difference)."""
+    for arm in ARMS:
+        values = list(dict.fromkeys(table[arm]))
+        if len(values) != 2:
+            continue
+        a, b = values
+        print(f"A/B {arm}: {a} -> {b}")
+        for (policy, slots), g in table.groupby(["policy", "cache_slots"], sort=False):
+            ra, rb = g[g[arm] == a], g[g[arm] == b]
+            if len(ra) != 1 or len(rb) != 1:
+                continue
+            ta, tb = float(ra["median_tokens_per_s"].iloc[0]), float(rb["median_tokens_per_s"].iloc[0])
+            diff = 100 * (tb - ta) / ta
+            floor = max(float(ra["spread_pct"].iloc[0]), float(rb["spread_pct"].iloc[0]))
+            print(f"  {policy} {slots}: {ta:.2f} -> {tb:.2f} tok/s, {diff:+.1f} % against a floor of {floor:.1f} %"
+                  f"{'' if abs(diff) > floor else ' (within the noise)'}")
+
+
+def _pairs(args, shape) -> list[tuple[str, int]]:
+    if args.configs:
+        pairs = [(spec.rsplit(":", 1)[0], int(spec.rsplit(":", 1)[1])) for spec in args.configs.split(",")]
+    else:
+        pairs = [(p, int(s)) for p in args.policies.split(",") for s in args.slots.split(",")]
+    for policy, slots in pairs:
+        resolve_policy(policy)          # a misspelt name fails now, not after the model is built
+        if not shape.top_k <= slots <= shape.num_experts:
+            raise SystemExit(f"error: {slots} slots for {policy}: use {shape.top_k}..{shape.num_experts} "
+                             f"({shape.name}: top-{shape.top_k} of {shape.num_experts} experts)")
+    return pairs
+
+
+def measure(args, started: float) -> Report:
+    out = Path(args.out)
+    trace = load_trace(args.trace)
+    shape = trace.model if args.shape is None else load_shape(args.shape)
+    if (trace.model.num_experts, trace.model.num_layers, trace.model.top_k) != (shape.num_experts, shape.num_layers, shape.top_k):
+        raise SystemExit(f"error: trace {args.trace} is for {trace.model.name}, not {shape.name}: drop --shape "
+                         "to use the trace's own")
+    if args.ab == "decode-core" and args.decode_core is None:
+        raise SystemExit("error: --ab decode-core needs --decode-core N (the core the decode thread gets)")
+    pairs = _pairs(args, shape)
+    configs = configurations(pairs, args.decode_core, not args.no_quiet_gc, args.ab)
+    _, replayed = trace.split(TRAIN_FRACTION)
+    replayed = replayed.head_tokens(args.max_tokens)
+    max_tokens = min(args.max_tokens, replayed.num_tokens)
+    warmup_tokens = min(args.warmup_tokens or max_tokens, max_tokens)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    longest = int(np.diff(replayed.request_starts).max())
+    build = time.monotonic()
+    model = random_model(shape, device, dtype, max_len=longest + 1)
+    settings = {"args": vars(args), "shape": shape.name, "trace": str(args.trace), "tokens": max_tokens,
+                "warmup_tokens": warmup_tokens, "device": str(device), "dtype": str(dtype),
+                "model_build_s": round(time.monotonic() - build, 2),
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    print(f"{shape.name}: model built in {settings['model_build_s']} s; {len(configs)} configurations x "
+          f"{args.repeats} repeats of {max_tokens} tokens", flush=True)
+    discipline = Discipline(repeats=args.repeats, warmup=not args.no_warmup, rotate=not args.no_rotate)
+    outputs = Outputs(out, args.session, settings)
+    measurement = Measurement(ReplayRuns(model, shape, replayed, max_tokens, warmup_tokens), configs, discipline,
+                              on_progress=outputs.write, deadline_s=args.deadline_s, started=started)
+    report = measurement.run_all()
+    outputs.write(report)
+    print_report(out, only=args.session)
+    return report
+
+
+def _terminate(signum, frame):
+    # `timeout` sends SIGTERM: leave through the finally blocks, which stop the clock sampler
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None):
+    started = time.monotonic()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", help="the routing to replay (its model shape is the default --shape)")
+    parser.add_argument("--shape", help="a shape name (traces/shapes) or YAML path; default: the trace's own")
+    parser.add_argument("--policies", default="lru,belady,oracle")
+    parser.add_argument("--slots", default="2,4,6", help="expert slots per layer")
+    parser.add_argument("--configs", help="POLICY:SLOTS,... instead of every --policies x --slots pair")
+    parser.add_argument("--repeats", type=int, default=5, help="measured runs per configuration (the discipline: >= 5)")
+    parser.add_argument("--max-tokens", type=int, default=144, help="replayed tokens per run")
+    parser.add_argument("--warmup-tokens", type=int, help="tokens per warm-up pass (default: --max-tokens)")
+    parser.add_argument("--no-warmup", action="store_true", help="no untimed warm-up (as before issue 11)")
+    parser.add_argument("--no-rotate", action="store_true", help="the same order every round (as before issue 11)")
+    parser.add_argument("--decode-core", type=int, help="the core the decode thread gets to itself")
+    parser.add_argument("--no-quiet-gc", action="store_true", help="decode without the engine's frozen collector")
+    parser.add_argument("--ab", choices=["decode-core", "quiet-gc"],
+                        help="measure every configuration in both arms of this cause, interleaved")
+    parser.add_argument("--session", default="noise", help="this session's name in OUT's files")
+    parser.add_argument("--deadline-s", type=float,
+                        help="start no round that would end later than this many seconds after the command started")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--host-probe", type=float, metavar="SECONDS",
+                        help="instead of replaying: the host probe, SECONDS unpinned, then each core in turn")
+    parser.add_argument("--probe-per-core", type=float, default=0.5, help="seconds of the host probe per core")
+    parser.add_argument("--report", metavar="OUT", help="print the tables of every session in OUT and exit")
+    parser.add_argument("--out", help="where the files go")
+    args = parser.parse_args(argv)
+    if args.report:
+        print_report(Path(args.report))
+        return None
+    if not args.out:
+        parser.error("--out is needed")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    signal.signal(signal.SIGTERM, _terminate)
+    if args.host_probe is not None:
+        summary = host_probe(args.host_probe, args.probe_per_core, Path(args.out))
+        print(_probe_line(summary), flush=True)
+        return summary
+    if not args.trace:
+        parser.error("--trace is needed (or --host-probe / --report)")
+    return measure(args, started)
+
+
+if __name__ == "__main__":
+    main()
