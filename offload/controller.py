@@ -7,6 +7,7 @@ copy queue. Counting (hits, misses, bytes) happens here too, so both clocks coun
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass
 
 from offload.access import LayerAccess, PrefetchRequest
@@ -40,6 +41,16 @@ class OffloadStats:
 Need = tuple[int, "CopyJob | None"]   # (key, the copy it waits for, or None if resident)
 
 
+class PolicyError(ValueError):
+    """A policy answered a hook with something the cache cannot do (a key out of range, a victim of
+    another scope or one in use, a preload larger than the cache). The message names the policy
+    class, the hook, the value and the rule it broke."""
+
+    def __init__(self, policy: Policy, hook: str, value, rule: str):
+        super().__init__(f"policy {type(policy).__name__}.{hook} returned {value!r}: {rule}")
+        self.policy, self.hook, self.value = type(policy).__name__, hook, value
+
+
 class OffloadController:
     def __init__(self, policy: Policy, cache: ExpertCache, expert_bytes: int):
         self.policy = policy
@@ -60,9 +71,17 @@ class OffloadController:
 
     # -- before decoding -----------------------------------------------------------------------
     def preload(self) -> None:
-        for key, pinned in self.policy.preload():
+        for entry in self.policy.preload():
+            try:
+                key, pinned = entry
+            except (TypeError, ValueError):
+                raise PolicyError(self.policy, "preload", entry, "expected (key, pinned) pairs") from None
+            key = self._checked_key(key, "preload")
             if self.cache.state(key) != ABSENT:
                 continue
+            if not self.cache.has_free_slot(self.cache.scope(key)):
+                raise PolicyError(self.policy, "preload", key, f"no free slot left in its scope "
+                                  f"{self.cache.scope(key)}: preload at most the cache's slots")
             self.cache.load_resident(key)
             if pinned:
                 self.cache.pin(key)
@@ -170,6 +189,9 @@ class OffloadController:
             victim = None
             if not cache.has_free_slot(scope):
                 victim = policy.choose_victim(scope, policy.cache, job)
+                if victim is not None and not (type(victim) is int and cache.is_evictable(victim)
+                                               and cache.scope(victim) == scope):
+                    victim = self._checked_victim(victim, scope)
                 if victim is None:
                     if job.demand:
                         if cache.evictable(scope):
@@ -218,11 +240,50 @@ class OffloadController:
             self.stats.prefetch_wasted += 1
         self.policy.on_evict(key)
 
+    def _checked_key(self, key, hook: str) -> int:
+        """``key`` as an int in range, else PolicyError (numpy integers are accepted)."""
+        try:
+            key = operator.index(key)
+        except TypeError:
+            raise PolicyError(self.policy, hook, key, "an expert key must be an integer "
+                              "(layer * num_experts + expert)") from None
+        n = self.num_layers * self.num_experts
+        if not 0 <= key < n:
+            raise PolicyError(self.policy, hook, key, f"expert keys are in [0, {n}) "
+                              f"({self.num_layers} layers x {self.num_experts} experts); guard the last layer")
+        return key
+
+    def _checked_victim(self, victim, scope: int) -> int:
+        """The slow path of ``next_copy``'s check: a valid victim as an int, else PolicyError."""
+        victim = self._checked_key(victim, "choose_victim")
+        cache = self.cache
+        if cache.scope(victim) != scope:
+            raise PolicyError(self.policy, "choose_victim", victim, f"the victim must be in the asked scope "
+                              f"{scope} (its scope is {cache.scope(victim)}); choose from cache.evictable(scope)")
+        if not cache.is_evictable(victim):
+            raise PolicyError(self.policy, "choose_victim", victim, "the victim must be resident, unpinned and "
+                              "not in use by the layer computing; choose from cache.evictable(scope)")
+        return victim
+
     def _apply_prefetch(self, requests: list[PrefetchRequest], now_ns: int) -> None:
         queue, cache = self.queue, self.cache
         wanted: dict[int, int] = {}
-        for key, need_step in requests:
-            wanted.setdefault(key, need_step)
+        n = self.num_layers * self.num_experts
+        try:
+            for key, need_step in requests:
+                if not (type(key) is int and 0 <= key < n and type(need_step) is int):
+                    key = self._checked_key(key, "prefetch")
+                    try:
+                        need_step = operator.index(need_step)
+                    except TypeError:
+                        raise PolicyError(self.policy, "prefetch", (key, need_step), "need_step must be an "
+                                          "integer decode step (token * num_layers + layer)") from None
+                wanted.setdefault(key, need_step)
+        except (TypeError, ValueError) as err:
+            if isinstance(err, PolicyError):
+                raise
+            raise PolicyError(self.policy, "prefetch", requests, "expected a list of PrefetchRequest(key, "
+                              "need_step), or None") from None
         for job in queue.queued_prefetches():
             if job.key not in wanted:
                 queue.cancel(job)

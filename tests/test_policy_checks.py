@@ -1,0 +1,88 @@
+"""The controller checks every key and victim a policy returns, in both clocks (issue: user policies
+are trusted blindly). A violation is one PolicyError naming the policy class, the hook, the value
+and the rule; never a bare IndexError/KeyError deep in the cache, never a silent wrong row."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hardware import load_hardware
+from offload.access import PrefetchRequest
+from offload.controller import PolicyError
+from offload.session import RunSettings
+from policies.lru import LRU
+from sim.replay import replay_untimed
+from sim.simulator import simulate
+from traces import synthetic_trace
+
+TRACE = synthetic_trace(num_tokens=40, num_layers=3, num_experts=8, top_k=2, seed=3)
+H100 = load_hardware("h100-pcie5")
+
+
+class NextLayerUnguarded(LRU):
+    """Prefetches 'the next layer' without guarding the last one: keys >= layers * experts."""
+
+    def prefetch(self, access):
+        base = (access.layer + 1) * self.ctx.num_experts
+        return [PrefetchRequest(base + e, access.step + 1) for e in access.experts]
+
+
+class VictimOfAnotherLayer(LRU):
+    def choose_victim(self, scope, cache, job):
+        return ((scope + 1) % self.ctx.num_layers) * self.ctx.num_experts
+
+
+class VictimInUse(LRU):
+    def choose_victim(self, scope, cache, job):
+        in_use = [k for k in cache.residents() if cache.scope(k) == scope and not cache.is_evictable(k)]
+        return in_use[0] if in_use else super().choose_victim(scope, cache, job)
+
+
+class PrefetchGarbage(LRU):
+    def prefetch(self, access):
+        return ["not a request"]
+
+
+class PrefetchFloatKey(LRU):
+    def prefetch(self, access):
+        return [PrefetchRequest(1.5, access.step + 1)]
+
+
+class PreloadTooMuch(LRU):
+    def preload(self):
+        return [(k, False) for k in range(self.ctx.num_experts)]     # 8 keys of layer 0 into 4 slots
+
+
+class NumpyKeys(LRU):
+    """numpy integers are valid keys (policies often compute them with numpy)."""
+
+    def prefetch(self, access):
+        if access.layer + 1 >= self.ctx.num_layers:
+            return []
+        base = (access.layer + 1) * self.ctx.num_experts
+        return [PrefetchRequest(np.int64(base + e), np.int64(access.step + 1)) for e in access.experts]
+
+
+@pytest.mark.parametrize("mode", ["per_layer", "global"])
+@pytest.mark.parametrize("policy, hook, rule", [
+    (NextLayerUnguarded, "prefetch", r"expert keys are in \[0, 24\).*guard the last layer"),
+    (VictimOfAnotherLayer, "choose_victim", "the victim must be in the asked scope"),
+    (VictimInUse, "choose_victim", "resident, unpinned and not in use"),
+    (PrefetchGarbage, "prefetch", "expected a list of PrefetchRequest"),
+    (PrefetchFloatKey, "prefetch", "an expert key must be an integer"),
+    (PreloadTooMuch, "preload", "no free slot left"),
+])
+def test_a_policy_that_breaks_a_rule_gets_one_error_naming_it(policy, hook, rule, mode):
+    if policy is VictimOfAnotherLayer and mode == "global":
+        pytest.skip("one scope in global mode: every layer's expert is in the asked scope")
+    for run in (lambda s: replay_untimed(TRACE, policy, s),
+                lambda s: simulate(TRACE, policy, H100, s)):
+        with pytest.raises(PolicyError, match=rule) as err:
+            run(RunSettings(cache_slots=4 if mode == "per_layer" else 2, cache_mode=mode))
+        assert f"policy {policy.__name__}.{hook} returned" in str(err.value)
+
+
+def test_numpy_integer_keys_are_accepted_and_counted_as_their_ints():
+    settings = RunSettings(cache_slots=3)
+    stats = replay_untimed(TRACE, NumpyKeys, settings)
+    assert stats.prefetches > 0 and stats.accesses == TRACE.experts.size
