@@ -1,17 +1,22 @@
 """Results on disk: one JSON file per finished configuration, written atomically, and the tables
 collected from them.
 
-A row's file name is its ``config_hash``: the resolved configuration plus the trace file's content,
-so a sweep started again over the same out dir skips what is done, and an edited trace never reuses
-old rows. Every file is written to a temp file in the same directory, fsynced, then renamed, so a
-sweep killed at any moment leaves whole rows or none.
+A row's file name is its ``config_hash``: the resolved configuration plus a digest of every input the
+row depends on (``row_inputs``): the trace file's content (which holds the model shape), the
+hardware profile as resolved, the policy's source (a user's file included) and the code of the
+packages the simulation runs. A sweep started again over the same out dir skips what is done, and a
+changed input never reuses an old row. Every file is written to a temp file in the same directory,
+fsynced, then renamed, so a sweep killed at any moment leaves whole rows or none.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +24,15 @@ import pandas as pd
 import yaml
 
 from experiments.config import RunConfig
+from hardware.profile import hardware_to_dict, load_hardware
+from policies.registry import resolve_policy
 from traces.io import atomic_write
 
 _digests: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
 def trace_sha256(path: str | Path) -> str:
@@ -37,13 +48,15 @@ def trace_sha256(path: str | Path) -> str:
     return _digests[key]
 
 
-_MODEL_PACKAGES = ("policies", "sim")
+# The packages whose code decides a row's numbers: the shared core, the hardware and trace formats,
+# the policies and the simulator.
+_MODEL_PACKAGES = ("offload", "hardware", "policies", "sim", "traces")
 
 
 @functools.lru_cache(maxsize=1)
 def model_code_sha256() -> str:
-    """Digest of the simulator's and the policies' source: a row computed by other code is stale,
-    so a resumed sweep after a change recomputes instead of mixing old and new numbers."""
+    """Digest of the source of every package a row depends on: a row computed by other code is
+    stale, so a resumed sweep after a change recomputes instead of mixing old and new numbers."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for package in _MODEL_PACKAGES:
@@ -53,11 +66,47 @@ def model_code_sha256() -> str:
     return h.hexdigest()
 
 
-def config_hash(cfg: RunConfig) -> str:
-    canonical = json.dumps({"config": cfg.to_dict(), "trace_sha256": trace_sha256(cfg.trace),
-                            "model_code_sha256": model_code_sha256()},
-                           sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+def hardware_sha256(cfg: RunConfig) -> str:
+    """Digest of the hardware profile as the run sees it: the file's content with the overrides."""
+    profile = load_hardware(cfg.hardware).with_overrides(**cfg.hardware_overrides())
+    return _sha256(json.dumps(hardware_to_dict(profile), sort_keys=True))
+
+
+def policy_sha256(spec: str) -> str:
+    """Digest of the source files of the policy's class and its base classes: a user's own policy
+    file is not in the packages' digest, and editing it must recompute its rows."""
+    sources = {getattr(sys.modules.get(c.__module__), "__file__", None) for c in resolve_policy(spec).__mro__}
+    # Contents only, sorted: the same files give the same digest wherever the project is checked out.
+    return _sha256("".join(sorted(_sha256(Path(f).read_bytes()) for f in sources if f)))
+
+
+# Each input a row depends on, as its column name in the row -> what a change of it is called.
+ROW_INPUTS = {
+    "trace_sha256": "trace file changed",
+    "hardware_sha256": "hardware profile changed",
+    "policy_sha256": "policy source changed",
+    "code_sha256": f"code of {'/'.join(_MODEL_PACKAGES)} changed",
+}
+
+
+def row_inputs(cfg: RunConfig) -> dict[str, str]:
+    """The digests of everything besides ``cfg`` that a row of ``cfg`` depends on (``ROW_INPUTS``)."""
+    return {"trace_sha256": trace_sha256(cfg.trace), "hardware_sha256": hardware_sha256(cfg),
+            "policy_sha256": policy_sha256(cfg.policy), "code_sha256": model_code_sha256()}
+
+
+def config_hash(cfg: RunConfig, inputs: dict[str, str] | None = None) -> str:
+    """The row's key: ``cfg`` and its ``row_inputs`` (computed here unless given)."""
+    inputs = row_inputs(cfg) if inputs is None else inputs
+    canonical = json.dumps({"config": cfg.to_dict(), **inputs}, sort_keys=True, separators=(",", ":"))
+    return _sha256(canonical)[:16]
+
+
+def row_config(row: dict) -> RunConfig:
+    """The configuration a row was computed for (its config columns; policy_params as JSON text)."""
+    fields = {f.name: row[f.name] for f in dataclasses.fields(RunConfig)}
+    fields["policy_params"] = tuple(sorted(json.loads(fields["policy_params"]).items()))
+    return RunConfig(**fields)
 
 
 def _dump_json(obj: Any) -> str:
@@ -65,15 +114,22 @@ def _dump_json(obj: Any) -> str:
 
 
 class ResultStore:
-    """``out/rows/<hash>.json`` (the row) and ``out/perf/<hash>.json`` (the simulator's speed)."""
+    """``out/rows/<hash>.json`` (the row), ``out/perf/<hash>.json`` (the simulator's speed) and
+    ``out/errors/<hash of the config>.txt`` (why its latest attempt failed, with the traceback)."""
 
     def __init__(self, out_dir: str | Path):
         self.out = Path(out_dir)
         self.rows_dir = self.out / "rows"
         self.perf_dir = self.out / "perf"
+        self.errors_dir = self.out / "errors"
 
     def row_path(self, config_hash: str) -> Path:
         return self.rows_dir / f"{config_hash}.json"
+
+    def error_path(self, cfg: RunConfig) -> Path:
+        # Named by the configuration alone, not its inputs: the report is of its latest attempt,
+        # and the row that a fixed policy or profile then gives removes it.
+        return self.errors_dir / f"{_sha256(json.dumps(cfg.to_dict(), sort_keys=True))[:16]}.txt"
 
     def done(self, config_hash: str) -> bool:
         return self.row_path(config_hash).is_file()
@@ -83,6 +139,35 @@ class ResultStore:
         h = row["config_hash"]
         atomic_write(self.perf_dir / f"{h}.json", lambda f: f.write(_dump_json(perf)))
         atomic_write(self.row_path(h), lambda f: f.write(_dump_json(row)))
+        self.error_path(row_config(row)).unlink(missing_ok=True)
+
+    def write_error(self, cfg: RunConfig, text: str) -> Path:
+        """Keep a failed configuration's report (its traceback); the row stays missing, so a re-run retries it."""
+        path = self.error_path(cfg)
+        atomic_write(path, lambda f: f.write(text))
+        return path
+
+    def stale(self, pending: list[tuple[RunConfig, dict[str, str]]]) -> tuple[int, collections.Counter]:
+        """How many of ``pending`` (configuration, its inputs) have a row on disk computed from other
+        inputs, and why: ``ROW_INPUTS`` label -> number of those configurations."""
+        wanted = dict(pending)
+        latest: dict[RunConfig, tuple[int, dict]] = {}
+        for path in self.rows_dir.glob("*.json") if self.rows_dir.is_dir() else ():
+            row = json.loads(path.read_text())
+            try:
+                cfg = row_config(row)
+            except KeyError:        # not a row of this layout: it can match no configuration
+                continue
+            mtime = path.stat().st_mtime_ns
+            if cfg in wanted and (cfg not in latest or mtime > latest[cfg][0]):
+                latest[cfg] = (mtime, row)
+        reasons: collections.Counter = collections.Counter()
+        for cfg, (_, row) in latest.items():
+            # A row without the input columns predates them: which input changed is unknown.
+            changed = ([label for key, label in ROW_INPUTS.items() if row[key] != wanted[cfg][key]]
+                       if ROW_INPUTS.keys() <= row.keys() else [])
+            reasons.update(changed or ["written by another version of the sweep"])
+        return len(latest), reasons
 
     def read_row(self, config_hash: str) -> dict:
         return json.loads(self.row_path(config_hash).read_text())

@@ -9,8 +9,9 @@ import json
 from typing import Any
 
 from experiments.config import ConfigError, RunConfig
-from experiments.results import config_hash, trace_sha256
+from experiments.results import config_hash, row_inputs, trace_sha256
 from offload.cache import CacheMode, ExpertCache
+from offload.policy import check_params
 from policies.registry import resolve_policy
 from hardware.profile import HardwareProfile, load_hardware
 from sim.replay import replay_untimed
@@ -24,7 +25,8 @@ CONFIG_COLUMNS = [
     "copy_engines", "prefetch_depth", "train_fraction", "max_tokens", "prompt_tokens", "policy_params",
     "trace",
 ]
-RUN_COLUMNS = ["model", "expert_bytes", "trace_sha256", "train_tokens", "trace_tokens", "trace_requests"]
+RUN_COLUMNS = ["model", "expert_bytes", "trace_sha256", "hardware_sha256", "policy_sha256", "code_sha256",
+               "train_tokens", "trace_tokens", "trace_requests"]
 METRIC_COLUMNS = [
     "tokens_per_s", "hit_rate", "belady_hit_fraction", "belady_hits", "tokens", "decode_s",
     "tpot_ms_mean", "tpot_ms_p50", "tpot_ms_p99", "hits", "misses", "late_prefetches", "accesses",
@@ -95,17 +97,18 @@ def _settings(cfg: RunConfig) -> RunSettings:
 
 def run_config(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(row, perf): the deterministic results row, and the simulator's own speed on this run."""
+    inputs = row_inputs(cfg)        # before the run: the row is keyed by what it was computed from
     train, run = trace_slices(cfg)
     shape = run.model
     result = simulate(run, resolve_policy(cfg.policy), hardware_for(cfg), _settings(cfg), train_trace=train)
     bound = belady_hits(cfg)
-    h = config_hash(cfg)
+    h = config_hash(cfg, inputs)
     row = cfg.to_dict()
     row["policy_params"] = json.dumps(row["policy_params"], sort_keys=True)
     row.update(
         model=shape.name,
         expert_bytes=shape.expert_bytes(cfg.precision),
-        trace_sha256=trace_sha256(cfg.trace),
+        **inputs,
         train_tokens=train.num_tokens if train is not None else 0,
         trace_tokens=run.num_tokens,
         trace_requests=run.num_requests,
@@ -135,8 +138,12 @@ def record_timeline(cfg: RunConfig, tokens: int = 20) -> Timeline:
 
 def validate_grid(configs: list[RunConfig]) -> None:
     """Raise ConfigError / TraceError / ValueError naming the first bad value, before any run starts."""
-    for policy in sorted({c.policy for c in configs}):
-        resolve_policy(policy)
+    for policy, params in dict.fromkeys((c.policy, c.policy_params) for c in configs):
+        policy_cls = resolve_policy(policy)
+        try:
+            check_params(policy_cls, dict(params))
+        except ValueError as err:
+            raise ConfigError(f"policy={policy}: {err}") from None
     for cfg in configs:
         hardware_for(cfg)
         _check_numbers(cfg)

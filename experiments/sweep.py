@@ -10,16 +10,27 @@ the scenario's keys: ``cache_slots=4..8``, ``policy=lru,belady``, ``cache_slots=
 
 Each finished configuration is written at once as ``OUT/rows/<config_hash>.json``; running the same
 command again skips the configurations already done, so a killed sweep resumes where it stopped.
-The default OUT is ``runs/sweep-<hash of the spec>/``. Bad input exits with code 2 and one line on
-stderr; a configuration that fails at run time is reported by name, the others are still written,
-and the exit code is 1.
+The default OUT is ``runs/sweep-<hash of the spec>/``. A row is keyed by its configuration and
+every input it depends on (trace, hardware profile, policy source, the simulator's code): a row
+computed from other inputs is recomputed, and the sweep says how many and why.
+
+Bad input exits with code 2 and one line on stderr. A configuration that fails at run time is
+reported by name with the file and line where it raised, its traceback is kept in
+``OUT/errors/``, the others are still written, and the exit code is 1. SIGINT
+(Ctrl-C) or SIGTERM stops the workers at once, keeps every finished row, says how to resume, and
+exits with 130 or 143.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
 import os
+import shlex
+import signal
 import statistics
 import sys
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -27,10 +38,11 @@ from tqdm import tqdm
 
 from experiments.config import RunConfig, SweepSpec, valid_keys_text
 from experiments.overrides import build_spec
-from experiments.results import ResultStore, config_hash
+from experiments.results import ResultStore, config_hash, row_inputs
 from experiments.runner import (ROW_COLUMNS, cached_trace, hardware_for, record_timeline, run_config,
                                 trace_slices, validate_grid)
 from hardware.profile import hardware_to_dict
+from policies.registry import crash_site, resolve_policy
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 TIMELINE_TOKENS = 20
@@ -62,41 +74,109 @@ def describe(cfg: RunConfig, keys: list[str]) -> str:
     return " ".join(parts)
 
 
-def _run_all(pending: list[tuple[RunConfig, str]], store: ResultStore, workers: int,
-             varying: list[str]) -> list[str]:
-    """Run ``pending``, writing each row as it arrives; the failures, as one line each."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, like KeyboardInterrupt: no ``except Exception``
+    that reports a failed configuration may swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT and SIGTERM raise Interrupted in this process while the block runs."""
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM until the block is done: a row being written is finished first."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _init_worker() -> None:
+    # Ctrl-C reaches the whole process group: the sweep stops the workers, they do not stop
+    # themselves (each with a traceback). SIGTERM, which the sweep sends them, just ends them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> str | None:
+    """Run one configuration and store what it gives, in whichever process runs it: the row (so a
+    finished row survives the sweep being killed) or the failure's report with its traceback.
+    None when the row is written, else the failure as one line."""
+    store = ResultStore(out)
+    try:
+        row, perf = run_config(cfg)
+    except Exception as err:  # noqa: BLE001  (reported by name; the other configs go on)
+        site = crash_site(resolve_policy(cfg.policy), err)
+        what = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        report = f"config {h} ({label}) failed at {site}: {what}\n\n{''.join(traceback.format_exception(err))}"
+        with _signals_held():
+            path = store.write_error(cfg, report)
+        return f"{what} at {site} (traceback: {path})"
+    with _signals_held():
+        store.write(row, perf)
+    return None
+
+
+def _run_all(pending: list[tuple[RunConfig, str]], out: Path, workers: int, varying: list[str]) -> list[str]:
+    """Run ``pending``; the failures, as one line each. On Interrupted the workers are ended before
+    it propagates: what they finished is on disk, what they were running is lost."""
     failures = []
     bar = tqdm(total=len(pending), desc="sweep", unit="config", file=sys.stderr, disable=None)
 
-    def failed(cfg: RunConfig, h: str, err: BaseException) -> None:
-        line = f"config {h} ({describe(cfg, varying)}) failed: {type(err).__name__}: {err}"
-        failures.append(line)
-        tqdm.write(f"error: {line}", file=sys.stderr)
+    def report(cfg: RunConfig, h: str, failure: str | None) -> None:
+        if failure is not None:
+            line = f"config {h} ({describe(cfg, varying)}) failed: {failure}"
+            failures.append(line)
+            tqdm.write(f"error: {line}", file=sys.stderr)
+        bar.update()
 
-    if workers <= 1 or len(pending) <= 1:
-        for cfg, h in pending:
-            try:
-                store.write(*run_config(cfg))
-            except Exception as err:  # noqa: BLE001  (reported by name; the other configs go on)
-                failed(cfg, h, err)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(pending))) as pool:
-            futures = {pool.submit(run_config, cfg): (cfg, h) for cfg, h in pending}
-            try:
-                for future in as_completed(futures):
-                    cfg, h = futures[future]
-                    err = future.exception()
-                    if err is None:
-                        store.write(*future.result())
-                    else:
-                        failed(cfg, h, err)
-                    bar.update()
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-    bar.close()
+    try:
+        if workers <= 1 or len(pending) <= 1:
+            for cfg, h in pending:
+                report(cfg, h, _run_one(cfg, h, describe(cfg, varying), out))
+        else:
+            _run_pool(pending, out, min(workers, len(pending)), varying, report)
+    finally:
+        bar.close()
     return failures
+
+
+def _run_pool(pending, out: Path, workers: int, varying: list[str], report) -> None:
+    before = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker)
+    futures = {pool.submit(_run_one, cfg, h, describe(cfg, varying), out): (cfg, h) for cfg, h in pending}
+    try:
+        for future in as_completed(futures):
+            cfg, h = futures[future]
+            err = future.exception()    # only a pool failure (a worker died): _run_one reports the rest
+            report(cfg, h, future.result() if err is None else f"{type(err).__name__}: {err}")
+    except BaseException:
+        # The executor has no public way to stop running tasks: end its processes ourselves.
+        pool.shutdown(wait=False, cancel_futures=True)
+        workers_now = [p for p in multiprocessing.active_children() if p not in before]
+        for p in workers_now:
+            p.terminate()
+        for p in workers_now:
+            p.join()
+        raise
+    pool.shutdown()
 
 
 def _resolved(spec: SweepSpec, grid: list[RunConfig], done: int) -> dict:
@@ -123,8 +203,15 @@ def _resolved(spec: SweepSpec, grid: list[RunConfig], done: int) -> dict:
             "hardware": hardware, "traces": traces}
 
 
+# What a slot count means in each cache mode: in global mode the number is still per layer, but the
+# slots form one pool of cache_slots x layers that any layer's experts may take.
+_SLOTS_MEANING = {"per_layer": "expert slots per MoE layer",
+                  "global": "slots per layer, shared globally (one pool of slots x layers for all layers)"}
+
+
 def format_table(df, varying: list[str]) -> str:
-    """Rows: policy (and any other varying key); columns: cache_slots; cells: tok/s | hit rate | % of Belady."""
+    """Rows: policy (and any other varying key); columns: cache_slots; cells: tok/s | hit rate | % of Belady.
+    The last line says what the slot counts mean in the table's cache mode(s)."""
     # policy.NAME keys live in the one policy_params column.
     others = [k if k in df.columns else "policy_params" for k in varying if k not in ("policy", "cache_slots")]
     row_keys = list(dict.fromkeys(["policy", *others]))
@@ -150,31 +237,65 @@ def format_table(df, varying: list[str]) -> str:
     legend = f"{'':<{label_w}}  " + "  ".join(f"{'tok/s | hit | %Belady':>{cell_w}}" for _ in slots)
     lines = [header, legend, "-" * len(header)]
     lines += [f"{label:<{label_w}}  " + "  ".join(f"{c:>{cell_w}}" for c in row) for label, row in zip(labels, cells)]
+    modes = list(dict.fromkeys(df["cache_mode"]))
+    meanings = [_SLOTS_MEANING[m] + (f" (cache_mode={m})" if len(modes) > 1 else "") for m in modes]
+    lines.append(f"slots = {'; '.join(meanings)}")
     return "\n".join(lines)
 
 
+def _plan(args) -> tuple[SweepSpec, list[RunConfig], list[dict[str, str]], list[str]]:
+    """The spec, its grid, each configuration's row inputs and hash; ValueError for bad input."""
+    spec = build_spec(args.overrides, args.config)
+    grid = spec.grid()
+    validate_grid(grid)
+    inputs = [row_inputs(cfg) for cfg in grid]
+    return spec, grid, inputs, [config_hash(cfg, i) for cfg, i in zip(grid, inputs)]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = _parser().parse_intermixed_args(argv)
-    try:
-        spec = build_spec(args.overrides, args.config)
-        grid = spec.grid()
-        validate_grid(grid)
-        hashes = [config_hash(cfg) for cfg in grid]
-    except ValueError as err:   # ConfigError, TraceError and the registry's / profiles' errors
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     if args.workers < 1:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
-    out = args.out if args.out is not None else Path("runs") / f"sweep-{spec.short_hash()}"
-    store = ResultStore(out)
+    with _stop_on_signals():
+        try:
+            spec, grid, inputs, hashes = _plan(args)
+        except ValueError as err:   # ConfigError, TraceError and the registry's / profiles' errors
+            # One line even where a message quotes a multi-line library error (a YAML parser's).
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
+        except Interrupted as stop:
+            print(f"interrupted by {signal.Signals(stop.signum).name} before any configuration ran",
+                  file=sys.stderr)
+            return 128 + stop.signum
+        out = args.out if args.out is not None else Path("runs") / f"sweep-{spec.short_hash()}"
+        store = ResultStore(out)
+        try:
+            return _sweep(args, spec, grid, inputs, hashes, store)
+        except Interrupted as stop:
+            done = sum(store.done(h) for h in dict.fromkeys(hashes))
+            print(f"interrupted by {signal.Signals(stop.signum).name}: {done} of {len(dict.fromkeys(hashes))} "
+                  f"configurations are done in {out}/; to resume, run the same command again: "
+                  f"python -m experiments.sweep {shlex.join(argv)}", file=sys.stderr)
+            return 128 + stop.signum
+
+
+def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, str]], hashes: list[str],
+           store: ResultStore) -> int:
+    out = store.out
     varying = spec.varying()
     pending = [(cfg, h) for cfg, h in zip(grid, hashes) if not store.done(h)]
     unique = len(dict.fromkeys(hashes))
     already = unique - len(dict.fromkeys(h for _, h in pending))
     if already:
         print(f"resumed: {already} of {unique} already done")
-    failures = _run_all(pending, store, args.workers, varying)
+    stale, reasons = store.stale([(cfg, i) for cfg, i, h in zip(grid, inputs, hashes) if not store.done(h)])
+    if stale:
+        why = ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common())
+        print(f"stale: {stale} of {unique} configurations have rows computed from other inputs; "
+              f"recomputing them ({why})")
+    failures = _run_all(pending, out, args.workers, varying)
 
     done = sum(store.done(h) for h in dict.fromkeys(hashes))
     df = store.collect(hashes, ROW_COLUMNS, _resolved(spec, grid, done))

@@ -72,6 +72,9 @@ class Policy:
     """
 
     lossless: ClassVar[bool] = True
+    # The ``ctx.params`` this policy reads: name -> one-line meaning. ``check_params`` refuses any
+    # other name before a run starts, so a misspelt ``policy.NAME`` cannot be ignored silently.
+    parameters: ClassVar[Mapping[str, str]] = {}
     cache: CacheView | None = None
 
     def __init__(self, ctx: PolicyContext):
@@ -105,3 +108,18 @@ class Policy:
         """Copies to queue after this layer's routing, most urgent first. The list *replaces* the
         queued (not yet started) prefetches: those not in it are cancelled. None keeps them."""
         return None
+
+
+def check_params(policy_cls: type[Policy], params: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the policy, the first unknown parameter and the declared ones.
+
+    ``predictor`` is accepted for every policy that reads a prediction track (a ``track``
+    attribute): ``offload.predictors.predictor_name`` reads it for any such class."""
+    declared = dict(policy_cls.parameters)
+    if getattr(policy_cls, "track", None) is not None:
+        declared.setdefault("predictor", "the prediction track (simulator) or live predictor (engine) to use")
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        offer = ", ".join(sorted(declared)) or "none"
+        raise ValueError(f"policy {policy_cls.__name__} has no parameter {unknown[0]!r} (it declares: {offer}); "
+                         f"fix the name, or declare it in the class's `parameters`")

@@ -29,6 +29,16 @@ def _series(df: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
         yield label, group.sort_values("cache_slots")
 
 
+def _slots_label(df: pd.DataFrame) -> str:
+    """The x axis: in global mode the count is still per layer, but all layers share one pool."""
+    modes = set(df["cache_mode"])
+    if modes == {"per_layer"}:
+        return "cache slots per layer"
+    if modes == {"global"}:
+        return "cache slots per layer, shared globally (one pool of slots × layers)"
+    return "cache slots per layer (cache_mode=global: one pool of slots × layers, shared by all layers)"
+
+
 def _title(df: pd.DataFrame, what: str) -> str:
     def one(col: str) -> str:
         vals = list(dict.fromkeys(df[col].astype(str))) if col in df.columns else []
@@ -47,7 +57,7 @@ def plot_tokens_vs_slots(df: pd.DataFrame, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for label, rows in _series(df):
         ax.plot(rows["cache_slots"], rows["tokens_per_s"], marker="o", label=label)
-    ax.set_xlabel("cache slots per layer")
+    ax.set_xlabel(_slots_label(df))
     ax.set_ylabel("decode tokens/s (simulated)")
     ax.set_xticks(sorted(df["cache_slots"].unique()))
     ax.set_ylim(bottom=0)
@@ -74,7 +84,7 @@ def plot_hit_rate_vs_belady(df: pd.DataFrame, path: str | Path) -> None:
     right.set_ylabel("hits as % of Belady's MIN")
     right.set_ylim(bottom=0)
     for ax in (left, right):
-        ax.set_xlabel("cache slots per layer")
+        ax.set_xlabel(_slots_label(df))
         ax.set_xticks(slots)
         ax.grid(alpha=0.3)
     left.legend(fontsize=8, loc="best")

@@ -39,6 +39,7 @@ class SpeculativePrefetch(LRU):
     max_depth: ClassVar[int | None] = None    # look no further than this, whatever prefetch_depth says
     protect: ClassVar[bool] = True            # keep predicted-soon experts from eviction
     limit_depth: ClassVar[bool] = True        # request no more than the link can deliver in time
+    parameters = {"min_score": "fetch every predicted expert scoring at least this, instead of the top-k"}
 
     def __init__(self, ctx: PolicyContext):
         super().__init__(ctx)

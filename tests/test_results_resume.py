@@ -7,15 +7,20 @@ import sys
 import time
 from pathlib import Path
 
+from dataclasses import replace
+
 import pandas as pd
 import pytest
+import yaml
 
 from experiments.config import RunConfig
-from experiments.results import ResultStore, config_hash
+from experiments.results import _MODEL_PACKAGES, ResultStore, config_hash, row_inputs
 from experiments.runner import ROW_COLUMNS, run_config
+from hardware.profile import PROFILES_DIR
 from traces import save_trace, synthetic_trace
 
 REPO = Path(__file__).resolve().parents[1]
+HARDWARE_PROFILE = PROFILES_DIR / "h100-pcie5.yaml"
 REQUIRED = ["policy", "cache_slots", "tokens_per_s", "hit_rate", "belady_hit_fraction", "bytes_moved",
             "config_hash", "model", "expert_bytes", "trace_tokens", "belady_hits"]
 
@@ -153,3 +158,115 @@ def test_results_tables_have_the_required_columns(trace_path, tmp_path):
     assert (df["bytes_moved"] == df["copies"] * df["expert_bytes"]).all()
     assert (tmp_path / "resolved_config.yaml").read_text().startswith("spec:")
     assert len(pd.read_csv(tmp_path / "perf.csv")) == len(configs)
+
+
+# -- what a row depends on ---------------------------------------------------------------------
+
+def test_config_hash_follows_the_hardware_profile_and_policy_source(trace_path, tmp_path):
+    profile = tmp_path / "hw.yaml"
+    profile.write_text(HARDWARE_PROFILE.read_text())
+    policy = tmp_path / "mine.py"
+    policy.write_text("from policies.lru import LRU\n\n\nclass Mine(LRU):\n    pass\n")
+    cfg = RunConfig(trace=str(trace_path), hardware=str(profile), policy=f"{policy}:Mine")
+    before = row_inputs(cfg)
+    assert config_hash(cfg) == config_hash(cfg, before)
+
+    profile.write_text(profile.read_text().replace("copy_latency_us: 9.5", "copy_latency_us: 5"))
+    after = row_inputs(cfg)
+    assert after["hardware_sha256"] != before["hardware_sha256"]
+    assert {k for k in before if before[k] != after[k]} == {"hardware_sha256"}
+    # An override changes the profile the run sees, as an edit of the file does.
+    assert row_inputs(replace(cfg, copy_latency_us=5.0))["hardware_sha256"] != after["hardware_sha256"]
+
+    policy.write_text(policy.read_text() + "\n# a comment is an edit too\n")
+    assert row_inputs(cfg)["policy_sha256"] != after["policy_sha256"]
+    assert config_hash(cfg) != config_hash(cfg, after)
+
+
+def test_code_digest_covers_every_package_a_row_is_computed_by(trace_path):
+    """Every project module that running a configuration imports lives in a digested package."""
+    code = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from experiments.config import RunConfig; from experiments.runner import run_config; "
+         f"run_config(RunConfig(trace={str(trace_path)!r}, policy='oracle', cache_slots=3, max_tokens=100)); "
+         "print(' '.join(sorted({m.split('.')[0] for m, mod in list(sys.modules.items()) "
+         f"if (getattr(mod, '__file__', None) or '').startswith({str(REPO)!r})}})))"],
+        cwd=REPO, env=sweep_env(), capture_output=True, text=True, timeout=120)
+    assert code.returncode == 0, code.stderr
+    used = set(code.stdout.split()) - {"experiments"}     # the command itself: row layout, not numbers
+    assert used and used <= set(_MODEL_PACKAGES), used - set(_MODEL_PACKAGES)
+
+
+def _sweep_once(*args):
+    r = subprocess.run(sweep_cmd(*args, "--no-plots", "--workers", "1"), cwd=REPO, env=sweep_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_edited_user_policy_is_recomputed_and_says_why(trace_path, tmp_path):
+    policy = tmp_path / "mine.py"
+    policy.write_text("from policies.lru import LRU\n\n\nclass Mine(LRU):\n    pass\n")
+    args = [f"trace={trace_path}", f"policy={policy}:Mine", "cache_slots=3", "max_tokens=400", "--out", tmp_path / "o"]
+    first = _sweep_once(*args)
+    assert "resumed" not in first and "stale" not in first
+    lru_hits = pd.read_csv(tmp_path / "o" / "results.csv")["hits"][0]
+    # Evict the evictable expert with the highest key instead: another hit count.
+    policy.write_text("from policies.lru import LRU\n\n\nclass Mine(LRU):\n"
+                      "    def choose_victim(self, scope, cache, job):\n"
+                      "        return max(cache.evictable(scope), default=None)\n")
+    second = _sweep_once(*args)
+    assert "resumed" not in second
+    assert ("stale: 1 of 1 configurations have rows computed from other inputs; recomputing them "
+            "(policy source changed: 1)") in second
+    df = pd.read_csv(tmp_path / "o" / "results.csv")
+    assert len(df) == 1 and df["hits"][0] != lru_hits
+    assert "resumed: 1 of 1 already done" in _sweep_once(*args)
+
+
+def test_edited_hardware_profile_is_recomputed_and_recorded(trace_path, tmp_path):
+    profile = tmp_path / "hw.yaml"
+    profile.write_text(HARDWARE_PROFILE.read_text())
+    args = [f"trace={trace_path}", f"hardware={profile}", "policy=lru", "cache_slots=3", "max_tokens=400"]
+    _sweep_once(*args, "--out", tmp_path / "o")
+    fast = pd.read_csv(tmp_path / "o" / "results.csv")["tokens_per_s"][0]
+    # Half the link bandwidth at every copy size.
+    table = "h2d_GBps_by_MiB: {0.25: 19.8, 1: 43.8, 4: 52.3, 16: 54.5, 64: 55.0}"
+    profile.write_text(profile.read_text().replace(table, "h2d_GBps_by_MiB: {0.25: 9.9, 1: 21.9, 4: 26.15, 16: 27.25, 64: 27.5}"))
+    again = _sweep_once(*args, "--out", tmp_path / "o")
+    assert "(hardware profile changed: 1)" in again and "resumed" not in again
+    slow = pd.read_csv(tmp_path / "o" / "results.csv")
+    assert len(slow) == 1 and slow["tokens_per_s"][0] < fast
+    resolved = yaml.safe_load((tmp_path / "o" / "resolved_config.yaml").read_text())
+    assert [p["h2d_GBps_by_MiB"][64] for p in resolved["hardware"].values()] == [27.5]
+    fresh, _ = run_config(RunConfig(trace=str(trace_path), hardware=str(profile), cache_slots=3, max_tokens=400))
+    assert (fresh["tokens_per_s"], fresh["config_hash"]) == (slow["tokens_per_s"][0], slow["config_hash"][0])
+
+
+def test_result_files_are_readable_like_any_written_file(trace_path, tmp_path):
+    store = ResultStore(tmp_path)
+    cfg = RunConfig(trace=str(trace_path), policy="fifo", cache_slots=2, max_tokens=100)
+    store.write(*run_config(cfg))
+    store.collect([config_hash(cfg)], ROW_COLUMNS, {"spec": {}})
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == 6      # row, perf, results.csv/.parquet, perf.csv, resolved_config.yaml
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~umask}
+
+
+def test_stale_rows_are_counted_with_the_input_that_changed(trace_path, tmp_path):
+    store = ResultStore(tmp_path)
+    cfg = RunConfig(trace=str(trace_path), policy="lru", cache_slots=2, max_tokens=100)
+    row, perf = run_config(cfg)
+    current = row_inputs(cfg)
+    assert store.stale([(cfg, current)]) == (0, {})
+    # The same configuration computed by other code, and by a sweep from before inputs were recorded.
+    store.write({**row, "code_sha256": "0" * 64, "config_hash": "old-code"}, perf)
+    other = replace(cfg, cache_slots=3)
+    store.write({k: v for k, v in {**row, "cache_slots": 3, "config_hash": "old-layout"}.items()
+                 if k not in ("hardware_sha256", "policy_sha256", "code_sha256")}, perf)
+    count, reasons = store.stale([(cfg, current), (other, row_inputs(other))])
+    assert count == 2
+    assert reasons == {"code of offload/hardware/policies/sim/traces changed": 1,
+                       "written by another version of the sweep": 1}

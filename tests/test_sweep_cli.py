@@ -215,7 +215,7 @@ def test_user_policy_file_runs_in_the_sweep(trace_path, tmp_path):
 
 def test_table_has_policy_rows_and_slot_columns():
     df = pd.DataFrame({
-        "policy": ["lru", "lru", "belady", "belady"], "cache_slots": [4, 5, 4, 5],
+        "policy": ["lru", "lru", "belady", "belady"], "cache_slots": [4, 5, 4, 5], "cache_mode": ["per_layer"] * 4,
         "policy_params": ["{}"] * 4, "tokens_per_s": [19.04, 20.8, 19.04, 24.4],
         "hit_rate": [0.4231, 0.475, 0.4231, 0.557], "belady_hit_fraction": [1.0, 0.853, 1.0, 1.0],
     })
@@ -223,6 +223,22 @@ def test_table_has_policy_rows_and_slot_columns():
     assert "slots=4" in lines[0] and "slots=5" in lines[0] and "tok/s | hit | %Belady" in lines[1]
     assert lines[3].split() == ["lru", "19.0", "|", "0.423", "|", "100%", "20.8", "|", "0.475", "|", "85%"]
     assert lines[4].startswith("belady")
+    assert lines[-1] == "slots = expert slots per MoE layer"
     params = format_table(df.assign(policy_params=['{"a": 1}', '{"a": 1}', '{"a": 2}', '{"a": 2}']),
                           ["policy", "cache_slots", "policy.a"])
     assert 'lru policy_params={"a": 1}' in params
+
+    # In global mode the count is still per layer, but the slots are one pool: the table says so.
+    shared = format_table(df.assign(cache_mode="global"), ["policy", "cache_slots"]).splitlines()
+    assert "shared globally" in shared[-1] and "per MoE layer" not in shared[-1]
+    both = format_table(df.assign(cache_mode=["per_layer", "per_layer", "global", "global"]),
+                        ["policy", "cache_slots", "cache_mode"]).splitlines()
+    assert "(cache_mode=per_layer)" in both[-1] and "shared globally" in both[-1] and "(cache_mode=global)" in both[-1]
+
+
+def test_figure_axis_says_what_a_slot_count_means():
+    from plots.figures import _slots_label
+    per_layer, shared = pd.DataFrame({"cache_mode": ["per_layer"]}), pd.DataFrame({"cache_mode": ["global"]})
+    assert _slots_label(per_layer) == "cache slots per layer"
+    assert "shared globally" in _slots_label(shared)
+    assert "global" in _slots_label(pd.concat([per_layer, shared]))

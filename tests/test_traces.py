@@ -1,5 +1,6 @@
 import dataclasses
 import io
+import os
 import time
 import zipfile
 
@@ -165,14 +166,39 @@ def test_flipped_bytes_inside_compressed_data(saved):
 
 
 def test_not_a_zip(tmp_path):
+    """A file that is no zip at all is named as not a trace (np.load alone would blame pickling)."""
     path = tmp_path / "t.npz"
     path.write_text("hello")
-    expect_error(path, "truncated or corrupt")
+    message = expect_error(path, "not an .npz trace file", "a trace is an .npz (zip)", "save_trace")
+    assert "pickle" not in message and "truncated" not in message
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    expect_error(tmp_path / "one.npy", "single .npy array, not an .npz trace file")
 
 
 def test_pickled_object_array_is_refused(saved):
     rewrite(saved, experts=np.array([object()], dtype=object))
-    expect_error(saved, "file")
+    expect_error(saved, "experts", "object array", "numeric arrays only")
+
+
+@pytest.mark.parametrize("name", ["weights", "router_probs"])
+def test_negative_probabilities(saved, name):
+    values = raw_arrays(saved)[name].copy()
+    values[4, 2, 1] = -0.5
+    rewrite(saved, **{name: values})
+    expect_error(saved, name, "negative value -0.5 at index (4, 2, 1)", "probabilities")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint64])
+def test_unsigned_request_starts_that_decrease(saved, dtype):
+    """An unsigned decrease must not wrap into a huge positive step and pass."""
+    rewrite(saved, request_starts=np.array([0, 40, 30, 60], dtype=dtype))
+    expect_error(saved, "request_starts", "strictly increasing")
+
+
+def test_saved_trace_is_readable_like_any_written_file(saved):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert saved.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_missing_meta(saved):

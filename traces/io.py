@@ -64,6 +64,16 @@ def save_trace(trace: Trace, path, compress: bool = True) -> None:
     atomic_write(path, lambda f: writer(f, **arrays), binary=True)
 
 
+def _file_mode() -> int:
+    # The umask can only be read by setting it; this runs once, at import, before any thread starts.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def atomic_write(path, write, binary: bool = False) -> None:
     """``write(f)`` into a temp file beside ``path``, fsync, then rename over ``path``: a reader
     never sees half a file, and a crash leaves the old one."""
@@ -71,6 +81,8 @@ def atomic_write(path, write, binary: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; the result should read like any file the user writes.
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
@@ -112,13 +124,36 @@ def load_trace(path) -> Trace:
     return trace
 
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")   # a zip's first entry, or an empty zip
+_NPY_MAGIC = b"\x93NUMPY"
+_WHAT_A_TRACE_IS = ("a trace is an .npz (zip) of numeric arrays __meta__, experts, weights and "
+                    "request_starts, written by traces.io.save_trace or an importer")
+
+
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    with open(path, "rb") as f:
+        head = f.read(len(_NPY_MAGIC))
+    if not head:
+        _fail(path, "file", "the file is empty (truncated or corrupt)", _REEXPORT)
+    if head.startswith(_NPY_MAGIC):
+        _fail(path, "file", "this is a single .npy array, not an .npz trace file", _WHAT_A_TRACE_IS)
+    if not head.startswith(_ZIP_MAGIC):
+        # np.load would call any non-zip file a pickle; name what the file is not, and what a trace is.
+        _fail(path, "file", "not an .npz trace file (no zip header)", _WHAT_A_TRACE_IS)
+    arrays, member = {}, "file"
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
-    except (zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError, KeyError) as e:
-        # np.load raises any of these for truncated, bit-flipped or non-zip files, and ValueError for pickles.
+            for member in npz.files:
+                arrays[member] = npz[member]
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            _fail(path, member, "an object array (pickled Python objects), which traces never load",
+                  "store numeric arrays only")
         _fail(path, "file", f"file is truncated or corrupt ({type(e).__name__}: {e})", _REEXPORT)
+    except (zipfile.BadZipFile, EOFError, zlib.error, OSError, KeyError) as e:
+        # np.load raises any of these for truncated or bit-flipped zips.
+        _fail(path, "file", f"file is truncated or corrupt ({type(e).__name__}: {e})", _REEXPORT)
+    return arrays
 
 
 def _parse_meta(raw: np.ndarray, path: Path) -> TraceMeta:
@@ -175,7 +210,7 @@ def validate_trace(trace: Trace, where) -> None:
         _fail(where, "experts", f"dtype {experts.dtype} is not an integer type", "store expert ids as uint8/uint16")
     T = experts.shape[0]
     _check_expert_ids(experts, E, where)
-    _check_float(trace.weights, "weights", (T, L, K), where)
+    _check_float(trace.weights, "weights", (T, L, K), where, probabilities=True)
 
     starts = trace.request_starts
     if starts.ndim != 1 or len(starts) < 2 or not np.issubdtype(starts.dtype, np.integer):
@@ -184,20 +219,21 @@ def validate_trace(trace: Trace, where) -> None:
     if starts[0] != 0 or starts[-1] != T:
         _fail(where, "request_starts", f"must start at 0 and end at T={T}, got {starts[0]}..{starts[-1]}",
               "rebuild it from the request boundaries")
-    if not (np.diff(starts) > 0).all():
-        bad = int(np.argmax(np.diff(starts) <= 0))
+    step = _signed_diff(starts)
+    if not (step > 0).all():
+        bad = int(np.argmax(step <= 0))
         _fail(where, "request_starts", f"not strictly increasing at request {bad} ({starts[bad]} -> {starts[bad + 1]})",
               "drop empty requests and sort the boundaries")
 
     if trace.router_probs is not None:
-        _check_float(trace.router_probs, "router_probs", (T, L, E), where)
+        _check_float(trace.router_probs, "router_probs", (T, L, E), where, probabilities=True)
     if (trace.hidden_states is None) != (trace.hidden_token_index is None):
         _fail(where, "hidden_states", "hidden_states and hidden_token_index must come together", "store both or neither")
     if trace.hidden_states is not None:
         index = trace.hidden_token_index
         if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
             _fail(where, "hidden_token_index", f"must be a 1-D integer array, got {index.dtype} {index.shape}", _REEXPORT)
-        if len(index) and (index[0] < 0 or index[-1] >= T or not (np.diff(index) > 0).all()):
+        if len(index) and (index[0] < 0 or index[-1] >= T or not (_signed_diff(index) > 0).all()):
             _fail(where, "hidden_token_index", f"must be strictly increasing token indices in [0, {T})",
                   "sort the recorded tokens and drop duplicates")
         _check_float(trace.hidden_states, "hidden_states", (len(index), L, model.hidden_size), where)
@@ -238,7 +274,12 @@ def _check_expert_ids(experts: np.ndarray, num_experts: int, where) -> None:
               "the top-k ids of one (token, layer) must be distinct")
 
 
-def _check_float(values: np.ndarray, field: str, shape: tuple, where) -> None:
+def _signed_diff(values: np.ndarray) -> np.ndarray:
+    """Steps between neighbours; unsigned arrays would wrap a decrease into a huge positive step."""
+    return np.diff(values.astype(np.int64, copy=False))
+
+
+def _check_float(values: np.ndarray, field: str, shape: tuple, where, probabilities: bool = False) -> None:
     if values.shape != shape:
         _fail(where, field, f"shape {values.shape}, expected {list(shape)}", "fix __meta__.model or the array")
     if not np.issubdtype(values.dtype, np.floating):
@@ -247,6 +288,10 @@ def _check_float(values: np.ndarray, field: str, shape: tuple, where) -> None:
         bad = np.unravel_index(int(np.argmax(~np.isfinite(values))), values.shape)
         _fail(where, field, f"contains NaN or inf, first at index {tuple(int(i) for i in bad)}",
               "fix the recording or drop the affected requests")
+    if probabilities and values.size and values.min() < 0:
+        bad = np.unravel_index(int(np.argmax(values < 0)), values.shape)
+        _fail(where, field, f"negative value {values[bad]} at index {tuple(int(i) for i in bad)}",
+              "store the router's probabilities (softmax outputs, >= 0), not its logits")
 
 
 def _check_text(trace: Trace, T: int, where) -> None:
@@ -259,5 +304,5 @@ def _check_text(trace: Trace, T: int, where) -> None:
         _fail(where, "text_bytes", f"must be 1-D uint8, got {text.dtype} {text.shape}", "store UTF-8 bytes")
     if offsets.shape != (T + 1,) or not np.issubdtype(offsets.dtype, np.integer):
         _fail(where, "text_offsets", f"must be [T+1]={T + 1} integers, got {offsets.dtype} {offsets.shape}", _REEXPORT)
-    if offsets[0] != 0 or offsets[-1] != len(text) or (np.diff(offsets) < 0).any():
+    if offsets[0] != 0 or offsets[-1] != len(text) or (_signed_diff(offsets) < 0).any():
         _fail(where, "text_offsets", f"must rise from 0 to len(text_bytes)={len(text)} without decreasing", _REEXPORT)

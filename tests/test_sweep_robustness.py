@@ -1,0 +1,199 @@
+"""The sweep at its edges: a crashing policy keeps its traceback, a signal stops the workers and keeps
+the finished rows, broken policy files and misspelt policy parameters are refused in one line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from experiments.config import ConfigError, RunConfig
+from experiments.runner import validate_grid
+from experiments.sweep import main
+from offload.policy import Policy, check_params
+from policies.registry import PolicyLoadError, resolve_policy
+from traces import save_trace, synthetic_trace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sweep_cli(*args, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "experiments.sweep", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trace_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trace") / "robust.npz"
+    save_trace(synthetic_trace(num_tokens=1600, num_layers=4, num_experts=8, top_k=2, num_requests=16, seed=11),
+               path)
+    return path
+
+
+CRASHING = '''from policies.lru import LRU
+
+
+class Crash(LRU):
+    def on_access(self, access, index, key, hit):
+        super().on_access(access, index, key, hit)
+        if access.step > 40:
+            raise KeyError(3)
+'''
+
+
+def test_crashing_policy_names_file_line_and_hook_and_keeps_the_traceback(trace_path, tmp_path, capsys):
+    policy = tmp_path / "crash.py"
+    policy.write_text(CRASHING)
+    out = tmp_path / "out"
+    code = main([f"trace={trace_path}", f"policy=lru,{policy}:Crash", "cache_slots=2,3", "max_tokens=300",
+                 "--out", out, "--no-plots", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    # The console names the policy file, the line that raised and the hook.
+    assert f"KeyError: 3 at {policy}:8 in on_access" in err
+    assert "2 of 4 configurations failed" in err
+    # The run folder keeps each failure's full traceback; the other configurations still finished.
+    errors = sorted((out / "errors").glob("*.txt"))
+    assert len(errors) == 2
+    report = errors[0].read_text()
+    assert "Traceback (most recent call last)" in report and "raise KeyError(3)" in report
+    assert f'File "{policy}", line 8, in on_access' in report
+    assert str(errors[0]) in err
+    assert list(pd.read_csv(out / "results.csv")["policy"]) == ["lru", "lru"]
+
+    # Fixed, the same command computes the rows and drops the stale reports.
+    policy.write_text(CRASHING.replace("raise KeyError(3)", "pass"))
+    code = main([f"trace={trace_path}", f"policy=lru,{policy}:Crash", "cache_slots=2,3", "max_tokens=300",
+                 "--out", out, "--no-plots", "--workers", "1"])
+    assert code == 0, capsys.readouterr().err
+    assert not list((out / "errors").glob("*.txt"))
+    assert list(pd.read_csv(out / "results.csv")["policy"]) == ["lru", "lru", f"{policy}:Crash", f"{policy}:Crash"]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:          # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
+@pytest.mark.parametrize("signum, whole_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["ctrl-c", "kill"])
+def test_signal_stops_workers_keeps_finished_rows_and_says_how_to_resume(trace_path, tmp_path, signum, whole_group):
+    """Ctrl-C signals the whole process group; ``kill PID`` / ``timeout`` only the sweep itself."""
+    out = tmp_path / "out"
+    args = [f"trace={trace_path}", "policy=lru,lfu,fifo", "cache_slots=2..8", "--no-plots", "--workers", "2",
+            "--out", out]
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", *map(str, args)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((out / "rows").glob("*.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, "the sweep finished before the signal: make the trace longer"
+        sent = time.monotonic()
+        (os.killpg if whole_group else os.kill)(proc.pid, signum)
+        _, stderr = proc.communicate(timeout=20)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signum, stderr
+    assert took < 5
+    assert not [pid for pid in workers if _alive(pid)], "a worker outlived the sweep"
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert f"interrupted by {signal.Signals(signum).name}" in lines[0]
+    assert "run the same command again" in lines[0] and f"--out {out}" in lines[0]
+    rows = list((out / "rows").glob("*.json"))
+    assert 2 <= len(rows) < 21
+    for path in rows:                             # every finished row is whole
+        assert json.loads(path.read_text())["config_hash"] == path.stem
+    assert not list(out.rglob("*.tmp"))
+    assert f"{len(rows)} of 21 configurations are done" in lines[0]
+
+
+# -- broken policy files and unknown parameters, refused before anything runs -------------------
+
+@pytest.mark.parametrize("source, line, what", [
+    ("from policies.lru import LRU\n\n\nclass Mine(LRU)\n    pass\n", 4, "SyntaxError: expected ':'"),
+    ("from policies.lru import LRU\nimport no_such_module_here\n", 2,
+     "ModuleNotFoundError: No module named 'no_such_module_here'"),
+    ("from policies.lru import LRU\n\nSCALE = 1 / 0\n", 3, "ZeroDivisionError: division by zero"),
+], ids=["syntax", "import", "raises"])
+def test_broken_policy_file_is_one_line_naming_file_and_line(trace_path, tmp_path, source, line, what):
+    policy = tmp_path / "broken.py"
+    policy.write_text(source)
+    with pytest.raises(PolicyLoadError) as err:
+        resolve_policy(f"{policy}:Mine")
+    message = str(err.value)
+    assert message.startswith(f"{policy}:{line}: ") and what in message and "fix the file" in message
+    assert "\n" not in message
+
+    r = sweep_cli(f"trace={trace_path}", f"policy={policy}:Mine", "--out", tmp_path / "out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_broken_policy_module_names_file_and_line(tmp_path, monkeypatch):
+    (tmp_path / "my_broken_policies.py").write_text("from policies.lru import LRU\n\n\nx = [\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PolicyLoadError, match=r"my_broken_policies.py:4: policy module 'my_broken_policies' "
+                                          r"does not load: SyntaxError: .*fix the module"):
+        resolve_policy("my_broken_policies:Mine")
+    with pytest.raises(PolicyLoadError, match="cannot import module 'no_such_pkg_xyz'.*PYTHONPATH"):
+        resolve_policy("no_such_pkg_xyz:Mine")
+
+
+def test_policies_declare_the_parameters_they_read():
+    check_params(resolve_policy("lookahead"), {"min_score": 0.1, "predictor": "pregate"})
+    check_params(resolve_policy("mixtral-offloading"), {"predictor": "quasi"})
+    with pytest.raises(ValueError) as err:
+        check_params(resolve_policy("lru"), {"sed": 7})
+    assert str(err.value).startswith("policy LRU has no parameter 'sed' (it declares: none)")
+    with pytest.raises(ValueError, match=r"Lookahead has no parameter 'min_scor' \(it declares: min_score, predictor\)"):
+        check_params(resolve_policy("lookahead"), {"min_scor": 0.1})
+    # `predictor` only for a policy that reads a prediction track.
+    with pytest.raises(ValueError, match="'predictor'"):
+        check_params(resolve_policy("oracle"), {"predictor": "pregate"})
+
+    class Tuned(Policy):
+        parameters = {"alpha": "how much to trust the past"}
+
+    check_params(Tuned, {"alpha": 0.5})
+    with pytest.raises(ValueError, match=r"has no parameter 'alpah' \(it declares: alpha\)"):
+        check_params(Tuned, {"alpah": 0.5})
+
+
+def test_misspelt_policy_parameter_is_refused_before_anything_runs(trace_path, tmp_path):
+    with pytest.raises(ConfigError, match=r"^policy=lru: policy LRU has no parameter 'sed'"):
+        validate_grid([RunConfig(trace=str(trace_path), policy="lru", policy_params=(("sed", 7),))])
+    r = sweep_cli(f"trace={trace_path}", "policy=lru", "policy.sed=7", "--out", tmp_path / "out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: policy=lru: policy LRU has no parameter 'sed' (it declares: none); "
+        "fix the name, or declare it in the class's `parameters`"]
+    assert not (tmp_path / "out").exists()
