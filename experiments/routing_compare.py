@@ -3,7 +3,7 @@
     python -m experiments.routing_compare --model-stats MODEL_DIR/train_report.json \
         [--gpt-oss ../shared/data/routing/gpt-oss-20b-dev.npz] --out experiments/results/h100/routing_comparison.csv
 
-Both sides use ``real.train_lm.routing_stats``: expert load skew (max/min share ratio, normalised load
+Both sides use ``traces.stats.routing_stats``: expert load skew (max/min share ratio, normalised load
 entropy), consecutive-token reuse against the random-routing baseline K/E, and domain specialisation
 (mutual information between a token's domain and its experts, largest lift). The trained model's
 domains are the corpus domains of its held-out text; gpt-oss-20b's are the prompts' subjects
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from real.train_lm import routing_stats
 from traces.io import atomic_write
+from traces.stats import routing_stats
 
 DEFAULT_GPT_OSS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "routing" / "gpt-oss-20b-dev.npz"
 ROWS = [("load_max_min_ratio_max", "expert load: largest max/min share ratio of a layer"),
@@ -42,7 +42,7 @@ def gpt_oss_stats(path: Path) -> dict:
 def main(argv=None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-stats", required=True, type=Path,
-                   help="routing_stats.json or train_report.json of real.train_lm")
+                   help="routing_stats.json or train_report.json of experiments.train_lm")
     p.add_argument("--gpt-oss", type=Path, default=DEFAULT_GPT_OSS)
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)

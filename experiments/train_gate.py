@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.make_tracks import check_model_matches, load_model, recorded_tokens
 from real.corpus import DEFAULT_CORPUS_DIR
 from real.hidden_capture import capture_hidden_states
 from real.lookahead_gate import LookaheadGate, train_lookahead_gate, true_router_probs
 from real.predictors import FrozenRouters, LookaheadGatePredictor, kl_to_router, track_recall
+from real.tracks import check_model_matches, load_model, recorded_tokens
 from traces import load_trace
 
 

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import re
 import statistics
 import time
 
@@ -118,3 +119,45 @@ def measure_layer_overhead(engine, compute: dict, steps: int = 32) -> float:
     gpu = (compute["token_overhead_us"] + shape.num_layers * (
         compute["attention_us_by_ctx"][ctx] + compute["router_us"] + shape.top_k * compute["expert_us"]))
     return round(max(0.0, (statistics.median(walls) - gpu) / shape.num_layers), 2)
+
+
+def profile_name(device_name: str) -> str:
+    """The name of a profile measured on the GPU ``device_name`` (``torch.cuda.get_device_name()``): its
+    model, lower case, then ``-measured``: "NVIDIA H200" -> "h200-measured", "NVIDIA H100 80GB HBM3" ->
+    "h100-measured", "NVIDIA A100-SXM4-80GB" -> "a100-sxm4-80gb-measured". Raises ValueError for an
+    empty name."""
+    words = device_name.replace("NVIDIA", " ").split()
+    if not words:
+        raise ValueError(f"device name {device_name!r} names no GPU model; pass the profile's name yourself")
+    model = re.sub(r"[^a-z0-9]+", "-", words[0].lower()).strip("-")
+    return f"{model}-measured"
+
+
+def measured_profile(base, name: str, device_name: str, copy_latency_us: float, h2d_GBps_by_MiB: dict,
+                     compute: dict[str, dict]) -> dict:
+    """A profile in the YAML layout (``hardware.profile.hardware_to_dict``): ``base``'s (a
+    ``HardwareProfile``) constants for what is not measured, the measured copy table (latency in us,
+    effective GB/s by copy size in MiB) in place of its link, and ``compute`` (by model name:
+    ``measure_compute``'s dict with ``layer_overhead_us`` and ``precision`` added) as its
+    ``measured_compute``. ``hardware.profile.hardware_from_dict`` validates the result."""
+    from hardware.profile import hardware_to_dict
+    profile = hardware_to_dict(base)
+    profile.update(name=name, copy_latency_us=copy_latency_us, h2d_GBps_by_MiB=h2d_GBps_by_MiB,
+                   description=f"{device_name}, measured by the engine commands (base: {base.name})",
+                   source="measured by python -m experiments.profile on this GPU: pinned H2D copies one at a "
+                          "time (CUDA events, median); compute per model from the engine's kernels")
+    profile.pop("pcie_GBps", None)
+    profile["measured_compute"] = {model: {c["precision"]: {k: v for k, v in c.items() if k != "precision"}}
+                                   for model, c in compute.items()}
+    return profile
+
+
+def write_profile(path, profile: dict):
+    """Validate ``profile`` (``hardware.profile.hardware_from_dict``: raises ``HardwareProfileError``
+    naming the field) and write it to ``path`` as YAML, atomically; returns the ``HardwareProfile``."""
+    import yaml
+    from hardware.profile import hardware_from_dict
+    from traces.io import atomic_write
+    hardware = hardware_from_dict(profile, origin=str(path))
+    atomic_write(path, lambda f: yaml.safe_dump(profile, f, sort_keys=False))
+    return hardware

@@ -2,8 +2,8 @@
 save it as a native Hugging Face Mixtral checkpoint with its tokenizer, a training report and the
 routing statistics of its held-out text.
 
-    python -m real.train_lm --out runs/moe-lm [--corpus DIR] [--minutes 7] [--seed 0]
-                            [--size h100|tiny] [--device cuda|cpu] [--max-steps N] [--no-compile]
+    python -m experiments.train_lm --out runs/moe-lm [--corpus DIR] [--minutes 7] [--seed 0]
+                                   [--size h100|tiny] [--device cuda|cpu] [--max-steps N] [--no-compile]
 
 Why the ``h100`` shape (16 layers, 8 experts, top-2, hidden 1024, expert intermediate 4096): offloading
 is only worth studying when copying an expert costs more than computing a layer. One expert is
@@ -25,17 +25,16 @@ CPU; on CUDA up to the nondeterminism of its kernels). On CUDA the training step
 ``torch.compile`` (measured on an H100: 152 ms per 16 k-token step against 264 ms eager, for about a
 minute of compilation); ``--no-compile`` turns it off, and a compile that fails falls back to eager.
 
-The whole output folder is built beside ``--out`` and moved into place in one ``os.replace``.
+The whole output folder is built beside ``--out`` and moved into place in one ``os.replace``
+(``train_and_save``); the command line is ``experiments/train_lm.py``.
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from real.corpus import DEFAULT_CORPUS_DIR, DOMAINS, EOS_TOKEN, encode_corpus, load_corpus, save_tokenizer, \
-    train_tokenizer
+from real.corpus import DOMAINS, EOS_TOKEN, encode_corpus, load_corpus, save_tokenizer, train_tokenizer
+from traces.io import atomic_write
+from traces.stats import routing_stats
 
 
 @dataclass(frozen=True)
@@ -99,113 +99,6 @@ def mixtral_config(size: ModelSize, eos_id: int) -> MixtralConfig:
         num_experts_per_tok=size.top_k, router_aux_loss_coef=ROUTER_AUX_LOSS_COEF, output_router_logits=False,
         tie_word_embeddings=False, sliding_window=None, bos_token_id=eos_id, eos_token_id=eos_id,
         pad_token_id=eos_id, attn_implementation="sdpa", **rope)
-
-
-# ----------------------------------------------------------------------------------------------
-# routing statistics (also applied to recorded traces, e.g. the gpt-oss-20b arrays)
-
-def routing_stats(expert_ids: np.ndarray, num_experts: int, domains: np.ndarray | None = None,
-                  request_starts: np.ndarray | None = None) -> dict:
-    """Statistics of top-k routing decisions ``expert_ids`` [T, L, K] (token, layer, choice).
-
-    Per layer: each expert's share of the T*K assignments (with its max/min ratio and entropy);
-    consecutive-token reuse, the mean of |S_t & S_t-1| / K over consecutive tokens of one request
-    (a pair that crosses a start in ``request_starts`` is skipped; random routing gives K/E); and with
-    ``domains`` [T] (any labels), how domain-specific the experts are: the mutual information between
-    a token's domain and an assigned expert (the Jensen-Shannon divergence of the domains' expert
-    distributions, weighted by token counts), and each domain's largest lift share_domain(e) / share(e).
-    """
-    ids = np.asarray(expert_ids)
-    if ids.ndim != 3:
-        raise ValueError(f"expert_ids must be [tokens, layers, top_k], got shape {ids.shape}")
-    T, L, K = ids.shape
-    ids = ids.astype(np.int64)
-    if T and (ids.min() < 0 or ids.max() >= num_experts):
-        raise ValueError(f"expert ids must lie in 0..{num_experts - 1}, got {ids.min()}..{ids.max()}")
-
-    member = np.zeros((T, L, num_experts), dtype=bool)
-    np.put_along_axis(member, ids, True, axis=2)
-    counts = member.sum(axis=0).astype(np.float64)                       # [L, E]
-    share = counts / max(T * K, 1)
-
-    overlap = (member[1:] & member[:-1]).sum(axis=2) / K                 # [T-1, L]
-    valid = np.ones(max(T - 1, 0), dtype=bool)
-    starts = np.asarray([] if request_starts is None else request_starts, dtype=np.int64)
-    inner = starts[(starts > 0) & (starts < T)]
-    valid[inner - 1] = False
-    reuse = overlap[valid].mean(axis=0) if valid.any() else np.full(L, np.nan)
-
-    layers = []
-    for layer in range(L):
-        p = share[layer]
-        lo, hi = p.min(), p.max()
-        layers.append({
-            "layer": layer,
-            "load_share": _rounded(p),
-            "load_max_min_ratio": None if lo == 0 else float(hi / lo),
-            "load_entropy_bits": _entropy_bits(p),
-            "load_entropy_normalized": _entropy_bits(p) / math.log2(num_experts),
-            "unused_experts": int((p == 0).sum()),
-            "reuse": float(reuse[layer]),
-        })
-    out = {
-        "tokens": int(T), "layers": int(L), "top_k": int(K), "num_experts": int(num_experts),
-        "requests": int(len(inner) + (T > 0)), "consecutive_pairs": int(valid.sum()),
-        "random_reuse": K / num_experts,
-        "per_layer": layers,
-    }
-    summary = {
-        "reuse_mean": float(np.mean(reuse)),
-        "reuse_by_layer": _rounded(reuse),
-        "load_max_min_ratio_max": max((x["load_max_min_ratio"] or math.inf) for x in layers) if L else None,
-        "load_entropy_normalized_mean": float(np.mean([x["load_entropy_normalized"] for x in layers])),
-    }
-    if summary["load_max_min_ratio_max"] == math.inf:
-        summary["load_max_min_ratio_max"] = None          # some expert never chosen (JSON has no infinity)
-
-    if domains is not None:
-        domains = np.asarray(domains)
-        if domains.shape != (T,):
-            raise ValueError(f"domains must be [tokens] = [{T}], got shape {domains.shape}")
-        names, which = np.unique(domains, return_inverse=True)
-        per_domain = {}
-        jsd = np.zeros(L)
-        lifts = np.zeros((len(names), L))
-        for d, name in enumerate(names):
-            rows = which == d
-            w = rows.sum() / T
-            p_d = member[rows].sum(axis=0) / (rows.sum() * K)            # [L, E]
-            for layer in range(L):
-                jsd[layer] -= w * _entropy_bits(p_d[layer])
-                used = share[layer] > 0
-                lifts[d, layer] = (p_d[layer][used] / share[layer][used]).max()
-            per_domain[str(name)] = {
-                "tokens": int(rows.sum()),
-                "max_lift_mean_over_layers": float(lifts[d].mean()),
-                "max_lift_by_layer": _rounded(lifts[d]),
-                "top_expert_by_layer": [int(e) for e in p_d.argmax(axis=1)],
-                "load_share_by_layer": [_rounded(p_d[layer]) for layer in range(L)],
-            }
-        for layer in range(L):
-            jsd[layer] += _entropy_bits(share[layer])
-        for layer in range(L):
-            layers[layer]["domain_jsd_bits"] = float(jsd[layer])
-            layers[layer]["domain_max_lift_mean"] = float(lifts[:, layer].mean())
-        summary["domain_jsd_bits_mean"] = float(jsd.mean())
-        summary["domain_jsd_bits_by_layer"] = _rounded(jsd)
-        summary["domain_max_lift_mean"] = float(lifts.mean())
-        out["per_domain"] = per_domain
-    out["summary"] = summary
-    return out
-
-
-def _entropy_bits(p: np.ndarray) -> float:
-    p = p[p > 0]
-    return float(-(p * np.log2(p)).sum())
-
-
-def _rounded(a) -> list[float]:
-    return [round(float(x), 6) for x in a]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,56 +279,40 @@ def evaluate(model, held_out: dict[str, np.ndarray], size: ModelSize, device: to
 
 
 # ----------------------------------------------------------------------------------------------
-# command line
+# one run, saved
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m real.train_lm", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=Path, help="output folder (replaced as a whole at the end)")
-    ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR, help="folder holding the corpus text files")
-    ap.add_argument("--minutes", type=float, default=7.0,
-                    help="wall-time budget from start to the last training step (evaluation and saving follow)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", choices=sorted(SIZES), default="h100")
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--max-steps", type=int, default=None,
-                    help="train exactly this many steps (reproduces a run); default: as many as fit the budget")
-    ap.add_argument("--max-epochs", type=float, default=6.0,
-                    help="cap on passes over the train tokens when the step count comes from the budget: the "
-                         "h100 model memorises the 2.2 M-token corpus, and its held-out loss rises after about "
-                         "6 epochs (0 = no cap)")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the training step's model (default: on CUDA only; it costs about a minute "
-                         "once and then runs the h100 step 1.75x faster; a failed compile falls back to eager)")
-    ap.add_argument("--experts-implementation", default=None,
-                    help="transformers experts kernel (grouped_mm, batched_mm, eager); default: the library's")
-    args = ap.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.minutes <= 0:
-        ap.error("--minutes must be positive")
-    if args.max_steps is not None and args.max_steps < 1:
-        ap.error("--max-steps must be at least 1")
-    if args.compile is None:
-        args.compile = args.device == "cuda"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is visible (use --device cpu)")
-    if args.out.exists() and not _is_replaceable(args.out):
-        ap.error(f"--out {args.out} exists and is not an earlier output of this command "
-                 f"(no train_report.json in it): choose another folder or remove it")
-    return args
+@dataclass(frozen=True)
+class TrainSettings:
+    """One training run. ``size``: a key of ``SIZES``; ``device``: "cuda" or "cpu"; ``minutes``: the
+    wall-time budget from the start to the last training step (evaluation and saving follow);
+    ``max_steps``: train exactly this many steps (None: as many as the measured speed fits in the
+    budget, capped at ``max_epochs`` passes over the train tokens, None: no cap); ``compile``:
+    ``torch.compile`` the training step; ``experts_implementation``: a transformers experts kernel
+    name, None for the library's default."""
+    corpus: Path
+    size: str = "h100"
+    device: str = "cuda"
+    minutes: float = 7.0
+    seed: int = 0
+    max_steps: int | None = None
+    max_epochs: float | None = 6.0
+    compile: bool = True
+    experts_implementation: str | None = None
 
 
-def _is_replaceable(path: Path) -> bool:
+def is_replaceable(path: Path) -> bool:
+    """Whether ``train_and_save`` may replace ``path``: an empty folder or an earlier output (it holds a
+    train_report.json)."""
     return path.is_dir() and (not any(path.iterdir()) or (path / "train_report.json").is_file())
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
 
 
 def _publish(tmp_dir: Path, out: Path) -> None:
-    """Move the finished folder into place; an earlier output is swapped out first, then removed."""
+    """Move the finished folder into place; an earlier output is swapped out first, then removed. The
+    files in it are each written atomically already; this makes the folder appear as a whole."""
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -445,28 +322,32 @@ def _publish(tmp_dir: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-def main(argv=None) -> dict:
+def train_and_save(settings: TrainSettings, out: Path, command: list[str]) -> dict:
+    """Train a model of ``settings.size`` from ``settings.seed`` and save it to ``out`` (built beside it,
+    moved into place whole; an earlier output there is replaced): a Hugging Face Mixtral checkpoint,
+    its tokenizer, ``train_report.json`` (``command`` is recorded in it) and ``routing_stats.json``.
+    Returns the report. Raises ValueError when a corpus domain's held-out split is shorter than one
+    window; nothing is left at ``out`` on an error."""
     t0 = time.perf_counter()
-    args = parse_args(argv)
-    deadline = t0 + args.minutes * 60
-    size = SIZES[args.size]
-    device = torch.device(args.device)
+    deadline = t0 + settings.minutes * 60
+    size = SIZES[settings.size]
+    device = torch.device(settings.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(args.seed)
+    torch.manual_seed(settings.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.set_float32_matmul_precision("high")
 
-    corpus = load_corpus(args.corpus, size.max_chars_per_domain)
-    out = args.out.resolve()
+    corpus = load_corpus(settings.corpus, size.max_chars_per_domain)
+    out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out.with_name(f".{out.name}.partial-{os.getpid()}")
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir()
     try:
-        report = _train_and_save(args, corpus, size, device, dtype, t0, deadline, tmp_dir)
+        report = _train_and_save(settings, command, corpus, size, device, dtype, t0, deadline, tmp_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -475,8 +356,8 @@ def main(argv=None) -> dict:
     return report
 
 
-def _train_and_save(args, corpus, size: ModelSize, device: torch.device, dtype: torch.dtype, t0: float,
-                    deadline: float, tmp_dir: Path) -> dict:
+def _train_and_save(settings: TrainSettings, command: list[str], corpus, size: ModelSize, device: torch.device,
+                    dtype: torch.dtype, t0: float, deadline: float, tmp_dir: Path) -> dict:
     tokenizer = train_tokenizer((t for d in DOMAINS for t in corpus[d].train), size.vocab)
     save_tokenizer(tokenizer, tmp_dir, MAX_POSITIONS)
     train_ids = encode_corpus(tokenizer, {d: corpus[d].train for d in DOMAINS})
@@ -490,18 +371,18 @@ def _train_and_save(args, corpus, size: ModelSize, device: torch.device, dtype: 
     config = mixtral_config(size, tokenizer.token_to_id(EOS_TOKEN))
     with torch.device(device):
         model = MixtralForCausalLM(config)
-    if args.experts_implementation:
-        model.set_experts_implementation(args.experts_implementation)
+    if settings.experts_implementation:
+        model.set_experts_implementation(settings.experts_implementation)
     n_params = sum(p.numel() for p in model.parameters())
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     active = n_params - expert_params + expert_params * size.top_k // size.experts
     impl = {"attention": model.config._attn_implementation,
             "experts": getattr(model.config, "_experts_implementation", "eager")}
     print(f"model: {n_params / 1e6:.1f} M parameters ({active / 1e6:.1f} M active per token), "
-          f"{impl}, weights {dtype}, compile {args.compile}", flush=True)
+          f"{impl}, weights {dtype}, compile {settings.compile}", flush=True)
     probe = torch.from_numpy(np.stack([held_ids[d][:SEQ_LEN].astype(np.int64) for d in DOMAINS]))
-    result = train(model, train_tokens, probe, size, device, dtype, args.seed, deadline, args.max_steps, t0,
-                   args.compile, args.max_epochs or None)
+    result = train(model, train_tokens, probe, size, device, dtype, settings.seed, deadline, settings.max_steps,
+                   t0, settings.compile, settings.max_epochs or None)
     ppl, stats = evaluate(model, held_ids, size, device)
     stats["source"] = {"model": "moe-offload-lab small Mixtral", "text": "held-out corpus splits",
                        "window_tokens": SEQ_LEN, "requests_are": "512-token windows"}
@@ -517,8 +398,8 @@ def _train_and_save(args, corpus, size: ModelSize, device: torch.device, dtype: 
 
     wall_s = time.perf_counter() - t0
     report = {
-        "command": [sys.executable, "-m", "real.train_lm", *args.argv],
-        "seed": args.seed, "size": args.size, "model_shape": asdict(size), "seq_len": SEQ_LEN,
+        "command": command,
+        "seed": settings.seed, "size": settings.size, "model_shape": asdict(size), "seq_len": SEQ_LEN,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "weights_dtype": str(dtype).removeprefix("torch."), "master_weights": "float32",
@@ -529,13 +410,13 @@ def _train_and_save(args, corpus, size: ModelSize, device: torch.device, dtype: 
         "parameters": n_params, "active_parameters_per_token": active,
         "train_tokens_available": int(len(train_tokens)),
         "held_out_tokens": {d: int(len(held_ids[d])) for d in DOMAINS},
-        "budget_minutes": args.minutes, "max_epochs": args.max_epochs, "data_prep_s": round(t_data, 2),
+        "budget_minutes": settings.minutes, "max_epochs": settings.max_epochs, "data_prep_s": round(t_data, 2),
         **result,
         "epochs": round(result["tokens_seen"] / len(train_tokens), 3),
         "held_out_perplexity": ppl,
         "routing_summary": stats["summary"],
         "wall_s": round(wall_s, 2),
-        "corpus": str(args.corpus),
+        "corpus": str(settings.corpus),
     }
     _write_json(tmp_dir / "routing_stats.json", stats)
     _write_json(tmp_dir / "train_report.json", report)
@@ -545,7 +426,3 @@ def _train_and_save(args, corpus, size: ModelSize, device: torch.device, dtype: 
           + f"; reuse layer0 {stats['summary']['reuse_by_layer'][0]:.3f} mean {stats['summary']['reuse_mean']:.3f}"
           + f" (random {stats['random_reuse']:.3f})", flush=True)
     return report
-
-
-if __name__ == "__main__":
-    main()

@@ -2,18 +2,25 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
+import yaml
 
 from real.corpus import DEFAULT_CORPUS_DIR
+from traces import load_trace
 
 pytestmark = pytest.mark.skipif(not DEFAULT_CORPUS_DIR.is_dir(), reason="needs ../shared/data/corpus")
 
 
-def test_live_flow_on_cpu(tmp_path):
+def trace_prompts(out):
+    return load_trace(out / "tiny-lm-trace.npz").meta.extra["prompts"]
+
+
+def test_live_flow_on_cpu(tmp_path, capsys):
     from experiments.engine_bench import main as bench
-    from real.train_lm import main as train
+    from experiments.train_lm import main as train
     model = tmp_path / "tiny-lm"
     train(["--size", "tiny", "--device", "cpu", "--max-steps", "6", "--out", str(model)])
     out = tmp_path / "bench"
@@ -23,29 +30,39 @@ def test_live_flow_on_cpu(tmp_path):
     with pytest.raises(SystemExit, match="Broken failed"):
         bench(["live", "--model", str(model), "--out", str(out), "--device", "cpu", "--dtype", "float32",
                "--prompts", "2", "--prompt-len", "6", "--new-tokens", "6", "--slots", "2,3",
-               "--policies", f"lru,belady,{broken}:Broken,oracle,mixtral-offloading,speculating-experts-lossy,lookahead",
+               "--policies", f"lru,static,belady,{broken}:Broken,oracle,mixtral-offloading,speculating-experts-lossy,"
+                           "lookahead",
                "--gate-train-tokens", "512", "--recall-tokens", "256", "--vector-tokens", "256",
                "--gate-steps", "20", "--gate-batch", "64", "--gate-val-tokens", "256",
                "--score-seqs", "2", "--score-len", "12"])
-    with pytest.raises(ValueError, match="no-such-policy|unknown"):     # checked before any measuring
-        bench(["live", "--model", str(model), "--out", str(tmp_path / "typo"), "--device", "cpu",
-               "--policies", "lru,no-such-policy"])
-    assert not (tmp_path / "typo" / "engine.csv").exists()
+    for bad, message in ((["--policies", "lru,no-such-policy"], "unknown policy 'no-such-policy'"),
+                         (["--slots", "1,2"], "--slots 1: .* routes to 2 of 4 experts"),
+                         (["--corpus", str(tmp_path / "nowhere")], "nowhere: no such folder")):
+        with pytest.raises(SystemExit) as exit_:     # checked before anything is measured or written
+            bench(["live", "--model", str(model), "--out", str(tmp_path / "typo"), "--device", "cpu", *bad])
+        assert exit_.value.code == 2
+        assert re.search(message, capsys.readouterr().err), message
+    assert not (tmp_path / "typo").exists()
+    settings = yaml.safe_load((out / "resolved_config-engine_bench-live.yaml").read_text())
+    assert settings["slots"] == [2, 3] and settings["policies"][3] == f"{broken}:Broken"
+    train_slice = load_trace(out / "tiny-lm-train-trace.npz")     # both clocks learn from it, not the decode
+    assert train_slice.num_requests == 4 and train_slice.meta.extra["prompts"] != trace_prompts(out)
     rows = pd.read_csv(out / "engine.csv")
     assert {"model", "mode", "policy", "cache_slots", "tokens_per_s", "tpot_ms_mean", "hit_rate", "bytes_moved",
             "copy_GBps", "gpu_mem_GB"} <= set(rows.columns)
-    assert len(rows[rows["mode"] == "live"]) == 12
+    assert len(rows[rows["mode"] == "live"]) == 14
     assert (rows.loc[rows["mode"] == "live", "tokens_per_s"] > 0).all()
     correctness = pd.read_csv(out / "correctness.csv")
-    assert len(correctness) == 13
+    assert len(correctness) == 15
     assert correctness.loc[correctness["lossless"], "identical_to_fully_on_gpu"].all()
     parity = json.loads((out / "hf_parity.json").read_text())
     assert parity["relative"] < 1e-4 and parity["argmax_agreement"] == 1.0
     policies = pd.read_csv(out / "policies.csv")
     assert {"policy", "cache_slots", "tokens_per_s", "sim_tokens_per_s", "hit_rate", "lossy"} <= set(policies.columns)
-    assert len(policies) == 12 and (policies["sim_tokens_per_s"] > 0).all()
-    # engine and simulator drive the same controller on the same routing: lossless hit rates agree
-    lossless = policies[policies["policy"].isin(["lru", "belady"])]   # on demand: timing cannot change hits
+    assert len(policies) == 14 and (policies["sim_tokens_per_s"] > 0).all()
+    # engine and simulator drive the same controller on the same routing, static learning from the same
+    # training slice in both: on-demand hit rates agree (timing cannot change them)
+    lossless = policies[policies["policy"].isin(["lru", "static", "belady"])]
     assert (lossless["hit_rate"] - lossless["sim_hit_rate"]).abs().max() < 1e-9
     assert policies.loc[policies["lossy"], "top1_agreement"].between(0, 1).all()
     recall = pd.read_csv(out / "gate_recall.csv")
@@ -55,7 +72,6 @@ def test_live_flow_on_cpu(tmp_path):
     assert (text["tokens"] == 256).all()
     gates = recall.set_index("predictor")["gate_parameters"]
     assert gates["lookahead-context"].max() > gates["lookahead"].max() > 0 and gates["pregate"].max() == 0
-    from traces import load_trace
     trace = load_trace(out / "tiny-lm-trace.npz")
     assert trace.hidden_states.shape[0] == trace.num_tokens == 2 * (6 + 6)
     assert {"pregate", "quasi", "lookahead"} <= set(trace.predictions)

@@ -1,4 +1,5 @@
-"""The corpus, tokenizer, routing statistics and a tiny end-to-end training run of real.train_lm (CPU)."""
+"""The corpus, tokenizer, routing statistics (traces.stats) and a tiny end-to-end training run of
+experiments.train_lm over real.train_lm (CPU)."""
 import json
 from pathlib import Path
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from real.corpus import DOMAINS, encode_corpus, load_corpus, split_bytes, drop_repeated_tail, train_tokenizer
-from real.train_lm import main, routing_stats
+from experiments.train_lm import main
+from traces.stats import routing_stats
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CORPUS = DATA / "corpus"

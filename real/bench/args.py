@@ -1,0 +1,152 @@
+"""Typed values for the engine commands' arguments (argparse ``type=`` functions) and the checks that
+need the model: every value is checked where it enters, before anything is measured. A bad value
+raises ``argparse.ArgumentTypeError`` naming it and the fix; argparse turns that into one line and
+exit code 2."""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from hardware.profile import HardwareProfileError, load_hardware
+from offload.session import RunSettings, SettingsError
+from policies.registry import resolve_policy
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be positive")
+    return value
+
+
+def slot_list(text: str) -> tuple[int, ...]:
+    """"2,4,6": expert slots per layer, each a valid ``RunSettings.cache_slots`` (the model's range is
+    checked later, by ``check_slots``)."""
+    slots = tuple(_int(s) for s in text.split(","))
+    for s in slots:
+        try:
+            RunSettings(cache_slots=s)
+        except SettingsError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return slots
+
+
+def policy_list(text: str) -> tuple[str, ...]:
+    """"lru,belady,my.py:Mine": each resolved now, so a misspelt name fails before minutes of measuring."""
+    names = tuple(p for p in text.split(",") if p)
+    if not names:
+        raise argparse.ArgumentTypeError("no policy given")
+    for name in names:
+        try:
+            resolve_policy(name)
+        except ValueError as e:       # the registry's error: names the policy and the fix
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return names
+
+
+def existing_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    return path
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return path
+
+
+def hardware_profile(text: str) -> str:
+    """A profile name in ``hardware/profiles`` or a YAML path, loaded once to check it."""
+    try:
+        load_hardware(text)
+    except HardwareProfileError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def file_name(text: str) -> str:
+    """A name that becomes a file name (a profile's): letters, digits, ``.``, ``_`` and ``-``."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use letters, digits, '.', '_' and '-' only")
+    return text
+
+
+def check_slots(slots, top_k: int, num_experts: int, model: str) -> str | None:
+    """None if every cache size fits ``model`` (top_k <= slots <= num_experts), else the message."""
+    bad = [s for s in slots if not top_k <= s <= num_experts]
+    if bad:
+        return (f"--slots {','.join(map(str, bad))}: {model} routes to {top_k} of {num_experts} experts per "
+                f"layer; use cache sizes in {top_k}..{num_experts}")
+    return None
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --name, --device, --dtype, --out: the checkpoint and where results go."""
+    import torch
+    p.add_argument("--model", required=True, type=existing_dir, help="a checkpoint folder (HF Mixtral/Qwen-MoE/OLMoE)")
+    p.add_argument("--name", help="the model's name in results (default: the folder's name)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="bfloat16, or float32 for CPU checks")
+    p.add_argument("--out", required=True, type=Path)
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """--corpus, --prompts, --prompt-len, --new-tokens: the decode that is measured."""
+    from real.corpus import DEFAULT_CORPUS_DIR
+    p.add_argument("--corpus", type=existing_dir, default=str(DEFAULT_CORPUS_DIR),
+                   help="prompts come from its held-out split, the training slice from its training split")
+    p.add_argument("--prompts", type=positive_int, default=4)
+    p.add_argument("--prompt-len", type=positive_int, default=32)
+    p.add_argument("--new-tokens", type=positive_int, default=64)
+
+
+def check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fills ``args.name`` and ``args.precision`` (the simulator's expert format for ``args.dtype``: fp16
+    for float16, else bf16); ``p.error`` for a CUDA device that is not there."""
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible (use --device cpu)")
+    args.name = args.name or args.model.name
+    args.precision = "fp16" if args.dtype == "float16" else "bf16"
+
+
+def resolved(args: argparse.Namespace) -> dict:
+    """``args`` as plain YAML values (paths as strings, tuples as lists), for the resolved config."""
+    def plain(v):
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+    return {k: plain(v) for k, v in vars(args).items() if k != "func"}

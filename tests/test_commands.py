@@ -1,0 +1,148 @@
+"""The engine commands one by one, end to end on the CPU with a tiny trained model (record, references,
+train_gate, measure_policies; profile's checks and profile assembly), and the rule that no command
+imports another command."""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from real.corpus import DEFAULT_CORPUS_DIR
+from traces import load_trace
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+needs_corpus = pytest.mark.skipif(not DEFAULT_CORPUS_DIR.is_dir(), reason="needs ../shared/data/corpus")
+
+
+def _commands() -> dict[str, ast.Module]:
+    """Every module of experiments/ that runs as a command (it has an ``if __name__ == "__main__"``)."""
+    trees = {p.stem: ast.parse(p.read_text()) for p in EXPERIMENTS.glob("*.py")}
+    return {name: tree for name, tree in trees.items()
+            if any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body)}
+
+
+def test_no_command_imports_another_command():
+    commands = _commands()
+    assert {"engine_bench", "record", "profile", "references", "measure_policies", "train_gate", "make_tracks",
+            "train_lm", "routing_compare", "sweep"} <= set(commands)
+    found = []
+    for name, tree in commands.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module] + ([f"{node.module}.{a.name}" for a in node.names]
+                                           if node.module == "experiments" else [])
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            found += [(name, m) for m in modules if m.startswith("experiments.") and m.split(".")[1] in commands]
+    assert not found, f"commands importing commands: {found}; move the shared code to real/ or traces/"
+
+
+def test_profile_name_follows_the_gpu():
+    from real.profile_hw import profile_name
+    assert profile_name("NVIDIA H200") == "h200-measured"
+    assert profile_name("NVIDIA H100 80GB HBM3") == "h100-measured"
+    assert profile_name("NVIDIA A100-SXM4-80GB") == "a100-sxm4-80gb-measured"
+    with pytest.raises(ValueError, match="names no GPU"):
+        profile_name("NVIDIA ")
+
+
+def test_measured_profile_keeps_the_base_constants_and_validates(tmp_path):
+    from hardware.profile import HardwareProfileError, load_hardware
+    from real.profile_hw import measured_profile, write_profile
+    base = load_hardware("h100-pcie5")
+    compute = {"attention_us_by_ctx": {0: 100.0, 128: 110.0}, "router_us": 5.0, "expert_us": 20.0,
+               "token_overhead_us": 30.0, "layer_overhead_us": 40.0, "precision": "bf16"}
+    profile = measured_profile(base, "h200-measured", "NVIDIA H200", 12.0, {1: 30.0, 16: 50.0}, {"m": compute})
+    hardware = write_profile(tmp_path / "h200-measured.yaml", profile)
+    assert hardware.name == "h200-measured" and hardware.hbm_GBps == base.hbm_GBps
+    assert load_hardware(tmp_path / "h200-measured.yaml") == hardware
+    assert "pcie_GBps" not in profile and "NVIDIA H200" in profile["description"]
+    with pytest.raises(HardwareProfileError):       # a negative bandwidth is refused, and nothing written
+        write_profile(tmp_path / "bad.yaml", {**profile, "h2d_GBps_by_MiB": {1: -5.0, 16: 50.0}})
+    assert not (tmp_path / "bad.yaml").exists()
+
+
+def test_profile_refuses_a_machine_without_cuda(tmp_path, capsys):
+    from experiments.profile import main
+    (tmp_path / "model").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert exit_.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    if not DEFAULT_CORPUS_DIR.is_dir():
+        pytest.skip("needs ../shared/data/corpus")
+    from experiments.train_lm import main as train
+    model = tmp_path_factory.mktemp("lm") / "tiny-lm"
+    train(["--size", "tiny", "--device", "cpu", "--max-steps", "4", "--out", str(model)])
+    return model
+
+
+CPU = ["--device", "cpu", "--dtype", "float32"]
+DECODE = ["--prompts", "2", "--prompt-len", "5", "--new-tokens", "5"]
+
+
+@needs_corpus
+def test_record_references_gate_and_policies_commands(tiny_lm, tmp_path, capsys):
+    from experiments import measure_policies, record, references, train_gate
+    out = tmp_path / "out"
+    record.main(["--model", str(tiny_lm), "--out", str(out), "--train-prompts", "3", *CPU, *DECODE])
+    recorded, train = load_trace(out / "tiny-lm-trace.npz"), load_trace(out / "tiny-lm-train-trace.npz")
+    assert recorded.num_tokens == 2 * (5 + 5) and recorded.hidden_states.shape[0] == recorded.num_tokens
+    assert train.num_requests == 3 and train.hidden_states is None
+    assert recorded.meta.extra["generated"] == recorded.meta.extra["reference_tokens"]
+    assert pd.read_csv(out / "correctness.csv")["identical_to_fully_on_gpu"].tolist() == [True]
+    assert yaml.safe_load((out / "resolved_config-record.yaml").read_text())["train_prompts"] == 3
+
+    references.main(["--model", str(tiny_lm), "--out", str(out), *CPU, *DECODE])
+    parity = json.loads((out / "hf_parity.json").read_text())
+    assert parity["relative"] < 1e-4 and parity["argmax_agreement"] == 1.0
+    assert pd.read_csv(out / "engine.csv")["mode"].tolist() == ["fully-on-gpu"]
+
+    gate = tmp_path / "gate"
+    train_gate.main(["--trace", str(out / "tiny-lm-trace.npz"), "--model", str(tiny_lm), "--out", str(gate),
+                     "--train-tokens", "512", "--steps", "5", "--rank", "4", "--device", "cpu"])
+    policies = ["lru", "static", "lookahead"]
+    args = ["--model", str(tiny_lm), "--out", str(out), "--trace", str(out / "tiny-lm-trace.npz"),
+            "--train-trace", str(out / "tiny-lm-train-trace.npz"), "--slots", "2,3", "--vector-tokens", "256",
+            "--score-seqs", "1", "--score-len", "8", *CPU]
+    with pytest.raises(SystemExit) as exit_:        # lookahead without a gate: refused before measuring
+        measure_policies.main([*args, "--policies", ",".join(policies)])
+    assert exit_.value.code == 2 and "pass --gate" in capsys.readouterr().err
+    measure_policies.main([*args, "--policies", ",".join(policies), "--gate", str(gate)])
+    table = pd.read_csv(out / "policies.csv")
+    assert table["policy"].tolist() == [p for p in policies for _ in (2, 3)]
+    assert (table["sim_tokens_per_s"] > 0).all() and table["identical_tokens"].all()
+    on_demand = table[table["policy"].isin(["lru", "static"])]      # same slice, same routing: same hits
+    assert (on_demand["hit_rate"] - on_demand["sim_hit_rate"]).abs().max() < 1e-9
+    modes = pd.read_csv(out / "engine.csv")["mode"].tolist()
+    assert modes == ["fully-on-gpu", "engine-all-resident"] + ["live"] * 6
+    assert len(pd.read_csv(out / "correctness.csv")) == 1 + 6          # record's row kept
+    assert load_trace(out / "tiny-lm-lru-2-timed.npz").timings["copy_start_ms"].shape[1:] == (2, 2)
+    settings = yaml.safe_load((out / "resolved_config-measure_policies.yaml").read_text())
+    assert settings["slots"] == [2, 3] and settings["gate"] == str(gate)
+
+
+@needs_corpus
+def test_measure_policies_checks_its_inputs_first(tiny_lm, tmp_path, capsys):
+    from experiments import measure_policies
+    from traces import DEFAULT_TRACE
+    base = ["--model", str(tiny_lm), "--out", str(tmp_path / "out"), "--train-trace", str(DEFAULT_TRACE),
+            "--slots", "2,3", *CPU]
+    for extra, message in ((["--trace", str(tmp_path / "none.npz")], "none.npz: no such file"),
+                           (["--trace", str(DEFAULT_TRACE)], "not a recording of python -m experiments.record"),
+                           (["--trace", str(DEFAULT_TRACE), "--slots", "1,2"], "--slots 1: "),
+                           (["--trace", str(DEFAULT_TRACE), "--policies", "lru,nope"], "unknown policy 'nope'")):
+        with pytest.raises(SystemExit) as exit_:
+            measure_policies.main(base + extra)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, message
+    assert not (tmp_path / "out").exists()
