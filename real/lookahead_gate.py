@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from real.predictors import FrozenRouters
+from real.predictor_inputs import FrozenRouters, previous_token_states
 
 WEIGHTS_NAME = "gate.safetensors"
 CONFIG_NAME = "gate.json"
@@ -184,13 +184,6 @@ def true_router_probs(routers: FrozenRouters, hidden: torch.Tensor) -> torch.Ten
     """softmax(router_l(norm_l(h_l))) for every token and layer: hidden [N, L, H] -> [N, L, E] float32."""
     return torch.stack([torch.softmax(routers.logits(l, hidden[:, l]), dim=-1)
                         for l in range(hidden.shape[1])], dim=1)
-
-
-def previous_token_states(hidden: torch.Tensor, rows: torch.Tensor, window: int) -> torch.Tensor:
-    """hidden [N, L, H] holds consecutive tokens in windows of ``window`` (as ``real.hidden_capture``
-    returns them): the residuals of the token before each of ``rows``, zeros for a window's first."""
-    prev = hidden[(rows - 1).clamp_min(0)]
-    return prev.masked_fill((rows % window == 0).view(-1, 1, 1), 0.0)
 
 
 def train_lookahead_gate(model, hidden_states, depth: int = 3, rank: int = 64, steps: int = 2000,

@@ -18,23 +18,13 @@ order; Mixtral keeps the routing weights in float32 (so expert output x weight i
 float32), the other families cast them to the model dtype; expert outputs are summed in ascending
 expert id, as transformers' per-expert loop does.
 
-CUDA graphs (``capture_graphs``): at batch 1 a layer's attention and router are some forty small
-kernels, and launching them one by one from Python costs far more than running them (about 0.7 ms a
-layer on an H100, against microseconds of GPU time), which would hide every copy behind host overhead.
-So on CUDA the attention and router of each layer are captured as one graph: the token's position is a
-device tensor, the key and value are written with ``index_copy_``, and attention reads the whole KV
-window under a position mask. Routing is data-dependent, so the experts and the combine cannot join
-that graph; they get graphs of their own (``ExpertGraphs``): one per (expert weight blob, top-k
-position) and one combine per layer, so that the host picks which to launch from the routing it has
-read, for a few microseconds each instead of about 100 µs per expert launched op by op. Every path
-(the resident model, the offloaded engine at any cache size) runs the same graphs, so they stay
-bit-identical with each other; against the eager path they agree to rounding.
+What sits around this module: ``real.graphs`` captures these same functions as CUDA graphs (attention
++ router per layer, experts and combine), and ``real.resident`` is the fully-resident reference
+decode loop (``decode_step``, ``generate_greedy``) and ``quiet_gc``. Every path (the resident model,
+the offloaded engine at any cache size) runs the same kernels, so their tokens are bit-identical.
 """
 from __future__ import annotations
 
-import gc
-import os
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -42,21 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from real import resident
 from real.checkpoint import MoEConfig
+from real.graphs import ExpertGraphs, Extra, LayerGraphs
 from real.pinned import pinned_empty
+from real.resident import LayerRecord, quiet_gc
+
+__all__ = ["BlobOf", "LayerRecord", "MoEModel", "quiet_gc", "rms_norm", "unpack_expert"]
 
 BlobOf = Callable[[int, int], torch.Tensor]   # (layer, expert) -> that expert's blob on the compute device
 DEFAULT_MAX_LEN = 4096
-DISABLE_ENV = "MOE_LAB_EXPERT_GRAPHS"         # "0": experts and combine launched op by op (for comparison)
-
-
-@dataclass(frozen=True)
-class LayerRecord:
-    """What one MoE layer saw in one step, left on the device (no synchronisation)."""
-    expert_ids: torch.Tensor   # [K] int64, in torch.topk order
-    weights: torch.Tensor      # [K] the weights applied to the expert outputs
-    probs: torch.Tensor        # [E] float32: the full router softmax
-    hidden: torch.Tensor       # [H] the MoE layer's input (after the post-attention norm)
 
 
 @dataclass
@@ -71,22 +56,6 @@ class _Layer:
     moe_norm: torch.Tensor
     router: torch.Tensor
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # gate, up, down, router
-
-
-@contextmanager
-def quiet_gc():
-    """Decode with the objects that exist now (model, tokenizer, corpus, the harness's tables) moved out
-    of the garbage collector's reach, as serving engines do after start-up: otherwise a full collection,
-    triggered by whatever the decode loop allocates, walks all of them in the middle of a token (our
-    suspect for the single 10-260 ms steps of the H100 runs). Collections of new objects still run.
-    Its own full collection can take a few hundred ms in a process that has loaded transformers: enter
-    it before a timed region, not inside one."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -168,7 +137,7 @@ class MoEModel:
         self.rope_cos = angles.cos().to(dtype)
         self.rope_sin = angles.sin().to(dtype)
         self._positions = torch.arange(self.max_len, device=self.device)
-        self._graphs: _LayerGraphs | None = None
+        self._graphs: LayerGraphs | None = None
         self._resident_experts: ExpertGraphs | None = None     # graphs over expert_blobs, when on the GPU
 
     # -- the decode step, piece by piece --------------------------------------------------------
@@ -230,25 +199,15 @@ class MoEModel:
         if self._graphs is None:
             h = self.attention(layer, h, pos)
             return (h, *self.route_with_probs(layer, h))
-        g = self._graphs
-        if h is not g.h_in:                # an ExpertGraphs combine leaves h in place already
-            g.h_in.copy_(h)
-        g.graphs[layer].replay()
-        g.replays[layer] += 1
-        return g.outputs[layer]
+        return self._graphs.replay(layer, h)
 
     def read_routing(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> tuple[list[int], list[float]]:
         """The routed expert ids and weights of ``layer`` on the host: the one synchronisation a routed
         layer needs. With graphs, ids, weights and the graph's extra output (a live predictor's
         scores, ``graph_extra_host``) come back in one copy of a buffer the graph packed."""
-        g = self._graphs
-        if g is None:
+        if self._graphs is None:
             return ids.reshape(-1).tolist(), weights.reshape(-1).float().tolist()
-        host = g.readouts[layer].cpu().numpy()
-        K = self.config.top_k
-        if g.extra is not None:
-            g.host_extra[layer] = (g.replays[layer], host[2 * K:].reshape(g.extras[layer].shape))
-        return host[:K].astype(np.int64).tolist(), host[K:2 * K].tolist()
+        return self._graphs.read_routing(layer)
 
     def set_position(self, pos: int) -> None:
         """The position of the token about to run (graphs read it from the device)."""
@@ -260,8 +219,8 @@ class MoEModel:
     def graphed(self) -> bool:
         return self._graphs is not None
 
-    def capture_graphs(self, extra: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> bool:
-        """Capture every layer's attention + router as a CUDA graph (see the module docstring). Returns
+    def capture_graphs(self, extra: Extra | None = None) -> bool:
+        """Capture every layer's attention + router as a CUDA graph (``real.graphs``). Returns
         False, capturing nothing, off CUDA or with ``attention_impl="eager"`` (the tests' reference).
 
         ``extra(layer, h)``: more device work on the layer's post-attention residual to run inside the
@@ -273,10 +232,10 @@ class MoEModel:
         if self._graphs is not None and self._graphs.extra == extra:    # bound methods compare by ==
             return True
         self._graphs = self._resident_experts = None     # free the old graphs before capturing new ones
-        self._graphs = _LayerGraphs(self, extra)
+        self._graphs = LayerGraphs(self, extra)
         if self.expert_blobs is not None and self.expert_blobs.device.type == "cuda":
             c = self.config
-            self._resident_experts = ExpertGraphs.capture(self, self.expert_blobs.reshape(
+            self._resident_experts = ExpertGraphs.capture(self, self._graphs, self.expert_blobs.reshape(
                 c.num_layers * c.num_experts, -1))
         return True
 
@@ -285,7 +244,7 @@ class MoEModel:
         captured now; None without layer graphs or when there would be too many graphs to capture."""
         if self._graphs is None:
             return None
-        return ExpertGraphs.capture(self, blobs)
+        return ExpertGraphs.capture(self, self._graphs, blobs)
 
     def drop_resident_experts(self) -> None:
         """``expert_blobs`` is about to go (an engine took the experts): forget graphs that read it."""
@@ -301,11 +260,9 @@ class MoEModel:
     def graph_extra_host(self, layer: int) -> np.ndarray:
         """``graph_extra(layer)`` on the host: the copy ``read_routing`` brought back with the routing
         of the latest replay, or (if routing was not read since) a copy made now."""
-        g = self._graphs
-        cached = g.host_extra[layer] if g is not None else None
-        if cached is not None and cached[0] == g.replays[layer]:
-            return cached[1]
-        return self.graph_extra(layer).cpu().numpy()
+        if self._graphs is None or self._graphs.extra is None:
+            raise RuntimeError("graph_extra_host: no graphs with an extra output were captured")
+        return self._graphs.extra_host(layer)
 
     def _attention_graphable(self, layer: int, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """``attention`` with the position as a device tensor (shape [1]) and no host-side shapes."""
@@ -404,169 +361,13 @@ class MoEModel:
     def final(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(h, self.final_norm, self.config.rms_norm_eps), self.lm_head)   # [1, V]
 
-    # -- whole steps ---------------------------------------------------------------------------------
+    # -- whole steps: the fully-resident reference (real.resident) ----------------------------------
     def decode_step(self, token_id: int, pos: int, blob_of: BlobOf | None = None,
                     record: list[LayerRecord] | None = None) -> torch.Tensor:
-        """Logits [1, V] after the token at ``pos``; appends one ``LayerRecord`` per layer to ``record``."""
-        self.set_position(pos)
-        h = self.embed(token_id)
-        E = self.config.num_experts
-        graphs = self._resident_experts if blob_of is None else None
-        for layer in range(self.config.num_layers):
-            h, x, ids, weights, probs = self.attention_route(layer, h, pos)
-            if record is not None:
-                record.append(LayerRecord(ids.reshape(-1), weights.reshape(-1), probs.reshape(-1), x.reshape(-1)))
-            if graphs is not None and graphs.layers is self._graphs:
-                for i, e in enumerate(self.read_routing(layer, ids, weights)[0]):
-                    graphs.expert(layer * E + e, i)
-                h = graphs.combine(layer)
-            else:
-                h = self.moe(layer, h, x, ids, weights, blob_of)
-        return self.final(h)
+        """``real.resident.decode_step`` on this model: logits [1, V] after the token at ``pos``."""
+        return resident.decode_step(self, token_id, pos, blob_of, record)
 
     def generate_greedy(self, prompt_ids: Sequence[int], max_new_tokens: int, blob_of: BlobOf | None = None,
                         record: list[list[LayerRecord]] | None = None) -> list[int]:
-        """Greedy continuation of ``prompt_ids`` (a new request: the cache is reset); returns the
-        ``max_new_tokens`` new tokens. The prompt runs token by token; ``record`` gets one list of
-        ``LayerRecord`` per step (prompt steps included)."""
-        if not prompt_ids:
-            raise ValueError("generate_greedy needs at least one prompt token")
-        if len(prompt_ids) + max_new_tokens - 1 > self.max_len:
-            raise ValueError(f"{len(prompt_ids)} prompt + {max_new_tokens} new tokens exceed max_len="
-                             f"{self.max_len}; build the model with a larger max_len")
-        self.reset()
-
-        def step(token: int, pos: int) -> torch.Tensor:
-            layers = None if record is None else []
-            logits = self.decode_step(token, pos, blob_of, layers)
-            if record is not None:
-                record.append(layers)
-            return logits
-
-        for pos, token in enumerate(prompt_ids):
-            logits = step(int(token), pos)
-        out: list[int] = []
-        for i in range(max_new_tokens):
-            out.append(int(logits.argmax(dim=-1)[0]))
-            if i + 1 < max_new_tokens:
-                logits = step(out[-1], len(prompt_ids) + i)
-        return out
-
-
-class _LayerGraphs:
-    """One CUDA graph per layer for attention + router, sharing one input buffer and the position."""
-
-    @torch.no_grad()
-    def __init__(self, model: MoEModel, extra=None):
-        device = model.device
-        self.extra = extra
-        self.extras: list[torch.Tensor | None] = []
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.h_in = torch.zeros((1, model.config.hidden_size), dtype=model.dtype, device=device)
-        # Every layer's expert input x also lands here, so one expert graph per weight blob serves any layer.
-        self.x_shared = torch.zeros_like(self.h_in)
-        self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.outputs: list[tuple[torch.Tensor, ...]] = []
-        # What the host reads after each layer, packed by the graph into one float32 buffer: ids (exact
-        # in float32), weights, then the extra output. One device-to-host copy, one synchronisation.
-        self.readouts: list[torch.Tensor] = []
-        L = model.config.num_layers
-        self.replays = [0] * L                          # replays per layer, to tell a host copy is current
-        self.host_extra: list[tuple[int, np.ndarray] | None] = [None] * L
-        saved = model.kv_cache.clone()
-        pool = None
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for layer in range(model.config.num_layers):
-                for _ in range(2):          # warm-up: kernels chosen and workspaces allocated before capture
-                    h = model._attention_graphable(layer, self.h_in, self.pos)
-                    if extra is not None:
-                        extra(layer, h)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    h = model._attention_graphable(layer, self.h_in, self.pos)
-                    out = (h, *model.route_with_probs(layer, h))
-                    self.x_shared.copy_(out[1])
-                    extra_out = None if extra is None else extra(layer, h)
-                    parts = [out[2].reshape(-1).float(), out[3].reshape(-1).float()]
-                    if extra_out is not None:
-                        parts.append(extra_out.reshape(-1).float())
-                    readout = torch.cat(parts)
-                pool = graph.pool()
-                self.graphs.append(graph)
-                self.outputs.append(out)
-                self.extras.append(extra_out)
-                self.readouts.append(readout)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        model.kv_cache.copy_(saved)          # warm-up and capture wrote position 0
-
-
-class ExpertGraphs:
-    """A layer's experts and its combine as CUDA graphs, over a fixed set of expert weight blobs [N, blob]
-    (an engine's slots, or a resident model's experts). Graph (n, i) runs the expert whose weights are
-    ``blobs[n]`` on the layer's normalised input and leaves the result in output position i (the i-th
-    expert in router order); the combine graph of a layer adds the weighted outputs to the residual in
-    ascending expert id, exactly as ``MoEModel.combine`` does, and leaves the sum in the layer graphs'
-    input buffer, where the next layer's graph reads it. The combine reads the router's own ids and
-    weights from the layer graph, so it serves only when the routed experts are the ones that ran
-    (an engine with forced routing or lossy substitution combines eagerly from ``out``)."""
-
-    MAX_GRAPHS = 4096           # above this, capture time and graph memory outweigh the launch savings
-
-    def __init__(self, layers: "_LayerGraphs", out: torch.Tensor, experts: list, combines: list):
-        self.layers = layers    # the layer graphs these read from and write to (stale once recaptured)
-        self.out = out          # [K, 1, H] expert outputs by top-k position
-        self._experts = experts
-        self._combines = combines
-
-    @classmethod
-    @torch.no_grad()
-    def capture(cls, model: MoEModel, blobs: torch.Tensor) -> "ExpertGraphs | None":
-        g = model._graphs
-        c = model.config
-        K, H = c.top_k, c.hidden_size
-        if g is None or len(blobs) * K + c.num_layers > cls.MAX_GRAPHS or os.environ.get(DISABLE_ENV) == "0":
-            return None
-        device = model.device
-        out = torch.zeros((K, 1, H), dtype=model.dtype, device=device)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        pool = None
-        experts, combines = [], []
-        with torch.cuda.stream(stream):
-            model.expert(g.x_shared, blobs[0])          # warm-up: kernels chosen, workspace allocated
-            for n in range(len(blobs)):
-                row = []
-                for i in range(K):
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        out[i].copy_(model.expert(g.x_shared, blobs[n]))
-                    pool = graph.pool()
-                    row.append(graph)
-                experts.append(row)
-            for layer in range(c.num_layers):
-                h, x, ids, weights, _ = g.outputs[layer]
-                for warm in (True, False):
-                    graph = None if warm else torch.cuda.CUDAGraph()
-                    ctx = torch.cuda.graph(graph, pool=pool, stream=stream) if graph is not None else nullcontext()
-                    with ctx:
-                        order = torch.argsort(ids.reshape(-1))          # ascending expert id, on the device
-                        w = weights.reshape(-1)
-                        terms = ((out.index_select(0, at).reshape(1, H), w.index_select(0, at))
-                                 for at in (order[j:j + 1] for j in range(K)))
-                        g.h_in.copy_(model.weighted_sum(layer, h, x, terms))
-                    if graph is not None:
-                        pool = graph.pool()
-                        combines.append(graph)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        return cls(g, out, experts, combines)
-
-    def expert(self, n: int, i: int) -> None:
-        """Run the expert in blob ``n`` on the current layer's input, into ``out[i]``."""
-        self._experts[n][i].replay()
-
-    def combine(self, layer: int) -> torch.Tensor:
-        """The residual after ``layer``'s MoE (the layer graphs' input buffer), from ``out``."""
-        self._combines[layer].replay()
-        return self.layers.h_in
+        """``real.resident.generate_greedy`` on this model: ``max_new_tokens`` greedy new tokens."""
+        return resident.generate_greedy(self, prompt_ids, max_new_tokens, blob_of, record)

@@ -19,41 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from offload.policy import LayerAccess
+from real.predictor_inputs import FrozenRouters, previous_token_states
 
 if TYPE_CHECKING:
     from real.lookahead_gate import LookaheadGate
     from real.model import MoEModel
 
 TRACK_CHUNK = 1024   # tokens per batch when computing tracks and default vectors
-
-
-class FrozenRouters:
-    """Every layer's router with its MoE norm folded in, float32, on the model's device."""
-
-    def __init__(self, model: "MoEModel"):
-        c = model.config
-        self.num_layers, self.num_experts, self.top_k = c.num_layers, c.num_experts, c.top_k
-        self.eps = c.rms_norm_eps
-        self.norm_topk_prob = c.norm_topk_prob
-        norms = torch.stack([layer.moe_norm for layer in model.layers]).float()          # [L, H]
-        routers = torch.stack([layer.router for layer in model.layers]).float()          # [L, E, H]
-        self.folded = routers * norms[:, None, :]                                        # [L, E, H]
-
-    def unit(self, h: torch.Tensor) -> torch.Tensor:
-        """h / rms(h) in float32: what every layer's norm sees before its own weight."""
-        hf = h.float()
-        return hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps)
-
-    def logits(self, target: int, h: torch.Tensor) -> torch.Tensor:
-        """router_target(norm_target(h)) for h [B, H] -> [B, E]."""
-        return self.unit(h) @ self.folded[target].T
-
-    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top-k ids [B, K] and the weights [B, K] the model would apply, from router logits [B, E]."""
-        weights, ids = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return ids, weights
 
 
 class HiddenStatePredictor:
@@ -220,7 +192,6 @@ class LookaheadGatePredictor(HiddenStatePredictor):
 
     def _chunk_started(self, hs: torch.Tensor, start: int, stop: int, device) -> None:
         if self.gate.context:
-            from real.lookahead_gate import previous_token_states
             rows = torch.arange(start, stop)
             self._prev = previous_token_states(hs, rows, self.window).to(device=device, dtype=torch.float32)
 
