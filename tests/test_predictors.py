@@ -21,6 +21,7 @@ from real.predictors import (FrozenRouters, LookaheadGatePredictor, PreGate, Qua
                              kl_to_router, track_recall)
 from real.record import routing_trace
 from real.shape_model import shape_config
+from real.tracks import text_recall
 from traces import DEFAULT_TRACE, ModelShape, load_trace, save_trace
 
 SHAPE = ModelShape("tiny-moe", num_layers=5, num_experts=8, top_k=2, hidden_size=32,
@@ -149,11 +150,11 @@ def test_text_recall_scores_against_each_layers_own_router(world):
     pre = {"pregate": PreGate(model, DEPTH)}
     # The same residual at every layer: the pre-gate *is* each later layer's router, so recall is exact.
     same = np.repeat(trace.hidden_states[:, :1], SHAPE.num_layers, axis=1)
-    rows = make_tracks.text_recall(pre, same, DEPTH, "same")
+    rows = text_recall(pre, same, DEPTH, "same")
     assert [r["recall"] for r in rows] == [1.0] * DEPTH and all(r["tokens"] == len(same) for r in rows)
     # On the engine's residuals the routing it derives is the recorded one, so recall matches track_recall
     # (up to a near-tie or two: the trace stores h in float16, the engine routed on float32).
-    rows = make_tracks.text_recall(pre, trace.hidden_states, DEPTH, "recorded")
+    rows = text_recall(pre, trace.hidden_states, DEPTH, "recorded")
     want = track_recall(pre["pregate"].track(trace.hidden_states), trace.experts)
     np.testing.assert_allclose([r["recall"] for r in rows], want, atol=1e-3)
     assert max(want) < 1.0
