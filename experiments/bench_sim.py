@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = RunSettings(cache_slots=slots)
         best = None
         for _ in range(args.repeat):
-            r = simulate(trace, resolve_policy(policy), hardware, settings, train_trace=train)
+            r = simulate(trace, resolve_policy(policy), hardware, settings, train_trace=train, path="reference")
             best = r if best is None or r.wall_s < best.wall_s else best
         m = best.metrics
         print(f"{policy:>10} {slots:>5} {m['hit_rate']:8.3f} {m['copies'] / steps:11.2f} "
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         policy, slots = args.profile.split(":")
         profiler = cProfile.Profile()
         profiler.enable()
-        simulate(trace, resolve_policy(policy), hardware, RunSettings(cache_slots=int(slots)), train_trace=train)
+        simulate(trace, resolve_policy(policy), hardware, RunSettings(cache_slots=int(slots)), train_trace=train,
+                 path="reference")
         profiler.disable()
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)

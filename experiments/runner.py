@@ -8,24 +8,20 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from experiments.config import ConfigError, RunConfig
+from experiments.config import SWEEP_KEYS, ConfigError, RunConfig
 from experiments.results import config_hash, row_inputs, trace_sha256
 from offload.cache import CacheMode, ExpertCache
 from offload.policy import check_params
 from policies.registry import resolve_policy
 from hardware.profile import HardwareProfile, load_hardware
 from sim.replay import replay_untimed
-from offload.session import RunSettings
+from offload.session import RunSettings, SettingsError
 from sim.simulator import Timeline, simulate
 from traces import Trace, TraceError, load_trace
 
 # The order of a results table's columns: the resolved configuration, what it ran on, the metrics.
-CONFIG_COLUMNS = [
-    "policy", "cache_slots", "cache_mode", "precision", "hardware", "pcie_GBps", "copy_latency_us",
-    "copy_engines", "prefetch_depth", "train_fraction", "max_tokens", "prompt_tokens", "policy_params",
-    "trace",
-]
-RUN_COLUMNS = ["model", "expert_bytes", "trace_sha256", "hardware_sha256", "policy_sha256", "code_sha256",
+CONFIG_COLUMNS = [*(k for k in SWEEP_KEYS if k != "trace"), "policy_params", "trace"]
+RUN_COLUMNS = ["model", "sim_path_ran", "expert_bytes", "trace_sha256", "hardware_sha256", "policy_sha256", "code_sha256",
                "train_tokens", "trace_tokens", "trace_requests"]
 METRIC_COLUMNS = [
     "tokens_per_s", "hit_rate", "belady_hit_fraction", "belady_hits", "tokens", "decode_s",
@@ -100,13 +96,15 @@ def run_config(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     inputs = row_inputs(cfg)        # before the run: the row is keyed by what it was computed from
     train, run = trace_slices(cfg)
     shape = run.model
-    result = simulate(run, resolve_policy(cfg.policy), hardware_for(cfg), _settings(cfg), train_trace=train)
+    result = simulate(run, resolve_policy(cfg.policy), hardware_for(cfg), _settings(cfg), train_trace=train,
+                      path=cfg.sim_path)
     bound = belady_hits(cfg)
     h = config_hash(cfg, inputs)
     row = cfg.to_dict()
     row["policy_params"] = json.dumps(row["policy_params"], sort_keys=True)
     row.update(
         model=shape.name,
+        sim_path_ran=result.path,
         expert_bytes=shape.expert_bytes(cfg.precision),
         **inputs,
         train_tokens=train.num_tokens if train is not None else 0,
@@ -117,7 +115,7 @@ def run_config(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         belady_hit_fraction=result.metrics["hits"] / bound if bound else None,
         config_hash=h,
     )
-    perf = {"config_hash": h, "wall_s": result.wall_s, "layer_steps": result.layer_steps,
+    perf = {"config_hash": h, "sim_path_ran": result.path, "wall_s": result.wall_s, "layer_steps": result.layer_steps,
             "sim_layer_steps_per_wall_s": result.layer_steps_per_wall_s}
     return row, perf
 
@@ -152,6 +150,13 @@ def validate_grid(configs: list[RunConfig]) -> None:
         except ValueError:
             raise ConfigError(f"cache_mode={cfg.cache_mode!r} is not valid; "
                               f"use one of {[m.value for m in CacheMode]}") from None
+        if cfg.sim_path not in ("auto", "reference"):
+            raise ConfigError(f"sim_path={cfg.sim_path!r} is not valid; use auto (the exact fast path where "
+                              f"one exists) or reference (always SimPy)")
+        try:
+            _settings(cfg)
+        except SettingsError as err:
+            raise ConfigError(str(err)) from None
         try:
             train, run = trace_slices(cfg)
         except (ConfigError, TraceError):

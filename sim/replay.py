@@ -56,9 +56,15 @@ class _Instant:
 
 
 def replay_untimed(trace: Trace, policy_cls: type[Policy], settings: RunSettings,
-                   train_trace: Trace | None = None) -> OffloadStats:
+                   train_trace: Trace | None = None, path: str = "auto") -> OffloadStats:
     """The controller's counts for ``policy_cls`` on ``trace`` with instant copies. No hardware, so
-    predictive policies run without a depth limit."""
+    predictive policies run without a depth limit. ``path``: as in ``sim.simulator.simulate``
+    (``auto`` takes a compiled kernel where the policy has one; ``reference`` forces this walk)."""
+    if path != "reference":
+        from sim.fast_path import fast_replay_untimed
+        stats = fast_replay_untimed(trace, policy_cls, settings, train_trace)
+        if stats is not None:
+            return stats
     predictor = predictor_for(policy_cls, settings.policy_params, settings.prefetch_depth, trace=trace)
     session = open_session(trace.model, policy_cls, settings, expert_bytes=1, trace=trace,
                            train_trace=train_trace, predictor=predictor)

@@ -69,6 +69,7 @@ class SimResult:
     wall_s: float                     # the simulator's own speed, kept out of ``metrics``
     layer_steps: int
     timeline: Timeline | None = None
+    path: str = "reference"           # which model ran: "reference" (SimPy) or "fast" (sim.fast_path)
 
     @property
     def layer_steps_per_wall_s(self) -> float:
@@ -228,15 +229,37 @@ class _SimClock:
         self.env.run(until=decode)
 
 
+SIM_PATHS = ("auto", "reference", "fast")
+
+
 def simulate(trace: Trace, policy_cls: type[Policy], hardware: HardwareProfile, settings: RunSettings,
-             train_trace: Trace | None = None, record_timeline: bool = False) -> SimResult:
+             train_trace: Trace | None = None, record_timeline: bool = False,
+             path: str = "auto") -> SimResult:
     """Replay ``trace`` under ``policy_cls`` on ``hardware``; returns metrics (``offload.metrics``)
-    and, on request, the event timeline."""
+    and, on request, the event timeline.
+
+    ``path``: ``auto`` takes the exact fast path (``sim.fast_path``: compiled hit/miss kernel and
+    closed-form timing) where one exists for the policy and no timeline is asked for, else the SimPy
+    reference; ``reference`` forces SimPy; ``fast`` demands the fast path (ValueError where there is
+    none). Both give identical results (``tests/test_fast_path.py``); ``SimResult.path`` says which ran.
+    """
+    if path not in SIM_PATHS:
+        raise ValueError(f"sim_path={path!r}; use one of {list(SIM_PATHS)}")
     wall_start = time.perf_counter()
+    if path != "reference" and not record_timeline:
+        from sim.fast_path import fast_simulate    # numba's import is paid only by runs that use it
+        fast = fast_simulate(trace, policy_cls, hardware, settings, train_trace)
+        if fast is not None:
+            return SimResult(fast.metrics, fast.stats, fast.token_ns, time.perf_counter() - wall_start,
+                             fast.layer_steps, None, "fast")
+    if path == "fast":
+        raise ValueError(f"policy {policy_cls.__name__} has no fast path{' with a timeline' if record_timeline else ''} "
+                         f"(kernels exist for the built-in lru, lfu, fifo, static and belady without "
+                         f"parameters); use sim_path=auto or reference")
     clock = _SimClock(trace, policy_cls, hardware, settings, train_trace, record_timeline)
     clock.run()
     wall_s = time.perf_counter() - wall_start
     metrics = run_metrics(clock.token_ns, clock.ctrl.stats, link_busy_ns=clock.copy_busy_ns,
                           copy_engines=clock.copy_engines, stall_ns=clock.stall_ns)
     return SimResult(metrics, clock.ctrl.stats, clock.token_ns, wall_s,
-                     trace.num_tokens * trace.num_layers, clock.timeline)
+                     trace.num_tokens * trace.num_layers, clock.timeline, "reference")

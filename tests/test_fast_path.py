@@ -31,13 +31,13 @@ PROFILES = {name: load_hardware(name) for name in ("h100-pcie5", "a100-pcie4", "
 def assert_same_as_reference(trace, policy, hardware, run_settings, train):
     """Both paths on one configuration: everything the simulator and the replay report must agree."""
     fast = fast_simulate(trace, policy, hardware, run_settings, train)
-    ref = simulate(trace, resolve_policy(policy), hardware, run_settings, train_trace=train)
+    ref = simulate(trace, resolve_policy(policy), hardware, run_settings, train_trace=train, path="reference")
     assert fast.stats == ref.stats
     assert fast.token_ns == ref.token_ns
     assert fast.metrics == ref.metrics
     assert fast.layer_steps == ref.layer_steps
     assert fast_replay_untimed(trace, policy, run_settings, train) == replay_untimed(
-        trace, resolve_policy(policy), run_settings, train)
+        trace, resolve_policy(policy), run_settings, train, path="reference")
 
 
 @st.composite

@@ -51,7 +51,7 @@ def test_same_config_gives_a_byte_identical_row(trace_path, tmp_path):
     h = first["config_hash"]
     assert a.row_path(h).read_bytes() == b.row_path(h).read_bytes()
     assert set(first) == set(ROW_COLUMNS)
-    assert set(perf) == {"config_hash", "wall_s", "layer_steps", "sim_layer_steps_per_wall_s"}
+    assert set(perf) == {"config_hash", "sim_path_ran", "wall_s", "layer_steps", "sim_layer_steps_per_wall_s"}
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "a").rglob("*"))
 
 

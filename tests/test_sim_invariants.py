@@ -53,8 +53,9 @@ def scenarios(draw, policies=ALL):
 
 def run(trace, policy, hardware=H100, settings=None, record=True):
     settings = settings or RunSettings(cache_slots=trace.model.top_k)
+    # The invariants are the SimPy reference's; the fast path is held to it by tests/test_fast_path.py.
     return simulate(trace, resolve_policy(policy), hardware, settings, train_trace=trace,
-                    record_timeline=record)
+                    record_timeline=record, path="reference")
 
 
 @given(scenarios())
@@ -125,7 +126,7 @@ def test_on_demand_hits_do_not_depend_on_the_clock(scenario):
     """The SimPy clock and the untimed replay drive the same controller: same hits."""
     trace, policy, hardware, settings = scenario
     timed = run(trace, policy, hardware, settings, record=False).stats
-    untimed = replay_untimed(trace, resolve_policy(policy), settings, train_trace=trace)
+    untimed = replay_untimed(trace, resolve_policy(policy), settings, train_trace=trace, path="reference")
     assert (timed.hits, timed.misses, timed.copies) == (untimed.hits, untimed.misses, untimed.copies)
 
 
@@ -163,7 +164,9 @@ def brute_force_max_hits(steps: list[set[int]], slots: int) -> int:
 def test_belady_equals_brute_force_optimum_on_tiny_traces(trace, data):
     slots = data.draw(st.integers(trace.model.top_k, trace.num_experts))
     steps = [set(map(int, trace.experts[t, 0])) for t in range(trace.num_tokens)]
-    assert replay_untimed(trace, resolve_policy("belady"), RunSettings(slots)).hits == brute_force_max_hits(steps, slots)
+    for path in ("reference", "auto"):       # the SimPy walk and the compiled kernel
+        assert replay_untimed(trace, resolve_policy("belady"), RunSettings(slots), path=path).hits == \
+            brute_force_max_hits(steps, slots)
 
 
 def reference_lru_hits(trace, slots: int) -> int:
@@ -189,7 +192,9 @@ def reference_lru_hits(trace, slots: int) -> int:
 @given(traces(), st.data())
 def test_lru_matches_reference_implementation(trace, data):
     slots = data.draw(st.integers(trace.model.top_k, trace.num_experts))
-    assert replay_untimed(trace, resolve_policy("lru"), RunSettings(slots)).hits == reference_lru_hits(trace, slots)
+    for path in ("reference", "auto"):
+        assert replay_untimed(trace, resolve_policy("lru"), RunSettings(slots), path=path).hits == \
+            reference_lru_hits(trace, slots)
     assert run(trace, "lru", settings=RunSettings(cache_slots=slots), record=False).stats.hits == \
         reference_lru_hits(trace, slots)
 

@@ -101,8 +101,9 @@ def _alive(pid: int) -> bool:
 def test_signal_stops_workers_keeps_finished_rows_and_says_how_to_resume(trace_path, tmp_path, signum, whole_group):
     """Ctrl-C signals the whole process group; ``kill PID`` / ``timeout`` only the sweep itself."""
     out = tmp_path / "out"
-    args = [f"trace={trace_path}", "policy=lru,lfu,fifo", "cache_slots=2..8", "--no-plots", "--workers", "2",
-            "--out", out]
+    # The SimPy reference: the fast path would finish every configuration before the signal.
+    args = [f"trace={trace_path}", "policy=lru,lfu,fifo", "cache_slots=2..8", "sim_path=reference", "--no-plots",
+            "--workers", "2", "--out", out]
     proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", *map(str, args)], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
