@@ -33,6 +33,7 @@ import sys
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -46,6 +47,7 @@ from policies.registry import crash_site, resolve_policy
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 TIMELINE_TOKENS = 20
+_WORKER_GRACE_S = 2.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,36 +85,62 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-def _raise_interrupted(signum, frame) -> None:
+class _Writes:
+    """A signal that arrives while a result file is written waits until the write is done, so a row
+    being written is finished, not lost. (Masking the signal would not do: a signal sent to a
+    process goes to any of its threads that does not mask it, and workers run library threads.)"""
+    active = False
+    pending: tuple[Callable[[int], None], int] | None = None
+
+
+def _deferring(action: Callable[[int], None]):
+    def handler(signum, frame) -> None:
+        if _Writes.active:
+            _Writes.pending = (action, signum)
+        else:
+            action(signum)
+    return handler
+
+
+@contextlib.contextmanager
+def _whole_write():
+    _Writes.active = True
+    try:
+        yield
+    finally:
+        _Writes.active = False
+        if _Writes.pending is not None:
+            action, signum = _Writes.pending
+            _Writes.pending = None
+            action(signum)
+
+
+def _raise_interrupted(signum: int) -> None:
     raise Interrupted(signum)
+
+
+def _exit_worker(signum: int) -> None:
+    # Nothing to clean up: a write in progress was finished first (_whole_write).
+    os._exit(128 + signum)
 
 
 @contextlib.contextmanager
 def _stop_on_signals():
     """SIGINT and SIGTERM raise Interrupted in this process while the block runs."""
-    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    handler = _deferring(_raise_interrupted)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """Hold SIGINT and SIGTERM until the block is done: a row being written is finished first."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def _init_worker() -> None:
     # Ctrl-C reaches the whole process group: the sweep stops the workers, they do not stop
-    # themselves (each with a traceback). SIGTERM, which the sweep sends them, just ends them.
+    # themselves (each with a traceback). SIGTERM, which the sweep sends them, ends them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, _deferring(_exit_worker))
 
 
 def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> str | None:
@@ -126,10 +154,10 @@ def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> str | None:
         site = crash_site(resolve_policy(cfg.policy), err)
         what = f"{type(err).__name__}: {' '.join(str(err).split())}"
         report = f"config {h} ({label}) failed at {site}: {what}\n\n{''.join(traceback.format_exception(err))}"
-        with _signals_held():
+        with _whole_write():
             path = store.write_error(cfg, report)
         return f"{what} at {site} (traceback: {path})"
-    with _signals_held():
+    with _whole_write():
         store.write(row, perf)
     return None
 
@@ -174,7 +202,11 @@ def _run_pool(pending, out: Path, workers: int, varying: list[str], report) -> N
         for p in workers_now:
             p.terminate()
         for p in workers_now:
-            p.join()
+            # A worker acts on SIGTERM between Python steps; one stuck in a long compiled kernel is killed.
+            p.join(timeout=_WORKER_GRACE_S)
+            if p.is_alive():
+                p.kill()
+                p.join()
         raise
     pool.shutdown()
 
