@@ -41,6 +41,7 @@ from real.model import MoEModel
 from real.profile_hw import (measure_compute, measure_copies, measure_layer_overhead, measured_profile, profile_name,
                              write_profile)
 from real.shape_model import random_model
+from sim.simulator import simulate
 from traces import DEFAULT_TRACE, TraceError, load_shape, load_trace, save_trace
 from traces.io import atomic_write
 
@@ -105,7 +106,8 @@ def live(args) -> None:
     # 5. Every policy at every cache size: measured in the engine, predicted by the simulator.
     runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy)
     failed = measure_policies(host, shape, name, tracked, train, resident_tokens, runs, hardware, predictors_at,
-                              score_sequences(tok, domains, args.score_seqs, args.score_len), out)
+                              score_sequences(tok, domains, args.score_seqs, args.score_len), out,
+                              lambda cls, settings: simulate(tracked, cls, hardware, settings, train_trace=train))
     if failed:
         raise SystemExit(f"error: policies {', '.join(failed)} failed (tracebacks above); the others are in {out}")
 

@@ -36,6 +36,7 @@ from real.lookahead_gate import LookaheadGate
 from real.model import MoEModel
 from real.predictors import default_vectors
 from real.tracks import compute_tracks, recorded_tokens
+from sim.simulator import simulate
 from traces import TraceError, load_trace
 
 DEFAULT_POLICIES = "lru,lfu,belady,oracle,mixtral-offloading,speculating-experts,speculating-experts-lossy"
@@ -113,7 +114,8 @@ def main(argv=None) -> list[str]:
     tok, domains = load_text(args.model, args.corpus)
     runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy)
     failed = measure_policies(host, shape, args.name, tracked, args.train, reference_tokens, runs, hardware,
-                              predictors_at, score_sequences(tok, domains, args.score_seqs, args.score_len), args.out)
+                              predictors_at, score_sequences(tok, domains, args.score_seqs, args.score_len), args.out,
+                              lambda cls, settings: simulate(tracked, cls, hardware, settings, train_trace=args.train))
     if failed:
         raise SystemExit(f"error: policies {', '.join(failed)} failed (tracebacks above); the others are in {args.out}")
     return failed

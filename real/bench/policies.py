@@ -1,4 +1,4 @@
-"""Every policy at every cache size, measured in the engine and predicted by the simulator on the same
+"""Every policy at every cache size, measured in the engine beside the simulator's prediction of the same
 recorded decode, the same training slice and the same hardware profile; lossy policies also get their
 accuracy cost on held-out text."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,6 @@ from real.bench.table import CsvTable, engine_row, engine_table
 from real.bench.text import decode_mask
 from real.engine import OffloadEngine
 from real.record import routing_trace
-from sim.simulator import simulate
 from traces import ModelShape, Trace, save_trace
 
 SUMMARY_COLUMNS = ["policy", "cache_slots", "tokens_per_s", "sim_tokens_per_s", "hit_rate", "sim_hit_rate", "lossy",
@@ -46,13 +45,21 @@ class PolicyRuns:
         return RunSettings(cache_slots=slots, precision=self.precision, prefetch_depth=self.prefetch_depth)
 
 
+# The simulator's prediction of one run: ``simulate(policy_cls, settings)`` returns an object with
+# ``token_ns`` (per step, ns) and ``metrics["hit_rate"]``, as ``sim.simulator.simulate`` does. It is passed
+# in because real/ never imports sim/: the commands, a floor above both, bind it to the recorded trace,
+# the profile and the training slice.
+Simulate = Callable[[type, RunSettings], Any]
+
+
 def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train: Trace,
                      reference_tokens: list[list[int]], runs: PolicyRuns, hardware: HardwareProfile,
-                     predictors_at: Callable[[int], dict], scored: list[list[int]], out: Path) -> list[str]:
+                     predictors_at: Callable[[int], dict], scored: list[list[int]], out: Path,
+                     simulate: Simulate) -> list[str]:
     """Run ``runs`` on ``host`` (a ``real.model.MoEModel`` with its experts on the host) over
     ``recorded``'s prompts (``real.bench.recording``), with ``recorded`` as the future the bounds read and
-    ``train`` as the slice ``static`` and ``affinity`` learn from, in the engine and in the simulator
-    alike (``recorded`` carries the prediction tracks the simulator replays). Writes, after every size,
+    ``train`` as the slice ``static`` and ``affinity`` learn from; ``simulate`` predicts each run, and must
+    replay ``recorded`` (with its prediction tracks) on ``hardware`` with the same ``train``. Writes, after every size,
     OUT/policies.csv (engine beside simulator), rows to OUT/engine.csv and OUT/correctness.csv (whether a
     run's tokens equal ``reference_tokens``, the fully-on-GPU model's), and the timed run as
     OUT/<name>-<policy>-<slots>-timed.npz. ``scored``: held-out token windows for lossy policies'
@@ -95,7 +102,7 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
             correctness.add({"policy": policy, "cache_slots": slots, "lossless": policy_cls.lossless,
                              "identical_to_fully_on_gpu": identical})
             engines.add(engine_row(name, "live", policy, slots, r.metrics))
-            sim = simulate(recorded, policy_cls, hardware, runs.settings(slots), train_trace=train)
+            sim = simulate(policy_cls, runs.settings(slots))
             sim_decode = tpot_summary(np.asarray(sim.token_ns)[mask])   # the steps the engine timed
             summary.add({"policy": policy, "cache_slots": slots, "tokens_per_s": r.metrics["tokens_per_s"],
                          "sim_tokens_per_s": sim_decode["tokens_per_s"], "hit_rate": r.metrics["hit_rate"],
