@@ -1,12 +1,21 @@
 """CUDA graphs of the decoder (``MoEModel.capture_graphs``, ``MoEModel.expert_graphs``).
 
-At batch 1 a layer's attention and router are some forty small kernels, and launching them one by one
-from Python costs far more than running them (about 0.7 ms a layer on an H100, against microseconds of
-GPU time), which would hide every copy behind host overhead. So on CUDA the attention and router of
-each layer are captured as one graph (``LayerGraphs``): the token's position is a device tensor, the
-key and value are written with ``index_copy_``, and attention reads the whole KV window under a
-position mask. The graph also packs what the host must read after the layer (the routed ids and
-weights, and a live predictor's scores) into one buffer, so that the routing read-back is one copy.
+At batch 1 a layer's attention and router are a few dozen small kernels, and launching them one by
+one from Python costs far more than running them (about 0.7 ms a layer on an H100, against
+microseconds of GPU time), which would hide every copy behind host overhead. So on CUDA the attention
+and router of each layer are captured as graphs (``LayerGraphs``), one per context bucket
+(``MoEModel.context_buckets``): the token's position and the attention mask are device tensors that
+``MoEModel.set_position`` writes once per step, the key and value are written with ``index_copy_``,
+and attention reads the bucket's positions only, so its time grows with the context. Every bucket's
+graph of a layer writes the same static buffers. The graph also packs what the host must read after
+the layer (the routed ids and weights, and a live predictor's scores) into one float32 buffer, so that
+the routing read-back is one copy into page-locked memory and one synchronisation.
+
+The kernels are PyTorch's own: cuBLAS GEMMs (q, k and v in one; gate and up in one), the fused
+RMSNorm, the memory-efficient SDPA kernel. No ``torch.compile``: Dynamo specialises on the layer index
+and the bucket length, so it would compile layers x buckets variants (minutes on the GPU, longer on a
+two-core CPU runner) for elementwise fusions worth a few microseconds a layer; measure first
+(``experiments/bench_layer.py`` counts the kernels).
 
 Routing is data-dependent, so the experts and the combine cannot join that graph; they get graphs of
 their own (``ExpertGraphs``): one per (expert weight blob, top-k position) and one combine per layer,
@@ -33,24 +42,30 @@ Extra = Callable[[int, torch.Tensor], torch.Tensor]   # (layer, post-attention r
 
 
 class LayerGraphs:
-    """One CUDA graph per layer for attention + router, sharing one input buffer and the position."""
+    """Graphs of attention + router: ``graphs[layer][bucket]``, all reading ``h_in`` and writing the
+    layer's static buffers: ``h[layer]`` (the post-attention residual), ``x_shared`` (the layer's
+    normalised expert input; shared by every layer, so one expert graph per weight blob serves any
+    layer) and ``readouts[layer]`` (ids | weights | extra, float32)."""
 
     @torch.no_grad()
     def __init__(self, model: "MoEModel", extra: Extra | None = None):
-        device = model.device
+        c, device = model.config, model.device
+        L, K, H = c.num_layers, c.top_k, c.hidden_size
         self.extra = extra
-        self.extras: list[torch.Tensor | None] = []
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.h_in = torch.zeros((1, model.config.hidden_size), dtype=model.dtype, device=device)
-        # Every layer's expert input x also lands here, so one expert graph per weight blob serves any layer.
+        self.top_k = K
+        self.device = device
+        self.h_in = torch.zeros((1, H), dtype=model.dtype, device=device)
         self.x_shared = torch.zeros_like(self.h_in)
-        self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.outputs: list[tuple[torch.Tensor, ...]] = []
-        # What the host reads after each layer, packed by the graph into one float32 buffer: ids (exact
-        # in float32), weights, then the extra output. One device-to-host copy, one synchronisation.
-        self.readouts: list[torch.Tensor] = []
-        self.top_k = model.config.top_k
-        L = model.config.num_layers
+        self.h = torch.zeros((L, 1, H), dtype=model.dtype, device=device)
+        probe = None if extra is None else extra(0, self.h_in)
+        self.extra_shape = None if probe is None else tuple(probe.shape)
+        width = 2 * K + (0 if probe is None else probe.numel())
+        self.readouts = torch.zeros((L, width), dtype=torch.float32, device=device)
+        # The host's copy: page-locked, so the read-back is a plain asynchronous copy.
+        self._host = torch.empty((L, width), dtype=torch.float32, pin_memory=True)
+        self._host_np = self._host.numpy()
+        self.graphs: list[list[torch.cuda.CUDAGraph]] = []
+        self.outputs: list[list[tuple[torch.Tensor, ...]]] = []     # [layer][bucket]: (h, x, ids, w, probs)
         self.replays = [0] * L                          # replays per layer, to tell a host copy is current
         self.host_extra: list[tuple[int, np.ndarray] | None] = [None] * L
         saved = model.kv_cache.clone()
@@ -59,45 +74,54 @@ class LayerGraphs:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for layer in range(L):
-                for _ in range(2):          # warm-up: kernels chosen and workspaces allocated before capture
-                    h = model._attention_graphable(layer, self.h_in, self.pos)
-                    if extra is not None:
-                        extra(layer, h)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    h = model._attention_graphable(layer, self.h_in, self.pos)
-                    out = (h, *model.route_with_probs(layer, h))
-                    self.x_shared.copy_(out[1])
-                    extra_out = None if extra is None else extra(layer, h)
-                    parts = [out[2].reshape(-1).float(), out[3].reshape(-1).float()]
-                    if extra_out is not None:
-                        parts.append(extra_out.reshape(-1).float())
-                    readout = torch.cat(parts)
-                pool = graph.pool()
-                self.graphs.append(graph)
-                self.outputs.append(out)
-                self.extras.append(extra_out)
-                self.readouts.append(readout)
+                graphs, outputs = [], []
+                for length in model.context_buckets:
+                    for _ in range(2):      # warm-up: kernels chosen and workspaces allocated before capture
+                        self._body(model, layer, length)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        ids, weights, probs = self._body(model, layer, length)
+                    pool = graph.pool()
+                    graphs.append(graph)
+                    outputs.append((self.h[layer], self.x_shared, ids, weights, probs))
+                self.graphs.append(graphs)
+                self.outputs.append(outputs)
         torch.cuda.current_stream(device).wait_stream(stream)
-        model.kv_cache.copy_(saved)          # warm-up and capture wrote position 0
+        model.kv_cache.copy_(saved)          # warm-up and capture wrote the current position
 
-    def replay(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Layer ``layer``'s attention + router on ``h`` [1, H]: its static outputs (h, x, ids, weights,
-        probs), valid until the same layer replays again."""
+    def _body(self, model: "MoEModel", layer: int, length: int):
+        """What one graph runs; returns the router's ids, weights and probs (the graph's own buffers)."""
+        h = model.attention_at(layer, self.h_in, length, out=self.h[layer])
+        x, ids, weights, probs = model.route_with_probs(layer, h)
+        self.x_shared.copy_(x)
+        parts = [ids.reshape(-1), weights.reshape(-1)]
+        if self.extra is not None:
+            parts.append(self.extra(layer, h).reshape(-1))
+        torch.cat(parts, out=self.readouts[layer])
+        return ids, weights, probs
+
+    def replay(self, layer: int, bucket: int, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Layer ``layer``'s attention + router on ``h`` [1, H] over context bucket ``bucket``: the
+        static outputs (h, x, ids, weights, probs)."""
         if h is not self.h_in:                # an ExpertGraphs combine leaves h in place already
             self.h_in.copy_(h)
-        self.graphs[layer].replay()
+        self.graphs[layer][bucket].replay()
         self.replays[layer] += 1
-        return self.outputs[layer]
+        return self.outputs[layer][bucket]
 
     def read_routing(self, layer: int) -> tuple[list[int], list[float]]:
         """The routed ids and weights of the latest replay of ``layer`` on the host (one copy, one
         synchronisation); the extra output of the same replay is kept for ``extra_host``."""
-        host = self.readouts[layer].cpu().numpy()
-        K = self.top_k
-        if self.extra is not None:
-            self.host_extra[layer] = (self.replays[layer], host[2 * K:].reshape(self.extras[layer].shape))
+        self._host[layer].copy_(self.readouts[layer], non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        host, K = self._host_np[layer], self.top_k
+        if self.extra is not None:     # a copy: the row is overwritten when the layer is read again
+            self.host_extra[layer] = (self.replays[layer], host[2 * K:].reshape(self.extra_shape).copy())
         return host[:K].astype(np.int64).tolist(), host[K:2 * K].tolist()
+
+    def extra_view(self, layer: int) -> torch.Tensor:
+        """The extra output of ``layer``'s latest replay, on the device (a view of its readout)."""
+        return self.readouts[layer, 2 * self.top_k:].view(self.extra_shape)
 
     def extra_host(self, layer: int) -> np.ndarray:
         """The extra output of ``layer``'s latest replay on the host: the copy ``read_routing`` brought
@@ -105,18 +129,18 @@ class LayerGraphs:
         cached = self.host_extra[layer]
         if cached is not None and cached[0] == self.replays[layer]:
             return cached[1]
-        return self.extras[layer].cpu().numpy()
+        return self.extra_view(layer).cpu().numpy()
 
 
 class ExpertGraphs:
     """A layer's experts and its combine as CUDA graphs, over a fixed set of expert weight blobs [N, blob]
     (an engine's slots, or a resident model's experts). Graph (n, i) runs the expert whose weights are
     ``blobs[n]`` on the layer's normalised input and leaves the result in output position i (the i-th
-    expert in router order); the combine graph of a layer adds the weighted outputs to the residual in
-    ascending expert id, exactly as ``MoEModel.combine`` does, and leaves the sum in the layer graphs'
-    input buffer, where the next layer's graph reads it. The combine reads the router's own ids and
-    weights from the layer graph, so it serves only when the routed experts are the ones that ran
-    (an engine with forced routing or lossy substitution combines eagerly from ``out``)."""
+    expert in router order); the combine graph of a layer applies ``MoEModel.weighted_sum`` to the
+    outputs with the router's ids and weights from the layer's readout, and leaves the sum in the layer
+    graphs' input buffer, where the next layer's graph reads it. So it serves only when the routed
+    experts are the ones that ran (an engine with forced routing or lossy substitution combines
+    eagerly from ``out``)."""
 
     MAX_GRAPHS = 4096           # above this, capture time and graph memory outweigh the launch savings
 
@@ -142,27 +166,25 @@ class ExpertGraphs:
         pool = None
         experts, combines = [], []
         with torch.cuda.stream(stream):
-            model.expert(g.x_shared, blobs[0])          # warm-up: kernels chosen, workspace allocated
+            model.expert(g.x_shared, blobs[0], out=out[0])     # warm-up: kernels chosen, workspace allocated
             for n in range(len(blobs)):
                 row = []
                 for i in range(K):
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        out[i].copy_(model.expert(g.x_shared, blobs[n]))
+                        model.expert(g.x_shared, blobs[n], out=out[i])
                     pool = graph.pool()
                     row.append(graph)
                 experts.append(row)
             for layer in range(c.num_layers):
-                h, x, ids, weights, _ = g.outputs[layer]
+                readout = g.readouts[layer]
                 for warm in (True, False):
                     graph = None if warm else torch.cuda.CUDAGraph()
                     ctx = torch.cuda.graph(graph, pool=pool, stream=stream) if graph is not None else nullcontext()
                     with ctx:
-                        order = torch.argsort(ids.reshape(-1))          # ascending expert id, on the device
-                        w = weights.reshape(-1)
-                        terms = ((out.index_select(0, at).reshape(1, H), w.index_select(0, at))
-                                 for at in (order[j:j + 1] for j in range(K)))
-                        g.h_in.copy_(model.weighted_sum(layer, h, x, terms))
+                        # ascending expert id; ids are exact in float32
+                        order = torch.argsort(readout[:K]) if K > 2 else range(K)
+                        model.weighted_sum(layer, g.h[layer], g.x_shared, out, readout[K:2 * K], order, out=g.h_in)
                     if graph is not None:
                         pool = graph.pool()
                         combines.append(graph)

@@ -1,6 +1,6 @@
 """A compact batch-1 greedy decoder for the MoE families ``real.checkpoint`` loads (Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE), in plain eager PyTorch, checked against Hugging Face's forward by
-``tests/test_real_model.py``.
+Qwen3-MoE, OLMoE), in plain PyTorch, checked against Hugging Face's forward by
+``tests/test_real_model.py``: the decoder's arithmetic, layer by layer.
 
 Why not Hugging Face's own forward: its per-layer overhead (masks, caches, output capturing, grouped
 expert dispatch) costs several milliseconds per layer per token, which would drown the copy and compute
@@ -10,18 +10,35 @@ The step is split where an offloading engine needs to interpose: ``attention`` -
 router's choice, still on the device) -> the engine makes the chosen experts resident -> ``expert`` on
 each blob -> ``combine``. Every expert lives in one row of ``expert_blobs`` [L, E, 3*I*H] =
 gate [I, H] | up [I, H] | down [H, I], so one expert is one contiguous copy; gate and up are adjacent
-and form the [2I, H] matrix of one matmul, exactly as transformers' fused experts do.
+and form the [2I, H] matrix of one matmul, exactly as transformers' fused experts do; q, k and v are
+one matmul too.
 
-Numerics follow transformers' eager modules: RMSNorm in float32 then cast back before the weight; RoPE
-tables computed in float32 and cast to the model dtype; router softmax in float32 and ``torch.topk``
-order; Mixtral keeps the routing weights in float32 (so expert output x weight is rounded once, from
-float32), the other families cast them to the model dtype; expert outputs are summed in ascending
-expert id, as transformers' per-expert loop does.
+Numerics follow transformers' eager modules: RoPE tables computed in float32 and cast to the model
+dtype; router softmax in float32 and ``torch.topk`` order; Mixtral keeps the routing weights in
+float32 (so expert output x weight is rounded once, from float32), the other families cast them to
+the model dtype; expert outputs are summed in ascending expert id, each term rounded, as
+transformers' per-expert loop does. ``attention_impl="eager"`` is transformers' arithmetic bit for bit
+(RMSNorm in float32 cast back before the weight, attention scores in the model dtype): the tests'
+reference. The fast implementations round twice less: RMSNorm is torch's fused kernel (normalised and
+weighted in float32, rounded once) and attention is one SDPA kernel.
+
+Attention, three ways (``attention_impl``):
+
+- ``"sdpa"`` (default): on CUDA graphs, attention reads only the first ``bucket`` positions of the KV
+  cache, the smallest of ``context_buckets`` (powers of two from 64, then ``max_len``) that holds the
+  context, under an additive position mask; one graph per (layer, bucket), so its time grows with the
+  context and it runs PyTorch's memory-efficient SDPA kernel (flash takes no mask). Without graphs
+  it reads exactly positions ``0..pos`` (or the sliding window).
+- ``"masked_window"``: the graphs before issue 13, kept as the benchmark's baseline
+  (``experiments/bench_layer.py``): every position of the cache under a boolean mask built in the
+  graph, in a layout that sends SDPA to its math fallback on CUDA.
+- ``"eager"``: transformers' arithmetic; never captured.
 
 What sits around this module: ``real.graphs`` captures these same functions as CUDA graphs (attention
-+ router per layer, experts and combine), and ``real.resident`` is the fully-resident reference
-decode loop (``decode_step``, ``generate_greedy``) and ``quiet_gc``. Every path (the resident model,
-the offloaded engine at any cache size) runs the same kernels, so their tokens are bit-identical.
++ router per layer and bucket, experts, combine), and ``real.resident`` is the fully-resident
+reference decode loop (``decode_step``, ``generate_greedy``) and ``quiet_gc``. Every path (the
+resident model, the offloaded engine at any cache size) runs the same kernels, so their tokens are
+bit-identical.
 """
 from __future__ import annotations
 
@@ -42,6 +59,8 @@ __all__ = ["BlobOf", "LayerRecord", "MoEModel", "quiet_gc", "rms_norm", "unpack_
 
 BlobOf = Callable[[int, int], torch.Tensor]   # (layer, expert) -> that expert's blob on the compute device
 DEFAULT_MAX_LEN = 4096
+ATTENTION_IMPLS = ("sdpa", "masked_window", "eager")
+SMALLEST_BUCKET = 64          # positions; a multiple of 16, as the memory-efficient kernel wants its mask
 
 
 @dataclass
@@ -59,14 +78,36 @@ class _Layer:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: normalised in float32, rounded to x's dtype, then weighted."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as one kernel on CUDA (torch's fused RMSNorm): normalised and weighted in float32 and
+    rounded once, where ``rms_norm`` takes some eight kernels and rounds twice."""
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+def rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of rows x [N, D] with ``table`` [..., 2, D] = (cos, sin with its first half
+    negated). transformers' x*cos + rotate_half(x)*sin, bit for bit: rotate_half(x) = (-x2, x1) and
+    roll(x) = (x2, x1) differ only in a sign that the table carries, and a sign flip is exact."""
+    cos, sin = table.unbind(-2)
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def context_buckets(max_len: int, attention_impl: str) -> tuple[int, ...]:
+    """The KV lengths the graphs attend over: powers of two from ``SMALLEST_BUCKET`` below ``max_len``,
+    then ``max_len``; only ``max_len`` for the masked-window baseline."""
+    if attention_impl == "masked_window":
+        return (max_len,)
+    buckets, b = [], SMALLEST_BUCKET
+    while b < max_len:
+        buckets.append(b)
+        b *= 2
+    return (*buckets, max_len)
 
 
 def unpack_expert(blob: torch.Tensor, I: int, H: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,18 +124,18 @@ class MoEModel:
         """``tensors``: the internal tensors of ``real.checkpoint.load_checkpoint``. Non-expert weights go
         to ``device``; the experts are packed into ``expert_blobs`` on ``experts_device`` (default:
         ``device``; pinned when it is the CPU and ``device`` is CUDA). The KV cache holds ``max_len``
-        positions (default: the model's limit, at most 4096). ``attention_impl``: "sdpa" (one fused kernel)
-        or "eager" (transformers' eager arithmetic, bit for bit: the reference for tests)."""
-        if attention_impl not in ("sdpa", "eager"):
-            raise ValueError(f"attention_impl={attention_impl!r}: use 'sdpa' or 'eager'")
+        positions (default: the model's limit, at most 4096). ``attention_impl``: "sdpa",
+        "masked_window" or "eager" (the module docstring)."""
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={attention_impl!r}: use one of {', '.join(ATTENTION_IMPLS)}")
         self.attention_impl = attention_impl
+        self._norm = rms_norm if attention_impl == "eager" else fused_rms_norm
         c = self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_len = min(c.max_position_embeddings, DEFAULT_MAX_LEN) if max_len is None else int(max_len)
         H, I, E, D = c.hidden_size, c.expert_intermediate_size, c.num_experts, c.head_dim
         self._I, self._H = I, H
-        self._q_rows, self._kv_rows = c.num_attention_heads * D, c.num_kv_heads * D
         self._scale = D ** -0.5
 
         def w(name: str) -> torch.Tensor | None:
@@ -126,17 +167,34 @@ class MoEModel:
             self.expert_blobs[l, :, n:2 * n].copy_(tensors[p + "up"].reshape(E, n))
             self.expert_blobs[l, :, 2 * n:].copy_(tensors[p + "down"].reshape(E, n))
 
+        # [L, k|v, position, KV head, D]: positions 0..T-1 of one layer's keys are the [1, T, KV, D]
+        # (batch, sequence, head, dim) block the SDPA kernels read without a copy.
         self.kv_cache = torch.zeros((c.num_layers, 2, self.max_len, c.num_kv_heads, D),
                                     dtype=dtype, device=self.device)
         # RoPE as transformers computes it: inv_freq on the CPU in float32, angles and cos/sin in float32
-        # on the compute device, then cast to the model dtype.
+        # on the compute device, then cast to the model dtype. One [max_len, 2, D] table, so that a
+        # position's rows are one gather.
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))
         positions = torch.arange(self.max_len, dtype=torch.float, device=self.device)
         freqs = positions[:, None] * inv_freq.to(self.device)[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
-        self.rope_cos = angles.cos().to(dtype)
-        self.rope_sin = angles.sin().to(dtype)
+        sin = angles.sin()
+        sin[:, :D // 2].neg_()
+        self._rope = torch.stack((angles.cos(), sin), dim=1).to(dtype)
+        # The position of the token about to run, on the device, for code that must not take it from
+        # the host (graphs): the position itself, and the additive attention mask over the cache
+        # (0 where visible, -inf elsewhere), cut from a pattern indexed by key position - pos.
         self._positions = torch.arange(self.max_len, device=self.device)
+        self.context_buckets = context_buckets(self.max_len, attention_impl)
+        self._bucket = 0                                  # index into context_buckets for the position
+        self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._mask = torch.zeros(self.max_len, dtype=dtype, device=self.device)
+        offset = torch.arange(-(self.max_len - 1), self.max_len, device=self.device)
+        visible = offset <= 0
+        if c.sliding_window is not None:
+            visible &= offset > -c.sliding_window
+        self._mask_pattern = torch.zeros(len(offset), dtype=dtype, device=self.device).masked_fill_(
+            ~visible, float("-inf"))
         self._graphs: LayerGraphs | None = None
         self._resident_experts: ExpertGraphs | None = None     # graphs over expert_blobs, when on the GPU
 
@@ -148,58 +206,115 @@ class MoEModel:
     def embed(self, token_id: int) -> torch.Tensor:
         return self.embed_weight[token_id].unsqueeze(0)                       # [1, H]
 
-    def attention(self, layer: int, h: torch.Tensor, pos: int) -> torch.Tensor:
-        """Pre-norm self-attention of the token at ``pos`` over positions ``0..pos`` (or the sliding
-        window), writing its key and value into the cache; returns ``h`` plus the attention output."""
+    def set_position(self, pos: int) -> None:
+        """The position of the token about to run, for the device-side code (graphs, ``attention_at``):
+        the position tensor, the attention mask, and the context bucket."""
         self._check_position(pos)
-        c, L = self.config, self.layers[layer]
-        D, heads, kv_heads = c.head_dim, c.num_attention_heads, c.num_kv_heads
-        q, k, v = self._qkv(layer, h, self.rope_cos[pos], self.rope_sin[pos])
+        self._pos.fill_(pos)
+        start = self.max_len - 1 - pos
+        self._mask.copy_(self._mask_pattern[start:start + self.max_len])
+        self._bucket = next(i for i, b in enumerate(self.context_buckets) if b > pos)
+
+    def attention(self, layer: int, h: torch.Tensor, pos: int) -> torch.Tensor:
+        """Pre-norm self-attention of the token at ``pos`` over exactly positions ``0..pos`` (or the
+        sliding window), writing its key and value into the cache; returns ``h`` plus the attention
+        output. The host knows ``pos``: the path without graphs."""
+        self._check_position(pos)
+        window = self.config.sliding_window
+        q, k, v = self._qkv(layer, h, self._rope[pos])
         cache = self.kv_cache[layer]
         cache[0, pos].copy_(k)
         cache[1, pos].copy_(v)
-        start = 0 if c.sliding_window is None else max(0, pos - c.sliding_window + 1)
-        keys = cache[0, start:pos + 1].transpose(0, 1)                        # [KV, T, D]
-        values = cache[1, start:pos + 1].transpose(0, 1)
+        start = 0 if window is None else max(0, pos - window + 1)
+        out = self._attend(q, cache[0, start:pos + 1], cache[1, start:pos + 1], None)
+        return self._attention_output(layer, h, out)
+
+    def attention_at(self, layer: int, h: torch.Tensor, length: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``attention`` at the position ``set_position`` left on the device, with no shape that depends
+        on it, so a graph can capture it: the token's key and value are written at that position and
+        attention reads the first ``length`` cache positions (a context bucket, at least pos + 1) under
+        the position mask. ``out``: where to write the result [1, H] (a graph's static buffer)."""
+        pos = self._pos
+        q, k, v = self._qkv(layer, h, self._rope.index_select(0, pos))
+        cache = self.kv_cache[layer]
+        cache[0].index_copy_(0, pos, k.unsqueeze(0))
+        cache[1].index_copy_(0, pos, v.unsqueeze(0))
+        if self.attention_impl == "masked_window":
+            attn = self._masked_window(q, cache, pos)
+        else:
+            attn = self._attend(q, cache[0, :length], cache[1, :length], self._mask[:length])
+        return self._attention_output(layer, h, attn, out)
+
+    def _masked_window(self, q: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The attention of the graphs before issue 13 (the benchmark's baseline): the whole window
+        under a boolean mask built here, three-dimensional, which CUDA SDPA runs in its math fallback."""
+        c = self.config
+        visible = self._positions <= pos
+        if c.sliding_window is not None:
+            visible &= self._positions > pos - c.sliding_window
+        q = q.view(c.num_kv_heads, c.num_attention_heads // c.num_kv_heads, c.head_dim)
+        out = F.scaled_dot_product_attention(q, cache[0].transpose(0, 1), cache[1].transpose(0, 1),
+                                             attn_mask=visible.view(1, 1, -1))
+        return out.reshape(1, -1)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of the token's query q [heads, D] over keys and values [T, KV, D] under an
+        additive ``mask`` [T] (None: all visible) -> [1, heads * D]."""
+        c = self.config
+        kv_heads, D = c.num_kv_heads, c.head_dim
         # Grouped-query attention without repeating keys: query head h uses kv head h // group (as
         # transformers' repeat_kv), so the group's queries become a KV-head's "sequence" of queries.
-        q = q.view(kv_heads, heads // kv_heads, D)
-        if self.attention_impl == "sdpa":
-            out = F.scaled_dot_product_attention(q, keys, values)
-        else:   # transformers' eager arithmetic: scores scaled in the model dtype, softmax in float32
+        q = q.view(kv_heads, c.num_attention_heads // kv_heads, D)
+        keys, values = keys.transpose(0, 1), values.transpose(0, 1)                   # [KV, T, D]
+        if self.attention_impl == "eager":   # scores scaled in the model dtype, softmax in float32
             scores = torch.matmul(q, keys.transpose(1, 2)) * self._scale
             out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)
-        return h + F.linear(out.reshape(1, heads * D), L.o_proj, L.o_bias)
+        else:
+            out = F.scaled_dot_product_attention(q[None], keys[None], values[None],
+                                                 attn_mask=None if mask is None else mask.view(1, 1, 1, -1))
+        return out.reshape(1, -1)
+
+    def _attention_output(self, layer: int, h: torch.Tensor, attn: torch.Tensor,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+        """h + o_proj(attn), into ``out`` when given."""
+        L = self.layers[layer]
+        return torch.add(h, F.linear(attn, L.o_proj, L.o_bias), out=out)
 
     def _check_position(self, pos: int) -> None:
         if not 0 <= pos < self.max_len:
             raise ValueError(f"position {pos} is outside the KV cache (max_len={self.max_len}); "
                              f"build the model with a larger max_len")
 
-    def _qkv(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """The token's query [heads, D], key and value [KV heads, D], norms, clipping and RoPE (rows
-        ``cos``, ``sin`` of its position) applied: what both attention paths share."""
+    def _qkv(self, layer: int, h: torch.Tensor, rope_rows: torch.Tensor):
+        """The token's query [heads, D], key and value [KV heads, D], norms, clipping and RoPE (its
+        position's ``rope_rows`` [..., 2, D]) applied: what every attention path shares. Query and key
+        are rotated together, one set of kernels for both."""
         c, L = self.config, self.layers[layer]
         D, heads, kv_heads = c.head_dim, c.num_attention_heads, c.num_kv_heads
-        x = rms_norm(h, L.attn_norm, c.rms_norm_eps)
-        q, k, v = F.linear(x, L.qkv, L.qkv_bias).split([self._q_rows, self._kv_rows, self._kv_rows], dim=-1)
-        if c.qk_norm == "full":
-            q, k = rms_norm(q, L.q_norm, c.rms_norm_eps), rms_norm(k, L.k_norm, c.rms_norm_eps)
+        eps = c.rms_norm_eps
+        qkv = F.linear(self._norm(h, L.attn_norm, eps), L.qkv, L.qkv_bias)        # [1, (heads + 2 KV) D]
+        if c.qk_norm == "full":             # OLMoE: over all heads at once, before clipping
+            q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
+            qkv = torch.cat((self._norm(q, L.q_norm, eps), self._norm(k, L.k_norm, eps), v), dim=-1)
         if c.clip_qkv is not None:
-            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
-        q, k, v = q.view(heads, D), k.view(kv_heads, D), v.view(kv_heads, D)
-        if c.qk_norm == "per_head":
-            q, k = rms_norm(q, L.q_norm, c.rms_norm_eps), rms_norm(k, L.k_norm, c.rms_norm_eps)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+            qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
+        rows = qkv.view(heads + 2 * kv_heads, D)
+        if c.qk_norm == "per_head":         # Qwen3-MoE: each head's row, before RoPE
+            rows = torch.cat((self._norm(rows[:heads], L.q_norm, eps),
+                              self._norm(rows[heads:heads + kv_heads], L.k_norm, eps), rows[heads + kv_heads:]))
+        qk = rope(rows[:heads + kv_heads], rope_rows)
+        return qk[:heads], qk[heads:], rows[heads + kv_heads:]
 
     def attention_route(self, layer: int, h: torch.Tensor, pos: int):
         """``attention`` then ``route_with_probs``: (h, x, ids, weights, probs). With graphs captured
-        it replays layer ``layer``'s graph; its outputs are the graph's static buffers, valid until the
-        same layer runs again. Call ``set_position(pos)`` once per step first when graphs are on."""
+        it replays layer ``layer``'s graph for the bucket of the position ``set_position`` was given
+        (call it once per step first); its outputs are the graphs' static buffers: h and x valid until
+        the next layer runs, ids, weights and probs until the same layer runs again."""
         if self._graphs is None:
             h = self.attention(layer, h, pos)
             return (h, *self.route_with_probs(layer, h))
-        return self._graphs.replay(layer, h)
+        return self._graphs.replay(layer, self._bucket, h)
 
     def read_routing(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> tuple[list[int], list[float]]:
         """The routed expert ids and weights of ``layer`` on the host: the one synchronisation a routed
@@ -209,25 +324,21 @@ class MoEModel:
             return ids.reshape(-1).tolist(), weights.reshape(-1).float().tolist()
         return self._graphs.read_routing(layer)
 
-    def set_position(self, pos: int) -> None:
-        """The position of the token about to run (graphs read it from the device)."""
-        self._check_position(pos)
-        if self._graphs is not None:
-            self._graphs.pos.fill_(pos)
-
     @property
     def graphed(self) -> bool:
         return self._graphs is not None
 
     def capture_graphs(self, extra: Extra | None = None) -> bool:
-        """Capture every layer's attention + router as a CUDA graph (``real.graphs``). Returns
-        False, capturing nothing, off CUDA or with ``attention_impl="eager"`` (the tests' reference).
+        """Capture every layer's attention + router as CUDA graphs, one per context bucket
+        (``real.graphs``). Returns False, capturing nothing, off CUDA or with ``attention_impl="eager"``
+        (the tests' reference).
 
         ``extra(layer, h)``: more device work on the layer's post-attention residual to run inside the
         same graph (a live predictor: its kernels would otherwise be launched one by one from Python
-        and read back with a synchronisation of their own); its output is ``graph_extra(layer)``.
-        Capturing with a different ``extra`` replaces the graphs; attention and router are unchanged."""
-        if self.device.type != "cuda" or self.attention_impl != "sdpa":
+        and read back with a synchronisation of their own); its float32 output is
+        ``graph_extra(layer)``. Capturing with a different ``extra`` replaces the graphs; attention and
+        router are unchanged."""
+        if self.device.type != "cuda" or self.attention_impl == "eager":
             return False
         if self._graphs is not None and self._graphs.extra == extra:    # bound methods compare by ==
             return True
@@ -246,6 +357,12 @@ class MoEModel:
             return None
         return ExpertGraphs.capture(self, self._graphs, blobs)
 
+    @property
+    def resident_expert_graphs(self) -> "ExpertGraphs | None":
+        """The ``ExpertGraphs`` over ``expert_blobs`` that the resident decode runs (experts on the GPU,
+        graphs captured), else None."""
+        return self._resident_experts
+
     def drop_resident_experts(self) -> None:
         """``expert_blobs`` is about to go (an engine took the experts): forget graphs that read it."""
         self.expert_blobs = None
@@ -255,7 +372,7 @@ class MoEModel:
         """The output of ``capture_graphs``'s ``extra`` for ``layer`` from its latest replay."""
         if self._graphs is None or self._graphs.extra is None:
             raise RuntimeError("graph_extra: no graphs with an extra output were captured")
-        return self._graphs.extras[layer]
+        return self._graphs.extra_view(layer)
 
     def graph_extra_host(self, layer: int) -> np.ndarray:
         """``graph_extra(layer)`` on the host: the copy ``read_routing`` brought back with the routing
@@ -263,22 +380,6 @@ class MoEModel:
         if self._graphs is None or self._graphs.extra is None:
             raise RuntimeError("graph_extra_host: no graphs with an extra output were captured")
         return self._graphs.extra_host(layer)
-
-    def _attention_graphable(self, layer: int, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """``attention`` with the position as a device tensor (shape [1]) and no host-side shapes."""
-        c, L = self.config, self.layers[layer]
-        D, heads, kv_heads = c.head_dim, c.num_attention_heads, c.num_kv_heads
-        q, k, v = self._qkv(layer, h, self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos))
-        cache = self.kv_cache[layer]
-        cache[0].index_copy_(0, pos, k.unsqueeze(0))
-        cache[1].index_copy_(0, pos, v.unsqueeze(0))
-        visible = self._positions <= pos
-        if c.sliding_window is not None:
-            visible &= self._positions > pos - c.sliding_window
-        q = q.view(kv_heads, heads // kv_heads, D)
-        out = F.scaled_dot_product_attention(q, cache[0].transpose(0, 1), cache[1].transpose(0, 1),
-                                             attn_mask=visible.view(1, 1, -1))
-        return h + F.linear(out.reshape(1, heads * D), L.o_proj, L.o_bias)
 
     def route(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x = post-attention norm of ``h``; the top-k expert ids [1, K] and their weights [1, K]."""
@@ -288,28 +389,32 @@ class MoEModel:
     def route_with_probs(self, layer: int, h: torch.Tensor):
         """``route`` plus the full router softmax [1, E] (float32)."""
         c, L = self.config, self.layers[layer]
-        x = rms_norm(h, L.moe_norm, c.rms_norm_eps)
-        probs = torch.softmax(F.linear(x, L.router).float(), dim=-1)
-        _, ids = torch.topk(probs, c.top_k, dim=-1)
-        return x, ids, self.weights_for(probs, ids), probs
+        x = self._norm(h, L.moe_norm, c.rms_norm_eps)
+        probs = torch.softmax(F.linear(x, L.router), dim=-1, dtype=torch.float32)
+        chosen, ids = torch.topk(probs, c.top_k, dim=-1)
+        return x, ids, self._weigh(chosen), probs
 
     def weights_for(self, probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The weights the model applies to experts ``ids`` [B, K] given router probs [B, E]: the
-        family's rule (renormalised over the chosen ones or not; float32 for Mixtral, else the model
-        dtype). For the routed top-k this is the model itself; lossy speculative execution applies it
-        to the speculated experts."""
-        weights = torch.gather(probs, -1, ids)
-        if self.config.norm_topk_prob:                # Mixtral always renormalises, the others by config
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.config.family != "mixtral":           # Mixtral's router keeps float32 weights
-            weights = weights.to(self.dtype)
-        return weights
+        """The weights the model applies to experts ``ids`` [B, K] given router probs [B, E]. For the
+        routed top-k this is the model itself; lossy speculative execution applies it to the
+        speculated experts."""
+        return self._weigh(torch.gather(probs, -1, ids))
 
-    def expert(self, x: torch.Tensor, blob: torch.Tensor) -> torch.Tensor:
-        """SwiGLU expert on its blob: down(silu(gate x) * up x); gate and up in one matmul."""
+    def _weigh(self, chosen: torch.Tensor) -> torch.Tensor:
+        """The family's rule on the chosen experts' probabilities [B, K]: renormalised over them or
+        not; float32 for Mixtral, else the model dtype."""
+        if self.config.norm_topk_prob:                # Mixtral always renormalises, the others by config
+            chosen = chosen / chosen.sum(dim=-1, keepdim=True)
+        if self.config.family != "mixtral":           # Mixtral's router keeps float32 weights
+            chosen = chosen.to(self.dtype)
+        return chosen
+
+    def expert(self, x: torch.Tensor, blob: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """SwiGLU expert on its blob: down(silu(gate x) * up x) [1, H], into ``out`` when given; gate
+        and up in one matmul."""
         I, H = self._I, self._H
         gate, up = F.linear(x, blob[:2 * I * H].view(2 * I, H)).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, blob[2 * I * H:].view(H, I))
+        return torch.mm(F.silu(gate) * up, blob[2 * I * H:].view(H, I).t(), out=out)
 
     def shared_expert(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """Qwen2-MoE's always-on expert, scaled by its sigmoid gate; None for the other families."""
@@ -323,27 +428,33 @@ class MoEModel:
     def combine(self, layer: int, h: torch.Tensor, x: torch.Tensor, expert_ids: Sequence[int],
                 weights: torch.Tensor, outputs: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """h + sum_i weights[i] * outputs[expert_ids[i]] (+ the shared expert). ``outputs`` holds the raw
-        (unweighted) ``expert`` results keyed by expert id; the sum runs in ascending expert id, each
-        term rounded to the model dtype, as transformers accumulates."""
-        w = weights.reshape(-1)
-        # w[i:i+1], not the 0-d w[i]: a 0-d tensor does not take part in type promotion, so Mixtral's
-        # float32 weight could be rounded to bf16 before the product; transformers multiplies by a
-        # [n, 1] float32 column and rounds the float32 product once.
+        (unweighted) ``expert`` results keyed by expert id; ``weighted_sum`` is the rule."""
         order = sorted(range(len(expert_ids)), key=expert_ids.__getitem__)
-        return self.weighted_sum(layer, h, x, ((outputs[expert_ids[i]], w[i:i + 1]) for i in order))
+        return self.weighted_sum(layer, h, x, torch.stack([outputs[e] for e in expert_ids]),
+                                 weights.reshape(-1), order)
 
-    def weighted_sum(self, layer: int, h: torch.Tensor, x: torch.Tensor, terms) -> torch.Tensor:
-        """h + the sum of output [1, H] x weight [1] over ``terms``, in the order given, each product
-        rounded once to the model dtype (+ the shared expert): the one combine rule, for ``combine``
-        and for the combine that ``ExpertGraphs`` captures."""
-        acc = None
-        for output, weight in terms:
-            term = (output * weight).to(self.dtype)
-            acc = term if acc is None else acc + term
+    def weighted_sum(self, layer: int, h: torch.Tensor, x: torch.Tensor, outputs: torch.Tensor,
+                     weights: torch.Tensor, order: Sequence[int] | torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """The one combine rule, for ``combine`` and for the combine graph of ``real.graphs``: h + the
+        sum of outputs [K, 1, H] x weights [K] (+ the shared expert), into ``out`` when given. Each
+        product is rounded once to the model dtype (Mixtral's float32 weights: from the float32
+        product, as transformers multiplies by a float32 column); the terms are added one at a time
+        in ``order``, the positions in ascending expert id (a host sequence, or a device tensor whose
+        rows are gathered), as transformers accumulates. Two terms add the same in either order, so
+        a graph passes range(2) and needs no sort. Weights that are bf16 values held in float32 give
+        the same products as the bf16 weights: a bf16 x bf16 product is exact in float32, and both
+        are rounded once from it."""
+        terms = (outputs * weights.view(-1, 1, 1)).to(self.dtype)
+        if isinstance(order, torch.Tensor):
+            terms, order = terms.index_select(0, order), range(len(order))
+        acc = terms[order[0]]
+        for i in order[1:]:
+            acc = acc + terms[i]
         shared = self.shared_expert(layer, x)
         if shared is not None:
             acc = acc + shared
-        return h + acc
+        return torch.add(h, acc, out=out)
 
     def moe(self, layer: int, h: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor | Sequence[int],
             weights: torch.Tensor, blob_of: BlobOf | None = None) -> torch.Tensor:
@@ -359,7 +470,7 @@ class MoEModel:
         return blob if blob.device == self.device else blob.to(self.device, non_blocking=True)
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(rms_norm(h, self.final_norm, self.config.rms_norm_eps), self.lm_head)   # [1, V]
+        return F.linear(self._norm(h, self.final_norm, self.config.rms_norm_eps), self.lm_head)   # [1, V]
 
     # -- whole steps: the fully-resident reference (real.resident) ----------------------------------
     def decode_step(self, token_id: int, pos: int, blob_of: BlobOf | None = None,

@@ -53,8 +53,9 @@ def decode_step(model: "MoEModel", token_id: int, pos: int, blob_of: "BlobOf | N
     graphs = model._resident_experts if blob_of is None else None
     for layer in range(model.config.num_layers):
         h, x, ids, weights, probs = model.attention_route(layer, h, pos)
-        if record is not None:
-            record.append(LayerRecord(ids.reshape(-1), weights.reshape(-1), probs.reshape(-1), x.reshape(-1)))
+        if record is not None:      # copies: with graphs these are buffers the next replays overwrite
+            record.append(LayerRecord(ids.reshape(-1).clone(), weights.reshape(-1).clone(),
+                                      probs.reshape(-1).clone(), x.reshape(-1).clone()))
         if graphs is not None and graphs.layers is model._graphs:
             for i, e in enumerate(model.read_routing(layer, ids, weights)[0]):
                 graphs.expert(layer * E + e, i)

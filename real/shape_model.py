@@ -46,8 +46,11 @@ class _RandomTensors(Mapping):
 
 
 def random_model(shape: ModelShape, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
-                 seed: int = 0, max_len: int = 2048) -> MoEModel:
-    """Non-expert weights on ``device``; experts packed on the host (pinned when ``device`` is CUDA)."""
+                 seed: int = 0, max_len: int = 2048, attention_impl: str = "sdpa",
+                 experts_device: str | torch.device = "cpu") -> MoEModel:
+    """Non-expert weights on ``device``; experts packed on ``experts_device`` (the host by default,
+    pinned when ``device`` is CUDA, as an offloading engine takes them). The same seed gives the same
+    weights whatever the other arguments."""
     config = shape_config(shape, max(max_len, 1))
     return MoEModel(config, _RandomTensors(config, seed, torch.device(device)), device=device, dtype=dtype,
-                    experts_device="cpu", max_len=max_len)
+                    experts_device=experts_device, max_len=max_len, attention_impl=attention_impl)

@@ -1,0 +1,326 @@
+"""Per-decoder-layer times of the engine's compute path (issue 13), old attention against new, in one run.
+
+For each model shape (random weights, ``real.shape_model.random_model``), each attention
+implementation (``masked_window``: the graphs before issue 13, every cache position under a mask;
+``sdpa``: the context-bucketed graphs) and each context length, it measures per decoder layer:
+
+- ``attention_router_us``: the layer's captured attention + router graph, as the engine replays it;
+  ``attention_us`` and ``router_us``: the two halves captured alone; ``expert_us``: one expert's
+  graph; ``combine_us``: the combine graph; ``layer_device_us``: attention + router, top-k experts and
+  combine replayed back to back (device time of a whole layer, no host in the way);
+- ``engine_layer_us``: the all-resident engine's wall time per layer (``OffloadEngine`` with every
+  expert in a slot: routing read-back, policy bookkeeping and launches included; the step's
+  embedding, head and argmax read-back, timed alone, taken out), and ``host_us`` = that minus
+  ``layer_device_us``: the time the host adds per layer;
+- ``engine_tok_s`` and ``resident_tok_s`` (the fully-on-GPU model, ``MoEModel.decode_step``), beside
+  ``bound_tok_s``: the memory-bound limit, active bytes per token (non-expert weights, top-k experts
+  per layer, the KV cache read at this context, the head) over the device bandwidth measured in the
+  same run by a large device-to-device copy (``bandwidth_GBps``).
+
+Device times come from CUDA events around a batch of back-to-back replays; walls from the host clock
+around whole decode steps (each ends in the argmax read-back). Measurement is warmed up, and repeats
+are interleaved across implementations and contexts; the table gives medians and the spread
+(max - min over repeats, % of the median). ``--smoke`` runs a tiny shape on the CPU in seconds (no
+graphs there: the same calls, launched eagerly), as the tests do.
+
+    python -m experiments.bench_layer --out runs/bench-layer          # GPU: about 2-3 minutes
+    python -m experiments.bench_layer --out /tmp/bench-layer --smoke  # CPU, seconds
+
+Writes ``layer_times.csv`` (one row per shape, implementation, context, repeat and metric),
+``layer_summary.csv`` (medians and spreads) and, on the GPU, ``layer_kernels.csv`` (how many kernels
+attention + router launch, and which attention kernels) under ``--out``; prints the summary table
+last.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from offload.session import RunSettings
+from policies.registry import resolve_policy
+from real.engine import OffloadEngine
+from real.shape_model import random_model
+from traces import ModelShape, load_shape, load_trace
+
+TRAINED_TRACE = Path(__file__).resolve().parents[1] / "traces" / "moe-lm-h100.npz"
+SMOKE_SHAPE = ModelShape("tiny", 3, 6, 2, 32, 48, 4, 2, 8, 64)
+IMPLS = ("masked_window", "sdpa")
+METRICS = ("attention_router_us", "attention_us", "router_us", "expert_us", "combine_us", "layer_device_us",
+           "engine_layer_us", "host_us", "engine_tok_s", "resident_tok_s", "bound_tok_s")
+SHAPE_SECONDS = {"moe-lm": 40, "gpt-oss-20b": 30, "mixtral-8x7b": 30}   # build + measure, on an H100/H200
+
+
+def _shape(name: str, layers: int) -> ModelShape:
+    """``moe-lm``: the trained model's shape, from its committed trace; a shape name of traces/shapes
+    keeps its first ``layers`` layers (the rest would only repeat them)."""
+    if name == "moe-lm":
+        return load_trace(TRAINED_TRACE).model
+    return dataclasses.replace(load_shape(name), num_layers=layers)
+
+
+class Clock:
+    """Device time per call of ``fn`` (CUDA events around ``n`` back-to-back calls) or, on the CPU,
+    host time."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def us(self, fn, n: int) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            return (time.perf_counter() - start) / n * 1e6
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / n * 1e3
+
+
+def _graphed(fn, cuda: bool):
+    """``fn`` as a replayable CUDA graph (warmed up first), or ``fn`` itself on the CPU."""
+    if not cuda:
+        return fn
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bandwidth_GBps(device: torch.device, clock: Clock, MiB: int) -> float:
+    """Device memory bandwidth from a device-to-device copy (read + write bytes per second)."""
+    src = torch.empty(MiB * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    clock.us(lambda: dst.copy_(src), 2)
+    us = statistics.median(clock.us(lambda: dst.copy_(src), 5) for _ in range(5))
+    return 2 * src.numel() / (us * 1e-6) / 1e9
+
+
+def active_bytes(shape: ModelShape, context: int, bytes_per_value: int = 2) -> int:
+    """Bytes a decode step must read at ``context``: every non-expert weight, top-k experts per layer,
+    the keys and values of ``context`` positions, the head and one embedding row."""
+    H, D = shape.hidden_size, shape.head_dim
+    attention = H * D * (2 * shape.num_attention_heads + 2 * shape.num_kv_heads) + 2 * H
+    per_layer = attention + shape.num_experts * H + shape.top_k * shape.expert_params
+    kv = 2 * context * shape.num_kv_heads * D
+    return bytes_per_value * (shape.num_layers * (per_layer + kv) + shape.vocab_size * H + 2 * H)
+
+
+class Bench:
+    """One shape and attention implementation: the fully-resident model (experts on the device, graphs
+    captured) and an all-resident engine over a twin with host experts."""
+
+    def __init__(self, shape: ModelShape, impl: str, device: torch.device, dtype: torch.dtype, max_len: int,
+                 clock: Clock, steps: int):
+        cuda = device.type == "cuda"
+        self.shape, self.clock, self.steps, self.cuda = shape, clock, steps, cuda
+        self.resident = random_model(shape, device, dtype, max_len=max_len, attention_impl=impl,
+                                     experts_device=device)
+        self.resident.capture_graphs()
+        host_model = random_model(shape, device, dtype, max_len=max_len, attention_impl=impl)
+        self.engine = OffloadEngine(host_model, shape, resolve_policy("lru"), RunSettings(shape.num_experts))
+        self._warm_engine()
+        m, L = self.resident, shape.num_layers
+        self.layer = L // 2
+        self.h = torch.randn((1, shape.hidden_size), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        self._graphs: dict[int, tuple] = {}
+        x = m.route(self.layer, self.h)[0]
+        outputs = torch.stack([m.expert(x, m.expert_blobs[self.layer, e]) for e in range(shape.top_k)])
+        weights = torch.full((shape.top_k,), 1.0 / shape.top_k, device=device)
+        expert_graphs = m.resident_expert_graphs
+        first = self.layer * shape.num_experts
+        if expert_graphs is not None:
+            self.expert = lambda: expert_graphs.expert(first, 0)
+            self.combine = lambda: expert_graphs.combine(self.layer)
+        else:       # the CPU: the same arithmetic, launched eagerly
+            self.expert = lambda: m.expert(x, m.expert_blobs[self.layer, 0])
+            self.combine = lambda: m.weighted_sum(self.layer, self.h, x, outputs, weights, range(shape.top_k))
+        self.router = _graphed(lambda: m.route_with_probs(self.layer, self.h), cuda)
+        self.head = lambda: m.final(m.embed(1)).argmax(-1)
+
+    def _warm_engine(self) -> None:
+        """Decode until every expert has been copied into its slot once (slots = experts: none is
+        evicted), so that the timed steps copy nothing."""
+        eng, want = self.engine, self.shape.num_layers * self.shape.num_experts
+        eng.model.reset()
+        tok = 1
+        for pos in range(eng.model.max_len):
+            tok, _ = eng._timed_step(tok, pos)
+            if eng.ctrl.stats.copies >= want:
+                return
+        raise RuntimeError(f"{self.shape.name}: the engine's warm-up did not touch every expert")
+
+    def _attention(self, context: int):
+        """The attention graph alone at ``context`` (one per bucket length)."""
+        m = self.resident
+        length = next(b for b in m.context_buckets if b >= context)
+        if length not in self._graphs:
+            self._graphs[length] = _graphed(lambda: m.attention_at(self.layer, self.h, length), self.cuda)
+        return self._graphs[length]
+
+    def measure(self, context: int, replays: int) -> dict[str, float]:
+        """Every metric at ``context`` positions (the token at ``context - 1``), one repeat."""
+        m, clock, shape, K = self.resident, self.clock, self.shape, self.shape.top_k
+        pos = context - 1
+        m.set_position(pos)
+        attention = self._attention(context)
+        h = self.combine()      # on CUDA the graphs' input buffer, which the layer graph reads without a copy
+        attention_router = lambda: m.attention_route(self.layer, h, pos)   # noqa: E731
+
+        def layer():
+            attention_router()
+            for _ in range(K):
+                self.expert()
+            self.combine()
+
+        out = {"attention_router_us": clock.us(attention_router, replays), "attention_us": clock.us(attention, replays),
+               "router_us": clock.us(self.router, replays), "expert_us": clock.us(self.expert, replays),
+               "combine_us": clock.us(self.combine, replays), "layer_device_us": clock.us(layer, replays)}
+        head_us = clock.us(self.head, replays)
+        positions = range(max(0, context - self.steps), context)
+        copies = self.engine.ctrl.stats.copies
+        engine_us = statistics.median(self.engine._timed_step(1, p)[1] / 1e3 for p in positions)
+        if self.engine.ctrl.stats.copies != copies:
+            raise RuntimeError(f"{shape.name}: the all-resident engine copied experts while timed")
+        out["engine_layer_us"] = (engine_us - head_us) / shape.num_layers
+        out["host_us"] = out["engine_layer_us"] - out["layer_device_us"]
+        out["engine_tok_s"] = 1e6 / engine_us
+        out["resident_tok_s"] = 1e6 / statistics.median(self._resident_step_us(p) for p in positions)
+        return out
+
+    def kernels(self) -> dict:
+        """Device work that attention + router launch when run eagerly at the longest bucket (what
+        the layer graph captures, less the read-back packing): how many kernels, and the names of
+        those of the attention itself (which SDPA kernel ran)."""
+        m = self.resident
+        length = m.context_buckets[-1]
+        m.set_position(length - 1)
+
+        def run():
+            m.route_with_probs(self.layer, m.attention_at(self.layer, self.h, length))
+        run()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        attention = sorted({n for n in names if any(k in n.lower() for k in ("fmha", "flash", "attention", "softmax"))})
+        return {"attention_router_kernels": len(names), "attention_kernels": " | ".join(attention)}
+
+    def _resident_step_us(self, pos: int) -> float:
+        start = time.perf_counter()
+        int(self.resident.decode_step(1, pos).argmax(-1)[0])
+        return (time.perf_counter() - start) * 1e6
+
+
+def main(argv=None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU, in seconds")
+    p.add_argument("--shapes", default="moe-lm,gpt-oss-20b,mixtral-8x7b",
+                   help="moe-lm (the trained model) and/or names in traces/shapes")
+    p.add_argument("--layers", type=int, default=2, help="layers kept of the traces/shapes shapes")
+    p.add_argument("--contexts", default="16,256,2048")
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--replays", type=int, default=50, help="back-to-back calls per device timing")
+    p.add_argument("--steps", type=int, default=16, help="decode steps per wall-time sample")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        shapes, contexts = [SMOKE_SHAPE], [4, 16]
+        args.repeats, args.replays, args.steps = 2, 2, 2
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("error: no CUDA device; run with --smoke for the CPU check")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        shapes = [_shape(name, args.layers) for name in args.shapes.split(",")]
+        contexts = [int(c) for c in args.contexts.split(",")]
+        budget = sum(SHAPE_SECONDS.get(s.name, 60) for s in shapes) * args.repeats / 5
+        print(f"expected time: about {budget / 60:.1f} min ({len(shapes)} shapes, {args.repeats} repeats)", flush=True)
+    impls = args.impls.split(",")
+    clock = Clock(device.type == "cuda")
+    bandwidth = bandwidth_GBps(device, clock, 64 if args.smoke else 2048)
+    print(f"device-to-device bandwidth: {bandwidth:.0f} GB/s", flush=True)
+    rows, kernel_rows = [], []
+    for shape in shapes:
+        # the KV window: the longest context (the masked-window baseline attends over all of it)
+        max_len = max(contexts + [64])
+        benches = {impl: Bench(shape, impl, device, dtype, max_len, clock, args.steps) for impl in impls}
+        for bench in benches.values():                                  # warm-up, untimed
+            for context in contexts:
+                bench.measure(context, args.replays)
+        for repeat in range(args.repeats):
+            for impl, bench in benches.items():
+                for context in contexts:
+                    measured = bench.measure(context, args.replays)
+                    measured["bound_tok_s"] = bandwidth * 1e9 / active_bytes(shape, context)
+                    rows += [{"shape": shape.name, "impl": impl, "context": context, "repeat": repeat,
+                              "metric": k, "value": v} for k, v in measured.items()]
+        print(f"{shape.name}: measured ({time.perf_counter() - started:.0f} s so far)", flush=True)
+        if device.type == "cuda":
+            kernel_rows += [{"shape": shape.name, "impl": impl, **bench.kernels()} for impl, bench in benches.items()]
+        del benches
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    times = pd.DataFrame(rows)
+    times["bandwidth_GBps"] = bandwidth
+    summary = _summary(times)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    times.to_csv(out / "layer_times.csv", index=False)
+    summary.to_csv(out / "layer_summary.csv", index=False)
+    if kernel_rows:
+        kernels = pd.DataFrame(kernel_rows)
+        kernels.to_csv(out / "layer_kernels.csv", index=False)
+        print(kernels[["shape", "impl", "attention_router_kernels", "attention_kernels"]].to_string(index=False))
+    print(f"wrote {out / 'layer_times.csv'} and {out / 'layer_summary.csv'} in {time.perf_counter() - started:.0f} s")
+    _print_table(summary)
+    return summary
+
+
+def _summary(times: pd.DataFrame) -> pd.DataFrame:
+    """Median and spread (max - min, % of the median) over repeats."""
+    grouped = times.groupby(["shape", "impl", "context", "metric"], sort=False)["value"]
+    summary = grouped.agg(median="median", low="min", high="max").reset_index()
+    summary["spread_pct"] = 100 * (summary["high"] - summary["low"]) / summary["median"].abs()
+    return summary
+
+
+def _print_table(summary: pd.DataFrame) -> None:
+    wide = summary.pivot_table(index=["shape", "context", "impl"], columns="metric", values="median", sort=False)
+    spread = summary.pivot_table(index=["shape", "context", "impl"], columns="metric", values="spread_pct",
+                                 sort=False)
+    short = {"attention_router_us": "attn+rt", "attention_us": "attn", "router_us": "router",
+             "expert_us": "expert", "combine_us": "combine", "layer_device_us": "layer_dev",
+             "engine_layer_us": "eng_layer", "host_us": "host", "engine_tok_s": "eng_tok/s",
+             "resident_tok_s": "res_tok/s", "bound_tok_s": "bound_tok/s"}
+    shapes = list(dict.fromkeys(summary["shape"]))
+    impls = list(dict.fromkeys(summary["impl"]))
+    wide = wide.reindex(sorted(wide.index, key=lambda k: (shapes.index(k[0]), k[1], impls.index(k[2]))))
+    print("per decoder layer, us (median of repeats; worst spread over the row in the last column)")
+    header = f"{'shape':<14}{'ctx':>6} {'impl':<14}" + "".join(f"{short[m]:>12}" for m in METRICS) + f"{'spread%':>9}"
+    print(header)
+    for (shape, context, impl), row in wide.iterrows():
+        worst = spread.loc[(shape, context, impl)].max()
+        print(f"{shape:<14}{context:>6} {impl:<14}" + "".join(f"{row[m]:>12.1f}" for m in METRICS) + f"{worst:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()

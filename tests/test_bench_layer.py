@@ -1,0 +1,35 @@
+"""``experiments/bench_layer.py`` in its CPU smoke mode: every metric for both attention
+implementations at both contexts, written and tabulated; and its memory-bound arithmetic."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from experiments import bench_layer
+from traces import ModelShape
+
+
+def test_smoke_run_writes_every_metric_for_both_implementations(tmp_path, capsys):
+    summary = bench_layer.main(["--out", str(tmp_path), "--smoke"])
+    times = pd.read_csv(tmp_path / "layer_times.csv")
+    assert set(times["impl"]) == set(bench_layer.IMPLS) and set(times["context"]) == {4, 16}
+    assert set(times["metric"]) == set(bench_layer.METRICS) and set(times["repeat"]) == {0, 1}
+    assert len(times) == len(bench_layer.IMPLS) * 2 * 2 * len(bench_layer.METRICS)
+    assert np.isfinite(times["value"]).all()
+    positive = times[times["metric"] != "host_us"]        # the host's share is a difference of two times
+    assert (positive["value"] > 0).all()
+    assert len(summary) == len(times) // 2 and (summary["low"] <= summary["median"]).all()
+    saved = pd.read_csv(tmp_path / "layer_summary.csv")
+    assert list(saved.columns) == list(summary.columns) and len(saved) == len(summary)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("tiny") and "sdpa" in last
+
+
+def test_active_bytes_counts_weights_experts_kv_and_head():
+    shape = ModelShape("s", num_layers=2, num_experts=4, top_k=2, hidden_size=8, expert_intermediate_size=16,
+                       num_attention_heads=2, num_kv_heads=1, head_dim=4, vocab_size=10)
+    attention = 8 * 4 * (2 * 2 + 2 * 1) + 2 * 8          # q, o, k, v and two norms
+    per_layer = attention + 4 * 8 + 2 * 3 * 8 * 16      # + router + two experts
+    head = 10 * 8 + 2 * 8                               # lm_head, embedding row, final norm
+    assert bench_layer.active_bytes(shape, 0) == 2 * (2 * per_layer + head)
+    assert bench_layer.active_bytes(shape, 5) - bench_layer.active_bytes(shape, 0) == 2 * 2 * (2 * 5 * 1 * 4)
