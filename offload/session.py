@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from offload.cache import CacheMode, ExpertCache
 from offload.controller import OffloadController
-from offload.policy import Policy, PolicyContext
+from offload.policy import Policy, PolicyContext, check_params
 from offload.predictors import Predictor
 
 if TYPE_CHECKING:
@@ -90,9 +90,11 @@ def open_session(shape: "ModelShape", policy_cls: type[Policy], settings: RunSet
     separate slice that ``static`` and ``affinity`` learn from. ``predictor``: what a predictive
     policy consults (``offload.predictors.predictor_for``). ``hardware``: its estimates of one
     expert copy and one layer's compute limit prefetch depth; None means no limit (the untimed replay).
-    Raises ``ValueError`` from the cache (slots out of range) or the policy (missing trace, slice or
+    Raises ``ValueError`` from the cache (slots out of range), the parameter check (a parameter the
+    policy does not declare, ``offload.policy.check_params``) or the policy (missing trace, slice or
     predictor), naming the fix.
     """
+    check_params(policy_cls, settings.policy_params)
     cache = ExpertCache(shape.num_layers, shape.num_experts, settings.cache_slots, settings.cache_mode,
                         shape.top_k)
     copy_ns, layer_ns = (None, None) if hardware is None else hardware.prefetch_estimates(

@@ -53,6 +53,8 @@ class PredictorPrefetch(LRU):
     """LRU that prefetches the predicted top-k of the next ``prefetch_depth`` layers from a live predictor
     handed in through the policy params, and keeps every score it was given."""
 
+    parameters = {"predictor": "the live predictor object to consult"}
+
     def __init__(self, ctx):
         super().__init__(ctx)
         self.predictor = ctx.params["predictor"]
