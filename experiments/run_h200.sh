@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of experiments/results/h200 (the H200 version of run_h100.sh), in one device call
+# Every GPU measurement of experiments/results/h200 (and, before, h100), in one device call
 # of under 10 minutes, written under OUT (copy what is kept to experiments/results/h200/ afterwards):
 #   experiments/run_h200.sh OUT CORPUS_DIR model   the CUDA tests (~40 s), then train the model (~3 min),
 #                                                  then engine_bench live: the references, the recording,
