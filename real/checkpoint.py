@@ -31,7 +31,6 @@ q, k and v are stored fused (one matrix, one matmul per token); everything else 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +38,9 @@ from typing import Callable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from traces.io import atomic_write
 from traces.model_shape import ModelShape
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -587,15 +587,6 @@ def _from_internal(cfg: MoEConfig, tensors: Mapping[str, torch.Tensor]) -> dict[
     return {name: t.detach().to("cpu").clone(memory_format=torch.contiguous_format) for name, t in out.items()}
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(config_hf_dict: Mapping, tensors: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Write ``config.json`` and ``model.safetensors`` into ``path`` (each file replaced atomically) in the
     classic per-expert layout of the config's family, unquantized (a block-FP8 config's
@@ -617,6 +608,5 @@ def save_checkpoint(config_hf_dict: Mapping, tensors: Mapping[str, torch.Tensor]
     hf = _from_internal(cfg, internal)
     config = {k: v for k, v in config_hf_dict.items() if k != "quantization_config"}
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path / SAFE_WEIGHTS_NAME, lambda p: save_file(hf, str(p), metadata={"format": "pt"}))
-    _atomic_write_bytes(path / CONFIG_NAME,
-                        lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: f.write(save(hf, metadata={"format": "pt"})), binary=True)
+    atomic_write(path / CONFIG_NAME, lambda f: f.write(json.dumps(config, indent=2, sort_keys=True) + "\n"))
