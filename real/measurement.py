@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from offload.metrics import tpot_summary
+
 # The host calibration workload: a fixed count of interpreter-bound additions, about 2 ms on a current
 # server core. Fixed, never adapted to the machine, so that its time compares across runs and sessions.
 CALIBRATION_ITERATIONS = 80_000
@@ -116,12 +118,13 @@ def halves_drift_pct(step_ms: Sequence[float]) -> float:
 
 
 def step_figures(step_ms: Sequence[float]) -> dict:
-    """The timed steps' total (s), tokens/s as the engine reports it (1e3 / mean step ms), the median
+    """The timed steps' total (s) and tokens/s by the one formula (``offload.metrics``), the median
     step's tokens/s, and percentiles of the step time (ms)."""
     s = np.asarray(step_ms, dtype=np.float64)
     nan = float("nan")
     p10, p50, p90, p99 = np.percentile(s, [10, 50, 90, 99]) if len(s) else (nan,) * 4
-    return {"steps": len(s), "decode_s": s.sum() / 1e3, "tokens_per_s": 1e3 / s.mean() if len(s) else nan,
+    timing = tpot_summary(np.rint(s * 1e6).astype(np.int64)) if len(s) else {"decode_s": nan, "tokens_per_s": nan}
+    return {"steps": len(s), "decode_s": timing["decode_s"], "tokens_per_s": timing["tokens_per_s"],
             "tokens_per_s_median_step": 1e3 / p50, "step_ms_p10": p10, "step_ms_p50": p50,
             "step_ms_p90": p90, "step_ms_p99": p99, "step_ms_max": s.max() if len(s) else nan}
 
