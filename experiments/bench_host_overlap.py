@@ -29,9 +29,10 @@ from real.lookahead_gate import LookaheadGate
 from real.predictors import FrozenRouters, LookaheadGatePredictor, PreGate
 from real.record import routing_trace
 from real.shape_model import random_model
+from real.train_lm import SIZES
 from traces import ModelShape
 
-MOE_LM = ModelShape("moe-lm", 16, 8, 2, 1024, 4096, 16, 4, 64, 8192)
+MOE_LM = SIZES["h100"].shape                                     # the trained model's shape
 TINY = ModelShape("tiny", 4, 8, 2, 32, 48, 4, 2, 8, 8192)      # a CPU smoke run
 
 

@@ -49,7 +49,9 @@ def main(argv=None) -> pd.DataFrame:
     ours = json.loads(args.model_stats.read_text())
     if "routing_summary" in ours:        # a train_report.json: its summary, random reuse K / E
         shape = ours["model_shape"]
-        ours = {"summary": ours["routing_summary"], "random_reuse": shape["top_k"] / shape["experts"]}
+        # ModelShape's field names; the H100 report (history) spelled the experts' count "experts"
+        experts = shape["num_experts"] if "num_experts" in shape else shape["experts"]
+        ours = {"summary": ours["routing_summary"], "random_reuse": shape["top_k"] / experts}
     theirs = gpt_oss_stats(args.gpt_oss)
     rows = []
     for key, meaning in ROWS:

@@ -46,19 +46,15 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from real.corpus import DOMAINS, EOS_TOKEN, encode_corpus, load_corpus, save_tokenizer, train_tokenizer
 from traces.io import atomic_write
+from traces.model_shape import ModelShape
 from traces.stats import routing_stats
 
 
 @dataclass(frozen=True)
 class ModelSize:
-    layers: int
-    hidden: int
-    experts: int
-    top_k: int
-    expert_intermediate: int
-    heads: int
-    kv_heads: int
-    vocab: int
+    """A training recipe: the model's shape (``traces.ModelShape``, the one spelling of a shape) and
+    how it is trained."""
+    shape: ModelShape
     batch_windows: int                  # training windows per step
     eval_batch_windows: int
     warmup_steps: int
@@ -68,11 +64,13 @@ class ModelSize:
 
 
 SIZES: dict[str, ModelSize] = {
-    "h100": ModelSize(layers=16, hidden=1024, experts=8, top_k=2, expert_intermediate=4096, heads=16, kv_heads=4,
-                      vocab=8192, batch_windows=32, eval_batch_windows=32, warmup_steps=50, log_every_steps=25,
+    "h100": ModelSize(shape=ModelShape("moe-lm", num_layers=16, num_experts=8, top_k=2, hidden_size=1024,
+                                       expert_intermediate_size=4096, num_attention_heads=16, num_kv_heads=4,
+                                       head_dim=64, vocab_size=8192), batch_windows=32, eval_batch_windows=32, warmup_steps=50, log_every_steps=25,
                       eval_tokens_per_domain=65536, max_chars_per_domain=None),
-    "tiny": ModelSize(layers=2, hidden=64, experts=4, top_k=2, expert_intermediate=128, heads=4, kv_heads=2,
-                      vocab=512, batch_windows=4, eval_batch_windows=8, warmup_steps=10, log_every_steps=5,
+    "tiny": ModelSize(shape=ModelShape("moe-lm-tiny", num_layers=2, num_experts=4, top_k=2, hidden_size=64,
+                                       expert_intermediate_size=128, num_attention_heads=4, num_kv_heads=2,
+                                       head_dim=16, vocab_size=512), batch_windows=4, eval_batch_windows=8, warmup_steps=10, log_every_steps=5,
                       eval_tokens_per_domain=4096, max_chars_per_domain=200_000),
 }
 
@@ -89,14 +87,15 @@ SAVE_RESERVE_S = 5.0                # slack kept between the last step and the d
 
 
 def mixtral_config(size: ModelSize, eos_id: int) -> MixtralConfig:
+    shape = size.shape
     rope = ({"rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA}}
             if "rope_parameters" in inspect.signature(MixtralConfig.__init__).parameters
             else {"rope_theta": ROPE_THETA})
     return MixtralConfig(
-        vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.expert_intermediate,
-        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
-        head_dim=size.hidden // size.heads, max_position_embeddings=MAX_POSITIONS, num_local_experts=size.experts,
-        num_experts_per_tok=size.top_k, router_aux_loss_coef=ROUTER_AUX_LOSS_COEF, output_router_logits=False,
+        vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.expert_intermediate_size,
+        num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_kv_heads, head_dim=shape.head_dim, max_position_embeddings=MAX_POSITIONS,
+        num_local_experts=shape.num_experts, num_experts_per_tok=shape.top_k, router_aux_loss_coef=ROUTER_AUX_LOSS_COEF, output_router_logits=False,
         tie_word_embeddings=False, sliding_window=None, bos_token_id=eos_id, eos_token_id=eos_id,
         pad_token_id=eos_id, attn_implementation="sdpa", **rope)
 
@@ -268,13 +267,13 @@ def evaluate(model, held_out: dict[str, np.ndarray], size: ModelSize, device: to
             nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                    reduction="sum").item()
             count += batch[:, 1:].numel()
-            top = torch.stack([r.float().topk(size.top_k, dim=-1).indices for r in out.router_logits], dim=1)
+            top = torch.stack([r.float().topk(size.shape.top_k, dim=-1).indices for r in out.router_logits], dim=1)
             experts.append(top.to(torch.uint8).cpu().numpy())                # [B*S, L, K]
             starts.extend(n_tokens + SEQ_LEN * j for j in range(batch.shape[0]))
             n_tokens += batch.numel()
         domain_of.extend([domain] * (n_windows * SEQ_LEN))
         ppl[domain] = {"tokens": count, "perplexity": round(math.exp(nll / count), 4)}
-    stats = routing_stats(np.concatenate(experts), size.experts, np.asarray(domain_of), np.asarray(starts))
+    stats = routing_stats(np.concatenate(experts), size.shape.num_experts, np.asarray(domain_of), np.asarray(starts))
     return ppl, stats
 
 
@@ -358,7 +357,7 @@ def train_and_save(settings: TrainSettings, out: Path, command: list[str]) -> di
 
 def _train_and_save(settings: TrainSettings, command: list[str], corpus, size: ModelSize, device: torch.device,
                     dtype: torch.dtype, t0: float, deadline: float, tmp_dir: Path) -> dict:
-    tokenizer = train_tokenizer((t for d in DOMAINS for t in corpus[d].train), size.vocab)
+    tokenizer = train_tokenizer((t for d in DOMAINS for t in corpus[d].train), size.shape.vocab_size)
     save_tokenizer(tokenizer, tmp_dir, MAX_POSITIONS)
     train_ids = encode_corpus(tokenizer, {d: corpus[d].train for d in DOMAINS})
     held_ids = encode_corpus(tokenizer, {d: corpus[d].held_out for d in DOMAINS})
@@ -375,7 +374,7 @@ def _train_and_save(settings: TrainSettings, command: list[str], corpus, size: M
         model.set_experts_implementation(settings.experts_implementation)
     n_params = sum(p.numel() for p in model.parameters())
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    active = n_params - expert_params + expert_params * size.top_k // size.experts
+    active = n_params - expert_params + expert_params * size.shape.top_k // size.shape.num_experts
     impl = {"attention": model.config._attn_implementation,
             "experts": getattr(model.config, "_experts_implementation", "eager")}
     print(f"model: {n_params / 1e6:.1f} M parameters ({active / 1e6:.1f} M active per token), "
@@ -399,7 +398,8 @@ def _train_and_save(settings: TrainSettings, command: list[str], corpus, size: M
     wall_s = time.perf_counter() - t0
     report = {
         "command": command,
-        "seed": settings.seed, "size": settings.size, "model_shape": asdict(size), "seq_len": SEQ_LEN,
+        "seed": settings.seed, "size": settings.size, "model_shape": asdict(size.shape),
+        "recipe": {k: v for k, v in asdict(size).items() if k != "shape"}, "seq_len": SEQ_LEN,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "weights_dtype": str(dtype).removeprefix("torch."), "master_weights": "float32",
