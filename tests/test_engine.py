@@ -149,3 +149,25 @@ def test_graphed_predictor_matches_the_eager_one_and_keeps_tokens(name):
     graphed.scores = both
     assert eng.generate(PROMPTS, NEW_TOKENS).generated == reference_tokens("cuda", torch.bfloat16)
     assert diffs and max(diffs) < 1e-5
+
+
+def test_non_finite_router_output_stops_the_run_at_its_step_and_layer():
+    """A router that overflows (here: NaN weights in layer 1's router) must not decode garbage with
+    valid-looking metrics: the engine stops at the first step, naming the step and the layer, and keeps
+    what it recorded before."""
+    from real.engine import RoutingError
+    m = model()
+    m.layers[1].router.fill_(float("nan"))
+    eng = OffloadEngine(m, SHAPE, resolve_policy("lru"), RunSettings(cache_slots=3))
+    with pytest.raises(RoutingError, match=r"router of layer 1 gave non-finite weights \[nan, nan\] at decode step 0") as err:
+        eng.generate(PROMPTS, NEW_TOKENS)
+    assert (err.value.step, err.value.layer) == (0, 1)
+    assert eng.routing.experts == []          # step 0 never completed: nothing half-recorded
+
+
+@pytest.mark.parametrize("prompts", [[[]], [[1, 2], []], []])
+def test_empty_prompts_are_refused_before_anything_runs(prompts):
+    eng = engine("lru", 3)
+    with pytest.raises(ValueError, match="empty|no prompts"):
+        eng.generate(prompts, NEW_TOKENS)
+    assert eng.ctrl.stats.accesses == 0
