@@ -10,7 +10,7 @@ from typing import Any
 
 from experiments.config import SWEEP_KEYS, ConfigError, RunConfig
 from experiments.results import config_hash, row_inputs, trace_sha256
-from offload.cache import CacheMode, ExpertCache
+from offload.cache import ExpertCache
 from offload.policy import check_params
 from policies.registry import resolve_policy
 from hardware.profile import HardwareProfile, load_hardware
@@ -145,16 +145,11 @@ def validate_grid(configs: list[RunConfig]) -> None:
     for cfg in configs:
         hardware_for(cfg)
         _check_numbers(cfg)
-        try:
-            CacheMode(cfg.cache_mode)
-        except ValueError:
-            raise ConfigError(f"cache_mode={cfg.cache_mode!r} is not valid; "
-                              f"use one of {[m.value for m in CacheMode]}") from None
         if cfg.sim_path not in ("auto", "reference"):
             raise ConfigError(f"sim_path={cfg.sim_path!r} is not valid; use auto (the exact fast path where "
                               f"one exists) or reference (always SimPy)")
         try:
-            _settings(cfg)
+            _settings(cfg)     # the run's own settings check: slots, mode, depth, prompt length
         except SettingsError as err:
             raise ConfigError(str(err)) from None
         try:
@@ -175,10 +170,8 @@ def validate_grid(configs: list[RunConfig]) -> None:
 
 
 def _check_numbers(cfg: RunConfig) -> None:
-    limits = {"cache_slots": 1, "prefetch_depth": 1, "max_tokens": 1, "prompt_tokens": 0}
-    for key, low in limits.items():
-        value = getattr(cfg, key)
-        if value is not None and value < low:
-            raise ConfigError(f"{key}={value} is out of range; use {key} >= {low}")
+    """The sweep's own keys; those of the run itself are ``RunSettings``'."""
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        raise ConfigError(f"max_tokens={cfg.max_tokens} is out of range; use max_tokens >= 1")
     if not 0.0 <= cfg.train_fraction < 1.0:
         raise ConfigError(f"train_fraction={cfg.train_fraction} is out of range; use 0 <= train_fraction < 1")

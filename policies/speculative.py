@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from offload.policy import LayerAccess, Policy, PolicyContext, PrefetchRequest
+from offload.policy import LayerAccess, PolicyContext, PrefetchRequest
 from offload.cache import CacheView
 from policies.lru import LRU
 

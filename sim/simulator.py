@@ -201,7 +201,7 @@ class _SimClock:
 
     # -- the decode --------------------------------------------------------------------------------
     def decode(self):
-        env, cost, trace, ctrl = self.env, self.cost, self.trace, self.ctrl
+        cost, trace, ctrl = self.cost, self.trace, self.ctrl
         L = trace.num_layers
         before_experts_ns = cost.layer_overhead_ns + cost.router_ns
         starts = trace.request_starts.tolist()

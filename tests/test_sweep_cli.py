@@ -1,7 +1,4 @@
 """The sweep's front door: key=value parsing, YAML scenarios, and bad input refused with exit code 2."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -13,13 +10,9 @@ from experiments.sweep import DEFAULT_CONFIG, format_table
 from policies.registry import BASELINES
 from traces import DEFAULT_TRACE, save_trace, synthetic_trace
 
+from conftest import sweep_cli
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def sweep_cli(*args, timeout=120):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "experiments.sweep", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,9 @@ from offload.policy import Policy, check_params
 from policies.registry import PolicyLoadError, resolve_policy
 from traces import save_trace, synthetic_trace
 
+from conftest import sweep_cli
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def sweep_cli(*args, timeout=120):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "experiments.sweep", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
