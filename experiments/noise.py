@@ -43,8 +43,9 @@ import real.engine as engine_module
 from policies.registry import resolve_policy
 from offload.session import RunSettings
 from real.engine import OffloadEngine
-from real.measurement import (CALIBRATION_ITERATIONS, ClockSampler, Config, Discipline, Measurement, Report, RunOutput, calibration_ms,
+from real.measurement import (CALIBRATION_ITERATIONS, ClockSampler, Config, Discipline, Measurement, Report, calibration_ms,
                               place_threads, steal_ms)
+from real.bench.engine_runs import EngineRuns
 from real.shape_model import random_model
 from traces import load_shape, load_trace
 from traces.io import atomic_write
@@ -86,55 +87,14 @@ def engine_quiet_gc(enabled: bool):
                            "the A/B needs a switch in the engine")
 
 
-class ReplayRuns:
-    """The run function of a shape-replay session. A run is a fresh engine (its step index, cache and
-    policy state are per engine, as in every engine figure) replaying the first ``max_tokens`` tokens of
-    ``trace``; a warm-up pass replays the first ``warmup_tokens``. Besides the engine's counts, a run
-    reports how long the host waited in each layer's routing read-back (the one synchronisation per
-    layer; timed by wrapping the model's ``read_routing``, two clock reads per layer) and the rest of
-    the step's wall time per layer: the host's own work plus the waits the read-back does not see (a
-    copy slot's wait in make_ready, the final logits' read)."""
-
-    def __init__(self, model, shape, trace, max_tokens: int, warmup_tokens: int):
-        self.model, self.shape, self.trace = model, shape, trace
-        self.max_tokens, self.warmup_tokens = max_tokens, warmup_tokens
-
-    def __call__(self, config: Config, warmup: bool) -> RunOutput:
-        waits: list[float] = []
-        first_ns: list[int] = []        # when the first step reads its first layer's routing
-        read = self.model.read_routing
-
-        def timed_read(*args):
-            if not waits:
-                first_ns.append(time.monotonic_ns())
-            start = time.perf_counter()
-            try:
-                return read(*args)
-            finally:
-                waits.append(time.perf_counter() - start)
-
-        self.model.read_routing = timed_read        # this instance only; deleted below
-        try:
-            with engine_quiet_gc(config.fields["quiet_gc"]):
-                engine = make_engine(self.model, self.shape, config.fields["policy"], config.fields["cache_slots"],
-                                     self.trace)
-                waits.clear()
-                first_ns.clear()
-                result = engine.replay(self.trace, self.warmup_tokens if warmup else self.max_tokens)
-        finally:
-            del self.model.read_routing
-        step_ms = np.asarray(result.routing.step_ms, dtype=np.float64)
-        L = self.shape.num_layers
-        columns = {k: result.metrics[k] for k in ("hit_rate", "misses", "bytes_moved", "copy_GBps")}
-        nan = float("nan")
-        columns.update(routing_wait_ms_per_layer=nan, host_ms_per_layer=nan, host_ms_per_layer_p90=nan)
-        if len(waits) == len(step_ms) * L and len(step_ms):    # else the engine no longer reads routing per layer
-            wait_ms = 1e3 * np.asarray(waits).reshape(-1, L).sum(axis=1)
-            host = (step_ms - wait_ms) / L
-            columns.update(routing_wait_ms_per_layer=float(np.median(wait_ms)) / L,
-                           host_ms_per_layer=float(np.median(host)),
-                           host_ms_per_layer_p90=float(np.percentile(host, 90)))
-        return RunOutput(step_ms.tolist(), columns, first_ns[0] if first_ns else None)
+def replay_runs(model, shape, trace, max_tokens: int, warmup_tokens: int) -> EngineRuns:
+    """The run function of a shape-replay session: a fresh engine (``make_engine``) replays the first
+    ``max_tokens`` tokens of ``trace`` (a warm-up pass: ``warmup_tokens``), inside ``engine_quiet_gc`` as
+    the configuration's ``quiet_gc`` arm says."""
+    return EngineRuns(model, shape,
+                      engine_for=lambda c: make_engine(model, shape, c.fields["policy"], c.fields["cache_slots"], trace),
+                      decode=lambda engine, warmup: engine.replay(trace, warmup_tokens if warmup else max_tokens),
+                      around=lambda c: engine_quiet_gc(c.fields["quiet_gc"]))
 
 
 def configurations(pairs: list[tuple[str, int]], decode_core: int | None, quiet_gc: bool, ab: str | None) -> list[Config]:
@@ -337,7 +297,8 @@ def measure(args, started: float) -> Report:
           f"{args.repeats} repeats of {max_tokens} tokens", flush=True)
     discipline = Discipline(repeats=args.repeats, warmup=not args.no_warmup, rotate=not args.no_rotate)
     outputs = Outputs(out, args.session, settings)
-    measurement = Measurement(ReplayRuns(model, shape, replayed, max_tokens, warmup_tokens), configs, discipline,
+    runs = replay_runs(model, shape, replayed, max_tokens, warmup_tokens)
+    measurement = Measurement(runs, configs, discipline,
                               on_progress=outputs.write, deadline_s=args.deadline_s, started=started)
     report = measurement.run_all()
     outputs.write(report)

@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
-import hashlib
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +21,17 @@ import yaml
 
 from experiments.config import RunConfig
 from hardware.profile import hardware_to_dict, load_hardware
-from policies.registry import resolve_policy
+from policies.registry import policy_sha256
+from traces.digest import bytes_sha256, file_sha256, source_sha256
 from traces.io import atomic_write
 
-_digests: dict[tuple[str, int, int], str] = {}
-
-
 def _sha256(data: bytes | str) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+    return bytes_sha256(data)
 
 
 def trace_sha256(path: str | Path) -> str:
     """The trace file's sha256, cached per process by (path, size, mtime)."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _digests:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _digests[key] = h.hexdigest()
-    return _digests[key]
+    return file_sha256(path)
 
 
 # The packages whose code decides a row's numbers: the shared core, the hardware and trace formats,
@@ -53,31 +39,16 @@ def trace_sha256(path: str | Path) -> str:
 _MODEL_PACKAGES = ("offload", "hardware", "policies", "sim", "traces")
 
 
-@functools.lru_cache(maxsize=1)
 def model_code_sha256() -> str:
     """Digest of the source of every package a row depends on: a row computed by other code is
     stale, so a resumed sweep after a change recomputes instead of mixing old and new numbers."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for package in _MODEL_PACKAGES:
-        for source in sorted((root / package).rglob("*.py")):
-            h.update(source.relative_to(root).as_posix().encode())
-            h.update(source.read_bytes())
-    return h.hexdigest()
+    return source_sha256(_MODEL_PACKAGES)
 
 
 def hardware_sha256(cfg: RunConfig) -> str:
     """Digest of the hardware profile as the run sees it: the file's content with the overrides."""
     profile = load_hardware(cfg.hardware).with_overrides(**cfg.hardware_overrides())
     return _sha256(json.dumps(hardware_to_dict(profile), sort_keys=True))
-
-
-def policy_sha256(spec: str) -> str:
-    """Digest of the source files of the policy's class and its base classes: a user's own policy
-    file is not in the packages' digest, and editing it must recompute its rows."""
-    sources = {getattr(sys.modules.get(c.__module__), "__file__", None) for c in resolve_policy(spec).__mro__}
-    # Contents only, sorted: the same files give the same digest wherever the project is checked out.
-    return _sha256("".join(sorted(_sha256(Path(f).read_bytes()) for f in sources if f)))
 
 
 # Each input a row depends on, as its column name in the row -> what a change of it is called.

@@ -177,7 +177,16 @@ def _check_ctx_points(points: tuple[tuple[int, float], ...], what: str) -> None:
 
 @dataclass(frozen=True)
 class MeasuredCompute:
-    """Per-layer compute times of one model at one precision, from the engine's profiler."""
+    """Per-layer compute times of one model at one precision, from the engine's profiler, and the host's
+    costs around them (``validation.profile_fit`` derives them from calibration micro-benchmarks):
+
+    - ``layer_overhead_us``: per layer, the engine's time that no kernel accounts for (routing read-back,
+      the host's bookkeeping and launches, the combine), in series with the layer's compute;
+    - ``copy_wait_us``: compute that has to wait for a copy starts this long after the copy ends (the
+      host and the GPU noticing it);
+    - ``decision_us``: per policy class name, the host's extra work per layer over LRU's (its prefetch
+      decision, a live predictor's read-back); it overlaps the layer's experts, and delays the policy's
+      prefetch copies and the next layer's start when longer than them."""
 
     precision: str
     attention_us_by_ctx: tuple[tuple[int, float], ...]
@@ -185,6 +194,8 @@ class MeasuredCompute:
     expert_us: float
     layer_overhead_us: float
     token_overhead_us: float
+    copy_wait_us: float = 0.0
+    decision_us: tuple[tuple[str, float], ...] = ()
 
     _attention: _PiecewiseLinear = field(init=False, repr=False, compare=False)
 
@@ -193,9 +204,13 @@ class MeasuredCompute:
         object.__setattr__(self, "attention_us_by_ctx", points)
         _require(isinstance(self.precision, str) and self.precision != "", "precision must be a non-empty string")
         _check_ctx_points(points, "attention_us_by_ctx")
-        for name in ("router_us", "expert_us", "layer_overhead_us", "token_overhead_us"):
+        for name in ("router_us", "expert_us", "layer_overhead_us", "token_overhead_us", "copy_wait_us"):
             value = getattr(self, name)
             _require(value >= 0 and math.isfinite(value), f"{name} must be >= 0, got {value}")
+        decisions = tuple(sorted((str(k), float(v)) for k, v in self.decision_us))
+        object.__setattr__(self, "decision_us", decisions)
+        for policy, us in decisions:
+            _require(us >= 0 and math.isfinite(us), f"decision_us[{policy}] must be >= 0, got {us}")
         object.__setattr__(
             self, "_attention", _PiecewiseLinear(tuple(c for c, _ in points), tuple(t for _, t in points))
         )
@@ -217,6 +232,15 @@ class ComputeCost:
     basis: str = "analytic"  # "analytic" or "measured": which the numbers come from
     # Measured attention is piecewise linear in context; when given it replaces base + per_ctx * ctx.
     attention_ns_by_ctx: tuple[tuple[int, float], ...] = ()
+    copy_wait_ns: int = 0    # a copy's end to the compute waiting on it (MeasuredCompute.copy_wait_us)
+    decision_ns_by_policy: tuple[tuple[str, int], ...] = ()   # policy class name -> host ns per layer
+
+    def decision_ns(self, policy_cls: type) -> int:
+        """The host's extra time per layer for ``policy_cls`` (MeasuredCompute.decision_us), else 0."""
+        for name, ns in self.decision_ns_by_policy:
+            if name == policy_cls.__name__:
+                return ns
+        return 0
 
     _attention: _PiecewiseLinear | None = field(init=False, repr=False, compare=False)
 
@@ -290,6 +314,8 @@ class HardwareProfile:
                     token_overhead_ns=round(m.token_overhead_us * 1000.0),
                     basis="measured",
                     attention_ns_by_ctx=tuple((c, t * 1000.0) for c, t in m.attention_us_by_ctx),
+                    copy_wait_ns=round(m.copy_wait_us * 1000.0),
+                    decision_ns_by_policy=tuple((p, round(us * 1000.0)) for p, us in m.decision_us),
                 )
         launch_ns = self.kernel_launch_us * 1000.0
         hbm = self.hbm_GBps
@@ -370,6 +396,7 @@ _MEASURED_FIELDS = {
     "layer_overhead_us": float,
     "token_overhead_us": float,
 }
+_MEASURED_OPTIONAL = {"copy_wait_us": float, "decision_us": dict}
 
 
 def available_hardware() -> list[str]:
@@ -488,11 +515,15 @@ def _measured_from_dict(data: dict, fail) -> tuple[tuple[str, MeasuredCompute], 
             here = f"{where}[{precision}]"
             if not isinstance(fields, dict):
                 raise fail(f"{here} must be a mapping of {list(_MEASURED_FIELDS)}")
-            unknown = sorted(set(fields) - set(_MEASURED_FIELDS))
+            unknown = sorted(set(fields) - set(_MEASURED_FIELDS) - set(_MEASURED_OPTIONAL))
             missing = [k for k in _MEASURED_FIELDS if k not in fields]
             if unknown or missing:
-                raise fail(f"{here}: missing {missing}, unknown {unknown}; fields are {list(_MEASURED_FIELDS)}")
-            v = {k: _typed(fields[k], kind, f"{here}.{k}", fail) for k, kind in _MEASURED_FIELDS.items()}
+                raise fail(f"{here}: missing {missing}, unknown {unknown}; fields are {list(_MEASURED_FIELDS)} "
+                           f"and optionally {list(_MEASURED_OPTIONAL)}")
+            v = {k: _typed(fields[k], kind, f"{here}.{k}", fail)
+                 for k, kind in {**_MEASURED_FIELDS, **_MEASURED_OPTIONAL}.items() if k in fields}
+            v["decision_us"] = tuple((str(policy), _typed(us, float, f"{here}.decision_us[{policy}]", fail))
+                                     for policy, us in v.get("decision_us", {}).items())
             attention = v.pop("attention_us_by_ctx")
             points = sorted(
                 (_ctx_key(ctx, f"{here}.attention_us_by_ctx", fail), _typed(us, float, f"{here}.attention_us_by_ctx[{ctx}]", fail))
@@ -538,6 +569,8 @@ def hardware_to_dict(profile: HardwareProfile) -> dict:
             "expert_us": m.expert_us,
             "layer_overhead_us": m.layer_overhead_us,
             "token_overhead_us": m.token_overhead_us,
+            "copy_wait_us": m.copy_wait_us,
+            "decision_us": dict(m.decision_us),
         }
     out["measured_compute"] = measured
     return out

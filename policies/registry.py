@@ -130,3 +130,12 @@ def crash_site(policy_cls: type[Policy], err: BaseException) -> str:
             return "?"
         frame = frames[-1]
     return f"{frame.filename}:{frame.lineno} in {frame.name}"
+
+
+def policy_sha256(spec: str) -> str:
+    """Digest of the source files of the policy's class and its base classes: a user's own policy file
+    is in no package's digest, and editing it must recompute the results it produced."""
+    from traces.digest import bytes_sha256
+    sources = {getattr(sys.modules.get(c.__module__), "__file__", None) for c in resolve_policy(spec).__mro__}
+    # Contents only, sorted: the same files give the same digest wherever the project is checked out.
+    return bytes_sha256("".join(sorted(bytes_sha256(Path(f).read_bytes()) for f in sources if f)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -19,7 +20,15 @@ COPY_SIZES_MIB = (0.25, 1, 4, 16, 64, 256)
 
 
 def _median_event_ms(fn, repeats: int, stream=None) -> float:
+    """The median time of ``fn`` in ms: CUDA events around it on a GPU (``stream``: where they are
+    recorded), the host clock on a CPU, where everything ``fn`` launches runs synchronously."""
     times = []
+    if not torch.cuda.is_available():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
@@ -31,13 +40,16 @@ def _median_event_ms(fn, repeats: int, stream=None) -> float:
 
 
 def measure_copies(device: torch.device, sizes_MiB=COPY_SIZES_MIB, repeats: int = 30):
-    """(copy_latency_us, {MiB: effective GBps}) for pinned host-to-device copies."""
+    """(copy_latency_us, {MiB: effective GBps}) for pinned host-to-device copies (on a CPU device: plain
+    host memory copies, as the CPU engine makes them)."""
     largest = int(max(sizes_MiB) * 2**20)
-    src = torch.randint(0, 255, (largest,), dtype=torch.uint8).pin_memory()
+    cuda = device.type == "cuda"
+    src = torch.randint(0, 255, (largest,), dtype=torch.uint8)
+    src = src.pin_memory() if cuda else src
     dst = torch.empty(largest, dtype=torch.uint8, device=device)
-    stream = torch.cuda.Stream(device)
+    stream = torch.cuda.Stream(device) if cuda else None
     table = {}
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream) if cuda else nullcontext():
         for mib in sizes_MiB:
             n = int(mib * 2**20)
             _median_event_ms(lambda: dst[:n].copy_(src[:n], non_blocking=True), 3, stream)
@@ -70,11 +82,13 @@ def consistent_copy_table(latency_us: float, table: dict) -> tuple[float, dict]:
 
 
 @torch.no_grad()
-def measure_compute(model, contexts=(0, 128, 512, 1024), repeats: int = 50) -> dict:
-    """Per-layer GPU times of ``model`` (a ``real.model.MoEModel`` with its experts on the GPU). With the
+def measure_compute(model, contexts=(0, 128, 512, 1024), repeats: int = 50, engine=None) -> dict:
+    """Per-layer GPU times of ``model`` (a ``real.model.MoEModel`` with its experts on the GPU, or
+    ``engine``, an ``OffloadEngine`` over it, whose slots and expert graphs are timed instead). With the
     model's CUDA graphs captured, attention and router are timed together as the graph they are.
     Times are from CUDA events around the launching code, so launch-bound kernels count their host
-    cost, as they do in decoding. With expert graphs captured, one expert is timed as its graph."""
+    cost, as they do in decoding. With expert graphs captured, one expert is timed as its graph.
+    On a CPU the host clock times the same calls."""
     layer = model.config.num_layers // 2
     h = torch.randn(1, model.config.hidden_size, device=model.device, dtype=model.dtype)
     attention = {}
@@ -88,14 +102,14 @@ def measure_compute(model, contexts=(0, 128, 512, 1024), repeats: int = 50) -> d
         for ctx in contexts:
             attention[ctx] = round(1e3 * _median_event_ms(lambda: model.attention(layer, h, ctx), repeats), 2)
         router_ms = _median_event_ms(lambda: model.route(layer, h), repeats)
-    graphs = model._resident_experts
+    graphs = model._resident_experts if engine is None else engine.expert_graphs
     if graphs is not None:      # the expert as the graph the engine launches (its combine counts as overhead)
         model.attention_route(layer, h, contexts[0])
-        index = layer * model.config.num_experts
+        index = 0 if engine is not None else layer * model.config.num_experts
         expert_ms = _median_event_ms(lambda: graphs.expert(index, 0), repeats)
     else:
         x, _, _ = model.route(layer, h)
-        blob = model.expert_blobs[layer, 0]
+        blob = model.expert_blobs[layer, 0] if engine is None else engine.slots[0]
         expert_ms = _median_event_ms(lambda: model.expert(x, blob), repeats)
     token_ms = _median_event_ms(lambda: model.final(model.embed(1)), repeats)
     return {"attention_us_by_ctx": attention, "router_us": round(router_ms * 1e3, 2),

@@ -59,9 +59,11 @@ def fast_simulate(trace: Trace, policy: str | type[Policy], hardware: HardwarePr
     expert_bytes = shape.expert_bytes(settings.precision)
     stats, misses = _replay(trace, kernel, settings, train_trace, expert_bytes)
     copy_ns = hardware.copy.copy_ns(expert_bytes)
+    cost = hardware.compute_cost(shape, settings.precision)
+    policy_cls = resolve_policy(policy) if isinstance(policy, str) else policy
     token_ns, stall_ns = closed_form.token_times(
-        misses, shape.top_k, trace.request_starts, settings.prompt_tokens,
-        hardware.compute_cost(shape, settings.precision), copy_ns, hardware.copy_engines)
+        misses, shape.top_k, trace.request_starts, settings.prompt_tokens, cost, copy_ns, hardware.copy_engines,
+        cost.decision_ns(policy_cls))
     token_ns = token_ns.tolist()
     metrics = run_metrics(token_ns, stats, link_busy_ns=stats.copies * copy_ns,
                           copy_engines=hardware.copy_engines, stall_ns=stall_ns)

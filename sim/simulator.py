@@ -94,9 +94,11 @@ class _SimClock:
         self.ctrl = self.session.ctrl
         self.cache = self.session.cache
         self.copy_engines = hardware.copy_engines
-        # The host's time between launching a layer's experts and the policy's prefetch decision.
-        # Not in the profile format yet (the validation issue measures it): zero, as before.
-        self.decision_ns = 0
+        # The host's extra work per layer for this policy (its prefetch decision): it overlaps the layer's
+        # experts, delays the prefetch copies it decides, and the next layer when longer than the experts.
+        self.decision_ns = self.cost.decision_ns(policy_cls)
+        self._host_ready = 0          # when the host has taken the current layer's decision
+        self.copy_wait_ns = self.cost.copy_wait_ns   # a copy's end to the compute that waited on it
         self.timeline = Timeline() if record else None
         if record:
             self.timeline.preloaded = {slot: key for key, slot in self.cache.key_slot.items()}
@@ -122,7 +124,10 @@ class _SimClock:
             job = ctrl.next_copy(env.now)
             if job is None:
                 return
-            done = env.timeout(self.copy_ns)
+            # a copy the host decided after ``now`` (its prefetch decision takes time) starts then
+            delay = job.queued_ns - env.now if job.queued_ns > env.now else 0
+            job.started_ns += delay
+            done = env.timeout(delay + self.copy_ns)
             done.job, done.engine = job, free.pop()
             done.callbacks.append(self._copy_done)
             if job.waiter is None:
@@ -156,7 +161,9 @@ class _SimClock:
 
     # -- the named points of the layer turn ------------------------------------------------------
     def now_ns(self) -> int:
-        return self.env.now + self.pending
+        # the host's time: the compute stream's, or later while the host still takes its decision
+        now = self.env.now + self.pending
+        return now if now >= self._host_ready else self._host_ready
 
     def route(self, token: int, layer: int):
         self.pending += self._layer_ns
@@ -178,7 +185,7 @@ class _SimClock:
         pass                    # the compute stream runs them in finish_experts
 
     def decide(self, token, layer):
-        self.pending += self.decision_ns
+        self._host_ready = self.env.now + self.pending + self.decision_ns
         return ()
 
     def finish_experts(self, token: int, layer: int, needs):
@@ -190,12 +197,16 @@ class _SimClock:
                     job.waiter = env.event()
                 waited_from = env.now
                 yield job.waiter
-                self.stall_ns += env.now - waited_from
+                if env.now > waited_from:       # it did wait: the expert starts copy_wait after the copy
+                    self.pending += self.copy_wait_ns
+                    self.stall_ns += env.now - waited_from + self.copy_wait_ns
             if timeline is not None:
                 begin = env.now + self.pending
                 timeline.compute.append(ComputeEvent(token, layer, key, self.cache.key_slot[key], begin,
                                                      begin + expert_ns))
             self.pending += expert_ns
+        if self._host_ready > env.now + self.pending:      # the layer ends when the host's decision does
+            self.pending = self._host_ready - env.now
         if self._copy_side_active():     # the layer's experts stay protected until their compute ends
             yield from self._flush()
 

@@ -221,7 +221,7 @@ def test_the_clock_sampler_process_reads_nvml_or_reports_it_missing(tmp_path, mo
 
 def test_real_engine_runs_on_the_cpu(tmp_path):
     """A whole session on the tiny random model: every run measured, host time per layer found."""
-    from experiments.noise import ReplayRuns, configurations
+    from experiments.noise import configurations, replay_runs
     from real.shape_model import random_model
     from traces import synthetic_trace
     trace = synthetic_trace(num_tokens=24, num_layers=2, num_experts=4, top_k=2, num_requests=2, seed=3)
@@ -229,7 +229,7 @@ def test_real_engine_runs_on_the_cpu(tmp_path):
     model = random_model(shape, "cpu", torch.float32, max_len=16)
     # without the engine's frozen collector: its full collection per run costs ~0.3 s beside pytest
     configs = configurations([("lru", 2), ("belady", 3)], None, False, None)
-    report = Measurement(ReplayRuns(model, shape, trace, 6, 3), configs, Discipline(repeats=2),
+    report = Measurement(replay_runs(model, shape, trace, 6, 3), configs, Discipline(repeats=2),
                          clocks=FakeClocks()).run_all()
     assert len(report.rows) == 4 and not any(r["error"] for r in report.rows)
     assert all(r["steps"] == 6 and r["tokens_per_s"] > 0 for r in report.rows)

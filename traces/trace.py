@@ -134,6 +134,57 @@ class Trace:
         stop = int(np.searchsorted(self.request_starts, n, side="left"))
         return self.select_requests(0, min(stop, self.num_requests))
 
+    def first_tokens(self, n: int) -> Trace:
+        """The first ``n`` tokens (all if fewer), the request in progress at ``n`` cut there: the steps an
+        engine run that stops after ``n`` tokens decoded (``OffloadEngine.replay(trace, n)``)."""
+        if n <= 0:
+            raise ValueError(f"first_tokens: n must be positive, got {n}")
+        if n >= self.num_tokens:
+            return self
+        starts = self.request_starts[self.request_starts < n]
+        cut = self.select_requests(0, len(starts))
+        hidden_states, hidden_token_index = cut.hidden_states, cut.hidden_token_index
+        if hidden_states is not None:
+            keep = hidden_token_index < n
+            hidden_states, hidden_token_index = hidden_states[keep], hidden_token_index[keep]
+        return dataclasses.replace(
+            cut,
+            experts=cut.experts[:n],
+            weights=cut.weights[:n],
+            request_starts=np.append(starts, n).astype(np.int64),
+            router_probs=None if cut.router_probs is None else cut.router_probs[:n],
+            hidden_states=hidden_states,
+            hidden_token_index=hidden_token_index,
+            predictions={k: v[:n] for k, v in cut.predictions.items()},
+            timings={k: v[:n] for k, v in cut.timings.items()},
+            text_bytes=None if cut.text_offsets is None else cut.text_bytes[: int(cut.text_offsets[n])],
+            text_offsets=None if cut.text_offsets is None else cut.text_offsets[: n + 1],
+        )
+
+    def for_shape(self, shape: ModelShape) -> Trace:
+        """This routing replayed on ``shape``: the first ``shape.num_layers`` layers, the meta's model
+        replaced (e.g. a trained model's routing at a production model's expert size); hidden states go
+        when the hidden size differs (they are another model's). Raises ValueError
+        when ``shape`` has other experts per layer or top-k, or more layers than the trace."""
+        if (shape.num_experts, shape.top_k) != (self.num_experts, self.top_k) or shape.num_layers > self.num_layers:
+            raise ValueError(f"a trace of {self.model.name} ({self.num_layers} layers, top-{self.top_k} of "
+                             f"{self.num_experts}) cannot route {shape.name} ({shape.num_layers} layers, "
+                             f"top-{shape.top_k} of {shape.num_experts})")
+        L = shape.num_layers
+        keep_hidden = self.hidden_states is not None and shape.hidden_size == self.model.hidden_size
+        return dataclasses.replace(
+            self,
+            meta=dataclasses.replace(self.meta, model=shape),
+            experts=self.experts[:, :L],
+            weights=self.weights[:, :L],
+            router_probs=None if self.router_probs is None else self.router_probs[:, :L],
+            hidden_states=self.hidden_states[:, :L] if keep_hidden else None,
+            hidden_token_index=self.hidden_token_index if keep_hidden else None,
+            predictions={k: v[:, :L] for k, v in self.predictions.items()},
+            timings={k: v[:, :L] if v.ndim > 1 and v.shape[1] == self.num_layers else v
+                     for k, v in self.timings.items()},
+        )
+
     def token_text(self, t: int) -> str | None:
         if self.text_offsets is None:
             return None

@@ -1,0 +1,124 @@
+"""Calibration micro-benchmarks: what the simulator's hardware profile needs, measured on the engine apart
+from any run it will be checked against (``python -m experiments.validate``).
+
+For one model (a checkpoint, or random weights of a shape) this measures, and returns as plain data:
+
+- ``compute``: attention against context length, the router, one expert and the per-token work (embedding,
+  LM head, sampling) with CUDA events (``real.profile_hw.measure_compute``) on the engine's own kernels;
+- ``patterns``: the engine decoding synthetic routing that isolates one cost at a time, with every step's
+  wall time and the per-layer timings (``OffloadEngine(record_layer_timings=True)``):
+  ``hits`` routes the same top-k experts at every step, so after the first step nothing is copied: the
+  per-layer time of a decode with no miss; ``misses`` routes experts round-robin, so that at top-k slots
+  per layer every access misses: a demand copy's cost on the critical path, the link's achieved copy
+  time and how long after a copy ends the layer can go on;
+- ``decisions``: each policy's own host work per layer (the controller's ``begin_layer`` and the policy's
+  ``prefetch_layer``, host clock), the policy run on a *training* trace, never the trace validated.
+
+The numbers become profile constants in ``validation.profile_fit``; nothing here is fitted.
+Units: ms for times unless a name says us.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from offload.policy import Policy
+from offload.session import RunSettings
+from policies.lru import LRU
+from real.engine import OffloadEngine
+from real.profile_hw import measure_compute
+from traces import SCHEMA_VERSION, ModelShape, Trace, TraceMeta
+
+PATTERNS = ("hits", "misses")
+
+
+def pattern_trace(shape: ModelShape, steps: int, pattern: str) -> Trace:
+    """Synthetic routing of ``steps`` tokens, one request. ``hits``: experts 0..k-1 at every layer and step.
+    ``misses``: step t routes experts (t*k .. t*k+k-1) mod E, so consecutive steps share none (E >= 2k)
+    and with k slots per layer every access misses. Weights are 1/k. Raises ValueError for an unknown
+    pattern, or ``misses`` on a shape with fewer than 2k experts."""
+    L, E, K = shape.num_layers, shape.num_experts, shape.top_k
+    if pattern == "hits":
+        ids = np.broadcast_to(np.arange(K), (steps, L, K))
+    elif pattern == "misses":
+        if E < 2 * K:
+            raise ValueError(f"pattern 'misses' needs at least 2 * top_k experts; {shape.name} has {E} for top-{K}")
+        ids = (np.arange(steps)[:, None, None] * K + np.arange(K)[None, None, :]) % E
+        ids = np.broadcast_to(ids, (steps, L, K))
+    else:
+        raise ValueError(f"unknown pattern {pattern!r}; use one of {list(PATTERNS)}")
+    meta = TraceMeta(SCHEMA_VERSION, shape, "real.calibration", "Apache-2.0", "synthetic",
+                     f"calibration pattern '{pattern}'", {})
+    experts = np.ascontiguousarray(ids, dtype=np.uint8 if E <= 256 else np.uint16)
+    return Trace(meta, experts, np.full((steps, L, K), 1.0 / K, dtype=np.float32), np.array([0, steps], np.int64))
+
+
+@dataclass
+class PatternRun:
+    slots: int
+    step_ms: list[float]
+    layer_timings: dict[str, list]      # name -> [T][L] or [T][L][K] (real.engine.Routing.layer_timings)
+    copy_ms: list[float]                # each demand copy's own time on the copy stream (0 on a CPU)
+    hit_rate: float
+
+    def to_dict(self) -> dict:
+        return {"slots": self.slots, "step_ms": self.step_ms, "layer_timings": self.layer_timings,
+                "copy_ms": self.copy_ms, "hit_rate": self.hit_rate}
+
+
+def run_pattern(model, shape: ModelShape, pattern: str, steps: int, hardware=None) -> PatternRun:
+    """The engine (LRU, top-k slots per layer) replaying ``pattern_trace``, timed step by step with layer
+    timings recorded. A first untimed replay warms the engine's kernels and the allocator."""
+    trace = pattern_trace(shape, steps, pattern)
+    settings = RunSettings(cache_slots=shape.top_k)
+    OffloadEngine(model, shape, LRU, settings, hardware=hardware).replay(trace, max(steps // 4, 2))
+    engine = OffloadEngine(model, shape, LRU, settings, hardware=hardware, record_layer_timings=True)
+    result = engine.replay(trace)
+    timings = {name: np.stack(values).tolist() for name, values in result.routing.layer_timings.items() if values}
+    return PatternRun(shape.top_k, list(result.routing.step_ms), timings,
+                      [c.duration_ms for c in result.copies if c.demand], float(result.metrics["hit_rate"]))
+
+
+def decision_costs(model, shape: ModelShape, policy_cls: type[Policy], settings: RunSettings, trace: Trace,
+                   hardware=None, predictors=None, max_tokens: int | None = None) -> dict:
+    """The host time per layer (us, mean over the run) of the controller's ``begin_layer`` and of
+    ``prefetch_layer`` (the policy's prefetch decision, a live predictor's read-back included) for
+    ``policy_cls`` replaying ``trace`` (a training slice: never the trace being validated), and the run's
+    own per-layer step time. Timed by wrapping the two controller calls of one engine."""
+    engine = OffloadEngine(model, shape, policy_cls, settings, hardware=hardware, future=trace, train_trace=trace,
+                           predictors=predictors)
+    spent = {"begin_layer": 0, "prefetch_layer": 0}
+    calls = {"begin_layer": 0, "prefetch_layer": 0}
+    ctrl = engine.ctrl
+    for name in spent:
+        method = getattr(ctrl, name)
+
+        def timed(*args, _method=method, _name=name):
+            start = time.perf_counter_ns()
+            try:
+                return _method(*args)
+            finally:
+                spent[_name] += time.perf_counter_ns() - start
+                calls[_name] += 1
+        setattr(ctrl, name, timed)
+    result = engine.replay(trace, max_tokens)
+    layers = max(calls["begin_layer"], 1)
+    return {"begin_layer_us": spent["begin_layer"] / 1e3 / layers,
+            "prefetch_layer_us": spent["prefetch_layer"] / 1e3 / max(calls["prefetch_layer"], 1),
+            "layer_ms": float(np.sum(result.routing.step_ms)) / layers, "hit_rate": float(result.metrics["hit_rate"]),
+            "cache_slots": settings.cache_slots, "steps": len(result.routing.step_ms)}
+
+
+def calibrate_model(model, shape: ModelShape, steps: int = 48, hardware=None) -> dict:
+    """``compute`` and ``patterns`` of the module docstring for ``model`` (a ``real.model.MoEModel`` with its
+    experts on the host) of shape ``shape``."""
+    engine = OffloadEngine(model, shape, LRU, RunSettings(cache_slots=shape.top_k), hardware=hardware)
+    with torch.no_grad():
+        compute = measure_compute(model, contexts=[c for c in (0, 128, 512, 1024) if c < model.max_len],
+                                  engine=engine)
+    del engine
+    patterns = {p: run_pattern(model, shape, p, steps, hardware).to_dict() for p in PATTERNS}
+    return {"compute": compute, "patterns": patterns}
