@@ -134,3 +134,31 @@ def plot_timeline(timeline: Timeline, path: str | Path, max_ms: float | None = N
     shown = f" (first {limit:.3g} ms shown)" if limit < end_ms else ""
     ax.set_title(f"Timeline of the first {len(timeline.token_end_ns)} tokens{shown}", fontsize=10, loc="left")
     _save(fig, path)
+
+
+def plot_validation(table: pd.DataFrame, path: str | Path) -> None:
+    """The simulator's tokens/s against the engine's (``validation.report`` long table), log-log, one marker
+    per shape and colour per policy family; the y = x line and the band of the engine's median noise floor
+    around it; each point's horizontal bar spans its runs (min..max)."""
+    t = table[table["metric"] == "tokens_per_s"]
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    markers = dict(zip(sorted(t["shape"].unique()), "osD^vP*X"))
+    colours = {"on-demand": "tab:blue", "bound": "tab:green", "prefetching": "tab:orange", "lossy": "tab:red"}
+    for (shape, fam), g in t.groupby(["shape", "family"]):
+        ax.errorbar(g["measured"], g["predicted"],
+                    xerr=[g["measured"] - g["measured_min"], g["measured_max"] - g["measured"]],
+                    fmt=markers[shape], color=colours.get(fam, "k"), ms=5, lw=0.8, capsize=2,
+                    label=f"{shape} · {fam}")
+    lo = 0.8 * min(t["measured_min"].min(), t["predicted"].min())
+    hi = 1.25 * max(t["measured_max"].max(), t["predicted"].max())
+    line = pd.Series([lo, hi])
+    floor = float(t["noise_floor_pct"].median()) / 100
+    ax.plot(line, line, "k-", lw=0.8, label="y = x")
+    ax.fill_between(line, line * (1 - floor), line * (1 + floor), color="0.85",
+                    label=f"engine noise floor (median {100 * floor:.1f} %)")
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="engine tokens/s (median of runs)",
+           ylabel="simulator tokens/s", title="Simulator against engine")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

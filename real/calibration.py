@@ -30,31 +30,8 @@ from offload.session import RunSettings
 from policies.lru import LRU
 from real.engine import OffloadEngine
 from real.profile_hw import measure_compute
-from traces import SCHEMA_VERSION, ModelShape, Trace, TraceMeta
-
-PATTERNS = ("hits", "misses")
-
-
-def pattern_trace(shape: ModelShape, steps: int, pattern: str) -> Trace:
-    """Synthetic routing of ``steps`` tokens, one request. ``hits``: experts 0..k-1 at every layer and step.
-    ``misses``: step t routes experts (t*k .. t*k+k-1) mod E, so consecutive steps share none (E >= 2k)
-    and with k slots per layer every access misses. Weights are 1/k. Raises ValueError for an unknown
-    pattern, or ``misses`` on a shape with fewer than 2k experts."""
-    L, E, K = shape.num_layers, shape.num_experts, shape.top_k
-    if pattern == "hits":
-        ids = np.broadcast_to(np.arange(K), (steps, L, K))
-    elif pattern == "misses":
-        if E < 2 * K:
-            raise ValueError(f"pattern 'misses' needs at least 2 * top_k experts; {shape.name} has {E} for top-{K}")
-        ids = (np.arange(steps)[:, None, None] * K + np.arange(K)[None, None, :]) % E
-        ids = np.broadcast_to(ids, (steps, L, K))
-    else:
-        raise ValueError(f"unknown pattern {pattern!r}; use one of {list(PATTERNS)}")
-    meta = TraceMeta(SCHEMA_VERSION, shape, "real.calibration", "Apache-2.0", "synthetic",
-                     f"calibration pattern '{pattern}'", {})
-    experts = np.ascontiguousarray(ids, dtype=np.uint8 if E <= 256 else np.uint16)
-    return Trace(meta, experts, np.full((steps, L, K), 1.0 / K, dtype=np.float32), np.array([0, steps], np.int64))
-
+from traces import ModelShape, Trace
+from traces.synthetic import PATTERNS, pattern_trace
 
 @dataclass
 class PatternRun:

@@ -2,7 +2,7 @@
 
 A package imports only from floors below it: the formats (traces, hardware), then the shared core
 (offload: no SimPy, no CUDA), then the plug-ins (policies), then the clocks (sim, real; never each
-other), then the commands (experiments) and figures (plots). That no command imports another is
+other), then the comparison of the two (validation), then the commands (experiments) and figures (plots). That no command imports another is
 checked beside the commands' own tests. Imports are read from the source with
 ``ast``, including those inside functions and under ``TYPE_CHECKING``: a knot hidden there is still a
 knot.
@@ -24,6 +24,7 @@ FORBIDDEN = {
     "policies": {"sim", "real", "experiments", "plots", "simpy", "torch"},
     "sim": {"real", "experiments", "plots", "torch"},
     "real": {"sim", "experiments", "plots", "simpy"},
+    "validation": {"experiments", "plots"},
     "plots": {"experiments", "real", "simpy", "torch"},
 }
 

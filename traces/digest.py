@@ -28,6 +28,11 @@ def file_sha256(path: str | Path) -> str:
     return _files[key]
 
 
+def digest_files(paths) -> str:
+    """One digest of several files' contents, in the order given."""
+    return bytes_sha256("".join(file_sha256(p) for p in paths))
+
+
 @functools.lru_cache(maxsize=None)
 def source_sha256(packages: tuple[str, ...]) -> str:
     """Digest of every ``.py`` file of the project's ``packages`` (paths and contents, in a fixed order)."""

@@ -1,0 +1,186 @@
+"""Check the simulator against the engine: calibrate, measure a grid, predict it, compare (one command).
+
+    python -m experiments.validate                      # on a GPU: the H200 grid; on a CPU: the smoke grid
+    python -m experiments.validate --scenario validate-h200 --slices gpt-oss-20b,mixtral-8x7b --out OUT
+    python -m experiments.validate --out OUT --predict-only     # re-predict and re-report stored measurements
+
+Steps, each stored as it is made under OUT (``validation.store``), so a call killed by its time limit loses
+nothing and the next call resumes where it stopped, re-measuring only what changed:
+
+1. calibration (``real.calibration``), never from the validated runs: the link's copy table once, then per
+   slice the kernels alone, synthetic hit and miss patterns and each policy's host work on the training
+   slice; ``validation.profile_fit`` turns them into OUT/<gpu>-measured.yaml;
+2. the engine over the slice's grid (policies x cache sizes), every configuration the median of interleaved
+   repeats with its spread (``real.measurement``), plus one run with per-layer timings kept as a trace;
+3. the simulator replays the very steps the engine timed, with the same training slice, on that profile;
+4. OUT/validation.csv (long format), OUT/summary.txt, OUT/validation.png and OUT/noise_floor.csv.
+
+The grid is a scenario file (``validation.scenario``; experiments/configs/validate-*.yaml): slices of
+shape replay (random weights of a named shape, routing forced from a real trace) and live models. On a
+CPU the smoke scenario runs the same path with a tiny model (CI runs it). Exit 2 for a bad scenario.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hardware.profile import HardwareProfileError, hardware_from_dict, load_hardware
+from plots.figures import plot_validation
+from real.profile_hw import profile_name
+from traces import load_trace, save_trace
+from traces.io import atomic_write
+from validation import report
+from validation.engine_side import SliceInputs, SliceMeasurement, engine_key, measure_copy_table
+from validation.profile_fit import fit_profile
+from validation.scenario import Scenario, ScenarioError, load_scenario
+from validation.sim_side import fallback_note, predict
+from validation.store import Store
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", help="a scenario file or a name in experiments/configs "
+                                      "(default: validate-h200 on a GPU, validate-smoke on a CPU)")
+    p.add_argument("--slices", help="comma-separated slice names to run now (default: all)")
+    p.add_argument("--out", type=Path, default=Path("runs/validate"))
+    p.add_argument("--predict-only", action="store_true",
+                   help="no engine: predict and report what OUT holds (any machine)")
+    p.add_argument("--deadline-s", type=float, help="start no measurement round that would end later "
+                                                    "(default: the scenario's deadline_s)")
+    p.add_argument("--calibration-steps", type=int, default=48, help="tokens per calibration pattern run")
+    p.add_argument("--corpus", help="the text corpus live slices take their prompts from (replaces the scenario's)")
+    return p.parse_args(argv)
+
+
+class Inputs:
+    """A slice's inputs kept under OUT/engine/<slice>/inputs, so the simulator can replay a live slice's
+    recorded decode on any machine."""
+
+    def __init__(self, store: Store, slice_name: str):
+        self.folder = store.out / "engine" / slice_name / "inputs"
+
+    def save(self, inputs: SliceInputs) -> None:
+        save_trace(inputs.timed, self.folder / "timed.npz")
+        save_trace(inputs.train, self.folder / "train.npz")
+        atomic_write(self.folder / "inputs.json", lambda f: json.dump(
+            {"model_id": inputs.model_id, "mask": inputs.mask.astype(int).tolist()}, f))
+
+    def load(self) -> SliceInputs | None:
+        if not (self.folder / "inputs.json").is_file():
+            return None
+        meta = json.loads((self.folder / "inputs.json").read_text())
+        timed = load_trace(self.folder / "timed.npz")
+        return SliceInputs(timed.model, timed, load_trace(self.folder / "train.npz"), meta["model_id"],
+                           np.asarray(meta["mask"], dtype=bool))
+
+
+def calibrated_profile(store: Store, scenario: Scenario, device_name: str) -> tuple[object, dict]:
+    """The profile fitted from every calibration OUT holds (written to OUT/<name>.yaml), and the fit's notes."""
+    folder = store.out / "calibration"
+    copies = store.read(folder / "copies.json")
+    calibrations = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.name != "copies.json"]
+    if copies is None or not calibrations:
+        raise SystemExit(f"error: {folder} holds no calibration yet: run without --predict-only on the machine to model")
+    name = profile_name(device_name) if device_name != "cpu" else "cpu-measured"
+    data, notes = fit_profile(load_hardware(scenario.hardware), name, device_name, copies, calibrations)
+    import yaml
+    atomic_write(store.out / f"{name}.yaml", lambda f: yaml.safe_dump(data, f, sort_keys=False))
+    atomic_write(store.out / "profile_fit_notes.json", lambda f: json.dump(notes, f, indent=1))
+    return hardware_from_dict(data, origin=str(store.out / f"{name}.yaml")), notes
+
+
+def measure(scenario: Scenario, slices, store: Store, args, started: float) -> None:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    measure_copy_table(store, device)
+    deadline = args.deadline_s or scenario.deadline_s
+    for sl in slices:
+        if deadline is not None and time.monotonic() - started > deadline:
+            print(f"{sl.name}: not started, past the deadline of {deadline:.0f} s (run again to resume)", flush=True)
+            continue
+        m = SliceMeasurement(sl, store, scenario.repeats, device, dtype)
+        Inputs(store, sl.name).save(m.prepare())
+        m.calibrate(args.calibration_steps)
+        profile, _ = calibrated_profile(store, scenario, torch.cuda.get_device_name(device) if cuda else "cpu")
+        m.measure(profile, deadline, started)
+        del m
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def compare(scenario: Scenario, slices, store: Store) -> pd.DataFrame:
+    folder = store.out / "calibration"
+    device = (store.read(folder / "copies.json") or {}).get("device", "cpu")
+    profile, _ = calibrated_profile(store, scenario, device)
+    pairs, notes = [], []
+    for sl in slices:
+        inputs = Inputs(store, sl.name).load()
+        if inputs is None:
+            notes.append(f"{sl.name}: not measured yet")
+            continue
+        note = fallback_note(profile, inputs.shape, sl.precision)
+        if note:
+            print(note, flush=True)
+            notes.append(f"{sl.name}: {note}")
+        for policy in sl.policies:
+            for slots in sl.cache_slots:
+                result = store.read(store.path("engine", sl.name, engine_key(sl, inputs, policy, slots)))
+                if result is None or not any(not r.get("error") for r in result["runs"]):
+                    notes.append(f"{sl.name}: {policy} at {slots} slots not measured yet")
+                    continue
+                pairs.append((result, predict(sl, inputs, result, profile, store)))
+    table = report.rows(pairs)
+    out = store.out
+    atomic_write(out / "validation.csv", lambda f: table.to_csv(f, index=False))
+    floor_rows = []
+    for result, _ in pairs:
+        tps = [r["tokens_per_s"] for r in result["runs"] if not r.get("error")]
+        causes = [r.get("causes", "") for r in result["runs"] if r.get("causes")]
+        floor_rows.append({"slice": result["slice"], "policy": result["policy"], "cache_slots": result["cache_slots"],
+                           "runs": len(tps), "median_tokens_per_s": float(np.median(tps)),
+                           "spread_pct": report._spread_pct(tps), "run_causes": " ".join(causes)})
+    atomic_write(out / "noise_floor.csv", lambda f: pd.DataFrame(floor_rows).to_csv(f, index=False))
+    text = report.summary(table, notes)
+    atomic_write(out / "summary.txt", lambda f: f.write(text))
+    if not table.empty:
+        plot_validation(table, out / "validation.png")
+    print(text, flush=True)
+    return table
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    name = args.scenario or ("validate-h200" if torch.cuda.is_available() else "validate-smoke")
+    try:
+        scenario = load_scenario(name)
+        slices = scenario.select(args.slices.split(",") if args.slices else None)
+        if args.corpus:
+            slices = tuple(dataclasses.replace(s, corpus=args.corpus) if s.mode == "live" else s for s in slices)
+    except ScenarioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    store = Store(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.predict_only:
+        measure(scenario, slices, store, args, started)
+    try:
+        compare(scenario, scenario.slices if args.predict_only else slices, store)
+    except HardwareProfileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"-> {args.out}/validation.csv, summary.txt, validation.png ({time.monotonic() - started:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""A slice of the validation grid measured on the engine: the model built once, its calibration
+micro-benchmarks (``real.calibration``), then every configuration still missing runs, measured with the
+discipline of ``real.measurement`` (warm-up until steady, repeats interleaved round-robin, every run's
+disturbances recorded), and one more run per configuration with per-layer timings recorded, kept as a
+trace (``OUT/engine/<slice>/<key>-timed.npz``) for the timeline comparison.
+
+Both clocks see the same inputs: the steps the engine timed, as a trace (``SliceInputs.timed``: a replay's
+forced routing, or a live model's recorded decode with its prediction tracks), and the same separate
+training slice (``SliceInputs.train``) for ``static`` and ``affinity``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hardware.profile import HardwareProfile
+from offload.predictors import policy_depth
+from policies.registry import policy_sha256, resolve_policy
+from real.bench.engine_runs import EngineRuns
+from real.calibration import calibrate_model, decision_costs
+from real.engine import OffloadEngine
+from real.measurement import Config, Discipline, Measurement, Report
+from real.profile_hw import measure_copies
+from real.record import routing_trace
+from real.shape_model import random_model
+from traces import Trace, load_trace, save_trace
+from traces.digest import file_sha256
+from validation.scenario import Slice
+from validation.store import Store, digest, engine_code
+
+
+@dataclass
+class SliceInputs:
+    """What a slice's runs decode. ``timed``: the decoded steps the engine times, as a trace (the simulator
+    replays exactly these); ``mask``: which steps of the engine's decode are timed (a live run's prompt
+    steps are not); ``train``: what ``static`` and ``affinity`` learn from in both clocks; ``model_id``:
+    what the weights are (a digest); ``prompts``/``new_tokens``: a live run's requests."""
+    shape: object
+    timed: Trace
+    train: Trace
+    model_id: str
+    mask: np.ndarray
+    prompts: list[list[int]] | None = None
+    new_tokens: int = 0
+    predictors_at: object = None          # live: depth -> {name: live predictor}
+
+
+def replay_inputs(sl: Slice) -> SliceInputs:
+    """A replay slice's steps: the trace cut to the slice's shape, its leading ``train_fraction`` of
+    requests the training slice, then the first ``max_tokens`` tokens of the rest."""
+    shape = sl.model_shape()
+    trace = load_trace(sl.trace).for_shape(shape)
+    train, rest = trace.split(sl.train_fraction)
+    timed = rest.first_tokens(sl.max_tokens)
+    return SliceInputs(shape, timed, train, f"random-weights:{shape.name}:seed0", np.ones(timed.num_tokens, bool))
+
+
+def engine_key(sl: Slice, inputs: SliceInputs, policy: str, slots: int) -> str:
+    """Everything an engine result depends on besides the machine: the slice's settings, the inputs'
+    content, the policy's source and the engine's code."""
+    fields = {k: v for k, v in dataclasses.asdict(sl).items() if k not in ("policies", "cache_slots", "name")}
+    trace = file_sha256(sl.trace) if sl.trace else None
+    return digest({"slice": fields, "shape": inputs.shape.to_dict(), "trace": trace, "model": inputs.model_id,
+                   "policy": policy, "policy_source": policy_sha256(policy), "cache_slots": slots,
+                   "code": engine_code()})
+
+
+def _ok_runs(result: dict | None) -> list[dict]:
+    return [r for r in (result or {}).get("runs", []) if not r.get("error")]
+
+
+class SliceMeasurement:
+    """Measures one slice (module docstring) into ``store``. ``hardware``: the profile the engine's
+    predictive policies take their copy/compute estimates from (None: no depth limit)."""
+
+    def __init__(self, sl: Slice, store: Store, repeats: int, device: torch.device, dtype: torch.dtype):
+        self.sl, self.store, self.repeats = sl, store, repeats
+        self.device, self.dtype = device, dtype
+        self.model = None
+        self.inputs: SliceInputs | None = None
+
+    # -- inputs and the model ----------------------------------------------------------------------------
+    def prepare(self) -> SliceInputs:
+        if self.inputs is None:
+            if self.sl.mode == "replay":
+                self.inputs = replay_inputs(self.sl)
+            else:
+                from validation.live import live_inputs     # a trained checkpoint, its tracks and prompts
+                self.model, self.inputs = live_inputs(self.sl, self.device, self.dtype)
+        return self.inputs
+
+    def build_model(self):
+        if self.model is None:
+            inputs = self.prepare()
+            starts = inputs.timed.request_starts
+            longest = int(np.diff(starts).max())
+            began = time.monotonic()
+            self.model = random_model(inputs.shape, self.device, self.dtype, max_len=max(longest + 1, 1040))
+            print(f"{self.sl.name}: random-weight {inputs.shape.name} built in {time.monotonic() - began:.1f} s",
+                  flush=True)
+        return self.model
+
+    def keys(self) -> dict[tuple[str, int], str]:
+        inputs = self.prepare()
+        return {(p, s): engine_key(self.sl, inputs, p, s) for p in self.sl.policies for s in self.sl.cache_slots}
+
+    def missing(self) -> dict[tuple[str, int], int]:
+        """Measured runs still missing per configuration (its timed run is checked apart)."""
+        return {c: max(0, self.repeats - len(_ok_runs(self.store.read(self.store.path("engine", self.sl.name, key)))))
+                for c, key in self.keys().items()}
+
+    # -- calibration ---------------------------------------------------------------------------------------
+    def calibrate(self, steps: int) -> dict:
+        """The slice's micro-benchmarks (``real.calibration``), measured once and stored."""
+        path = self.store.calibration_path(self.sl.name)
+        inputs = self.prepare()
+        key = digest({"shape": inputs.shape.to_dict(), "model": inputs.model_id, "steps": steps,
+                      "policies": list(self.sl.policies), "precision": self.sl.precision,
+                      "device": _device_name(self.device)})
+        found = self.store.read(path)
+        if found is not None and found.get("key") == key:
+            return found
+        model = self.build_model()
+        began = time.monotonic()
+        raw = calibrate_model(model, inputs.shape, steps=steps)
+        # each policy's host work per layer, on the training slice (never the validated steps)
+        slots = min(self.sl.cache_slots)
+        decisions = {}
+        for policy in self.sl.policies:
+            cls = resolve_policy(policy)
+            predictors = inputs.predictors_at(policy_depth(cls, self.sl.prefetch_depth)) if inputs.predictors_at else None
+            decisions[policy] = decision_costs(model, inputs.shape, cls, self.sl.settings(slots), inputs.train,
+                                               predictors=predictors, max_tokens=min(inputs.train.num_tokens, 64))
+        found = {"key": key, "slice": self.sl.name, "shape": inputs.shape.to_dict(), "precision": self.sl.precision,
+                 "device": _device_name(self.device), **raw, "decisions": decisions,
+                 "wall_s": round(time.monotonic() - began, 1)}
+        self.store.write(path, found)
+        print(f"{self.sl.name}: calibrated in {found['wall_s']} s", flush=True)
+        return found
+
+    # -- the grid --------------------------------------------------------------------------------------------
+    def engine_for(self, config: Config, hardware: HardwareProfile | None, record: bool = False) -> OffloadEngine:
+        inputs, sl = self.prepare(), self.sl
+        cls = resolve_policy(config.fields["policy"])
+        predictors = inputs.predictors_at(policy_depth(cls, sl.prefetch_depth)) if inputs.predictors_at else None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return OffloadEngine(self.model, inputs.shape, cls, sl.settings(config.fields["cache_slots"]),
+                             hardware=hardware, future=inputs.timed, train_trace=inputs.train,
+                             predictors=predictors, record_layer_timings=record)
+
+    def decode(self, engine: OffloadEngine, warmup: bool):
+        inputs, sl = self.prepare(), self.sl
+        if inputs.prompts is not None:
+            prompts = inputs.prompts[:1] if warmup else inputs.prompts
+            return engine.generate(prompts, inputs.new_tokens)
+        return engine.replay(inputs.timed, min(sl.warmup_tokens, sl.max_tokens) if warmup else sl.max_tokens)
+
+    def timed_steps(self, result) -> list[float]:
+        step_ms = np.asarray(result.routing.step_ms)
+        mask = self.inputs.mask
+        return step_ms[mask[:len(step_ms)]].tolist() if len(step_ms) == len(mask) else step_ms.tolist()
+
+    def measure(self, hardware: HardwareProfile | None, deadline_s: float | None, started: float) -> Report | None:
+        """Measure every configuration with runs missing, then the timed runs still missing; writes each
+        configuration's file after every run (a killed call keeps every finished run)."""
+        missing = self.missing()
+        todo = [(p, s) for (p, s), n in missing.items() if n > 0]
+        keys = self.keys()
+        report = None
+        if todo:
+            self.build_model()
+            configs = [Config({"slice": self.sl.name, "policy": p, "cache_slots": s}) for p, s in todo]
+            repeats = max(missing[c] for c in todo)
+            before = {c: self.store.read(self.store.path("engine", self.sl.name, keys[c])) or {} for c in todo}
+            runs = EngineRuns(self.model, self.inputs.shape, lambda c: self.engine_for(c, hardware), self.decode,
+                              timed=self.timed_steps)
+
+            def save(report: Report) -> None:
+                for c in todo:
+                    label = Config({"slice": self.sl.name, "policy": c[0], "cache_slots": c[1]}).label
+                    new = [r for r in report.rows if r["config"] == label]
+                    old = before[c].get("runs", [])
+                    self.store.write(self.store.path("engine", self.sl.name, keys[c]), {
+                        "key": keys[c], "slice": self.sl.name, "policy": c[0], "cache_slots": c[1],
+                        "mode": self.sl.mode, "shape": self.inputs.shape.name, "precision": self.sl.precision,
+                        "device": _device_name(self.device), "runs": old + new,
+                        "warmups": before[c].get("warmups", []) + [report.warmups.get(label, {})],
+                        "session": report.info})
+
+            report = Measurement(runs, configs, Discipline(repeats=repeats), on_progress=save,
+                                 deadline_s=deadline_s, started=started).run_all()
+            save(report)
+        for (p, s), key in keys.items():
+            timed_path = self.store.path("engine", self.sl.name, key, "-timed.npz")
+            if timed_path.is_file() or not _ok_runs(self.store.read(self.store.path("engine", self.sl.name, key))):
+                continue
+            if deadline_s is not None and time.monotonic() - started > deadline_s:
+                break
+            self.build_model()
+            config = Config({"slice": self.sl.name, "policy": p, "cache_slots": s})
+            result = self.decode(self.engine_for(config, hardware, record=True), False)
+            save_trace(routing_trace(result, self.inputs.shape, source=f"validation.engine_side, slice {self.sl.name}",
+                                     recorded_on=_device_name(self.device),
+                                     description=f"{p} at {s} slots per layer, per-layer timings recorded"),
+                       timed_path)
+        return report
+
+
+def measure_copy_table(store: Store, device: torch.device) -> dict:
+    """The link's copy table (``real.profile_hw.measure_copies``), measured once per OUT and stored."""
+    path = store.out / "calibration" / "copies.json"
+    found = store.read(path)
+    if found is None or found.get("device") != _device_name(device):
+        sizes = (0.25, 1, 4, 16, 64, 256) if device.type == "cuda" else (0.25, 1, 4)
+        latency_us, table = measure_copies(device, sizes_MiB=sizes)
+        found = {"device": _device_name(device), "copy_latency_us": latency_us,
+                 "h2d_GBps_by_MiB": {str(k): v for k, v in table.items()}}
+        store.write(path, found)
+    return found
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def timed_trace_path(store: Store, slice_name: str, key: str) -> Path:
+    return store.path("engine", slice_name, key, "-timed.npz")

@@ -1,0 +1,119 @@
+"""The calibration's raw micro-benchmarks (``real.calibration``) turned into the hardware profile the simulator
+reads, each constant from one micro-benchmark and nothing from the runs being validated:
+
+- the copy model: the link's measured copy table (``real.profile_hw.measure_copies``);
+- ``attention_us_by_ctx``, ``router_us``, ``expert_us``, ``token_overhead_us``: the kernels, timed alone;
+- ``layer_overhead_us``: the ``hits`` pattern (no copy at all): each step's wall time minus the kernels it
+  ran, per layer (median over steps);
+- ``copy_wait_us``: the ``misses`` pattern (every expert copied on demand): each step's wall time minus the
+  simulator's prediction of that same pattern with everything above and no wait, per layer (every layer
+  of that pattern waits on its last copy exactly once);
+- ``decision_us``: per policy, its host work per layer (the controller's ``begin_layer`` and
+  ``prefetch_layer``) over LRU's, from runs on a training slice.
+
+A constant that comes out negative (noise, or an effect the model lacks) is kept at 0 and reported.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from hardware.profile import HardwareProfile, hardware_from_dict, hardware_to_dict
+from policies.registry import resolve_policy
+from traces import ModelShape
+from traces.synthetic import pattern_trace
+
+SKIP_STEPS = 1      # a pattern run's first step fills the cache (hits) or carries first-touch costs
+
+
+def _median_steps_us(pattern: dict) -> np.ndarray:
+    return 1e3 * np.asarray(pattern["step_ms"][SKIP_STEPS:], dtype=np.float64)
+
+
+def kernels_us(compute: dict, shape: ModelShape, positions: np.ndarray) -> np.ndarray:
+    """Each step's kernel time (us) at its position: per-token work plus, per layer, attention at that
+    context, the router and top-k experts."""
+    ctx = sorted((int(c), float(t)) for c, t in compute["attention_us_by_ctx"].items())
+    attention = np.interp(positions, [c for c, _ in ctx], [t for _, t in ctx])
+    return compute["token_overhead_us"] + shape.num_layers * (
+        attention + compute["router_us"] + shape.top_k * compute["expert_us"])
+
+
+def measured_entry(calibration: dict, profile_so_far: HardwareProfile | None = None) -> tuple[dict, dict]:
+    """(the profile's ``measured_compute`` entry for the calibrated model, notes: what each constant came
+    from and what was clamped). ``profile_so_far``: a profile holding the copy model, for ``copy_wait_us``
+    (which needs the simulator's prediction of the misses pattern); None leaves ``copy_wait_us`` at 0."""
+    shape = ModelShape.from_dict(calibration["shape"])
+    compute = calibration["compute"]
+    notes: dict = {}
+    hits = calibration["patterns"]["hits"]
+    steps = _median_steps_us(hits)
+    positions = np.arange(SKIP_STEPS, SKIP_STEPS + len(steps))
+    overhead = float(np.median((steps - kernels_us(compute, shape, positions)) / shape.num_layers))
+    notes["layer_overhead_us_raw"] = overhead
+    entry = {"attention_us_by_ctx": {int(c): float(t) for c, t in compute["attention_us_by_ctx"].items()},
+             "router_us": float(compute["router_us"]), "expert_us": float(compute["expert_us"]),
+             "token_overhead_us": float(compute["token_overhead_us"]),
+             "layer_overhead_us": round(max(0.0, overhead), 2), "copy_wait_us": 0.0, "decision_us": {}}
+    decisions = calibration.get("decisions", {})
+    base = decisions.get("lru")
+    if base is not None:
+        base_us = base["begin_layer_us"] + base["prefetch_layer_us"]
+        for policy, d in decisions.items():
+            extra = d["begin_layer_us"] + d["prefetch_layer_us"] - base_us
+            notes[f"decision_us_raw[{policy}]"] = extra
+            if policy != "lru":
+                entry["decision_us"][resolve_policy(policy).__name__] = round(max(0.0, extra), 2)
+    if profile_so_far is not None:
+        misses = calibration["patterns"]["misses"]
+        measured = _median_steps_us(misses)
+        partial = _with_entry(profile_so_far, shape.name, calibration["precision"], entry)
+        predicted = _predict_pattern(partial, shape, "misses", len(misses["step_ms"]))[SKIP_STEPS:]
+        wait = float(np.median((measured - predicted) / shape.num_layers))
+        notes["copy_wait_us_raw"] = wait
+        copy_ms = [c for c in misses.get("copy_ms", []) if c > 0]
+        if copy_ms:
+            expert_bytes = shape.expert_bytes(calibration["precision"])
+            notes["engine_copy_us_median"] = 1e3 * float(np.median(copy_ms))
+            notes["profile_copy_us"] = profile_so_far.copy.copy_ns(expert_bytes) / 1e3
+        entry["copy_wait_us"] = round(max(0.0, wait), 2)
+    return entry, notes
+
+
+def _with_entry(profile: HardwareProfile, model: str, precision: str, entry: dict) -> HardwareProfile:
+    data = hardware_to_dict(profile)
+    data["measured_compute"] = {**data.get("measured_compute", {}), model: {precision: entry}}
+    return hardware_from_dict(data, origin=f"{profile.name} + {model}")
+
+
+def _predict_pattern(profile: HardwareProfile, shape: ModelShape, pattern: str, steps: int) -> np.ndarray:
+    """The simulator's step times (us) of a calibration pattern, as the engine ran it (LRU, top-k slots)."""
+    from offload.session import RunSettings
+    from policies.lru import LRU
+    from sim.simulator import simulate
+    trace = pattern_trace(shape, steps, pattern)
+    result = simulate(trace, LRU, profile, RunSettings(cache_slots=shape.top_k))
+    return np.asarray(result.token_ns, dtype=np.float64) / 1e3
+
+
+def fit_profile(base: HardwareProfile, name: str, device: str, copies: dict, calibrations: list[dict]) -> tuple[dict, dict]:
+    """(the measured profile in the YAML layout, notes per model). ``base``: the constants nothing here
+    measures (HBM bandwidth and launch costs of the analytic model, copy engines); ``copies``: the copy
+    table; ``calibrations``: one per model."""
+    data = hardware_to_dict(base)
+    data.pop("pcie_GBps", None)
+    data.update(name=name, description=f"{device}, calibrated by python -m experiments.validate (base: {base.name})",
+                source="real.calibration micro-benchmarks on this GPU, turned into constants by "
+                       "validation.profile_fit: copies one at a time, kernels alone, synthetic hit/miss "
+                       "patterns, each policy's host work on a training slice",
+                copy_latency_us=copies["copy_latency_us"],
+                h2d_GBps_by_MiB={float(k) if "." in str(k) else int(k): v for k, v in copies["h2d_GBps_by_MiB"].items()},
+                measured_compute={})
+    notes = {}
+    profile = hardware_from_dict(data, origin=name)
+    for calibration in calibrations:
+        entry, model_notes = measured_entry(calibration, profile)
+        model = calibration["shape"]["name"]
+        data["measured_compute"].setdefault(model, {})[calibration["precision"]] = entry
+        notes[model] = model_notes
+    hardware_from_dict(data, origin=name)       # raises HardwareProfileError naming the field
+    return data, notes

@@ -1,0 +1,116 @@
+"""The comparison: ``validation.csv`` in long format, ``summary.txt`` (one screen) and the data of the
+predicted-against-measured plot (``plots.validation``).
+
+``validation.csv`` has one row per configuration and metric (``tokens_per_s``, ``hit_rate``, ``misses``):
+``config`` (its label), every configuration column (slice, shape, mode, policy, family, cache_slots,
+precision), ``predicted`` (the simulator), ``measured`` (the engine: median of its runs), ``abs_err_pct``
+(|predicted - measured| / measured, %), and for tokens/s the engine's noise floor ``noise_floor_pct``
+(max - min over median of the runs, ``real.measurement``), ``runs``, ``measured_min``/``measured_max`` and
+``within_noise`` (the error is no larger than the floor).
+
+Policy families: ``on-demand`` (no prefetch: the built-in LRU, LFU, FIFO, static, Belady; their hits do
+not depend on timing, so both clocks must count them identically), ``bound`` (the oracle),
+``prefetching`` (trace-based or predictive prefetch), ``lossy`` (runs other experts than routed).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from policies.registry import resolve_policy
+from sim.fast_path import kernel_for
+
+METRICS = ("tokens_per_s", "hit_rate", "misses")
+
+
+def family(policy: str) -> str:
+    cls = resolve_policy(policy)
+    if not cls.lossless:
+        return "lossy"
+    if kernel_for(cls) is not None:
+        return "on-demand"
+    return "bound" if policy == "oracle" else "prefetching"
+
+
+def _spread_pct(values: list[float]) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    return float(100 * (v.max() - v.min()) / np.median(v)) if len(v) else float("nan")
+
+
+def rows(pairs: list[tuple[dict, dict]]) -> pd.DataFrame:
+    """The long table from (engine result, prediction) pairs."""
+    out = []
+    for engine, sim in pairs:
+        runs = [r for r in engine["runs"] if not r.get("error")]
+        if not runs:
+            continue
+        tps = [r["tokens_per_s"] for r in runs]
+        columns = {"slice": engine["slice"], "shape": engine["shape"], "mode": engine["mode"],
+                   "policy": engine["policy"], "family": family(engine["policy"]),
+                   "cache_slots": engine["cache_slots"], "precision": engine["precision"],
+                   "compute_basis": sim.get("compute_basis")}
+        label = f"{engine['slice']}:{engine['policy']}:{engine['cache_slots']}"
+        measured = {"tokens_per_s": float(np.median(tps)), "hit_rate": float(np.median([r["hit_rate"] for r in runs])),
+                    "misses": float(np.median([r["misses"] for r in runs]))}
+        for metric in METRICS:
+            m, p = measured[metric], float(sim[metric])
+            err = 100 * abs(p - m) / m if m else (0.0 if p == m else float("inf"))
+            row = {"config": label, **columns, "metric": metric, "predicted": p, "measured": m, "abs_err_pct": err,
+                   "signed_err_pct": 100 * (p - m) / m if m else float("nan")}
+            if metric == "tokens_per_s":
+                floor = _spread_pct(tps)
+                row.update(noise_floor_pct=floor, runs=len(tps), measured_min=min(tps), measured_max=max(tps),
+                           within_noise=bool(err <= floor))
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def ranking(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (shape, cache size): the fastest lossless non-oracle policy by each clock, and whether the
+    simulator's pick is the engine's or within the engine's noise floor of it."""
+    t = table[(table["metric"] == "tokens_per_s") & table["family"].isin(["on-demand", "prefetching"])]
+    out = []
+    for (shape, slots), g in t.groupby(["shape", "cache_slots"], sort=True):
+        if len(g) < 2:
+            continue
+        sim_pick = g.loc[g["predicted"].idxmax()]
+        eng_pick = g.loc[g["measured"].idxmax()]
+        gap = 100 * (eng_pick["measured"] - sim_pick["measured"]) / eng_pick["measured"]
+        floor = max(sim_pick["noise_floor_pct"], eng_pick["noise_floor_pct"])
+        out.append({"shape": shape, "cache_slots": slots, "sim_fastest": sim_pick["policy"],
+                    "engine_fastest": eng_pick["policy"], "gap_pct": gap, "noise_floor_pct": floor,
+                    "agrees": sim_pick["policy"] == eng_pick["policy"] or gap <= floor})
+    return pd.DataFrame(out)
+
+
+def summary(table: pd.DataFrame, notes: list[str]) -> str:
+    """One screen: error of tokens/s per shape and per family, the noise floor, hit/miss agreement and the
+    ranking, read against the goals (median <= 3 %, max <= 8 %)."""
+    if table.empty:
+        return "no configuration measured yet\n"
+    t = table[table["metric"] == "tokens_per_s"]
+    lines = [f"tokens/s: {len(t)} configurations over {t['shape'].nunique()} shapes and {t['policy'].nunique()} "
+             f"policies; |error| median {t['abs_err_pct'].median():.1f} %, max {t['abs_err_pct'].max():.1f} % "
+             f"(goal 3 % / 8 %); engine noise floor median {t['noise_floor_pct'].median():.1f} %, max "
+             f"{t['noise_floor_pct'].max():.1f} %; errors within the floor: {int(t['within_noise'].sum())}/{len(t)}",
+             f"signed error (simulator - engine): median {t['signed_err_pct'].median():+.1f} %", ""]
+    for by in ("shape", "family"):
+        g = t.groupby(by).agg(configs=("abs_err_pct", "size"), err_median=("abs_err_pct", "median"),
+                              err_max=("abs_err_pct", "max"), signed_median=("signed_err_pct", "median"),
+                              floor_median=("noise_floor_pct", "median"), within=("within_noise", "sum"))
+        lines += [f"by {by}:", g.to_string(float_format=lambda x: f"{x:.1f}"), ""]
+    h = table[(table["metric"].isin(["hit_rate", "misses"])) & (table["family"] == "on-demand")]
+    same = h.groupby("config").apply(lambda g: bool((g["predicted"] == g["measured"]).all()), include_groups=False)
+    lines.append(f"hits and misses identical in both clocks (on-demand policies): {int(same.sum())}/{len(same)}"
+                 + ("" if same.all() else f"; differ: {', '.join(same.index[~same.values])}"))
+    other = table[(table["metric"] == "hit_rate") & (table["family"] != "on-demand")]
+    if len(other):
+        lines.append(f"hit rate, timing-dependent policies: |error| median {other['abs_err_pct'].median():.2f} %, "
+                     f"max {other['abs_err_pct'].max():.2f} %")
+    r = ranking(table)
+    if len(r):
+        lines += ["", f"ranking (fastest lossless non-oracle policy): agrees at {int(r['agrees'].sum())}/{len(r)} "
+                      "(shape, cache size)", r.to_string(index=False, float_format=lambda x: f"{x:.1f}")]
+    if notes:
+        lines += [""] + notes
+    return "\n".join(lines) + "\n"
