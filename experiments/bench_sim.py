@@ -88,7 +88,7 @@ def _fast_cold_start(trace, hardware, train):
     for policy in ("lru", "belady"):       # the replay kernel, then Belady's next-use table
         first_s = _seconds(fast_path.fast_simulate, trace, policy, hardware, RunSettings(cache_slots=8), train)
         lines.append(f"first {policy} run {first_s:.2f} s")
-    stats = [kernels._replay.stats, kernels._fill_next_use.stats]
+    stats = [kernels._replay.stats]
     compiled = sum(sum(s.cache_misses.values()) for s in stats)
     loaded = sum(sum(s.cache_hits.values()) for s in stats)
     print(f"fast path cold start: import {import_s:.2f} s, {', '.join(lines)} "

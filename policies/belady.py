@@ -14,21 +14,13 @@ class Belady(Policy):
     def __init__(self, ctx: PolicyContext):
         super().__init__(ctx)
         self._oracle = ctx.oracle
-        self._next: dict[int, int] = {}      # key -> its next use after the last time we saw it
-        self._E = ctx.num_experts
-        self._step = -1
+        # key -> its next use after the latest step routed, for every key: resident or not, so an expert
+        # prefetched before its first access already has its next use. Starts at each key's first use;
+        # an access moves it on to that access's next use (no use of the key lies between).
+        self._next: list[int] = self._oracle.first_uses()
 
     def on_access(self, access: LayerAccess, index: int, key: int, hit: bool) -> None:
-        self._step = access.step
         self._next[key] = self._oracle.next_steps(access.token)[access.layer][index]
-
-    def on_insert(self, key: int) -> None:
-        if key not in self._next:        # prefetched before any access: ask the oracle
-            layer, expert = divmod(key, self._E)
-            self._next[key] = self._oracle.next_use_after(layer, expert, self._step)
-
-    def on_evict(self, key: int) -> None:
-        self._next.pop(key, None)
 
     def next_use(self, key: int) -> int:
         return self._next[key]

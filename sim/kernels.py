@@ -27,37 +27,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+# Belady's next-use table is the shared core's, built once per routing and cached there: the kernel
+# reads the table the reference's Belady reads (``NEVER``: its sentinel for an expert not used again).
+from offload.next_use import NEVER, next_use_table  # noqa: F401
+
 # Kernel codes, one per built-in on-demand policy.
 LRU, LFU, FIFO, STATIC, BELADY = range(5)
 KERNELS = {"lru": LRU, "lfu": LFU, "fifo": FIFO, "static": STATIC, "belady": BELADY}
-
-NEVER = np.iinfo(np.int32).max   # next use of an expert the trace does not use again
-
-
-def next_use_table(experts: np.ndarray, num_experts: int) -> np.ndarray:
-    """[T, L, K] int32: for each access, the decode step (token * L + layer) at which the same expert
-    is chosen next, or ``NEVER``. 4 bytes per access (8 past 2**31 - 1 steps), built in one backward
-    pass with O(L * E) scratch, in place of ``offload.next_use.NextUse``'s sort."""
-    T, L, _ = experts.shape
-    dtype = np.int32 if T * L < NEVER else np.int64
-    out = np.empty(experts.shape, dtype=dtype)
-    _fill_next_use(experts, num_experts, np.iinfo(dtype).max, out)
-    return out
-
-
-@numba.njit(cache=True)
-def _fill_next_use(experts, num_experts, never, out):
-    T, L, K = experts.shape
-    seen = np.full(L * num_experts, never, dtype=out.dtype)
-    for t in range(T - 1, -1, -1):
-        for layer in range(L):
-            base = layer * num_experts
-            step = t * L + layer
-            for i in range(K):
-                key = base + experts[t, layer, i]
-                out[t, layer, i] = seen[key]
-                seen[key] = step
-
 
 def replay(experts: np.ndarray, num_experts: int, cache_slots: int, global_mode: bool, kernel: int,
            preload: np.ndarray, preload_pinned: np.ndarray,
