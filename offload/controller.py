@@ -8,11 +8,12 @@ copy queue. Counting (hits, misses, bytes) happens here too, so both clocks coun
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 from offload.access import LayerAccess, PrefetchRequest
 from offload.policy import Policy
-from offload.cache import ABSENT, RESIDENT, ExpertCache
+from offload.cache import RESIDENT, ExpertCache
 from offload.copy_queue import DONE, DROPPED, RUNNING, CopyJob, CopyQueue
 
 
@@ -42,9 +43,11 @@ Need = tuple[int, "CopyJob | None"]   # (key, the copy it waits for, or None if 
 
 
 class PolicyError(ValueError):
-    """A policy answered a hook with something the cache cannot do (a key out of range, a victim of
-    another scope or one in use, a preload larger than the cache). The message names the policy
-    class, the hook, the value and the rule it broke."""
+    """A policy answered a hook with something the cache cannot do (a key out of range or not an
+    integer, a victim of another scope or one in use, no victim for a demand fetch while one is
+    evictable, a preload larger than the cache or pins that leave a layer no slot, an ``execute`` that
+    is not top-k distinct expert ids). The message names the policy class, the hook, the value and the
+    rule it broke."""
 
     def __init__(self, policy: Policy, hook: str, value, rule: str):
         super().__init__(f"policy {type(policy).__name__}.{hook} returned {value!r}: {rule}")
@@ -71,20 +74,30 @@ class OffloadController:
 
     # -- before decoding -----------------------------------------------------------------------
     def preload(self) -> None:
-        for entry in self.policy.preload():
+        """Place the policy's preload, all checked before any of it is placed."""
+        entries = self.policy.preload()
+        try:
+            entries = list(entries)
+        except TypeError:
+            raise PolicyError(self.policy, "preload", entries, "expected a list of (key, pinned) pairs") from None
+        placed: dict[int, bool] = {}                 # a key given twice keeps its first entry
+        for entry in entries:
             try:
                 key, pinned = entry
             except (TypeError, ValueError):
                 raise PolicyError(self.policy, "preload", entry, "expected (key, pinned) pairs") from None
-            key = self._checked_key(key, "preload")
-            if self.cache.state(key) != ABSENT:
-                continue
-            if not self.cache.has_free_slot(self.cache.scope(key)):
-                raise PolicyError(self.policy, "preload", key, f"no free slot left in its scope "
-                                  f"{self.cache.scope(key)}: preload at most the cache's slots")
-            self.cache.load_resident(key)
+            placed.setdefault(self._checked_key(key, "preload"), bool(pinned))
+        cache = self.cache
+        per_scope = Counter(cache.scope(key) for key in placed)
+        slots = cache.num_slots // cache.num_scopes
+        for scope, n in per_scope.items():
+            if n > slots:
+                raise PolicyError(self.policy, "preload", entries, f"{n} experts of scope {scope} for its {slots} "
+                                  f"slots: no free slot left; preload at most the cache's slots")
+        for key, pinned in placed.items():
+            cache.load_resident(key)
             if pinned:
-                self.cache.pin(key)
+                cache.pin(key)
             self.policy.on_insert(key)
 
     # -- the compute side ----------------------------------------------------------------------
@@ -95,15 +108,19 @@ class OffloadController:
         if self.policy.lossless:
             return experts
         step = token * self.num_layers + layer
-        chosen = self.policy.execute(LayerAccess(token, layer, step, experts, weights))
-        if chosen is None:
+        returned = self.policy.execute(LayerAccess(token, layer, step, experts, weights))
+        if returned is None:
             return experts
-        if len(chosen) != len(experts) or len(set(chosen)) != len(chosen) or not all(
+        try:
+            chosen = [_as_int(e) for e in returned]
+        except TypeError:
+            chosen = None
+        if chosen is None or len(chosen) != len(experts) or len(set(chosen)) != len(chosen) or not all(
                 0 <= e < self.num_experts for e in chosen):
-            raise ValueError(f"policy {type(self.policy).__name__}.execute returned {chosen} at layer {layer}: "
-                             f"expected {len(experts)} distinct expert ids in [0, {self.num_experts})")
+            raise PolicyError(self.policy, "execute", returned, f"expected {len(experts)} distinct integer expert "
+                              f"ids in [0, {self.num_experts}) at layer {layer}, or None to run the routed ones")
         self.stats.replaced += len(set(experts) - set(chosen))
-        return list(chosen)
+        return chosen
 
     def begin_layer(self, token: int, layer: int, experts: list[int], weights: list[float] | None,
                     now_ns: int, hidden=None) -> list[Need]:
@@ -194,11 +211,7 @@ class OffloadController:
                     victim = self._checked_victim(victim, scope)
                 if victim is None:
                     if job.demand:
-                        if cache.evictable(scope):
-                            raise RuntimeError(
-                                f"policy {type(policy).__name__} refused a victim for a demand fetch "
-                                f"of key {key} while experts {sorted(cache.evictable(scope))} are "
-                                f"evictable; choose_victim may refuse only prefetches")
+                        self._check_demand_can_wait(job, scope)
                         self.blocked = True
                         return None
                     queue.pop(job)
@@ -240,10 +253,25 @@ class OffloadController:
             self.stats.prefetch_wasted += 1
         self.policy.on_evict(key)
 
+    def _check_demand_can_wait(self, job: CopyJob, scope: int) -> None:
+        """A demand fetch found no slot and no victim. It may wait only for a copy in flight into its
+        scope (a slot that will free up); else no slot ever frees, because the policy refused one or
+        because its pins fill every slot the layer's experts do not hold: PolicyError."""
+        cache = self.cache
+        evictable = cache.evictable(scope)
+        if evictable:
+            raise PolicyError(self.policy, "choose_victim", None, f"a demand fetch of key {job.key} needs a slot "
+                              f"and experts {sorted(evictable)} are evictable; choose_victim may refuse only "
+                              f"prefetches")
+        if not any(cache.scope(k) == scope for k in self.running):
+            pinned = sorted(k for k in cache.pinned if cache.scope(k) == scope)
+            raise PolicyError(self.policy, "preload", pinned, f"these pinned experts leave no slot of scope {scope} "
+                              f"for a demand fetch of key {job.key}; pin at most the scope's slots minus top_k")
+
     def _checked_key(self, key, hook: str) -> int:
-        """``key`` as an int in range, else PolicyError (numpy integers are accepted)."""
+        """``key`` as an int in range, else PolicyError (numpy integers are accepted, bools are not)."""
         try:
-            key = operator.index(key)
+            key = _as_int(key)
         except TypeError:
             raise PolicyError(self.policy, hook, key, "an expert key must be an integer "
                               "(layer * num_experts + expert)") from None
@@ -274,7 +302,7 @@ class OffloadController:
                 if not (type(key) is int and 0 <= key < n and type(need_step) is int):
                     key = self._checked_key(key, "prefetch")
                     try:
-                        need_step = operator.index(need_step)
+                        need_step = _as_int(need_step)
                     except TypeError:
                         raise PolicyError(self.policy, "prefetch", (key, need_step), "need_step must be an "
                                           "integer decode step (token * num_layers + layer)") from None
@@ -298,3 +326,11 @@ class OffloadController:
                 self.stats.prefetches += 1
             elif not job.demand and job.need_step != need_step:
                 queue.reprioritise(job, False, need_step, now_ns)
+
+
+def _as_int(value) -> int:
+    """``value`` as a Python int: ints and numpy integers; TypeError for anything else, bools included
+    (``True`` is no expert key)."""
+    if isinstance(value, bool):
+        raise TypeError("a bool is not an integer here")
+    return operator.index(value)

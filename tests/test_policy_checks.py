@@ -53,6 +53,49 @@ class PreloadTooMuch(LRU):
         return [(k, False) for k in range(self.ctx.num_experts)]     # 8 keys of layer 0 into 4 slots
 
 
+class PreloadNone(LRU):
+    def preload(self):
+        return None             # a forgotten ``return list``
+
+
+INSERTED: list[int] = []
+
+
+class PreloadBadLastEntry(LRU):
+    """A valid entry, then a broken one: refused before anything is placed or reported inserted."""
+
+    def preload(self):
+        return [(0, False), ("1", False)]
+
+    def on_insert(self, key):
+        INSERTED.append(key)
+        super().on_insert(key)
+
+
+class PrefetchBoolKey(LRU):
+    def prefetch(self, access):
+        return [PrefetchRequest(True, access.step + 1)]      # True is not expert 1
+
+
+class RefusesDemand(LRU):
+    def choose_victim(self, scope, cache, job):
+        return None
+
+
+class PinsFillTheScope(LRU):
+    """Pins every slot of layer 0 (and in global mode the shared ones): a miss can never get a slot."""
+
+    def preload(self):
+        return [(k, True) for k in range(self.ctx.cache_slots * (1 if self.ctx.cache_mode == "per_layer" else 3))]
+
+
+class ExecutesFloats(LRU):
+    lossless = False
+
+    def execute(self, access):
+        return [float(e) for e in access.experts]
+
+
 class NumpyKeys(LRU):
     """numpy integers are valid keys (policies often compute them with numpy)."""
 
@@ -71,6 +114,12 @@ class NumpyKeys(LRU):
     (PrefetchGarbage, "prefetch", "expected a list of PrefetchRequest"),
     (PrefetchFloatKey, "prefetch", "an expert key must be an integer"),
     (PreloadTooMuch, "preload", "no free slot left"),
+    (PreloadNone, "preload", r"expected a list of \(key, pinned\) pairs"),
+    (PreloadBadLastEntry, "preload", "an expert key must be an integer"),
+    (PrefetchBoolKey, "prefetch", "an expert key must be an integer"),
+    (RefusesDemand, "choose_victim", "may refuse only prefetches"),
+    (PinsFillTheScope, "preload", "pinned experts leave no slot of scope 0 for a demand fetch"),
+    (ExecutesFloats, "execute", r"expected 2 distinct integer expert ids in \[0, 8\)"),
 ])
 def test_a_policy_that_breaks_a_rule_gets_one_error_naming_it(policy, hook, rule, mode):
     if policy is VictimOfAnotherLayer and mode == "global":
@@ -80,6 +129,7 @@ def test_a_policy_that_breaks_a_rule_gets_one_error_naming_it(policy, hook, rule
         with pytest.raises(PolicyError, match=rule) as err:
             run(RunSettings(cache_slots=4 if mode == "per_layer" else 2, cache_mode=mode))
         assert f"policy {policy.__name__}.{hook} returned" in str(err.value)
+    assert not INSERTED
 
 
 def test_numpy_integer_keys_are_accepted_and_counted_as_their_ints():
