@@ -16,12 +16,17 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from hardware import load_hardware
 from offload.session import RunSettings
 from policies.registry import resolve_policy
 from real.checkpoint import (CheckpointError, MoEConfig, dequantize_block_fp8, load_checkpoint,
                              save_checkpoint)
 from real.engine import OffloadEngine
 from real.model import MoEModel
+from real.record import routing_trace
+from sim.replay import replay_untimed
+from sim.simulator import simulate
+from traces import load_trace, save_trace
 
 E4M3_MAX = 448.0          # the largest finite float8_e4m3fn value
 
@@ -554,14 +559,11 @@ PATHOLOGICAL = {
 }
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo"])
-@pytest.mark.parametrize("case", list(PATHOLOGICAL))
-def test_pathological_routing_loads_runs_and_reports(case, policy, tmp_path):
-    """Weights that are fine but route pathologically load, and the offloaded engine (cache = top-k
-    slots per layer) gives the fully-resident model's tokens; its report shows the routing that the
-    router produced (the winner first in every layer, the same experts every step) and the counts that
-    routing implies: each layer's experts are copied once, every later access hits."""
+PATHOLOGICAL_PROMPTS, PATHOLOGICAL_NEW_TOKENS = [[1, 2, 3], [7, 8]], 6
+
+
+def pathological_checkpoint(case: str, path: Path) -> tuple[MoEConfig, dict]:
+    """A tiny Mixtral checkpoint at ``path`` whose router routes as ``PATHOLOGICAL[case]`` says; loaded."""
     top_k, winner = PATHOLOGICAL[case]
     config = dict(TINY_CONFIGS["mixtral"], num_experts_per_tok=top_k)
     cfg = MoEConfig.from_hf(config)
@@ -578,15 +580,30 @@ def test_pathological_routing_loads_runs_and_reports(case, policy, tmp_path):
         tensors[p + "router"] = torch.zeros(cfg.num_experts, cfg.hidden_size)
         if winner is not None:
             tensors[p + "router"][winner, 0] = 4.0
-    save_checkpoint(config, tensors, tmp_path)
-    cfg, loaded = load_checkpoint(tmp_path, torch.float32)
-    shape = cfg.to_model_shape("pathological")
-    prompts, new_tokens = [[1, 2, 3], [7, 8]], 6
+    save_checkpoint(config, tensors, path)
+    return load_checkpoint(path, torch.float32)
+
+
+def offloaded(cfg: MoEConfig, loaded: dict, policy: str, slots: int, future=None) -> OffloadEngine:
+    return OffloadEngine(MoEModel(cfg, loaded, dtype=torch.float32, experts_device="cpu", max_len=64),
+                         cfg.to_model_shape("pathological"), resolve_policy(policy), RunSettings(cache_slots=slots),
+                         future=future)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo"])
+@pytest.mark.parametrize("case", list(PATHOLOGICAL))
+def test_pathological_routing_loads_runs_and_reports(case, policy, tmp_path):
+    """Weights that are fine but route pathologically load, and the offloaded engine (cache = top-k
+    slots per layer) gives the fully-resident model's tokens; its report shows the routing that the
+    router produced (the winner first in every layer, the same experts every step) and the counts that
+    routing implies: each layer's experts are copied once, every later access hits."""
+    top_k, winner = PATHOLOGICAL[case]
+    cfg, loaded = pathological_checkpoint(case, tmp_path)
+    prompts, new_tokens = PATHOLOGICAL_PROMPTS, PATHOLOGICAL_NEW_TOKENS
     resident = MoEModel(cfg, loaded, dtype=torch.float32, max_len=64)
     expected = [resident.generate_greedy(p, new_tokens) for p in prompts]
-    engine = OffloadEngine(MoEModel(cfg, loaded, dtype=torch.float32, experts_device="cpu", max_len=64), shape,
-                           resolve_policy(policy), RunSettings(cache_slots=top_k))
-    result = engine.generate(prompts, new_tokens)
+    result = offloaded(cfg, loaded, policy, top_k).generate(prompts, new_tokens)
     assert result.generated == expected
 
     routing = result.routing.experts                 # [T][L][K]
@@ -606,3 +623,31 @@ def test_pathological_routing_loads_runs_and_reports(case, policy, tmp_path):
     assert stats.accesses == T * L * top_k
     assert stats.misses == stats.copies == L * top_k and stats.hits == stats.accesses - L * top_k
     assert stats.evictions == 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case", list(PATHOLOGICAL))
+def test_pathological_routing_is_recorded_and_replayed_with_the_engines_counts(case, tmp_path):
+    """The routing the engine reports is a valid trace (exact ties give no repeated expert id), and from
+    top-k slots to every expert resident, for on-demand policies (Belady reading that trace as its
+    future), the simulator's replay of it counts what the engine counted: each layer's experts copied
+    once, never evicted, every later access a hit."""
+    top_k, _ = PATHOLOGICAL[case]
+    cfg, loaded = pathological_checkpoint(case, tmp_path / "checkpoint")
+    shape = cfg.to_model_shape("pathological")
+    first = offloaded(cfg, loaded, "lru", top_k).generate(PATHOLOGICAL_PROMPTS, PATHOLOGICAL_NEW_TOKENS)
+    save_trace(routing_trace(first, shape, source="tests", recorded_on="cpu", description="pathological routing"),
+               tmp_path / "routing.npz")
+    trace = load_trace(tmp_path / "routing.npz")
+    T, L = trace.num_tokens, trace.num_layers
+    for slots in (top_k, cfg.num_experts):
+        for policy in ("lru", "fifo", "belady"):
+            engine = offloaded(cfg, loaded, policy, slots, future=trace)
+            stats = engine.generate(PATHOLOGICAL_PROMPTS, PATHOLOGICAL_NEW_TOKENS).stats
+            replayed = replay_untimed(trace, resolve_policy(policy), RunSettings(slots))   # copies of 1 byte
+            assert {**stats.as_dict(), "bytes_moved": stats.copies} == replayed.as_dict(), (policy, slots)
+            assert stats.bytes_moved == stats.copies * engine.expert_bytes
+            assert (stats.misses, stats.copies, stats.evictions, stats.hits) == (L * top_k, L * top_k, 0,
+                                                                                 (T - 1) * L * top_k)
+        metrics = simulate(trace, resolve_policy("lru"), load_hardware("h100-pcie5"), RunSettings(slots)).metrics
+        assert metrics["hit_rate"] == pytest.approx(1 - 1 / T) and metrics["misses"] == L * top_k
