@@ -1,11 +1,15 @@
 """One configuration in, one results row out; plus the checks a grid passes before any run starts.
 
 Traces, their train/eval slices, hardware profiles and Belady's hit counts are cached per process:
-a worker that runs many configurations of one trace loads it once.
+a worker that runs many configurations of one trace loads it once. A sweep that runs worker processes
+first shares its traces (``share_traces``): their arrays are written once, uncompressed, and every
+process memory-maps the same pages instead of decompressing a copy of its own.
 """
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from experiments.config import SWEEP_KEYS, ConfigError, RunConfig
@@ -18,6 +22,7 @@ from sim.replay import replay_untimed
 from offload.session import RunSettings, SettingsError
 from sim.simulator import Timeline, simulate
 from traces import Trace, TraceError, load_trace
+from traces.io import load_mapped, write_mapped
 
 # The order of a results table's columns: the resolved configuration, what it ran on, the metrics.
 CONFIG_COLUMNS = [*(k for k in SWEEP_KEYS if k != "trace"), "policy_params", "trace"]
@@ -36,17 +41,42 @@ _traces: dict[str, tuple[str, Trace]] = {}
 _slices: dict[tuple, tuple[Trace | None, Trace]] = {}
 _hardware: dict[tuple, HardwareProfile] = {}
 _belady: dict[tuple, int] = {}
+_shared_dir: Path | None = None     # where ``share_traces`` put the mapped traces, by file digest
 
 
 def cached_trace(path: str) -> Trace:
-    """The trace at ``path``, loaded once per process (reloaded if the file's content changed)."""
+    """The trace at ``path``, loaded once per process (reloaded if the file's content changed); mapped
+    from the shared copy where the sweep made one (``share_traces``)."""
     hit = _traces.get(path)
-    if hit is None:
-        trace = load_trace(path)    # first: its TraceError names a missing or malformed file
-        hit = _traces[path] = (trace_sha256(path), trace)
-    elif hit[0] != trace_sha256(path):
-        hit = _traces[path] = (trace_sha256(path), load_trace(path))
-    return hit[1]
+    if hit is not None and hit[0] == trace_sha256(path):
+        return hit[1]
+    shared = _shared_dir / trace_sha256(path) if _shared_dir is not None and os.path.isfile(path) else None
+    if shared is not None and shared.is_dir():
+        trace = load_mapped(shared)
+    else:
+        trace = load_trace(path)    # before the digest: its TraceError names a missing or malformed file
+    _traces[path] = (trace_sha256(path), trace)
+    return trace
+
+
+def share_traces(paths, folder: Path) -> None:
+    """Write each trace's arrays once to ``folder`` (by the file's digest) and use the mapped copy in this
+    process and in every process it starts (``use_shared_traces`` for processes that are not forked):
+    workers then share the trace's pages instead of each decompressing its own copy."""
+    global _shared_dir
+    _shared_dir = Path(folder)
+    for path in dict.fromkeys(paths):
+        trace = cached_trace(path)
+        shared = _shared_dir / trace_sha256(path)
+        write_mapped(trace, shared)
+        _traces[path] = (trace_sha256(path), load_mapped(shared))
+    _slices.clear()                 # they are views of the copies loaded before
+
+
+def use_shared_traces(folder: Path | None) -> None:
+    """In a worker process: map the traces ``share_traces`` wrote to ``folder`` (None: load them)."""
+    global _shared_dir
+    _shared_dir = None if folder is None else Path(folder)
 
 
 def _slice_key(cfg: RunConfig) -> tuple:

@@ -30,6 +30,7 @@ import shlex
 import signal
 import statistics
 import sys
+import tempfile
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -41,7 +42,7 @@ from experiments.config import RunConfig, SweepSpec, valid_keys_text
 from experiments.overrides import build_spec
 from experiments.results import ResultStore, config_hash, row_inputs
 from experiments.runner import (ROW_COLUMNS, cached_trace, hardware_for, record_timeline, run_config,
-                                trace_slices, validate_grid)
+                                share_traces, trace_slices, use_shared_traces, validate_grid)
 from hardware.profile import hardware_to_dict
 from policies.registry import crash_site, resolve_policy
 
@@ -136,11 +137,12 @@ def _stop_on_signals():
             signal.signal(s, old)
 
 
-def _init_worker() -> None:
+def _init_worker(shared_traces: str) -> None:
     # Ctrl-C reaches the whole process group: the sweep stops the workers, they do not stop
     # themselves (each with a traceback). SIGTERM, which the sweep sends them, ends them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _deferring(_exit_worker))
+    use_shared_traces(Path(shared_traces))
 
 
 def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> str | None:
@@ -187,8 +189,18 @@ def _run_all(pending: list[tuple[RunConfig, str]], out: Path, workers: int, vary
 
 
 def _run_pool(pending, out: Path, workers: int, varying: list[str], report) -> None:
+    # The workers map one copy of each trace (runner.share_traces) instead of decompressing their own.
+    with tempfile.TemporaryDirectory(prefix="moe-sweep-traces-") as shared:
+        share_traces([cfg.trace for cfg, _ in pending], Path(shared))
+        try:
+            _run_workers(pending, out, workers, varying, report, shared)
+        finally:
+            use_shared_traces(None)
+
+
+def _run_workers(pending, out: Path, workers: int, varying: list[str], report, shared: str) -> None:
     before = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker)
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(shared,))
     futures = {pool.submit(_run_one, cfg, h, describe(cfg, varying), out): (cfg, h) for cfg, h in pending}
     try:
         for future in as_completed(futures):

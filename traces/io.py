@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 import zlib
@@ -43,6 +44,13 @@ def save_trace(trace: Trace, path, compress: bool = True) -> None:
     """Validate, then write atomically: a temp file in the same directory, fsync, os.replace."""
     path = Path(path)
     validate_trace(trace, where=path)
+    arrays = _stored_arrays(trace)
+    writer = np.savez_compressed if compress else np.savez
+    atomic_write(path, lambda f: writer(f, **arrays), binary=True)
+
+
+def _stored_arrays(trace: Trace) -> dict[str, np.ndarray]:
+    """The arrays a trace file holds, by member name."""
     id_dtype = np.uint8 if trace.num_experts <= 256 else np.uint16
     arrays = {
         "__meta__": np.frombuffer(json.dumps(trace.meta.to_dict()).encode("utf-8"), dtype=np.uint8),
@@ -60,8 +68,7 @@ def save_trace(trace: Trace, path, compress: bool = True) -> None:
     arrays.update({k: v for k, v in optional.items() if v is not None})
     arrays.update({_PRED + k: v for k, v in trace.predictions.items()})
     arrays.update({_TIME + k: v for k, v in trace.timings.items()})
-    writer = np.savez_compressed if compress else np.savez
-    atomic_write(path, lambda f: writer(f, **arrays), binary=True)
+    return arrays
 
 
 def _file_mode() -> int:
@@ -97,7 +104,56 @@ def load_trace(path) -> Trace:
     path = Path(path)
     if not path.is_file():
         _fail(path, "file", "no such trace file", "check the path (traces.DEFAULT_TRACE is the committed sample)")
-    arrays = _read_arrays(path)
+    trace = _assemble(_read_arrays(path), path)
+    validate_trace(trace, where=path)
+    return trace
+
+
+_MAPPED_NAMES = "arrays.json"   # the member names of a mapped trace, written last: the folder is complete
+
+
+def write_mapped(trace: Trace, folder) -> None:
+    """The trace's arrays as uncompressed ``.npy`` files in ``folder``, for ``load_mapped``: processes
+    that map one folder share its pages (the operating system's page cache) instead of each holding a
+    copy of the decompressed trace. Written into a temporary folder that is renamed into place, so a
+    reader never sees half of one; a folder that exists already is left as it is (same content: name
+    the folder by the trace file's digest)."""
+    folder = Path(folder)
+    if (folder / _MAPPED_NAMES).is_file():
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        arrays = _stored_arrays(trace)
+        for name, values in arrays.items():
+            np.save(tmp / f"{name}.npy", values, allow_pickle=False)
+        (tmp / _MAPPED_NAMES).write_text(json.dumps(sorted(arrays)))
+        os.rename(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / _MAPPED_NAMES).is_file():    # not a concurrent writer of the same folder: a real error
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_mapped(folder) -> Trace:
+    """A trace that ``write_mapped`` wrote, its arrays memory-mapped read-only. Not validated again: it
+    was validated where it entered (``load_trace``) before it was written."""
+    folder = Path(folder)
+    arrays = {}
+    for name in json.loads((folder / _MAPPED_NAMES).read_text()):
+        file = folder / f"{name}.npy"
+        try:
+            arrays[name] = np.asarray(np.load(file, mmap_mode="r", allow_pickle=False))
+        except ValueError:          # an empty array cannot be mapped
+            arrays[name] = np.load(file, allow_pickle=False)
+    return _assemble(arrays, folder)
+
+
+def _assemble(arrays: dict[str, np.ndarray], path: Path) -> Trace:
+    """A ``Trace`` of a file's arrays, checking which arrays are there (not yet their content)."""
     if "__meta__" not in arrays:
         _fail(path, "__meta__", "missing", f"this is not a trace file; {_REEXPORT}")
     meta = _parse_meta(arrays["__meta__"], path)
@@ -107,7 +163,7 @@ def load_trace(path) -> Trace:
     for name in ("experts", "weights", "request_starts"):
         if name not in arrays:
             _fail(path, name, "required array missing", _REEXPORT)
-    trace = Trace(
+    return Trace(
         meta=meta,
         experts=arrays["experts"],
         weights=arrays["weights"],
@@ -120,8 +176,6 @@ def load_trace(path) -> Trace:
         text_bytes=arrays.get("text_bytes"),
         text_offsets=arrays.get("text_offsets"),
     )
-    validate_trace(trace, where=path)
-    return trace
 
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")   # a zip's first entry, or an empty zip
