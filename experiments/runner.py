@@ -115,6 +115,21 @@ def belady_hits(cfg: RunConfig) -> int:
     return _belady[key]
 
 
+# Rough wall seconds per layer-step on one core of the 2-core machine (the fast path 0.1-0.2 us, the SimPy
+# reference 15-50 us) and per configuration (the Belady bound, writing the row): what a sweep orders its
+# work by and bases its time estimate on before it has measured its own speed.
+_SECONDS_PER_STEP = {"fast": 2e-7, "reference": 3e-5}
+_SECONDS_PER_CONFIG = 0.02
+
+
+def expected_seconds(cfg: RunConfig) -> float:
+    """About how long ``run_config(cfg)`` takes, from the eval slice's layer-steps and the path it takes."""
+    from sim.fast_path import kernel_for     # numba's import is paid only by a sweep that asks
+    _, run = trace_slices(cfg)
+    fast = cfg.sim_path == "auto" and kernel_for(cfg.policy, dict(cfg.policy_params)) is not None
+    return _SECONDS_PER_CONFIG + run.num_tokens * run.num_layers * _SECONDS_PER_STEP["fast" if fast else "reference"]
+
+
 def _settings(cfg: RunConfig) -> RunSettings:
     return RunSettings(cache_slots=cfg.cache_slots, cache_mode=cfg.cache_mode, precision=cfg.precision,
                        prefetch_depth=cfg.prefetch_depth, prompt_tokens=cfg.prompt_tokens,

@@ -31,6 +31,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -41,8 +42,8 @@ from tqdm import tqdm
 from experiments.config import RunConfig, SweepSpec, valid_keys_text
 from experiments.overrides import build_spec
 from experiments.results import ResultStore, config_hash, row_inputs
-from experiments.runner import (ROW_COLUMNS, cached_trace, hardware_for, record_timeline, run_config,
-                                share_traces, trace_slices, use_shared_traces, validate_grid)
+from experiments.runner import (ROW_COLUMNS, cached_trace, expected_seconds, hardware_for, record_timeline,
+                                run_config, share_traces, trace_slices, use_shared_traces, validate_grid)
 from hardware.profile import hardware_to_dict
 from policies.registry import crash_site, resolve_policy
 
@@ -145,11 +146,12 @@ def _init_worker(shared_traces: str) -> None:
     use_shared_traces(Path(shared_traces))
 
 
-def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> str | None:
+def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> tuple[str | None, float]:
     """Run one configuration and store what it gives, in whichever process runs it: the row (so a
     finished row survives the sweep being killed) or the failure's report with its traceback.
-    None when the row is written, else the failure as one line."""
+    (None when the row is written, else the failure as one line; the seconds it took)."""
     store = ResultStore(out)
+    start = time.perf_counter()
     try:
         row, perf = run_config(cfg)
     except Exception as err:  # noqa: BLE001  (reported by name; the other configs go on)
@@ -158,33 +160,84 @@ def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> str | None:
         report = f"config {h} ({label}) failed at {site}: {what}\n\n{''.join(traceback.format_exception(err))}"
         with _whole_write():
             path = store.write_error(cfg, report)
-        return f"{what} at {site} (traceback: {path})"
+        return f"{what} at {site} (traceback: {path})", time.perf_counter() - start
     with _whole_write():
         store.write(row, perf)
-    return None
+    return None, time.perf_counter() - start
+
+
+class _Progress:
+    """What the sweep says while it runs. On a terminal: one line, updated in place, with the
+    configurations done of all, configurations per second and the time left (on stderr). In a log
+    (stderr not a terminal): one line per finished configuration with the same figures on stdout,
+    beside the results, and nothing else; stderr keeps errors only.
+
+    The time left: each configuration still to finish weighs its expected cost
+    (``runner.expected_seconds``: per layer-step the fast path is ~100x cheaper than SimPy), scaled by
+    how the finished ones' measured times compare with theirs, shared among the workers."""
+
+    def __init__(self, pending: list[tuple[RunConfig, str]], varying: list[str], workers: int):
+        self.expected = {h: expected_seconds(cfg) for cfg, h in pending}
+        self.varying = varying
+        self.workers = workers
+        self.total, self.done = len(pending), 0
+        self.expected_left = sum(self.expected[h] for _, h in pending)
+        self.expected_done = self.measured_done = 0.0
+        self.start = time.monotonic()
+        self.live = sys.stderr.isatty()
+        self.bar = tqdm(total=self.total, desc="sweep", file=sys.stderr, disable=not self.live,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} configs [{elapsed}{postfix}]")
+
+    def finished(self, cfg: RunConfig, h: str, failure: str | None, seconds: float) -> None:
+        self.done += 1
+        self.expected_done += self.expected[h]
+        self.expected_left -= self.expected[h]
+        self.measured_done += seconds
+        scale = self.measured_done / self.expected_done if self.expected_done > 0 else 1.0
+        sharing = max(1, min(self.workers, self.total - self.done))
+        left = max(self.expected_left, 0.0) * scale / sharing
+        elapsed = time.monotonic() - self.start
+        figures = f"{self.done / elapsed if elapsed > 0 else 0:.3g} configs/s, {tqdm.format_interval(left)} left"
+        if self.live:
+            self.bar.set_postfix_str(figures, refresh=False)
+            self.bar.update()
+        else:
+            outcome = "failed" if failure is not None else "done"
+            print(f"sweep: {self.done}/{self.total} {describe(cfg, self.varying)} {outcome} in {seconds:.1f} s; "
+                  f"{figures}", flush=True)
+
+    def say(self, line: str) -> None:
+        tqdm.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _run_all(pending: list[tuple[RunConfig, str]], out: Path, workers: int, varying: list[str]) -> list[str]:
     """Run ``pending``; the failures, as one line each. On Interrupted the workers are ended before
     it propagates: what they finished is on disk, what they were running is lost."""
     failures = []
-    bar = tqdm(total=len(pending), desc="sweep", unit="config", file=sys.stderr, disable=None)
+    workers = min(workers, len(pending))
+    progress = _Progress(pending, varying, workers)
 
-    def report(cfg: RunConfig, h: str, failure: str | None) -> None:
+    def report(cfg: RunConfig, h: str, failure: str | None, seconds: float) -> None:
         if failure is not None:
             line = f"config {h} ({describe(cfg, varying)}) failed: {failure}"
             failures.append(line)
-            tqdm.write(f"error: {line}", file=sys.stderr)
-        bar.update()
+            progress.say(f"error: {line}")
+        progress.finished(cfg, h, failure, seconds)
 
     try:
-        if workers <= 1 or len(pending) <= 1:
+        if workers <= 1:
             for cfg, h in pending:
-                report(cfg, h, _run_one(cfg, h, describe(cfg, varying), out))
+                report(cfg, h, *_run_one(cfg, h, describe(cfg, varying), out))
         else:
-            _run_pool(pending, out, min(workers, len(pending)), varying, report)
+            # Longest first, so that the workers run out of work together instead of one finishing a
+            # long SimPy configuration while the other idles.
+            longest_first = sorted(pending, key=lambda ch: -progress.expected[ch[1]])
+            _run_pool(longest_first, out, workers, varying, report)
     finally:
-        bar.close()
+        progress.close()
     return failures
 
 
@@ -206,7 +259,7 @@ def _run_workers(pending, out: Path, workers: int, varying: list[str], report, s
         for future in as_completed(futures):
             cfg, h = futures[future]
             err = future.exception()    # only a pool failure (a worker died): _run_one reports the rest
-            report(cfg, h, future.result() if err is None else f"{type(err).__name__}: {err}")
+            report(cfg, h, *(future.result() if err is None else (f"{type(err).__name__}: {err}", 0.0)))
     except BaseException:
         # The executor has no public way to stop running tasks: end its processes ourselves.
         pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,71 @@
+"""What the sweep says while it runs: on a terminal one line updated in place (configurations done of
+all, configurations per second, time left); in a log one line per configuration and nothing more."""
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import struct
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+
+from traces import save_trace, synthetic_trace
+
+from conftest import sweep_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def trace_path(tmp_path):
+    path = tmp_path / "t.npz"
+    save_trace(synthetic_trace(num_tokens=300, num_layers=3, num_experts=6, top_k=2, num_requests=4, seed=5), path)
+    return path
+
+
+def test_a_log_gets_one_line_per_configuration(trace_path, tmp_path):
+    r = sweep_cli(f"trace={trace_path}", "policy=lru,oracle", "cache_slots=2..4", "--no-plots", "--workers", "2",
+                  "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    progress = [line for line in r.stdout.splitlines() if line.startswith("sweep: ")]
+    assert len(progress) == 6
+    for i, line in enumerate(progress, 1):
+        assert re.fullmatch(rf"sweep: {i}/6 policy=(lru|oracle) cache_slots=[234] done in \d+\.\d s; "
+                            r"[\d.e+-]+ configs/s, \d\d:\d\d left", line), line
+    assert progress[-1].endswith("00:00 left")
+    # the longest first: SimPy's oracle before the compiled lru (one worker may still finish an lru early)
+    assert sum("oracle" in line for line in progress[:3]) >= 2
+
+
+def test_a_terminal_gets_one_updating_line(trace_path, tmp_path):
+    pid, fd = pty.fork()
+    if pid == 0:                                   # the child: the sweep on a 120-column terminal
+        try:
+            fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+            os.chdir(REPO)
+            os.execve(sys.executable, [sys.executable, "-m", "experiments.sweep", f"trace={trace_path}",
+                                       "policy=lru,oracle", "cache_slots=2,3", "--no-plots", "--workers", "1",
+                                       "--out", str(tmp_path / "out")], {**os.environ, "PYTHONPATH": str(REPO)})
+        finally:
+            os._exit(127)                          # only if exec failed
+    output = b""
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:                            # the child closed the terminal
+            break
+        if not data:
+            break
+        output += data
+    _, status = os.waitpid(pid, 0)
+    text = output.decode()
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert not re.search(r"sweep: \d+/\d+ ", text), text        # no log lines: the one line is redrawn
+    renders = re.findall(r"\rsweep: [^\r\n]*", text)
+    assert len(renders) >= 2, text                               # redrawn (at most every 0.1 s), then left
+    assert re.search(r"4/4 configs \[\d\d:\d\d, [\d.e+-]+ configs/s, 00:00 left\]", renders[-1]), renders[-1]
