@@ -80,9 +80,17 @@ class ExpertCache:
         return (slot is not None and self.slot_state[slot] == RESIDENT
                 and key not in self.in_use and key not in self.pinned)
 
+    def is_evictable_in(self, key: int, scope: int) -> bool:
+        """``is_evictable(key)`` and ``key`` is of ``scope``: a victim for a copy into ``scope``."""
+        slot = self.key_slot.get(key)
+        return (slot is not None and self.slot_state[slot] == RESIDENT and key not in self.in_use
+                and key not in self.pinned and (key // self.num_experts if self.per_layer else 0) == scope)
+
     def evictable(self, scope: int) -> list[int]:
         in_use, pinned = self.in_use, self.pinned
-        return [k for k in self.resident[scope] if k not in in_use and k not in pinned]
+        if pinned:
+            return [k for k in self.resident[scope] if k not in in_use and k not in pinned]
+        return [k for k in self.resident[scope] if k not in in_use]
 
     def has_free_slot(self, scope: int) -> bool:
         return bool(self._free[scope])
@@ -107,23 +115,23 @@ class ExpertCache:
     # -- transitions ---------------------------------------------------------------------------
     def start_copy(self, key: int, victim: int | None) -> int:
         """Give ``key`` a slot for an incoming copy: a free slot of its scope, else ``victim``'s."""
-        scope = self.scope(key)
+        scope = key // self.num_experts if self.per_layer else 0
+        key_slot = self.key_slot
         if victim is None:
             slot = self._free[scope].pop()
         else:
-            if not self.is_evictable(victim) or self.scope(victim) != scope:
+            if not self.is_evictable_in(victim, scope):
                 raise AssertionError(f"victim {victim} is not evictable in scope {scope}")
-            slot = self.key_slot.pop(victim)
+            slot = key_slot.pop(victim)
             self.resident[scope].discard(victim)
         self.slot_key[slot] = key
         self.slot_state[slot] = COPYING
-        self.key_slot[key] = slot
+        key_slot[key] = slot
         return slot
 
     def finish_copy(self, key: int) -> None:
-        slot = self.key_slot[key]
-        self.slot_state[slot] = RESIDENT
-        self.resident[self.scope(key)].add(key)
+        self.slot_state[self.key_slot[key]] = RESIDENT
+        self.resident[key // self.num_experts if self.per_layer else 0].add(key)
 
     def load_resident(self, key: int) -> int:
         """Place ``key`` before decoding starts (model load: untimed, not counted as a copy)."""

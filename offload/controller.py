@@ -138,6 +138,7 @@ class OffloadController:
         access = LayerAccess(token, layer, step, experts, weights, hidden)
         base = layer * self.num_experts
         unused_prefetch = self._unused_prefetch
+        on_access, queued = policy.on_access, queue.queued
         ready: list[Need] = []
         waiting: list[tuple[int, CopyJob]] = []
         for i, e in enumerate(experts):
@@ -151,7 +152,7 @@ class OffloadController:
                 stats.late += 1
                 waiting.append((key, self.running[key]))
             else:
-                job = queue.queued.get(key)
+                job = queued.get(key)
                 if job is None:
                     stats.misses += 1
                     job = queue.push(key, True, step, now_ns)
@@ -161,17 +162,18 @@ class OffloadController:
                 job.demand_order = self._order
                 self._order += 1
                 waiting.append((key, job))
-            if key in unused_prefetch:
+            if unused_prefetch and key in unused_prefetch:
                 unused_prefetch.discard(key)
                 stats.prefetch_useful += 1
-            policy.on_access(access, i, key, hit)
+            on_access(access, i, key, hit)
         stats.accesses += len(experts)
         stats.hits += len(ready)
         self._prefetch_access = access
         # In-flight copies finish first, then queued ones in queue order.
         if waiting:
-            waiting.sort(key=lambda kj: (kj[1].state != RUNNING, kj[1].sort_key()))
-            ready.extend(waiting)
+            if len(waiting) > 1:
+                waiting.sort(key=_copy_order)
+            ready += waiting
         return ready
 
     def prefetch_layer(self, now_ns: int) -> None:
@@ -195,8 +197,11 @@ class OffloadController:
         """Start the most urgent queued copy that can get a slot; None if there is none (or the
         head is a demand fetch waiting for a slot: ``blocked``; or it is a prefetch and the current
         layer's ``prefetch_layer`` is still to come)."""
-        cache, queue, policy = self.cache, self.queue, self.policy
         self.blocked = False
+        queue = self.queue
+        if not queue.queued:
+            return None
+        cache, policy = self.cache, self.policy
         while True:
             job = queue.peek()
             if job is None or (not job.demand and self._prefetch_access is not None):
@@ -206,8 +211,7 @@ class OffloadController:
             victim = None
             if not cache.has_free_slot(scope):
                 victim = policy.choose_victim(scope, policy.cache, job)
-                if victim is not None and not (type(victim) is int and cache.is_evictable(victim)
-                                               and cache.scope(victim) == scope):
+                if victim is not None and not (type(victim) is int and cache.is_evictable_in(victim, scope)):
                     victim = self._checked_victim(victim, scope)
                 if victim is None:
                     if job.demand:
@@ -326,6 +330,12 @@ class OffloadController:
                 self.stats.prefetches += 1
             elif not job.demand and job.need_step != need_step:
                 queue.reprioritise(job, False, need_step, now_ns)
+
+
+def _copy_order(need: tuple[int, CopyJob]):
+    """How a layer's waited-for copies are ordered: those in flight first, then queue order."""
+    job = need[1]
+    return job.state != RUNNING, job.sort_key()
 
 
 def _as_int(value) -> int:

@@ -62,9 +62,11 @@ class CopyQueue:
         return len(self.queued)
 
     def push(self, key: int, demand: bool, need_step: int, now_ns: int) -> CopyJob:
-        job = CopyJob(key, demand, need_step, next(self._seq), now_ns)
+        seq = next(self._seq)
+        job = CopyJob(key, demand, need_step, seq, now_ns)
         self.queued[key] = job
-        self._enter(job)
+        job.entry = entry = (DEMAND if demand else PREFETCH, need_step, seq, job)   # job.sort_key(), job
+        heapq.heappush(self._heap, entry)
         return job
 
     def _enter(self, job: CopyJob) -> None:
