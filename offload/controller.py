@@ -198,10 +198,7 @@ class OffloadController:
         head is a demand fetch waiting for a slot: ``blocked``; or it is a prefetch and the current
         layer's ``prefetch_layer`` is still to come)."""
         self.blocked = False
-        queue = self.queue
-        if not queue.queued:
-            return None
-        cache, policy = self.cache, self.policy
+        cache, queue, policy = self.cache, self.queue, self.policy
         while True:
             job = queue.peek()
             if job is None or (not job.demand and self._prefetch_access is not None):

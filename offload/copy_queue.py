@@ -91,6 +91,9 @@ class CopyQueue:
     def peek(self) -> CopyJob | None:
         """The job that should start next, or None. Stale entries are discarded on the way."""
         heap = self._heap
+        if not self.queued:      # every entry left is stale
+            heap.clear()
+            return None
         while heap:
             entry = heap[0]
             job = entry[3]
