@@ -64,12 +64,13 @@ class SpeculativePrefetch(LRU):
             return None
         return [d * ctx.layer_compute_ns // ctx.expert_copy_ns + ctx.top_k for d in range(1, depth + 1)]
 
-    def _chosen(self, scores: np.ndarray) -> np.ndarray:
-        """Experts of one target layer to fetch, best first: the top-k, or those >= min_score."""
-        order = np.argsort(-scores, kind="stable")
+    def _chosen(self, rows: np.ndarray) -> list[list[int]]:
+        """For each row of scores (a target layer), the experts to fetch, best first: the top-k, or
+        those >= min_score. One stable sort of all rows: row by row it orders as a sort of each."""
+        order = np.argsort(-rows, axis=1, kind="stable")
         if self.min_score is None:
-            return order[: self.ctx.top_k]
-        return order[scores[order] >= self.min_score]
+            return order[:, : self.ctx.top_k].tolist()
+        return [o[r[o] >= self.min_score].tolist() for o, r in zip(order, rows)]
 
     def prefetch(self, access: LayerAccess) -> list[PrefetchRequest]:
         L, E = self.ctx.num_layers, self.ctx.num_experts
@@ -78,11 +79,13 @@ class SpeculativePrefetch(LRU):
         budget, holds = self.budget, self.cache.holds
         predicted: dict[int, int] = {}
         requests: list[PrefetchRequest] = []
-        for d in range(1, min(self.depth, L - 1 - access.layer) + 1):
+        depth = min(self.depth, L - 1 - access.layer)
+        chosen = self._chosen(rows[:depth]) if depth > 0 else []
+        for d in range(1, depth + 1):
             need = access.step + d
             base = (access.layer + d) * E
             cap = None if budget is None else budget[d - 1]
-            for e in self._chosen(rows[d - 1]).tolist():
+            for e in chosen[d - 1]:
                 key = base + e
                 predicted[key] = need
                 if holds(key):                  # resident or in flight: costs no copy
