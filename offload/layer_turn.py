@@ -58,8 +58,9 @@ class Clock(Protocol):
         """Start the copies the controller allows now (``OffloadController.next_copy``)."""
         ...
 
-    def launch_experts(self, token: int, layer: int, run: list[int], needs: list[Need]) -> None:
-        """Give the compute stream ``needs`` (resident first, then in copy order)."""
+    def launch_experts(self, token: int, layer: int, run: list[int], needs: list[Need]) -> Iterable:
+        """Give the compute stream ``needs`` (resident first, then in copy order); the host may first
+        have to wait for room on the copy stream to start the copies they wait for."""
         ...
 
     def decide(self, token: int, layer: int) -> Iterable:
@@ -80,7 +81,7 @@ def layer_turn(ctrl: OffloadController, clock: Clock, token: int, layer: int) ->
         weights = clock.reweigh(layer, run, weights)
     needs = ctrl.begin_layer(token, layer, run, weights, clock.now_ns(), hidden)
     yield from clock.start_copies()
-    clock.launch_experts(token, layer, run, needs)
+    yield from clock.launch_experts(token, layer, run, needs)
     yield from clock.decide(token, layer)
     ctrl.prefetch_layer(clock.now_ns())
     yield from clock.start_copies()

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 MAX_PREFETCH_DEPTH = 256
 
 
+MAX_COPIES_IN_FLIGHT = 64      # a stream holds this many copies at most before a demand fetch waits too long
+
+
 class SettingsError(ValueError):
     """A run setting out of its range; the message names the setting, the value and the fix."""
 
@@ -43,6 +46,10 @@ class RunSettings:
     - ``prefetch_depth``: layers ahead that prefetching policies look, 1..``MAX_PREFETCH_DEPTH``.
     - ``prompt_tokens``: context already in the KV cache when a request's decode starts.
     - ``policy_params``: parameters passed to the policy (``PolicyContext.params``).
+    - ``copies_in_flight``: copies committed to the copy stream at once (the engine's ``real.copies``
+      window, 1..``MAX_COPIES_IN_FLIGHT``): a committed copy can be neither cancelled nor overtaken by a
+      later demand fetch, and the host commits copies only when it reaches its pump points. None: the
+      simulator's ideal link, whose engines take the controller's next job the moment they free.
     """
 
     cache_slots: int
@@ -51,6 +58,7 @@ class RunSettings:
     prefetch_depth: int = 1
     prompt_tokens: int = 0
     policy_params: Mapping[str, Any] = field(default_factory=dict)
+    copies_in_flight: int | None = 2
 
     def __post_init__(self) -> None:
         try:
@@ -58,8 +66,10 @@ class RunSettings:
         except ValueError:
             raise SettingsError(f"cache_mode={self.cache_mode!r} is not a cache mode; use one of "
                                 f"{[m.value for m in CacheMode]}") from None
-        for name, low, high in (("cache_slots", 1, None), ("prefetch_depth", 1, MAX_PREFETCH_DEPTH),
-                                ("prompt_tokens", 0, None)):
+        checked = [("cache_slots", 1, None), ("prefetch_depth", 1, MAX_PREFETCH_DEPTH), ("prompt_tokens", 0, None)]
+        if self.copies_in_flight is not None:
+            checked.append(("copies_in_flight", 1, MAX_COPIES_IN_FLIGHT))
+        for name, low, high in checked:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise SettingsError(f"{name}={value!r} must be an integer")

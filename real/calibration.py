@@ -89,13 +89,38 @@ def decision_costs(model, shape: ModelShape, policy_cls: type[Policy], settings:
             "cache_slots": settings.cache_slots, "steps": len(result.routing.step_ms)}
 
 
-def calibrate_model(model, shape: ModelShape, steps: int = 48, hardware=None) -> dict:
+def resident_live(model, shape: ModelShape, prompts: list[list[int]], new_tokens: int) -> dict:
+    """A live decode (the model routes itself) with every expert resident: ``prompts`` (training text, never
+    the validated requests) generated greedily after an untimed pass. Its steps' wall times and positions
+    (context length) give a live run's per-layer overhead: a forced-routing pattern run combines its experts
+    eagerly, a live one in the captured graph."""
+    from policies.static import Static
+    settings = RunSettings(cache_slots=shape.num_experts)
+    OffloadEngine(model, shape, Static, settings, train_trace=_any_trace(shape)).generate(
+        prompts[:1], max(new_tokens // 4, 2))
+    engine = OffloadEngine(model, shape, Static, settings, train_trace=_any_trace(shape))
+    result = engine.generate(prompts, new_tokens)
+    starts = result.routing.request_starts
+    positions = np.concatenate([np.arange(b - a) for a, b in zip(starts[:-1], starts[1:])])
+    return {"slots": shape.num_experts, "step_ms": list(result.routing.step_ms), "positions": positions.tolist()}
+
+
+def _any_trace(shape: ModelShape) -> Trace:
+    """Static needs a training slice to rank experts; with every expert resident, any ranking places them all."""
+    return pattern_trace(shape, 1, "hits")
+
+
+def calibrate_model(model, shape: ModelShape, steps: int = 48, hardware=None,
+                    live_prompts: list[list[int]] | None = None, new_tokens: int = 0) -> dict:
     """``compute`` and ``patterns`` of the module docstring for ``model`` (a ``real.model.MoEModel`` with its
-    experts on the host) of shape ``shape``."""
+    experts on the host) of shape ``shape``; with ``live_prompts``, also ``resident_live`` (a live model's
+    own per-layer overhead, ``resident_live``)."""
     engine = OffloadEngine(model, shape, LRU, RunSettings(cache_slots=shape.top_k), hardware=hardware)
     with torch.no_grad():
         compute = measure_compute(model, contexts=[c for c in (0, 128, 512, 1024) if c < model.max_len],
                                   engine=engine)
     del engine
     patterns = {p: run_pattern(model, shape, p, steps, hardware).to_dict() for p in PATTERNS}
+    if live_prompts:
+        patterns["resident-live"] = resident_live(model, shape, live_prompts, new_tokens)
     return {"compute": compute, "patterns": patterns}

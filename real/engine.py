@@ -26,7 +26,7 @@ from offload.layer_turn import drive, layer_turn
 from offload.metrics import run_metrics
 from offload.policy import Policy
 from offload.predictors import Predictor, predictor_for
-from offload.session import RunSettings, open_session
+from offload.session import RunSettings, SettingsError, open_session
 from real.copies import CopyFeeder, CopyRecord
 from real.marks import Marks
 from real.model import quiet_gc
@@ -80,8 +80,7 @@ class OffloadEngine:
     def __init__(self, model, shape: ModelShape, policy_cls: type[Policy], settings: RunSettings, *,
                  hardware: "HardwareProfile | None" = None, future: Trace | None = None,
                  train_trace: Trace | None = None, record_hidden_steps: int = 0,
-                 predictors: Mapping[str, Predictor] | None = None, record_layer_timings: bool = False,
-                 max_copies_in_flight: int = 2):
+                 predictors: Mapping[str, Predictor] | None = None, record_layer_timings: bool = False):
         """``settings``: the run's settings, as the simulator takes them (``offload.session``).
         ``hardware``: a profile measured on this machine, whose copy and layer estimates limit a
         predictive policy's prefetch depth as in the simulator; None: no limit. ``future``: the run's
@@ -91,8 +90,10 @@ class OffloadEngine:
         (``offload.predictors.predictor_name``), as the simulator gets the prediction track of that
         name. ``record_layer_timings``: mark each layer's start, routing and end on the compute stream
         (CUDA events, resolved after the run) and keep each copy's start and end events, for
-        ``Routing.layer_timings``. ``max_copies_in_flight``: copies handed to the copy stream at once
-        (``real.copies``). Raises MemoryError when the GPU cannot hold the slots, naming the fix."""
+        ``Routing.layer_timings``. The copies handed to the copy stream at once are
+        ``settings.copies_in_flight`` (``real.copies``; the simulator models the same window). Raises
+        MemoryError when the GPU cannot hold the slots, naming the fix, and SettingsError for
+        ``copies_in_flight=None`` (the simulator's ideal link, which no stream implements)."""
         self.model = model
         self.shape = shape
         L, E = shape.num_layers, shape.num_experts
@@ -110,6 +111,9 @@ class OffloadEngine:
                 (L * E, blob_numel), dtype=blobs.dtype)
             self.arena.copy_(blobs.reshape(L * E, blob_numel))
             model.drop_resident_experts()               # free the GPU copy: the engine owns the experts
+        if settings.copies_in_flight is None:
+            raise SettingsError("copies_in_flight=None is the simulator's ideal link; the engine feeds a CUDA "
+                                "stream and needs a window (e.g. 2)")
         num_slots = settings.cache_slots * L
         try:
             self.slots = torch.empty((num_slots, blob_numel), dtype=blobs.dtype, device=self.device)
@@ -131,7 +135,7 @@ class OffloadEngine:
                                     trace=future, train_trace=train_trace, predictor=predictor,
                                     hardware=hardware)
         self.policy, self.ctrl, self.cache = self.session.policy, self.session.ctrl, self.session.cache
-        self.copies = CopyFeeder(self.ctrl, self.arena, self.slots, max_copies_in_flight)
+        self.copies = CopyFeeder(self.ctrl, self.arena, self.slots, settings.copies_in_flight)
         for key, slot in self.cache.key_slot.items():   # the preload is model load: untimed, not counted
             self.slots[slot].copy_(self.arena[key])
         self.record_hidden_steps = record_hidden_steps
@@ -209,7 +213,7 @@ class OffloadEngine:
         self.copies.pump()
         return ()
 
-    def launch_experts(self, token: int, layer: int, run: list[int], needs: list[Need]) -> None:
+    def launch_experts(self, token: int, layer: int, run: list[int], needs: list[Need]):
         """Each expert made to wait on the GPU for its own copy, then launched; then the combine."""
         m, copies, key_slot, graphs = self.model, self.copies, self.cache.key_slot, self._graphs
         base = layer * self.shape.num_experts
@@ -235,6 +239,7 @@ class OffloadEngine:
             copied = [(run.index(key - base), job) for key, job in needs if job is not None]
             self._layer_marks.append((token, layer, self._layer_start, self._routed_mark, self.marks.mark(),
                                       copied))
+        return ()
 
     def decide(self, token: int, layer: int):
         """The GPU has this layer's experts and the next layer's attention to run; the host meanwhile

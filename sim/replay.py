@@ -45,8 +45,8 @@ class _Instant:
             ctrl.copy_done(job, 0)
         return ()
 
-    def launch_experts(self, token, layer, run, needs) -> None:
-        pass
+    def launch_experts(self, token, layer, run, needs):
+        return ()
 
     def decide(self, token, layer):
         return ()

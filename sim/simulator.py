@@ -20,7 +20,9 @@ import simpy
 
 from hardware import HardwareProfile
 from offload.controller import OffloadStats
-from offload.copy_queue import DONE
+from collections import deque
+
+from offload.copy_queue import DONE, QUEUED
 from offload.layer_turn import layer_turn
 from offload.metrics import run_metrics
 from offload.policy import Policy
@@ -103,6 +105,15 @@ class _SimClock:
         if record:
             self.timeline.preloaded = {slot: key for key, slot in self.cache.key_slot.items()}
         self._free_engines = list(range(hardware.copy_engines - 1, -1, -1))
+        # The engine's copy stream (real.copies.CopyFeeder): at most ``window`` copies committed and not yet
+        # retired; the host commits queued copies only at its pump points (start_copies, and make_ready in
+        # launch_experts, where it blocks until a place frees), and a committed copy can be neither
+        # cancelled nor overtaken by a later demand. None: the ideal link, where an engine takes the
+        # controller's next job the moment it frees.
+        self.window = settings.copies_in_flight
+        self._lane_free = [0] * hardware.copy_engines
+        self._in_flight: deque = deque()       # committed copies' completion events, in commit order
+        self._gpu_free = 0                     # when the compute stream may start the layer's experts
         self.copy_busy_ns = 0
         self.stall_ns = 0
         self.token_ns: list[int] = []
@@ -151,7 +162,40 @@ class _SimClock:
         self._issue_copies()
 
     def _copy_side_active(self) -> bool:
+        if self.window is not None:
+            return bool(self._in_flight) or bool(len(self.ctrl.queue))
         return len(self._free_engines) < self.copy_engines or bool(len(self.ctrl.queue))
+
+    # The windowed stream: what real.copies.CopyFeeder.pump does, at the host's time ``env.now``.
+    def _pump(self) -> None:
+        env, ctrl, q, lanes = self.env, self.ctrl, self._in_flight, self._lane_free
+        while q and q[0].job.state == DONE:          # retire from the front, as the feeder does
+            q.popleft()
+        while len(q) < self.window:
+            job = ctrl.next_copy(env.now)
+            if job is None:
+                return
+            lane = min(range(len(lanes)), key=lanes.__getitem__)
+            start = lanes[lane] if lanes[lane] > env.now else env.now
+            lanes[lane] = start + self.copy_ns
+            job.started_ns = start
+            done = env.timeout(lanes[lane] - env.now)
+            done.job, done.engine = job, lane
+            done.callbacks.append(self._committed_done)
+            if job.waiter is None:
+                job.waiter = done
+            else:
+                done.callbacks.append(self._wake_waiter)
+            q.append(done)
+
+    def _committed_done(self, done) -> None:
+        job = done.job
+        self.ctrl.copy_done(job, self.env.now)
+        self.copy_busy_ns += self.copy_ns
+        if self.timeline is not None:
+            self.timeline.copies.append(CopyEvent(
+                done.engine, job.key, job.slot, job.demand, job.queued_ns, job.demand_since_ns,
+                job.started_ns, job.finished_ns, job.demand_order, job.start_order))
 
     def _flush(self):
         """Turn the pending compute into one timeout (a generator: ``yield from`` it)."""
@@ -179,34 +223,64 @@ class _SimClock:
     def start_copies(self):
         if len(self.ctrl.queue):
             yield from self._flush()           # copies start at the compute stream's time
-            self._issue_copies()
+            if self.window is None:
+                self._issue_copies()
+                return
+            if self._host_ready > self.env.now:    # the host pumps once its decision is taken
+                yield self.env.timeout(self._host_ready - self.env.now)
+            self._pump()
 
-    def launch_experts(self, token, layer, run, needs) -> None:
-        pass                    # the compute stream runs them in finish_experts
+    def launch_experts(self, token, layer, run, needs):
+        """The compute stream may start the experts now; the windowed stream's host first commits every
+        copy they wait for, blocking while the window is full (the feeder's make_ready)."""
+        self._gpu_free = self.env.now + self.pending
+        if self.window is None:
+            return ()
+        return self._make_ready(needs)
+
+    def _make_ready(self, needs):
+        for key, job in needs:
+            while job is not None and job.state == QUEUED:
+                yield from self._flush()
+                q = self._in_flight
+                while q and q[0].job.state == DONE:
+                    q.popleft()
+                if len(q) < self.window:
+                    self._pump()
+                    if job.state != QUEUED:
+                        break
+                if not q:
+                    raise RuntimeError(f"copy of expert key {job.key} cannot start: no slot can be freed "
+                                       f"(cache too small for the experts in use)")
+                yield q[0]      # the window is full, or the copy needs what an in-flight one holds
 
     def decide(self, token, layer):
-        self._host_ready = self.env.now + self.pending + self.decision_ns
+        self._host_ready = self.now_ns() + self.decision_ns
         return ()
 
     def finish_experts(self, token: int, layer: int, needs):
+        """The compute stream runs the experts from ``_gpu_free``, each after its copy has landed (and
+        ``copy_wait`` more when it had to wait for it); the layer ends when they and the host's decision
+        are done. The process waits for a copy still in flight (nothing else can happen before the next
+        layer's routing, which follows these experts)."""
         env, timeline, expert_ns = self.env, self.timeline, self.cost.expert_ns
+        gpu = self._gpu_free
         for key, job in needs:
-            if job is not None and job.state != DONE:
-                yield from self._flush()
-                if job.waiter is None:
-                    job.waiter = env.event()
-                waited_from = env.now
-                yield job.waiter
-                if env.now > waited_from:       # it did wait: the expert starts copy_wait after the copy
-                    self.pending += self.copy_wait_ns
-                    self.stall_ns += env.now - waited_from + self.copy_wait_ns
+            if job is not None:
+                if job.state != DONE:
+                    yield from self._flush()
+                    if job.state != DONE:
+                        if job.waiter is None:
+                            job.waiter = env.event()
+                        yield job.waiter
+                if job.finished_ns > gpu:       # it had to wait: the expert starts copy_wait after the copy
+                    self.stall_ns += job.finished_ns - gpu + self.copy_wait_ns
+                    gpu = job.finished_ns + self.copy_wait_ns
             if timeline is not None:
-                begin = env.now + self.pending
-                timeline.compute.append(ComputeEvent(token, layer, key, self.cache.key_slot[key], begin,
-                                                     begin + expert_ns))
-            self.pending += expert_ns
-        if self._host_ready > env.now + self.pending:      # the layer ends when the host's decision does
-            self.pending = self._host_ready - env.now
+                timeline.compute.append(ComputeEvent(token, layer, key, self.cache.key_slot[key], gpu, gpu + expert_ns))
+            gpu += expert_ns
+        end = max(gpu, self._host_ready, env.now + self.pending)     # the layer ends when the host's decision does
+        self.pending = end - env.now
         if self._copy_side_active():     # the layer's experts stay protected until their compute ends
             yield from self._flush()
 

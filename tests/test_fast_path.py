@@ -78,7 +78,8 @@ def configurations(draw):
         hardware = dataclasses.replace(hardware, measured_compute=((decode.model.name, measured),))
     run_settings = RunSettings(cache_slots=slots, cache_mode=mode,
                                precision=draw(st.sampled_from(PRECISIONS)),
-                               prompt_tokens=draw(st.sampled_from([0, 1, 37, 4096])))
+                               prompt_tokens=draw(st.sampled_from([0, 1, 37, 4096])),
+                               copies_in_flight=draw(st.sampled_from([None, 1, 2, 3])))
     return decode, train, draw(st.sampled_from(KERNEL_POLICIES)), hardware, run_settings
 
 

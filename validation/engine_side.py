@@ -47,6 +47,7 @@ class SliceInputs:
     mask: np.ndarray
     prompts: list[list[int]] | None = None
     new_tokens: int = 0
+    train_prompts: list[list[int]] | None = None   # live: the training text (calibration decodes it)
     predictors_at: object = None          # live: depth -> {name: live predictor}
 
 
@@ -127,7 +128,8 @@ class SliceMeasurement:
             return found
         model = self.build_model()
         began = time.monotonic()
-        raw = calibrate_model(model, inputs.shape, steps=steps)
+        raw = calibrate_model(model, inputs.shape, steps=steps, live_prompts=inputs.train_prompts,
+                              new_tokens=inputs.new_tokens)
         # each policy's host work per layer, on the training slice (never the validated steps)
         slots = min(self.sl.cache_slots)
         decisions = {}
@@ -189,6 +191,7 @@ class SliceMeasurement:
                     self.store.write(self.store.path("engine", self.sl.name, keys[c]), {
                         "key": keys[c], "slice": self.sl.name, "policy": c[0], "cache_slots": c[1],
                         "mode": self.sl.mode, "shape": self.inputs.shape.name, "precision": self.sl.precision,
+                        "model_id": self.inputs.model_id, "settings": {"copies_in_flight": self.sl.settings(c[1]).copies_in_flight},
                         "device": _device_name(self.device), "runs": old + new,
                         "warmups": before[c].get("warmups", []) + [report.warmups.get(label, {})],
                         "session": report.info})

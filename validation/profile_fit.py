@@ -4,7 +4,8 @@ reads, each constant from one micro-benchmark and nothing from the runs being va
 - the copy model: the link's measured copy table (``real.profile_hw.measure_copies``);
 - ``attention_us_by_ctx``, ``router_us``, ``expert_us``, ``token_overhead_us``: the kernels, timed alone;
 - ``layer_overhead_us``: the ``hits`` pattern (no copy at all): each step's wall time minus the kernels it
-  ran, per layer (median over steps);
+  ran, per layer (median over steps); for a live model, its all-resident live decode of training text
+  (``resident-live``: a live run combines its experts inside the captured graph, a forced pattern eagerly);
 - ``copy_wait_us``: the ``misses`` pattern (every expert copied on demand): each step's wall time minus the
   simulator's prediction of that same pattern with everything above and no wait, per layer (every layer
   of that pattern waits on its last copy exactly once);
@@ -50,6 +51,12 @@ def measured_entry(calibration: dict, profile_so_far: HardwareProfile | None = N
     positions = np.arange(SKIP_STEPS, SKIP_STEPS + len(steps))
     overhead = float(np.median((steps - kernels_us(compute, shape, positions)) / shape.num_layers))
     notes["layer_overhead_us_raw"] = overhead
+    live = calibration["patterns"].get("resident-live")
+    if live is not None:
+        steps_live = 1e3 * np.asarray(live["step_ms"], dtype=np.float64)
+        live_overhead = float(np.median((steps_live - kernels_us(compute, shape, np.asarray(live["positions"])))
+                                        / shape.num_layers))
+        notes["layer_overhead_us_live_raw"] = live_overhead
     entry = {"attention_us_by_ctx": {int(c): float(t) for c, t in compute["attention_us_by_ctx"].items()},
              "router_us": float(compute["router_us"]), "expert_us": float(compute["expert_us"]),
              "token_overhead_us": float(compute["token_overhead_us"]),
@@ -76,6 +83,8 @@ def measured_entry(calibration: dict, profile_so_far: HardwareProfile | None = N
             notes["engine_copy_us_median"] = 1e3 * float(np.median(copy_ms))
             notes["profile_copy_us"] = profile_so_far.copy.copy_ns(expert_bytes) / 1e3
         entry["copy_wait_us"] = round(max(0.0, wait), 2)
+    if live is not None:     # the forced patterns' overhead served to isolate copy_wait; live runs have their own
+        entry["layer_overhead_us"] = round(max(0.0, live_overhead), 2)
     return entry, notes
 
 

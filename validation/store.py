@@ -73,5 +73,7 @@ class Store:
         return self.out / "calibration" / f"{slice_name}.json"
 
     def engine_results(self, slice_name: str) -> list[dict]:
+        """Every engine result stored for the slice, the most recently written first."""
         folder = self.out / "engine" / slice_name
-        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+        files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True) if folder.is_dir() else []
+        return [json.loads(p.read_text()) for p in files]
