@@ -1,4 +1,4 @@
-"""Simulator speed: simulated layer-steps per wall second on one core.
+"""Simulator speed: simulated layer-steps per second on one core.
 
     python -m experiments.bench_sim                 # the default trace, a few policies and sizes
     python -m experiments.bench_sim --profile lru:4  # and where the time goes, for one of them
@@ -6,7 +6,11 @@
 Each case runs on the SimPy reference (``sim.simulator.simulate``) and, where the policy has a
 kernel, on the exact fast path (``sim.fast_path``). The fast path's cold start (importing numba, and
 the first call: compiling its kernels, or loading them from numba's disk cache) is reported apart
-from its warm runs.
+from its warm runs. Besides the default trace's cases: the oracle with a deep prefetch window, and the
+lookahead policy on the committed trace with prediction tracks (``traces/moe-lm-h100.npz``).
+
+Reference rows give the median over ``--repeat`` runs of layer-steps per wall second, its range, and
+per CPU second of this process (which other processes on a shared machine disturb less).
 
 A benchmark, not a test: it prints its figures and never fails on them.
 """
@@ -16,7 +20,9 @@ import argparse
 import cProfile
 import io
 import pstats
+import statistics
 import time
+from pathlib import Path
 
 from policies.registry import resolve_policy
 from hardware.profile import load_hardware
@@ -24,15 +30,19 @@ from offload.session import RunSettings
 from sim.simulator import simulate
 from traces import DEFAULT_TRACE, load_trace
 
-CASES = [("lru", 4), ("lru", 8), ("lru", 16), ("lru", 32), ("lfu", 8), ("fifo", 8), ("static", 8),
-         ("belady", 8), ("oracle", 8), ("affinity", 8)]
+# (policy, slots, prefetch depth) on --trace
+CASES = [("lru", 4, 1), ("lru", 8, 1), ("lru", 16, 1), ("lru", 32, 1), ("lfu", 8, 1), ("fifo", 8, 1), ("static", 8, 1),
+         ("belady", 8, 1), ("oracle", 8, 1), ("oracle", 8, 24), ("oracle", 8, 256), ("affinity", 8, 1)]
+PREDICTIVE_TRACE = Path(__file__).resolve().parents[1] / "traces" / "moe-lm-h100.npz"
+PREDICTIVE_CASES = [("lookahead", 2, 2)]
+_MIN_TIMED_S = 0.5    # a short trace's case is run this long per repeat (back to back) so timing is meaningful
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=str(DEFAULT_TRACE))
     parser.add_argument("--hardware", default="h100-pcie5")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per case; the best is reported")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per case (median and range reported)")
     parser.add_argument("--profile", metavar="POLICY:SLOTS", help="cProfile one case, top functions")
     args = parser.parse_args(argv)
 
@@ -41,25 +51,32 @@ def main(argv: list[str] | None = None) -> None:
     steps = trace.num_tokens * trace.num_layers
     print(f"trace {args.trace}: {trace.num_tokens} tokens x {trace.num_layers} layers = {steps} layer-steps")
     fast_simulate = _fast_cold_start(trace, hardware, train)
-    print(f"{'policy':>10} {'slots':>5} {'hit_rate':>8} {'copies/step':>11} {'wall_s':>7} {'layer-steps/s':>14}  path")
-    for policy, slots in CASES:
-        settings = RunSettings(cache_slots=slots)
-        best = None
-        for _ in range(args.repeat):
-            r = simulate(trace, resolve_policy(policy), hardware, settings, train_trace=train, path="reference")
-            best = r if best is None or r.wall_s < best.wall_s else best
-        m = best.metrics
-        print(f"{policy:>10} {slots:>5} {m['hit_rate']:8.3f} {m['copies'] / steps:11.2f} "
-              f"{best.wall_s:7.2f} {best.layer_steps_per_wall_s:14,.0f}  reference")
+    print(f"{'policy':>10} {'slots':>5} {'depth':>5} {'hit_rate':>8} {'copies/step':>11} {'wall_s':>7} "
+          f"{'layer-steps/s':>14} {'(range)':>19} {'per CPU s':>10}  path")
+    for policy, slots, depth in CASES:
+        settings = RunSettings(cache_slots=slots, prefetch_depth=depth)
+        ref = _reference(trace, policy, hardware, settings, train, args.repeat)
+        print(_reference_line(policy, slots, depth, ref, steps))
         fast = fast_simulate(trace, policy, hardware, settings, train)   # also the untimed warm-up
         if fast is None:
-            print(f"{policy:>10} {slots:>5} {'':>8} {'':>11} {'':>7} {'':>14}  fast: no kernel, reference only")
+            print(f"{policy:>10} {slots:>5} {depth:>5} {'':>8} {'':>11} {'':>7} {'':>14} {'':>19} {'':>10}  "
+                  f"fast: no kernel, reference only")
             continue
         wall_s = min(_seconds(fast_simulate, trace, policy, hardware, settings, train)
                      for _ in range(max(args.repeat, 5)))   # ms per run: a few more repeats cost nothing
-        same = "identical" if fast.metrics == m and fast.token_ns == best.token_ns else "DIFFERENT"
-        print(f"{policy:>10} {slots:>5} {fast.metrics['hit_rate']:8.3f} {fast.metrics['copies'] / steps:11.2f} "
-              f"{wall_s:7.4f} {steps / wall_s:14,.0f}  fast, warm ({same} to the reference)")
+        same = "identical" if fast.metrics == ref.metrics and fast.token_ns == ref.token_ns else "DIFFERENT"
+        print(f"{policy:>10} {slots:>5} {depth:>5} {fast.metrics['hit_rate']:8.3f} "
+              f"{fast.metrics['copies'] / steps:11.2f} {wall_s:7.4f} {steps / wall_s:14,.0f} {'':>19} {'':>10}  "
+              f"fast, warm ({same} to the reference)")
+    if PREDICTIVE_TRACE.is_file():
+        p_train, p_trace = load_trace(PREDICTIVE_TRACE).split(0.25)
+        p_steps = p_trace.num_tokens * p_trace.num_layers
+        print(f"trace {PREDICTIVE_TRACE.name}: {p_trace.num_tokens} tokens x {p_trace.num_layers} layers = "
+              f"{p_steps} layer-steps (each repeat runs it back to back for {_MIN_TIMED_S} s)")
+        for policy, slots, depth in PREDICTIVE_CASES:
+            ref = _reference(p_trace, policy, hardware, RunSettings(cache_slots=slots, prefetch_depth=depth),
+                             p_train, args.repeat)
+            print(_reference_line(policy, slots, depth, ref, p_steps))
     if args.profile:
         policy, slots = args.profile.split(":")
         profiler = cProfile.Profile()
@@ -70,6 +87,42 @@ def main(argv: list[str] | None = None) -> None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
         print(out.getvalue())
+
+
+class _Timed:
+    """A reference case's last result and its timed repeats, in seconds per run."""
+
+    def __init__(self, result, wall_s: list[float], cpu_s: list[float]):
+        self.metrics, self.token_ns = result.metrics, result.token_ns
+        self.wall_s, self.cpu_s = wall_s, cpu_s
+
+
+def _reference(trace, policy, hardware, settings, train, repeat: int) -> _Timed:
+    """``repeat`` timed runs on the SimPy reference; a short trace is run back to back per repeat."""
+    def once():
+        return simulate(trace, resolve_policy(policy), hardware, settings, train_trace=train, path="reference")
+
+    start = time.perf_counter()
+    result = once()
+    runs = max(1, int(_MIN_TIMED_S / max(time.perf_counter() - start, 1e-9)))
+    if runs > 1:
+        once()          # short: the first run was a warm-up; time whole batches
+    walls, cpus = [], []
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(runs):
+            result = once()
+        walls.append((time.perf_counter() - wall) / runs)
+        cpus.append((time.process_time() - cpu) / runs)
+    return _Timed(result, walls, cpus)
+
+
+def _reference_line(policy: str, slots: int, depth: int, ref: _Timed, steps: int) -> str:
+    m = ref.metrics
+    wall = statistics.median(ref.wall_s)
+    spread = f"{steps / max(ref.wall_s):,.0f}-{steps / min(ref.wall_s):,.0f}"
+    return (f"{policy:>10} {slots:>5} {depth:>5} {m['hit_rate']:8.3f} {m['copies'] / steps:11.2f} {wall:7.2f} "
+            f"{steps / wall:14,.0f} {spread:>19} {steps / statistics.median(ref.cpu_s):10,.0f}  reference")
 
 
 def _seconds(fn, *args) -> float:
@@ -85,12 +138,11 @@ def _fast_cold_start(trace, hardware, train):
     import_s = time.perf_counter() - start
     steps = trace.num_tokens * trace.num_layers
     lines = []
-    for policy in ("lru", "belady"):       # the replay kernel, then Belady's next-use table
+    for policy in ("lru", "belady"):       # the replay kernel, then Belady (which builds the next-use table)
         first_s = _seconds(fast_path.fast_simulate, trace, policy, hardware, RunSettings(cache_slots=8), train)
         lines.append(f"first {policy} run {first_s:.2f} s")
-    stats = [kernels._replay.stats]
-    compiled = sum(sum(s.cache_misses.values()) for s in stats)
-    loaded = sum(sum(s.cache_hits.values()) for s in stats)
+    compiled = sum(kernels._replay.stats.cache_misses.values())
+    loaded = sum(kernels._replay.stats.cache_hits.values())
     print(f"fast path cold start: import {import_s:.2f} s, {', '.join(lines)} "
           f"({compiled} kernel(s) compiled, {loaded} loaded from numba's disk cache; "
           f"warm: {steps} layer-steps in the rows below)")
