@@ -76,7 +76,8 @@ def test_the_window_decides_as_the_full_scan_did(case):
     assert_same(run(trace, OraclePrefetch, settings), run(trace, ScanOracle, settings))
 
 
-# Before the window (commit 050f714, the full scan), first 600 eval tokens of the default trace, h100-pcie5:
+# Before the window (commit 050f714, the full scan; its link is copies_in_flight=None now), first 600 eval
+# tokens of the default trace, h100-pcie5:
 # (slots, mode, precision, depth) -> (hits, late, prefetches, prefetch copies, dropped, decode ns).
 RECORDED = [
     (8, "per_layer", "bf16", 1, (44933, 15639, 15639, 9841, 0, 14845983095)),
@@ -97,7 +98,7 @@ def sample():
 @pytest.mark.parametrize("slots, mode, precision, depth, recorded", RECORDED)
 def test_the_default_gives_the_recorded_results(sample, slots, mode, precision, depth, recorded):
     r = run(sample, resolve_policy("oracle"), RunSettings(cache_slots=slots, cache_mode=mode, precision=precision,
-                                                           prefetch_depth=depth))
+                                                           prefetch_depth=depth, copies_in_flight=None))
     s = r.stats
     assert (s.hits, s.late, s.prefetches, s.prefetch_copies, s.dropped, sum(r.token_ns)) == recorded
 

@@ -1,4 +1,5 @@
-"""The SimPy reference against results recorded before its bookkeeping was made cheaper (commit 050f714):
+"""The SimPy reference against results recorded before its bookkeeping was made cheaper (commit 050f714,
+whose link took the controller's next copy the moment an engine freed: ``copies_in_flight=None`` now):
 the controller, cache, copy queue and policies must decide exactly as they did. The equivalence tests
 hold the fast path to the reference; this holds the reference to its own past, for the policies
 without a kernel too (prefetching, predictive, lossy)."""
@@ -50,7 +51,8 @@ def test_the_reference_gives_the_recorded_results(traces, trace, policy, slots, 
                                                   recorded):
     train, run = traces[trace]
     r = simulate(run, resolve_policy(policy), load_hardware(hardware),
-                 RunSettings(cache_slots=slots, cache_mode=mode, precision=precision, prefetch_depth=depth),
+                 RunSettings(cache_slots=slots, cache_mode=mode, precision=precision, prefetch_depth=depth,
+                             copies_in_flight=None),
                  train_trace=train, path="reference")
     s = r.stats
     assert (s.hits, s.late, s.prefetches, s.copies, s.cancelled, s.dropped, sum(r.token_ns)) == recorded
