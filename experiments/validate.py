@@ -38,7 +38,7 @@ from real.profile_hw import profile_name
 from traces import load_trace, save_trace
 from traces.io import atomic_write
 from validation import report
-from validation.engine_side import SliceInputs, SliceMeasurement, engine_key, measure_copy_table
+from validation.engine_side import SliceInputs, SliceMeasurement, engine_key, measure_copy_table, replay_inputs
 from validation.profile_fit import fit_profile
 from validation.scenario import Scenario, ScenarioError, load_scenario
 from validation.sim_side import fallback_note, predict
@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                     "(default: the scenario's deadline_s)")
     p.add_argument("--calibration-steps", type=int, default=48, help="tokens per calibration pattern run")
     p.add_argument("--corpus", help="the text corpus live slices take their prompts from (replaces the scenario's)")
+    p.add_argument("--profile", type=Path, help="predict with this profile instead of the one fitted from OUT's "
+                                                "calibration (e.g. one merged from several calls' calibrations)")
     return p.parse_args(argv)
 
 
@@ -68,8 +70,10 @@ class Inputs:
         self.folder = store.out / "engine" / slice_name / "inputs"
 
     def save(self, inputs: SliceInputs) -> None:
-        save_trace(inputs.timed, self.folder / "timed.npz")
-        save_trace(inputs.train, self.folder / "train.npz")
+        # the simulator replays routing and prediction tracks; hidden states (megabytes) stay out
+        bare = {"hidden_states": None, "hidden_token_index": None}
+        save_trace(dataclasses.replace(inputs.timed, **bare), self.folder / "timed.npz")
+        save_trace(dataclasses.replace(inputs.train, **bare), self.folder / "train.npz")
         atomic_write(self.folder / "inputs.json", lambda f: json.dump(
             {"model_id": inputs.model_id, "mask": inputs.mask.astype(int).tolist()}, f))
 
@@ -117,13 +121,18 @@ def measure(scenario: Scenario, slices, store: Store, args, started: float) -> N
             torch.cuda.empty_cache()
 
 
-def compare(scenario: Scenario, slices, store: Store) -> pd.DataFrame:
+def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None = None) -> pd.DataFrame:
     folder = store.out / "calibration"
-    device = (store.read(folder / "copies.json") or {}).get("device", "cpu")
-    profile, _ = calibrated_profile(store, scenario, device)
+    if profile_path is not None:
+        profile = load_hardware(profile_path)
+    else:
+        device = (store.read(folder / "copies.json") or {}).get("device", "cpu")
+        profile, _ = calibrated_profile(store, scenario, device)
     pairs, notes = [], []
     for sl in slices:
         inputs = Inputs(store, sl.name).load()
+        if inputs is None and sl.mode == "replay" and store.engine_results(sl.name):
+            inputs = replay_inputs(sl)          # a replay's inputs follow from the scenario and the repository
         if inputs is None:
             notes.append(f"{sl.name}: not measured yet")
             continue
@@ -131,6 +140,7 @@ def compare(scenario: Scenario, slices, store: Store) -> pd.DataFrame:
         if note:
             print(note, flush=True)
             notes.append(f"{sl.name}: {note}")
+        earlier = 0
         stored = {}
         for result in store.engine_results(sl.name):     # by configuration, the last written first
             stored.setdefault((result["policy"], result["cache_slots"]), []).append(result)
@@ -142,21 +152,24 @@ def compare(scenario: Scenario, slices, store: Store) -> pd.DataFrame:
                     same = [r for r in stored[(policy, slots)] if r.get("model_id", inputs.model_id) == inputs.model_id]
                     if same:
                         result = same[0]
-                        notes.append(f"{sl.name}: {policy} at {slots} slots was measured by earlier engine code")
-                if result is None or not any(not r.get("error") for r in result["runs"]):
+                        earlier += 1
+                if result is None or not (result.get("summary") or any(not r.get("error") for r in result["runs"])):
                     notes.append(f"{sl.name}: {policy} at {slots} slots not measured yet")
                     continue
                 pairs.append((result, predict(sl, inputs, result, profile, store)))
+        if earlier:
+            notes.append(f"{sl.name}: {earlier} configurations measured by other engine code than this checkout's "
+                         f"(offload/ policies/ real/ traces/ changed since)" + (f"; {result['note']}" if result.get("note") else ""))
     table = report.rows(pairs)
     out = store.out
     atomic_write(out / "validation.csv", lambda f: table.to_csv(f, index=False))
     floor_rows = []
     for result, _ in pairs:
-        tps = [r["tokens_per_s"] for r in result["runs"] if not r.get("error")]
+        m = report.measured(result)
         causes = [r.get("causes", "") for r in result["runs"] if r.get("causes")]
         floor_rows.append({"slice": result["slice"], "policy": result["policy"], "cache_slots": result["cache_slots"],
-                           "runs": len(tps), "median_tokens_per_s": float(np.median(tps)),
-                           "spread_pct": report._spread_pct(tps), "run_causes": " ".join(causes)})
+                           "runs": m["runs"], "median_tokens_per_s": m["tokens_per_s"], "spread_pct": m["floor"],
+                           "run_causes": " ".join(causes), "raw_runs": bool(result["runs"])})
     atomic_write(out / "noise_floor.csv", lambda f: pd.DataFrame(floor_rows).to_csv(f, index=False))
     text = report.summary(table, notes)
     atomic_write(out / "summary.txt", lambda f: f.write(text))
@@ -183,7 +196,7 @@ def main(argv=None) -> int:
     if not args.predict_only:
         measure(scenario, slices, store, args, started)
     try:
-        compare(scenario, scenario.slices if args.predict_only else slices, store)
+        compare(scenario, scenario.slices if args.predict_only else slices, store, args.profile)
     except HardwareProfileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,30 +37,53 @@ def _spread_pct(values: list[float]) -> float:
     return float(100 * (v.max() - v.min()) / np.median(v)) if len(v) else float("nan")
 
 
+def measured(engine: dict) -> dict:
+    """The engine's figures of one configuration: median tokens/s, hit rate and misses over its runs, their
+    min and max, the run count and the noise floor (spread). A result whose runs were not kept carries
+    these in ``summary`` (``import_summary``)."""
+    runs = [r for r in engine["runs"] if not r.get("error")]
+    if not runs:
+        return dict(engine["summary"])
+    tps = [r["tokens_per_s"] for r in runs]
+    return {"tokens_per_s": float(np.median(tps)), "hit_rate": float(np.median([r["hit_rate"] for r in runs])),
+            "misses": float(np.median([r["misses"] for r in runs])), "min": min(tps), "max": max(tps),
+            "runs": len(tps), "floor": _spread_pct(tps)}
+
+
+def import_summary(table: pd.DataFrame, note: str) -> list[dict]:
+    """Engine results holding only the figures of an earlier ``validation.csv`` (its measured columns), for
+    configurations whose runs did not survive: ``note`` says why. Predictions are recomputed from them."""
+    out = []
+    for config, g in table.groupby("config", sort=False):
+        by = {r.metric: r for r in g.itertuples()}
+        t = by["tokens_per_s"]
+        out.append({"key": f"summary-{config.replace(':', '-')}", "slice": t.slice, "policy": t.policy,
+                    "cache_slots": int(t.cache_slots), "mode": t.mode, "shape": t.shape, "precision": t.precision,
+                    "runs": [], "note": note,
+                    "summary": {"tokens_per_s": t.measured, "hit_rate": by["hit_rate"].measured,
+                                "misses": by["misses"].measured, "min": t.measured_min, "max": t.measured_max,
+                                "runs": int(t.runs), "floor": t.noise_floor_pct}})
+    return out
+
+
 def rows(pairs: list[tuple[dict, dict]]) -> pd.DataFrame:
     """The long table from (engine result, prediction) pairs."""
     out = []
     for engine, sim in pairs:
-        runs = [r for r in engine["runs"] if not r.get("error")]
-        if not runs:
-            continue
-        tps = [r["tokens_per_s"] for r in runs]
+        m = measured(engine)
         columns = {"slice": engine["slice"], "shape": engine["shape"], "mode": engine["mode"],
                    "policy": engine["policy"], "family": family(engine["policy"]),
                    "cache_slots": engine["cache_slots"], "precision": engine["precision"],
                    "compute_basis": sim.get("compute_basis")}
         label = f"{engine['slice']}:{engine['policy']}:{engine['cache_slots']}"
-        measured = {"tokens_per_s": float(np.median(tps)), "hit_rate": float(np.median([r["hit_rate"] for r in runs])),
-                    "misses": float(np.median([r["misses"] for r in runs]))}
         for metric in METRICS:
-            m, p = measured[metric], float(sim[metric])
-            err = 100 * abs(p - m) / m if m else (0.0 if p == m else float("inf"))
-            row = {"config": label, **columns, "metric": metric, "predicted": p, "measured": m, "abs_err_pct": err,
-                   "signed_err_pct": 100 * (p - m) / m if m else float("nan")}
+            v, p = m[metric], float(sim[metric])
+            err = 100 * abs(p - v) / v if v else (0.0 if p == v else float("inf"))
+            row = {"config": label, **columns, "metric": metric, "predicted": p, "measured": v, "abs_err_pct": err,
+                   "signed_err_pct": 100 * (p - v) / v if v else float("nan")}
             if metric == "tokens_per_s":
-                floor = _spread_pct(tps)
-                row.update(noise_floor_pct=floor, runs=len(tps), measured_min=min(tps), measured_max=max(tps),
-                           within_noise=bool(err <= floor))
+                row.update(noise_floor_pct=m["floor"], runs=m["runs"], measured_min=m["min"], measured_max=m["max"],
+                           within_noise=bool(err <= m["floor"]), raw_runs=bool(engine["runs"]))
             out.append(row)
     return pd.DataFrame(out)
 
