@@ -1,0 +1,151 @@
+"""python -m experiments.validate on the CPU: the smoke scenario end to end (calibration, the engine grid with
+the measurement discipline, the simulator's predictions, the report), resuming, predicting again from what
+is stored, refusing bad scenarios; and the pieces it rests on: the profile fit recovers constants it is
+given, the report's comparison and ranking."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments.validate import main
+from hardware.profile import load_hardware
+from offload.session import RunSettings
+from policies.lru import LRU
+from sim.simulator import simulate
+from traces import load_shape
+from traces.synthetic import pattern_trace
+from validation import report
+from validation.profile_fit import fit_profile
+from validation.scenario import ScenarioError, scenario_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "experiments" / "configs" / "validate-smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("validate")
+    assert main(["--scenario", str(SMOKE), "--out", str(out)]) == 0
+    return out
+
+
+def test_smoke_run_writes_the_whole_bundle(smoke):
+    table = pd.read_csv(smoke / "validation.csv")
+    configs = {"tiny-replay": 4 * 2, "tiny-live": 2}
+    assert table.groupby("slice")["config"].nunique().to_dict() == configs
+    assert set(table["metric"]) == {"tokens_per_s", "hit_rate", "misses"}
+    for column in ("config", "metric", "predicted", "measured", "abs_err_pct", "slice", "shape", "policy", "family",
+                   "cache_slots", "precision"):
+        assert column in table.columns
+    tps = table[table["metric"] == "tokens_per_s"]
+    assert (tps["runs"] == 2).all() and (tps["predicted"] > 0).all() and (tps["measured"] > 0).all()
+    assert np.allclose(tps["abs_err_pct"], 100 * (tps["predicted"] - tps["measured"]).abs() / tps["measured"])
+    # on-demand policies decide without looking at time: both clocks count the same hits and misses
+    on_demand = table[(table["family"] == "on-demand") & table["metric"].isin(["hit_rate", "misses"])]
+    assert len(on_demand) and (on_demand["predicted"] == on_demand["measured"]).all()
+    text = (smoke / "summary.txt").read_text()
+    assert "tokens/s: 10 configurations" in text and "ranking" in text and "noise floor" in text
+    assert (smoke / "validation.png").stat().st_size > 10_000
+    profile = load_hardware(smoke / "cpu-measured.yaml")
+    entries = dict(profile.measured_compute)
+    assert set(entries) == {"tiny-moe", "tiny-moe-4l"}
+    assert "OraclePrefetch" in dict(entries["tiny-moe"].decision_us)
+    calibration = json.loads((smoke / "calibration" / "tiny-live.json").read_text())
+    assert {"hits", "misses", "resident-live"} <= set(calibration["patterns"])     # a live model's own overhead
+
+
+def test_a_second_run_resumes_and_measures_nothing(smoke, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(smoke, out)
+    def results():      # the measured runs and the calibration (a slice's inputs are rebuilt each call)
+        files = [*(out / "engine").glob("*/*.json"), *(out / "calibration").glob("*.json")]
+        return {p: p.stat().st_mtime_ns for p in files}
+
+    before = results()
+    assert main(["--scenario", str(SMOKE), "--out", str(out)]) == 0
+    assert results() == before
+    assert pd.read_csv(out / "validation.csv").equals(pd.read_csv(smoke / "validation.csv"))
+
+
+def test_predict_only_needs_no_engine(smoke, tmp_path):
+    out = tmp_path / "stored"
+    shutil.copytree(smoke, out)
+    shutil.rmtree(out / "sim")
+    assert main(["--scenario", str(SMOKE), "--out", str(out), "--predict-only"]) == 0
+    assert pd.read_csv(out / "validation.csv")["predicted"].tolist() == \
+        pd.read_csv(smoke / "validation.csv")["predicted"].tolist()
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"colour": 1}, "unknown key"),
+    ({"slices": {"a": {"mode": "replay", "trace": "nope.npz", "policies": ["lru"], "cache_slots": [2]}}}, "does not exist"),
+    ({"slices": {"a": {"mode": "replay", "trace": "tests/data/tiny-moe-trace.npz", "policies": ["lru"],
+                       "cache_slots": [1]}}}, "outside [2, 6]"),
+    ({"slices": {"a": {"mode": "replay", "trace": "tests/data/tiny-moe-trace.npz", "policies": ["lfru"],
+                       "cache_slots": [2]}}}, "lfru"),
+    ({"slices": {"a": {"mode": "live", "policies": ["lru"], "cache_slots": [2]}}}, "needs 'model'"),
+    ({"repeats": 0}, "repeats"),
+])
+def test_a_bad_scenario_is_refused_naming_the_field(change, words, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    data = {"repeats": 2, "slices": {"a": {"mode": "replay", "trace": "tests/data/tiny-moe-trace.npz",
+                                           "policies": ["lru"], "cache_slots": [2]}}, **change}
+    with pytest.raises(ScenarioError, match=words.replace("[", r"\[")):
+        scenario_from_dict(data, "scenario.yaml")
+
+
+def test_a_bad_scenario_file_exits_2(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("slices: {a: {mode: replay}}\n")
+    assert main(["--scenario", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "missing 'policies'" in capsys.readouterr().err
+
+
+def test_the_fit_recovers_the_constants_that_made_the_patterns():
+    """Calibration patterns timed by the simulator itself with known host costs: the fit must return them."""
+    shape = load_shape(str(ROOT / "tests" / "data" / "tiny-moe.yaml"))
+    base = load_hardware("h100-pcie5")
+    copies = {"copy_latency_us": 10.0, "h2d_GBps_by_MiB": {"1": 20.0, "16": 40.0}}
+    compute = {"attention_us_by_ctx": {"0": 30.0, "1024": 60.0}, "router_us": 5.0, "expert_us": 12.0,
+               "token_overhead_us": 40.0}
+    truth = {**{k: v for k, v in compute.items()}, "attention_us_by_ctx": {0: 30.0, 1024: 60.0},
+             "layer_overhead_us": 70.0, "copy_wait_us": 25.0}
+    made, _ = fit_profile(base, "truth", "test", copies, [])
+    made["measured_compute"] = {shape.name: {"bf16": truth}}
+    from hardware.profile import hardware_from_dict
+    timing = hardware_from_dict(made, "truth")
+    patterns = {}
+    for pattern in ("hits", "misses"):
+        run = simulate(pattern_trace(shape, 24, pattern), LRU, timing, RunSettings(cache_slots=shape.top_k))
+        patterns[pattern] = {"step_ms": (np.asarray(run.token_ns) / 1e6).tolist()}
+    calibration = {"shape": shape.to_dict(), "precision": "bf16", "compute": compute, "patterns": patterns,
+                   "decisions": {"lru": {"begin_layer_us": 3.0, "prefetch_layer_us": 1.0},
+                                 "oracle": {"begin_layer_us": 4.0, "prefetch_layer_us": 9.5}}}
+    fitted, notes = fit_profile(base, "fitted", "test", copies, [calibration])
+    entry = fitted["measured_compute"][shape.name]["bf16"]
+    assert entry["layer_overhead_us"] == pytest.approx(70.0, abs=0.01)
+    assert entry["copy_wait_us"] == pytest.approx(25.0, abs=0.01)
+    assert entry["decision_us"] == {"OraclePrefetch": 9.5}
+
+
+def _pair(policy, slots, measured, predicted, shape="s", floor_runs=(1.0, 1.0, 1.0)):
+    runs = [{"tokens_per_s": measured * f, "hit_rate": 0.5, "misses": 10} for f in floor_runs]
+    engine = {"slice": "x", "shape": shape, "mode": "replay", "policy": policy, "cache_slots": slots,
+              "precision": "bf16", "runs": runs}
+    return engine, {"tokens_per_s": predicted, "hit_rate": 0.5, "misses": 10, "compute_basis": "measured"}
+
+
+def test_ranking_agrees_only_within_the_noise_floor():
+    pairs = [_pair("lru", 4, 100, 110), _pair("belady", 4, 105, 100),        # the simulator picks lru, the engine belady
+             _pair("lru", 8, 100, 100, floor_runs=(0.9, 1.0, 1.1)), _pair("belady", 8, 105, 99)]
+    ranked = report.ranking(report.rows(pairs)).set_index("cache_slots")
+    assert ranked.loc[4, "sim_fastest"] == "lru" and ranked.loc[4, "engine_fastest"] == "belady"
+    assert not ranked.loc[4, "agrees"]                    # 4.8 % apart, the runs agree exactly
+    assert ranked.loc[8, "agrees"]                        # 4.8 % apart, inside lru's 20 % spread
+    text = report.summary(report.rows(pairs), [])
+    assert "agrees at 1/2" in text
