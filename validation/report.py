@@ -33,8 +33,9 @@ def family(policy: str) -> str:
 
 
 def _spread_pct(values: list[float]) -> float:
+    """(max - min) / median in %: the noise floor; NaN below two runs (one run has no floor)."""
     v = np.asarray(values, dtype=np.float64)
-    return float(100 * (v.max() - v.min()) / np.median(v)) if len(v) else float("nan")
+    return float(100 * (v.max() - v.min()) / np.median(v)) if len(v) > 1 else float("nan")
 
 
 def measured(engine: dict) -> dict:
@@ -43,7 +44,10 @@ def measured(engine: dict) -> dict:
     these in ``summary`` (``import_summary``)."""
     runs = [r for r in engine["runs"] if not r.get("error")]
     if not runs:
-        return dict(engine["summary"])
+        summary = dict(engine["summary"])
+        if summary["runs"] < 2:
+            summary["floor"] = float("nan")      # one run has no floor
+        return summary
     tps = [r["tokens_per_s"] for r in runs]
     return {"tokens_per_s": float(np.median(tps)), "hit_rate": float(np.median([r["hit_rate"] for r in runs])),
             "misses": float(np.median([r["misses"] for r in runs])), "min": min(tps), "max": max(tps),
@@ -62,7 +66,7 @@ def import_summary(table: pd.DataFrame, note: str) -> list[dict]:
                     "runs": [], "note": note,
                     "summary": {"tokens_per_s": t.measured, "hit_rate": by["hit_rate"].measured,
                                 "misses": by["misses"].measured, "min": t.measured_min, "max": t.measured_max,
-                                "runs": int(t.runs), "floor": t.noise_floor_pct}})
+                                "runs": int(t.runs), "floor": t.noise_floor_pct if t.runs > 1 else float("nan")}})
     return out
 
 
@@ -99,7 +103,7 @@ def ranking(table: pd.DataFrame) -> pd.DataFrame:
         sim_pick = g.loc[g["predicted"].idxmax()]
         eng_pick = g.loc[g["measured"].idxmax()]
         gap = 100 * (eng_pick["measured"] - sim_pick["measured"]) / eng_pick["measured"]
-        floor = max(sim_pick["noise_floor_pct"], eng_pick["noise_floor_pct"])
+        floor = np.nanmax([sim_pick["noise_floor_pct"], eng_pick["noise_floor_pct"], 0.0])   # no floor: 0
         out.append({"shape": shape, "cache_slots": slots, "sim_fastest": sim_pick["policy"],
                     "engine_fastest": eng_pick["policy"], "gap_pct": gap, "noise_floor_pct": floor,
                     "agrees": sim_pick["policy"] == eng_pick["policy"] or gap <= floor})
@@ -112,10 +116,12 @@ def summary(table: pd.DataFrame, notes: list[str]) -> str:
     if table.empty:
         return "no configuration measured yet\n"
     t = table[table["metric"] == "tokens_per_s"]
+    single = int((t["runs"] < 2).sum())
     lines = [f"tokens/s: {len(t)} configurations over {t['shape'].nunique()} shapes and {t['policy'].nunique()} "
              f"policies; |error| median {t['abs_err_pct'].median():.1f} %, max {t['abs_err_pct'].max():.1f} % "
              f"(goal 3 % / 8 %); engine noise floor median {t['noise_floor_pct'].median():.1f} %, max "
-             f"{t['noise_floor_pct'].max():.1f} %; errors within the floor: {int(t['within_noise'].sum())}/{len(t)}",
+             f"{t['noise_floor_pct'].max():.1f} %" + (f" (not known for {single} configurations of one run)" if single else "")
+             + f"; errors within the floor: {int(t['within_noise'].sum())}/{len(t)}",
              f"signed error (simulator - engine): median {t['signed_err_pct'].median():+.1f} %", ""]
     for by in ("shape", "family"):
         g = t.groupby(by).agg(configs=("abs_err_pct", "size"), err_median=("abs_err_pct", "median"),
