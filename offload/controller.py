@@ -307,24 +307,26 @@ class OffloadController:
                     except TypeError:
                         raise PolicyError(self.policy, "prefetch", (key, need_step), "need_step must be an "
                                           "integer decode step (token * num_layers + layer)") from None
-                wanted.setdefault(key, need_step)
+                if key not in wanted:                    # a key's first request counts
+                    wanted[key] = need_step
         except (TypeError, ValueError) as err:
             if isinstance(err, PolicyError):
                 raise
             raise PolicyError(self.policy, "prefetch", requests, "expected a list of PrefetchRequest(key, "
                               "need_step), or None") from None
-        for job in queue.queued_prefetches():
-            if job.key not in wanted:
+        stats, queued = self.stats, queue.queued
+        if queued:
+            for job in [j for j in queued.values() if not j.demand and j.key not in wanted]:
                 queue.cancel(job)
-                self.stats.cancelled += 1
+                stats.cancelled += 1
         key_slot = cache.key_slot
         for key, need_step in wanted.items():
             if key in key_slot:                          # resident or being copied
                 continue
-            job = queue.queued.get(key)
+            job = queued.get(key)
             if job is None:
                 queue.push(key, False, need_step, now_ns)
-                self.stats.prefetches += 1
+                stats.prefetches += 1
             elif not job.demand and job.need_step != need_step:
                 queue.reprioritise(job, False, need_step, now_ns)
 
