@@ -186,7 +186,10 @@ class MeasuredCompute:
       host and the GPU noticing it);
     - ``decision_us``: per policy class name, the host's extra work per layer over LRU's (its prefetch
       decision, a live predictor's read-back); it overlaps the layer's experts, and delays the policy's
-      prefetch copies and the next layer's start when longer than them."""
+      prefetch copies and the next layer's start when longer than them;
+    - ``layer_extra_us``: per policy class name, what the policy adds to every layer in series, before
+      routing (a live predictor's kernels inside the captured layer graph), measured as an all-resident
+      decode with the policy against one with LRU."""
 
     precision: str
     attention_us_by_ctx: tuple[tuple[int, float], ...]
@@ -196,6 +199,7 @@ class MeasuredCompute:
     token_overhead_us: float
     copy_wait_us: float = 0.0
     decision_us: tuple[tuple[str, float], ...] = ()
+    layer_extra_us: tuple[tuple[str, float], ...] = ()
 
     _attention: _PiecewiseLinear = field(init=False, repr=False, compare=False)
 
@@ -207,10 +211,11 @@ class MeasuredCompute:
         for name in ("router_us", "expert_us", "layer_overhead_us", "token_overhead_us", "copy_wait_us"):
             value = getattr(self, name)
             _require(value >= 0 and math.isfinite(value), f"{name} must be >= 0, got {value}")
-        decisions = tuple(sorted((str(k), float(v)) for k, v in self.decision_us))
-        object.__setattr__(self, "decision_us", decisions)
-        for policy, us in decisions:
-            _require(us >= 0 and math.isfinite(us), f"decision_us[{policy}] must be >= 0, got {us}")
+        for name in ("decision_us", "layer_extra_us"):
+            by_policy = tuple(sorted((str(k), float(v)) for k, v in getattr(self, name)))
+            object.__setattr__(self, name, by_policy)
+            for policy, us in by_policy:
+                _require(us >= 0 and math.isfinite(us), f"{name}[{policy}] must be >= 0, got {us}")
         object.__setattr__(
             self, "_attention", _PiecewiseLinear(tuple(c for c, _ in points), tuple(t for _, t in points))
         )
@@ -234,13 +239,15 @@ class ComputeCost:
     attention_ns_by_ctx: tuple[tuple[int, float], ...] = ()
     copy_wait_ns: int = 0    # a copy's end to the compute waiting on it (MeasuredCompute.copy_wait_us)
     decision_ns_by_policy: tuple[tuple[str, int], ...] = ()   # policy class name -> host ns per layer
+    layer_extra_ns_by_policy: tuple[tuple[str, int], ...] = ()  # policy class name -> ns per layer in series
 
     def decision_ns(self, policy_cls: type) -> int:
         """The host's extra time per layer for ``policy_cls`` (MeasuredCompute.decision_us), else 0."""
-        for name, ns in self.decision_ns_by_policy:
-            if name == policy_cls.__name__:
-                return ns
-        return 0
+        return dict(self.decision_ns_by_policy).get(policy_cls.__name__, 0)
+
+    def layer_extra_ns(self, policy_cls: type) -> int:
+        """What ``policy_cls`` adds to every layer before routing (MeasuredCompute.layer_extra_us), else 0."""
+        return dict(self.layer_extra_ns_by_policy).get(policy_cls.__name__, 0)
 
     _attention: _PiecewiseLinear | None = field(init=False, repr=False, compare=False)
 
@@ -316,6 +323,7 @@ class HardwareProfile:
                     attention_ns_by_ctx=tuple((c, t * 1000.0) for c, t in m.attention_us_by_ctx),
                     copy_wait_ns=round(m.copy_wait_us * 1000.0),
                     decision_ns_by_policy=tuple((p, round(us * 1000.0)) for p, us in m.decision_us),
+                    layer_extra_ns_by_policy=tuple((p, round(us * 1000.0)) for p, us in m.layer_extra_us),
                 )
         launch_ns = self.kernel_launch_us * 1000.0
         hbm = self.hbm_GBps
@@ -396,7 +404,7 @@ _MEASURED_FIELDS = {
     "layer_overhead_us": float,
     "token_overhead_us": float,
 }
-_MEASURED_OPTIONAL = {"copy_wait_us": float, "decision_us": dict}
+_MEASURED_OPTIONAL = {"copy_wait_us": float, "decision_us": dict, "layer_extra_us": dict}
 
 
 def available_hardware() -> list[str]:
@@ -522,8 +530,9 @@ def _measured_from_dict(data: dict, fail) -> tuple[tuple[str, MeasuredCompute], 
                            f"and optionally {list(_MEASURED_OPTIONAL)}")
             v = {k: _typed(fields[k], kind, f"{here}.{k}", fail)
                  for k, kind in {**_MEASURED_FIELDS, **_MEASURED_OPTIONAL}.items() if k in fields}
-            v["decision_us"] = tuple((str(policy), _typed(us, float, f"{here}.decision_us[{policy}]", fail))
-                                     for policy, us in v.get("decision_us", {}).items())
+            for by_policy in ("decision_us", "layer_extra_us"):
+                v[by_policy] = tuple((str(policy), _typed(us, float, f"{here}.{by_policy}[{policy}]", fail))
+                                     for policy, us in v.get(by_policy, {}).items())
             attention = v.pop("attention_us_by_ctx")
             points = sorted(
                 (_ctx_key(ctx, f"{here}.attention_us_by_ctx", fail), _typed(us, float, f"{here}.attention_us_by_ctx[{ctx}]", fail))
@@ -571,6 +580,7 @@ def hardware_to_dict(profile: HardwareProfile) -> dict:
             "token_overhead_us": m.token_overhead_us,
             "copy_wait_us": m.copy_wait_us,
             "decision_us": dict(m.decision_us),
+            "layer_extra_us": dict(m.layer_extra_us),
         }
     out["measured_compute"] = measured
     return out

@@ -12,7 +12,9 @@ For one model (a checkpoint, or random weights of a shape) this measures, and re
   per layer every access misses: a demand copy's cost on the critical path, the link's achieved copy
   time and how long after a copy ends the layer can go on;
 - ``decisions``: each policy's own host work per layer (the controller's ``begin_layer`` and the policy's
-  ``prefetch_layer``, host clock), the policy run on a *training* trace, never the trace validated.
+  ``prefetch_layer``, host clock), the policy run on a *training* trace, never the trace validated; and
+  its all-resident step time beside LRU's (``resident_step_ms``): what the policy adds to every layer
+  whatever the cache holds.
 
 The numbers become profile constants in ``validation.profile_fit``; nothing here is fitted.
 Units: ms for times unless a name says us.
@@ -87,6 +89,26 @@ def decision_costs(model, shape: ModelShape, policy_cls: type[Policy], settings:
             "prefetch_layer_us": spent["prefetch_layer"] / 1e3 / max(calls["prefetch_layer"], 1),
             "layer_ms": float(np.sum(result.routing.step_ms)) / layers, "hit_rate": float(result.metrics["hit_rate"]),
             "cache_slots": settings.cache_slots, "steps": len(result.routing.step_ms)}
+
+
+def resident_step_ms(model, shape: ModelShape, engines: dict, decode, passes: int = 3) -> dict[str, float]:
+    """The median step time (ms) of each engine that ``engines`` builds (name -> a function returning an
+    ``OffloadEngine`` with every expert's slot, ``cache_slots`` = experts per layer), decoding with
+    ``decode(engine)`` (the same input each time). Each engine decodes twice: the first, untimed, makes every
+    expert it routes resident (nothing is evicted at that size), so the timed second copies nothing. Passes go
+    round-robin over the engines, one engine alive at a time (a production shape's slots fill the GPU). What
+    differs between them is the policy's own per-layer work: a live predictor's kernels in the layer graph,
+    and whatever of its host decision the layer's experts do not hide."""
+    steps: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(passes):
+        for name, build in engines.items():
+            engine = build()
+            decode(engine)
+            before = len(engine.routing.step_ms)
+            decode(engine)
+            steps[name].extend(engine.routing.step_ms[before:])
+            del engine
+    return {name: float(np.median(s)) for name, s in steps.items()}
 
 
 def resident_live(model, shape: ModelShape, prompts: list[list[int]], new_tokens: int) -> dict:

@@ -73,19 +73,20 @@ def layer_tails(top_k: int, expert_ns: int, copy_ns: int, copy_engines: int, cop
 
 def token_times(misses: np.ndarray, top_k: int, request_starts: np.ndarray, prompt_tokens: int,
                 cost: ComputeCost, copy_ns: int, copy_engines: int, decision_ns: int = 0,
-                window: int | None = None) -> tuple[np.ndarray, int]:
+                window: int | None = None, layer_extra_ns: int = 0) -> tuple[np.ndarray, int]:
     """(token_ns int64 [T], total stall ns) from ``misses`` [T, L] (misses of the ``top_k`` chosen
     experts, per token and layer).
 
     Attention is charged at the token's context length: ``prompt_tokens`` plus its position in its
     request (``request_starts``, the trace's request boundaries). ``decision_ns``: the policy's host
-    time per layer (``ComputeCost.decision_ns``); ``window``: the copy stream's (``landing_times``)."""
+    time per layer (``ComputeCost.decision_ns``); ``window``: the copy stream's (``landing_times``);
+    ``layer_extra_ns``: the policy's own work per layer before routing (``ComputeCost.layer_extra_ns``)."""
     T, L = misses.shape
     tail, stall = layer_tails(top_k, cost.expert_ns, copy_ns, copy_engines, cost.copy_wait_ns, decision_ns, window)
     starts = np.asarray(request_starts, dtype=np.int64)
     lengths = np.diff(starts)
     # One call of the cost model per position, as the simulator makes them (its floats, its rounding).
-    before_experts = cost.layer_overhead_ns + cost.router_ns
+    before_experts = cost.layer_overhead_ns + cost.router_ns + layer_extra_ns
     layer_head = np.array([cost.attention_ns(prompt_tokens + i) + before_experts
                            for i in range(int(lengths.max()))], dtype=np.int64)
     position = np.arange(T, dtype=np.int64) - np.repeat(starts[:-1], lengths)

@@ -63,7 +63,7 @@ def fast_simulate(trace: Trace, policy: str | type[Policy], hardware: HardwarePr
     policy_cls = resolve_policy(policy) if isinstance(policy, str) else policy
     token_ns, stall_ns = closed_form.token_times(
         misses, shape.top_k, trace.request_starts, settings.prompt_tokens, cost, copy_ns, hardware.copy_engines,
-        cost.decision_ns(policy_cls), settings.copies_in_flight)
+        cost.decision_ns(policy_cls), settings.copies_in_flight, cost.layer_extra_ns(policy_cls))
     token_ns = token_ns.tolist()
     metrics = run_metrics(token_ns, stats, link_busy_ns=stats.copies * copy_ns,
                           copy_engines=hardware.copy_engines, stall_ns=stall_ns)

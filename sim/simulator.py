@@ -101,6 +101,7 @@ class _SimClock:
         self.decision_ns = self.cost.decision_ns(policy_cls)
         self._host_ready = 0          # when the host has taken the current layer's decision
         self.copy_wait_ns = self.cost.copy_wait_ns   # a copy's end to the compute that waited on it
+        self.layer_extra_ns = self.cost.layer_extra_ns(policy_cls)   # the policy's own work before routing
         self.timeline = Timeline() if record else None
         if record:
             self.timeline.preloaded = {slot: key for key, slot in self.cache.key_slot.items()}
@@ -288,7 +289,7 @@ class _SimClock:
     def decode(self):
         cost, trace, ctrl = self.cost, self.trace, self.ctrl
         L = trace.num_layers
-        before_experts_ns = cost.layer_overhead_ns + cost.router_ns
+        before_experts_ns = cost.layer_overhead_ns + cost.router_ns + self.layer_extra_ns
         starts = trace.request_starts.tolist()
         prompt = self.settings.prompt_tokens
         max_len = max(b - a for a, b in zip(starts[:-1], starts[1:]))

@@ -73,8 +73,9 @@ def configurations(draw):
             layer_overhead_us=draw(st.sampled_from([0.0, 74.76])), token_overhead_us=174.54,
             # the host's costs: a copy's end to its waiting expert, and a policy's decision per layer
             copy_wait_us=draw(st.sampled_from([0.0, 7.3, 250.0])),
-            decision_us=draw(st.sampled_from([(), ((resolve_policy(p).__name__, us) for p in KERNEL_POLICIES
-                                                    for us in [draw(st.sampled_from([3.1, 900.0]))])])))
+            decision_us=draw(st.sampled_from([(), tuple((resolve_policy(p).__name__, us) for p in KERNEL_POLICIES
+                                                         for us in [draw(st.sampled_from([3.1, 900.0]))])])),
+            layer_extra_us=draw(st.sampled_from([(), tuple((resolve_policy(p).__name__, 17.3) for p in KERNEL_POLICIES)])))
         hardware = dataclasses.replace(hardware, measured_compute=((decode.model.name, measured),))
     run_settings = RunSettings(cache_slots=slots, cache_mode=mode,
                                precision=draw(st.sampled_from(PRECISIONS)),

@@ -161,6 +161,21 @@ class Trace:
             text_offsets=None if cut.text_offsets is None else cut.text_offsets[: n + 1],
         )
 
+    def repeat(self, times: int) -> Trace:
+        """The requests ``times`` over, one after another (a decode run again on the same engine, whose
+        future the bounds read): routing, weights and prediction tracks tiled; hidden states, text and
+        timings, which belong to one recording, left out."""
+        if times < 1:
+            raise ValueError(f"repeat: times must be >= 1, got {times}")
+        T = self.num_tokens
+        starts = np.concatenate([self.request_starts[:-1] + i * T for i in range(times)] + [[times * T]])
+        tile = lambda a: None if a is None else np.concatenate([a] * times)      # noqa: E731
+        return dataclasses.replace(
+            self, experts=tile(self.experts), weights=tile(self.weights), request_starts=starts.astype(np.int64),
+            router_probs=tile(self.router_probs), hidden_states=None, hidden_token_index=None,
+            predictions={k: tile(v) for k, v in self.predictions.items()}, timings={}, text_bytes=None,
+            text_offsets=None)
+
     def for_shape(self, shape: ModelShape) -> Trace:
         """This routing replayed on ``shape``: the first ``shape.num_layers`` layers, the meta's model
         replaced (e.g. a trained model's routing at a production model's expert size); hidden states go

@@ -10,7 +10,9 @@ reads, each constant from one micro-benchmark and nothing from the runs being va
   simulator's prediction of that same pattern with everything above and no wait, per layer (every layer
   of that pattern waits on its last copy exactly once);
 - ``decision_us``: per policy, its host work per layer (the controller's ``begin_layer`` and
-  ``prefetch_layer``) over LRU's, from runs on a training slice.
+  ``prefetch_layer``) over LRU's, from runs on a training slice;
+- ``layer_extra_us``: per policy, its all-resident step time over LRU's, per layer, less what of its
+  decision the layer's experts do not hide in the simulator's own model (so the two are not counted twice).
 
 A constant that comes out negative (noise, or an effect the model lacks) is kept at 0 and reported.
 """
@@ -60,7 +62,8 @@ def measured_entry(calibration: dict, profile_so_far: HardwareProfile | None = N
     entry = {"attention_us_by_ctx": {int(c): float(t) for c, t in compute["attention_us_by_ctx"].items()},
              "router_us": float(compute["router_us"]), "expert_us": float(compute["expert_us"]),
              "token_overhead_us": float(compute["token_overhead_us"]),
-             "layer_overhead_us": round(max(0.0, overhead), 2), "copy_wait_us": 0.0, "decision_us": {}}
+             "layer_overhead_us": round(max(0.0, overhead), 2), "copy_wait_us": 0.0, "decision_us": {},
+             "layer_extra_us": {}}
     decisions = calibration.get("decisions", {})
     base = decisions.get("lru")
     if base is not None:
@@ -70,6 +73,15 @@ def measured_entry(calibration: dict, profile_so_far: HardwareProfile | None = N
             notes[f"decision_us_raw[{policy}]"] = extra
             if policy != "lru":
                 entry["decision_us"][resolve_policy(policy).__name__] = round(max(0.0, extra), 2)
+        experts_us = shape.top_k * float(compute["expert_us"])
+        for policy, d in decisions.items():
+            if policy == "lru" or "resident_step_ms" not in d or "resident_step_ms" not in base:
+                continue
+            per_layer = 1e3 * (d["resident_step_ms"] - base["resident_step_ms"]) / shape.num_layers
+            # the simulator lets the decision overlap the layer's experts; only the rest shows per layer
+            unhidden = max(0.0, entry["decision_us"].get(resolve_policy(policy).__name__, 0.0) - experts_us)
+            notes[f"layer_extra_us_raw[{policy}]"] = per_layer - unhidden
+            entry["layer_extra_us"][resolve_policy(policy).__name__] = round(max(0.0, per_layer - unhidden), 2)
     if profile_so_far is not None:
         misses = calibration["patterns"]["misses"]
         measured = _median_steps_us(misses)
