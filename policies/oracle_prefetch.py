@@ -10,14 +10,16 @@ s+1 .. s+depth, each at its first use there, ordered by that step (router order 
   results in the README were computed; a real system cannot know them (the next token's routing
   depends on attention not yet run), but a bound may. False stops the window at the token's last layer,
   as the predictive policies' windows stop.
-- What a deep window costs: only what can change a decision. A layer's experts compete only for that
+- Up to depth = layers (or without crossing) every layer appears in the window at most once: the
+  window's steps are read afresh at each decision, as they always were.
+- A deeper window costs only what can change a decision. A layer's experts compete only for that
   layer's ``cache_slots`` slots (per-layer mode), and Belady admits a prefetch only by evicting an
   expert needed later than it; so once a layer has ``cache_slots`` distinct experts in the window, the
   later ones wait until that layer routes again. The window therefore holds at most ``cache_slots``
-  experts per layer whatever the depth, and is kept from step to step (only the layer that routed and the
-  step that entered the window change), so a step costs about the same at depth 256 as at depth =
-  layers. Up to depth = layers every layer appears at most once (top-k <= cache_slots experts), so
-  nothing is left out there. In global mode (one scope) every distinct expert of the window is kept:
+  experts per layer whatever the depth, and is kept from step to step (only the layer that routed, the
+  step that entered the window and the layers whose slots changed are looked at again), so a step
+  costs about the same at depth 256 as at depth = layers. Up to depth = layers this leaves nothing
+  out (top-k <= cache_slots). In global mode (one scope) every distinct expert of the window is kept:
   at most layers x experts, whatever the depth.
 - Experts that already hold a slot are not requested: the controller skips them anyway.
 """
@@ -39,6 +41,7 @@ class OraclePrefetch(Belady):
             raise ValueError(f"policy oracle: cross_tokens={cross!r} must be true or false")
         self.cross_tokens = cross
         L = ctx.num_layers
+        self._deep = cross and ctx.prefetch_depth > L       # a layer can appear twice in the window
         self._per_layer_cap = ctx.cache_slots if ctx.cache_mode is CacheMode.PER_LAYER else ctx.num_experts
         self._last_step = (ctx.trace.num_tokens * L - 1) if ctx.trace is not None else -1
         # layer -> {key: its request}: the layer's first distinct experts in the window, in need order
@@ -50,18 +53,36 @@ class OraclePrefetch(Belady):
         self._stale: set[int] = set()
 
     def on_insert(self, key: int) -> None:
-        self._stale.add(key // self.ctx.num_experts)
+        if self._deep:
+            self._stale.add(key // self.ctx.num_experts)
 
     def on_evict(self, key: int) -> None:
-        self._stale.add(key // self.ctx.num_experts)
+        if self._deep:
+            self._stale.add(key // self.ctx.num_experts)
 
     def prefetch(self, access: LayerAccess) -> list[PrefetchRequest]:
         L = self.ctx.num_layers
-        step, layer, depth = access.step, access.layer, self.ctx.prefetch_depth
+        step, depth = access.step, self.ctx.prefetch_depth
         end = step + depth
         if not self.cross_tokens:
             end = min(end, (access.token + 1) * L - 1)
         end = min(end, self._last_step)
+        if self._deep:
+            return self._kept_window(access, end)
+        E, holds, routes = self.ctx.num_experts, self.cache.holds, self._oracle.routes
+        requests = []
+        for later in range(step + 1, end + 1):
+            token, layer = divmod(later, L)
+            base = layer * E
+            for e in routes(token)[layer]:
+                if not holds(base + e):
+                    requests.append(PrefetchRequest(base + e, later))
+        return requests
+
+    def _kept_window(self, access: LayerAccess, end: int) -> list[PrefetchRequest]:
+        """The requests of a window deeper than the layers, updated from the last decision's."""
+        L = self.ctx.num_layers
+        step, layer, depth = access.step, access.layer, self.ctx.prefetch_depth
         window, stale = self._window, self._stale
         for entered in range(max(self._end, step) + 1, end + 1):
             if entered % L != layer:                  # the layer that routed is walked afresh below

@@ -63,8 +63,9 @@ def windows(draw):
     mode = draw(st.sampled_from(["per_layer", "global"]))
     slots = draw(st.integers(top_k, experts if mode == "per_layer" else experts + 2))
     cross = draw(st.booleans())
-    # Up to one token of layers nothing is left out, in either mode; in global mode nothing at any depth.
-    deepest = layers if mode == "per_layer" else 3 * layers + 2
+    # Up to one token of layers nothing is left out, in either mode; at any depth nothing in global mode,
+    # nor where a layer's slots hold all its experts.
+    deepest = layers if mode == "per_layer" and slots < experts else 3 * layers + 2
     depth = draw(st.integers(1, deepest))
     return trace, RunSettings(cache_slots=slots, cache_mode=mode, prefetch_depth=depth,
                               policy_params={"cross_tokens": cross})
