@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scenario", help="a scenario file or a name in experiments/configs "
                                       "(default: validate-h200 on a GPU, validate-smoke on a CPU)")
     p.add_argument("--slices", help="comma-separated slice names to run now (default: all)")
-    p.add_argument("--out", type=Path, default=Path("runs/validate"))
+    p.add_argument("--out", type=Path, default=Path("runs/validate"),
+                   help="where every result goes, and where a later call resumes from (default: runs/validate)")
     p.add_argument("--predict-only", action="store_true",
                    help="no engine: predict and report what OUT holds (any machine)")
     p.add_argument("--deadline-s", type=float, help="start no measurement round that would end later "
@@ -87,7 +89,10 @@ class Inputs:
 
 
 def calibrated_profile(store: Store, scenario: Scenario, device_name: str) -> tuple[object, dict]:
-    """The profile fitted from every calibration OUT holds (written to OUT/<name>.yaml), and the fit's notes."""
+    """The profile fitted from every calibration OUT holds (written to OUT/<name>.yaml), and the fit's notes.
+    A model the profile already in OUT measured but whose raw calibration OUT does not hold (one merged from
+    several calls) keeps its entry, and the notes say so."""
+    import yaml
     folder = store.out / "calibration"
     copies = store.read(folder / "copies.json")
     calibrations = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.name != "copies.json"]
@@ -95,7 +100,13 @@ def calibrated_profile(store: Store, scenario: Scenario, device_name: str) -> tu
         raise SystemExit(f"error: {folder} holds no calibration yet: run without --predict-only on the machine to model")
     name = profile_name(device_name) if device_name != "cpu" else "cpu-measured"
     data, notes = fit_profile(load_hardware(scenario.hardware), name, device_name, copies, calibrations)
-    import yaml
+    existing = store.out / f"{name}.yaml"
+    if existing.is_file():
+        kept = {model: entry for model, entry in (yaml.safe_load(existing.read_text()).get("measured_compute") or {}).items()
+                if model not in data["measured_compute"]}
+        data["measured_compute"].update(kept)
+        notes.update({model: {"kept": f"from the profile already in {existing} (no raw calibration in OUT)"}
+                      for model in kept})
     atomic_write(store.out / f"{name}.yaml", lambda f: yaml.safe_dump(data, f, sort_keys=False))
     atomic_write(store.out / "profile_fit_notes.json", lambda f: json.dump(notes, f, indent=1))
     return hardware_from_dict(data, origin=str(store.out / f"{name}.yaml")), notes
@@ -108,6 +119,9 @@ def measure(scenario: Scenario, slices, store: Store, args, started: float) -> N
     measure_copy_table(store, device)
     deadline = args.deadline_s or scenario.deadline_s
     for sl in slices:
+        if not cuda:
+            print(f"{sl.name}: on a CPU the engine copies synchronously, which the simulator does not model: "
+                  f"this run checks the path, its errors mean nothing", flush=True)
         if deadline is not None and time.monotonic() - started > deadline:
             print(f"{sl.name}: not started, past the deadline of {deadline:.0f} s (run again to resume)", flush=True)
             continue
@@ -179,10 +193,29 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
     return table
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     name = args.scenario or ("validate-h200" if torch.cuda.is_available() else "validate-smoke")
+    if args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out} is a file; give a folder (new, or one a previous call wrote)", file=sys.stderr)
+        return 2
+    previous = signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        return _main(args, name, started)
+    except KeyboardInterrupt:
+        print(f"validate: interrupted; every finished run is kept in {args.out}: run the same command again to "
+              f"resume", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args, name: str, started: float) -> int:
     try:
         scenario = load_scenario(name)
         slices = scenario.select(args.slices.split(",") if args.slices else None)
@@ -191,12 +224,13 @@ def main(argv=None) -> int:
     except ScenarioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"validate: scenario {scenario.path} ({', '.join(s.name for s in slices)}) -> {args.out}", flush=True)
     store = Store(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.predict_only:
         measure(scenario, slices, store, args, started)
-    try:
-        compare(scenario, scenario.slices if args.predict_only else slices, store, args.profile)
+    try:        # the report covers every slice OUT holds results of, whichever were measured now
+        compare(scenario, scenario.slices, store, args.profile)
     except HardwareProfileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -90,6 +90,8 @@ def test_predict_only_needs_no_engine(smoke, tmp_path):
                        "cache_slots": [2]}}}, "lfru"),
     ({"slices": {"a": {"mode": "live", "policies": ["lru"], "cache_slots": [2]}}}, "needs 'model'"),
     ({"repeats": 0}, "repeats"),
+    ({"slices": {"a": {"mode": "replay", "trace": "tests/data/tiny-moe-trace.npz", "policies": [],
+                       "cache_slots": [2]}}}, "at least one entry"),
 ])
 def test_a_bad_scenario_is_refused_naming_the_field(change, words, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -97,6 +99,28 @@ def test_a_bad_scenario_is_refused_naming_the_field(change, words, monkeypatch):
                                            "policies": ["lru"], "cache_slots": [2]}}, **change}
     with pytest.raises(ScenarioError, match=words.replace("[", r"\[")):
         scenario_from_dict(data, "scenario.yaml")
+
+
+def test_a_predictive_policy_needs_a_live_slice(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    data = {"slices": {"a": {"mode": "replay", "trace": "tests/data/tiny-moe-trace.npz", "policies": ["lookahead"],
+                             "cache_slots": [2]}}}
+    with pytest.raises(ScenarioError, match="live predictor 'lookahead'.*live slice"):
+        scenario_from_dict(data, "scenario.yaml")
+
+
+def test_the_builtin_scenario_runs_from_any_directory(monkeypatch, tmp_path):
+    from validation.scenario import load_scenario
+    monkeypatch.chdir(tmp_path)
+    scenario = load_scenario("validate-smoke")        # its paths name repository files
+    assert all(Path(s.trace or s.shape).is_file() for s in scenario.slices)
+
+
+def test_out_that_is_a_file_exits_2(tmp_path, capsys):
+    path = tmp_path / "afile"
+    path.write_text("")
+    assert main(["--out", str(path)]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_a_bad_scenario_file_exits_2(tmp_path, capsys):
@@ -145,7 +169,7 @@ def test_ranking_agrees_only_within_the_noise_floor():
              _pair("lru", 8, 100, 100, floor_runs=(0.9, 1.0, 1.1)), _pair("belady", 8, 105, 99)]
     ranked = report.ranking(report.rows(pairs)).set_index("cache_slots")
     assert ranked.loc[4, "sim_fastest"] == "lru" and ranked.loc[4, "engine_fastest"] == "belady"
-    assert not ranked.loc[4, "agrees"]                    # 4.8 % apart, the runs agree exactly
-    assert ranked.loc[8, "agrees"]                        # 4.8 % apart, inside lru's 20 % spread
+    assert not ranked.loc[4, "same_or_within_noise"]      # 4.8 % apart, the runs agree exactly
+    assert ranked.loc[8, "same_or_within_noise"] and not ranked.loc[8, "same_policy"]   # inside lru's 20 % spread
     text = report.summary(report.rows(pairs), [])
-    assert "agrees at 1/2" in text
+    assert "the same policy at 0, the same or within the engine's noise floor of it at 1" in text

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from real.profile_hw import measure_copies
 from real.record import routing_trace
 from real.shape_model import random_model
 from traces import Trace, load_trace, save_trace
-from traces.digest import file_sha256
+from traces.digest import digest_files, file_sha256
 from validation.scenario import Slice
 from validation.store import Store, digest, engine_code
 
@@ -64,11 +65,14 @@ def replay_inputs(sl: Slice) -> SliceInputs:
 def engine_key(sl: Slice, inputs: SliceInputs, policy: str, slots: int) -> str:
     """Everything an engine result depends on besides the machine: the slice's settings, the inputs'
     content, the policy's source and the engine's code."""
-    fields = {k: v for k, v in dataclasses.asdict(sl).items() if k not in ("policies", "cache_slots", "name")}
+    # paths enter by their content only (the same files found from another directory are the same inputs)
+    paths = ("trace", "shape", "model", "corpus", "gate")
+    fields = {k: v for k, v in dataclasses.asdict(sl).items() if k not in ("policies", "cache_slots", "name", *paths)}
     trace = file_sha256(sl.trace) if sl.trace else None
+    gate = digest_files(sorted(Path(sl.gate).glob("*"))) if sl.gate else None
     return digest({"slice": fields, "shape": inputs.shape.to_dict(), "trace": trace, "model": inputs.model_id,
-                   "policy": policy, "policy_source": policy_sha256(policy), "cache_slots": slots,
-                   "code": engine_code()})
+                   "prompts": inputs.prompts, "gate": gate, "policy": Path(policy).name if ".py:" in policy else policy,
+                   "policy_source": policy_sha256(policy), "cache_slots": slots, "code": engine_code()})
 
 
 def _ok_runs(result: dict | None) -> list[dict]:
@@ -137,11 +141,19 @@ class SliceMeasurement:
         tokens = min(inputs.train.num_tokens, 64)
         train = inputs.train if inputs.train_prompts is not None else inputs.train.first_tokens(tokens)
         twice = train.repeat(2)         # each all-resident engine decodes its input twice
+        failed = {}
         for policy in dict.fromkeys(["lru", *self.sl.policies]):
             cls = resolve_policy(policy)
             predictors = inputs.predictors_at(policy_depth(cls, self.sl.prefetch_depth)) if inputs.predictors_at else None
-            decisions[policy] = decision_costs(model, inputs.shape, cls, self.sl.settings(slots), inputs.train,
-                                               predictors=predictors, max_tokens=tokens)
+            try:
+                decisions[policy] = decision_costs(model, inputs.shape, cls, self.sl.settings(slots), inputs.train,
+                                                   predictors=predictors, max_tokens=tokens)
+            except Exception as err:        # one policy's failure must not stop the others' calibration
+                traceback.print_exc()
+                failed[policy] = f"{type(err).__name__}: {err}"
+                print(f"{self.sl.name}: calibration of {policy} failed ({failed[policy]}); its runs will say why",
+                      flush=True)
+                continue
             resident[policy] = (lambda cls=cls, predictors=predictors: OffloadEngine(
                 model, inputs.shape, cls, self.sl.settings(inputs.shape.num_experts), future=twice,
                 train_trace=inputs.train, predictors=predictors))
@@ -149,11 +161,15 @@ class SliceMeasurement:
             decode = lambda engine: engine.generate(inputs.train_prompts, inputs.new_tokens)   # noqa: E731
         else:
             decode = lambda engine: engine.replay(train)                                      # noqa: E731
-        for policy, ms in resident_step_ms(model, inputs.shape, resident, decode).items():
-            decisions[policy]["resident_step_ms"] = ms
+        try:
+            for policy, ms in resident_step_ms(model, inputs.shape, resident, decode).items():
+                decisions[policy]["resident_step_ms"] = ms
+        except Exception as err:
+            traceback.print_exc()
+            failed["resident"] = f"{type(err).__name__}: {err}"
         del resident
         found = {"key": key, "slice": self.sl.name, "shape": inputs.shape.to_dict(), "precision": self.sl.precision,
-                 "device": _device_name(self.device), **raw, "decisions": decisions,
+                 "device": _device_name(self.device), **raw, "decisions": decisions, "failed": failed,
                  "wall_s": round(time.monotonic() - began, 1)}
         self.store.write(path, found)
         print(f"{self.sl.name}: calibrated in {found['wall_s']} s", flush=True)
@@ -188,6 +204,9 @@ class SliceMeasurement:
         missing = self.missing()
         todo = [(p, s) for (p, s), n in missing.items() if n > 0]
         keys = self.keys()
+        done = len(missing) - len(todo)
+        if done:
+            print(f"{self.sl.name}: resumed: {done} of {len(missing)} configurations already measured", flush=True)
         report = None
         if todo:
             self.build_model()

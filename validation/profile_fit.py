@@ -123,7 +123,7 @@ def fit_profile(base: HardwareProfile, name: str, device: str, copies: dict, cal
     data = hardware_to_dict(base)
     data.pop("pcie_GBps", None)
     data.update(name=name, description=f"{device}, calibrated by python -m experiments.validate (base: {base.name})",
-                source="real.calibration micro-benchmarks on this GPU, turned into constants by "
+                source="real.calibration micro-benchmarks on this machine, turned into constants by "
                        "validation.profile_fit: copies one at a time, kernels alone, synthetic hit/miss "
                        "patterns, each policy's host work on a training slice",
                 copy_latency_us=copies["copy_latency_us"],

@@ -33,13 +33,29 @@ from typing import Any
 
 import yaml
 
+from offload.predictors import predictor_name
 from offload.session import RunSettings, SettingsError
 from policies.registry import PolicyLoadError, resolve_policy
 from traces import ModelShape, load_shape
 from traces.model_shape import PRECISION_BITS
 
 MODES = ("replay", "live")
-SCENARIOS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS_DIR = ROOT / "experiments" / "configs"
+_PATH_FIELDS = ("shape", "trace", "model", "corpus", "gate")
+
+
+def _resolve(path: str, base: Path) -> str:
+    """A scenario's relative path: as given when it exists from the working directory, else from the
+    scenario file's folder, else from the repository root (the built-in scenarios name repository files);
+    unchanged when none exists (the check then names it)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return path
+    for root in (base, ROOT):
+        if (root / p).exists():
+            return str(root / p)
+    return path
 
 
 class ScenarioError(ValueError):
@@ -152,12 +168,13 @@ def scenario_from_dict(data: Any, origin: str) -> Scenario:
     raw = data.get("slices")
     if not isinstance(raw, dict) or not raw:
         raise fail("'slices' must map slice names to their settings (at least one)")
-    slices = tuple(_slice(name, body, fail) for name, body in raw.items())
+    base = Path(origin).resolve().parent
+    slices = tuple(_slice(name, body, fail, base) for name, body in raw.items())
     return Scenario(origin, repeats, slices, str(data.get("hardware", "h100-pcie5")),
                     None if deadline is None else float(deadline))
 
 
-def _slice(name: Any, body: Any, fail) -> Slice:
+def _slice(name: Any, body: Any, fail, base: Path = Path(".")) -> Slice:
     where = f"slice {name!r}"
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise fail(f"{where}: a slice name is letters, digits, '-' and '_'")
@@ -170,11 +187,18 @@ def _slice(name: Any, body: Any, fail) -> Slice:
     for key, value in body.items():
         if key in ("policies", "cache_slots"):
             value = tuple(value) if isinstance(value, list) else (value,)
+        if key in _PATH_FIELDS and isinstance(value, str) and value != "random" and ("/" in value or value.endswith(
+                (".yaml", ".yml", ".npz"))):
+            value = _resolve(value, base)
+        if key == "policies":
+            value = tuple(_resolve(v, base) if isinstance(v, str) and ".py:" in v else v for v in value)
         values[key] = value
     for key in ("mode", "policies", "cache_slots"):
         if key not in values:
             raise fail(f"{where}: missing '{key}'")
     s = Slice(name=name, **values)
+    if not s.policies or not s.cache_slots:
+        raise fail(f"{where}: 'policies' and 'cache_slots' need at least one entry each")
     if s.mode not in MODES:
         raise fail(f"{where}: mode {s.mode!r}; use one of {list(MODES)}")
     for key in ("prompts", "prompt_len", "new_tokens", "train_prompts", "max_tokens", "warmup_tokens",
@@ -209,9 +233,13 @@ def _slice(name: Any, body: Any, fail) -> Slice:
             raise fail(f"{where}: layers {s.layers} > the shape's {full.num_layers}")
     for policy in s.policies:
         try:
-            resolve_policy(str(policy))
+            cls = resolve_policy(str(policy))
         except PolicyLoadError as e:
             raise fail(f"{where}: {e}") from e
+        needs = predictor_name(cls, {})
+        if s.mode == "replay" and needs is not None:
+            raise fail(f"{where}: policy {policy} consults the live predictor '{needs}', which a replay of forced "
+                       f"routing does not have (no hidden states); measure it in a live slice")
     for slots in s.cache_slots:
         try:
             settings = s.settings(slots)
