@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Generator, Iterable, Protocol
 
-from offload.controller import Need, OffloadController
+from offload.controller import Need, OffloadController, PolicyError
 
 
 class Clock(Protocol):
@@ -73,20 +73,41 @@ class Clock(Protocol):
 
 
 def layer_turn(ctrl: OffloadController, clock: Clock, token: int, layer: int) -> Generator:
-    """One layer of one token (module docstring): the one order of controller calls."""
-    yield from clock.route(token, layer)
-    experts, weights, hidden = clock.chosen(token, layer)
-    run = ctrl.executed_experts(token, layer, experts, weights)
-    if run is not experts:
-        weights = clock.reweigh(layer, run, weights)
-    needs = ctrl.begin_layer(token, layer, run, weights, clock.now_ns(), hidden)
-    yield from clock.start_copies()
-    yield from clock.launch_experts(token, layer, run, needs)
-    yield from clock.decide(token, layer)
-    ctrl.prefetch_layer(clock.now_ns())
-    yield from clock.start_copies()
-    yield from clock.finish_experts(token, layer, needs)
-    ctrl.end_layer(needs)
+    """One layer of one token (module docstring): the one order of controller calls. A policy hook that
+    raises StopIteration (which a generator would turn into a bare RuntimeError naming nobody) raises
+    ``PolicyError`` naming the class and hook instead."""
+    try:
+        yield from clock.route(token, layer)
+        experts, weights, hidden = clock.chosen(token, layer)
+        run = ctrl.executed_experts(token, layer, experts, weights)
+        if run is not experts:
+            weights = clock.reweigh(layer, run, weights)
+        needs = ctrl.begin_layer(token, layer, run, weights, clock.now_ns(), hidden)
+        yield from clock.start_copies()
+        yield from clock.launch_experts(token, layer, run, needs)
+        yield from clock.decide(token, layer)
+        ctrl.prefetch_layer(clock.now_ns())
+        yield from clock.start_copies()
+        yield from clock.finish_experts(token, layer, needs)
+        ctrl.end_layer(needs)
+    except (StopIteration, RuntimeError) as err:
+        # A hook's StopIteration: leaving a generator (this one, or a clock's that called the hook) Python
+        # turns it into a bare RuntimeError naming nobody.
+        stop = err if isinstance(err, StopIteration) else err.__cause__
+        hook = _policy_frame(ctrl.policy, stop) if isinstance(stop, StopIteration) else None
+        if hook is None:
+            raise
+        raise PolicyError(ctrl.policy, hook, "StopIteration", "a hook may not raise StopIteration (the layer turn "
+                          "is a generator); return, or raise another exception") from stop
+
+
+def _policy_frame(policy, err: BaseException) -> str | None:
+    """The name of the deepest frame of ``err``'s traceback in the policy class's own files, or None."""
+    import sys
+    import traceback
+    files = {getattr(sys.modules.get(c.__module__), "__file__", None) for c in type(policy).__mro__} - {None}
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename in files]
+    return frames[-1].name if frames else None
 
 
 def drive(turn: Generator) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pathlib import Path
 
 from hardware import load_hardware
 from offload.access import PrefetchRequest
@@ -136,3 +137,30 @@ def test_numpy_integer_keys_are_accepted_and_counted_as_their_ints():
     settings = RunSettings(cache_slots=3)
     stats = replay_untimed(TRACE, NumpyKeys, settings)
     assert stats.prefetches > 0 and stats.accesses == TRACE.experts.size
+
+
+@pytest.mark.parametrize("hook", ["choose_victim", "on_access", "prefetch"])
+@pytest.mark.parametrize("clock", ["replay", "reference"])
+def test_a_hook_raising_stop_iteration_is_named_not_a_bare_runtime_error(hook, clock):
+    """Inside a generator Python turns a StopIteration into 'RuntimeError: generator raised StopIteration';
+    the layer turn names the policy and hook instead."""
+    from hardware import load_hardware
+    from offload.controller import PolicyError
+    from offload.session import RunSettings
+    from policies.oracle_prefetch import OraclePrefetch
+    from sim.replay import replay_untimed
+    from sim.simulator import simulate
+    from traces import load_trace
+
+    def stop(self, *args, **kwargs):
+        raise StopIteration
+
+    stop.__code__ = stop.__code__.replace(co_name=hook)      # as a user's hook of that name would be
+    cls = type("Stopper", (OraclePrefetch,), {hook: stop})
+    trace = load_trace(Path(__file__).resolve().parent / "data" / "tiny-moe-trace.npz")
+    settings = RunSettings(cache_slots=3)
+    with pytest.raises(PolicyError, match=f"Stopper.{hook}.*StopIteration"):
+        if clock == "replay":
+            replay_untimed(trace, cls, settings, trace)
+        else:
+            simulate(trace, cls, load_hardware("h100-pcie5"), settings, train_trace=trace, path="reference")
