@@ -39,6 +39,7 @@ class RunConfig:
     train_fraction: float = 0.25          # leading requests that train static/affinity; the rest are replayed
     max_tokens: int | None = None         # replay whole requests until at least this many tokens
     prompt_tokens: int = 0
+    copies_in_flight: int | None = 2      # the engine's copy window (RunSettings); None: the ideal link
     sim_path: str = "auto"                # "auto": the exact fast path where one exists; "reference": SimPy
     policy_params: tuple[tuple[str, Any], ...] = ()   # from ``policy.NAME=value`` keys, sorted by name
 

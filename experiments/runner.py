@@ -133,7 +133,7 @@ def expected_seconds(cfg: RunConfig) -> float:
 def _settings(cfg: RunConfig) -> RunSettings:
     return RunSettings(cache_slots=cfg.cache_slots, cache_mode=cfg.cache_mode, precision=cfg.precision,
                        prefetch_depth=cfg.prefetch_depth, prompt_tokens=cfg.prompt_tokens,
-                       policy_params=dict(cfg.policy_params))
+                       policy_params=dict(cfg.policy_params), copies_in_flight=cfg.copies_in_flight)
 
 
 def run_config(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
