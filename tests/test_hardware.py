@@ -4,7 +4,7 @@ import math
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hardware.profile import (
@@ -426,3 +426,61 @@ def test_measured_copy_table_drops_only_the_small_points_the_copy_model_cannot_t
     assert consistent_copy_table(19.36, clean) == (19.34, clean)
     # the latency is capped by the smallest point's whole time
     assert consistent_copy_table(1000.0, clean)[0] < 0.25 * 2**20 / 13.54e3
+
+
+# -- fuzz: a damaged profile loads correctly or is refused in one HardwareProfileError naming it ------------
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
+                  st.text(max_size=6), st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3),
+                                                                                                  st.integers(-3, 3), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_a_damaged_profile_loads_correctly_or_names_the_field(data):
+    """The committed measured profile, as the YAML layout, with one to three damages anywhere (a field deleted,
+    replaced by any JSON value, or a nested entry — copy table, measured compute, per-policy host costs —
+    changed): either it loads and every cost it gives is a positive integer number of ns, or one
+    HardwareProfileError names the origin; never another exception."""
+    import copy as copy_module
+    from hardware.profile import HardwareProfileError, hardware_from_dict, hardware_to_dict
+    base = hardware_to_dict(load_hardware("h100-pcie5-measured"))
+    entry = base["measured_compute"]["moe-lm"]["bf16"]
+    entry["decision_us"], entry["layer_extra_us"], entry["copy_wait_us"] = {"OraclePrefetch": 12.5}, {"LRU": 3.0}, 7.0
+    profile = copy_module.deepcopy(base)
+    for _ in range(data.draw(st.integers(1, 3), "damages")):
+        where = data.draw(st.sampled_from(["top", "table", "measured", "entry", "host"]), "where")
+        if where == "top":
+            key = data.draw(st.sampled_from(sorted(base) + ["surprise"]), "key")
+            if data.draw(st.booleans(), "delete") and key in profile:
+                del profile[key]
+            else:
+                profile[key] = data.draw(_JUNK, "value")
+        elif where == "table" and isinstance(profile.get("h2d_GBps_by_MiB"), dict):
+            profile["h2d_GBps_by_MiB"][data.draw(st.sampled_from([0.25, 1, 3, "x", -1, 0]), "mib")] = data.draw(_JUNK, "bw")
+        elif where in ("measured", "entry", "host") and isinstance(profile.get("measured_compute"), dict):
+            target = profile["measured_compute"].setdefault("moe-lm", {})
+            if where == "measured":
+                profile["measured_compute"]["moe-lm"] = data.draw(_JUNK, "entry")
+                continue
+            fields = target.setdefault("bf16", {}) if isinstance(target, dict) else None
+            if not isinstance(fields, dict):
+                continue
+            name = data.draw(st.sampled_from(sorted(entry) + ["typo_us"]), "field")
+            if where == "host" and isinstance(fields.get("decision_us"), dict):
+                fields["decision_us"][data.draw(st.sampled_from(["LRU", "", "X"]), "policy")] = data.draw(_JUNK, "us")
+            elif data.draw(st.booleans(), "delete") and name in fields:
+                del fields[name]
+            else:
+                fields[name] = data.draw(_JUNK, "value")
+    try:
+        hardware = hardware_from_dict(profile, origin="fuzzed.yaml")
+    except HardwareProfileError as err:
+        assert str(err).startswith("fuzzed.yaml"), err
+        return
+    shape = ModelShape("moe-lm", num_layers=2, num_experts=8, top_k=2, hidden_size=64, expert_intermediate_size=128,
+                       num_attention_heads=4, num_kv_heads=2, head_dim=16, vocab_size=100)
+    cost = hardware.compute_cost(shape, "bf16")
+    for ns in (hardware.copy.copy_ns(shape.expert_bytes("bf16")), cost.attention_ns(0), cost.attention_ns(5000),
+               cost.expert_ns, cost.token_overhead_ns):
+        assert isinstance(ns, int) and ns >= 1
+    assert cost.router_ns >= 0 and cost.layer_overhead_ns >= 0 and cost.copy_wait_ns >= 0
