@@ -6,8 +6,9 @@ import yaml
 from traces.model_shape import PRECISION_BITS, ModelShape, available_shapes, load_shape
 
 
-def test_available_shapes_lists_the_four_models():
-    assert available_shapes() == ["gpt-oss-20b", "mixtral-8x7b", "olmoe-1b-7b", "qwen3-30b-a3b"]
+def test_available_shapes_lists_the_models():
+    # four public models and the project's own trained one
+    assert available_shapes() == ["gpt-oss-20b", "mixtral-8x7b", "moe-lm", "olmoe-1b-7b", "qwen3-30b-a3b"]
 
 
 @pytest.mark.parametrize("name", ["gpt-oss-20b", "mixtral-8x7b", "olmoe-1b-7b", "qwen3-30b-a3b"])
