@@ -481,6 +481,7 @@ def test_a_damaged_profile_loads_correctly_or_names_the_field(data):
                        num_attention_heads=4, num_kv_heads=2, head_dim=16, vocab_size=100)
     cost = hardware.compute_cost(shape, "bf16")
     for ns in (hardware.copy.copy_ns(shape.expert_bytes("bf16")), cost.attention_ns(0), cost.attention_ns(5000),
-               cost.expert_ns, cost.token_overhead_ns):
+               cost.expert_ns):
         assert isinstance(ns, int) and ns >= 1
-    assert cost.router_ns >= 0 and cost.layer_overhead_ns >= 0 and cost.copy_wait_ns >= 0
+    for ns in (cost.router_ns, cost.layer_overhead_ns, cost.token_overhead_ns, cost.copy_wait_ns):
+        assert isinstance(ns, int) and ns >= 0          # a measured zero is a valid measurement
