@@ -44,17 +44,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hardware", default="h100-pcie5")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per case (median and range reported)")
     parser.add_argument("--profile", metavar="POLICY:SLOTS", help="cProfile one case, top functions")
+    parser.add_argument("--copies-in-flight", default=str(RunSettings.copies_in_flight), metavar="N|null",
+                        help="the copy window the runs model (RunSettings.copies_in_flight; null: the ideal link, "
+                             "the model before the window existed; default: %(default)s)")
     args = parser.parse_args(argv)
+    window = None if args.copies_in_flight == "null" else int(args.copies_in_flight)
+
+    def settings_for(slots: int, depth: int = 1) -> RunSettings:
+        return RunSettings(cache_slots=slots, prefetch_depth=depth, copies_in_flight=window)
 
     train, trace = load_trace(args.trace).split(0.25)
     hardware = load_hardware(args.hardware)
     steps = trace.num_tokens * trace.num_layers
     print(f"trace {args.trace}: {trace.num_tokens} tokens x {trace.num_layers} layers = {steps} layer-steps")
-    fast_simulate = _fast_cold_start(trace, hardware, train)
+    fast_simulate = _fast_cold_start(trace, hardware, train, settings_for(8))
     print(f"{'policy':>10} {'slots':>5} {'depth':>5} {'hit_rate':>8} {'copies/step':>11} {'wall_s':>7} "
           f"{'layer-steps/s':>14} {'(range)':>19} {'per CPU s':>10}  path")
     for policy, slots, depth in CASES:
-        settings = RunSettings(cache_slots=slots, prefetch_depth=depth)
+        settings = settings_for(slots, depth)
         ref = _reference(trace, policy, hardware, settings, train, args.repeat)
         print(_reference_line(policy, slots, depth, ref, steps))
         fast = fast_simulate(trace, policy, hardware, settings, train)   # also the untimed warm-up
@@ -74,14 +81,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"trace {PREDICTIVE_TRACE.name}: {p_trace.num_tokens} tokens x {p_trace.num_layers} layers = "
               f"{p_steps} layer-steps (each repeat runs it back to back for {_MIN_TIMED_S} s)")
         for policy, slots, depth in PREDICTIVE_CASES:
-            ref = _reference(p_trace, policy, hardware, RunSettings(cache_slots=slots, prefetch_depth=depth),
+            ref = _reference(p_trace, policy, hardware, settings_for(slots, depth),
                              p_train, args.repeat)
             print(_reference_line(policy, slots, depth, ref, p_steps))
     if args.profile:
         policy, slots = args.profile.split(":")
         profiler = cProfile.Profile()
         profiler.enable()
-        simulate(trace, resolve_policy(policy), hardware, RunSettings(cache_slots=int(slots)), train_trace=train,
+        simulate(trace, resolve_policy(policy), hardware, settings_for(int(slots)), train_trace=train,
                  path="reference")
         profiler.disable()
         out = io.StringIO()
@@ -131,7 +138,7 @@ def _seconds(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def _fast_cold_start(trace, hardware, train):
+def _fast_cold_start(trace, hardware, train, settings: RunSettings):
     """Import the fast path and run its first case, timing both; returns ``fast_simulate``."""
     start = time.perf_counter()
     from sim import fast_path, kernels   # imported here so that numba's import time is measured
@@ -139,7 +146,7 @@ def _fast_cold_start(trace, hardware, train):
     steps = trace.num_tokens * trace.num_layers
     lines = []
     for policy in ("lru", "belady"):       # the replay kernel, then Belady (which builds the next-use table)
-        first_s = _seconds(fast_path.fast_simulate, trace, policy, hardware, RunSettings(cache_slots=8), train)
+        first_s = _seconds(fast_path.fast_simulate, trace, policy, hardware, settings, train)
         lines.append(f"first {policy} run {first_s:.2f} s")
     compiled = sum(kernels._replay.stats.cache_misses.values())
     loaded = sum(kernels._replay.stats.cache_hits.values())
