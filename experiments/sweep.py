@@ -29,8 +29,8 @@ import os
 import shlex
 import signal
 import statistics
+import shutil
 import sys
-import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -49,6 +49,7 @@ from policies.registry import crash_site, resolve_policy
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 TIMELINE_TOKENS = 20
+SHARED_TRACES = ".traces"      # in OUT while workers run: the traces they map (runner.share_traces)
 _WORKER_GRACE_S = 2.0
 
 
@@ -242,13 +243,16 @@ def _run_all(pending: list[tuple[RunConfig, str]], out: Path, workers: int, vary
 
 
 def _run_pool(pending, out: Path, workers: int, varying: list[str], report) -> None:
-    # The workers map one copy of each trace (runner.share_traces) instead of decompressing their own.
-    with tempfile.TemporaryDirectory(prefix="moe-sweep-traces-") as shared:
-        share_traces([cfg.trace for cfg, _ in pending], Path(shared))
-        try:
-            _run_workers(pending, out, workers, varying, report, shared)
-        finally:
-            use_shared_traces(None)
+    # The workers map one copy of each trace (runner.share_traces) instead of decompressing their own. The
+    # copies live in OUT, named by the trace's digest: a sweep killed outright leaves them where its resume
+    # uses them again and then removes them.
+    shared = out / SHARED_TRACES
+    try:
+        share_traces([cfg.trace for cfg, _ in pending], shared)
+        _run_workers(pending, out, workers, varying, report, str(shared))
+    finally:
+        use_shared_traces(None)
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def _run_workers(pending, out: Path, workers: int, varying: list[str], report, shared: str) -> None:

@@ -71,3 +71,4 @@ def test_a_sweep_with_workers_gives_the_rows_of_one_process(trace_path, tmp_path
         assert r.returncode == 0, r.stderr
         tables.append(pd.read_csv(out / "results.csv").sort_values("config_hash").reset_index(drop=True))
     pd.testing.assert_frame_equal(*tables)
+    assert not (tmp_path / "w2" / ".traces").exists()         # the workers' shared copies are removed
