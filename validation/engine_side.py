@@ -80,8 +80,8 @@ def _ok_runs(result: dict | None) -> list[dict]:
 
 
 class SliceMeasurement:
-    """Measures one slice (module docstring) into ``store``. ``hardware``: the profile the engine's
-    predictive policies take their copy/compute estimates from (None: no depth limit)."""
+    """Measures one slice (module docstring) into ``store``; ``measure(hardware, ...)`` takes the profile the
+    engine's predictive policies read their copy/compute estimates from (None: no depth limit)."""
 
     def __init__(self, sl: Slice, store: Store, repeats: int, device: torch.device, dtype: torch.dtype):
         self.sl, self.store, self.repeats = sl, store, repeats
@@ -263,7 +263,3 @@ def measure_copy_table(store: Store, device: torch.device) -> dict:
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def timed_trace_path(store: Store, slice_name: str, key: str) -> Path:
-    return store.path("engine", slice_name, key, "-timed.npz")
