@@ -1,4 +1,4 @@
-"""The SimPy model of an offloaded MoE decode: a compute stream, copy engines, and the shared
+"""The timed model of an offloaded MoE decode: a compute stream, copy engines, and the shared
 controller between them.
 
 Decode walks requests and tokens; each layer is one ``offload.layer_turn``, the per-layer protocol
@@ -6,24 +6,31 @@ the engine walks too: attention and router, then the chosen experts in the order
 gives (resident ones first), each waiting for its copy. Copy engines drain the controller's queue,
 demand fetches first. Simulated time is integer nanoseconds.
 
-Speed: a SimPy event costs microseconds, so compute that cannot interact with a copy is not turned
-into events. While no copy is queued or in flight, nothing else can happen, so the decode process
-accumulates compute time in ``pending`` and yields one timeout when it must meet the copy side (a
-copy queued, a copy to wait for). The order of decisions, and so every result, is unchanged.
+Two clocks keep the time. The ideal link (``copies_in_flight=None``), whose engines take the next job
+the moment they free, acts on its own: it runs on SimPy (``_LinkClock``). The engine's copy window
+(the default) is driven by the host alone, which commits every copy at a time when its end is already
+fixed: there a copy is an integer-ns entry on a heap, completed in the order SimPy would process its
+event, and the walk runs without an event loop (``_WindowClock``). Both give what the SimPy model of
+the window gave (``tests/test_reference_recorded.py``).
+
+Speed: compute that cannot interact with a copy does not advance the clock step by step. While no
+copy is queued or in flight, nothing else can happen, so the decode accumulates compute time in
+``pending`` and advances once (on SimPy, one timeout) when it must meet the copy side (a copy queued,
+a copy to wait for). The order of decisions, and so every result, is unchanged.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from heapq import heappop, heappush
 
 import simpy
 
 from hardware import HardwareProfile
 from offload.controller import OffloadStats
-from collections import deque
-
 from offload.copy_queue import DONE, QUEUED
-from offload.layer_turn import layer_turn
+from offload.layer_turn import drive, layer_turn
 from offload.metrics import run_metrics
 from offload.policy import Policy
 from offload.predictors import predictor_for
@@ -78,15 +85,16 @@ class SimResult:
         return self.layer_steps / self.wall_s if self.wall_s > 0 else float("inf")
 
 
-class _SimClock:
-    """The SimPy clock: interprets ``offload.layer_turn`` in virtual time (integer ns)."""
+class _Clock:
+    """What both timed clocks share: the session, the costs, the named points that do not wait, and the
+    decode walk. Subclasses keep time: ``_LinkClock`` (SimPy) for the ideal link, ``_WindowClock`` for the
+    engine's copy window."""
 
     def __init__(self, trace: Trace, policy_cls: type[Policy], hardware: HardwareProfile,
                  settings: RunSettings, train_trace: Trace | None, record: bool):
         shape = trace.model
         self.trace = trace
         self.settings = settings
-        self.env = simpy.Environment()
         expert_bytes = shape.expert_bytes(settings.precision)
         self.cost = hardware.compute_cost(shape, settings.precision)
         self.copy_ns = hardware.copy.copy_ns(expert_bytes)   # every expert has the same size
@@ -105,28 +113,78 @@ class _SimClock:
         self.timeline = Timeline() if record else None
         if record:
             self.timeline.preloaded = {slot: key for key, slot in self.cache.key_slot.items()}
-        self._free_engines = list(range(hardware.copy_engines - 1, -1, -1))
-        # The engine's copy stream (real.copies.CopyFeeder): at most ``window`` copies committed and not yet
-        # retired; the host commits queued copies only at its pump points (start_copies, and make_ready in
-        # launch_experts, where it blocks until a place frees), and a committed copy can be neither
-        # cancelled nor overtaken by a later demand. None: the ideal link, where an engine takes the
-        # controller's next job the moment it frees.
-        self.window = settings.copies_in_flight
-        self._lane_free = [0] * hardware.copy_engines
-        self._in_flight: deque = deque()       # committed copies' completion events, in commit order
         self._gpu_free = 0                     # when the compute stream may start the layer's experts
         self.copy_busy_ns = 0
         self.stall_ns = 0
         self.token_ns: list[int] = []
-        # Compute time not yet turned into a SimPy timeout: while no copy is queued or in flight
-        # nothing else can happen, so compute accumulates here and becomes one timeout when it must
+        # Compute time not yet turned into a step of the clock: while no copy is queued or in flight
+        # nothing else can happen, so compute accumulates here and the clock advances once, when it must
         # meet the copy side (a copy queued, a copy to wait for). Results are unchanged by it.
         self.pending = 0
         self._layer_ns = 0            # attention + router + overhead of the current token's layers
         self._routes: list[list[int]] = []
         self._weights: list[list[float]] = []
 
-    # -- copy side -----------------------------------------------------------------------------
+    def _record_copy(self, engine: int, job) -> None:
+        self.timeline.copies.append(CopyEvent(
+            engine, job.key, job.slot, job.demand, job.queued_ns, job.demand_since_ns,
+            job.started_ns, job.finished_ns, job.demand_order, job.start_order))
+
+    def chosen(self, token: int, layer: int):
+        return self._routes[layer], self._weights[layer], None
+
+    def reweigh(self, layer: int, run: list[int], weights):
+        return weights          # the recorded (lossless) routing's weights: time does not depend on them
+
+    def decide(self, token, layer):
+        self._host_ready = self.now_ns() + self.decision_ns
+        return ()
+
+    def _expert_starts(self, token: int, layer: int, gpu: int, key: int, job) -> int:
+        """The compute stream at ``gpu`` reaches expert ``key``, whose copy (if any) has landed: when the expert
+        ends. It starts ``copy_wait`` after its copy when it had to wait for it."""
+        if job is not None and job.finished_ns > gpu:
+            self.stall_ns += job.finished_ns - gpu + self.copy_wait_ns
+            gpu = job.finished_ns + self.copy_wait_ns
+        expert_ns = self.cost.expert_ns
+        if self.timeline is not None:
+            self.timeline.compute.append(ComputeEvent(token, layer, key, self.cache.key_slot[key], gpu, gpu + expert_ns))
+        return gpu + expert_ns
+
+    def decode(self):
+        cost, trace, ctrl = self.cost, self.trace, self.ctrl
+        L = trace.num_layers
+        before_experts_ns = cost.layer_overhead_ns + cost.router_ns + self.layer_extra_ns
+        starts = trace.request_starts.tolist()
+        prompt = self.settings.prompt_tokens
+        max_len = max(b - a for a, b in zip(starts[:-1], starts[1:]))
+        attention = [cost.attention_ns(prompt + i) + before_experts_ns for i in range(max_len)]
+        for r in range(len(starts) - 1):
+            first = starts[r]
+            for t in range(first, starts[r + 1]):
+                token_start = self.now_ns()
+                self.pending += cost.token_overhead_ns
+                self._layer_ns = attention[t - first]
+                self._routes = trace.experts[t].tolist()
+                self._weights = trace.weights[t].tolist()
+                for layer in range(L):
+                    yield from layer_turn(ctrl, self, t, layer)
+                end = self.now_ns()
+                self.token_ns.append(end - token_start)
+                if self.timeline is not None:
+                    self.timeline.token_end_ns.append(end)
+        yield from self._flush()
+
+
+class _LinkClock(_Clock):
+    """The ideal link on SimPy's clock (``copies_in_flight=None``): each copy engine takes the controller's
+    next job the moment it frees, so the copy side acts on its own, in virtual time (integer ns)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.env = simpy.Environment()
+        self._free_engines = list(range(self.copy_engines - 1, -1, -1))
+
     # Copy engines are callbacks on their copies' timeouts rather than SimPy processes: a copy is one
     # event, and the decode process waits on that same event (its callback runs after ours, so the
     # controller already knows the copy is done when decode resumes).
@@ -157,46 +215,11 @@ class _SimClock:
         self.copy_busy_ns += self.copy_ns
         self._free_engines.append(engine)
         if self.timeline is not None:
-            self.timeline.copies.append(CopyEvent(
-                engine, job.key, job.slot, job.demand, job.queued_ns, job.demand_since_ns,
-                job.started_ns, job.finished_ns, job.demand_order, job.start_order))
+            self._record_copy(engine, job)
         self._issue_copies()
 
     def _copy_side_active(self) -> bool:
-        if self.window is not None:
-            return bool(self._in_flight) or bool(len(self.ctrl.queue))
         return len(self._free_engines) < self.copy_engines or bool(len(self.ctrl.queue))
-
-    # The windowed stream: what real.copies.CopyFeeder.pump does, at the host's time ``env.now``.
-    def _pump(self) -> None:
-        env, ctrl, q, lanes = self.env, self.ctrl, self._in_flight, self._lane_free
-        while q and q[0].job.state == DONE:          # retire from the front, as the feeder does
-            q.popleft()
-        while len(q) < self.window:
-            job = ctrl.next_copy(env.now)
-            if job is None:
-                return
-            lane = min(range(len(lanes)), key=lanes.__getitem__)
-            start = lanes[lane] if lanes[lane] > env.now else env.now
-            lanes[lane] = start + self.copy_ns
-            job.started_ns = start
-            done = env.timeout(lanes[lane] - env.now)
-            done.job, done.engine = job, lane
-            done.callbacks.append(self._committed_done)
-            if job.waiter is None:
-                job.waiter = done
-            else:
-                done.callbacks.append(self._wake_waiter)
-            q.append(done)
-
-    def _committed_done(self, done) -> None:
-        job = done.job
-        self.ctrl.copy_done(job, self.env.now)
-        self.copy_busy_ns += self.copy_ns
-        if self.timeline is not None:
-            self.timeline.copies.append(CopyEvent(
-                done.engine, job.key, job.slot, job.demand, job.queued_ns, job.demand_since_ns,
-                job.started_ns, job.finished_ns, job.demand_order, job.start_order))
 
     def _flush(self):
         """Turn the pending compute into one timeout (a generator: ``yield from`` it)."""
@@ -215,36 +238,138 @@ class _SimClock:
         if self._copy_side_active():           # meet the copy side at the router's time
             yield from self._flush()
 
-    def chosen(self, token: int, layer: int):
-        return self._routes[layer], self._weights[layer], None
-
-    def reweigh(self, layer: int, run: list[int], weights):
-        return weights          # the recorded (lossless) routing's weights: time does not depend on them
-
     def start_copies(self):
         if len(self.ctrl.queue):
             yield from self._flush()           # copies start at the compute stream's time
-            if self.window is None:
-                self._issue_copies()
-                return
-            if self._host_ready > self.env.now:    # the host pumps once its decision is taken
-                yield self.env.timeout(self._host_ready - self.env.now)
-            self._pump()
+            self._issue_copies()
 
     def launch_experts(self, token, layer, run, needs):
-        """The compute stream may start the experts now; the windowed stream's host first commits every
-        copy they wait for, blocking while the window is full (the feeder's make_ready)."""
         self._gpu_free = self.env.now + self.pending
-        if self.window is None:
-            return ()
-        return self._make_ready(needs)
+        return ()
 
-    def _make_ready(self, needs):
+    def finish_experts(self, token: int, layer: int, needs):
+        """The compute stream runs the experts from ``_gpu_free``, each after its copy has landed (and
+        ``copy_wait`` more when it had to wait for it); the layer ends when they and the host's decision
+        are done. The process waits for a copy still in flight (nothing else can happen before the next
+        layer's routing, which follows these experts)."""
+        env = self.env
+        gpu = self._gpu_free
+        for key, job in needs:
+            if job is not None and job.state != DONE:
+                yield from self._flush()
+                if job.state != DONE:
+                    if job.waiter is None:
+                        job.waiter = env.event()
+                    yield job.waiter
+            gpu = self._expert_starts(token, layer, gpu, key, job)
+        end = max(gpu, self._host_ready, env.now + self.pending)     # the layer ends when the host's decision does
+        self.pending = end - env.now
+        if self._copy_side_active():     # the layer's experts stay protected until their compute ends
+            yield from self._flush()
+
+    def run(self) -> None:
+        decode = self.env.process(self.decode())
+        self.env.run(until=decode)
+
+
+class _WindowClock(_Clock):
+    """The engine's copy stream (``real.copies.CopyFeeder``, ``copies_in_flight`` = its window): at most
+    ``window`` copies committed and not yet retired; the host commits queued copies only at its pump points
+    (``start_copies``, and ``launch_experts``, where it blocks until a place frees), and a committed copy can
+    be neither cancelled nor overtaken by a later demand.
+
+    Here the host is the only actor: every copy is committed by it, and a committed copy's end is fixed then
+    (its lane frees at a known time). So the copy side needs no clock of its own: a committed copy is an
+    integer-ns entry on a heap, completed (``copy_done``) when the host's time passes it, in the order SimPy
+    processed the copy events this clock replaces — by end time, then commit order — and at the same points:
+    when the host advances over pending compute or to its decision (a timeout's worth: every copy ending by
+    then), or waits for one copy (the copies ordered before it, itself included). The decode walk never
+    yields; results equal the SimPy model's event for event (``tests/test_reference_recorded.py``)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.window = self.settings.copies_in_flight
+        self.now = 0                       # the time the host has reached (copies ending by then are done)
+        self._lane_free = [0] * self.copy_engines
+        self._in_flight: deque = deque()   # committed jobs, in commit order (retired from the front)
+        self._ends: list = []              # heap of (end_ns, commit number, job, lane): copies not yet done
+        self._commits = 0
+
+    # -- the copy side ---------------------------------------------------------------------------
+    def _advance(self, t: int) -> None:
+        """The host's time moves on to ``t``: every copy that ends by then completes."""
+        self.now = t
+        ends = self._ends
+        while ends and ends[0][0] <= t:
+            self._complete(heappop(ends))
+
+    def _wait(self, entry: tuple) -> None:
+        """The host waits for the copy of ``entry``: it and the copies ordered before it complete."""
+        self.now = entry[0]
+        ends = self._ends
+        while ends and ends[0] <= entry:
+            self._complete(heappop(ends))
+
+    def _complete(self, entry: tuple) -> None:
+        end, _, job, lane = entry
+        self.ctrl.copy_done(job, end)
+        self.copy_busy_ns += self.copy_ns
+        if self.timeline is not None:
+            self._record_copy(lane, job)
+
+    def _flush(self):
+        if self.pending:
+            self._advance(self.now + self.pending)
+            self.pending = 0
+        return ()
+
+    def _pump(self) -> None:
+        """What real.copies.CopyFeeder.pump does, at the host's time ``now``."""
+        ctrl, q, lanes, now, copy_ns = self.ctrl, self._in_flight, self._lane_free, self.now, self.copy_ns
+        while q and q[0].state == DONE:          # retire from the front, as the feeder does
+            q.popleft()
+        while len(q) < self.window:
+            job = ctrl.next_copy(now)
+            if job is None:
+                return
+            lane = lanes.index(min(lanes)) if len(lanes) > 1 else 0
+            start = lanes[lane] if lanes[lane] > now else now
+            lanes[lane] = end = start + copy_ns
+            job.started_ns = start
+            job.waiter = entry = (end, self._commits, job, lane)
+            self._commits += 1
+            heappush(self._ends, entry)
+            q.append(job)
+
+    # -- the named points of the layer turn ------------------------------------------------------
+    def now_ns(self) -> int:
+        # the host's time: the compute stream's, or later while the host still takes its decision
+        now = self.now + self.pending
+        return now if now >= self._host_ready else self._host_ready
+
+    def route(self, token: int, layer: int):
+        self.pending += self._layer_ns
+        if self._in_flight or len(self.ctrl.queue):    # meet the copy side at the router's time
+            self._flush()
+        return ()
+
+    def start_copies(self):
+        if len(self.ctrl.queue):
+            self._flush()                          # copies start at the compute stream's time
+            if self._host_ready > self.now:        # the host pumps once its decision is taken
+                self._advance(self._host_ready)
+            self._pump()
+        return ()
+
+    def launch_experts(self, token, layer, run, needs):
+        """The compute stream may start the experts now; the host first commits every copy they wait for,
+        blocking while the window is full (the feeder's make_ready)."""
+        self._gpu_free = self.now + self.pending
+        q = self._in_flight
         for key, job in needs:
             while job is not None and job.state == QUEUED:
-                yield from self._flush()
-                q = self._in_flight
-                while q and q[0].job.state == DONE:
+                self._flush()
+                while q and q[0].state == DONE:
                     q.popleft()
                 if len(q) < self.window:
                     self._pump()
@@ -253,66 +378,28 @@ class _SimClock:
                 if not q:
                     raise RuntimeError(f"copy of expert key {job.key} cannot start: no slot can be freed "
                                        f"(cache too small for the experts in use)")
-                yield q[0]      # the window is full, or the copy needs what an in-flight one holds
-
-    def decide(self, token, layer):
-        self._host_ready = self.now_ns() + self.decision_ns
+                self._wait(q[0].waiter)     # the window is full, or the copy needs what an in-flight one holds
         return ()
 
     def finish_experts(self, token: int, layer: int, needs):
-        """The compute stream runs the experts from ``_gpu_free``, each after its copy has landed (and
-        ``copy_wait`` more when it had to wait for it); the layer ends when they and the host's decision
-        are done. The process waits for a copy still in flight (nothing else can happen before the next
-        layer's routing, which follows these experts)."""
-        env, timeline, expert_ns = self.env, self.timeline, self.cost.expert_ns
+        """As ``_LinkClock.finish_experts``; every copy waited for is committed by now (launch_experts)."""
         gpu = self._gpu_free
         for key, job in needs:
-            if job is not None:
+            if job is not None and job.state != DONE:
+                self._flush()
                 if job.state != DONE:
-                    yield from self._flush()
-                    if job.state != DONE:
-                        if job.waiter is None:
-                            job.waiter = env.event()
-                        yield job.waiter
-                if job.finished_ns > gpu:       # it had to wait: the expert starts copy_wait after the copy
-                    self.stall_ns += job.finished_ns - gpu + self.copy_wait_ns
-                    gpu = job.finished_ns + self.copy_wait_ns
-            if timeline is not None:
-                timeline.compute.append(ComputeEvent(token, layer, key, self.cache.key_slot[key], gpu, gpu + expert_ns))
-            gpu += expert_ns
-        end = max(gpu, self._host_ready, env.now + self.pending)     # the layer ends when the host's decision does
-        self.pending = end - env.now
-        if self._copy_side_active():     # the layer's experts stay protected until their compute ends
-            yield from self._flush()
-
-    # -- the decode --------------------------------------------------------------------------------
-    def decode(self):
-        cost, trace, ctrl = self.cost, self.trace, self.ctrl
-        L = trace.num_layers
-        before_experts_ns = cost.layer_overhead_ns + cost.router_ns + self.layer_extra_ns
-        starts = trace.request_starts.tolist()
-        prompt = self.settings.prompt_tokens
-        max_len = max(b - a for a, b in zip(starts[:-1], starts[1:]))
-        attention = [cost.attention_ns(prompt + i) + before_experts_ns for i in range(max_len)]
-        for r in range(len(starts) - 1):
-            first = starts[r]
-            for t in range(first, starts[r + 1]):
-                token_start = self.now_ns()
-                self.pending += cost.token_overhead_ns
-                self._layer_ns = attention[t - first]
-                self._routes = trace.experts[t].tolist()
-                self._weights = trace.weights[t].tolist()
-                for layer in range(L):
-                    yield from layer_turn(ctrl, self, t, layer)
-                end = self.now_ns()
-                self.token_ns.append(end - token_start)
-                if self.timeline is not None:
-                    self.timeline.token_end_ns.append(end)
-        yield from self._flush()
+                    self._wait(job.waiter)
+            gpu = self._expert_starts(token, layer, gpu, key, job)
+        end = max(gpu, self._host_ready, self.now + self.pending)     # the layer ends when the host's decision does
+        self.pending = end - self.now
+        if self._in_flight or len(self.ctrl.queue):   # the layer's experts stay protected until their compute ends
+            self._flush()
+        return ()
 
     def run(self) -> None:
-        decode = self.env.process(self.decode())
-        self.env.run(until=decode)
+        drive(self.decode())
+        # SimPy's run ended with the decode process's last event: copies ending by then had completed
+        self._advance(self.now)
 
 
 SIM_PATHS = ("auto", "reference", "fast")
@@ -342,7 +429,8 @@ def simulate(trace: Trace, policy_cls: type[Policy], hardware: HardwareProfile, 
         raise ValueError(f"policy {policy_cls.__name__} has no fast path{' with a timeline' if record_timeline else ''} "
                          f"(kernels exist for the built-in lru, lfu, fifo, static and belady without "
                          f"parameters); use sim_path=auto or reference")
-    clock = _SimClock(trace, policy_cls, hardware, settings, train_trace, record_timeline)
+    clock_cls = _LinkClock if settings.copies_in_flight is None else _WindowClock
+    clock = clock_cls(trace, policy_cls, hardware, settings, train_trace, record_timeline)
     clock.run()
     wall_s = time.perf_counter() - wall_start
     metrics = run_metrics(clock.token_ns, clock.ctrl.stats, link_busy_ns=clock.copy_busy_ns,

@@ -2,7 +2,11 @@
 whose link took the controller's next copy the moment an engine freed: ``copies_in_flight=None`` now):
 the controller, cache, copy queue and policies must decide exactly as they did. The equivalence tests
 hold the fast path to the reference; this holds the reference to its own past, for the policies
-without a kernel too (prefetching, predictive, lossy)."""
+without a kernel too (prefetching, predictive, lossy).
+
+``RECORDED_WINDOW`` holds the engine's copy window (``copies_in_flight``, the default since facfd22) to results
+recorded by the SimPy model of it at 3525cd4, before its copies became entries on a heap instead of SimPy
+events (``sim.simulator._WindowClock``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,6 +41,25 @@ RECORDED = [
 ]
 
 
+# (trace, policy, slots, mode, precision, depth, hardware, copies_in_flight, copy_engines) -> as RECORDED
+RECORDED_WINDOW = [
+    ("S", "lru", 4, "per_layer", "bf16", 1, "h100-pcie5", 1, 2, (23784, 0, 0, 36792, 0, 0, 34841893844)),
+    ("S", "fifo", 6, "global", "mxfp4", 1, "h100-pcie5", 2, None, (23584, 0, 0, 36992, 0, 0, 10144568160)),
+    ("S", "oracle", 8, "per_layer", "bf16", 1, "h100-pcie5", 2, None, (44933, 15639, 15639, 15643, 0, 0, 15159269172)),
+    ("S", "oracle", 6, "global", "mxfp4", 30, "h100-pcie5", 3, 2, (53463, 7109, 18094, 18098, 0, 0, 2603379985)),
+    ("S", "affinity", 8, "per_layer", "bf16", 1, "h100-pcie5", 2, None, (34967, 10972, 27674, 28796, 13515, 0, 27203555814)),
+    ("S", "affinity", 8, "per_layer", "bf16", 1, "h100-pcie5", 1, 2, (35984, 10888, 29136, 25695, 17145, 0, 24580873369)),
+    ("S", "affinity", 6, "per_layer", "mxfp4", 3, "h100-pcie5", 2, None, (29131, 14452, 57823, 34126, 40690, 0, 9200280256)),
+    ("S", "affinity", 5, "global", "mxfp4", 2, "h100-pcie5", 1, 2, (23831, 17611, 55290, 37077, 37347, 0, 10101333437)),
+    ("M", "lookahead", 2, "per_layer", "bf16", 2, "h100-pcie5-measured", 2, None, (2565, 1613, 2376, 2481, 281, 44, 1423988979)),
+    ("M", "lookahead", 2, "per_layer", "bf16", 2, "h100-pcie5-measured", 1, 2, (2480, 1788, 2357, 2246, 451, 0, 1627500917)),
+    ("M", "mixtral-offloading", 3, "per_layer", "bf16", 1, "h100-pcie5-measured", 2, None,
+     (2834, 1259, 1603, 2026, 92, 0, 1348992194)),
+    ("M", "speculating-experts-lossy", 2, "per_layer", "bf16", 1, "h100-pcie5-measured", 2, None,
+     (2160, 1931, 1931, 2448, 0, 0, 1579319540)),
+]
+
+
 @pytest.fixture(scope="module")
 def traces():
     out = {}
@@ -53,6 +76,22 @@ def test_the_reference_gives_the_recorded_results(traces, trace, policy, slots, 
     r = simulate(run, resolve_policy(policy), load_hardware(hardware),
                  RunSettings(cache_slots=slots, cache_mode=mode, precision=precision, prefetch_depth=depth,
                              copies_in_flight=None),
+                 train_trace=train, path="reference")
+    s = r.stats
+    assert (s.hits, s.late, s.prefetches, s.copies, s.cancelled, s.dropped, sum(r.token_ns)) == recorded
+
+
+@pytest.mark.parametrize("trace, policy, slots, mode, precision, depth, hardware, window, engines, recorded",
+                         RECORDED_WINDOW)
+def test_the_copy_window_gives_the_recorded_results(traces, trace, policy, slots, mode, precision, depth, hardware,
+                                                    window, engines, recorded):
+    train, run = traces[trace]
+    profile = load_hardware(hardware)
+    if engines is not None:
+        profile = profile.with_overrides(copy_engines=engines)
+    r = simulate(run, resolve_policy(policy), profile,
+                 RunSettings(cache_slots=slots, cache_mode=mode, precision=precision, prefetch_depth=depth,
+                             copies_in_flight=window),
                  train_trace=train, path="reference")
     s = r.stats
     assert (s.hits, s.late, s.prefetches, s.copies, s.cancelled, s.dropped, sum(r.token_ns)) == recorded
