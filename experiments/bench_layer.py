@@ -1,13 +1,17 @@
-"""Per-decoder-layer times of the engine's compute path (issue 13), old attention against new, in one run.
+"""Per-decoder-layer times of the engine's compute path (issue 13), implementations side by side in one run.
 
-For each model shape (random weights, ``real.shape_model.random_model``), each attention
-implementation (``masked_window``: the graphs before issue 13, every cache position under a mask;
-``sdpa``: the context-bucketed graphs) and each context length, it measures per decoder layer:
+For each model shape (random weights, ``real.shape_model.random_model``), each implementation
+(``masked_window``: the attention of the graphs before issue 13, every cache position under a mask;
+``sdpa``: attention over the context bucket; ``sdpa+compiled``: the same with the layer's elementwise
+work as Inductor-compiled kernels, ``real.layer_ops``) and each context length, it measures per
+decoder layer:
 
-- ``attention_router_us``: the layer's captured attention + router graph, as the engine replays it;
-  ``attention_us`` and ``router_us``: the two halves captured alone; ``expert_us``: one expert's
-  graph; ``combine_us``: the combine graph; ``layer_device_us``: attention + router, top-k experts and
-  combine replayed back to back (device time of a whole layer, no host in the way);
+- ``front_us``: the graph the engine replays before a layer's experts (the previous layer's
+  combine, then attention and router); ``attention_router_us``: attention + router alone (no
+  combine); ``attention_us``, ``router_us`` and ``combine_us``: the pieces captured alone (the router
+  alone is always eager: compiled, it is fused with the attention's output); ``expert_us``: one
+  expert's graph; ``layer_device_us``: the front graph and top-k experts replayed back to back (device
+  time of a whole layer, no host in the way);
 - ``engine_layer_us``: the all-resident engine's wall time per layer (``OffloadEngine`` with every
   expert in a slot: routing read-back, policy bookkeeping and launches included; the step's
   embedding, head and argmax read-back, timed alone, taken out), and ``host_us`` = that minus
@@ -21,14 +25,14 @@ Device times come from CUDA events around a batch of back-to-back replays; walls
 around whole decode steps (each ends in the argmax read-back). Measurement is warmed up, and repeats
 are interleaved across implementations and contexts; the table gives medians and the spread
 (max - min over repeats, % of the median). ``--smoke`` runs a tiny shape on the CPU in seconds (no
-graphs there: the same calls, launched eagerly), as the tests do.
+graphs there: the same calls, launched eagerly; not compiled), as the tests do.
 
     python -m experiments.bench_layer --out runs/bench-layer          # GPU: about 2-3 minutes
     python -m experiments.bench_layer --out /tmp/bench-layer --smoke  # CPU, seconds
 
 Writes ``layer_times.csv`` (one row per shape, implementation, context, repeat and metric),
 ``layer_summary.csv`` (medians and spreads) and, on the GPU, ``layer_kernels.csv`` (how many kernels
-attention + router launch, and which attention kernels) under ``--out``; prints the summary table
+a front graph launches, and which attention kernels) under ``--out``; prints the summary table
 last.
 """
 from __future__ import annotations
@@ -50,8 +54,9 @@ from traces import ModelShape, load_shape, load_trace
 
 TRAINED_TRACE = Path(__file__).resolve().parents[1] / "traces" / "moe-lm-h100.npz"
 SMOKE_SHAPE = ModelShape("tiny", 3, 6, 2, 32, 48, 4, 2, 8, 64)
-IMPLS = ("masked_window", "sdpa")
-METRICS = ("attention_router_us", "attention_us", "router_us", "expert_us", "combine_us", "layer_device_us",
+IMPLS = ("masked_window", "sdpa", "sdpa+compiled")
+SMOKE_IMPLS = ("masked_window", "sdpa")          # compiling on a CPU takes half a minute
+METRICS = ("front_us", "attention_router_us", "attention_us", "router_us", "expert_us", "combine_us", "layer_device_us",
            "engine_layer_us", "host_us", "engine_tok_s", "resident_tok_s", "bound_tok_s")
 SHAPE_SECONDS = {"moe-lm": 40, "gpt-oss-20b": 30, "mixtral-8x7b": 30}   # build + measure, on an H100/H200
 
@@ -123,34 +128,37 @@ def active_bytes(shape: ModelShape, context: int, bytes_per_value: int = 2) -> i
 
 
 class Bench:
-    """One shape and attention implementation: the fully-resident model (experts on the device, graphs
-    captured) and an all-resident engine over a twin with host experts."""
+    """One shape and implementation: the fully-resident model (experts on the device, graphs captured)
+    and an all-resident engine over a twin with host experts."""
 
     def __init__(self, shape: ModelShape, impl: str, device: torch.device, dtype: torch.dtype, max_len: int,
                  clock: Clock, steps: int):
         cuda = device.type == "cuda"
         self.shape, self.clock, self.steps, self.cuda = shape, clock, steps, cuda
-        self.resident = random_model(shape, device, dtype, max_len=max_len, attention_impl=impl,
-                                     experts_device=device)
+        attention_impl, compile_kernels = parse_impl(impl)
+        self.resident = random_model(shape, device, dtype, max_len=max_len, attention_impl=attention_impl,
+                                     experts_device=device, compile_kernels=compile_kernels)
         self.resident.capture_graphs()
-        host_model = random_model(shape, device, dtype, max_len=max_len, attention_impl=impl)
+        host_model = random_model(shape, device, dtype, max_len=max_len, attention_impl=attention_impl,
+                                  compile_kernels=compile_kernels)
         self.engine = OffloadEngine(host_model, shape, resolve_policy("lru"), RunSettings(shape.num_experts))
         self._warm_engine()
-        m, L = self.resident, shape.num_layers
-        self.layer = L // 2
+        m, L, K = self.resident, shape.num_layers, shape.top_k
+        self.layer = max(1, L // 2)          # a layer with a combine before it
         self.h = torch.randn((1, shape.hidden_size), generator=torch.Generator().manual_seed(0)).to(device, dtype)
         self._graphs: dict[int, tuple] = {}
-        x = m.route(self.layer, self.h)[0]
-        outputs = torch.stack([m.expert(x, m.expert_blobs[self.layer, e]) for e in range(shape.top_k)])
-        weights = torch.full((shape.top_k,), 1.0 / shape.top_k, device=device)
+        self.x = m.route(self.layer, self.h)[0]
+        m.expert_out.copy_(torch.stack([m.expert(self.x, m.expert_blobs[self.layer, e]) for e in range(K)]))
+        self.ids = torch.arange(K, dtype=torch.float32, device=device)
+        self.weights = torch.full((K,), 1.0 / K, device=device)
         expert_graphs = m.resident_expert_graphs
         first = self.layer * shape.num_experts
         if expert_graphs is not None:
             self.expert = lambda: expert_graphs.expert(first, 0)
-            self.combine = lambda: expert_graphs.combine(self.layer)
         else:       # the CPU: the same arithmetic, launched eagerly
-            self.expert = lambda: m.expert(x, m.expert_blobs[self.layer, 0])
-            self.combine = lambda: m.weighted_sum(self.layer, self.h, x, outputs, weights, range(shape.top_k))
+            self.expert = lambda: m.expert(self.x, m.expert_blobs[self.layer, 0], out=m.expert_out[0])
+        self.combine = _graphed(lambda: m.moe_sum(self.layer - 1, self.h, self.x, self.ids, self.weights,
+                                                  m.expert_out), cuda)
         self.router = _graphed(lambda: m.route_with_probs(self.layer, self.h), cuda)
         self.head = lambda: m.final(m.embed(1)).argmax(-1)
 
@@ -168,32 +176,42 @@ class Bench:
             if not eng.cache.holds(key):
                 eng.slots[eng.cache.load_resident(key)].copy_(eng.arena[key])
 
-    def _attention(self, context: int):
-        """The attention graph alone at ``context`` (one per bucket length)."""
+    def _bucket_graphs(self, context: int):
+        """The attention graph alone and attention + router (``front_at``, no combine) at ``context``,
+        captured per bucket length."""
         m = self.resident
         length = next(b for b in m.context_buckets if b >= context)
         if length not in self._graphs:
-            self._graphs[length] = _graphed(lambda: m.attention_at(self.layer, self.h, length), self.cuda)
+            self._graphs[length] = (_graphed(lambda: m.attention_at(self.layer, self.h, length), self.cuda),
+                                    _graphed(lambda: m.front_at(self.layer, self.h, length), self.cuda))
         return self._graphs[length]
+
+    def _front(self, pos: int):
+        """What the engine replays before a layer's experts: the previous layer's combine, then attention
+        and router (one graph on CUDA; on the CPU the same calls, eagerly)."""
+        m = self.resident
+        if m.graphed:
+            return lambda: m.front(self.layer)
+        return lambda: m.attention_route(self.layer, m.moe_sum(self.layer - 1, self.h, self.x, self.ids, self.weights,
+                                                               m.expert_out), pos)
 
     def measure(self, context: int, replays: int) -> dict[str, float]:
         """Every metric at ``context`` positions (the token at ``context - 1``), one repeat."""
         m, clock, shape, K = self.resident, self.clock, self.shape, self.shape.top_k
         pos = context - 1
         m.set_position(pos)
-        attention = self._attention(context)
-        h = self.combine()      # on CUDA the graphs' input buffer, which the layer graph reads without a copy
-        attention_router = lambda: m.attention_route(self.layer, h, pos)   # noqa: E731
+        attention, attention_router = self._bucket_graphs(context)
+        front = self._front(pos)
 
         def layer():
-            attention_router()
+            front()
             for _ in range(K):
                 self.expert()
-            self.combine()
 
-        out = {"attention_router_us": clock.us(attention_router, replays), "attention_us": clock.us(attention, replays),
-               "router_us": clock.us(self.router, replays), "expert_us": clock.us(self.expert, replays),
-               "combine_us": clock.us(self.combine, replays), "layer_device_us": clock.us(layer, replays)}
+        out = {"front_us": clock.us(front, replays), "attention_router_us": clock.us(attention_router, replays),
+               "attention_us": clock.us(attention, replays), "router_us": clock.us(self.router, replays),
+               "expert_us": clock.us(self.expert, replays), "combine_us": clock.us(self.combine, replays),
+               "layer_device_us": clock.us(layer, replays)}
         head_us = clock.us(self.head, replays)
         positions = range(max(0, context - self.steps), context)
         copies = self.engine.ctrl.stats.copies
@@ -207,27 +225,36 @@ class Bench:
         return out
 
     def kernels(self) -> dict:
-        """Device work that attention + router launch when run eagerly at the longest bucket (what
-        the layer graph captures, less the read-back packing): how many kernels, and the names of
-        those of the attention itself (which SDPA kernel ran)."""
+        """Device work of one front graph (the previous combine, attention + router) run eagerly at the
+        longest bucket: how many kernels (what the graph captures, less the read-back packing), and the
+        names of those of the attention itself (which SDPA kernel ran)."""
         m = self.resident
         length = m.context_buckets[-1]
         m.set_position(length - 1)
 
         def run():
-            m.route_with_probs(self.layer, m.attention_at(self.layer, self.h, length))
+            h = m.moe_sum(self.layer - 1, self.h, self.x, self.ids, self.weights, m.expert_out)
+            m.front_at(self.layer, h, length)
         run()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             run()
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         attention = sorted({n for n in names if any(k in n.lower() for k in ("fmha", "flash", "attention", "softmax"))})
-        return {"attention_router_kernels": len(names), "attention_kernels": " | ".join(attention)}
+        return {"front_kernels": len(names), "attention_kernels": " | ".join(attention)}
 
     def _resident_step_us(self, pos: int) -> float:
         start = time.perf_counter()
         int(self.resident.decode_step(1, pos).argmax(-1)[0])
         return (time.perf_counter() - start) * 1e6
+
+
+def parse_impl(impl: str) -> tuple[str, bool]:
+    """"sdpa+compiled" -> ("sdpa", True): the attention implementation and whether the layer compiles."""
+    attention_impl, _, suffix = impl.partition("+")
+    if suffix not in ("", "compiled"):
+        raise ValueError(f"implementation {impl!r}: an attention implementation, optionally +compiled")
+    return attention_impl, suffix == "compiled"
 
 
 def main(argv=None) -> pd.DataFrame:
@@ -238,7 +265,8 @@ def main(argv=None) -> pd.DataFrame:
                    help="moe-lm (the trained model) and/or names in traces/shapes")
     p.add_argument("--layers", type=int, default=2, help="layers kept of the traces/shapes shapes")
     p.add_argument("--contexts", default="16,256,2048")
-    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--impls", default=None, help=f"comma-separated, of {', '.join(IMPLS)} (default: all; "
+                   f"--smoke: {', '.join(SMOKE_IMPLS)})")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--replays", type=int, default=50, help="back-to-back calls per device timing")
     p.add_argument("--steps", type=int, default=16, help="decode steps per wall-time sample")
@@ -256,7 +284,7 @@ def main(argv=None) -> pd.DataFrame:
         contexts = [int(c) for c in args.contexts.split(",")]
         budget = sum(SHAPE_SECONDS.get(s.name, 60) for s in shapes) * args.repeats / 5
         print(f"expected time: about {budget / 60:.1f} min ({len(shapes)} shapes, {args.repeats} repeats)", flush=True)
-    impls = args.impls.split(",")
+    impls = args.impls.split(",") if args.impls else list(SMOKE_IMPLS if args.smoke else IMPLS)
     clock = Clock(device.type == "cuda")
     bandwidth = bandwidth_GBps(device, clock, 64 if args.smoke else 2048)
     print(f"device-to-device bandwidth: {bandwidth:.0f} GB/s", flush=True)
@@ -291,7 +319,7 @@ def main(argv=None) -> pd.DataFrame:
     if kernel_rows:
         kernels = pd.DataFrame(kernel_rows)
         kernels.to_csv(out / "layer_kernels.csv", index=False)
-        print(kernels[["shape", "impl", "attention_router_kernels", "attention_kernels"]].to_string(index=False))
+        print(kernels[["shape", "impl", "front_kernels", "attention_kernels"]].to_string(index=False))
     print(f"wrote {out / 'layer_times.csv'} and {out / 'layer_summary.csv'} in {time.perf_counter() - started:.0f} s")
     _print_table(summary)
     return summary
@@ -309,7 +337,7 @@ def _print_table(summary: pd.DataFrame) -> None:
     wide = summary.pivot_table(index=["shape", "context", "impl"], columns="metric", values="median", sort=False)
     spread = summary.pivot_table(index=["shape", "context", "impl"], columns="metric", values="spread_pct",
                                  sort=False)
-    short = {"attention_router_us": "attn+rt", "attention_us": "attn", "router_us": "router",
+    short = {"front_us": "front", "attention_router_us": "attn+rt", "attention_us": "attn", "router_us": "router",
              "expert_us": "expert", "combine_us": "combine", "layer_device_us": "layer_dev",
              "engine_layer_us": "eng_layer", "host_us": "host", "engine_tok_s": "eng_tok/s",
              "resident_tok_s": "res_tok/s", "bound_tok_s": "bound_tok/s"}

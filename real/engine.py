@@ -2,14 +2,15 @@
 a GPU slot cache filled by a dedicated copy stream, and the shared ``policies`` controller deciding
 what is copied, when, and what is evicted.
 
-The decode path per layer mirrors the simulator's: attention, router (its ids are read on the host:
-that is the one synchronisation a routed model needs), ``begin_layer`` (hits, demand fetches), the
-demand copies, then the chosen experts with resident ones first, each made to wait on the GPU for its
-own copy only; then the combine and the next layer's attention are launched, and only then does the
-policy predict and schedule this layer's prefetches (``prefetch_layer``): that host work overlaps the
-GPU's expert and attention compute instead of leaving the GPU idle. Expert outputs are combined in a
-fixed order, so every cache size and policy performs exactly the same arithmetic as the all-resident
-engine: lossless policies give identical tokens, bit for bit.
+The decode path per layer mirrors the simulator's: the layer's front graph (the previous layer's
+combine, then attention and router), whose ids are read on the host (the one synchronisation a routed
+model needs), ``begin_layer`` (hits, demand fetches), the demand copies, then the chosen experts with
+resident ones first, each made to wait on the GPU for its own copy only; then the next layer's front
+graph is launched, and only then does the policy predict and schedule this layer's prefetches
+(``prefetch_layer``): that host work overlaps the GPU's expert and attention compute instead of
+leaving the GPU idle. A layer is K + 1 graph launches (``real.graphs``). Expert outputs are combined
+in a fixed order, so every cache size and policy performs exactly the same arithmetic as the
+all-resident engine: lossless policies give identical tokens, bit for bit.
 """
 from __future__ import annotations
 
@@ -155,15 +156,13 @@ class OffloadEngine:
         self._forced, self._forced_weights = forced, forced_weights
         self._hidden = [] if step < self.record_hidden_steps else None
         self._experts_of_step, self._weights_of_step = [], []
-        m.set_position(pos)
-        self._pos = pos
-        self._h = m.embed(token_id)
+        m.begin_token(token_id, pos)
         self._graphs = self.expert_graphs
         if self._graphs is not None and self._graphs.layers is not m._graphs:
             self._graphs = None                          # the layer graphs were recaptured since
         if self.marks is not None:
             self._layer_start = self.marks.mark()
-        self._launched = m.attention_route(0, self._h, pos)
+        self._front = m.front(0)
         for layer in range(self.shape.num_layers):
             drive(layer_turn(self.ctrl, self, step, layer))
         self.routing.experts.append(self._experts_of_step)
@@ -171,7 +170,7 @@ class OffloadEngine:
         if self._hidden is not None:
             self.routing.hidden.append(np.stack(self._hidden))
         self._step_index += 1
-        return m.final(self._h)
+        return m.back()
 
     # -- the named points of the layer turn (offload.layer_turn) --------------------------------
     def now_ns(self) -> int:
@@ -181,31 +180,29 @@ class OffloadEngine:
         return ()                # attention + router were launched at the previous layer's decide
 
     def chosen(self, token: int, layer: int):
-        h, self._x, ids, w, self._probs = self._launched
-        experts, weights = self.model.read_routing(layer, ids, w)   # the host learns the routing here
+        front = self._front
+        experts, weights = self.model.read_routing(layer, front.ids, front.weights)   # the host learns the routing here
         if not all(map(math.isfinite, weights)):
             raise RoutingError(token, layer, weights)
-        self._routed_on_device = self._forced is None
         if self._forced is not None:                     # shape replay: routing from a trace
             experts, weights = self._forced[layer], self._forced_weights[layer]
-            w = torch.tensor(weights, dtype=w.dtype, device=w.device)
-        self._w = w
+            self.model.set_run(layer, experts, weights)
         self._experts_of_step.append(experts)
         self._weights_of_step.append(weights)
         # Predictors read the post-attention residual (before this layer's MoE norm), so that
         # pre-gating can apply a later layer's own norm and router to it.
         if self._hidden is not None:
-            self._hidden.append(h.reshape(-1).float().cpu().numpy())
+            self._hidden.append(front.h.reshape(-1).float().cpu().numpy())
         if self.marks is not None:
             self._routed_mark = self.marks.mark()
-        self._h = h
-        return experts, weights, h
+        return experts, weights, front.h
 
     def reweigh(self, layer: int, run: list[int], weights):
         """A lossy policy runs ``run`` instead: the model's own weighting of them."""
-        self._w = self.model.weights_for(self._probs, torch.tensor([run], device=self._probs.device))
-        self._routed_on_device = False
-        weights = self._w.reshape(-1).float().tolist()
+        probs = self._front.probs
+        w = self.model.weights_for(probs, torch.tensor([run], device=probs.device))
+        self.model.set_run(layer, run, w)
+        weights = w.reshape(-1).float().tolist()
         self._experts_of_step[-1], self._weights_of_step[-1] = run, weights
         return weights
 
@@ -214,27 +211,22 @@ class OffloadEngine:
         return ()
 
     def launch_experts(self, token: int, layer: int, run: list[int], needs: list[Need]):
-        """Each expert made to wait on the GPU for its own copy, then launched; then the combine."""
+        """Each expert made to wait on the GPU for its own copy, then launched into its top-k position
+        (the next front graph combines them)."""
         m, copies, key_slot, graphs = self.model, self.copies, self.cache.key_slot, self._graphs
         base = layer * self.shape.num_experts
-        outputs: dict[int, torch.Tensor] = {}
         used = []
         for key, job in needs:
             if job is not None:
                 copies.make_ready(job)
             slot = key_slot[key]
             used.append(slot)
+            position = run.index(key - base)
             if graphs is not None:
-                position = run.index(key - base)
                 graphs.expert(slot, position)
-                outputs[key - base] = graphs.out[position]
             else:
-                outputs[key - base] = m.expert(self._x, self.slots[slot])
+                m.run_expert(position, self.slots[slot])
         copies.release_slots(used)
-        if graphs is not None and self._routed_on_device:
-            self._h_next = graphs.combine(layer)         # the router's own ids and weights, on the device
-        else:
-            self._h_next = m.combine(layer, self._h, self._x, run, self._w, outputs)
         if self.marks is not None:
             copied = [(run.index(key - base), job) for key, job in needs if job is not None]
             self._layer_marks.append((token, layer, self._layer_start, self._routed_mark, self.marks.mark(),
@@ -242,13 +234,13 @@ class OffloadEngine:
         return ()
 
     def decide(self, token: int, layer: int):
-        """The GPU has this layer's experts and the next layer's attention to run; the host meanwhile
-        takes the policy's prefetch decision (the layer turn's next step)."""
-        self._h = self._h_next
+        """The GPU has this layer's experts to run; the host launches this layer's combine and the next
+        layer's attention and router (one graph), then takes the policy's prefetch decision (the layer
+        turn's next step) while the GPU works."""
         if layer + 1 < self.shape.num_layers:
             if self.marks is not None:
                 self._layer_start = self.marks.mark()
-            self._launched = self.model.attention_route(layer + 1, self._h, self._pos)
+            self._front = self.model.front(layer + 1)
         return ()
 
     def finish_experts(self, token: int, layer: int, needs):

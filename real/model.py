@@ -6,9 +6,12 @@ Why not Hugging Face's own forward: its per-layer overhead (masks, caches, outpu
 expert dispatch) costs several milliseconds per layer per token, which would drown the copy and compute
 times that offloading studies measure. Here one decode step is a handful of kernels per layer.
 
-The step is split where an offloading engine needs to interpose: ``attention`` -> ``route`` (the
-router's choice, still on the device) -> the engine makes the chosen experts resident -> ``expert`` on
-each blob -> ``combine``. Every expert lives in one row of ``expert_blobs`` [L, E, 3*I*H] =
+The step is split where an offloading engine needs to interpose, the decode protocol that the resident
+reference and the engine both walk: ``begin_token``; per layer ``front`` (the previous layer's
+combine, then attention and the router, whose choice stays on the device) -> ``read_routing`` (the
+host learns it; the engine makes the chosen experts resident) -> one ``expert`` per top-k position
+into ``expert_out`` (``set_run`` first if other experts run than the router chose); then ``back`` (the
+last combine and the head). Every expert lives in one row of ``expert_blobs`` [L, E, 3*I*H] =
 gate [I, H] | up [I, H] | down [H, I], so one expert is one contiguous copy; gate and up are adjacent
 and form the [2I, H] matrix of one matmul, exactly as transformers' fused experts do; q, k and v are
 one matmul too.
@@ -20,22 +23,24 @@ the model dtype; expert outputs are summed in ascending expert id, each term rou
 transformers' per-expert loop does. ``attention_impl="eager"`` is transformers' arithmetic bit for bit
 (RMSNorm in float32 cast back before the weight, attention scores in the model dtype): the tests'
 reference. The fast implementations round twice less: RMSNorm is torch's fused kernel (normalised and
-weighted in float32, rounded once) and attention is one SDPA kernel.
+weighted in float32, rounded once) and attention is one SDPA kernel. With ``compile_kernels`` (the
+default on CUDA) the elementwise work between the GEMMs runs as Inductor-compiled kernels, which round
+once per fused kernel (``real.layer_ops``: the arithmetic, written once for both modes).
 
 Attention, three ways (``attention_impl``):
 
 - ``"sdpa"`` (default): on CUDA graphs, attention reads only the first ``bucket`` positions of the KV
   cache, the smallest of ``context_buckets`` (powers of two from 64, then ``max_len``) that holds the
   context, under an additive position mask; one graph per (layer, bucket), so its time grows with the
-  context and it runs PyTorch's memory-efficient SDPA kernel (flash takes no mask). Without graphs
+  context; on the H200 PyTorch picks cuDNN's flash kernel for it. Without graphs
   it reads exactly positions ``0..pos`` (or the sliding window).
 - ``"masked_window"``: the graphs before issue 13, kept as the benchmark's baseline
   (``experiments/bench_layer.py``): every position of the cache under a boolean mask built in the
   graph, in a layout that sends SDPA to its math fallback on CUDA.
 - ``"eager"``: transformers' arithmetic; never captured.
 
-What sits around this module: ``real.graphs`` captures these same functions as CUDA graphs (attention
-+ router per layer and bucket, experts, combine), and ``real.resident`` is the fully-resident
+What sits around this module: ``real.graphs`` captures these same functions as CUDA graphs (per layer
+and bucket: the previous combine, attention and router; per slot and top-k position: an expert), and ``real.resident`` is the fully-resident
 reference decode loop (``decode_step``, ``generate_greedy``) and ``quiet_gc``. Every path (the
 resident model, the offloaded engine at any cache size) runs the same kernels, so their tokens are
 bit-identical.
@@ -43,7 +48,7 @@ bit-identical.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -52,10 +57,12 @@ import torch.nn.functional as F
 from real import resident
 from real.checkpoint import MoEConfig
 from real.graphs import ExpertGraphs, Extra, LayerGraphs
+from real.layer_ops import LayerOps, can_compile, compile_default, fused_rms_norm, rms_norm, rope, swiglu, weigh
 from real.pinned import pinned_empty
 from real.resident import LayerRecord, quiet_gc
 
-__all__ = ["BlobOf", "LayerRecord", "MoEModel", "quiet_gc", "rms_norm", "unpack_expert"]
+__all__ = ["BlobOf", "Front", "LayerRecord", "MoEModel", "fused_rms_norm", "quiet_gc", "rms_norm", "rope",
+           "unpack_expert"]
 
 BlobOf = Callable[[int, int], torch.Tensor]   # (layer, expert) -> that expert's blob on the compute device
 DEFAULT_MAX_LEN = 4096
@@ -77,25 +84,14 @@ class _Layer:
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # gate, up, down, router
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm: normalised in float32, rounded to x's dtype, then weighted."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as one kernel on CUDA (torch's fused RMSNorm): normalised and weighted in float32 and
-    rounded once, where ``rms_norm`` takes some eight kernels and rounds twice."""
-    return F.rms_norm(x, x.shape[-1:], weight, eps)
-
-
-def rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of rows x [N, D] with ``table`` [..., 2, D] = (cos, sin with its first half
-    negated). transformers' x*cos + rotate_half(x)*sin, bit for bit: rotate_half(x) = (-x2, x1) and
-    roll(x) = (x2, x1) differ only in a sign that the table carries, and a sign flip is exact."""
-    cos, sin = table.unbind(-2)
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+class Front(NamedTuple):
+    """What the front half of a layer leaves (``MoEModel.front``): the residual after attention h [1, H],
+    the expert input x [1, H], the router's ids [1, K] and weights [1, K], and its softmax [1, E]."""
+    h: torch.Tensor
+    x: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    probs: torch.Tensor
 
 
 def context_buckets(max_len: int, attention_impl: str) -> tuple[int, ...]:
@@ -120,23 +116,38 @@ class MoEModel:
     def __init__(self, config: MoEConfig, tensors: Mapping[str, torch.Tensor],
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                  experts_device: str | torch.device | None = None, max_len: int | None = None,
-                 attention_impl: str = "sdpa"):
+                 attention_impl: str = "sdpa", compile_kernels: bool | None = None):
         """``tensors``: the internal tensors of ``real.checkpoint.load_checkpoint``. Non-expert weights go
         to ``device``; the experts are packed into ``expert_blobs`` on ``experts_device`` (default:
         ``device``; pinned when it is the CPU and ``device`` is CUDA). The KV cache holds ``max_len``
         positions (default: the model's limit, at most 4096). ``attention_impl``: "sdpa",
-        "masked_window" or "eager" (the module docstring)."""
+        "masked_window" or "eager" (the module docstring). ``compile_kernels``: run the layer's
+        elementwise work as Inductor-compiled kernels (``real.layer_ops``); default: on CUDA unless
+        ``MOE_LAB_COMPILE=0``, never with ``attention_impl="eager"``. Raises ValueError for an unknown
+        ``attention_impl`` and RuntimeError when compilation is asked for and cannot run here."""
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={attention_impl!r}: use one of {', '.join(ATTENTION_IMPLS)}")
         self.attention_impl = attention_impl
-        self._norm = rms_norm if attention_impl == "eager" else fused_rms_norm
+        self._eager_norm = attention_impl == "eager"
+        self._norm = rms_norm if self._eager_norm else fused_rms_norm
         c = self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
+        if compile_kernels is None:
+            compile_kernels = compile_default(self.device) and attention_impl != "eager"
+        if compile_kernels:
+            why = "attention_impl='eager' is transformers' arithmetic" if attention_impl == "eager" else \
+                can_compile(self.device)
+            if why is not None:
+                raise RuntimeError(f"compile_kernels=True cannot run here: {why}; pass compile_kernels=False "
+                                   f"(or set MOE_LAB_COMPILE=0)")
+        self.ops = LayerOps(compile_kernels)
         self.max_len = min(c.max_position_embeddings, DEFAULT_MAX_LEN) if max_len is None else int(max_len)
         H, I, E, D = c.hidden_size, c.expert_intermediate_size, c.num_experts, c.head_dim
         self._I, self._H = I, H
         self._scale = D ** -0.5
+        # The router's weights: float32 for Mixtral (its router keeps them), else the model dtype.
+        self.weights_dtype = torch.float32 if c.family == "mixtral" else dtype
 
         def w(name: str) -> torch.Tensor | None:
             t = tensors.get(name)
@@ -188,6 +199,7 @@ class MoEModel:
         self.context_buckets = context_buckets(self.max_len, attention_impl)
         self._bucket = 0                                  # index into context_buckets for the position
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._pos_host = 0
         self._mask = torch.zeros(self.max_len, dtype=dtype, device=self.device)
         offset = torch.arange(-(self.max_len - 1), self.max_len, device=self.device)
         visible = offset <= 0
@@ -195,14 +207,85 @@ class MoEModel:
             visible &= offset > -c.sliding_window
         self._mask_pattern = torch.zeros(len(offset), dtype=dtype, device=self.device).masked_fill_(
             ~visible, float("-inf"))
+        # The decode protocol's state (``begin_token``/``front``/``run_expert``/``back``): the outputs of
+        # the layer's experts by top-k position, and, without graphs, the step's residual and each
+        # layer's front half and the experts that ran with their weights.
+        self.expert_out = torch.zeros((c.top_k, 1, H), dtype=dtype, device=self.device)
+        self._h_in: torch.Tensor | None = None
+        self._x: torch.Tensor | None = None
+        self._fronts: list[Front | None] = [None] * c.num_layers
+        self._runs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * c.num_layers
         self._graphs: LayerGraphs | None = None
         self._resident_experts: ExpertGraphs | None = None     # graphs over expert_blobs, when on the GPU
 
-    # -- the decode step, piece by piece --------------------------------------------------------
+    @property
+    def compiled(self) -> bool:
+        """Whether the layer's elementwise work runs as compiled kernels (``real.layer_ops``)."""
+        return self.ops.compiled
+
+    # -- the decode protocol: one token, layer by layer ----------------------------------------------
+    # begin_token -> for each layer: front (the previous layer's combine, then attention and router),
+    # read_routing, set_run (only when other experts run than the router chose), run_expert or an
+    # ExpertGraphs expert per top-k position -> back (the last combine and the head). With graphs, front
+    # and back replay one graph each; without, the same functions run eagerly.
     def reset(self) -> None:
         """Start a new request: forget every cached key and value."""
         self.kv_cache.zero_()
 
+    def begin_token(self, token_id: int, pos: int) -> None:
+        """Start the step of the token ``token_id`` at ``pos``: the position on the device, the embedding
+        as the first layer's input."""
+        self.set_position(pos)
+        self._pos_host = pos
+        h = self.embed(token_id)
+        if self._graphs is not None:
+            self._graphs.h_in.copy_(h)
+        else:
+            self._h_in = h
+
+    def front(self, layer: int) -> Front:
+        """The combine of layer ``layer - 1`` (its experts' outputs in ``expert_out``, the weights of the
+        experts that ran) and then layer ``layer``'s attention and router. With graphs: one replay of
+        the layer's graph for the step's context bucket, whose outputs are static buffers valid until the
+        same layer runs again (h and x until the next layer runs)."""
+        if self._graphs is not None:
+            return Front(*self._graphs.replay(layer, self._bucket))
+        h = self._h_in if layer == 0 else self._combine_layer(layer - 1)
+        front = self.attention_route(layer, h, self._pos_host)
+        self._fronts[layer], self._x = front, front.x
+        self._runs[layer] = (front.ids, front.weights)
+        return front
+
+    def back(self) -> torch.Tensor:
+        """The last layer's combine and the head: logits [1, V]."""
+        if self._graphs is not None:
+            return self._graphs.replay_back(self._bucket)
+        return self.final(self._combine_layer(self.config.num_layers - 1))
+
+    def set_run(self, layer: int, experts: Sequence[int], weights: torch.Tensor | Sequence[float]) -> None:
+        """The experts that run at ``layer`` are ``experts`` (in top-k position order) with ``weights``,
+        not the router's choice (a shape replay's forced routing, a lossy policy's substitution); host
+        weights are rounded to the router's weight dtype first, as the router's own would be."""
+        if not isinstance(weights, torch.Tensor):
+            weights = torch.tensor(list(weights), dtype=self.weights_dtype)
+        if self._graphs is not None:
+            self._graphs.set_run(layer, self._bucket, experts, weights)
+        else:
+            self._runs[layer] = (torch.tensor([list(experts)], device=self.device),
+                                 weights.to(self.device).reshape(1, -1))
+
+    def run_expert(self, position: int, blob: torch.Tensor) -> None:
+        """The expert whose weights are ``blob`` on the current layer's input, into ``expert_out[position]``
+        (launched eagerly: the path without expert graphs)."""
+        x = self._graphs.x_shared if self._graphs is not None else self._x
+        self.expert(x, blob, out=self.expert_out[position])
+
+    def _combine_layer(self, layer: int) -> torch.Tensor:
+        front, (ids, weights) = self._fronts[layer], self._runs[layer]
+        self._fronts[layer] = None            # the step's later layers read their own
+        return self.moe_sum(layer, front.h, front.x, ids, weights, self.expert_out)
+
+    # -- the pieces ----------------------------------------------------------------------------------
     def embed(self, token_id: int) -> torch.Tensor:
         return self.embed_weight[token_id].unsqueeze(0)                       # [1, H]
 
@@ -219,31 +302,36 @@ class MoEModel:
         """Pre-norm self-attention of the token at ``pos`` over exactly positions ``0..pos`` (or the
         sliding window), writing its key and value into the cache; returns ``h`` plus the attention
         output. The host knows ``pos``: the path without graphs."""
+        L = self.layers[layer]
+        return h + F.linear(self._attention_exact(layer, h, pos), L.o_proj, L.o_bias)
+
+    def _attention_exact(self, layer: int, h: torch.Tensor, pos: int) -> torch.Tensor:
+        """The attention output [1, heads * D] (before o_proj) over exactly positions ``0..pos``."""
         self._check_position(pos)
         window = self.config.sliding_window
-        q, k, v = self._qkv(layer, h, self._rope[pos])
+        q, kv = self._qkv(layer, h, self._rope[pos])
         cache = self.kv_cache[layer]
-        cache[0, pos].copy_(k)
-        cache[1, pos].copy_(v)
+        cache[:, pos].copy_(kv)
         start = 0 if window is None else max(0, pos - window + 1)
-        out = self._attend(q, cache[0, start:pos + 1], cache[1, start:pos + 1], None)
-        return self._attention_output(layer, h, out)
+        return self._attend(q, cache[0, start:pos + 1], cache[1, start:pos + 1], None)
 
-    def attention_at(self, layer: int, h: torch.Tensor, length: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def attention_at(self, layer: int, h: torch.Tensor, length: int) -> torch.Tensor:
         """``attention`` at the position ``set_position`` left on the device, with no shape that depends
         on it, so a graph can capture it: the token's key and value are written at that position and
         attention reads the first ``length`` cache positions (a context bucket, at least pos + 1) under
-        the position mask. ``out``: where to write the result [1, H] (a graph's static buffer)."""
+        the position mask."""
+        L = self.layers[layer]
+        return h + F.linear(self._attention_bucket(layer, h, length), L.o_proj, L.o_bias)
+
+    def _attention_bucket(self, layer: int, h: torch.Tensor, length: int) -> torch.Tensor:
+        """The attention output [1, heads * D] (before o_proj) over the first ``length`` positions."""
         pos = self._pos
-        q, k, v = self._qkv(layer, h, self._rope.index_select(0, pos))
+        q, kv = self._qkv(layer, h, self._rope.index_select(0, pos))
         cache = self.kv_cache[layer]
-        cache[0].index_copy_(0, pos, k.unsqueeze(0))
-        cache[1].index_copy_(0, pos, v.unsqueeze(0))
+        cache.index_copy_(1, pos, kv.unsqueeze(1))
         if self.attention_impl == "masked_window":
-            attn = self._masked_window(q, cache, pos)
-        else:
-            attn = self._attend(q, cache[0, :length], cache[1, :length], self._mask[:length])
-        return self._attention_output(layer, h, attn, out)
+            return self._masked_window(q, cache, pos)
+        return self._attend(q, cache[0, :length], cache[1, :length], self._mask[:length])
 
     def _masked_window(self, q: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The attention of the graphs before issue 13 (the benchmark's baseline): the whole window
@@ -275,46 +363,38 @@ class MoEModel:
                                                  attn_mask=None if mask is None else mask.view(1, 1, 1, -1))
         return out.reshape(1, -1)
 
-    def _attention_output(self, layer: int, h: torch.Tensor, attn: torch.Tensor,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
-        """h + o_proj(attn), into ``out`` when given."""
-        L = self.layers[layer]
-        return torch.add(h, F.linear(attn, L.o_proj, L.o_bias), out=out)
-
     def _check_position(self, pos: int) -> None:
         if not 0 <= pos < self.max_len:
             raise ValueError(f"position {pos} is outside the KV cache (max_len={self.max_len}); "
                              f"build the model with a larger max_len")
 
-    def _qkv(self, layer: int, h: torch.Tensor, rope_rows: torch.Tensor):
-        """The token's query [heads, D], key and value [KV heads, D], norms, clipping and RoPE (its
-        position's ``rope_rows`` [..., 2, D]) applied: what every attention path shares. Query and key
-        are rotated together, one set of kernels for both."""
+    def _qkv(self, layer: int, h: torch.Tensor, rope_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token's query [heads, D] and key and value stacked [2, KV heads, D]
+        (``real.layer_ops.attention_input``) for the position's ``rope_rows`` [..., 2, D]."""
         c, L = self.config, self.layers[layer]
-        D, heads, kv_heads = c.head_dim, c.num_attention_heads, c.num_kv_heads
-        eps = c.rms_norm_eps
-        qkv = F.linear(self._norm(h, L.attn_norm, eps), L.qkv, L.qkv_bias)        # [1, (heads + 2 KV) D]
-        if c.qk_norm == "full":             # OLMoE: over all heads at once, before clipping
-            q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
-            qkv = torch.cat((self._norm(q, L.q_norm, eps), self._norm(k, L.k_norm, eps), v), dim=-1)
-        if c.clip_qkv is not None:
-            qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
-        rows = qkv.view(heads + 2 * kv_heads, D)
-        if c.qk_norm == "per_head":         # Qwen3-MoE: each head's row, before RoPE
-            rows = torch.cat((self._norm(rows[:heads], L.q_norm, eps),
-                              self._norm(rows[heads:heads + kv_heads], L.k_norm, eps), rows[heads + kv_heads:]))
-        qk = rope(rows[:heads + kv_heads], rope_rows)
-        return qk[:heads], qk[heads:], rows[heads + kv_heads:]
+        return self.ops.attention_input(h, L.attn_norm, L.qkv, L.qkv_bias, L.q_norm, L.k_norm, rope_rows,
+                                        c.num_attention_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps,
+                                        c.qk_norm, c.clip_qkv, self._eager_norm)
 
-    def attention_route(self, layer: int, h: torch.Tensor, pos: int):
-        """``attention`` then ``route_with_probs``: (h, x, ids, weights, probs). With graphs captured
-        it replays layer ``layer``'s graph for the bucket of the position ``set_position`` was given
-        (call it once per step first); its outputs are the graphs' static buffers: h and x valid until
-        the next layer runs, ids, weights and probs until the same layer runs again."""
-        if self._graphs is None:
-            h = self.attention(layer, h, pos)
-            return (h, *self.route_with_probs(layer, h))
-        return self._graphs.replay(layer, self._bucket, h)
+    def _output_route(self, layer: int, h: torch.Tensor, attn: torch.Tensor, x_out: torch.Tensor | None = None,
+                      readout: torch.Tensor | None = None) -> Front:
+        """``real.layer_ops.attention_output_route`` on layer ``layer``'s weights (writing x into ``x_out``
+        and ids | weights into ``readout`` when given)."""
+        c, L = self.config, self.layers[layer]
+        return Front(*self.ops.attention_output_route(
+            h, attn, L.o_proj, L.o_bias, L.moe_norm, L.router, c.rms_norm_eps, c.top_k, c.norm_topk_prob,
+            self.weights_dtype, self._eager_norm, x_out, readout))
+
+    def attention_route(self, layer: int, h: torch.Tensor, pos: int) -> Front:
+        """Attention over exactly positions ``0..pos`` and the router, eagerly: the front half of a layer
+        on the input residual h (the decode path without graphs, and the tests' reference)."""
+        return self._output_route(layer, h, self._attention_exact(layer, h, pos))
+
+    def front_at(self, layer: int, h: torch.Tensor, length: int, x_out: torch.Tensor | None = None,
+                 readout: torch.Tensor | None = None) -> Front:
+        """``attention_route`` over the context bucket ``length`` at the device-side position: what the
+        layer graphs capture (``x_out``, ``readout``: their static buffers)."""
+        return self._output_route(layer, h, self._attention_bucket(layer, h, length), x_out, readout)
 
     def read_routing(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> tuple[list[int], list[float]]:
         """The routed expert ids and weights of ``layer`` on the host: the one synchronisation a routed
@@ -329,9 +409,9 @@ class MoEModel:
         return self._graphs is not None
 
     def capture_graphs(self, extra: Extra | None = None) -> bool:
-        """Capture every layer's attention + router as CUDA graphs, one per context bucket
-        (``real.graphs``). Returns False, capturing nothing, off CUDA or with ``attention_impl="eager"``
-        (the tests' reference).
+        """Capture every layer's front half (the previous layer's combine, attention + router) as CUDA
+        graphs, one per context bucket, and the last combine + head (``real.graphs``). Returns False,
+        capturing nothing, off CUDA or with ``attention_impl="eager"`` (the tests' reference).
 
         ``extra(layer, h)``: more device work on the layer's post-attention residual to run inside the
         same graph (a live predictor: its kernels would otherwise be launched one by one from Python
@@ -387,7 +467,8 @@ class MoEModel:
         return x, ids, weights
 
     def route_with_probs(self, layer: int, h: torch.Tensor):
-        """``route`` plus the full router softmax [1, E] (float32)."""
+        """``route`` plus the full router softmax [1, E] (float32), for any batch of residuals h [B, H]
+        (eager: predictors call it on batches of recorded states)."""
         c, L = self.config, self.layers[layer]
         x = self._norm(h, L.moe_norm, c.rms_norm_eps)
         probs = torch.softmax(F.linear(x, L.router), dim=-1, dtype=torch.float32)
@@ -401,20 +482,14 @@ class MoEModel:
         return self._weigh(torch.gather(probs, -1, ids))
 
     def _weigh(self, chosen: torch.Tensor) -> torch.Tensor:
-        """The family's rule on the chosen experts' probabilities [B, K]: renormalised over them or
-        not; float32 for Mixtral, else the model dtype."""
-        if self.config.norm_topk_prob:                # Mixtral always renormalises, the others by config
-            chosen = chosen / chosen.sum(dim=-1, keepdim=True)
-        if self.config.family != "mixtral":           # Mixtral's router keeps float32 weights
-            chosen = chosen.to(self.dtype)
-        return chosen
+        return weigh(chosen, self.config.norm_topk_prob, self.weights_dtype)
 
     def expert(self, x: torch.Tensor, blob: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """SwiGLU expert on its blob: down(silu(gate x) * up x) [1, H], into ``out`` when given; gate
-        and up in one matmul."""
+        """SwiGLU expert on its blob: down(silu(gate x) * up x) [B, H] for x [B, H], into ``out`` when
+        given; gate and up in one matmul, the activation compiled for the decode's batch of 1."""
         I, H = self._I, self._H
-        gate, up = F.linear(x, blob[:2 * I * H].view(2 * I, H)).chunk(2, dim=-1)
-        return torch.mm(F.silu(gate) * up, blob[2 * I * H:].view(H, I).t(), out=out)
+        act = self.ops.swiglu if x.shape[0] == 1 else swiglu
+        return torch.mm(act(F.linear(x, blob[:2 * I * H].view(2 * I, H))), blob[2 * I * H:].view(H, I).t(), out=out)
 
     def shared_expert(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """Qwen2-MoE's always-on expert, scaled by its sigmoid gate; None for the other families."""
@@ -425,36 +500,25 @@ class MoEModel:
         y = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
         return torch.sigmoid(F.linear(x, router)) * y
 
+    def moe_sum(self, layer: int, h: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                outputs: torch.Tensor) -> torch.Tensor:
+        """The one combine rule, for every path (eager, and the graphs of ``real.graphs``): h + the sum
+        of the expert outputs [K, 1, H] x ``weights`` [K] (+ the shared expert, on x). ``ids`` [K]: the
+        experts in top-k position order, any numeric dtype (the graphs pass their float32 readout).
+        Each product is rounded once to the model dtype (Mixtral's float32 weights: from the float32
+        product, as transformers multiplies by a float32 column); the terms are added one at a time in
+        ascending expert id, as transformers accumulates (two terms add the same in either order, so
+        top-2 needs no sort). Weights that are bf16 values held in float32 give the same products as the
+        bf16 weights: a bf16 x bf16 product is exact in float32, and both are rounded once from it."""
+        order = torch.argsort(ids.reshape(-1)) if ids.numel() > 2 else None
+        return self.ops.weighted_terms_sum(h, outputs, weights.reshape(-1), order, self.dtype,
+                                           self.shared_expert(layer, x))
+
     def combine(self, layer: int, h: torch.Tensor, x: torch.Tensor, expert_ids: Sequence[int],
                 weights: torch.Tensor, outputs: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        """h + sum_i weights[i] * outputs[expert_ids[i]] (+ the shared expert). ``outputs`` holds the raw
-        (unweighted) ``expert`` results keyed by expert id; ``weighted_sum`` is the rule."""
-        order = sorted(range(len(expert_ids)), key=expert_ids.__getitem__)
-        return self.weighted_sum(layer, h, x, torch.stack([outputs[e] for e in expert_ids]),
-                                 weights.reshape(-1), order)
-
-    def weighted_sum(self, layer: int, h: torch.Tensor, x: torch.Tensor, outputs: torch.Tensor,
-                     weights: torch.Tensor, order: Sequence[int] | torch.Tensor,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-        """The one combine rule, for ``combine`` and for the combine graph of ``real.graphs``: h + the
-        sum of outputs [K, 1, H] x weights [K] (+ the shared expert), into ``out`` when given. Each
-        product is rounded once to the model dtype (Mixtral's float32 weights: from the float32
-        product, as transformers multiplies by a float32 column); the terms are added one at a time
-        in ``order``, the positions in ascending expert id (a host sequence, or a device tensor whose
-        rows are gathered), as transformers accumulates. Two terms add the same in either order, so
-        a graph passes range(2) and needs no sort. Weights that are bf16 values held in float32 give
-        the same products as the bf16 weights: a bf16 x bf16 product is exact in float32, and both
-        are rounded once from it."""
-        terms = (outputs * weights.view(-1, 1, 1)).to(self.dtype)
-        if isinstance(order, torch.Tensor):
-            terms, order = terms.index_select(0, order), range(len(order))
-        acc = terms[order[0]]
-        for i in order[1:]:
-            acc = acc + terms[i]
-        shared = self.shared_expert(layer, x)
-        if shared is not None:
-            acc = acc + shared
-        return torch.add(h, acc, out=out)
+        """``moe_sum`` with the raw (unweighted) ``expert`` results keyed by expert id in ``outputs``."""
+        return self.moe_sum(layer, h, x, torch.tensor(list(expert_ids), device=h.device),
+                            weights, torch.stack([outputs[e] for e in expert_ids]))
 
     def moe(self, layer: int, h: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor | Sequence[int],
             weights: torch.Tensor, blob_of: BlobOf | None = None) -> torch.Tensor:

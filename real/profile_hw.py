@@ -85,7 +85,8 @@ def consistent_copy_table(latency_us: float, table: dict) -> tuple[float, dict]:
 def measure_compute(model, contexts=(0, 128, 512, 1024), repeats: int = 50, engine=None) -> dict:
     """Per-layer GPU times of ``model`` (a ``real.model.MoEModel`` with its experts on the GPU, or
     ``engine``, an ``OffloadEngine`` over it, whose slots and expert graphs are timed instead). With the
-    model's CUDA graphs captured, attention and router are timed together as the graph they are.
+    model's CUDA graphs captured, attention and router are timed together as the graph they are (with
+    the previous layer's combine, which that graph runs first).
     Times are from CUDA events around the launching code, so launch-bound kernels count their host
     cost, as they do in decoding. With expert graphs captured, one expert is timed as its graph.
     On a CPU the host clock times the same calls."""
@@ -93,18 +94,19 @@ def measure_compute(model, contexts=(0, 128, 512, 1024), repeats: int = 50, engi
     h = torch.randn(1, model.config.hidden_size, device=model.device, dtype=model.dtype)
     attention = {}
     contexts = [c for c in contexts if c < model.max_len]
-    if model.graphed:    # attention and router are one graph: its time goes to attention, router 0
+    if model.graphed:    # the previous combine, attention and router are one graph: its time goes to attention
         for ctx in contexts:
             model.set_position(ctx)
-            attention[ctx] = round(1e3 * _median_event_ms(lambda: model.attention_route(layer, h, ctx), repeats), 2)
+            attention[ctx] = round(1e3 * _median_event_ms(lambda: model.front(layer), repeats), 2)
         router_ms = 0.0
     else:
         for ctx in contexts:
             attention[ctx] = round(1e3 * _median_event_ms(lambda: model.attention(layer, h, ctx), repeats), 2)
         router_ms = _median_event_ms(lambda: model.route(layer, h), repeats)
-    graphs = model._resident_experts if engine is None else engine.expert_graphs
-    if graphs is not None:      # the expert as the graph the engine launches (its combine counts as overhead)
-        model.attention_route(layer, h, contexts[0])
+    graphs = model.resident_expert_graphs if engine is None else engine.expert_graphs
+    if graphs is not None:      # the expert as the graph the engine launches
+        model.set_position(contexts[0])
+        model.front(layer)
         index = 0 if engine is not None else layer * model.config.num_experts
         expert_ms = _median_event_ms(lambda: graphs.expert(index, 0), repeats)
     else:

@@ -46,23 +46,26 @@ def quiet_gc():
 def decode_step(model: "MoEModel", token_id: int, pos: int, blob_of: "BlobOf | None" = None,
                 record: list[LayerRecord] | None = None) -> torch.Tensor:
     """Logits [1, V] after the token at ``pos``; appends one ``LayerRecord`` per layer to ``record``.
-    ``blob_of(layer, expert)``: where each expert's weights come from (default: ``expert_blobs``)."""
-    model.set_position(pos)
-    h = model.embed(token_id)
+    ``blob_of(layer, expert)``: where each expert's weights come from (default: ``expert_blobs``).
+    The model's decode protocol (``MoEModel.begin_token``, ``front``, ``run_expert``, ``back``), as the
+    offloaded engine walks it."""
+    model.begin_token(token_id, pos)
     E = model.config.num_experts
-    graphs = model._resident_experts if blob_of is None else None
+    graphs = model.resident_expert_graphs if blob_of is None else None
+    if graphs is not None and graphs.layers is not model._graphs:
+        graphs = None                                  # the layer graphs were recaptured since
+    blob_of = blob_of or model.resident_blob
     for layer in range(model.config.num_layers):
-        h, x, ids, weights, probs = model.attention_route(layer, h, pos)
+        front = model.front(layer)
         if record is not None:      # copies: with graphs these are buffers the next replays overwrite
-            record.append(LayerRecord(ids.reshape(-1).clone(), weights.reshape(-1).clone(),
-                                      probs.reshape(-1).clone(), x.reshape(-1).clone()))
-        if graphs is not None and graphs.layers is model._graphs:
-            for i, e in enumerate(model.read_routing(layer, ids, weights)[0]):
+            record.append(LayerRecord(front.ids.reshape(-1).clone(), front.weights.reshape(-1).clone(),
+                                      front.probs.reshape(-1).clone(), front.x.reshape(-1).clone()))
+        for i, e in enumerate(model.read_routing(layer, front.ids, front.weights)[0]):
+            if graphs is not None:
                 graphs.expert(layer * E + e, i)
-            h = graphs.combine(layer)
-        else:
-            h = model.moe(layer, h, x, ids, weights, blob_of)
-    return model.final(h)
+            else:
+                model.run_expert(i, blob_of(layer, e))
+    return model.back()
 
 
 def generate_greedy(model: "MoEModel", prompt_ids: Sequence[int], max_new_tokens: int,

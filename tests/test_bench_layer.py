@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from experiments import bench_layer
 from traces import ModelShape
@@ -12,9 +13,9 @@ from traces import ModelShape
 def test_smoke_run_writes_every_metric_for_both_implementations(tmp_path, capsys):
     summary = bench_layer.main(["--out", str(tmp_path), "--smoke"])
     times = pd.read_csv(tmp_path / "layer_times.csv")
-    assert set(times["impl"]) == set(bench_layer.IMPLS) and set(times["context"]) == {4, 16}
+    assert set(times["impl"]) == set(bench_layer.SMOKE_IMPLS) and set(times["context"]) == {4, 16}
     assert set(times["metric"]) == set(bench_layer.METRICS) and set(times["repeat"]) == {0, 1}
-    assert len(times) == len(bench_layer.IMPLS) * 2 * 2 * len(bench_layer.METRICS)
+    assert len(times) == len(bench_layer.SMOKE_IMPLS) * 2 * 2 * len(bench_layer.METRICS)
     assert np.isfinite(times["value"]).all()
     positive = times[times["metric"] != "host_us"]        # the host's share is a difference of two times
     assert (positive["value"] > 0).all()
@@ -23,6 +24,13 @@ def test_smoke_run_writes_every_metric_for_both_implementations(tmp_path, capsys
     assert list(saved.columns) == list(summary.columns) and len(saved) == len(summary)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("tiny") and "sdpa" in last
+
+
+def test_implementation_names():
+    assert bench_layer.parse_impl("sdpa+compiled") == ("sdpa", True)
+    assert bench_layer.parse_impl("masked_window") == ("masked_window", False)
+    with pytest.raises(ValueError, match="optionally \\+compiled"):
+        bench_layer.parse_impl("sdpa+fast")
 
 
 def test_active_bytes_counts_weights_experts_kv_and_head():

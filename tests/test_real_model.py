@@ -314,10 +314,11 @@ def test_bucketed_attention_is_the_exact_attention(saved):
 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_combine_on_device_order_and_float32_weights_is_the_host_combine(saved, dtype):
-    """The combine graph's inputs (the order as a device argsort of float32 ids, the weights read back
-    from the float32 readout) give ``combine``'s result bit for bit; Qwen2-MoE's top-4 and shared
-    expert make the order matter."""
+def test_combine_from_the_float32_readout_is_transformers_rule(saved, dtype):
+    """The combine the graphs run (ids and weights read from the float32 readout, the order a device
+    argsort) gives, bit for bit, transformers' rule written out by hand: each output times its weight
+    rounded once, summed one at a time in ascending expert id, then the shared expert, then the
+    residual. Qwen2-MoE's top-4 and shared expert make the order matter."""
     family, _, path = saved
     model = _ours(path, dtype)
     K, H = model.config.top_k, model.config.hidden_size
@@ -326,12 +327,18 @@ def test_combine_on_device_order_and_float32_weights_is_the_host_combine(saved, 
     outputs = torch.randn((K, 1, H), generator=g).to(dtype)
     ids = torch.randperm(model.config.num_experts, generator=g)[:K].tolist()
     weights = model.weights_for(torch.softmax(torch.randn((1, model.config.num_experts), generator=g), -1),
-                                torch.tensor([ids]))
-    want = model.combine(0, h, x, ids, weights, {e: outputs[i] for i, e in enumerate(ids)})
-    readout = torch.tensor(ids + weights.reshape(-1).float().tolist())
-    order = torch.argsort(readout[:K]) if K > 2 else range(K)
-    got = model.weighted_sum(0, h, x, outputs, readout[K:], order, out=torch.empty_like(h))
+                                torch.tensor([ids])).reshape(-1)
+    terms = [(outputs[i] * weights[i]).to(dtype) for i in range(K)]
+    order = sorted(range(K), key=ids.__getitem__)
+    acc = terms[order[0]]
+    for i in order[1:]:
+        acc = acc + terms[i]
+    shared = model.shared_expert(0, x)
+    want = h + (acc if shared is None else acc + shared)
+    readout = torch.tensor(ids + weights.float().tolist())
+    got = model.moe_sum(0, h, x, readout[:K], readout[K:], outputs)
     assert torch.equal(got, want), family
+    assert torch.equal(model.combine(0, h, x, ids, weights, {e: outputs[i] for i, e in enumerate(ids)}), want)
 
 
 @torch.no_grad()

@@ -1,0 +1,180 @@
+"""The decoder layer's arithmetic as pure functions over tensors, so that one copy of it runs eagerly
+(the CPU, the tests' reference) and compiled (``torch.compile`` on CUDA, inside the CUDA graphs).
+
+Why compile: at batch 1 a layer is some thirty tiny kernels (norms, RoPE, softmax, top-k weighting,
+the weighted sum), each a few microseconds of launch and tail on the GPU however little it computes,
+so the kernel count, not the arithmetic, sets the layer's time. Inductor fuses each run of elementwise
+work and reductions between two GEMMs into one Triton kernel; the GEMMs stay cuBLAS, attention stays
+PyTorch's SDPA (outside the compiled functions: its kernel choice depends on the context bucket, and
+compiling it would specialise on every bucket). Functions take every weight as an argument and every
+model constant as a plain Python value, so one compilation serves every layer of a model (Dynamo
+guards on shapes, dtypes and those constants, not on which layer's tensors are passed) and the
+graphs capture the compiled kernels like any others.
+
+Compiled and eager results agree to rounding, not bit for bit (a fused kernel rounds once where eager
+PyTorch rounds after each op). Every decode path of one model (the resident reference, the offloaded
+engine at any cache size and policy) runs the same functions in the same mode, so their tokens stay
+identical to each other; the eager reference (``attention_impl="eager"``) is transformers'
+arithmetic, against which both are compared within bf16 tolerance.
+
+Whether a model compiles: ``MoEModel(compile_kernels=...)``; by default on CUDA with the fast
+attention, and never with ``MOE_LAB_COMPILE=0`` in the environment.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+COMPILE_ENV = "MOE_LAB_COMPILE"        # "0": never compile; "1": compile wherever asked for by default too
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: normalised in float32, rounded to x's dtype, then weighted."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as one kernel on CUDA (torch's fused RMSNorm): normalised and weighted in float32 and
+    rounded once, where ``rms_norm`` takes some eight kernels and rounds twice."""
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+def rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of rows x [N, D] with ``table`` [..., 2, D] = (cos, sin with its first half
+    negated). transformers' x*cos + rotate_half(x)*sin, bit for bit: rotate_half(x) = (-x2, x1) and
+    roll(x) = (x2, x1) differ only in a sign that the table carries, and a sign flip is exact."""
+    cos, sin = table.unbind(-2)
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def attention_input(h: torch.Tensor, norm_w: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None,
+                    q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None, rope_rows: torch.Tensor,
+                    heads: int, kv_heads: int, head_dim: int, eps: float, qk_norm: str | None,
+                    clip_qkv: float | None, eager_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token's query [heads, D] and its key and value stacked [2, KV heads, D], from the residual
+    h [1, H]: pre-attention norm, one QKV matmul, the family's q/k norms and clipping, RoPE on q and k
+    together (``rope_rows`` [..., 2, D]: the position's table rows)."""
+    norm = rms_norm if eager_norm else fused_rms_norm
+    D = head_dim
+    qkv = F.linear(norm(h, norm_w, eps), qkv_w, qkv_b)                      # [1, (heads + 2 KV) D]
+    if qk_norm == "full":             # OLMoE: over all heads at once, before clipping
+        q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
+        qkv = torch.cat((norm(q, q_norm_w, eps), norm(k, k_norm_w, eps), v), dim=-1)
+    if clip_qkv is not None:
+        qkv = qkv.clamp(-clip_qkv, clip_qkv)
+    rows = qkv.view(heads + 2 * kv_heads, D)
+    if qk_norm == "per_head":         # Qwen3-MoE: each head's row, before RoPE
+        rows = torch.cat((norm(rows[:heads], q_norm_w, eps), norm(rows[heads:heads + kv_heads], k_norm_w, eps),
+                          rows[heads + kv_heads:]))
+    qk = rope(rows[:heads + kv_heads], rope_rows)
+    kv = torch.stack((qk[heads:], rows[heads + kv_heads:]))
+    return qk[:heads], kv
+
+
+def attention_output_route(h: torch.Tensor, attn: torch.Tensor, o_proj: torch.Tensor, o_bias: torch.Tensor | None,
+                           moe_norm_w: torch.Tensor, router_w: torch.Tensor, eps: float, top_k: int,
+                           renormalise: bool, weights_dtype: torch.dtype, eager_norm: bool,
+                           x_out: torch.Tensor | None = None, readout: torch.Tensor | None = None):
+    """The rest of the layer's front half: the residual after attention, h + o_proj(attn) [1, H]; the
+    expert input x (post-attention norm) [1, H]; the router's top-k ids [1, K] (int64, ``torch.topk``
+    order), their weights [1, K] (renormalised over the k or not; ``weights_dtype``) and the full
+    softmax [1, E] (float32). Also written, when given (a graph's static buffers, so that compiled code
+    stores there directly): x into ``x_out`` [1, H], and ids | weights as float32 into
+    ``readout[:2K]`` (ids are exact in float32)."""
+    norm = rms_norm if eager_norm else fused_rms_norm
+    h = h + F.linear(attn, o_proj, o_bias)
+    x = norm(h, moe_norm_w, eps)
+    probs = torch.softmax(F.linear(x, router_w), dim=-1, dtype=torch.float32)
+    chosen, ids = torch.topk(probs, top_k, dim=-1)
+    weights = weigh(chosen, renormalise, weights_dtype)
+    if x_out is not None:
+        x_out.copy_(x)
+    if readout is not None:
+        readout[:top_k].copy_(ids.reshape(-1))
+        readout[top_k:2 * top_k].copy_(weights.reshape(-1))
+    return h, x, ids, weights, probs
+
+
+def weigh(chosen: torch.Tensor, renormalise: bool, weights_dtype: torch.dtype) -> torch.Tensor:
+    """The family's rule on the chosen experts' probabilities [B, K]: renormalised over them or not,
+    then cast to ``weights_dtype`` (Mixtral keeps float32, the others the model dtype)."""
+    if renormalise:
+        chosen = chosen / chosen.sum(dim=-1, keepdim=True)
+    return chosen.to(weights_dtype)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of one expert's fused gate|up projection [1, 2I] -> [1, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def weighted_terms_sum(h: torch.Tensor, outputs: torch.Tensor, weights: torch.Tensor,
+                       order: torch.Tensor | None, dtype: torch.dtype, shared: torch.Tensor | None = None) -> torch.Tensor:
+    """h + (the sum of expert outputs [K, 1, H] x weights [K] + ``shared``): each product rounded once
+    to ``dtype``, the terms added one at a time in ``order`` (a device tensor of positions, or None:
+    0..K-1), as transformers' per-expert loop accumulates in ascending expert id; then a shared
+    expert's output [1, H], then the residual. Returns [1, H]."""
+    terms = (outputs * weights.view(-1, 1, 1)).to(dtype)
+    if order is not None:
+        terms = terms.index_select(0, order)
+    acc = terms[0]
+    for i in range(1, terms.shape[0]):
+        acc = acc + terms[i]
+    if shared is not None:
+        acc = acc + shared
+    return h + acc
+
+
+# -- compilation ---------------------------------------------------------------------------------
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def compile_default(device: torch.device) -> bool:
+    """Whether a model on ``device`` compiles by default: on CUDA, unless ``MOE_LAB_COMPILE=0``; on the
+    CPU only with ``MOE_LAB_COMPILE=1`` (Inductor's CPU code needs a C++ compiler and takes seconds per
+    function on a small machine)."""
+    env = os.environ.get(COMPILE_ENV)
+    if env == "0":
+        return False
+    return device.type == "cuda" or env == "1"
+
+
+def can_compile(device: torch.device) -> str | None:
+    """None if ``torch.compile`` can build kernels for ``device`` here, else why not."""
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    if device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++") or shutil.which("cc")):
+        return "Inductor's CPU backend needs a C++ compiler (c++/g++/cc), and none is on PATH"
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "Inductor's CUDA backend needs triton, which is not installed"
+    return None
+
+
+def compiled(fn: Callable) -> Callable:
+    """``fn`` compiled by Inductor (static shapes; one compiled function per Python function, shared by
+    every model: its guards tell shapes and constants apart)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+class LayerOps:
+    """The functions a model runs: eager, or compiled (``compile``). Attribute access gives the
+    function to call."""
+
+    FUNCTIONS: Sequence[Callable] = (attention_input, attention_output_route, swiglu, weighted_terms_sum)
+
+    def __init__(self, compile: bool):
+        self.compiled = compile
+        for fn in self.FUNCTIONS:
+            setattr(self, fn.__name__, compiled(fn) if compile else fn)
