@@ -2,38 +2,55 @@
 
     # a trained (or any HF Mixtral / Qwen-MoE / OLMoE) checkpoint, live routing
     python -m experiments.engine_bench live --model DIR --out experiments/results/h200
-    # a named shape with random weights, routing forced from a trace (gpt-oss-20b: 38 GB of bf16 experts)
-    python -m experiments.engine_bench replay --shape gpt-oss-20b --out experiments/results/h200/replay
+    # random weights of a trace's own shape, its routing forced (gpt-oss-20b: 38 GB of bf16 experts)
+    python -m experiments.engine_bench replay --trace traces/samples/gpt-oss-20b-sample.npz --out OUT/replay
+    # smoke use: one run per configuration, no warm-up
+    python -m experiments.engine_bench replay --trace T.npz --out OUT --repeats 1
+
+Every engine figure (tokens/s) is the median of --repeats runs (default 5) measured with the discipline
+of ``real.measurement``: untimed warm-up passes until the per-step time is steady, the runs interleaved
+round-robin across the configurations of a session with the order rotated each round, and every run's
+host calibration, GPU clocks, garbage collections, steal time and halves drift recorded. Beside each
+figure the tables say its spread ((max - min) / median), the runs, the outliers and their causes; the
+noise floor of every session goes to OUT/noise_floor.csv, its runs to OUT/noise_runs.csv and its
+settings to OUT/noise_sessions.json (``python -m experiments.noise --report OUT`` prints them). Every
+measured run's tokens are checked: a lossless policy's must equal the fully-on-GPU model's (``live``) or
+the first lossless run's (``replay``, whose routing is forced); a mismatch, or a run that raised, ends the
+command with exit code 1 and one line per configuration, after every table is written.
 
 ``live`` runs, in order, what the separate commands run one at a time (``experiments.references``,
 ``record``, ``profile``, predictor training as ``train_gate`` and ``make_tracks`` do it, and
 ``measure_policies``), calling the same library functions (``real.bench``) and sharing the model and
-the recordings between the steps: the references (OUT/engine.csv, OUT/hf_parity.json), the recorded
+the recordings between the steps: the fully-on-GPU reference (a session of its own, ``references-<name>``;
+OUT/engine.csv) and HF parity (OUT/hf_parity.json), the recorded
 decode with its tracks and the training slice (OUT/<name>-trace.npz, OUT/<name>-train-trace.npz,
 OUT/correctness.csv), on a GPU this GPU's profile (OUT/<gpu>-measured.yaml), the predictors' recall
-(OUT/gate_recall.csv, the gate in --work), and every policy at every cache size in the engine and the
-simulator (OUT/policies.csv). ``replay`` replays a trace's requests after its leading quarter, which is
-the training slice, as the sweep does (OUT/engine.csv). Both write OUT/resolved_config-engine_bench-<mode>.yaml
-and check every value before measuring anything.
+(OUT/gate_recall.csv, the gate in --work), and every policy at every cache size in the engine, with the
+all-resident engine in the same rounds (session ``live-<name>``; OUT/engine.csv, OUT/correctness.csv), and
+in the simulator (OUT/policies.csv). ``replay`` replays a trace's requests after its leading quarter, which
+is the training slice, as the sweep does (session ``replay-<shape>``; OUT/engine.csv). Both write
+OUT/resolved_config-engine_bench-<mode>.yaml and check every value before measuring anything.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
 
 from hardware.profile import load_hardware
-from real.bench.args import (add_model_args, add_prompt_args, check_model_args, check_slots, existing_file,
-                             file_name, hardware_profile, non_negative_int, policy_list, positive_int, resolved,
-                             slot_list)
+from real.bench.args import (DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
+                             existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_float,
+                             positive_int, resolved, slot_list)
+from real.bench.engine_runs import exit_message
 from real.bench.policies import PolicyRuns, measure_policies
 from real.bench.predictor_suite import PredictorSettings, train_predictors
 from real.bench.recording import measure_all_resident, record_slices
-from real.bench.references import accelerate_offload, fully_on_gpu, hf_parity
+from real.bench.references import accelerate_offload, hf_parity, measure_fully_on_gpu
 from real.bench.replay import replay_slices, shape_replay
-from real.bench.table import engine_row, engine_table, write_resolved_config
+from real.bench.table import engine_table, write_resolved_config
 from real.bench.text import held_out_prompts, load_text, score_sequences, train_prompts
 from real.checkpoint import load_checkpoint, read_config
 from real.lookahead_gate import VAL_TOKENS
@@ -46,7 +63,7 @@ from traces import DEFAULT_TRACE, TraceError, load_shape, load_trace, save_trace
 from traces.io import atomic_write
 
 
-def live(args) -> None:
+def live(args) -> list[str]:
     out, work = args.out, args.work or args.out
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cuda = device.type == "cuda"
@@ -56,12 +73,13 @@ def live(args) -> None:
     train_text = train_prompts(tok, domains, args.train_prompts, args.prompt_len)
     config, tensors = load_checkpoint(args.model, dtype)
     shape = config.to_model_shape(name)
-    table = engine_table(out)
 
     # 1. References: the model fully on the GPU (upper bound) and its logits against HF's forward.
     resident = MoEModel(config, tensors, device=device, dtype=dtype)
-    resident_tokens, metrics = fully_on_gpu(resident, prompts, args.new_tokens)
-    table.add({"model": name, "mode": "fully-on-gpu", "policy": "none", "cache_slots": shape.num_experts, **metrics})
+    resident_tokens, _, problems = measure_fully_on_gpu(resident, name, prompts, args.new_tokens, out, args.repeats,
+                                                        args.deadline_s, args.started, args.settings)
+    if resident_tokens is None:
+        raise SystemExit(f"error: the fully-on-GPU reference failed (tracebacks above): {'; '.join(problems)}")
     parity = hf_parity(args.model, resident, prompts[0], resident_tokens[0])
     atomic_write(out / "hf_parity.json", lambda f: json.dump(parity, f, indent=1))
     print("hf parity", parity, flush=True)
@@ -75,20 +93,19 @@ def live(args) -> None:
     host = MoEModel(config, tensors, device=device, dtype=dtype, experts_device="cpu")
     del tensors
     recorded, train = record_slices(host, shape, name, prompts, train_text, args.new_tokens, resident_tokens, out)
-    warm, metrics = measure_all_resident(host, shape, recorded, train)
-    table.add(engine_row(name, "engine-all-resident", "static", shape.num_experts, metrics))
 
     # 3. The hardware profile the simulator uses (measured on a GPU; the named one on a CPU).
     if cuda:
+        warm, _ = measure_all_resident(host, shape, recorded, train)     # a warm engine for the host overhead
         compute.update(layer_overhead_us=measure_layer_overhead(warm, compute), precision=args.precision)
         latency, copies = measure_copies(device)
         profile = measured_profile(load_hardware(args.hardware), args.profile_name, torch.cuda.get_device_name(),
                                    latency, copies, {name: compute})
         hardware = write_profile(out / f"{args.profile_name}.yaml", profile)
         print("profile", profile, flush=True)
+        del warm
     else:
         hardware = load_hardware(args.hardware)
-    del warm
     estimates = hardware.prefetch_estimates(shape, args.precision)
     print(f"prefetch estimates: expert copy {estimates[0] / 1e3:.1f} us, layer compute {estimates[1] / 1e3:.1f} us",
           flush=True)
@@ -98,24 +115,30 @@ def live(args) -> None:
     predictors_at, tracked = train_predictors(host, args.model, args.corpus, recorded, args.predictor_settings,
                                               name, out, work)
     save_trace(tracked, out / f"{name}-trace.npz")
-    if cuda and args.accelerate_gpu_GiB:
-        table.add({"model": name, "mode": f"hf-accelerate-offload-{args.accelerate_gpu_GiB}GiB",
-                   "policy": "device_map", "cache_slots": -1,
-                   **accelerate_offload(args.model, prompts[0], args.new_tokens, args.accelerate_gpu_GiB)})
+    if cuda and args.accelerate_gpu_GiB:       # one run: seconds per token
+        engine_table(out).add({
+            "model": name, "mode": f"hf-accelerate-offload-{args.accelerate_gpu_GiB}GiB", "policy": "device_map",
+            "cache_slots": -1, "runs": 1,
+            **accelerate_offload(args.model, prompts[0], args.new_tokens, args.accelerate_gpu_GiB)})
 
-    # 5. Every policy at every cache size: measured in the engine, predicted by the simulator.
-    runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy)
-    failed = measure_policies(host, shape, name, tracked, train, resident_tokens, runs, hardware, predictors_at,
-                              score_sequences(tok, domains, args.score_seqs, args.score_len), out,
-                              lambda cls, settings: simulate(tracked, cls, hardware, settings, train_trace=train))
-    if failed:
-        raise SystemExit(f"error: policies {', '.join(failed)} failed (tracebacks above); the others are in {out}")
+    # 5. Every policy at every cache size and the all-resident engine, interleaved in one session; each
+    #    policy also predicted by the simulator.
+    runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy, args.repeats)
+    problems += measure_policies(host, shape, name, tracked, train, resident_tokens, runs, hardware, predictors_at,
+                                 score_sequences(tok, domains, args.score_seqs, args.score_len), out,
+                                 lambda cls, settings: simulate(tracked, cls, hardware, settings, train_trace=train),
+                                 args.deadline_s, args.started, args.settings)
+    return problems
 
 
-def replay(args) -> None:
-    model = random_model(args.shape_obj, "cuda", torch.bfloat16, max_len=args.longest + 1)
-    shape_replay(model, args.shape_obj, args.train, args.replayed, list(args.policies), list(args.slots),
-                 args.max_tokens, engine_table(args.out))
+def replay(args) -> list[str]:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = random_model(args.shape_obj, device, dtype, max_len=args.longest + 1)
+    _, problems = shape_replay(model, args.shape_obj, args.train, args.replayed, list(args.policies),
+                               list(args.slots), args.max_tokens, args.out, args.repeats, args.warmup_tokens,
+                               args.deadline_s, args.started, args.settings)
+    return problems
 
 
 def _check_live(p: argparse.ArgumentParser, args) -> None:
@@ -133,14 +156,16 @@ def _check_live(p: argparse.ArgumentParser, args) -> None:
 
 
 def _check_replay(p: argparse.ArgumentParser, args) -> None:
-    if not torch.cuda.is_available():
-        p.error("replay runs a production shape's copies and compute: it needs a CUDA GPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible (a production shape's copies and compute need a GPU; "
+                "--device cpu replays a small shape)")
     try:
-        args.shape_obj = load_shape(args.shape)
-        args.train, args.replayed = replay_slices(load_trace(args.trace), args.shape_obj, args.max_tokens, args.trace)
+        trace = load_trace(args.trace)
+        args.shape_obj = trace.model if args.shape is None else load_shape(args.shape)
+        args.train, args.replayed = replay_slices(trace, args.shape_obj, args.max_tokens, args.trace)
     except (TraceError, ValueError) as e:
         p.error(str(e))
-    error = check_slots(args.slots, args.shape_obj.top_k, args.shape_obj.num_experts, args.shape)
+    error = check_slots(args.slots, args.shape_obj.top_k, args.shape_obj.num_experts, args.shape_obj.name)
     if error:
         p.error(error)
     starts = args.replayed.request_starts
@@ -181,27 +206,45 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the profile the simulator uses")
     p.add_argument("--profile-name", type=file_name, help="the measured profile's name (default: <gpu>-measured)")
     p.add_argument("--accelerate-gpu-GiB", type=float, default=2.0)
+    _add_measurement_args(p)
     p.set_defaults(check=_check_live, func=live)
     r = sub.add_parser("replay")
-    r.add_argument("--shape", default="gpt-oss-20b")
     r.add_argument("--trace", type=existing_file, default=str(DEFAULT_TRACE))
-    r.add_argument("--max-tokens", type=positive_int, default=48)
+    r.add_argument("--shape", help="a shape name (traces/shapes) or YAML path; default: the trace's own")
+    r.add_argument("--max-tokens", type=positive_int, default=48, help="replayed tokens per measured run")
+    r.add_argument("--warmup-tokens", type=positive_int, help="tokens per warm-up pass (default: --max-tokens)")
     r.add_argument("--policies", type=policy_list, default="lru,lfu,belady,oracle")
     r.add_argument("--slots", type=slot_list, default="4,8,16")
+    r.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")
     r.add_argument("--out", required=True, type=Path)
+    _add_measurement_args(r)
     r.set_defaults(check=_check_replay, func=replay)
     args = parser.parse_args(argv)
     args.check(sub.choices[args.mode], args)
     return args
 
 
+def _add_measurement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repeats", type=positive_int, default=5,
+                   help="measured runs per configuration, interleaved; each figure is their median (1: one cold run "
+                        "each, no warm-up, for smoke use)")
+    p.add_argument("--deadline-s", type=positive_float,
+                   help="start no measurement round that would end later than this many seconds after the command "
+                        "started (the rounds done are the figures)")
+
+
 def main(argv=None) -> None:
+    started = time.monotonic()
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in resolved(args).items()
-                if k not in ("check", "predictor_settings", "shape_obj", "train", "replayed", "longest")}
-    write_resolved_config(args.out, f"engine_bench-{args.mode}", settings)
-    args.func(args)
+    args.settings = {k: v for k, v in resolved(args).items()
+                     if k not in ("check", "predictor_settings", "shape_obj", "train", "replayed", "longest")}
+    write_resolved_config(args.out, f"engine_bench-{args.mode}", args.settings)
+    args.started = started
+    problems = args.func(args)
+    if problems:
+        raise SystemExit(exit_message(problems, args.out))
 
 
 if __name__ == "__main__":

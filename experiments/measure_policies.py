@@ -3,19 +3,30 @@ recorded decode (``python -m experiments.record``) with this machine's hardware 
 
     python -m experiments.measure_policies --model DIR --trace OUT/<name>-trace.npz \
         --train-trace OUT/<name>-train-trace.npz --hardware OUT/h200-measured.yaml --out OUT \
-        [--gate GATE_DIR] [--policies lru,belady,...] [--slots 2,4,6] [--depth 3] [--vector-tokens 4096]
+        [--gate GATE_DIR] [--policies lru,belady,...] [--slots 2,4,6] [--depth 3] [--vector-tokens 4096] \
+        [--repeats 5] [--deadline-s S]
 
 The engine decodes the recording's prompts; the bounds read the recording as their future; ``static``
 and ``affinity`` learn from the training slice in both clocks. Live predictors: the pre-gate, the
 quasi-hidden pre-gate (default vectors from ``--vector-tokens`` training-split tokens) and, with
 ``--gate`` (``python -m experiments.train_gate``), the lookahead gate; their tracks on the recording's
-hidden states are what the simulator replays. Writes OUT/policies.csv, rows of OUT/engine.csv and
-OUT/correctness.csv (against the fully-on-GPU tokens the recording holds), the timed run's trace and
-OUT/resolved_config-measure_policies.yaml. Every value is checked before anything is measured.
+hidden states are what the simulator replays.
+
+Every engine figure is the median of --repeats runs (default 5; 1: one cold run each, for smoke use),
+interleaved round-robin across every (policy, cache size) and the all-resident engine, after untimed
+warm-up passes, with the discipline of ``real.measurement``. Writes OUT/policies.csv (each figure with its
+spread, runs, outliers and their causes, beside the simulator's), rows of OUT/engine.csv (the all-resident
+engine and every policy) and OUT/correctness.csv (every measured run's tokens against the fully-on-GPU
+tokens the recording holds), the session ``live-<name>`` of OUT/noise_runs.csv, OUT/noise_floor.csv and
+OUT/noise_sessions.json (``python -m experiments.noise --report OUT`` prints them), the timed run's trace
+and OUT/resolved_config-measure_policies.yaml. Every value is checked before anything is measured. A
+policy that fails, or a lossless one whose tokens differ, ends the command with exit code 1 and one line
+each, after every table is written.
 """
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -23,11 +34,13 @@ from hardware.profile import load_hardware
 from offload.predictors import predictor_name
 from policies.registry import resolve_policy
 from real.bench.args import (add_model_args, check_model_args, check_slots, existing_dir, existing_file,
-                             hardware_profile, non_negative_int, policy_list, positive_int, resolved, slot_list)
+                             hardware_profile, non_negative_int, policy_list, positive_float, positive_int, resolved,
+                             slot_list)
+from real.bench.engine_runs import exit_message
 from real.bench.policies import PolicyRuns, measure_policies
 from real.bench.predictor_suite import live_predictors
-from real.bench.recording import measure_all_resident, recording_prompts
-from real.bench.table import engine_row, engine_table, write_resolved_config
+from real.bench.recording import recording_prompts
+from real.bench.table import write_resolved_config
 from real.bench.text import load_text, score_sequences
 from real.checkpoint import load_checkpoint, read_config
 from real.corpus import DEFAULT_CORPUS_DIR
@@ -61,6 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--timed-policy", default="lru",
                    help="its run at the smallest --slots also records layer timings and copy start/end")
+    p.add_argument("--repeats", type=positive_int, default=5,
+                   help="measured runs per configuration, interleaved; each figure is their median (1: one cold run "
+                        "each, no warm-up, for smoke use)")
+    p.add_argument("--deadline-s", type=positive_float,
+                   help="start no measurement round that would end later than this many seconds after the command "
+                        "started")
     args = p.parse_args(argv)
     check_model_args(p, args)
     config, _ = read_config(args.model)
@@ -89,6 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> list[str]:
+    started = time.monotonic()
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     config_out = {k: v for k, v in resolved(args).items() if k not in ("recorded", "train")}
@@ -108,17 +128,16 @@ def main(argv=None) -> list[str]:
     predictors_at = live_predictors(host, vectors, gate, args.depth)
     tracked, _ = compute_tracks(args.recorded, predictors_at(args.depth), args.depth, str(args.trace))
     hardware = load_hardware(args.hardware)
-    table = engine_table(args.out)
-    _, metrics = measure_all_resident(host, shape, args.recorded, args.train)
-    table.add(engine_row(args.name, "engine-all-resident", "static", shape.num_experts, metrics))
     tok, domains = load_text(args.model, args.corpus)
-    runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy)
-    failed = measure_policies(host, shape, args.name, tracked, args.train, reference_tokens, runs, hardware,
-                              predictors_at, score_sequences(tok, domains, args.score_seqs, args.score_len), args.out,
-                              lambda cls, settings: simulate(tracked, cls, hardware, settings, train_trace=args.train))
-    if failed:
-        raise SystemExit(f"error: policies {', '.join(failed)} failed (tracebacks above); the others are in {args.out}")
-    return failed
+    runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy, args.repeats)
+    problems = measure_policies(host, shape, args.name, tracked, args.train, reference_tokens, runs, hardware,
+                                predictors_at, score_sequences(tok, domains, args.score_seqs, args.score_len),
+                                args.out, lambda cls, settings: simulate(tracked, cls, hardware, settings,
+                                                                         train_trace=args.train),
+                                args.deadline_s, started, config_out)
+    if problems:
+        raise SystemExit(exit_message(problems, args.out))
+    return problems
 
 
 if __name__ == "__main__":

@@ -3,20 +3,28 @@
 offload (what a user without this tool would run; CUDA only).
 
     python -m experiments.references --model DIR --out OUT [--corpus DIR] [--prompts 4 --prompt-len 32
-        --new-tokens 64] [--accelerate-gpu-GiB 2] [--device cuda|cpu --dtype bfloat16|float32]
+        --new-tokens 64] [--accelerate-gpu-GiB 2] [--device cuda|cpu --dtype bfloat16|float32] \
+        [--repeats 5] [--deadline-s S]
 
-Adds rows to OUT/engine.csv (modes ``fully-on-gpu`` and ``hf-accelerate-offload-<GiB>GiB``) and writes
-OUT/hf_parity.json and OUT/resolved_config-references.yaml.
+The fully-on-GPU figure is the median of --repeats runs (default 5; 1: one cold run, for smoke use) after
+untimed warm-up passes, with the discipline of ``real.measurement``; accelerate's is one run (seconds per
+token). Adds rows to OUT/engine.csv (modes ``fully-on-gpu``, with its spread, runs, outliers and their
+causes, and ``hf-accelerate-offload-<GiB>GiB``), the session ``references-<name>`` to OUT/noise_runs.csv,
+OUT/noise_floor.csv and OUT/noise_sessions.json, and writes OUT/hf_parity.json and
+OUT/resolved_config-references.yaml. A run that fails, or one whose tokens differ from the first run's,
+ends the command with exit code 1, after every file is written.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 
-from real.bench.args import add_model_args, add_prompt_args, check_model_args, resolved
-from real.bench.references import accelerate_offload, fully_on_gpu, hf_parity
+from real.bench.args import add_model_args, add_prompt_args, check_model_args, positive_float, positive_int, resolved
+from real.bench.engine_runs import exit_message
+from real.bench.references import accelerate_offload, hf_parity, measure_fully_on_gpu
 from real.bench.table import engine_table, write_resolved_config
 from real.bench.text import held_out_prompts, load_text
 from real.checkpoint import load_checkpoint
@@ -30,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_prompt_args(p)
     p.add_argument("--accelerate-gpu-GiB", type=float, default=2.0,
                    help="GPU memory accelerate may use (0: skip that reference); CUDA only")
+    p.add_argument("--repeats", type=positive_int, default=5,
+                   help="measured runs of the fully-on-GPU model; its figure is their median (1: one cold run)")
+    p.add_argument("--deadline-s", type=positive_float,
+                   help="start no measured run that would end later than this many seconds after the command started")
     args = p.parse_args(argv)
     check_model_args(p, args)
     if args.accelerate_gpu_GiB < 0:
@@ -38,28 +50,33 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    started = time.monotonic()
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(args.out, "references", resolved(args))
+    settings = resolved(args)
+    write_resolved_config(args.out, "references", settings)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     tok, domains = load_text(args.model, args.corpus)
     prompts = held_out_prompts(tok, domains, args.prompts, args.prompt_len)
     config, tensors = load_checkpoint(args.model, dtype)
-    table = engine_table(args.out)
     resident = MoEModel(config, tensors, device=device, dtype=dtype)
     del tensors
-    tokens, metrics = fully_on_gpu(resident, prompts, args.new_tokens)
-    table.add({"model": args.name, "mode": "fully-on-gpu", "policy": "none", "cache_slots": config.num_experts,
-               **metrics})
+    tokens, _, problems = measure_fully_on_gpu(resident, args.name, prompts, args.new_tokens, args.out, args.repeats,
+                                               args.deadline_s, started, settings)
+    if tokens is None:
+        raise SystemExit(f"error: the fully-on-GPU reference failed (tracebacks above): {'; '.join(problems)}")
     parity = hf_parity(args.model, resident, prompts[0], tokens[0])
     atomic_write(args.out / "hf_parity.json", lambda f: json.dump(parity, f, indent=1))
     print("hf parity", parity, flush=True)
     del resident
     if device.type == "cuda" and args.accelerate_gpu_GiB:
         torch.cuda.empty_cache()
-        table.add({"model": args.name, "mode": f"hf-accelerate-offload-{args.accelerate_gpu_GiB}GiB",
-                   "policy": "device_map", "cache_slots": -1,
-                   **accelerate_offload(args.model, prompts[0], args.new_tokens, args.accelerate_gpu_GiB)})
+        engine_table(args.out).add({
+            "model": args.name, "mode": f"hf-accelerate-offload-{args.accelerate_gpu_GiB}GiB", "policy": "device_map",
+            "cache_slots": -1, "runs": 1,
+            **accelerate_offload(args.model, prompts[0], args.new_tokens, args.accelerate_gpu_GiB)})
+    if problems:
+        raise SystemExit(exit_message(problems, args.out))
     return parity
 
 

@@ -1,6 +1,6 @@
 """The engine commands one by one, end to end on the CPU with a tiny trained model (record, references,
-train_gate, measure_policies; profile's checks and profile assembly), and the rule that no command
-imports another command."""
+train_gate, measure_policies with their repeats measured by real.measurement; a lossless mismatch reported;
+profile's checks and profile assembly), and the rule that no command imports another command."""
 from __future__ import annotations
 
 import ast
@@ -103,10 +103,15 @@ def test_record_references_gate_and_policies_commands(tiny_lm, tmp_path, capsys)
     assert pd.read_csv(out / "correctness.csv")["identical_to_fully_on_gpu"].tolist() == [True]
     assert yaml.safe_load((out / "resolved_config-record.yaml").read_text())["train_prompts"] == 3
 
-    references.main(["--model", str(tiny_lm), "--out", str(out), *CPU, *DECODE])
+    references.main(["--model", str(tiny_lm), "--out", str(out), "--repeats", "2", *CPU, *DECODE])
     parity = json.loads((out / "hf_parity.json").read_text())
     assert parity["relative"] < 1e-4 and parity["argmax_agreement"] == 1.0
-    assert pd.read_csv(out / "engine.csv")["mode"].tolist() == ["fully-on-gpu"]
+    resident = pd.read_csv(out / "engine.csv")
+    assert resident["mode"].tolist() == ["fully-on-gpu"] and resident["runs"].tolist() == [2]
+    assert resident["spread_pct"].notna().all() and resident["tokens_per_s"].gt(0).all()
+    runs = pd.read_csv(out / "noise_runs.csv")
+    assert len(runs) == 2 and set(runs["session"]) == {"references-tiny-lm"} and runs["identical_tokens"].all()
+    assert (runs["steps"] == 2 * 5).all()       # the generated steps are the timed ones
 
     gate = tmp_path / "gate"
     train_gate.main(["--trace", str(out / "tiny-lm-trace.npz"), "--model", str(tiny_lm), "--out", str(gate),
@@ -118,15 +123,32 @@ def test_record_references_gate_and_policies_commands(tiny_lm, tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_:        # lookahead without a gate: refused before measuring
         measure_policies.main([*args, "--policies", ",".join(policies)])
     assert exit_.value.code == 2 and "pass --gate" in capsys.readouterr().err
-    measure_policies.main([*args, "--policies", ",".join(policies), "--gate", str(gate)])
+    measure_policies.main([*args, "--policies", ",".join(policies), "--gate", str(gate), "--repeats", "2"])
     table = pd.read_csv(out / "policies.csv")
     assert table["policy"].tolist() == [p for p in policies for _ in (2, 3)]
     assert (table["sim_tokens_per_s"] > 0).all() and table["identical_tokens"].all()
+    assert {"spread_pct", "runs", "outliers", "outlier_causes", "long_enough"} <= set(table.columns)
+    assert (table["runs"] == 2).all() and table["spread_pct"].notna().all()
     on_demand = table[table["policy"].isin(["lru", "static"])]      # same slice, same routing: same hits
     assert (on_demand["hit_rate"] - on_demand["sim_hit_rate"]).abs().max() < 1e-9
-    modes = pd.read_csv(out / "engine.csv")["mode"].tolist()
-    assert modes == ["fully-on-gpu", "engine-all-resident"] + ["live"] * 6
-    assert len(pd.read_csv(out / "correctness.csv")) == 1 + 6          # record's row kept
+    engine = pd.read_csv(out / "engine.csv")
+    assert engine["mode"].tolist() == ["fully-on-gpu", "engine-all-resident"] + ["live"] * 6
+    assert engine["runs"].tolist() == [2] * 8
+    # the 7 configurations (the all-resident engine first) interleaved: every round runs each once, the
+    # order rotated by one the next round; each figure is the median of its configuration's runs
+    runs = pd.read_csv(out / "noise_runs.csv")
+    runs = runs[runs["session"] == "live-tiny-lm"]
+    order = runs.loc[runs["round"] == 0, "config"].tolist()
+    assert len(order) == 7 and order[0].startswith("mode=engine-all-resident")
+    assert runs.loc[runs["round"] == 1, "config"].tolist() == order[1:] + order[:1]
+    medians = runs.groupby(["mode", "policy", "cache_slots"])["tokens_per_s"].median()
+    for row in engine[engine["mode"] != "fully-on-gpu"].itertuples():
+        assert row.tokens_per_s == pytest.approx(medians[row.mode, row.policy, row.cache_slots], rel=1e-12)
+    floor = pd.read_csv(out / "noise_floor.csv")
+    assert floor.groupby("session").size().to_dict() == {"live-tiny-lm": 7, "references-tiny-lm": 1}
+    correctness = pd.read_csv(out / "correctness.csv")
+    assert len(correctness) == 1 + 7          # record's row kept, then every configuration measured
+    assert correctness["identical_to_fully_on_gpu"].all() and (correctness["runs_checked"].iloc[1:] == 2).all()
     assert load_trace(out / "tiny-lm-lru-2-timed.npz").timings["copy_start_ms"].shape[1:] == (2, 2)
     settings = yaml.safe_load((out / "resolved_config-measure_policies.yaml").read_text())
     assert settings["slots"] == [2, 3] and settings["gate"] == str(gate)
@@ -146,3 +168,33 @@ def test_measure_policies_checks_its_inputs_first(tiny_lm, tmp_path, capsys):
             measure_policies.main(base + extra)
         assert exit_.value.code == 2 and message in capsys.readouterr().err, message
     assert not (tmp_path / "out").exists()
+
+
+@needs_corpus
+def test_a_lossless_policy_whose_tokens_differ_is_reported(tiny_lm, tmp_path, capsys):
+    """A recording whose fully-on-GPU tokens are wrong stands in for a policy that changes the output: the
+    command still writes every table, then exits 1 naming the configuration, its runs and the first
+    difference."""
+    from experiments import measure_policies, record
+    from traces import save_trace
+    out = tmp_path / "out"
+    record.main(["--model", str(tiny_lm), "--out", str(out), "--train-prompts", "2", *CPU, *DECODE])
+    recorded = load_trace(out / "tiny-lm-trace.npz")
+    wrong = [list(tokens) for tokens in recorded.meta.extra["reference_tokens"]]
+    wrong[1][2] += 1
+    recorded.meta.extra["reference_tokens"] = wrong
+    save_trace(recorded, out / "wrong.npz")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        measure_policies.main(["--model", str(tiny_lm), "--out", str(out), "--trace", str(out / "wrong.npz"),
+                               "--train-trace", str(out / "tiny-lm-train-trace.npz"), "--policies", "lru",
+                               "--slots", "2", "--vector-tokens", "256", "--score-seqs", "1", "--score-len", "8",
+                               "--repeats", "1", *CPU])
+    message = str(exit_.value.code)
+    assert "changed the model's output" in message
+    assert ("mode=live policy=lru cache_slots=2: 1 of 1 runs generated other tokens than the fully-on-GPU "
+            f"model's (round 0: request 1, token 2: {wrong[1][2] - 1} instead of {wrong[1][2]})") in message
+    assert "mode=engine-all-resident" in message        # the all-resident engine is checked the same way
+    correctness = pd.read_csv(out / "correctness.csv")
+    assert correctness["identical_to_fully_on_gpu"].tolist() == [True, False, False]
+    assert pd.read_csv(out / "policies.csv")["identical_tokens"].tolist() == [False]

@@ -1,4 +1,6 @@
-"""The GPU measurement command's whole ``live`` flow, on the CPU with a tiny trained model."""
+"""The GPU measurement command on the CPU: the whole ``live`` flow with a tiny trained model (the smoke
+fast path, one run per configuration), and ``replay`` of a tiny trace's own shape with its repeats measured
+by real.measurement (interleaved, the median published with its spread, runs and outliers)."""
 from __future__ import annotations
 
 import json
@@ -9,15 +11,16 @@ import pytest
 import yaml
 
 from real.corpus import DEFAULT_CORPUS_DIR
-from traces import load_trace
+from traces import load_trace, save_trace, synthetic_trace
 
-pytestmark = pytest.mark.skipif(not DEFAULT_CORPUS_DIR.is_dir(), reason="needs ../shared/data/corpus")
+needs_corpus = pytest.mark.skipif(not DEFAULT_CORPUS_DIR.is_dir(), reason="needs ../shared/data/corpus")
 
 
 def trace_prompts(out):
     return load_trace(out / "tiny-lm-trace.npz").meta.extra["prompts"]
 
 
+@needs_corpus
 def test_live_flow_on_cpu(tmp_path, capsys):
     from experiments.engine_bench import main as bench
     from experiments.train_lm import main as train
@@ -29,7 +32,7 @@ def test_live_flow_on_cpu(tmp_path, capsys):
                       "    def on_access(self, *args):\n        raise RuntimeError('broken on purpose')\n")
     with pytest.raises(SystemExit, match="Broken failed"):
         bench(["live", "--model", str(model), "--out", str(out), "--device", "cpu", "--dtype", "float32",
-               "--prompts", "2", "--prompt-len", "6", "--new-tokens", "6", "--slots", "2,3",
+               "--repeats", "1", "--prompts", "2", "--prompt-len", "6", "--new-tokens", "6", "--slots", "2,3",
                "--policies", f"lru,static,belady,{broken}:Broken,oracle,mixtral-offloading,speculating-experts-lossy,"
                            "lookahead",
                "--gate-train-tokens", "512", "--recall-tokens", "256", "--vector-tokens", "256",
@@ -50,15 +53,17 @@ def test_live_flow_on_cpu(tmp_path, capsys):
     rows = pd.read_csv(out / "engine.csv")
     assert {"model", "mode", "policy", "cache_slots", "tokens_per_s", "tpot_ms_mean", "hit_rate", "bytes_moved",
             "copy_GBps", "gpu_mem_GB"} <= set(rows.columns)
-    assert len(rows[rows["mode"] == "live"]) == 14
-    assert (rows.loc[rows["mode"] == "live", "tokens_per_s"] > 0).all()
+    assert rows["mode"].tolist() == ["fully-on-gpu", "engine-all-resident"] + ["live"] * 14
+    live = rows[rows["mode"] == "live"]
+    assert (live["tokens_per_s"] > 0).all() and (live["runs"] == 1).all() and live["spread_pct"].isna().all()
     correctness = pd.read_csv(out / "correctness.csv")
-    assert len(correctness) == 15
+    assert len(correctness) == 1 + 15       # the recording, then the all-resident engine and every policy
     assert correctness.loc[correctness["lossless"], "identical_to_fully_on_gpu"].all()
     parity = json.loads((out / "hf_parity.json").read_text())
     assert parity["relative"] < 1e-4 and parity["argmax_agreement"] == 1.0
     policies = pd.read_csv(out / "policies.csv")
-    assert {"policy", "cache_slots", "tokens_per_s", "sim_tokens_per_s", "hit_rate", "lossy"} <= set(policies.columns)
+    assert {"policy", "cache_slots", "tokens_per_s", "spread_pct", "runs", "outliers", "outlier_causes",
+            "sim_tokens_per_s", "hit_rate", "lossy"} <= set(policies.columns)
     assert len(policies) == 14 and (policies["sim_tokens_per_s"] > 0).all()
     # engine and simulator drive the same controller on the same routing, static learning from the same
     # training slice in both: on-demand hit rates agree (timing cannot change them)
@@ -78,6 +83,52 @@ def test_live_flow_on_cpu(tmp_path, capsys):
     timed = load_trace(out / "tiny-lm-lru-2-timed.npz")
     assert timed.timings["copy_start_ms"].shape == (timed.num_tokens, 2, 2)
     assert (timed.timings["copy_start_ms"] >= 0).any()
+
+
+def test_replay_on_cpu_publishes_the_median_of_interleaved_repeats(tmp_path, capsys):
+    from experiments.engine_bench import main as bench
+    trace = tmp_path / "tiny.npz"
+    save_trace(synthetic_trace(num_tokens=32, num_layers=2, num_experts=4, top_k=2, num_requests=4, seed=2), trace)
+    out = tmp_path / "replay"
+    bench(["replay", "--trace", str(trace), "--device", "cpu", "--policies", "lru,oracle", "--slots", "2,3",
+           "--max-tokens", "4", "--warmup-tokens", "2", "--repeats", "3", "--out", str(out)])
+    engine = pd.read_csv(out / "engine.csv")
+    assert engine[["policy", "cache_slots"]].values.tolist() == [["lru", 2], ["lru", 3], ["oracle", 2], ["oracle", 3]]
+    assert (engine["model"] == "synthetic-L2-E4-k2").all() and (engine["mode"] == "shape-replay").all()
+    assert list(engine.columns[4:11]) == ["tokens_per_s", "spread_pct", "runs", "errors", "outliers",
+                                          "outlier_causes", "long_enough"]
+    assert (engine["runs"] == 3).all() and (engine["errors"] == 0).all() and (engine["tokens"] == 4).all()
+    runs = pd.read_csv(out / "noise_runs.csv")
+    assert set(runs["session"]) == {"replay-synthetic-L2-E4-k2"} and len(runs) == 12
+    assert runs["identical_tokens"].all() and runs["error"].isna().all() and (runs["steps"] == 4).all()
+    order = runs.loc[runs["round"] == 0, "config"].tolist()
+    for r in (1, 2):        # interleaved: each round runs every configuration once, the order rotated
+        assert runs.loc[runs["round"] == r, "config"].tolist() == order[r:] + order[:r]
+    for row in engine.itertuples():      # the figure is the median of its runs; the spread is theirs
+        mine = runs[(runs["policy"] == row.policy) & (runs["cache_slots"] == row.cache_slots)]["tokens_per_s"]
+        assert row.tokens_per_s == pytest.approx(mine.median(), rel=1e-12)
+        assert row.spread_pct == pytest.approx(100 * (mine.max() - mine.min()) / mine.median(), rel=1e-9)
+        assert row.outliers == int(runs.loc[mine.index, "outlier"].sum())
+    floor = pd.read_csv(out / "noise_floor.csv")
+    assert len(floor) == 4 and (floor["n"] == 3).all() and floor["warmup_passes"].ge(2).all()
+    sessions = json.loads((out / "noise_sessions.json").read_text())
+    assert sessions["replay-synthetic-L2-E4-k2"]["settings"]["repeats"] == 3
+    printed = capsys.readouterr().out
+    assert re.search(r"policy\s+cache_slots\s+tokens_per_s\s+spread_pct\s+runs", printed)
+
+    from experiments.noise import main as noise     # the noise command's report reads the session
+    noise(["--report", str(out)])
+    assert "session replay-synthetic-L2-E4-k2: 4 configurations" in capsys.readouterr().out
+
+    # the smoke fast path: one cold run each, no warm-up; the rows are added after the others
+    bench(["replay", "--trace", str(trace), "--device", "cpu", "--policies", "lru", "--slots", "2",
+           "--max-tokens", "4", "--repeats", "1", "--out", str(out)])
+    engine = pd.read_csv(out / "engine.csv")
+    assert len(engine) == 5 and engine["runs"].iloc[-1] == 1 and pd.isna(engine["spread_pct"].iloc[-1])
+    assert json.loads((out / "noise_sessions.json").read_text())["replay-synthetic-L2-E4-k2"]["warmups"] == {}
+    with pytest.raises(SystemExit) as exit_:     # checked before anything is built
+        bench(["replay", "--trace", str(trace), "--device", "cpu", "--shape", "gpt-oss-20b", "--out", str(out)])
+    assert exit_.value.code == 2 and "not gpt-oss-20b" in capsys.readouterr().err
 
 
 def test_host_overlap_bench_runs_on_cpu(tmp_path):

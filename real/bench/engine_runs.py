@@ -1,38 +1,49 @@
-"""The run function every disciplined engine measurement uses (``real.measurement.Measurement``): a run is
-a fresh engine (its step index, cache and policy state are per engine, as in every engine figure) that
-decodes once, timed step by step."""
+"""Every published engine figure is measured here, with the discipline of ``real.measurement``: the run
+function (``EngineRuns``: a fresh engine that decodes once, timed step by step), the session
+(``measure_session``: ``Measurement`` with the command's repeat count, its runs written to the noise files
+after every run), the lossless check beside it (``TokenCheck``) and the figures a table publishes
+(``figures``: the median of a configuration's runs, their spread, the runs counted and the outliers with
+their causes)."""
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Mapping, Sequence
 
 import numpy as np
 
 from real.engine import EngineResult, OffloadEngine
-from real.measurement import Config, RunOutput
+from real.measurement import Config, Discipline, Measurement, Report, RunFunction, RunOutput
+
+# What ``figures`` adds beside a configuration's median tokens/s in every table that publishes one.
+FIGURE_COLUMNS = ["spread_pct", "runs", "errors", "outliers", "outlier_causes", "long_enough"]
 
 
 class EngineRuns:
     """``engine_for(config)`` builds the run's engine; ``decode(engine, warmup)`` runs it (a shape replay of a
     trace, or a live generation; a warm-up pass may decode less) and returns its ``EngineResult``;
     ``around(config)``: a context both run inside (default: none); ``timed(result)``: the step times (ms)
-    the run's figures come from (default: every step; a live run times its generated tokens only).
+    the run's figures come from (default: every step; a live run times its generated tokens only,
+    ``generated_steps``); ``check(config, result)``: more columns of a measured (not warm-up) run's row,
+    from its result (the lossless check, ``TokenCheck``).
 
-    Besides the engine's counts (hit rate, misses, bytes moved, the copies' bandwidth), a run reports how
-    long the host waited in each layer's routing read-back (the one synchronisation per layer; timed by
-    wrapping the model's ``read_routing``, two clock reads per layer) and the rest of the step's wall time
-    per layer: the host's own work plus the waits the read-back does not see (a copy slot's wait in
-    make_ready, the final logits' read)."""
+    Besides the engine's counts (hit rate, misses, bytes moved, the copies' bandwidth, the GPU's peak
+    memory), a run reports how long the host waited in each layer's routing read-back (the one
+    synchronisation per layer; timed by wrapping the model's ``read_routing``, two clock reads per layer)
+    and the rest of the step's wall time per layer: the host's own work plus the waits the read-back does
+    not see (a copy slot's wait in make_ready, the final logits' read)."""
 
     def __init__(self, model, shape, engine_for: Callable[[Config], OffloadEngine],
                  decode: Callable[[OffloadEngine, bool], EngineResult],
                  around: Callable[[Config], ContextManager] | None = None,
-                 timed: Callable[[EngineResult], list[float]] | None = None):
+                 timed: Callable[[EngineResult], list[float]] | None = None,
+                 check: Callable[[Config, EngineResult], dict] | None = None):
         self.model, self.shape = model, shape
         self.engine_for, self.decode = engine_for, decode
         self.around = around or (lambda config: nullcontext())
         self.timed = timed or (lambda result: result.routing.step_ms)
+        self.check = check
 
     def __call__(self, config: Config, warmup: bool) -> RunOutput:
         waits: list[float] = []
@@ -60,7 +71,7 @@ class EngineRuns:
         step_ms = np.asarray(result.routing.step_ms, dtype=np.float64)
         timed_ms = np.asarray(self.timed(result), dtype=np.float64)
         L = self.shape.num_layers
-        columns = {k: result.metrics[k] for k in ("hit_rate", "misses", "bytes_moved", "copy_GBps")}
+        columns = {k: result.metrics[k] for k in ("hit_rate", "misses", "bytes_moved", "copy_GBps", "gpu_mem_GB")}
         nan = float("nan")
         columns.update(routing_wait_ms_per_layer=nan, host_ms_per_layer=nan, host_ms_per_layer_p90=nan)
         if len(waits) == len(step_ms) * L and len(step_ms):    # else the engine no longer reads routing per layer
@@ -69,4 +80,137 @@ class EngineRuns:
             columns.update(routing_wait_ms_per_layer=float(np.median(wait_ms)) / L,
                            host_ms_per_layer=float(np.median(host)),
                            host_ms_per_layer_p90=float(np.percentile(host, 90)))
+        if self.check is not None and not warmup:
+            columns.update(self.check(config, result))
         return RunOutput(timed_ms.tolist(), columns, first_ns[0] if first_ns else None)
+
+
+def generated_steps(prompts: Sequence[Sequence[int]], new_tokens: int) -> Callable[[EngineResult], list[float]]:
+    """``EngineRuns.timed`` for a live decode of ``prompts`` (or of its first requests, a warm-up pass's):
+    ``generated_of`` its steps."""
+    return lambda result: generated_of(result.routing.step_ms, prompts[:len(result.generated)], new_tokens)
+
+
+def generated_of(step_ms: Sequence[float], prompts: Sequence[Sequence[int]], new_tokens: int) -> list[float]:
+    """Of the step times of a greedy decode of ``prompts`` (each prompt's steps, then ``new_tokens`` more),
+    those of the steps that generate a token: each request's ``new_tokens`` steps after its prompt, as the
+    engine's tokens/s counts them."""
+    out, start = [], 0
+    for prompt in prompts:
+        out += list(step_ms[start + len(prompt):start + len(prompt) + new_tokens])
+        start += len(prompt) + new_tokens
+    return out
+
+
+class TokenCheck:
+    """``EngineRuns.check``: whether a measured run's generated tokens equal ``reference``'s (a live run: the
+    fully-on-GPU model's, which the all-resident engine's are checked against in the same session); without
+    a reference (a shape replay), the first lossless run's tokens are the reference and every later run is
+    checked against them. ``lossless``: per configuration label, whether its policy must keep the model's
+    output. Checks every measured repeat; ``mismatches(report)`` says which lossless configurations changed
+    the output."""
+
+    def __init__(self, lossless: Mapping[str, bool], reference: list[list[int]] | None = None):
+        self.lossless, self.reference = lossless, reference
+        self.source = "the fully-on-GPU model's" if reference is not None else None
+
+    def __call__(self, config: Config, result: EngineResult) -> dict:
+        lossless = self.lossless[config.label]
+        if self.reference is None and lossless:
+            self.reference, self.source = result.generated, f"the first lossless run's ({config.label})"
+        identical = result.generated == self.reference
+        return {"lossless": lossless, "identical_tokens": identical,
+                "first_difference": "" if identical else first_difference(result.generated, self.reference)}
+
+    def mismatches(self, report: Report) -> list[str]:
+        """One line per lossless configuration with a run whose tokens differ from the reference: which
+        runs, and where they first differ."""
+        lines = []
+        for label in dict.fromkeys(r["config"] for r in report.rows):
+            runs = [r for r in report.rows if r["config"] == label and not r["error"]]
+            bad = [r for r in runs if r.get("lossless") and not r["identical_tokens"]]
+            if bad:
+                lines.append(f"{label}: {len(bad)} of {len(runs)} runs generated other tokens than "
+                             f"{self.source} (round {bad[0]['round']}: {bad[0]['first_difference']})")
+        return lines
+
+
+def first_difference(tokens: list[list[int]], reference: list[list[int]]) -> str:
+    """Where two decodes' tokens first differ: 'request R, token T: A instead of B' (or the counts)."""
+    if len(tokens) != len(reference):
+        return f"{len(tokens)} requests instead of {len(reference)}"
+    for r, (got, want) in enumerate(zip(tokens, reference)):
+        for t, (a, b) in enumerate(zip(got, want)):
+            if a != b:
+                return f"request {r}, token {t}: {a} instead of {b}"
+        if len(got) != len(want):
+            return f"request {r}: {len(got)} tokens instead of {len(want)}"
+    return "identical"
+
+
+def discipline(repeats: int) -> Discipline:
+    """``repeats`` >= 2: the discipline (untimed warm-up until steady, interleaved rotated rounds). 1: the
+    smoke fast path, one run per configuration and no warm-up (its rows say 'cold', its spread is NaN)."""
+    return Discipline(repeats=repeats, warmup=repeats > 1)
+
+
+def measure_session(run: RunFunction, configs: Sequence[Config], repeats: int, on_progress: Callable[[Report], None],
+                    deadline_s: float | None = None, started: float | None = None) -> Report:
+    """``configs`` measured by ``run`` under ``discipline(repeats)``; ``on_progress(report)`` after the warm-up,
+    after every run and at the end (the callers write their tables and noise files there). ``deadline_s``:
+    no round starts that would end later than this many seconds after ``started`` (``time.monotonic``)."""
+    report = Measurement(run, configs, discipline(repeats), on_progress=on_progress, deadline_s=deadline_s,
+                         started=started).run_all()
+    on_progress(report)
+    return report
+
+
+def run_problems(report: Report) -> list[str]:
+    """One line per configuration with runs that raised: how many, and the first one's error (its traceback
+    was printed when it happened)."""
+    lines = []
+    for label in dict.fromkeys(r["config"] for r in report.rows):
+        runs = [r for r in report.rows if r["config"] == label]
+        failed = [r for r in runs if r["error"]]
+        if failed:
+            lines.append(f"{label}: {len(failed)} of {len(runs)} runs failed ({failed[0]['error']})")
+    return lines
+
+
+def exit_message(problems: list[str], out) -> str:
+    """What a command exits with (code 1) when ``problems`` (``run_problems``, ``TokenCheck.mismatches``, ...)
+    were found, once every table is written in ``out``: one line each."""
+    head = f"error: some measurements failed or changed the model's output (tracebacks above; the tables are in {out}):"
+    return "\n  ".join([head, *problems])
+
+
+_MEDIANS = {"tpot_ms_p50": "step_ms_p50", "tpot_ms_p99": "step_ms_p99", "tokens": "steps", "hit_rate": "hit_rate",
+            "misses": "misses", "bytes_moved": "bytes_moved", "copy_GBps": "copy_GBps", "gpu_mem_GB": "gpu_mem_GB",
+            "host_ms_per_layer": "host_ms_per_layer"}
+
+
+def figures(report: Report) -> dict[str, dict]:
+    """Per configuration label (those with runs so far): ``tokens_per_s``, the median over its successful
+    runs of the engine's figure (decoded tokens over their time); ``tpot_ms_mean`` (1e3 over it);
+    ``spread_pct`` ((max - min) / median of those runs; NaN below two runs); ``runs`` and ``errors``
+    (runs that raised); ``outliers`` (runs more than the discipline's outlier threshold from the median)
+    and ``outlier_causes`` (``cause:count``, 'unexplained' where no disturbance was seen); ``long_enough``
+    (runs whose halves' median steps agree, of the runs); and the median over the runs of the other
+    engine columns (step percentiles, counts, bandwidth, peak memory, host time per layer)."""
+    out = {}
+    for floor in report.floor():
+        ok = [r for r in report.rows if r["config"] == floor["config"] and not r["error"]]
+        row = {"tokens_per_s": floor["median_tokens_per_s"],
+               "tpot_ms_mean": 1e3 / floor["median_tokens_per_s"] if floor["n"] else float("nan"),
+               "spread_pct": floor["spread_pct"] if floor["n"] > 1 else float("nan"),
+               "runs": floor["n"], "errors": floor["errors"], "outliers": floor["outliers"],
+               "outlier_causes": floor["outlier_causes"], "long_enough": floor["long_enough"]}
+        for name, column in _MEDIANS.items():
+            values = [r[column] for r in ok if column in r and not _nan(r[column])]
+            row[name] = float(np.median(values)) if values else float("nan")
+        out[floor["config"]] = row
+    return out
+
+
+def _nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)

@@ -1,6 +1,7 @@
 """Every policy at every cache size, measured in the engine beside the simulator's prediction of the same
 recorded decode, the same training slice and the same hardware profile; lossy policies also get their
-accuracy cost on held-out text."""
+accuracy cost on held-out text. Every engine figure is the median of interleaved repeats
+(``real.bench.engine_runs``), the all-resident engine measured in the same rounds as the reference."""
 from __future__ import annotations
 
 import traceback
@@ -9,7 +10,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pandas as pd
 import torch
 
 from hardware.profile import HardwareProfile
@@ -18,28 +18,34 @@ from offload.predictors import policy_depth
 from offload.session import RunSettings
 from policies.lru import LRU
 from policies.registry import resolve_policy
-from real.bench.recording import recorded_on
-from real.bench.table import CsvTable, engine_row, engine_table
+from real.bench.engine_runs import (FIGURE_COLUMNS, EngineRuns, TokenCheck, figures, generated_steps,
+                                    measure_session, run_problems)
+from real.bench.recording import recorded_on, warm_engine
+from real.bench.table import CsvTable, NoiseFiles, engine_row, engine_table, print_rows
 from real.bench.text import decode_mask
 from real.engine import OffloadEngine
+from real.measurement import Config, Report
 from real.record import routing_trace
 from traces import ModelShape, Trace, save_trace
 
-SUMMARY_COLUMNS = ["policy", "cache_slots", "tokens_per_s", "sim_tokens_per_s", "hit_rate", "sim_hit_rate", "lossy",
-                   "held_out_perplexity", "top1_agreement"]
+SUMMARY_COLUMNS = ["policy", "cache_slots", "tokens_per_s", "spread_pct", "runs", "outliers", "sim_tokens_per_s",
+                   "hit_rate", "sim_hit_rate", "lossy", "identical_tokens", "held_out_perplexity", "top1_agreement"]
+ALL_RESIDENT = "engine-all-resident"
 
 
 @dataclass(frozen=True)
 class PolicyRuns:
     """What to measure: ``policies`` (registry names, ``file.py:Class`` or ``module:Class``) at every
-    ``cache_slots`` (expert slots per layer); ``precision`` of the experts and ``prefetch_depth``
-    (layers ahead) as ``offload.session.RunSettings`` takes them; ``timed_policy`` at the smallest size
-    also records layer timings and copy start/end."""
+    ``cache_slots`` (expert slots per layer), ``repeats`` interleaved runs each (1: the smoke fast path,
+    ``real.bench.engine_runs.discipline``); ``precision`` of the experts and ``prefetch_depth`` (layers
+    ahead) as ``offload.session.RunSettings`` takes them; ``timed_policy`` at the smallest size also runs
+    once more, untimed by the figures, recording layer timings and copy start/end."""
     policies: tuple[str, ...]
     cache_slots: tuple[int, ...]
     precision: str = "bf16"
     prefetch_depth: int = 1
     timed_policy: str = "lru"
+    repeats: int = 5
 
     def settings(self, slots: int) -> RunSettings:
         return RunSettings(cache_slots=slots, precision=self.precision, prefetch_depth=self.prefetch_depth)
@@ -55,20 +61,26 @@ Simulate = Callable[[type, RunSettings], Any]
 def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train: Trace,
                      reference_tokens: list[list[int]], runs: PolicyRuns, hardware: HardwareProfile,
                      predictors_at: Callable[[int], dict], scored: list[list[int]], out: Path,
-                     simulate: Simulate) -> list[str]:
+                     simulate: Simulate, deadline_s: float | None = None, started: float | None = None,
+                     settings: dict | None = None) -> list[str]:
     """Run ``runs`` on ``host`` (a ``real.model.MoEModel`` with its experts on the host) over
     ``recorded``'s prompts (``real.bench.recording``), with ``recorded`` as the future the bounds read and
     ``train`` as the slice ``static`` and ``affinity`` learn from; ``simulate`` predicts each run, and must
-    replay ``recorded`` (with its prediction tracks) on ``hardware`` with the same ``train``. Writes, after every size,
-    OUT/policies.csv (engine beside simulator), rows to OUT/engine.csv and OUT/correctness.csv (whether a
-    run's tokens equal ``reference_tokens``, the fully-on-GPU model's), and the timed run as
-    OUT/<name>-<policy>-<slots>-timed.npz. ``scored``: held-out token windows for lossy policies'
-    perplexity and top-1 agreement. A policy that fails is reported with its traceback and the others
-    still run; returns the names of those that failed."""
+    replay ``recorded`` (with its prediction tracks) on ``hardware`` with the same ``train``.
+
+    One measurement session (``measure_session``; ``deadline_s`` after ``started`` as it takes them)
+    interleaves every (policy, cache size) and the all-resident engine (every expert in its slot: the
+    engine's speed without a copy). After every run it rewrites OUT/policies.csv (engine beside simulator:
+    the median tokens/s with its spread, runs and outliers), this session's rows of OUT/engine.csv and
+    OUT/correctness.csv (after the rows already there), and the session ``live-<name>`` of OUT's noise files
+    (``settings`` recorded there). Every measured run's tokens are checked against ``reference_tokens`` (the
+    fully-on-GPU model's): correctness.csv counts the runs checked and identical per configuration. The
+    timed run goes to OUT/<name>-<policy>-<slots>-timed.npz. ``scored``: held-out token windows for lossy
+    policies' perplexity and top-1 agreement. A policy that fails is reported with its traceback and the
+    others still run. Returns one line per problem: a policy that failed before its runs, a configuration
+    whose runs raised, a lossless configuration whose tokens differ from the reference."""
     out = Path(out)
     prompts, new_tokens = recorded.meta.extra["prompts"], recorded.meta.extra["new_tokens"]
-    engines, correctness = engine_table(out), CsvTable(out / "correctness.csv", keep=True)
-    summary = CsvTable(out / "policies.csv", keep=False)
     mask = decode_mask(recorded, prompts)
     smallest = min(runs.cache_slots)
 
@@ -81,44 +93,106 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
     reference = OffloadEngine(host, shape, LRU, RunSettings(cache_slots=shape.num_experts)).score(scored)
     lossless_accuracy = {"perplexity": reference["perplexity"], "top1_agreement": 1.0}
 
-    def measure(policy: str) -> None:
-        policy_cls = resolve_policy(policy)
-        predictors = predictors_at(policy_depth(policy_cls, runs.prefetch_depth))
-        accuracy = lossless_accuracy
-        if not policy_cls.lossless:   # the accuracy cost: the cache does not change what runs
-            lossy = engine(policy_cls, shape.num_experts, predictors).score(scored)
-            accuracy = {"perplexity": lossy["perplexity"], "top1_agreement": float(np.mean(
-                np.asarray(lossy["argmax"]) == np.asarray(reference["argmax"])))}
-        for slots in runs.cache_slots:
-            timed = policy == runs.timed_policy and slots == smallest
-            r = engine(policy_cls, slots, predictors, future=recorded, timed=timed).generate(prompts, new_tokens)
-            if timed:   # an offloaded run's copies, stalls and layer times, as a trace
-                save_trace(routing_trace(r, shape, source=f"real.bench.policies, model {name}",
-                                         recorded_on=recorded_on(host.device),
-                                         description=f"greedy decode, policy {policy}, {slots} slots per layer, "
-                                                     "layer timings and copy start/end recorded"),
-                           out / f"{name}-{policy}-{slots}-timed.npz")
-            identical = r.generated == reference_tokens
-            correctness.add({"policy": policy, "cache_slots": slots, "lossless": policy_cls.lossless,
-                             "identical_to_fully_on_gpu": identical})
-            engines.add(engine_row(name, "live", policy, slots, r.metrics))
-            sim = simulate(policy_cls, runs.settings(slots))
-            sim_decode = tpot_summary(np.asarray(sim.token_ns)[mask])   # the steps the engine timed
-            summary.add({"policy": policy, "cache_slots": slots, "tokens_per_s": r.metrics["tokens_per_s"],
-                         "sim_tokens_per_s": sim_decode["tokens_per_s"], "hit_rate": r.metrics["hit_rate"],
-                         "sim_hit_rate": sim.metrics["hit_rate"], "lossy": not policy_cls.lossless,
-                         "identical_tokens": identical, "held_out_perplexity": accuracy["perplexity"],
-                         "top1_agreement": accuracy["top1_agreement"], "tpot_ms_mean": r.metrics["tpot_ms_mean"],
-                         "sim_tpot_ms_mean": sim_decode["tpot_ms_mean"], "bytes_moved": r.metrics["bytes_moved"],
-                         "prefetch_depth": runs.prefetch_depth, "model": name, "precision": runs.precision})
-
-    failed = []
+    # Before anything is timed: each policy's class, predictors, accuracy and the simulator's predictions.
+    prepared: dict[str, tuple[type, dict | None, dict]] = {}
+    predicted: dict[tuple[str, int], tuple[dict, float]] = {}
+    problems = []
     for policy in runs.policies:
         try:
-            measure(policy)
+            policy_cls = resolve_policy(policy)
+            predictors = predictors_at(policy_depth(policy_cls, runs.prefetch_depth))
+            accuracy = lossless_accuracy
+            if not policy_cls.lossless:   # the accuracy cost: the cache does not change what runs
+                lossy = engine(policy_cls, shape.num_experts, predictors).score(scored)
+                accuracy = {"perplexity": lossy["perplexity"], "top1_agreement": float(np.mean(
+                    np.asarray(lossy["argmax"]) == np.asarray(reference["argmax"])))}
+            for slots in runs.cache_slots:
+                sim = simulate(policy_cls, runs.settings(slots))
+                predicted[policy, slots] = (tpot_summary(np.asarray(sim.token_ns)[mask]),   # the steps the engine times
+                                            sim.metrics["hit_rate"])
+            prepared[policy] = policy_cls, predictors, accuracy
         except Exception:       # one policy's failure must not lose the others' measurements
             traceback.print_exc()
-            failed.append(policy)
-    if summary.rows:
-        print(pd.DataFrame(summary.rows)[SUMMARY_COLUMNS].to_string(index=False), flush=True)
-    return failed
+            problems.append(f"{policy} failed before its runs (traceback above)")
+
+    configs = [Config({"mode": ALL_RESIDENT, "policy": "static", "cache_slots": shape.num_experts})] + [
+        Config({"mode": "live", "policy": p, "cache_slots": s}) for p in prepared for s in runs.cache_slots]
+
+    def engine_for(config: Config) -> OffloadEngine:
+        if config.fields["mode"] == ALL_RESIDENT:
+            return warm_engine(host, shape, train, future=recorded)
+        policy_cls, predictors, _ = prepared[config.fields["policy"]]
+        return engine(policy_cls, config.fields["cache_slots"], predictors, future=recorded)
+
+    lossless = {c.label: c.fields["mode"] == ALL_RESIDENT or prepared[c.fields["policy"]][0].lossless
+                for c in configs}
+    check = TokenCheck(lossless, reference_tokens)
+    run = EngineRuns(host, shape, engine_for,
+                     decode=lambda e, warmup: e.generate(prompts[:1] if warmup else prompts, new_tokens),
+                     timed=generated_steps(prompts, new_tokens), check=check)
+    engines, summary = engine_table(out), CsvTable(out / "policies.csv", keep=False)
+    correctness = CsvTable(out / "correctness.csv", keep=True)
+    files = NoiseFiles(out, f"live-{name}", settings or {})
+
+    def progress(report: Report) -> None:
+        files.write(report)
+        found = figures(report)
+        measured = [c for c in configs if c.label in found]
+        engines.replace([engine_row(name, c.fields["mode"], c.fields["policy"], c.fields["cache_slots"],
+                                    found[c.label]) for c in measured])
+        correctness.replace([_correctness(c, lossless[c.label], report) for c in measured])
+        summary.replace([_summary(c, found[c.label], report, predicted, prepared, runs, name)
+                         for c in measured if c.fields["mode"] == "live"])
+
+    report = measure_session(run, configs, runs.repeats, progress, deadline_s, started)
+    problems += run_problems(report) + check.mismatches(report)
+    resident = [r for r in engines.rows[len(engines.kept):] if r["mode"] == ALL_RESIDENT]
+    print_rows(resident, ["model", "mode", "cache_slots", "tokens_per_s", "spread_pct", "runs", "outliers",
+                          "outlier_causes"])
+    print_rows(summary.rows, SUMMARY_COLUMNS)
+
+    if runs.timed_policy in prepared:       # an offloaded run's copies, stalls and layer times, as a trace
+        policy_cls, predictors, _ = prepared[runs.timed_policy]
+        try:
+            r = engine(policy_cls, smallest, predictors, future=recorded, timed=True).generate(prompts, new_tokens)
+            save_trace(routing_trace(r, shape, source=f"real.bench.policies, model {name}",
+                                     recorded_on=recorded_on(host.device),
+                                     description=f"greedy decode, policy {runs.timed_policy}, {smallest} slots per "
+                                                 "layer, layer timings and copy start/end recorded"),
+                       out / f"{name}-{runs.timed_policy}-{smallest}-timed.npz")
+        except Exception:
+            traceback.print_exc()
+            problems.append(f"the timed run of {runs.timed_policy} at {smallest} slots failed")
+    return problems
+
+
+def _checked(label: str, report: Report) -> list[dict]:
+    return [r for r in report.rows if r["config"] == label and not r["error"]]
+
+
+def _correctness(config: Config, lossless: bool, report: Report) -> dict:
+    """A correctness.csv row: whether every measured run's tokens equal the fully-on-GPU model's."""
+    checked = _checked(config.label, report)
+    identical = sum(bool(r["identical_tokens"]) for r in checked)
+    return {"mode": config.fields["mode"], "policy": config.fields["policy"],
+            "cache_slots": config.fields["cache_slots"], "lossless": lossless,
+            "identical_to_fully_on_gpu": identical == len(checked) if checked else None,
+            "runs_checked": len(checked), "runs_identical": identical}
+
+
+def _summary(config: Config, found: dict, report: Report, predicted: dict, prepared: dict, runs: PolicyRuns,
+             name: str) -> dict:
+    """A policies.csv row: the engine's figures beside the simulator's prediction and the accuracy."""
+    policy, slots = config.fields["policy"], config.fields["cache_slots"]
+    policy_cls, _, accuracy = prepared[policy]
+    sim_decode, sim_hit_rate = predicted[policy, slots]
+    checked = _checked(config.label, report)
+    return {"policy": policy, "cache_slots": slots, "tokens_per_s": found["tokens_per_s"],
+            **{k: found[k] for k in FIGURE_COLUMNS},
+            "sim_tokens_per_s": sim_decode["tokens_per_s"], "hit_rate": found["hit_rate"], "sim_hit_rate": sim_hit_rate,
+            "lossy": not policy_cls.lossless,
+            "identical_tokens": all(r["identical_tokens"] for r in checked) if checked else None,
+            "held_out_perplexity": accuracy["perplexity"], "top1_agreement": accuracy["top1_agreement"],
+            "tpot_ms_mean": found["tpot_ms_mean"], "sim_tpot_ms_mean": sim_decode["tpot_ms_mean"],
+            "bytes_moved": found["bytes_moved"], "prefetch_depth": runs.prefetch_depth, "model": name,
+            "precision": runs.precision}

@@ -1,6 +1,8 @@
 """The references an offloaded run is read against: the model fully on the GPU (the upper bound, and
-the tokens every lossless policy must reproduce), our decoder's logits against Hugging Face's forward,
-and Hugging Face accelerate's CPU offload (what a user without this tool would run)."""
+the tokens every lossless policy must reproduce), measured with the discipline of ``real.measurement``
+(``measure_fully_on_gpu``: the median of interleaved repeats, as every engine figure); our decoder's
+logits against Hugging Face's forward; and Hugging Face accelerate's CPU offload (what a user without this
+tool would run; one run: seconds per token)."""
 from __future__ import annotations
 
 import time
@@ -8,31 +10,102 @@ from pathlib import Path
 
 import torch
 
+from real.bench.engine_runs import figures, generated_of, measure_session, run_problems
+from real.bench.table import NoiseFiles, engine_row, engine_table, print_rows
+from real.measurement import Config, Report, RunOutput
 from real.model import MoEModel, quiet_gc
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class ResidentRuns:
+    """The run function (``real.measurement``) of the fully-on-GPU reference: ``resident`` (every expert on
+    its device, CUDA graphs captured on a GPU: the lean path the engine runs) greedily decodes ``prompts``
+    (a warm-up pass: the first), each step timed as the engine times its steps, the figures from the
+    generated steps. ``tokens``: the first measured run's; every measured run says whether its tokens equal
+    them (``identical_tokens``)."""
+
+    def __init__(self, resident: MoEModel, prompts: list[list[int]], new_tokens: int):
+        self.resident, self.prompts, self.new_tokens = resident, prompts, new_tokens
+        self.tokens: list[list[int]] | None = None
+
+    def __call__(self, config: Config, warmup: bool) -> RunOutput:
+        device = self.resident.device
+        prompts = self.prompts[:1] if warmup else self.prompts
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with quiet_gc():                # as the engine decodes (its full collection stays outside the timing)
+            timed_from = time.monotonic_ns()
+            tokens, step_ms = self._decode(prompts)
+        columns = {"gpu_mem_GB": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0}
+        if not warmup:
+            self.tokens = self.tokens or tokens
+            columns["identical_tokens"] = tokens == self.tokens
+        return RunOutput(generated_of(step_ms, prompts, self.new_tokens), columns, timed_from)
+
+    @torch.no_grad()
+    def _decode(self, prompts: list[list[int]]) -> tuple[list[list[int]], list[float]]:
+        """The engine's greedy loop (``OffloadEngine.generate``) on the resident model: (new tokens per prompt,
+        every step's wall time in ms, from its start to its next token on the host)."""
+        model, step_ms, tokens = self.resident, [], []
+
+        def step(token: int, pos: int) -> int:
+            start = time.perf_counter_ns()
+            nxt = int(model.decode_step(token, pos).argmax(-1).reshape(-1)[0])
+            step_ms.append((time.perf_counter_ns() - start) / 1e6)
+            return nxt
+
+        for prompt in prompts:
+            model.reset()
+            for pos, token in enumerate(prompt):
+                nxt = step(token, pos)
+            out = []
+            for i in range(self.new_tokens):
+                out.append(nxt)
+                nxt = step(nxt, len(prompt) + i)
+            tokens.append(out)
+        return tokens, step_ms
 
 
 def fully_on_gpu(resident: MoEModel, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], dict]:
-    """Greedy decode of ``prompts`` by ``resident`` (every expert on its device, CUDA graphs captured on
-    a GPU: the lean path the engine runs). Returns (generated token ids per prompt, metrics:
-    ``tokens_per_s``, ``tpot_ms_mean`` over the steps run, ``gpu_mem_GB`` peak, 0 on a CPU)."""
-    device = resident.device
-    cuda = device.type == "cuda"
+    """One greedy decode of ``prompts`` by ``resident`` (``ResidentRuns``), for its tokens: (generated token ids
+    per prompt, that one run's ``tokens_per_s``, ``tpot_ms_mean`` and ``gpu_mem_GB``). A published figure
+    is ``measure_fully_on_gpu``'s."""
     resident.capture_graphs()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    with quiet_gc():                    # as the engine decodes (its full collection stays outside the timing)
-        start = time.perf_counter()
-        tokens = [resident.generate_greedy(p, new_tokens) for p in prompts]
-        _sync(device)
-        wall = time.perf_counter() - start
-    ran = sum(len(p) + new_tokens for p in prompts) - len(prompts)   # no step after a request's last token
-    return tokens, {"tokens_per_s": ran / wall, "tpot_ms_mean": 1e3 * wall / ran,
-                    "gpu_mem_GB": torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0}
+    runs = ResidentRuns(resident, prompts, new_tokens)
+    output = runs(Config({"mode": "fully-on-gpu"}), False)
+    tpot = sum(output.step_ms) / len(output.step_ms)
+    return runs.tokens, {"tokens_per_s": 1e3 / tpot, "tpot_ms_mean": tpot, "gpu_mem_GB": output.columns["gpu_mem_GB"]}
+
+
+def measure_fully_on_gpu(resident: MoEModel, name: str, prompts: list[list[int]], new_tokens: int, out: Path,
+                         repeats: int = 5, deadline_s: float | None = None, started: float | None = None,
+                         settings: dict | None = None) -> tuple[list[list[int]] | None, Report, list[str]]:
+    """The fully-on-GPU reference's figure: ``repeats`` runs of ``ResidentRuns`` (``measure_session``).
+    Writes, after every run, its OUT/engine.csv row (mode ``fully-on-gpu``: the median, spread, runs,
+    outliers) after the rows already there, and the session ``references-<name>`` of OUT's noise files.
+    Returns (the first measured run's tokens, None if every run failed; the report; one line per failed
+    run, or per run whose tokens differ from the first's)."""
+    resident.capture_graphs()
+    config = Config({"mode": "fully-on-gpu", "policy": "none", "cache_slots": resident.config.num_experts})
+    runs = ResidentRuns(resident, prompts, new_tokens)
+    table = engine_table(out)
+    files = NoiseFiles(out, f"references-{name}", settings or {})
+
+    def rows(report: Report) -> list[dict]:
+        found = figures(report)
+        return [engine_row(name, "fully-on-gpu", "none", config.fields["cache_slots"], found[config.label])
+                ] if config.label in found else []
+
+    def progress(report: Report) -> None:
+        files.write(report)
+        table.replace(rows(report))
+
+    report = measure_session(runs, [config], repeats, progress, deadline_s, started)
+    print_rows(rows(report), ["model", "mode", "tokens_per_s", "spread_pct", "runs", "outliers", "outlier_causes",
+                              "gpu_mem_GB"])
+    problems = run_problems(report) + [
+        f"{config.label}: round {r['round']} generated other tokens than the first measured run (the decode is not "
+        "deterministic)" for r in report.rows if not r["error"] and not r["identical_tokens"]]
+    return runs.tokens, report, problems
 
 
 def hf_parity(model_dir: Path, resident: MoEModel, prompt: list[int], generated: list[int]) -> dict:

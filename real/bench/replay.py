@@ -1,14 +1,20 @@
 """Shape replay: a named production shape with random weights (``real.shape_model``), its routing
-forced from a recorded trace, so real copies and real compute run at the model's size."""
+forced from a recorded trace, so real copies and real compute run at the model's size. Every figure is
+the median of interleaved repeats (``real.bench.engine_runs``)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from offload.session import RunSettings
 from policies.registry import resolve_policy
-from real.bench.table import CsvTable, engine_row
+from real.bench.engine_runs import EngineRuns, TokenCheck, figures, measure_session, run_problems
+from real.bench.table import NoiseFiles, engine_row, engine_table, print_rows
 from real.engine import OffloadEngine
+from real.measurement import Config, Report
 from traces import ModelShape, Trace
 
 TRAIN_FRACTION = 0.25       # as the sweep: the leading quarter of requests trains static/affinity, the rest replay
+PRINTED = ["policy", "cache_slots", "tokens_per_s", "spread_pct", "runs", "outliers", "outlier_causes", "hit_rate"]
 
 
 def replay_slices(trace: Trace, shape: ModelShape, max_tokens: int, path) -> tuple[Trace, Trace]:
@@ -26,12 +32,39 @@ def replay_slices(trace: Trace, shape: ModelShape, max_tokens: int, path) -> tup
 
 
 def shape_replay(model, shape: ModelShape, train: Trace, trace: Trace, policies: list[str], slots: list[int],
-                 max_tokens: int, table: CsvTable) -> None:
-    """Every policy at every cache size replays the first ``max_tokens`` steps of ``trace`` on ``model``,
-    ``train`` being the slice ``static`` and ``affinity`` learn from; one engine.csv row (mode
-    ``shape-replay``) each."""
-    for policy in policies:
-        for s in slots:
-            engine = OffloadEngine(model, shape, resolve_policy(policy), RunSettings(cache_slots=s), future=trace,
-                                   train_trace=train)
-            table.add(engine_row(shape.name, "shape-replay", policy, s, engine.replay(trace, max_tokens).metrics))
+                 max_tokens: int, out: Path, repeats: int = 5, warmup_tokens: int | None = None,
+                 deadline_s: float | None = None, started: float | None = None,
+                 settings: dict | None = None) -> tuple[Report, list[str]]:
+    """Every policy at every cache size replays the first ``max_tokens`` steps of ``trace`` on ``model``
+    (``warmup_tokens`` per warm-up pass, default the same), ``train`` being the slice ``static`` and
+    ``affinity`` learn from; ``repeats`` interleaved runs each (``measure_session``). Writes, after every
+    run, one OUT/engine.csv row per configuration (mode ``shape-replay``: the median and its spread, runs
+    and outliers) after the rows already there, and the session ``replay-<shape>`` of OUT's noise files
+    (``settings`` recorded there). Every measured run's tokens are checked: a lossless policy's must equal
+    the first lossless run's (the routing is forced, so every lossless run decodes the same tokens).
+    Returns (the report, one line per failed run or lossless mismatch)."""
+    classes = {p: resolve_policy(p) for p in policies}
+    configs = [Config({"mode": "shape-replay", "policy": p, "cache_slots": s}) for p in policies for s in slots]
+    check = TokenCheck({c.label: classes[c.fields["policy"]].lossless for c in configs})
+    runs = EngineRuns(model, shape,
+                      engine_for=lambda c: OffloadEngine(model, shape, classes[c.fields["policy"]],
+                                                         RunSettings(cache_slots=c.fields["cache_slots"]),
+                                                         future=trace, train_trace=train),
+                      decode=lambda engine, warmup: engine.replay(trace, (warmup_tokens or max_tokens) if warmup
+                                                                  else max_tokens),
+                      check=check)
+    table = engine_table(out)
+    files = NoiseFiles(out, f"replay-{shape.name}", settings or {})
+
+    def rows(report: Report) -> list[dict]:
+        found = figures(report)
+        return [engine_row(shape.name, "shape-replay", c.fields["policy"], c.fields["cache_slots"], found[c.label])
+                for c in configs if c.label in found]
+
+    def progress(report: Report) -> None:
+        files.write(report)
+        table.replace(rows(report))
+
+    report = measure_session(runs, configs, repeats, progress, deadline_s, started)
+    print_rows(rows(report), PRINTED)
+    return report, run_problems(report) + check.mismatches(report)

@@ -1,21 +1,26 @@
-"""The engine commands' result files: CSV tables rewritten atomically after every row (a crash keeps
-what was measured) and the resolved configuration written beside them."""
+"""The engine commands' result files: CSV tables rewritten atomically after every run (a crash keeps
+what was measured), the noise floor of every measurement session (in the files and format of
+``experiments.noise``, whose ``--report OUT`` prints them) and the resolved configuration written beside
+them."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from real.bench.engine_runs import FIGURE_COLUMNS
+from real.measurement import Report
 from traces.io import atomic_write
 
-ENGINE_COLUMNS = ["model", "mode", "policy", "cache_slots", "tokens_per_s", "tpot_ms_mean", "hit_rate",
-                  "bytes_moved", "copy_GBps", "gpu_mem_GB", "tokens", "tpot_ms_p50", "tpot_ms_p99",
+ENGINE_COLUMNS = ["model", "mode", "policy", "cache_slots", "tokens_per_s", *FIGURE_COLUMNS, "tpot_ms_mean",
+                  "hit_rate", "bytes_moved", "copy_GBps", "gpu_mem_GB", "tokens", "tpot_ms_p50", "tpot_ms_p99",
                   "misses"]
 
 
 class CsvTable:
-    """Rows of one CSV file, rewritten whole and atomically on every ``add``. With ``keep`` the rows
+    """Rows of one CSV file, rewritten whole and atomically on every ``add`` or ``replace``. With ``keep`` the rows
     already in the file stay (several commands add to one table); without it the file starts empty.
     ``columns`` come first, in that order, then any others in the order they appear."""
 
@@ -23,28 +28,80 @@ class CsvTable:
         self.path = Path(path)
         self.columns = columns or []
         self.echo = echo
-        self.rows = pd.read_csv(self.path).to_dict("records") if keep and self.path.exists() else []
+        self.kept = pd.read_csv(self.path).to_dict("records") if keep and self.path.exists() else []
+        self.rows = list(self.kept)
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        frame = pd.DataFrame(self.rows)
-        cols = [c for c in self.columns if c in frame] + [c for c in frame if c not in self.columns]
-        atomic_write(self.path, lambda f: frame[cols].to_csv(f, index=False))
+        self._write()
         if self.echo:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   flush=True)
 
+    def replace(self, rows: list[dict]) -> None:
+        """The file becomes the rows kept from it, then ``rows``: this table's rows so far, rewritten whole
+        as a measurement session goes on (not echoed)."""
+        self.rows = self.kept + list(rows)
+        self._write()
+
+    def _write(self) -> None:
+        frame = pd.DataFrame(self.rows)
+        cols = [c for c in self.columns if c in frame] + [c for c in frame if c not in self.columns]
+        atomic_write(self.path, lambda f: frame[cols].to_csv(f, index=False))
+
 
 def engine_table(out: Path) -> CsvTable:
-    """OUT/engine.csv: one row per measured run (mode, policy, cache size, ``offload.metrics`` names),
-    appended to what earlier commands wrote there; each row is also printed."""
+    """OUT/engine.csv: one row per measured configuration (mode, policy, cache size, the median of its runs
+    with their spread, runs and outliers, ``offload.metrics`` names), appended to what earlier commands
+    wrote there; each row ``add``ed is also printed."""
     return CsvTable(Path(out) / "engine.csv", keep=True, columns=ENGINE_COLUMNS, echo=True)
 
 
-def engine_row(model: str, mode: str, policy: str, slots: int, metrics: dict) -> dict:
-    """An engine.csv row from an engine run's ``metrics`` (``EngineResult.metrics``)."""
+def engine_row(model: str, mode: str, policy: str, slots: int, figures: dict) -> dict:
+    """An engine.csv row: a configuration's ``figures`` (``real.bench.engine_runs.figures``: the median of its
+    runs, their spread, the runs, the outliers and their causes, ...) under the columns of the table."""
     return {"model": model, "mode": mode, "policy": policy, "cache_slots": slots,
-            **{k: metrics[k] for k in ENGINE_COLUMNS[4:] if k in metrics}}
+            **{k: figures[k] for k in ENGINE_COLUMNS[4:] if k in figures}}
+
+
+class NoiseFiles:
+    """A measurement session's runs and noise floor, in OUT's files shared by every session (those of
+    ``experiments.noise``: OUT/noise_runs.csv, one row per run; OUT/noise_floor.csv, one row per
+    configuration, ``real.measurement.floor_table``; OUT/noise_sessions.json, the settings, the machine's
+    facts and the warm-ups), beside the other sessions' rows; measuring a session name again replaces its
+    rows. ``write(report)`` rewrites them atomically."""
+
+    def __init__(self, out: Path, session: str, settings: dict):
+        self.out, self.session, self.settings = Path(out), session, settings
+
+    def _others(self, name: str) -> pd.DataFrame:
+        path = self.out / name
+        if not path.exists():
+            return pd.DataFrame()
+        frame = pd.read_csv(path)
+        return frame[frame["session"] != self.session]
+
+    def write(self, report: Report) -> None:
+        # the engine decodes inside its frozen collector: the noise command's quiet_gc arm, on
+        floor = [{**row, "quiet_gc": True} for row in report.floor()]
+        for name, rows in (("noise_runs.csv", report.rows), ("noise_floor.csv", floor)):
+            if not rows:        # only the warm-up so far
+                continue
+            frame = pd.concat([self._others(name), pd.DataFrame([{"session": self.session, **r} for r in rows])],
+                              ignore_index=True)
+            atomic_write(self.out / name, lambda f, frame=frame: frame.to_csv(f, index=False))
+        path = self.out / "noise_sessions.json"
+        sessions = json.loads(path.read_text()) if path.exists() else {}
+        sessions[self.session] = {"settings": self.settings, **report.info, "warmups": report.warmups}
+        atomic_write(path, lambda f: json.dump(sessions, f, indent=1, default=str))
+
+
+def print_rows(rows: list[dict], columns: list[str]) -> None:
+    """``rows``' ``columns`` (those they have) as one aligned table on stdout."""
+    if rows:
+        frame = pd.DataFrame(rows)
+        print(frame[[c for c in columns if c in frame]].to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+              flush=True)
 
 
 def write_resolved_config(out: Path, command: str, config: dict) -> Path:
