@@ -116,12 +116,17 @@ class ExpertCache:
     def start_copy(self, key: int, victim: int | None) -> int:
         """Give ``key`` a slot for an incoming copy: a free slot of its scope, else ``victim``'s."""
         scope = key // self.num_experts if self.per_layer else 0
+        if victim is not None and not self.is_evictable_in(victim, scope):
+            raise AssertionError(f"victim {victim} is not evictable in scope {scope}")
+        return self.place(key, scope, victim)
+
+    def place(self, key: int, scope: int, victim: int | None) -> int:
+        """``start_copy`` for a caller that has checked ``victim`` already (the controller, which checks
+        every victim a policy returns): ``scope`` is ``key``'s, ``victim`` None or evictable in it."""
         key_slot = self.key_slot
         if victim is None:
             slot = self._free[scope].pop()
         else:
-            if not self.is_evictable_in(victim, scope):
-                raise AssertionError(f"victim {victim} is not evictable in scope {scope}")
             slot = key_slot.pop(victim)
             self.resident[scope].discard(victim)
         self.slot_key[slot] = key

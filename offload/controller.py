@@ -188,9 +188,13 @@ class OffloadController:
             self._apply_prefetch(requests, now_ns)
 
     def end_layer(self, needs: list[Need]) -> None:
-        release = self.cache.release
+        in_use = self.cache.in_use                    # cache.release, inlined: once per routed expert
         for key, _ in needs:
-            release(key)
+            n = in_use[key] - 1
+            if n:
+                in_use[key] = n
+            else:
+                del in_use[key]
 
     # -- the copy side -------------------------------------------------------------------------
     def next_copy(self, now_ns: int) -> CopyJob | None:
@@ -199,12 +203,13 @@ class OffloadController:
         layer's ``prefetch_layer`` is still to come)."""
         self.blocked = False
         cache, queue, policy = self.cache, self.queue, self.policy
+        experts = self.num_experts if cache.per_layer else 0
         while True:
             job = queue.peek()
             if job is None or (not job.demand and self._prefetch_access is not None):
                 return None
             key = job.key
-            scope = cache.scope(key)
+            scope = key // experts if experts else 0
             victim = None
             if not cache.has_free_slot(scope):
                 victim = policy.choose_victim(scope, policy.cache, job)
@@ -222,7 +227,7 @@ class OffloadController:
             queue.pop(job)
             if victim is not None:
                 self._evict(victim)
-            job.slot = cache.start_copy(key, victim)
+            job.slot = cache.place(key, scope, victim)   # the victim is checked above
             job.state = RUNNING
             job.started_ns = now_ns
             job.start_order = self._order

@@ -85,6 +85,9 @@ class SimResult:
         return self.layer_steps / self.wall_s if self.wall_s > 0 else float("inf")
 
 
+_AFTER_ALL = float("inf")     # a commit number after every copy's
+
+
 class _Clock:
     """What both timed clocks share: the session, the costs, the named points that do not wait, and the
     decode walk. Subclasses keep time: ``_LinkClock`` (SimPy) for the ideal link, ``_WindowClock`` for the
@@ -140,16 +143,18 @@ class _Clock:
         self._host_ready = self.now_ns() + self.decision_ns
         return ()
 
-    def _expert_starts(self, token: int, layer: int, gpu: int, key: int, job) -> int:
-        """The compute stream at ``gpu`` reaches expert ``key``, whose copy (if any) has landed: when the expert
-        ends. It starts ``copy_wait`` after its copy when it had to wait for it."""
-        if job is not None and job.finished_ns > gpu:
-            self.stall_ns += job.finished_ns - gpu + self.copy_wait_ns
-            gpu = job.finished_ns + self.copy_wait_ns
-        expert_ns = self.cost.expert_ns
-        if self.timeline is not None:
-            self.timeline.compute.append(ComputeEvent(token, layer, key, self.cache.key_slot[key], gpu, gpu + expert_ns))
-        return gpu + expert_ns
+    def _experts_end(self, token: int, layer: int, needs) -> int:
+        """When the compute stream, free from ``_gpu_free``, ends the layer's experts, each after its copy (all
+        landed by now); an expert starts ``copy_wait`` after a copy it had to wait for."""
+        gpu, expert_ns, copy_wait_ns, timeline = self._gpu_free, self.cost.expert_ns, self.copy_wait_ns, self.timeline
+        for key, job in needs:
+            if job is not None and job.finished_ns > gpu:
+                self.stall_ns += job.finished_ns - gpu + copy_wait_ns
+                gpu = job.finished_ns + copy_wait_ns
+            if timeline is not None:
+                timeline.compute.append(ComputeEvent(token, layer, key, self.cache.key_slot[key], gpu, gpu + expert_ns))
+            gpu += expert_ns
+        return gpu
 
     def decode(self):
         cost, trace, ctrl = self.cost, self.trace, self.ctrl
@@ -253,7 +258,6 @@ class _LinkClock(_Clock):
         are done. The process waits for a copy still in flight (nothing else can happen before the next
         layer's routing, which follows these experts)."""
         env = self.env
-        gpu = self._gpu_free
         for key, job in needs:
             if job is not None and job.state != DONE:
                 yield from self._flush()
@@ -261,8 +265,8 @@ class _LinkClock(_Clock):
                     if job.waiter is None:
                         job.waiter = env.event()
                     yield job.waiter
-            gpu = self._expert_starts(token, layer, gpu, key, job)
-        end = max(gpu, self._host_ready, env.now + self.pending)     # the layer ends when the host's decision does
+        end = max(self._experts_end(token, layer, needs), self._host_ready, env.now + self.pending)
+        # the layer ends when its experts and the host's decision do
         self.pending = end - env.now
         if self._copy_side_active():     # the layer's experts stay protected until their compute ends
             yield from self._flush()
@@ -296,26 +300,21 @@ class _WindowClock(_Clock):
         self._commits = 0
 
     # -- the copy side ---------------------------------------------------------------------------
+    def _complete_until(self, bound: tuple) -> None:
+        """The host's time moves on to ``bound``'s: every copy ordered up to ``bound`` completes. A copy
+        waited for is its own bound (it and the copies ordered before it); an advance over time ``t`` is
+        bounded by ``(t, inf)`` (every copy ending by then, as a SimPy timeout to ``t`` processed them)."""
+        self.now = bound[0]
+        ends, ctrl, copy_ns, timeline = self._ends, self.ctrl, self.copy_ns, self.timeline
+        while ends and ends[0] <= bound:
+            end, _, job, lane = heappop(ends)
+            ctrl.copy_done(job, end)
+            self.copy_busy_ns += copy_ns
+            if timeline is not None:
+                self._record_copy(lane, job)
+
     def _advance(self, t: int) -> None:
-        """The host's time moves on to ``t``: every copy that ends by then completes."""
-        self.now = t
-        ends = self._ends
-        while ends and ends[0][0] <= t:
-            self._complete(heappop(ends))
-
-    def _wait(self, entry: tuple) -> None:
-        """The host waits for the copy of ``entry``: it and the copies ordered before it complete."""
-        self.now = entry[0]
-        ends = self._ends
-        while ends and ends[0] <= entry:
-            self._complete(heappop(ends))
-
-    def _complete(self, entry: tuple) -> None:
-        end, _, job, lane = entry
-        self.ctrl.copy_done(job, end)
-        self.copy_busy_ns += self.copy_ns
-        if self.timeline is not None:
-            self._record_copy(lane, job)
+        self._complete_until((t, _AFTER_ALL))
 
     def _flush(self):
         if self.pending:
@@ -368,7 +367,8 @@ class _WindowClock(_Clock):
         q = self._in_flight
         for key, job in needs:
             while job is not None and job.state == QUEUED:
-                self._flush()
+                if self.pending:
+                    self._flush()
                 while q and q[0].state == DONE:
                     q.popleft()
                 if len(q) < self.window:
@@ -378,19 +378,18 @@ class _WindowClock(_Clock):
                 if not q:
                     raise RuntimeError(f"copy of expert key {job.key} cannot start: no slot can be freed "
                                        f"(cache too small for the experts in use)")
-                self._wait(q[0].waiter)     # the window is full, or the copy needs what an in-flight one holds
+                self._complete_until(q[0].waiter)     # the window is full, or the copy needs what an in-flight one holds
         return ()
 
     def finish_experts(self, token: int, layer: int, needs):
         """As ``_LinkClock.finish_experts``; every copy waited for is committed by now (launch_experts)."""
-        gpu = self._gpu_free
         for key, job in needs:
             if job is not None and job.state != DONE:
-                self._flush()
+                if self.pending:
+                    self._flush()
                 if job.state != DONE:
-                    self._wait(job.waiter)
-            gpu = self._expert_starts(token, layer, gpu, key, job)
-        end = max(gpu, self._host_ready, self.now + self.pending)     # the layer ends when the host's decision does
+                    self._complete_until(job.waiter)
+        end = max(self._experts_end(token, layer, needs), self._host_ready, self.now + self.pending)
         self.pending = end - self.now
         if self._in_flight or len(self.ctrl.queue):   # the layer's experts stay protected until their compute ends
             self._flush()
