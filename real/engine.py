@@ -4,8 +4,9 @@ what is copied, when, and what is evicted.
 
 The decode path per layer mirrors the simulator's: the layer's front graph (the previous layer's
 combine, then attention and router), whose ids are read on the host (the one synchronisation a routed
-model needs), ``begin_layer`` (hits, demand fetches), the demand copies, then the chosen experts with
-resident ones first, each made to wait on the GPU for its own copy only; then the next layer's front
+model needs), the experts already resident launched at once (a lossless policy's hits: the GPU computes
+while the host does the bookkeeping), ``begin_layer`` (hits, demand fetches), the demand copies, then
+the other experts, each made to wait on the GPU for its own copy only; then the next layer's front
 graph is launched, and only then does the policy predict and schedule this layer's prefetches
 (``prefetch_layer``): that host work overlaps the GPU's expert and attention compute instead of
 leaving the GPU idle. A layer is K + 1 graph launches (``real.graphs``). Expert outputs are combined
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 import torch
 
+from offload.cache import RESIDENT
 from offload.controller import Need, OffloadStats
 from offload.layer_turn import drive, layer_turn
 from offload.metrics import run_metrics
@@ -136,6 +138,8 @@ class OffloadEngine:
                                     trace=future, train_trace=train_trace, predictor=predictor,
                                     hardware=hardware)
         self.policy, self.ctrl, self.cache = self.session.policy, self.session.ctrl, self.session.cache
+        self._lossless = self.policy.lossless
+        self._early: dict[int, int] = {}
         self.copies = CopyFeeder(self.ctrl, self.arena, self.slots, settings.copies_in_flight)
         for key, slot in self.cache.key_slot.items():   # the preload is model load: untimed, not counted
             self.slots[slot].copy_(self.arena[key])
@@ -182,20 +186,42 @@ class OffloadEngine:
     def chosen(self, token: int, layer: int):
         front = self._front
         experts, weights = self.model.read_routing(layer, front.ids, front.weights)   # the host learns the routing here
+        if self.marks is not None:
+            self._routed_mark = self.marks.mark()
         if not all(map(math.isfinite, weights)):
             raise RoutingError(token, layer, weights)
         if self._forced is not None:                     # shape replay: routing from a trace
             experts, weights = self._forced[layer], self._forced_weights[layer]
             self.model.set_run(layer, experts, weights)
+        self._early = self._launch_resident(layer, experts) if self._lossless else {}
         self._experts_of_step.append(experts)
         self._weights_of_step.append(weights)
         # Predictors read the post-attention residual (before this layer's MoE norm), so that
         # pre-gating can apply a later layer's own norm and router to it.
         if self._hidden is not None:
             self._hidden.append(front.h.reshape(-1).float().cpu().numpy())
-        if self.marks is not None:
-            self._routed_mark = self.marks.mark()
         return experts, weights, front.h
+
+    def _launch_resident(self, layer: int, experts: list[int]) -> dict[int, int]:
+        """Launch at once the routed experts whose weights are already in a slot (their copy retired):
+        the GPU computes them while the host does the controller's bookkeeping (``begin_layer``), which
+        would otherwise sit between the routing read-back and the first expert, the GPU idle. Returns
+        {key: slot} of those launched. Safe: nothing evicts between here and ``begin_layer``, which
+        protects them, and ``launch_experts`` releases their slots with the others. A lossless policy
+        runs exactly the routed experts, and these are its hits; a lossy one may substitute, so
+        its experts wait for ``launch_experts``."""
+        key_slot, slot_state, graphs = self.cache.key_slot, self.cache.slot_state, self._graphs
+        base = layer * self.shape.num_experts
+        launched = {}
+        for position, e in enumerate(experts):
+            slot = key_slot.get(base + e)
+            if slot is not None and slot_state[slot] == RESIDENT:
+                if graphs is not None:
+                    graphs.expert(slot, position)
+                else:
+                    self.model.run_expert(position, self.slots[slot])
+                launched[base + e] = slot
+        return launched
 
     def reweigh(self, layer: int, run: list[int], weights):
         """A lossy policy runs ``run`` instead: the model's own weighting of them."""
@@ -211,12 +237,14 @@ class OffloadEngine:
         return ()
 
     def launch_experts(self, token: int, layer: int, run: list[int], needs: list[Need]):
-        """Each expert made to wait on the GPU for its own copy, then launched into its top-k position
-        (the next front graph combines them)."""
-        m, copies, key_slot, graphs = self.model, self.copies, self.cache.key_slot, self._graphs
+        """Each expert not launched already (``_launch_resident``) made to wait on the GPU for its own
+        copy, then launched into its top-k position (the next front graph combines them)."""
+        m, copies, key_slot, graphs, early = self.model, self.copies, self.cache.key_slot, self._graphs, self._early
         base = layer * self.shape.num_experts
-        used = []
+        used = list(early.values())
         for key, job in needs:
+            if key in early:
+                continue
             if job is not None:
                 copies.make_ready(job)
             slot = key_slot[key]
