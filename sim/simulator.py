@@ -314,7 +314,11 @@ class _WindowClock(_Clock):
                 self._record_copy(lane, job)
 
     def _advance(self, t: int) -> None:
-        self._complete_until((t, _AFTER_ALL))
+        ends = self._ends
+        if ends and ends[0][0] <= t:
+            self._complete_until((t, _AFTER_ALL))
+        else:
+            self.now = t
 
     def _flush(self):
         if self.pending:
