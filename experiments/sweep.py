@@ -349,7 +349,14 @@ def _plan(args) -> tuple[SweepSpec, list[RunConfig], list[dict[str, str]], list[
     spec = build_spec(args.overrides, args.config)
     grid = spec.grid()
     validate_grid(grid)
-    inputs = [row_inputs(cfg) for cfg in grid]
+    # A row's inputs depend on its trace, hardware (with overrides) and policy only: digest each once.
+    by_source: dict[tuple, dict[str, str]] = {}
+    inputs = []
+    for cfg in grid:
+        source = (cfg.trace, cfg.hardware, tuple(sorted(cfg.hardware_overrides().items())), cfg.policy)
+        if source not in by_source:
+            by_source[source] = row_inputs(cfg)
+        inputs.append(by_source[source])
     return spec, grid, inputs, [config_hash(cfg, i) for cfg, i in zip(grid, inputs)]
 
 
