@@ -22,9 +22,8 @@ command with exit code 1 and one line per configuration, after every table is wr
 ``record``, ``profile``, predictor training as ``train_gate`` and ``make_tracks`` do it, and
 ``measure_policies``), calling the same library functions (``real.bench``) and sharing the model and
 the recordings between the steps: the fully-on-GPU reference (a session of its own, ``references-<name>``;
-OUT/engine.csv) and HF parity (OUT/hf_parity.json), the recorded
-decode with its tracks and the training slice (OUT/<name>-trace.npz, OUT/<name>-train-trace.npz,
-OUT/correctness.csv), on a GPU this GPU's profile (OUT/<gpu>-measured.yaml), the predictors' recall
+OUT/engine.csv) and HF parity (OUT/hf_parity.json), the recorded decode with its tracks and the training
+slice (OUT/<name>-trace.npz, OUT/<name>-train-trace.npz, OUT/correctness.csv), on a GPU this GPU's profile (OUT/<gpu>-measured.yaml), the predictors' recall
 (OUT/gate_recall.csv, the gate in --work), and every policy at every cache size in the engine, with the
 all-resident engine in the same rounds (session ``live-<name>``; OUT/engine.csv, OUT/correctness.csv), and
 in the simulator (OUT/policies.csv). ``replay`` replays a trace's requests after its leading quarter, which
