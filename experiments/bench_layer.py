@@ -38,7 +38,6 @@ last.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -48,64 +47,17 @@ import torch
 
 from offload.session import RunSettings
 from policies.registry import resolve_policy
+from real.bench.kernel_timing import Clock, bench_shape, graphed
 from real.engine import OffloadEngine
 from real.shape_model import random_model
-from traces import ModelShape, load_shape, load_trace
+from traces import ModelShape
 
-TRAINED_TRACE = Path(__file__).resolve().parents[1] / "traces" / "moe-lm-h100.npz"
 SMOKE_SHAPE = ModelShape("tiny", 3, 6, 2, 32, 48, 4, 2, 8, 64)
 IMPLS = ("masked_window", "sdpa", "sdpa+compiled")
 SMOKE_IMPLS = ("masked_window", "sdpa")          # compiling on a CPU takes half a minute
 METRICS = ("front_us", "attention_router_us", "attention_us", "router_us", "expert_us", "combine_us", "layer_device_us",
            "engine_layer_us", "host_us", "engine_tok_s", "resident_tok_s", "bound_tok_s")
 SHAPE_SECONDS = {"moe-lm": 40, "gpt-oss-20b": 30, "mixtral-8x7b": 30}   # build + measure, on an H100/H200
-
-
-def _shape(name: str, layers: int) -> ModelShape:
-    """``moe-lm``: the trained model's shape, from its committed trace; a shape name of traces/shapes
-    keeps its first ``layers`` layers (the rest would only repeat them)."""
-    if name == "moe-lm":
-        return load_trace(TRAINED_TRACE).model
-    return dataclasses.replace(load_shape(name), num_layers=layers)
-
-
-class Clock:
-    """Device time per call of ``fn`` (CUDA events around ``n`` back-to-back calls) or, on the CPU,
-    host time."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def us(self, fn, n: int) -> float:
-        if not self.cuda:
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            return (time.perf_counter() - start) / n * 1e6
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / n * 1e3
-
-
-def _graphed(fn, cuda: bool):
-    """``fn`` as a replayable CUDA graph (warmed up first), or ``fn`` itself on the CPU."""
-    if not cuda:
-        return fn
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def bandwidth_GBps(device: torch.device, clock: Clock, MiB: int) -> float:
@@ -157,9 +109,9 @@ class Bench:
             self.expert = lambda: expert_graphs.expert(first, 0)
         else:       # the CPU: the same arithmetic, launched eagerly
             self.expert = lambda: m.expert(self.x, m.expert_blobs[self.layer, 0], out=m.expert_out[0])
-        self.combine = _graphed(lambda: m.moe_sum(self.layer - 1, self.h, self.x, self.ids, self.weights,
+        self.combine = graphed(lambda: m.moe_sum(self.layer - 1, self.h, self.x, self.ids, self.weights,
                                                   m.expert_out), cuda)
-        self.router = _graphed(lambda: m.route_with_probs(self.layer, self.h), cuda)
+        self.router = graphed(lambda: m.route_with_probs(self.layer, self.h), cuda)
         self.head = lambda: m.final(m.embed(1)).argmax(-1)
 
     def _warm_engine(self) -> None:
@@ -182,8 +134,8 @@ class Bench:
         m = self.resident
         length = next(b for b in m.context_buckets if b >= context)
         if length not in self._graphs:
-            self._graphs[length] = (_graphed(lambda: m.attention_at(self.layer, self.h, length), self.cuda),
-                                    _graphed(lambda: m.front_at(self.layer, self.h, length), self.cuda))
+            self._graphs[length] = (graphed(lambda: m.attention_at(self.layer, self.h, length), self.cuda),
+                                    graphed(lambda: m.front_at(self.layer, self.h, length), self.cuda))
         return self._graphs[length]
 
     def _front(self, pos: int):
@@ -280,7 +232,7 @@ def main(argv=None) -> pd.DataFrame:
         if not torch.cuda.is_available():
             raise SystemExit("error: no CUDA device; run with --smoke for the CPU check")
         device, dtype = torch.device("cuda"), torch.bfloat16
-        shapes = [_shape(name, args.layers) for name in args.shapes.split(",")]
+        shapes = [bench_shape(name, args.layers) for name in args.shapes.split(",")]
         contexts = [int(c) for c in args.contexts.split(",")]
         budget = sum(SHAPE_SECONDS.get(s.name, 60) for s in shapes) * args.repeats / 5
         print(f"expected time: about {budget / 60:.1f} min ({len(shapes)} shapes, {args.repeats} repeats)", flush=True)

@@ -8,6 +8,8 @@ the defaults in ``real/`` are chosen from.
   weight bytes it streams per microsecond beside it;
 - ``attention``: SDPA of one query over a context bucket under the additive position mask, per SDPA
   backend (cuDNN, memory-efficient, math; flash takes no mask), at bucket lengths 64 / 256 / 2048;
+- ``timeline``: the all-resident engine's GPU timeline per layer (torch.profiler): busy, idle after a
+  routing read-back until the next kernel (the host's turnaround), other idle;
 - ``host``: where the all-resident engine's host time per layer goes, from host clock stamps around
   the calls of one layer turn: waiting for the routing (the read-back's copy and synchronisation),
   the host's work from the routing to the first expert launch (the controller's ``begin_layer`` and
@@ -34,9 +36,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from experiments.bench_layer import Clock, _graphed, _shape
 from offload.session import RunSettings
 from policies.registry import resolve_policy
+from real.bench.kernel_timing import Clock, bench_shape, graphed
 from real.engine import OffloadEngine
 from real.layer_ops import swiglu
 from real.shape_model import random_model
@@ -68,7 +70,7 @@ def expert_variants(shape: ModelShape, clock: Clock, replays: int, repeats: int)
     graphs = {}
     for name, fn in variants.items():
         err = float((fn().float() - want).abs().max() / want.abs().max())
-        graphs[name] = (_graphed(fn, True), err)
+        graphs[name] = (graphed(fn, True), err)
     rows = []
     for _ in range(repeats):
         for name, (graph, err) in graphs.items():
@@ -98,7 +100,7 @@ def attention_variants(shape: ModelShape, clock: Clock, replays: int, repeats: i
                 with sdpa_kernel(backend):
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(1, 1, 1, -1))
             try:
-                graphs[(length, name)] = _graphed(fn, True)
+                graphs[(length, name)] = graphed(fn, True)
             except RuntimeError as err:            # a backend that refuses these inputs
                 print(f"attention {shape.name} {length} {name}: {str(err).splitlines()[0]}", flush=True)
     rows = []
@@ -169,6 +171,51 @@ def host_path(shape: ModelShape, device: torch.device, dtype: torch.dtype, steps
     return rows
 
 
+def gpu_timeline(shape: ModelShape, steps: int, repeats: int) -> list[dict]:
+    """The all-resident engine's GPU timeline (torch.profiler, kernels and copies), per layer: time the
+    GPU computes, time it idles after a routing read-back until its next kernel (the host's turnaround:
+    waking from the synchronisation, its work up to the first expert launch, the launch's latency),
+    and every other idle time (the GPU waiting for a launch the host has not made yet)."""
+    from torch.profiler import ProfilerActivity, profile
+    model = random_model(shape, "cuda", torch.bfloat16, max_len=256)
+    engine = OffloadEngine(model, shape, resolve_policy("lru"), RunSettings(shape.num_experts))
+    rows = []
+    for repeat in range(repeats + 1):               # the first is warm-up
+        model.reset()
+        tok = 1
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for pos in range(steps):
+                tok, _ = engine._timed_step(tok, pos)
+            torch.cuda.synchronize()
+        if repeat == 0:
+            continue
+        spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA)
+        busy = turnaround = other = 0.0
+        end = spans[0][1]
+        after_readback = "DtoH" in spans[0][2] or "Device -> Pinned" in spans[0][2]
+        busy += spans[0][1] - spans[0][0]
+        for start, stop, name in spans[1:]:
+            gap = start - end
+            if gap > 0:
+                if after_readback:
+                    turnaround += gap
+                else:
+                    other += gap
+            busy += max(0.0, stop - max(start, end))
+            if stop > end:
+                end = stop
+                after_readback = "DtoH" in name or "Device -> Pinned" in name
+        layers = steps * shape.num_layers
+        wall = spans[-1][1] - spans[0][0]
+        rows += [{"part": "timeline", "shape": shape.name, "variant": "lru-all-resident", "metric": k,
+                  "value": v / layers} for k, v in (("gpu_busy_us", busy), ("turnaround_idle_us", turnaround),
+                                                    ("other_idle_us", other), ("wall_us", wall))]
+        rows.append({"part": "timeline", "shape": shape.name, "variant": "lru-all-resident",
+                     "metric": "kernels_per_layer", "value": len(spans) / layers})
+    return rows
+
+
 def summarise(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     grouped = frame.groupby(["part", "shape", "variant", "metric"], sort=False)["value"]
@@ -185,6 +232,7 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--replays", type=int, default=50)
     p.add_argument("--steps", type=int, default=64, help="decode steps per host-path repeat")
     p.add_argument("--smoke", action="store_true", help="the host part only, a tiny shape on the CPU")
+    p.add_argument("--parts", default="expert,attention,host,timeline", help="which parts to measure (GPU)")
     args = p.parse_args(argv)
     rows: list[dict] = []
     if args.smoke:
@@ -192,13 +240,18 @@ def main(argv=None) -> pd.DataFrame:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("error: no CUDA device; run with --smoke for the CPU check")
-        clock = Clock(True)
+        clock, parts = Clock(True), set(args.parts.split(","))
         for name in args.shapes.split(","):
-            shape = _shape(name, 2)
-            rows += expert_variants(shape, clock, args.replays, args.repeats)
-            rows += attention_variants(shape, clock, args.replays, args.repeats)
+            shape = bench_shape(name, 2)
+            if "expert" in parts:
+                rows += expert_variants(shape, clock, args.replays, args.repeats)
+            if "attention" in parts:
+                rows += attention_variants(shape, clock, args.replays, args.repeats)
             print(f"{name}: kernels measured", flush=True)
-        rows += host_path(_shape("moe-lm", 2), torch.device("cuda"), torch.bfloat16, args.steps, args.repeats)
+        if "host" in parts:
+            rows += host_path(bench_shape("moe-lm", 2), torch.device("cuda"), torch.bfloat16, args.steps, args.repeats)
+        if "timeline" in parts:
+            rows += gpu_timeline(bench_shape("moe-lm", 2), min(args.steps, 32), args.repeats)
     summary = summarise(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
