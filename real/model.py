@@ -269,7 +269,7 @@ class MoEModel:
         if not isinstance(weights, torch.Tensor):
             weights = torch.tensor(list(weights), dtype=self.weights_dtype)
         if self._graphs is not None:
-            self._graphs.set_run(layer, self._bucket, experts, weights)
+            self._graphs.set_run(layer, experts, weights)
         else:
             self._runs[layer] = (torch.tensor([list(experts)], device=self.device),
                                  weights.to(self.device).reshape(1, -1))
