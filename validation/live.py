@@ -38,6 +38,9 @@ def live_inputs(sl: Slice, device: torch.device, dtype: torch.dtype) -> tuple[Mo
     if sl.corpus and not Path(sl.corpus).is_dir():
         raise ScenarioError(f"slice {sl.name}: corpus {sl.corpus} is not a directory; pass the text corpus "
                             f"(../shared/data/corpus) with --corpus")
+    if sl.gate is not None and not Path(sl.gate).is_dir():      # checked here: --predict-only needs no gate
+        raise ScenarioError(f"slice {sl.name}: gate {sl.gate} is not a directory (train one with python -m "
+                            f"experiments.train_gate)")
     max_len = sl.prompt_len + sl.new_tokens + 1
     if sl.model == "random":
         shape = sl.model_shape()

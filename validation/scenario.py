@@ -218,8 +218,6 @@ def _slice(name: Any, body: Any, fail, base: Path = Path(".")) -> Slice:
         raise fail(f"{where}: a live slice needs 'model' (a checkpoint directory, or 'random' with 'shape')")
     if s.mode == "live" and s.model == "random" and not s.shape:
         raise fail(f"{where}: model 'random' needs 'shape'")
-    if s.gate is not None and not Path(s.gate).is_dir():
-        raise fail(f"{where}: gate {s.gate} is not a directory (train one with python -m experiments.train_gate)")
     if s.trace is not None and not Path(s.trace).is_file():
         raise fail(f"{where}: trace {s.trace} does not exist")
     shape = None
