@@ -77,15 +77,18 @@ class Inputs:
         save_trace(dataclasses.replace(inputs.timed, **bare), self.folder / "timed.npz")
         save_trace(dataclasses.replace(inputs.train, **bare), self.folder / "train.npz")
         atomic_write(self.folder / "inputs.json", lambda f: json.dump(
-            {"model_id": inputs.model_id, "mask": inputs.mask.astype(int).tolist()}, f))
+            {"model_id": inputs.model_id, "mask": inputs.mask.astype(int).tolist(), "gate_digest": inputs.gate_digest},
+            f))
 
     def load(self) -> SliceInputs | None:
         if not (self.folder / "inputs.json").is_file():
             return None
         meta = json.loads((self.folder / "inputs.json").read_text())
-        timed = load_trace(self.folder / "timed.npz")
-        return SliceInputs(timed.model, timed, load_trace(self.folder / "train.npz"), meta["model_id"],
-                           np.asarray(meta["mask"], dtype=bool))
+        timed, train = load_trace(self.folder / "timed.npz"), load_trace(self.folder / "train.npz")
+        # a live decode's requests are in its traces' metadata: they key its results as when measured
+        return SliceInputs(timed.model, timed, train, meta["model_id"], np.asarray(meta["mask"], dtype=bool),
+                           prompts=timed.meta.extra.get("prompts"), new_tokens=timed.meta.extra.get("new_tokens", 0),
+                           train_prompts=train.meta.extra.get("prompts"), gate_digest=meta.get("gate_digest"))
 
 
 def calibrated_profile(store: Store, scenario: Scenario, device_name: str) -> tuple[object, dict]:
@@ -172,8 +175,8 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
                     continue
                 pairs.append((result, predict(sl, inputs, result, profile, store)))
         if earlier:
-            notes.append(f"{sl.name}: {earlier} configurations measured by other engine code than this checkout's "
-                         f"(offload/ policies/ real/ traces/ changed since)" + (f"; {result['note']}" if result.get("note") else ""))
+            notes.append(f"{sl.name}: {earlier} configurations whose key this checkout does not reproduce (engine "
+                         f"code in offload/ policies/ real/ traces/ changed since, or a gate absent here)" + (f"; {result['note']}" if result.get("note") else ""))
     table = report.rows(pairs)
     out = store.out
     atomic_write(out / "validation.csv", lambda f: table.to_csv(f, index=False))

@@ -50,6 +50,7 @@ class SliceInputs:
     new_tokens: int = 0
     train_prompts: list[list[int]] | None = None   # live: the training text (calibration decodes it)
     predictors_at: object = None          # live: depth -> {name: live predictor}
+    gate_digest: str | None = None        # live: the lookahead gate's files (kept: --predict-only has no gate)
 
 
 def replay_inputs(sl: Slice) -> SliceInputs:
@@ -69,7 +70,9 @@ def engine_key(sl: Slice, inputs: SliceInputs, policy: str, slots: int) -> str:
     paths = ("trace", "shape", "model", "corpus", "gate")
     fields = {k: v for k, v in dataclasses.asdict(sl).items() if k not in ("policies", "cache_slots", "name", *paths)}
     trace = file_sha256(sl.trace) if sl.trace else None
-    gate = digest_files(sorted(Path(sl.gate).glob("*"))) if sl.gate else None
+    gate = None
+    if sl.gate:
+        gate = digest_files(sorted(Path(sl.gate).glob("*"))) if Path(sl.gate).is_dir() else inputs.gate_digest
     return digest({"slice": fields, "shape": inputs.shape.to_dict(), "trace": trace, "model": inputs.model_id,
                    "prompts": inputs.prompts, "gate": gate, "policy": Path(policy).name if ".py:" in policy else policy,
                    "policy_source": policy_sha256(policy), "cache_slots": slots, "code": engine_code()})

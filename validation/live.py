@@ -72,5 +72,6 @@ def live_inputs(sl: Slice, device: torch.device, dtype: torch.dtype) -> tuple[Mo
     at = live_predictors(model, vectors, gate, sl.prefetch_depth)
     timed, _ = compute_tracks(recorded, at(sl.prefetch_depth), sl.prefetch_depth, f"{sl.name}: recorded decode")
     inputs = SliceInputs(shape, timed, train, model_id, decode_mask(recorded, prompts), prompts=prompts,
-                         new_tokens=sl.new_tokens, train_prompts=train_text, predictors_at=at)
+                         new_tokens=sl.new_tokens, train_prompts=train_text, predictors_at=at,
+                         gate_digest=digest_files(sorted(Path(sl.gate).glob("*"))) if sl.gate else None)
     return model, inputs
