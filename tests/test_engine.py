@@ -87,13 +87,45 @@ def test_hidden_states_are_recorded_for_the_first_steps():
     assert trace.hidden_token_index.tolist() == [0, 1, 2, 3, 4]
 
 
-def test_shape_replay_forces_the_traces_routing():
+@pytest.mark.parametrize("device", DEVICES)
+def test_shape_replay_forces_the_traces_routing(device):
+    """The trace's experts run with its weights (``set_run``: on CUDA through the readout the front graph
+    combines from), the counts are the untimed replay's, and every cache size gives the same tokens."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     trace = synthetic_trace(num_tokens=30, num_layers=3, num_experts=6, top_k=2, num_requests=2, seed=4)
-    eng = OffloadEngine(model(), SHAPE, resolve_policy("lru"), RunSettings(cache_slots=3))
-    result = eng.replay(trace)
-    assert result.routing.experts == trace.experts.tolist()
+    runs = {}
+    for slots in (3, SHAPE.num_experts):
+        eng = OffloadEngine(model(device, dtype), SHAPE, resolve_policy("lru"), RunSettings(cache_slots=slots))
+        runs[slots] = eng.replay(trace)
+        assert runs[slots].routing.experts == trace.experts.tolist()
     replayed = replay_untimed(trace, resolve_policy("lru"), RunSettings(3))
-    assert (result.stats.hits, result.stats.misses) == (replayed.hits, replayed.misses)
+    assert (runs[3].stats.hits, runs[3].stats.misses) == (replayed.hits, replayed.misses)
+    assert runs[3].generated == runs[SHAPE.num_experts].generated
+
+
+class _Substitute:
+    """A lossy policy for the test: runs the expert after each routed one (mod E) instead."""
+    lossless = False
+
+    def execute(self, access):
+        return [(e + 1) % SHAPE.num_experts for e in access.experts]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lossy_substitution_runs_and_weighs_its_own_experts(device):
+    """A lossy policy's experts run with the model's weights for them (``weights_for`` on the router's
+    softmax, put where the combine reads them): what ran is recorded, and the arithmetic does not depend
+    on the cache size, so every size gives the same tokens, which differ from the lossless model's."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    lossy = type("Substitute", (_Substitute, resolve_policy("lru")), {})
+    runs = {slots: OffloadEngine(model(device, dtype), SHAPE, lossy, RunSettings(cache_slots=slots)).generate(
+        PROMPTS, NEW_TOKENS) for slots in (2, SHAPE.num_experts)}
+    small, full = runs[2], runs[SHAPE.num_experts]
+    assert small.generated == full.generated != reference_tokens(device, dtype)
+    assert small.stats.replaced > 0
+    for step_experts, step_weights in zip(full.routing.experts, full.routing.weights):
+        for experts, weights in zip(step_experts, step_weights):
+            assert len(set(experts)) == len(experts) and all(np.isfinite(weights))
 
 
 def test_cache_smaller_than_top_k_is_refused():
