@@ -163,7 +163,7 @@ class CacheView:
         # Bound query methods of the one cache: no copy of its state, no way to change it.
         self.scope = cache.scope
         self.state = cache.state
-        self.holds = cache.holds
+        self.holds = cache.key_slot.__contains__   # cache.holds without a Python frame: asked per prefetch request
         self.is_resident = cache.is_resident
         self.is_evictable = cache.is_evictable
         self.evictable = cache.evictable
