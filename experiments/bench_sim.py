@@ -3,11 +3,13 @@
     python -m experiments.bench_sim                 # the default trace, a few policies and sizes
     python -m experiments.bench_sim --profile lru:4  # and where the time goes, for one of them
 
-Each case runs on the SimPy reference (``sim.simulator.simulate``) and, where the policy has a
-kernel, on the exact fast path (``sim.fast_path``). The fast path's cold start (importing numba, and
-the first call: compiling its kernels, or loading them from numba's disk cache) is reported apart
-from its warm runs. Besides the default trace's cases: the oracle with a deep prefetch window, and the
-lookahead policy on the committed trace with prediction tracks (``traces/moe-lm-h100.npz``).
+Each case runs on the reference (``sim.simulator.simulate(path="reference")``: the window clock for
+the engine's copy window, the default; SimPy for the ideal link, ``--copies-in-flight null``) and,
+where the policy has a kernel, on the exact fast path (``sim.fast_path``). The fast path's cold start
+(importing numba, and the first call: compiling its kernels, or loading them from numba's disk cache)
+is reported apart from its warm runs. Besides the default trace's cases: the oracle with a deep
+prefetch window, and the lookahead policy on the committed trace with prediction tracks
+(``traces/moe-lm-h100.npz``).
 
 Reference rows give the median over ``--repeat`` runs of layer-steps per wall second, its range, and
 per CPU second of this process (which other processes on a shared machine disturb less).
@@ -105,7 +107,7 @@ class _Timed:
 
 
 def _reference(trace, policy, hardware, settings, train, repeat: int) -> _Timed:
-    """``repeat`` timed runs on the SimPy reference; a short trace is run back to back per repeat."""
+    """``repeat`` timed runs on the reference; a short trace is run back to back per repeat."""
     def once():
         return simulate(trace, resolve_policy(policy), hardware, settings, train_trace=train, path="reference")
 

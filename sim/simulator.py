@@ -78,7 +78,7 @@ class SimResult:
     wall_s: float                     # the simulator's own speed, kept out of ``metrics``
     layer_steps: int
     timeline: Timeline | None = None
-    path: str = "reference"           # which model ran: "reference" (SimPy) or "fast" (sim.fast_path)
+    path: str = "reference"           # which model ran: "reference" (the clocks here) or "fast" (sim.fast_path)
 
     @property
     def layer_steps_per_wall_s(self) -> float:
@@ -382,7 +382,8 @@ class _WindowClock(_Clock):
                 if not q:
                     raise RuntimeError(f"copy of expert key {job.key} cannot start: no slot can be freed "
                                        f"(cache too small for the experts in use)")
-                self._complete_until(q[0].waiter)     # the window is full, or the copy needs what an in-flight one holds
+                # the window is full, or the copy needs the slot of one in flight
+                self._complete_until(q[0].waiter)
         return ()
 
     def finish_experts(self, token: int, layer: int, needs):
@@ -415,8 +416,9 @@ def simulate(trace: Trace, policy_cls: type[Policy], hardware: HardwareProfile, 
     and, on request, the event timeline.
 
     ``path``: ``auto`` takes the exact fast path (``sim.fast_path``: compiled hit/miss kernel and
-    closed-form timing) where one exists for the policy and no timeline is asked for, else the SimPy
-    reference; ``reference`` forces SimPy; ``fast`` demands the fast path (ValueError where there is
+    closed-form timing) where one exists for the policy and no timeline is asked for, else the
+    reference (the event model here: on SimPy for the ideal link, the window clock for the engine's copy
+    window); ``reference`` forces it; ``fast`` demands the fast path (ValueError where there is
     none). Both give identical results (``tests/test_fast_path.py``); ``SimResult.path`` says which ran.
     """
     if path not in SIM_PATHS:
