@@ -40,9 +40,8 @@ from pathlib import Path
 import torch
 
 from hardware.profile import load_hardware
-from real.bench.args import (DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
-                             existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_float,
-                             positive_int, resolved, slot_list)
+from real.bench.args import (add_measurement_args, DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
+                             existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_int, resolved, slot_list)
 from real.bench.engine_runs import exit_message
 from real.bench.policies import PolicyRuns, measure_policies
 from real.bench.predictor_suite import PredictorSettings, train_predictors
@@ -205,7 +204,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the profile the simulator uses")
     p.add_argument("--profile-name", type=file_name, help="the measured profile's name (default: <gpu>-measured)")
     p.add_argument("--accelerate-gpu-GiB", type=float, default=2.0)
-    _add_measurement_args(p)
+    add_measurement_args(p)
     p.set_defaults(check=_check_live, func=live)
     r = sub.add_parser("replay")
     r.add_argument("--trace", type=existing_file, default=str(DEFAULT_TRACE))
@@ -217,20 +216,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")
     r.add_argument("--out", required=True, type=Path)
-    _add_measurement_args(r)
+    add_measurement_args(r)
     r.set_defaults(check=_check_replay, func=replay)
     args = parser.parse_args(argv)
     args.check(sub.choices[args.mode], args)
     return args
-
-
-def _add_measurement_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repeats", type=positive_int, default=5,
-                   help="measured runs per configuration, interleaved; each figure is their median (1: one cold run "
-                        "each, no warm-up, for smoke use)")
-    p.add_argument("--deadline-s", type=positive_float,
-                   help="start no measurement round that would end later than this many seconds after the command "
-                        "started (the rounds done are the figures)")
 
 
 def main(argv=None) -> None:

@@ -33,8 +33,8 @@ import torch
 from hardware.profile import load_hardware
 from offload.predictors import predictor_name
 from policies.registry import resolve_policy
-from real.bench.args import (add_model_args, check_model_args, check_slots, existing_dir, existing_file,
-                             hardware_profile, non_negative_int, policy_list, positive_float, positive_int, resolved,
+from real.bench.args import (add_measurement_args, add_model_args, check_model_args, check_slots, existing_dir, existing_file,
+                             hardware_profile, non_negative_int, policy_list, positive_int, resolved,
                              slot_list)
 from real.bench.engine_runs import exit_message
 from real.bench.policies import PolicyRuns, measure_policies
@@ -74,12 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--timed-policy", default="lru",
                    help="its run at the smallest --slots also records layer timings and copy start/end")
-    p.add_argument("--repeats", type=positive_int, default=5,
-                   help="measured runs per configuration, interleaved; each figure is their median (1: one cold run "
-                        "each, no warm-up, for smoke use)")
-    p.add_argument("--deadline-s", type=positive_float,
-                   help="start no measurement round that would end later than this many seconds after the command "
-                        "started")
+    add_measurement_args(p)
     args = p.parse_args(argv)
     check_model_args(p, args)
     config, _ = read_config(args.model)

@@ -46,6 +46,7 @@ from real.engine import OffloadEngine
 from real.measurement import (CALIBRATION_ITERATIONS, ClockSampler, Config, Discipline, Measurement, Report, calibration_ms,
                               place_threads, steal_ms)
 from real.bench.engine_runs import EngineRuns
+from real.bench.table import NoiseFiles, update_sessions
 from real.shape_model import random_model
 from traces import load_shape, load_trace
 from traces.io import atomic_write
@@ -105,37 +106,6 @@ def configurations(pairs: list[tuple[str, int]], decode_core: int | None, quiet_
     elif ab == "quiet-gc":
         arms = [(decode_core, True), (decode_core, False)]
     return [Config({"policy": p, "cache_slots": s, "quiet_gc": gc_on}, core) for p, s in pairs for core, gc_on in arms]
-
-
-class Outputs:
-    """The session's rows in OUT's shared files (the module docstring), beside the other sessions'."""
-
-    def __init__(self, out: Path, session: str, settings: dict):
-        self.out, self.session, self.settings = out, session, settings
-        out.mkdir(parents=True, exist_ok=True)
-
-    def _others(self, name: str) -> pd.DataFrame:
-        path = self.out / name
-        if not path.exists():
-            return pd.DataFrame()
-        frame = pd.read_csv(path)
-        return frame[frame["session"] != self.session]
-
-    def write(self, report: Report) -> None:
-        for name, rows in (("noise_runs.csv", report.rows), ("noise_floor.csv", report.floor())):
-            if not rows:        # only the warm-up so far
-                continue
-            frame = pd.concat([self._others(name), pd.DataFrame([{"session": self.session, **r} for r in rows])],
-                              ignore_index=True)
-            atomic_write(self.out / name, lambda f: frame.to_csv(f, index=False))
-        update_sessions(self.out, self.session, {"settings": self.settings, **report.info, "warmups": report.warmups})
-
-
-def update_sessions(out: Path, key: str, entry: dict) -> None:
-    path = out / "noise_sessions.json"
-    sessions = json.loads(path.read_text()) if path.exists() else {}
-    sessions[key] = entry
-    atomic_write(path, lambda f: json.dump(sessions, f, indent=1, default=str))
 
 
 def host_probe(seconds: float, per_core_s: float, out: Path, period_s: float = 0.05) -> dict:
@@ -296,7 +266,7 @@ def measure(args, started: float) -> Report:
     print(f"{shape.name}: model built in {settings['model_build_s']} s; {len(configs)} configurations x "
           f"{args.repeats} repeats of {max_tokens} tokens", flush=True)
     discipline = Discipline(repeats=args.repeats, warmup=not args.no_warmup, rotate=not args.no_rotate)
-    outputs = Outputs(out, args.session, settings)
+    outputs = NoiseFiles(out, args.session, settings, floor_columns={})
     runs = replay_runs(model, shape, replayed, max_tokens, warmup_tokens)
     measurement = Measurement(runs, configs, discipline,
                               on_progress=outputs.write, deadline_s=args.deadline_s, started=started)

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from real.bench.args import add_model_args, add_prompt_args, check_model_args, positive_float, positive_int, resolved
+from real.bench.args import add_measurement_args, add_model_args, add_prompt_args, check_model_args, resolved
 from real.bench.engine_runs import exit_message
 from real.bench.references import accelerate_offload, hf_parity, measure_fully_on_gpu
 from real.bench.table import engine_table, write_resolved_config
@@ -38,10 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_prompt_args(p)
     p.add_argument("--accelerate-gpu-GiB", type=float, default=2.0,
                    help="GPU memory accelerate may use (0: skip that reference); CUDA only")
-    p.add_argument("--repeats", type=positive_int, default=5,
-                   help="measured runs of the fully-on-GPU model; its figure is their median (1: one cold run)")
-    p.add_argument("--deadline-s", type=positive_float,
-                   help="start no measured run that would end later than this many seconds after the command started")
+    add_measurement_args(p)
     args = p.parse_args(argv)
     check_model_args(p, args)
     if args.accelerate_gpu_GiB < 0:

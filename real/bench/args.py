@@ -131,6 +131,16 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=positive_int, default=64)
 
 
+def add_measurement_args(p: argparse.ArgumentParser) -> None:
+    """--repeats, --deadline-s: how the engine figures are measured (``real.measurement``)."""
+    p.add_argument("--repeats", type=positive_int, default=5,
+                   help="measured runs per configuration, interleaved; each figure is their median (1: one cold run "
+                        "each, no warm-up, for smoke use)")
+    p.add_argument("--deadline-s", type=positive_float,
+                   help="start no measurement round that would end later than this many seconds after the command "
+                        "started (the rounds done are the figures)")
+
+
 def check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Fills ``args.name`` and ``args.precision`` (the simulator's expert format for ``args.dtype``: fp16
     for float16, else bf16); ``p.error`` for a CUDA device that is not there."""

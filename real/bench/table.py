@@ -69,10 +69,14 @@ class NoiseFiles:
     ``experiments.noise``: OUT/noise_runs.csv, one row per run; OUT/noise_floor.csv, one row per
     configuration, ``real.measurement.floor_table``; OUT/noise_sessions.json, the settings, the machine's
     facts and the warm-ups), beside the other sessions' rows; measuring a session name again replaces its
-    rows. ``write(report)`` rewrites them atomically."""
+    rows. ``write(report)`` rewrites them atomically. ``floor_columns``: columns added to every floor row
+    (default ``quiet_gc``: the benchmark commands' engine decodes inside its frozen collector, the noise
+    command's quiet_gc arm; the noise command's configurations carry their own)."""
 
-    def __init__(self, out: Path, session: str, settings: dict):
+    def __init__(self, out: Path, session: str, settings: dict, floor_columns: dict | None = None):
         self.out, self.session, self.settings = Path(out), session, settings
+        self.floor_columns = {"quiet_gc": True} if floor_columns is None else floor_columns
+        self.out.mkdir(parents=True, exist_ok=True)
 
     def _others(self, name: str) -> pd.DataFrame:
         path = self.out / name
@@ -82,18 +86,22 @@ class NoiseFiles:
         return frame[frame["session"] != self.session]
 
     def write(self, report: Report) -> None:
-        # the engine decodes inside its frozen collector: the noise command's quiet_gc arm, on
-        floor = [{**row, "quiet_gc": True} for row in report.floor()]
+        floor = [{**row, **self.floor_columns} for row in report.floor()]
         for name, rows in (("noise_runs.csv", report.rows), ("noise_floor.csv", floor)):
             if not rows:        # only the warm-up so far
                 continue
             frame = pd.concat([self._others(name), pd.DataFrame([{"session": self.session, **r} for r in rows])],
                               ignore_index=True)
             atomic_write(self.out / name, lambda f, frame=frame: frame.to_csv(f, index=False))
-        path = self.out / "noise_sessions.json"
-        sessions = json.loads(path.read_text()) if path.exists() else {}
-        sessions[self.session] = {"settings": self.settings, **report.info, "warmups": report.warmups}
-        atomic_write(path, lambda f: json.dump(sessions, f, indent=1, default=str))
+        update_sessions(self.out, self.session, {"settings": self.settings, **report.info, "warmups": report.warmups})
+
+
+def update_sessions(out: Path, key: str, entry: dict) -> None:
+    """Set ``key``'s entry of OUT/noise_sessions.json (atomically), keeping the others."""
+    path = Path(out) / "noise_sessions.json"
+    sessions = json.loads(path.read_text()) if path.exists() else {}
+    sessions[key] = entry
+    atomic_write(path, lambda f: json.dump(sessions, f, indent=1, default=str))
 
 
 def print_rows(rows: list[dict], columns: list[str]) -> None:
