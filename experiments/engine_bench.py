@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from hardware.profile import load_hardware
-from real.bench.args import (add_measurement_args, DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
+from real.bench.args import (add_measurement_args, host_memory_error, DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
                              existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_int, resolved, slot_list)
 from real.bench.engine_runs import exit_message
 from real.bench.policies import PolicyRuns, measure_policies
@@ -164,6 +164,10 @@ def _check_replay(p: argparse.ArgumentParser, args) -> None:
     except (TraceError, ValueError) as e:
         p.error(str(e))
     error = check_slots(args.slots, args.shape_obj.top_k, args.shape_obj.num_experts, args.shape_obj.name)
+    if error:
+        p.error(error)
+    dtype_bytes = getattr(torch, args.dtype).itemsize if args.dtype else (2 if args.device == "cuda" else 4)
+    error = host_memory_error(args.shape_obj, dtype_bytes, args.device)
     if error:
         p.error(error)
     starts = args.replayed.request_starts

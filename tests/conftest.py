@@ -1,6 +1,14 @@
 import os
 
-from hypothesis import HealthCheck, settings
+# The tests' models are tiny: torch's intra-op threads only contend for the cores (on a loaded 2-core
+# machine a 16-element softmax took 11 ms with two threads, 5 us with one). Set before torch is imported;
+# subprocesses (the sweep's workers, the commands' CLI tests) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # CI has 2 cores and a time cap: a moderate number of examples, no deadline (shared machines jitter).
 settings.register_profile("ci", max_examples=40, deadline=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -136,3 +137,17 @@ def test_host_overlap_bench_runs_on_cpu(tmp_path):
     table = bench(["after", "--out", str(tmp_path), "--device", "cpu", "--prompts", "1", "--new-tokens", "4"])
     assert len(table) == 8 and (table["tokens_per_s"] > 0).all()
     assert (tmp_path / "host_overlap_after.csv").is_file()
+
+
+def test_a_shape_too_large_for_host_memory_is_refused_before_anything_is_built():
+    """A random-weight replay whose weights cannot fit in the host memory available is one line naming the
+    shape, the gigabytes and the fix (not an allocator's traceback half-way through building it)."""
+    import dataclasses
+    from real.bench.args import host_memory_error
+    from traces import ModelShape
+    tiny = ModelShape("tiny", 2, 4, 2, 8, 16, 2, 1, 4, 10)
+    assert host_memory_error(tiny, 4, "cpu") is None
+    huge = dataclasses.replace(tiny, name="huge", num_layers=10**6, hidden_size=4096, expert_intermediate_size=14336)
+    message = host_memory_error(huge, 2, "cuda")
+    if Path("/proc/meminfo").exists():
+        assert message is not None and "huge" in message and "GB of host memory" in message and "smaller shape" in message

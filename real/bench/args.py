@@ -141,6 +141,27 @@ def add_measurement_args(p: argparse.ArgumentParser) -> None:
                         "started (the rounds done are the figures)")
 
 
+def host_memory_error(shape, dtype_bytes: int, device: str) -> str | None:
+    """Why a random-weight model of ``shape`` would not fit in this machine's available host memory (its
+    experts live on the host; on a CPU every weight does), or None; None too where the available memory
+    cannot be read (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    experts = shape.num_layers * shape.num_experts * shape.expert_params
+    others = shape.num_layers * (shape.attention_params + shape.num_experts * shape.hidden_size) \
+        + 2 * shape.vocab_size * shape.hidden_size
+    need = dtype_bytes * (experts + (others if device == "cpu" else 0))
+    if need <= 0.9 * available:
+        return None
+    return (f"shape {shape.name}: its weights need {need / 1e9:.1f} GB of host memory in {8 * dtype_bytes}-bit "
+            f"(the experts{' and every other weight' if device == 'cpu' else ''}) and this machine has "
+            f"{available / 1e9:.1f} GB available; replay a smaller shape (--shape, or a trace of one), or use a "
+            f"machine with more memory")
+
+
 def check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Fills ``args.name`` and ``args.precision`` (the simulator's expert format for ``args.dtype``: fp16
     for float16, else bf16); ``p.error`` for a CUDA device that is not there."""
