@@ -115,10 +115,10 @@ def belady_hits(cfg: RunConfig) -> int:
     return _belady[key]
 
 
-# Rough wall seconds per layer-step on one core of the 2-core machine (the fast path 0.1-0.2 us, the SimPy
-# reference 15-50 us) and per configuration (the Belady bound, writing the row): what a sweep orders its
+# Rough wall seconds per layer-step on one core of the 2-core machine (the fast path 0.1-0.2 us, the
+# reference 15-30 us) and per configuration (the Belady bound, writing the row): what a sweep orders its
 # work by and bases its time estimate on before it has measured its own speed.
-_SECONDS_PER_STEP = {"fast": 2e-7, "reference": 3e-5}
+_SECONDS_PER_STEP = {"fast": 2e-7, "reference": 2e-5}
 _SECONDS_PER_CONFIG = 0.02
 
 
@@ -192,7 +192,7 @@ def validate_grid(configs: list[RunConfig]) -> None:
         _check_numbers(cfg)
         if cfg.sim_path not in ("auto", "reference"):
             raise ConfigError(f"sim_path={cfg.sim_path!r} is not valid; use auto (the exact fast path where "
-                              f"one exists) or reference (always SimPy)")
+                              f"one exists) or reference (always the reference model)")
         try:
             _settings(cfg)     # the run's own settings check: slots, mode, depth, prompt length
         except SettingsError as err:
