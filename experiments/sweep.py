@@ -45,6 +45,7 @@ from experiments.results import ResultStore, config_hash, row_inputs
 from experiments.runner import (ROW_COLUMNS, cached_trace, expected_seconds, hardware_for, record_timeline,
                                 run_config, share_traces, trace_slices, use_shared_traces, validate_grid)
 from hardware.profile import hardware_to_dict
+from offload.controller import PolicyError
 from policies.registry import crash_site, resolve_policy
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
@@ -156,7 +157,8 @@ def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> tuple[str | None,
     try:
         row, perf = run_config(cfg)
     except Exception as err:  # noqa: BLE001  (reported by name; the other configs go on)
-        site = crash_site(resolve_policy(cfg.policy), err)
+        # A value the controller refused left the policy by returning: the hook's site names the user's code.
+        site = err.site if isinstance(err, PolicyError) and err.site else crash_site(resolve_policy(cfg.policy), err)
         what = f"{type(err).__name__}: {' '.join(str(err).split())}"
         report = f"config {h} ({label}) failed at {site}: {what}\n\n{''.join(traceback.format_exception(err))}"
         with _whole_write():

@@ -47,11 +47,14 @@ class PolicyError(ValueError):
     integer, a victim of another scope or one in use, no victim for a demand fetch while one is
     evictable, a preload larger than the cache or pins that leave a layer no slot, an ``execute`` that
     is not top-k distinct expert ids). The message names the policy class, the hook, the value and the
-    rule it broke."""
+    rule it broke. ``site``: ``file:line in hook`` where the policy's class defines the hook (the
+    value left the policy there; no frame of the policy is on the stack any more), or None."""
 
     def __init__(self, policy: Policy, hook: str, value, rule: str):
         super().__init__(f"policy {type(policy).__name__}.{hook} returned {value!r}: {rule}")
         self.policy, self.hook, self.value = type(policy).__name__, hook, value
+        code = getattr(getattr(type(policy), hook, None), "__code__", None)
+        self.site = None if code is None else f"{code.co_filename}:{code.co_firstlineno} in {hook}"
 
 
 class OffloadController:
@@ -283,8 +286,11 @@ class OffloadController:
                               "(layer * num_experts + expert)") from None
         n = self.num_layers * self.num_experts
         if not 0 <= key < n:
+            # Past the end from a prefetch is, nearly always, a request for the layer after the last.
+            hint = ("; a prefetch past the last layer: request layer + 1 only while it is < num_layers"
+                    if hook == "prefetch" and key >= n else "")
             raise PolicyError(self.policy, hook, key, f"expert keys are in [0, {n}) "
-                              f"({self.num_layers} layers x {self.num_experts} experts); guard the last layer")
+                              f"({self.num_layers} layers x {self.num_experts} experts){hint}")
         return key
 
     def _checked_victim(self, victim, scope: int) -> int:

@@ -109,7 +109,7 @@ class NumpyKeys(LRU):
 
 @pytest.mark.parametrize("mode", ["per_layer", "global"])
 @pytest.mark.parametrize("policy, hook, rule", [
-    (NextLayerUnguarded, "prefetch", r"expert keys are in \[0, 24\).*guard the last layer"),
+    (NextLayerUnguarded, "prefetch", r"expert keys are in \[0, 24\).*a prefetch past the last layer"),
     (VictimOfAnotherLayer, "choose_victim", "the victim must be in the asked scope"),
     (VictimInUse, "choose_victim", "resident, unpinned and not in use"),
     (PrefetchGarbage, "prefetch", "expected a list of PrefetchRequest"),
@@ -131,6 +131,29 @@ def test_a_policy_that_breaks_a_rule_gets_one_error_naming_it(policy, hook, rule
             run(RunSettings(cache_slots=4 if mode == "per_layer" else 2, cache_mode=mode))
         assert f"policy {policy.__name__}.{hook} returned" in str(err.value)
     assert not INSERTED
+
+
+class VictimPastTheEnd(LRU):
+    def choose_victim(self, scope, cache, job):
+        return self.ctx.num_layers * self.ctx.num_experts
+
+
+class PrefetchNegative(LRU):
+    def prefetch(self, access):
+        return [PrefetchRequest(-1, access.step + 1)]
+
+
+@pytest.mark.parametrize("policy, hook", [(NextLayerUnguarded, "prefetch"), (VictimPastTheEnd, "choose_victim"),
+                                          (PrefetchNegative, "prefetch")])
+def test_an_out_of_range_key_hints_the_last_layer_only_for_a_prefetch_past_it_and_names_the_hook_site(policy, hook):
+    with pytest.raises(PolicyError, match=r"expert keys are in \[0, 24\)") as err:
+        simulate(TRACE, policy, H100, RunSettings(cache_slots=4))
+    past_the_last = policy is NextLayerUnguarded
+    assert ("a prefetch past the last layer" in str(err.value)) == past_the_last
+    assert "guard the last layer" not in str(err.value)
+    # The file and line of the class's hook: the controller's own frames say nothing of the user's code.
+    line = getattr(policy, hook).__code__.co_firstlineno
+    assert err.value.site == f"{__file__}:{line} in {hook}"
 
 
 def test_numpy_integer_keys_are_accepted_and_counted_as_their_ints():

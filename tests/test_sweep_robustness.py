@@ -71,6 +71,28 @@ def test_crashing_policy_names_file_line_and_hook_and_keeps_the_traceback(trace_
     assert list(pd.read_csv(out / "results.csv")["policy"]) == ["lru", "lru", f"{policy}:Crash", f"{policy}:Crash"]
 
 
+UNGUARDED = '''from policies import PrefetchRequest
+from policies.lru import LRU
+
+
+class Unguarded(LRU):
+    def prefetch(self, access):
+        base = (access.layer + 1) * self.ctx.num_experts
+        return [PrefetchRequest(base + e, access.step + 1) for e in access.experts]
+'''
+
+
+def test_a_refused_return_value_is_reported_at_the_users_hook_not_the_controller(trace_path, tmp_path, capsys):
+    policy = tmp_path / "unguarded.py"
+    policy.write_text(UNGUARDED)
+    code = main([f"trace={trace_path}", f"policy={policy}:Unguarded", "cache_slots=2", "max_tokens=100",
+                 "--out", tmp_path / "out", "--no-plots", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"at {policy}:6 in prefetch" in err and "controller.py" not in err
+    assert "a prefetch past the last layer" in err
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
