@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from experiments.config import SWEEP_KEYS, ConfigError, RunConfig
+from experiments.config import SWEEP_KEYS, ConfigError, RunConfig, policy_label
 from experiments.results import config_hash, row_inputs, trace_sha256
 from offload.cache import ExpertCache
-from offload.policy import check_params
+from offload.policy import PolicyContext, check_params
+from offload.predictors import predictor_for, predictor_name
 from policies.registry import resolve_policy
 from hardware.profile import HardwareProfile, load_hardware
 from sim.replay import replay_untimed
@@ -212,6 +213,46 @@ def validate_grid(configs: list[RunConfig]) -> None:
             ExpertCache(shape.num_layers, shape.num_experts, cfg.cache_slots, cfg.cache_mode, shape.top_k)
         except ValueError as err:
             raise ConfigError(f"model {shape.name}: {err}") from None
+    _check_policies_build(configs)
+
+
+# Default tracks to point a user at: the committed trace that holds them, and the command that adds them.
+_TRACKS_FIX = ("use a trace with prediction tracks (e.g. traces/moe-lm-h100.npz: lookahead, pregate, quasi) "
+               "or compute them from a recording: python -m experiments.make_tracks")
+
+
+def _check_policies_build(configs: list[RunConfig]) -> None:
+    """Each policy built as its runs will build it, once per (policy, parameters, trace slices, depth):
+    the prediction track it reads must be in the trace, and its constructor must not raise the
+    ValueError by which a policy refuses its inputs (no training slice, a parameter of the wrong type
+    or value); what fails here would fail every run of that configuration at its start. Any other
+    exception is a bug in the policy: its runs report it with the file, line and traceback."""
+    seen = set()
+    for cfg in configs:
+        key = (cfg.policy, cfg.policy_params, *_slice_key(cfg), cfg.prefetch_depth)
+        if key in seen:
+            continue
+        seen.add(key)
+        policy_cls = resolve_policy(cfg.policy)
+        params = dict(cfg.policy_params)
+        label = policy_label(cfg.policy, cfg.policy_params)
+        train, run = trace_slices(cfg)
+        track = predictor_name(policy_cls, params)
+        if track is not None and track not in run.predictions:
+            have = ", ".join(sorted(run.predictions)) or "none"
+            raise ConfigError(f"policy={label} reads the prediction track {track!r}, which {cfg.trace} does not "
+                              f"hold (it has: {have}); {_TRACKS_FIX}")
+        try:
+            predictor = predictor_for(policy_cls, params, cfg.prefetch_depth, trace=run)
+            copy_ns, layer_ns = hardware_for(cfg).prefetch_estimates(run.model, cfg.precision)
+            policy_cls(PolicyContext(run.model, cfg.cache_slots, _settings(cfg).cache_mode, cfg.prefetch_depth,
+                                     run, train, params, predictor=predictor, expert_copy_ns=copy_ns,
+                                     layer_compute_ns=layer_ns))
+        except ValueError as err:
+            slice_note = f" (train_fraction={cfg.train_fraction})" if train is None else ""
+            raise ConfigError(f"policy={label}{slice_note}: {err}") from None
+        except Exception:  # noqa: BLE001  (a bug in the policy, not its input: each run reports it with its traceback)
+            pass
 
 
 def _check_numbers(cfg: RunConfig) -> None:

@@ -216,3 +216,34 @@ def test_misspelt_policy_parameter_is_refused_before_anything_runs(trace_path, t
         "error: policy=lru: policy LRU has no parameter 'sed' (it declares: none); "
         "fix the name, or declare it in the class's `parameters`"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tokens, line", [
+    (["policy=lru,static", "train_fraction=0"],
+     "error: policy=static (train_fraction=0.0): policy 'static' learns from a training slice but none was given; "
+     "set train_fraction to a value in (0, 1)"),
+    (["policy=affinity", "train_fraction=0"],
+     "error: policy=affinity (train_fraction=0.0): policy 'affinity' learns from a training slice"),
+    (["policy=lookahead"],
+     "error: policy=lookahead reads the prediction track 'lookahead', which {trace} does not hold (it has: none); "
+     "use a trace with prediction tracks (e.g. traces/moe-lm-h100.npz: lookahead, pregate, quasi) or compute "
+     "them from a recording: python -m experiments.make_tracks"),
+    (["policy=mixtral-offloading", "policy.predictor=quasi"],
+     "error: policy=mixtral-offloading policy.predictor=quasi reads the prediction track 'quasi'"),
+    (["policy=oracle", "policy.cross_tokens=maybe"],
+     "error: policy=oracle policy.cross_tokens=maybe: policy oracle: cross_tokens='maybe' must be true or false"),
+])
+def test_what_would_fail_every_run_is_refused_before_anything_runs(trace_path, tmp_path, capsys, tokens, line):
+    out = tmp_path / "out"
+    code = main([f"trace={trace_path}", *tokens, "cache_slots=2", "--out", out, "--no-plots", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(line.format(trace=trace_path)), err
+    assert not out.exists()
+
+
+def test_train_fraction_zero_still_runs_the_policies_that_learn_nothing(trace_path, tmp_path, capsys):
+    code = main([f"trace={trace_path}", "policy=lru,belady,oracle", "train_fraction=0",
+                 "cache_slots=2", "max_tokens=100", "--out", tmp_path / "out", "--no-plots", "--workers", "1"])
+    assert code == 0, capsys.readouterr().err
+
