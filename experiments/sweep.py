@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import multiprocessing
 import os
 import shlex
@@ -39,7 +40,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from experiments.config import RunConfig, SweepSpec, valid_keys_text
+from experiments.config import RunConfig, SweepSpec, policy_label, valid_keys_text
 from experiments.overrides import build_spec
 from experiments.results import ResultStore, config_hash, row_inputs
 from experiments.runner import (ROW_COLUMNS, cached_trace, expected_seconds, hardware_for, record_timeline,
@@ -73,11 +74,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def describe(cfg: RunConfig, keys: list[str]) -> str:
-    shown = dict.fromkeys(["policy", "cache_slots", *keys])
+    """``policy=NAME policy.P=V cache_slots=N`` and the other ``keys``: every parameter given to the
+    policy is shown, varied or not (a single ``policy.cross_tokens=false`` changes the policy)."""
+    shown = dict.fromkeys(["cache_slots", *keys])
     values = cfg.to_dict()
-    parts = [f"{k}={values[k]}" for k in shown if k in values]
-    parts += [f"policy.{k}={v}" for k, v in cfg.policy_params if f"policy.{k}" in keys]
-    return " ".join(parts)
+    return " ".join([f"policy={policy_label(cfg.policy, cfg.policy_params)}",
+                     *(f"{k}={values[k]}" for k in shown if k in values and k != "policy")])
 
 
 class Interrupted(BaseException):
@@ -315,14 +317,15 @@ _SLOTS_MEANING = {"per_layer": "expert slots per MoE layer",
 def format_table(df, varying: list[str]) -> str:
     """Rows: policy (and any other varying key); columns: cache_slots; cells: tok/s | hit rate | % of Belady.
     The last line says what the slot counts mean in the table's cache mode(s)."""
-    # policy.NAME keys live in the one policy_params column.
-    others = [k if k in df.columns else "policy_params" for k in varying if k not in ("policy", "cache_slots")]
-    row_keys = list(dict.fromkeys(["policy", *others]))
+    # A row is a policy with the parameters given to it (the one policy_params column, JSON text), and
+    # any other varying key.
+    others = [k for k in varying if k in df.columns and k not in ("policy", "cache_slots", "policy_params")]
+    row_keys = ["policy", "policy_params", *others]
     slots = sorted(df["cache_slots"].unique())
     labels, cells = [], []
     for values, group in df.groupby(row_keys, sort=False, dropna=False):
-        values = values if isinstance(values, tuple) else (values,)
-        labels.append(" ".join([str(values[0]), *(f"{k}={v}" for k, v in zip(row_keys[1:], values[1:]))]))
+        labels.append(" ".join([policy_label(values[0], json.loads(values[1])),
+                                *(f"{k}={v}" for k, v in zip(row_keys[2:], values[2:]))]))
         by_slots = group.set_index("cache_slots")
         row = []
         for s in slots:

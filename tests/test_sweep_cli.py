@@ -6,7 +6,7 @@ import pytest
 
 from experiments.config import ConfigError, RunConfig, SweepSpec
 from experiments.overrides import build_spec, load_scenario, parse_override
-from experiments.sweep import DEFAULT_CONFIG, format_table
+from experiments.sweep import DEFAULT_CONFIG, describe, format_table
 from policies.registry import BASELINES
 from traces import DEFAULT_TRACE, save_trace, synthetic_trace
 
@@ -219,7 +219,10 @@ def test_table_has_policy_rows_and_slot_columns():
     assert lines[-1] == "slots = expert slots per MoE layer"
     params = format_table(df.assign(policy_params=['{"a": 1}', '{"a": 1}', '{"a": 2}', '{"a": 2}']),
                           ["policy", "cache_slots", "policy.a"])
-    assert 'lru policy_params={"a": 1}' in params
+    assert "lru policy.a=1 " in params and "belady policy.a=2 " in params
+    # A parameter given one value still changes the policy: its row says so.
+    one = format_table(df.assign(policy_params='{"cross_tokens": false}'), ["policy", "cache_slots"]).splitlines()
+    assert one[3].startswith("lru policy.cross_tokens=false ") and one[4].startswith("belady policy.cross_tokens=false ")
 
     # In global mode the count is still per layer, but the slots are one pool: the table says so.
     shared = format_table(df.assign(cache_mode="global"), ["policy", "cache_slots"]).splitlines()
@@ -235,3 +238,10 @@ def test_figure_axis_says_what_a_slot_count_means():
     assert _slots_label(per_layer) == "cache slots per layer"
     assert "shared globally" in _slots_label(shared)
     assert "global" in _slots_label(pd.concat([per_layer, shared]))
+
+
+def test_a_configuration_is_described_with_the_parameters_given_to_its_policy():
+    cfg = RunConfig(policy="oracle", cache_slots=5, policy_params=(("cross_tokens", False), ("depth", None)))
+    assert describe(cfg, []) == "policy=oracle policy.cross_tokens=false policy.depth=null cache_slots=5"
+    assert describe(RunConfig(policy="lru", cache_slots=4, pcie_GBps=25.0), ["policy", "pcie_GBps"]) == \
+        "policy=lru cache_slots=4 pcie_GBps=25.0"
