@@ -148,12 +148,15 @@ class ResultStore:
         paths = (self.perf_dir / f"{h}.json" for h in dict.fromkeys(hashes) if self.done(h))
         return pd.DataFrame([json.loads(p.read_text()) for p in paths if p.is_file()])
 
-    def collect(self, hashes: list[str], columns: list[str], resolved: dict | None = None) -> pd.DataFrame:
+    def collect(self, hashes: list[str], columns: list[str], resolved: dict | None = None,
+                perf_columns: list[str] = ()) -> pd.DataFrame:
         """The done rows among ``hashes`` as one table, written as results.csv / results.parquet
-        (sorted by policy in sweep order, then cache_slots), perf.csv and resolved_config.yaml."""
+        (sorted by policy in sweep order, then cache_slots), perf.csv and resolved_config.yaml. With no
+        row done the tables hold their header only (``columns``, ``perf_columns``), which pandas reads
+        as an empty table (an empty file it cannot read)."""
         done = [h for h in dict.fromkeys(hashes) if self.done(h)]
         rows = [self.read_row(h) for h in done]
-        df = pd.DataFrame(rows)
+        df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)
         if rows:
             extra = sorted(set(df.columns) - set(columns))
             df = df[[c for c in columns if c in df.columns] + extra]
@@ -164,6 +167,8 @@ class ResultStore:
         atomic_write(self.out / "results.csv", lambda f: df.to_csv(f, index=False))
         atomic_write(self.out / "results.parquet", lambda f: df.to_parquet(f, index=False), binary=True)
         perf = self.read_perf(done)
+        if perf.empty:
+            perf = pd.DataFrame(columns=list(perf_columns))
         atomic_write(self.out / "perf.csv", lambda f: perf.to_csv(f, index=False))
         if resolved is not None:
             atomic_write(self.out / "resolved_config.yaml",

@@ -37,6 +37,8 @@ METRIC_COLUMNS = [
     "stall_ms_per_token",
 ]
 ROW_COLUMNS = [*CONFIG_COLUMNS, *RUN_COLUMNS, *METRIC_COLUMNS, "config_hash"]
+# perf.csv's columns: the simulator's own speed on each configuration.
+PERF_COLUMNS = ["config_hash", "sim_path_ran", "wall_s", "layer_steps", "sim_layer_steps_per_wall_s"]
 
 _traces: dict[str, tuple[str, Trace]] = {}
 _slices: dict[tuple, tuple[Trace | None, Trace]] = {}
@@ -161,8 +163,7 @@ def run_config(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         belady_hit_fraction=result.metrics["hits"] / bound if bound else None,
         config_hash=h,
     )
-    perf = {"config_hash": h, "sim_path_ran": result.path, "wall_s": result.wall_s, "layer_steps": result.layer_steps,
-            "sim_layer_steps_per_wall_s": result.layer_steps_per_wall_s}
+    perf = dict(zip(PERF_COLUMNS, (h, result.path, result.wall_s, result.layer_steps, result.layer_steps_per_wall_s)))
     return row, perf
 
 

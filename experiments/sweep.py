@@ -43,8 +43,9 @@ from tqdm import tqdm
 from experiments.config import RunConfig, SweepSpec, policy_label, valid_keys_text
 from experiments.overrides import build_spec
 from experiments.results import ResultStore, config_hash, row_inputs
-from experiments.runner import (ROW_COLUMNS, cached_trace, expected_seconds, hardware_for, record_timeline,
-                                run_config, share_traces, trace_slices, use_shared_traces, validate_grid)
+from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, expected_seconds, hardware_for,
+                                record_timeline, run_config, share_traces, trace_slices, use_shared_traces,
+                                validate_grid)
 from hardware.profile import hardware_to_dict
 from offload.controller import PolicyError
 from policies.registry import crash_site, resolve_policy
@@ -411,8 +412,9 @@ def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, 
     failures = _run_all(pending, out, args.workers, varying)
 
     done = sum(store.done(h) for h in dict.fromkeys(hashes))
-    df = store.collect(hashes, ROW_COLUMNS, _resolved(spec, grid, done))
-    written = ["results.csv", "results.parquet", "perf.csv", "resolved_config.yaml"]
+    df = store.collect(hashes, ROW_COLUMNS, _resolved(spec, grid, done), PERF_COLUMNS)
+    tables = "results.csv, results.parquet, perf.csv" + ("" if len(df) else " (headers only: no configuration finished)")
+    written = [tables, "resolved_config.yaml"]
     if len(df) and not args.no_plots:
         from plots.figures import plot_hit_rate_vs_belady, plot_tokens_vs_slots
         plot_tokens_vs_slots(df, out / "tokens_vs_slots.png")

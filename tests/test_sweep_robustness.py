@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from experiments.config import ConfigError, RunConfig
-from experiments.runner import validate_grid
+from experiments.runner import PERF_COLUMNS, ROW_COLUMNS, validate_grid
 from experiments.sweep import main
 from offload.policy import Policy, check_params
 from policies.registry import PolicyLoadError, resolve_policy
@@ -91,6 +91,25 @@ def test_a_refused_return_value_is_reported_at_the_users_hook_not_the_controller
     assert code == 1
     assert f"at {policy}:6 in prefetch" in err and "controller.py" not in err
     assert "a prefetch past the last layer" in err
+
+
+def test_a_sweep_whose_every_configuration_fails_writes_readable_empty_tables(trace_path, tmp_path, capsys):
+    policy = tmp_path / "crash.py"
+    policy.write_text(CRASHING)
+    out = tmp_path / "out"
+    code = main([f"trace={trace_path}", f"policy={policy}:Crash", "cache_slots=2,3", "max_tokens=300",
+                 "--out", out, "--workers", "1"])
+    captured = capsys.readouterr()
+    assert code == 1
+    results, perf = pd.read_csv(out / "results.csv"), pd.read_csv(out / "perf.csv")
+    assert results.empty and list(results.columns) == ROW_COLUMNS
+    assert perf.empty and list(perf.columns) == PERF_COLUMNS
+    assert pd.read_parquet(out / "results.parquet").empty
+    assert (f"0 of 2 configurations in {out}/: results.csv, results.parquet, perf.csv "
+            f"(headers only: no configuration finished), resolved_config.yaml") in captured.out
+    # A finished run's perf records have those columns.
+    main([f"trace={trace_path}", "policy=lru", "cache_slots=2", "max_tokens=300", "--out", out, "--no-plots"])
+    assert sorted(pd.read_csv(out / "perf.csv").columns) == sorted(PERF_COLUMNS)
 
 
 def _children(pid: int) -> list[int]:
