@@ -40,7 +40,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from experiments.config import RunConfig, SweepSpec, policy_label, valid_keys_text
+from experiments.config import param_text, RunConfig, SweepSpec, policy_label, valid_keys_text
 from experiments.overrides import build_spec
 from experiments.results import ResultStore, config_hash, row_inputs
 from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, expected_seconds, hardware_for,
@@ -80,7 +80,18 @@ def describe(cfg: RunConfig, keys: list[str]) -> str:
     shown = dict.fromkeys(["cache_slots", *keys])
     values = cfg.to_dict()
     return " ".join([f"policy={policy_label(cfg.policy, cfg.policy_params)}",
-                     *(f"{k}={values[k]}" for k in shown if k in values and k != "policy")])
+                     *(f"{k}={param_text(values[k])}" for k in shown if k in values and k != "policy")])
+
+
+def _value_text(value) -> str:
+    """A table column's value as written on the command line: null for NaN (None in a column that also holds
+    numbers), 2 for 2.0 (an integer column widened to floats by such a NaN)."""
+    if isinstance(value, float):
+        if value != value:
+            return "null"
+        if value.is_integer():
+            return str(int(value))
+    return param_text(value)
 
 
 class Interrupted(BaseException):
@@ -326,7 +337,7 @@ def format_table(df, varying: list[str]) -> str:
     labels, cells = [], []
     for values, group in df.groupby(row_keys, sort=False, dropna=False):
         labels.append(" ".join([policy_label(values[0], json.loads(values[1])),
-                                *(f"{k}={v}" for k, v in zip(row_keys[2:], values[2:]))]))
+                                *(f"{k}={_value_text(v)}" for k, v in zip(row_keys[2:], values[2:]))]))
         by_slots = group.set_index("cache_slots")
         row = []
         for s in slots:

@@ -224,6 +224,10 @@ def test_table_has_policy_rows_and_slot_columns():
     one = format_table(df.assign(policy_params='{"cross_tokens": false}'), ["policy", "cache_slots"]).splitlines()
     assert one[3].startswith("lru policy.cross_tokens=false ") and one[4].startswith("belady policy.cross_tokens=false ")
 
+    # A varied key whose values include null (the ideal link) reads as on the command line, not nan / 2.0.
+    window = format_table(df.assign(copies_in_flight=[None, None, 2, 2]), ["policy", "cache_slots", "copies_in_flight"])
+    assert "lru copies_in_flight=null " in window and "belady copies_in_flight=2 " in window and "nan" not in window
+
     # In global mode the count is still per layer, but the slots are one pool: the table says so.
     shared = format_table(df.assign(cache_mode="global"), ["policy", "cache_slots"]).splitlines()
     assert "shared globally" in shared[-1] and "per MoE layer" not in shared[-1]
