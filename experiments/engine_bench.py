@@ -19,12 +19,15 @@ the first lossless run's (``replay``, whose routing is forced); a mismatch, or a
 command with exit code 1 and one line per configuration, after every table is written.
 
 ``live`` runs, in order, what the separate commands run one at a time (``experiments.references``,
-``record``, ``profile``, predictor training as ``train_gate`` and ``make_tracks`` do it, and
-``measure_policies``), calling the same library functions (``real.bench``) and sharing the model and
-the recordings between the steps: the fully-on-GPU reference (a session of its own, ``references-<name>``;
-OUT/engine.csv) and HF parity (OUT/hf_parity.json), the recorded decode with its tracks and the training
-slice (OUT/<name>-trace.npz, OUT/<name>-train-trace.npz, OUT/correctness.csv), on a GPU this GPU's profile (OUT/<gpu>-measured.yaml), the predictors' recall
-(OUT/gate_recall.csv, the gate in --work), and every policy at every cache size in the engine, with the
+``record``, predictor training as ``train_gate`` and ``make_tracks`` do it, and ``measure_policies``),
+calling the same library functions (``real.bench``) and sharing the model and the recordings between the
+steps: the fully-on-GPU reference (a session of its own, ``references-<name>``; OUT/engine.csv) and HF
+parity (OUT/hf_parity.json), the recorded decode with its tracks and the training slice
+(OUT/<name>-trace.npz, OUT/<name>-train-trace.npz, OUT/correctness.csv), the predictors' recall
+(OUT/gate_recall.csv, the gate in --work), this machine's profile calibrated as ``experiments.validate``
+calibrates (``validation.profile_fit.calibrate_and_fit``: the copy table, the kernels, hit/miss patterns,
+a live decode of training text and every asked policy's own host work and per-layer cost beside LRU's;
+OUT/<gpu>-measured.yaml, or cpu-measured.yaml, with OUT/calibration.json and OUT/profile_fit_notes.json), and every policy at every cache size in the engine, with the
 all-resident engine in the same rounds (session ``live-<name>``; OUT/engine.csv, OUT/correctness.csv), and
 in the simulator (OUT/policies.csv). ``replay`` replays a trace's requests after its leading quarter, which
 is the training slice, as the sweep does (session ``replay-<shape>``; OUT/engine.csv). Both write
@@ -45,7 +48,7 @@ from real.bench.args import (add_measurement_args, host_memory_error, DTYPES, ad
 from real.bench.engine_runs import exit_message
 from real.bench.policies import PolicyRuns, measure_policies
 from real.bench.predictor_suite import PredictorSettings, train_predictors
-from real.bench.recording import measure_all_resident, record_slices
+from real.bench.recording import record_slices
 from real.bench.references import accelerate_offload, hf_parity, measure_fully_on_gpu
 from real.bench.replay import replay_slices, shape_replay
 from real.bench.table import engine_table, write_resolved_config
@@ -53,10 +56,11 @@ from real.bench.text import held_out_prompts, load_text, score_sequences, train_
 from real.checkpoint import load_checkpoint, read_config
 from real.lookahead_gate import VAL_TOKENS
 from real.model import MoEModel
-from real.profile_hw import (measure_compute, measure_copies, measure_layer_overhead, measured_profile, profile_name,
+from real.profile_hw import (profile_name,
                              write_profile)
 from real.shape_model import random_model
 from sim.simulator import simulate
+from validation.profile_fit import calibrate_and_fit
 from traces import DEFAULT_TRACE, TraceError, load_shape, load_trace, save_trace
 from traces.io import atomic_write
 
@@ -81,7 +85,6 @@ def live(args) -> list[str]:
     parity = hf_parity(args.model, resident, prompts[0], resident_tokens[0])
     atomic_write(out / "hf_parity.json", lambda f: json.dump(parity, f, indent=1))
     print("hf parity", parity, flush=True)
-    compute = measure_compute(resident) if cuda else None
     del resident
     if cuda:
         torch.cuda.empty_cache()
@@ -92,27 +95,27 @@ def live(args) -> list[str]:
     del tensors
     recorded, train = record_slices(host, shape, name, prompts, train_text, args.new_tokens, resident_tokens, out)
 
-    # 3. The hardware profile the simulator uses (measured on a GPU; the named one on a CPU).
-    if cuda:
-        warm, _ = measure_all_resident(host, shape, recorded, train)     # a warm engine for the host overhead
-        compute.update(layer_overhead_us=measure_layer_overhead(warm, compute), precision=args.precision)
-        latency, copies = measure_copies(device)
-        profile = measured_profile(load_hardware(args.hardware), args.profile_name, torch.cuda.get_device_name(),
-                                   latency, copies, {name: compute})
-        hardware = write_profile(out / f"{args.profile_name}.yaml", profile)
-        print("profile", profile, flush=True)
-        del warm
-    else:
-        hardware = load_hardware(args.hardware)
-    estimates = hardware.prefetch_estimates(shape, args.precision)
-    print(f"prefetch estimates: expert copy {estimates[0] / 1e3:.1f} us, layer compute {estimates[1] / 1e3:.1f} us",
-          flush=True)
-
-    # 4. Predictors: default vectors and the lookahead gate learn from training-split text; tracks of
+    # 3. Predictors: default vectors and the lookahead gate learn from training-split text; tracks of
     #    the recorded (held-out) run let the simulator replay exactly what the live predictors say.
     predictors_at, tracked = train_predictors(host, args.model, args.corpus, recorded, args.predictor_settings,
                                               name, out, work)
     save_trace(tracked, out / f"{name}-trace.npz")
+
+    # 4. The hardware profile the simulator uses: this machine calibrated as experiments.validate calibrates
+    #    (copies, kernels, hit/miss patterns, a live decode of training text, and each policy's own host work
+    #    and per-layer cost beside LRU's, its predictors included), never from the runs it will predict.
+    settings = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy,
+                          args.repeats).settings
+    profile, calibration, notes = calibrate_and_fit(
+        host, shape, load_hardware(args.hardware), args.profile_name, args.precision, device, args.policies,
+        settings, min(args.slots), train, args.depth, predictors_at, train_text, args.new_tokens)
+    atomic_write(out / "calibration.json", lambda f: json.dump(calibration, f, default=str))
+    atomic_write(out / "profile_fit_notes.json", lambda f: json.dump(notes, f, indent=1, default=str))
+    hardware = write_profile(out / f"{args.profile_name}.yaml", profile)
+    print(f"profile -> {out / (args.profile_name + '.yaml')}", flush=True)
+    estimates = hardware.prefetch_estimates(shape, args.precision)
+    print(f"prefetch estimates: expert copy {estimates[0] / 1e3:.1f} us, layer compute {estimates[1] / 1e3:.1f} us",
+          flush=True)
     if cuda and args.accelerate_gpu_GiB:       # one run: seconds per token
         engine_table(out).add({
             "model": name, "mode": f"hf-accelerate-offload-{args.accelerate_gpu_GiB}GiB", "policy": "device_map",
@@ -145,8 +148,8 @@ def _check_live(p: argparse.ArgumentParser, args) -> None:
     error = check_slots(args.slots, config.top_k, config.num_experts, args.model)
     if error:
         p.error(error)
-    if args.device == "cuda":
-        args.profile_name = args.profile_name or profile_name(torch.cuda.get_device_name())
+    args.profile_name = args.profile_name or (profile_name(torch.cuda.get_device_name()) if args.device == "cuda"
+                                              else "cpu-measured")
     args.predictor_settings = PredictorSettings(
         depth=args.depth, gate_train_tokens=args.gate_train_tokens, gate_val_tokens=args.gate_val_tokens,
         vector_tokens=args.vector_tokens, recall_tokens=args.recall_tokens, gate_steps=args.gate_steps,
@@ -204,9 +207,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "OUT/<model>-<policy>-<slots>-timed.npz")
     p.add_argument("--work", type=Path, help="where the trained gate goes (default: --out)")
     p.add_argument("--hardware", type=hardware_profile, default="h100-pcie5",
-                   help="on a GPU: the profile whose unmeasured constants the measured one keeps; on a CPU: "
-                        "the profile the simulator uses")
-    p.add_argument("--profile-name", type=file_name, help="the measured profile's name (default: <gpu>-measured)")
+                   help="the profile whose unmeasured constants (the analytic model's) the calibrated one keeps")
+    p.add_argument("--profile-name", type=file_name,
+                   help="the calibrated profile's name (default: <gpu>-measured, or cpu-measured on a CPU)")
     p.add_argument("--accelerate-gpu-GiB", type=float, default=2.0)
     add_measurement_args(p)
     p.set_defaults(check=_check_live, func=live)

@@ -22,14 +22,18 @@ Units: ms for times unless a name says us.
 from __future__ import annotations
 
 import time
+import traceback
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
 from offload.policy import Policy
+from offload.predictors import policy_depth
 from offload.session import RunSettings
 from policies.lru import LRU
+from policies.registry import resolve_policy
 from real.engine import OffloadEngine
 from real.profile_hw import measure_compute
 from traces import ModelShape, Trace
@@ -146,3 +150,42 @@ def calibrate_model(model, shape: ModelShape, steps: int = 48, hardware=None,
     if live_prompts:
         patterns["resident-live"] = resident_live(model, shape, live_prompts, new_tokens)
     return {"compute": compute, "patterns": patterns}
+
+
+def calibrate_policies(model, shape: ModelShape, policies: Iterable[str], settings: Callable[[int], RunSettings],
+                       slots: int, train: Trace, prefetch_depth: int, predictors_at=None,
+                       train_prompts: list[list[int]] | None = None, new_tokens: int = 0) -> tuple[dict, dict]:
+    """(``decisions``, ``failed``) of the module docstring for ``policies`` (LRU, the baseline, first):
+    per policy ``decision_costs`` at ``slots`` on the training slice ``train`` (at most 64 of its tokens) and
+    ``resident_step_ms``, its all-resident decode beside LRU's (``train_prompts`` generated ``new_tokens``
+    each for a live model, else ``train`` replayed). ``settings(slots)``: the runs' settings; ``predictors_at
+    (depth)``: the live predictors at a depth (None: none). A policy whose calibration raises is left out
+    with its error in ``failed`` (its traceback printed), so that the others are still calibrated."""
+    decisions, resident, failed = {}, {}, {}
+    tokens = min(train.num_tokens, 64)
+    sample = train if train_prompts is not None else train.first_tokens(tokens)
+    twice = sample.repeat(2)         # each all-resident engine decodes its input twice
+    for policy in dict.fromkeys(["lru", *policies]):
+        cls = resolve_policy(policy)
+        predictors = predictors_at(policy_depth(cls, prefetch_depth)) if predictors_at else None
+        try:
+            decisions[policy] = decision_costs(model, shape, cls, settings(slots), train, predictors=predictors,
+                                               max_tokens=tokens)
+        except Exception as err:        # one policy's failure must not stop the others' calibration
+            traceback.print_exc()
+            failed[policy] = f"{type(err).__name__}: {err}"
+            print(f"calibration of {policy} failed ({failed[policy]}); its runs will say why", flush=True)
+            continue
+        resident[policy] = (lambda cls=cls, predictors=predictors: OffloadEngine(
+            model, shape, cls, settings(shape.num_experts), future=twice, train_trace=train, predictors=predictors))
+    if train_prompts is not None:      # a live model decodes its training text; a replay, its trace
+        decode = lambda engine: engine.generate(train_prompts, new_tokens)   # noqa: E731
+    else:
+        decode = lambda engine: engine.replay(sample)                        # noqa: E731
+    try:
+        for policy, ms in resident_step_ms(model, shape, resident, decode).items():
+            decisions[policy]["resident_step_ms"] = ms
+    except Exception as err:
+        traceback.print_exc()
+        failed["resident"] = f"{type(err).__name__}: {err}"
+    return decisions, failed

@@ -71,6 +71,13 @@ def test_live_flow_on_cpu(tmp_path, capsys):
     lossless = policies[policies["policy"].isin(["lru", "static", "belady"])]
     assert (lossless["hit_rate"] - lossless["sim_hit_rate"]).abs().max() < 1e-9
     assert policies.loc[policies["lossy"], "top1_agreement"].between(0, 1).all()
+    # the simulator's profile is this machine's, calibrated as experiments.validate calibrates: every asked
+    # policy's own host work beside LRU's (the broken one's failure recorded, not fatal)
+    profile = yaml.safe_load((out / "cpu-measured.yaml").read_text())
+    entry = profile["measured_compute"]["tiny-lm"]["bf16"]
+    assert {"MixtralOffloading", "Lookahead"} <= set(entry["decision_us"]) and "layer_overhead_us" in entry
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert "Broken" in str(calibration["failed"]) or "broken" in str(calibration["failed"])
     recall = pd.read_csv(out / "gate_recall.csv")
     assert set(recall["predictor"]) == {"pregate", "quasi", "lookahead", "lookahead-context", "affinity"}
     text = recall[recall["source"].str.contains("held-out text")]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from hardware.profile import HardwareProfile
 from offload.predictors import policy_depth
 from policies.registry import policy_sha256, resolve_policy
 from real.bench.engine_runs import EngineRuns
-from real.calibration import calibrate_model, decision_costs, resident_step_ms
+from real.calibration import calibrate_model, calibrate_policies
 from real.engine import OffloadEngine
 from real.measurement import Config, Discipline, Measurement, Report
 from real.profile_hw import measure_copies
@@ -139,38 +138,9 @@ class SliceMeasurement:
                               new_tokens=inputs.new_tokens)
         # each policy's host work per layer, and its all-resident step beside LRU's, on the training slice
         # (never the validated steps)
-        slots = min(self.sl.cache_slots)
-        decisions, resident = {}, {}
-        tokens = min(inputs.train.num_tokens, 64)
-        train = inputs.train if inputs.train_prompts is not None else inputs.train.first_tokens(tokens)
-        twice = train.repeat(2)         # each all-resident engine decodes its input twice
-        failed = {}
-        for policy in dict.fromkeys(["lru", *self.sl.policies]):
-            cls = resolve_policy(policy)
-            predictors = inputs.predictors_at(policy_depth(cls, self.sl.prefetch_depth)) if inputs.predictors_at else None
-            try:
-                decisions[policy] = decision_costs(model, inputs.shape, cls, self.sl.settings(slots), inputs.train,
-                                                   predictors=predictors, max_tokens=tokens)
-            except Exception as err:        # one policy's failure must not stop the others' calibration
-                traceback.print_exc()
-                failed[policy] = f"{type(err).__name__}: {err}"
-                print(f"{self.sl.name}: calibration of {policy} failed ({failed[policy]}); its runs will say why",
-                      flush=True)
-                continue
-            resident[policy] = (lambda cls=cls, predictors=predictors: OffloadEngine(
-                model, inputs.shape, cls, self.sl.settings(inputs.shape.num_experts), future=twice,
-                train_trace=inputs.train, predictors=predictors))
-        if inputs.train_prompts is not None:      # a live model decodes its training text; a replay, its trace
-            decode = lambda engine: engine.generate(inputs.train_prompts, inputs.new_tokens)   # noqa: E731
-        else:
-            decode = lambda engine: engine.replay(train)                                      # noqa: E731
-        try:
-            for policy, ms in resident_step_ms(model, inputs.shape, resident, decode).items():
-                decisions[policy]["resident_step_ms"] = ms
-        except Exception as err:
-            traceback.print_exc()
-            failed["resident"] = f"{type(err).__name__}: {err}"
-        del resident
+        decisions, failed = calibrate_policies(model, inputs.shape, self.sl.policies, self.sl.settings,
+                                               min(self.sl.cache_slots), inputs.train, self.sl.prefetch_depth,
+                                               inputs.predictors_at, inputs.train_prompts, inputs.new_tokens)
         found = {"key": key, "slice": self.sl.name, "shape": inputs.shape.to_dict(), "precision": self.sl.precision,
                  "device": _device_name(self.device), **raw, "decisions": decisions, "failed": failed,
                  "wall_s": round(time.monotonic() - began, 1)}

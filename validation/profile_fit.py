@@ -138,3 +138,30 @@ def fit_profile(base: HardwareProfile, name: str, device: str, copies: dict, cal
         notes[model] = model_notes
     hardware_from_dict(data, origin=name)       # raises HardwareProfileError naming the field
     return data, notes
+
+
+def calibrate_and_fit(model, shape: ModelShape, base: HardwareProfile, name: str, precision: str, device,
+                      policies, settings, slots: int, train, prefetch_depth: int, predictors_at=None,
+                      train_prompts=None, new_tokens: int = 0) -> tuple[dict, dict, dict]:
+    """One model's whole calibration on this machine, fitted: (the profile in the YAML layout, the raw
+    calibration, the fit's notes). The copy table (``real.profile_hw.measure_copies``), the model's
+    micro-benchmarks (``real.calibration.calibrate_model``, with a live model's training-text decode when
+    ``train_prompts`` are given) and ``policies``' host work and all-resident steps
+    (``real.calibration.calibrate_policies``, on the training slice ``train``), turned into constants by
+    ``fit_profile`` over ``base``. ``model``: a ``real.model.MoEModel`` with its experts on the host;
+    ``device``: the torch device it computes on."""
+    import torch
+    from real.calibration import calibrate_model, calibrate_policies
+    from real.profile_hw import measure_copies
+    cuda = device.type == "cuda"
+    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    latency_us, table = measure_copies(device, sizes_MiB=(0.25, 1, 4, 16, 64, 256) if cuda else (0.25, 1, 4))
+    copies = {"device": device_name, "copy_latency_us": latency_us,
+              "h2d_GBps_by_MiB": {str(k): v for k, v in table.items()}}
+    raw = calibrate_model(model, shape, live_prompts=train_prompts, new_tokens=new_tokens)
+    decisions, failed = calibrate_policies(model, shape, policies, settings, slots, train, prefetch_depth,
+                                           predictors_at, train_prompts, new_tokens)
+    calibration = {"shape": shape.to_dict(), "precision": precision, "device": device_name, **raw,
+                   "decisions": decisions, "failed": failed, "copies": copies}
+    data, notes = fit_profile(base, name, device_name, copies, [calibration])
+    return data, calibration, notes
