@@ -1,11 +1,11 @@
-"""Measure the hardware profile the simulator uses, on the machine at hand, in its YAML format.
+"""The hardware-profile micro-benchmarks the calibration builds on (``real.calibration``,
+``validation.profile_fit``), and the profile's name and file.
 
 - Copies: pinned host-to-device copies one at a time (as the engine issues them), timed with CUDA
   events around each copy, median of many; effective bandwidth = bytes / time, the same quantity
   as the profile's ``h2d_GBps_by_MiB`` table; the latency is a 4-byte copy's time.
 - Compute, for one model: attention at several context lengths, the router, one expert, with CUDA
-  events, medians; then the engine's own per-layer host overhead: a resident decode step's wall
-  time minus the GPU compute it launched, per layer.
+  events, medians (the engine's per-layer host overhead comes from the calibration's patterns).
 """
 from __future__ import annotations
 
@@ -118,25 +118,6 @@ def measure_compute(model, contexts=(0, 128, 512, 1024), repeats: int = 50, engi
             "expert_us": round(expert_ms * 1e3, 2), "token_overhead_us": round(token_ms * 1e3, 2)}
 
 
-def measure_layer_overhead(engine, compute: dict, steps: int = 32) -> float:
-    """Host time per layer that the GPU compute does not account for, from a resident engine run
-    (every expert in its slot): wall time per step minus the GPU work it launched, per layer."""
-    shape = engine.shape
-    engine.model.reset()
-    tok, pos = 1, 0
-    walls = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        logits = engine._step(tok, pos)
-        tok = int(logits.argmax(-1).reshape(-1)[0])
-        walls.append((time.perf_counter() - start) * 1e6)
-        pos += 1
-    ctx = sorted(compute["attention_us_by_ctx"])[0]
-    gpu = (compute["token_overhead_us"] + shape.num_layers * (
-        compute["attention_us_by_ctx"][ctx] + compute["router_us"] + shape.top_k * compute["expert_us"]))
-    return round(max(0.0, (statistics.median(walls) - gpu) / shape.num_layers), 2)
-
-
 def profile_name(device_name: str) -> str:
     """The name of a profile measured on the GPU ``device_name`` (``torch.cuda.get_device_name()``): its
     model, lower case, then ``-measured``: "NVIDIA H200" -> "h200-measured", "NVIDIA H100 80GB HBM3" ->
@@ -147,25 +128,6 @@ def profile_name(device_name: str) -> str:
         raise ValueError(f"device name {device_name!r} names no GPU model; pass the profile's name yourself")
     model = re.sub(r"[^a-z0-9]+", "-", words[0].lower()).strip("-")
     return f"{model}-measured"
-
-
-def measured_profile(base, name: str, device_name: str, copy_latency_us: float, h2d_GBps_by_MiB: dict,
-                     compute: dict[str, dict]) -> dict:
-    """A profile in the YAML layout (``hardware.profile.hardware_to_dict``): ``base``'s (a
-    ``HardwareProfile``) constants for what is not measured, the measured copy table (latency in us,
-    effective GB/s by copy size in MiB) in place of its link, and ``compute`` (by model name:
-    ``measure_compute``'s dict with ``layer_overhead_us`` and ``precision`` added) as its
-    ``measured_compute``. ``hardware.profile.hardware_from_dict`` validates the result."""
-    from hardware.profile import hardware_to_dict
-    profile = hardware_to_dict(base)
-    profile.update(name=name, copy_latency_us=copy_latency_us, h2d_GBps_by_MiB=h2d_GBps_by_MiB,
-                   description=f"{device_name}, measured by the engine commands (base: {base.name})",
-                   source="measured by python -m experiments.profile on this GPU: pinned H2D copies one at a "
-                          "time (CUDA events, median); compute per model from the engine's kernels")
-    profile.pop("pcie_GBps", None)
-    profile["measured_compute"] = {model: {c["precision"]: {k: v for k, v in c.items() if k != "precision"}}
-                                   for model, c in compute.items()}
-    return profile
 
 
 def write_profile(path, profile: dict):

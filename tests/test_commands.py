@@ -52,29 +52,14 @@ def test_profile_name_follows_the_gpu():
         profile_name("NVIDIA ")
 
 
-def test_measured_profile_keeps_the_base_constants_and_validates(tmp_path):
-    from hardware.profile import HardwareProfileError, load_hardware
-    from real.profile_hw import measured_profile, write_profile
-    base = load_hardware("h100-pcie5")
-    compute = {"attention_us_by_ctx": {0: 100.0, 128: 110.0}, "router_us": 5.0, "expert_us": 20.0,
-               "token_overhead_us": 30.0, "layer_overhead_us": 40.0, "precision": "bf16"}
-    profile = measured_profile(base, "h200-measured", "NVIDIA H200", 12.0, {1: 30.0, 16: 50.0}, {"m": compute})
-    hardware = write_profile(tmp_path / "h200-measured.yaml", profile)
-    assert hardware.name == "h200-measured" and hardware.hbm_GBps == base.hbm_GBps
-    assert load_hardware(tmp_path / "h200-measured.yaml") == hardware
-    assert "pcie_GBps" not in profile and "NVIDIA H200" in profile["description"]
+def test_write_profile_validates_before_writing(tmp_path):
+    from hardware.profile import HardwareProfileError, hardware_to_dict, load_hardware
+    from real.profile_hw import write_profile
+    profile = {**hardware_to_dict(load_hardware("h100-pcie5")), "name": "x-measured"}
+    profile.pop("pcie_GBps", None)
     with pytest.raises(HardwareProfileError):       # a negative bandwidth is refused, and nothing written
-        write_profile(tmp_path / "bad.yaml", {**profile, "h2d_GBps_by_MiB": {1: -5.0, 16: 50.0}})
+        write_profile(tmp_path / "bad.yaml", {**profile, "copy_latency_us": 10.0, "h2d_GBps_by_MiB": {1: -5.0, 16: 50.0}})
     assert not (tmp_path / "bad.yaml").exists()
-
-
-def test_profile_refuses_a_machine_without_cuda(tmp_path, capsys):
-    from experiments.profile import main
-    (tmp_path / "model").mkdir()
-    with pytest.raises(SystemExit) as exit_:
-        main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--device", "cpu"])
-    assert exit_.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +183,20 @@ def test_a_lossless_policy_whose_tokens_differ_is_reported(tiny_lm, tmp_path, ca
     correctness = pd.read_csv(out / "correctness.csv")
     assert correctness["identical_to_fully_on_gpu"].tolist() == [True, False, False]
     assert pd.read_csv(out / "policies.csv")["identical_tokens"].tolist() == [False]
+
+
+def test_profile_calibrates_this_machine_as_validate_does(tiny_lm, tmp_path):
+    """``experiments.profile`` on the CPU: the calibrated profile (copy table, the model's entry with its
+    per-layer overhead and copy wait, the base's analytic constants kept), the raw calibration beside it."""
+    import yaml
+    from experiments.profile import main
+    from hardware.profile import load_hardware
+    out = tmp_path / "profile"
+    hardware = main(["--model", str(tiny_lm), "--out", str(out), *CPU])
+    assert hardware.name == "cpu-measured" and load_hardware(out / "cpu-measured.yaml") == hardware
+    data = yaml.safe_load((out / "cpu-measured.yaml").read_text())
+    entry = data["measured_compute"]["tiny-lm"]["bf16"]
+    assert {"layer_overhead_us", "copy_wait_us", "expert_us", "attention_us_by_ctx"} <= set(entry)
+    assert data["hbm_GBps"] == load_hardware("h100-pcie5").hbm_GBps and data["h2d_GBps_by_MiB"]
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert {"hits", "misses", "resident-live"} <= set(calibration["patterns"]) and "lru" in calibration["decisions"]
