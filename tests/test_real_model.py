@@ -344,16 +344,17 @@ def test_combine_from_the_float32_readout_is_transformers_rule(saved, dtype):
 @torch.no_grad()
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_match_the_eager_path(saved):
-    """Attention + router captured as CUDA graphs per context bucket (position and mask on the device;
-    the decode crosses the 64-position bucket), and experts + combine as ExpertGraphs, give the eager
-    path's logits to float32 rounding and its greedy tokens; so does the masked-window baseline."""
+    """The front graphs (the previous combine, attention + router per context bucket: position and mask on
+    the device; the decode crosses the 64-position bucket), the back graph and the experts as ExpertGraphs
+    give the eager path's logits to float32 rounding and its greedy tokens; so does the masked-window
+    baseline."""
     family, _, path = saved
     cfg, tensors = load_checkpoint(path, dtype=torch.float32)
     eager = MoEModel(cfg, tensors, device="cuda", dtype=torch.float32, max_len=128)
     graphed = MoEModel(cfg, tensors, device="cuda", dtype=torch.float32, max_len=128)
     window = MoEModel(cfg, tensors, device="cuda", dtype=torch.float32, max_len=128, attention_impl="masked_window")
     assert graphed.capture_graphs() and graphed.graphed and not eager.graphed and window.capture_graphs()
-    assert graphed._resident_experts is not None          # experts and combine run as graphs too
+    assert graphed.resident_expert_graphs is not None     # the experts run as graphs too
     assert _rel_err(_step_logits(graphed, SEQ), _step_logits(eager, SEQ)) < 1e-5, family
     assert _rel_err(_step_logits(window, SEQ), _step_logits(eager, SEQ)) < 1e-5, family
     tokens = eager.generate_greedy(SEQ[:5], 80)
