@@ -104,11 +104,10 @@ def live(args) -> list[str]:
     # 4. The hardware profile the simulator uses: this machine calibrated as experiments.validate calibrates
     #    (copies, kernels, hit/miss patterns, a live decode of training text, and each policy's own host work
     #    and per-layer cost beside LRU's, its predictors included), never from the runs it will predict.
-    settings = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy,
-                          args.repeats).settings
+    runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy, args.repeats)
     profile, calibration, notes = calibrate_and_fit(
         host, shape, load_hardware(args.hardware), args.profile_name, args.precision, device, args.policies,
-        settings, min(args.slots), train, args.depth, predictors_at, train_text, args.new_tokens)
+        runs.settings, min(args.slots), train, args.depth, predictors_at, train_text, args.new_tokens)
     atomic_write(out / "calibration.json", lambda f: json.dump(calibration, f, default=str))
     atomic_write(out / "profile_fit_notes.json", lambda f: json.dump(notes, f, indent=1, default=str))
     hardware = write_profile(out / f"{args.profile_name}.yaml", profile)
@@ -124,7 +123,6 @@ def live(args) -> list[str]:
 
     # 5. Every policy at every cache size and the all-resident engine, interleaved in one session; each
     #    policy also predicted by the simulator.
-    runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy, args.repeats)
     problems += measure_policies(host, shape, name, tracked, train, resident_tokens, runs, hardware, predictors_at,
                                  score_sequences(tok, domains, args.score_seqs, args.score_len), out,
                                  lambda cls, settings: simulate(tracked, cls, hardware, settings, train_trace=train),

@@ -210,16 +210,13 @@ class OffloadEngine:
         protects them, and ``launch_experts`` releases their slots with the others. A lossless policy
         runs exactly the routed experts, and these are its hits; a lossy one may substitute, so
         its experts wait for ``launch_experts``."""
-        key_slot, slot_state, graphs = self.cache.key_slot, self.cache.slot_state, self._graphs
+        key_slot, slot_state = self.cache.key_slot, self.cache.slot_state
         base = layer * self.shape.num_experts
         launched = {}
         for position, e in enumerate(experts):
             slot = key_slot.get(base + e)
             if slot is not None and slot_state[slot] == RESIDENT:
-                if graphs is not None:
-                    graphs.expert(slot, position)
-                else:
-                    self.model.run_expert(position, self.slots[slot])
+                self._launch(slot, position)
                 launched[base + e] = slot
         return launched
 
@@ -239,7 +236,7 @@ class OffloadEngine:
     def launch_experts(self, token: int, layer: int, run: list[int], needs: list[Need]):
         """Each expert not launched already (``_launch_resident``) made to wait on the GPU for its own
         copy, then launched into its top-k position (the next front graph combines them)."""
-        m, copies, key_slot, graphs, early = self.model, self.copies, self.cache.key_slot, self._graphs, self._early
+        copies, key_slot, early = self.copies, self.cache.key_slot, self._early
         base = layer * self.shape.num_experts
         used = list(early.values())
         for key, job in needs:
@@ -249,17 +246,21 @@ class OffloadEngine:
                 copies.make_ready(job)
             slot = key_slot[key]
             used.append(slot)
-            position = run.index(key - base)
-            if graphs is not None:
-                graphs.expert(slot, position)
-            else:
-                m.run_expert(position, self.slots[slot])
+            self._launch(slot, run.index(key - base))
         copies.release_slots(used)
         if self.marks is not None:
             copied = [(run.index(key - base), job) for key, job in needs if job is not None]
             self._layer_marks.append((token, layer, self._layer_start, self._routed_mark, self.marks.mark(),
                                       copied))
         return ()
+
+    def _launch(self, slot: int, position: int) -> None:
+        """The expert in ``slot`` on the current layer's input, into top-k ``position``: its graph, or
+        launched op by op without expert graphs."""
+        if self._graphs is not None:
+            self._graphs.expert(slot, position)
+        else:
+            self.model.run_expert(position, self.slots[slot])
 
     def decide(self, token: int, layer: int):
         """The GPU has this layer's experts to run; the host launches this layer's combine and the next

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from real.layer_ops import Front
+
 if TYPE_CHECKING:
     from real.model import MoEModel
 
@@ -78,7 +80,7 @@ class LayerGraphs:
         self._upload = torch.empty((L, 2 * K), dtype=torch.float32, pin_memory=True)
         self._upload_np = self._upload.numpy()
         self.graphs: list[list[torch.cuda.CUDAGraph]] = []
-        self.outputs: list[list[tuple[torch.Tensor, ...]]] = []     # [layer][bucket]: (h, x, ids, w, probs)
+        self.outputs: list[list[Front]] = []                          # [layer][bucket]
         self.backs: list[torch.cuda.CUDAGraph] = []
         self.logits: list[torch.Tensor] = []                         # [bucket]
         self.replays = [0] * L                          # replays per layer, to tell a host copy is current
@@ -92,7 +94,7 @@ class LayerGraphs:
             for layer in range(L):
                 graphs, outputs = [], []
                 for b, length in enumerate(model.context_buckets):
-                    previous = None if layer == 0 else self.outputs[layer - 1][b][0]
+                    previous = None if layer == 0 else self.outputs[layer - 1][b].h
                     for _ in range(2):      # warm-up: kernels compiled and chosen, workspaces allocated
                         self._front(model, layer, length, previous)
                     graph = torch.cuda.CUDAGraph()
@@ -100,11 +102,11 @@ class LayerGraphs:
                         front = self._front(model, layer, length, previous)
                     pool = graph.pool()
                     graphs.append(graph)
-                    outputs.append((front[0], self.x_shared, *front[2:]))
+                    outputs.append(front._replace(x=self.x_shared))
                 self.graphs.append(graphs)
                 self.outputs.append(outputs)
             for b in range(len(model.context_buckets)):
-                last = self.outputs[L - 1][b][0]
+                last = self.outputs[L - 1][b].h
                 for _ in range(2):
                     self._back(model, last)
                 graph = torch.cuda.CUDAGraph()
@@ -133,9 +135,9 @@ class LayerGraphs:
     def _back(self, model: "MoEModel", last: torch.Tensor) -> torch.Tensor:
         return model.final(self._combine(model, model.config.num_layers - 1, last))
 
-    def replay(self, layer: int, bucket: int) -> tuple[torch.Tensor, ...]:
+    def replay(self, layer: int, bucket: int) -> Front:
         """Layer ``layer``'s front graph over context bucket ``bucket``: the previous layer's combine,
-        then attention + router; the static outputs (h, x, ids, weights, probs)."""
+        then attention + router; its static outputs."""
         self.graphs[layer][bucket].replay()
         self.replays[layer] += 1
         return self.outputs[layer][bucket]

@@ -24,12 +24,22 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
 COMPILE_ENV = "MOE_LAB_COMPILE"        # "0": never compile; "1": compile wherever asked for by default too
+
+
+class Front(NamedTuple):
+    """What the front half of a layer leaves (``MoEModel.front``): the residual after attention h [1, H],
+    the expert input x [1, H], the router's ids [1, K] and weights [1, K], and its softmax [1, E]."""
+    h: torch.Tensor
+    x: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    probs: torch.Tensor
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -87,18 +97,24 @@ def attention_output_route(h: torch.Tensor, attn: torch.Tensor, o_proj: torch.Te
     softmax [1, E] (float32). Also written, when given (a graph's static buffers, so that compiled code
     stores there directly): x into ``x_out`` [1, H], and ids | weights as float32 into
     ``readout[:2K]`` (ids are exact in float32)."""
-    norm = rms_norm if eager_norm else fused_rms_norm
     h = h + F.linear(attn, o_proj, o_bias)
-    x = norm(h, moe_norm_w, eps)
-    probs = torch.softmax(F.linear(x, router_w), dim=-1, dtype=torch.float32)
-    chosen, ids = torch.topk(probs, top_k, dim=-1)
-    weights = weigh(chosen, renormalise, weights_dtype)
+    x, ids, weights, probs = route(h, moe_norm_w, router_w, eps, top_k, renormalise, weights_dtype, eager_norm)
     if x_out is not None:
         x_out.copy_(x)
     if readout is not None:
         readout[:top_k].copy_(ids.reshape(-1))
         readout[top_k:2 * top_k].copy_(weights.reshape(-1))
     return h, x, ids, weights, probs
+
+
+def route(h: torch.Tensor, moe_norm_w: torch.Tensor, router_w: torch.Tensor, eps: float, top_k: int,
+          renormalise: bool, weights_dtype: torch.dtype, eager_norm: bool):
+    """The router on residuals h [B, H]: the expert input x (post-attention norm) [B, H], the top-k ids
+    [B, K] (int64, ``torch.topk`` order), their weights [B, K] (``weigh``) and the softmax [B, E] (float32)."""
+    x = (rms_norm if eager_norm else fused_rms_norm)(h, moe_norm_w, eps)
+    probs = torch.softmax(F.linear(x, router_w), dim=-1, dtype=torch.float32)
+    chosen, ids = torch.topk(probs, top_k, dim=-1)
+    return x, ids, weigh(chosen, renormalise, weights_dtype), probs
 
 
 def weigh(chosen: torch.Tensor, renormalise: bool, weights_dtype: torch.dtype) -> torch.Tensor:

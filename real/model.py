@@ -48,7 +48,7 @@ bit-identical.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -57,12 +57,12 @@ import torch.nn.functional as F
 from real import resident
 from real.checkpoint import MoEConfig
 from real.graphs import ExpertGraphs, Extra, LayerGraphs
-from real.layer_ops import LayerOps, can_compile, compile_default, fused_rms_norm, rms_norm, rope, swiglu, weigh
+from real.layer_ops import (Front, LayerOps, can_compile, compile_default, fused_rms_norm, rms_norm, route, swiglu,
+                             weigh)
 from real.pinned import pinned_empty
 from real.resident import LayerRecord, quiet_gc
 
-__all__ = ["BlobOf", "Front", "LayerRecord", "MoEModel", "fused_rms_norm", "quiet_gc", "rms_norm", "rope",
-           "unpack_expert"]
+__all__ = ["BlobOf", "Front", "LayerRecord", "MoEModel", "quiet_gc", "unpack_expert"]
 
 BlobOf = Callable[[int, int], torch.Tensor]   # (layer, expert) -> that expert's blob on the compute device
 DEFAULT_MAX_LEN = 4096
@@ -82,16 +82,6 @@ class _Layer:
     moe_norm: torch.Tensor
     router: torch.Tensor
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # gate, up, down, router
-
-
-class Front(NamedTuple):
-    """What the front half of a layer leaves (``MoEModel.front``): the residual after attention h [1, H],
-    the expert input x [1, H], the router's ids [1, K] and weights [1, K], and its softmax [1, E]."""
-    h: torch.Tensor
-    x: torch.Tensor
-    ids: torch.Tensor
-    weights: torch.Tensor
-    probs: torch.Tensor
 
 
 def context_buckets(max_len: int, attention_impl: str) -> tuple[int, ...]:
@@ -208,13 +198,13 @@ class MoEModel:
         self._mask_pattern = torch.zeros(len(offset), dtype=dtype, device=self.device).masked_fill_(
             ~visible, float("-inf"))
         # The decode protocol's state (``begin_token``/``front``/``run_expert``/``back``): the outputs of
-        # the layer's experts by top-k position, and, without graphs, the step's residual and each
-        # layer's front half and the experts that ran with their weights.
+        # the layer's experts by top-k position, and, without graphs, the step's embedding, the current
+        # layer's front half and the experts that run there with their weights (the next front combines
+        # them; no other layer's are alive).
         self.expert_out = torch.zeros((c.top_k, 1, H), dtype=dtype, device=self.device)
         self._h_in: torch.Tensor | None = None
-        self._x: torch.Tensor | None = None
-        self._fronts: list[Front | None] = [None] * c.num_layers
-        self._runs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * c.num_layers
+        self._layer, self._front = 0, None
+        self._run: tuple[torch.Tensor, torch.Tensor] | None = None
         self._graphs: LayerGraphs | None = None
         self._resident_experts: ExpertGraphs | None = None     # graphs over expert_blobs, when on the GPU
 
@@ -249,18 +239,17 @@ class MoEModel:
         the layer's graph for the step's context bucket, whose outputs are static buffers valid until the
         same layer runs again (h and x until the next layer runs)."""
         if self._graphs is not None:
-            return Front(*self._graphs.replay(layer, self._bucket))
-        h = self._h_in if layer == 0 else self._combine_layer(layer - 1)
-        front = self.attention_route(layer, h, self._pos_host)
-        self._fronts[layer], self._x = front, front.x
-        self._runs[layer] = (front.ids, front.weights)
-        return front
+            return self._graphs.replay(layer, self._bucket)
+        h = self._h_in if layer == 0 else self._combine()
+        self._layer, self._front = layer, self.attention_route(layer, h, self._pos_host)
+        self._run = (self._front.ids, self._front.weights)
+        return self._front
 
     def back(self) -> torch.Tensor:
         """The last layer's combine and the head: logits [1, V]."""
         if self._graphs is not None:
             return self._graphs.replay_back(self._bucket)
-        return self.final(self._combine_layer(self.config.num_layers - 1))
+        return self.final(self._combine())
 
     def set_run(self, layer: int, experts: Sequence[int], weights: torch.Tensor | Sequence[float]) -> None:
         """The experts that run at ``layer`` are ``experts`` (in top-k position order) with ``weights``,
@@ -271,19 +260,18 @@ class MoEModel:
         if self._graphs is not None:
             self._graphs.set_run(layer, experts, weights)
         else:
-            self._runs[layer] = (torch.tensor([list(experts)], device=self.device),
-                                 weights.to(self.device).reshape(1, -1))
+            self._run = (torch.tensor([list(experts)], device=self.device), weights.to(self.device).reshape(1, -1))
 
     def run_expert(self, position: int, blob: torch.Tensor) -> None:
         """The expert whose weights are ``blob`` on the current layer's input, into ``expert_out[position]``
         (launched eagerly: the path without expert graphs)."""
-        x = self._graphs.x_shared if self._graphs is not None else self._x
+        x = self._graphs.x_shared if self._graphs is not None else self._front.x
         self.expert(x, blob, out=self.expert_out[position])
 
-    def _combine_layer(self, layer: int) -> torch.Tensor:
-        front, (ids, weights) = self._fronts[layer], self._runs[layer]
-        self._fronts[layer] = None            # the step's later layers read their own
-        return self.moe_sum(layer, front.h, front.x, ids, weights, self.expert_out)
+    def _combine(self) -> torch.Tensor:
+        """The current layer's combine (the path without graphs)."""
+        (ids, weights), front = self._run, self._front
+        return self.moe_sum(self._layer, front.h, front.x, ids, weights, self.expert_out)
 
     # -- the pieces ----------------------------------------------------------------------------------
     def embed(self, token_id: int) -> torch.Tensor:
@@ -468,12 +456,10 @@ class MoEModel:
 
     def route_with_probs(self, layer: int, h: torch.Tensor):
         """``route`` plus the full router softmax [1, E] (float32), for any batch of residuals h [B, H]
-        (eager: predictors call it on batches of recorded states)."""
+        (``real.layer_ops.route``, eager: predictors call it on batches of recorded states)."""
         c, L = self.config, self.layers[layer]
-        x = self._norm(h, L.moe_norm, c.rms_norm_eps)
-        probs = torch.softmax(F.linear(x, L.router), dim=-1, dtype=torch.float32)
-        chosen, ids = torch.topk(probs, c.top_k, dim=-1)
-        return x, ids, self._weigh(chosen), probs
+        return route(h, L.moe_norm, L.router, c.rms_norm_eps, c.top_k, c.norm_topk_prob, self.weights_dtype,
+                     self._eager_norm)
 
     def weights_for(self, probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The weights the model applies to experts ``ids`` [B, K] given router probs [B, E]. For the

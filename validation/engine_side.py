@@ -25,11 +25,11 @@ from real.bench.engine_runs import EngineRuns
 from real.calibration import calibrate_model, calibrate_policies
 from real.engine import OffloadEngine
 from real.measurement import Config, Discipline, Measurement, Report
-from real.profile_hw import measure_copies
 from real.record import routing_trace
 from real.shape_model import random_model
 from traces import Trace, load_trace, save_trace
 from traces.digest import digest_files, file_sha256
+from validation.profile_fit import copy_table
 from validation.scenario import Slice
 from validation.store import Store, digest, engine_code
 
@@ -222,14 +222,11 @@ class SliceMeasurement:
 
 
 def measure_copy_table(store: Store, device: torch.device) -> dict:
-    """The link's copy table (``real.profile_hw.measure_copies``), measured once per OUT and stored."""
+    """The link's copy table (``validation.profile_fit.copy_table``), measured once per OUT and stored."""
     path = store.out / "calibration" / "copies.json"
     found = store.read(path)
     if found is None or found.get("device") != _device_name(device):
-        sizes = (0.25, 1, 4, 16, 64, 256) if device.type == "cuda" else (0.25, 1, 4)
-        latency_us, table = measure_copies(device, sizes_MiB=sizes)
-        found = {"device": _device_name(device), "copy_latency_us": latency_us,
-                 "h2d_GBps_by_MiB": {str(k): v for k, v in table.items()}}
+        found = copy_table(device)
         store.write(path, found)
     return found
 

@@ -140,6 +140,17 @@ def fit_profile(base: HardwareProfile, name: str, device: str, copies: dict, cal
     return data, notes
 
 
+def copy_table(device) -> dict:
+    """The link's copy table on ``device`` (``real.profile_hw.measure_copies``) as the fit and the stores
+    keep it: the device's name, the latency (us) and GB/s by copy size in MiB (keys as text)."""
+    import torch
+    from real.profile_hw import COPY_SIZES_MIB, measure_copies
+    cuda = device.type == "cuda"
+    latency_us, table = measure_copies(device, sizes_MiB=COPY_SIZES_MIB if cuda else COPY_SIZES_MIB[:3])
+    return {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "copy_latency_us": latency_us,
+            "h2d_GBps_by_MiB": {str(k): v for k, v in table.items()}}
+
+
 def calibrate_and_fit(model, shape: ModelShape, base: HardwareProfile, name: str, precision: str, device,
                       policies, settings, slots: int, train, prefetch_depth: int, predictors_at=None,
                       train_prompts=None, new_tokens: int = 0) -> tuple[dict, dict, dict]:
@@ -150,14 +161,9 @@ def calibrate_and_fit(model, shape: ModelShape, base: HardwareProfile, name: str
     (``real.calibration.calibrate_policies``, on the training slice ``train``), turned into constants by
     ``fit_profile`` over ``base``. ``model``: a ``real.model.MoEModel`` with its experts on the host;
     ``device``: the torch device it computes on."""
-    import torch
     from real.calibration import calibrate_model, calibrate_policies
-    from real.profile_hw import measure_copies
-    cuda = device.type == "cuda"
-    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    latency_us, table = measure_copies(device, sizes_MiB=(0.25, 1, 4, 16, 64, 256) if cuda else (0.25, 1, 4))
-    copies = {"device": device_name, "copy_latency_us": latency_us,
-              "h2d_GBps_by_MiB": {str(k): v for k, v in table.items()}}
+    copies = copy_table(device)
+    device_name = copies["device"]
     raw = calibrate_model(model, shape, live_prompts=train_prompts, new_tokens=new_tokens)
     decisions, failed = calibrate_policies(model, shape, policies, settings, slots, train, prefetch_depth,
                                            predictors_at, train_prompts, new_tokens)
