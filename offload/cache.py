@@ -43,12 +43,13 @@ class ExpertCache:
         self.num_slots = cache_slots * num_layers
         self.slot_key = [ABSENT] * self.num_slots
         self.slot_state = [EMPTY] * self.num_slots
-        # Free slots per scope, popped from the end so slot ids are handed out in ascending order.
+        # Free slots per scope, popped from the end so slot ids are handed out in ascending order (the
+        # controller reads ``free[scope]`` for ``has_free_slot``).
         if self.per_layer:
-            self._free = [list(range((s + 1) * cache_slots - 1, s * cache_slots - 1, -1))
+            self.free = [list(range((s + 1) * cache_slots - 1, s * cache_slots - 1, -1))
                           for s in range(num_layers)]
         else:
-            self._free = [list(range(self.num_slots - 1, -1, -1))]
+            self.free = [list(range(self.num_slots - 1, -1, -1))]
         self.key_slot: dict[int, int] = {}
         # Resident keys per scope: the candidates an eviction policy chooses among.
         self.resident: list[set[int]] = [set() for _ in range(self.num_scopes)]
@@ -93,7 +94,7 @@ class ExpertCache:
         return [k for k in self.resident[scope] if k not in in_use]
 
     def has_free_slot(self, scope: int) -> bool:
-        return bool(self._free[scope])
+        return bool(self.free[scope])
 
     def residents(self) -> list[int]:
         return [k for s in self.resident for k in s]
@@ -125,7 +126,7 @@ class ExpertCache:
         every victim a policy returns): ``scope`` is ``key``'s, ``victim`` None or evictable in it."""
         key_slot = self.key_slot
         if victim is None:
-            slot = self._free[scope].pop()
+            slot = self.free[scope].pop()
         else:
             slot = key_slot.pop(victim)
             self.resident[scope].discard(victim)

@@ -135,46 +135,53 @@ class OffloadController:
         if self._prefetch_access is not None:
             raise RuntimeError(f"begin_layer({token}, {layer}): prefetch_layer was not called after the "
                                f"previous begin_layer; every clock calls the two in turn")
-        cache, queue, policy, stats = self.cache, self.queue, self.policy, self.stats
-        key_slot, slot_state, in_use = cache.key_slot, cache.slot_state, cache.in_use
+        queue, stats = self.queue, self.stats
+        cache = self.cache
+        key_slot, slot_state, in_use, running = cache.key_slot, cache.slot_state, cache.in_use, self.running
         step = token * self.num_layers + layer
         access = LayerAccess(token, layer, step, experts, weights, hidden)
         base = layer * self.num_experts
         unused_prefetch = self._unused_prefetch
-        on_access, queued = policy.on_access, queue.queued
+        on_access, queued = self.policy.on_access, queue.queued
+        order = self._order
         ready: list[Need] = []
         waiting: list[tuple[int, CopyJob]] = []
+        pushed = 0          # how many of ``waiting`` are new demand fetches (pushed in copy order)
         for i, e in enumerate(experts):
             key = base + e
             in_use[key] = in_use.get(key, 0) + 1      # protect it from eviction until end_layer
             slot = key_slot.get(key)
-            hit = slot is not None and slot_state[slot] == RESIDENT
-            if hit:
-                ready.append((key, None))
-            elif slot is not None:                       # its copy is in flight
-                stats.late += 1
-                waiting.append((key, self.running[key]))
-            else:
+            if slot is None:
                 job = queued.get(key)
                 if job is None:
                     stats.misses += 1
                     job = queue.push(key, True, step, now_ns)
+                    pushed += 1
                 else:                                    # a queued prefetch becomes a demand fetch
                     stats.late += 1
                     queue.reprioritise(job, True, step, now_ns)
-                job.demand_order = self._order
-                self._order += 1
+                job.demand_order = order
+                order += 1
                 waiting.append((key, job))
+                hit = False
+            elif slot_state[slot] == RESIDENT:
+                ready.append((key, None))
+                hit = True
+            else:                                        # its copy is in flight
+                stats.late += 1
+                waiting.append((key, running[key]))
+                hit = False
             if unused_prefetch and key in unused_prefetch:
                 unused_prefetch.discard(key)
                 stats.prefetch_useful += 1
             on_access(access, i, key, hit)
+        self._order = order
         stats.accesses += len(experts)
         stats.hits += len(ready)
         self._prefetch_access = access
         # In-flight copies finish first, then queued ones in queue order.
         if waiting:
-            if len(waiting) > 1:
+            if pushed < len(waiting) > 1:       # new demand fetches alone are in copy order already
                 waiting.sort(key=_copy_order)
             ready += waiting
         return ready
@@ -207,6 +214,7 @@ class OffloadController:
         self.blocked = False
         cache, queue, policy = self.cache, self.queue, self.policy
         experts = self.num_experts if cache.per_layer else 0
+        free = cache.free
         while True:
             job = queue.peek()
             if job is None or (not job.demand and self._prefetch_access is not None):
@@ -214,7 +222,7 @@ class OffloadController:
             key = job.key
             scope = key // experts if experts else 0
             victim = None
-            if not cache.has_free_slot(scope):
+            if not free[scope]:
                 victim = policy.choose_victim(scope, policy.cache, job)
                 if victim is not None and not (type(victim) is int and cache.is_evictable_in(victim, scope)):
                     victim = self._checked_victim(victim, scope)
@@ -228,8 +236,13 @@ class OffloadController:
                     self.stats.dropped += 1
                     continue
             queue.pop(job)
-            if victim is not None:
-                self._evict(victim)
+            if victim is not None:              # evict it
+                self.stats.evictions += 1
+                unused_prefetch = self._unused_prefetch
+                if victim in unused_prefetch:
+                    unused_prefetch.discard(victim)
+                    self.stats.prefetch_wasted += 1
+                policy.on_evict(victim)
             job.slot = cache.place(key, scope, victim)   # the victim is checked above
             job.state = RUNNING
             job.started_ns = now_ns
@@ -255,13 +268,6 @@ class OffloadController:
             stats.prefetch_copies += 1
 
     # -- internals -----------------------------------------------------------------------------
-    def _evict(self, key: int) -> None:
-        self.stats.evictions += 1
-        if key in self._unused_prefetch:
-            self._unused_prefetch.discard(key)
-            self.stats.prefetch_wasted += 1
-        self.policy.on_evict(key)
-
     def _check_demand_can_wait(self, job: CopyJob, scope: int) -> None:
         """A demand fetch found no slot and no victim. It may wait only for a copy in flight into its
         scope (a slot that will free up); else no slot ever frees, because the policy refused one or

@@ -117,7 +117,7 @@ class _Clock:
         if record:
             self.timeline.preloaded = {slot: key for key, slot in self.cache.key_slot.items()}
         self._gpu_free = 0                     # when the compute stream may start the layer's experts
-        self.copy_busy_ns = 0
+        self._queued = self.ctrl.queue.queued  # the copies queued, not started (the queue's own dict)
         self.stall_ns = 0
         self.token_ns: list[int] = []
         # Compute time not yet turned into a step of the clock: while no copy is queued or in flight
@@ -127,6 +127,11 @@ class _Clock:
         self._layer_ns = 0            # attention + router + overhead of the current token's layers
         self._routes: list[list[int]] = []
         self._weights: list[list[float]] = []
+
+    @property
+    def copy_busy_ns(self) -> int:
+        """The copy engines' busy time: every completed copy took ``copy_ns``."""
+        return self.ctrl.stats.copies * self.copy_ns
 
     def _record_copy(self, engine: int, job) -> None:
         self.timeline.copies.append(CopyEvent(
@@ -217,14 +222,13 @@ class _LinkClock(_Clock):
     def _copy_done(self, done) -> None:
         job, engine = done.job, done.engine
         self.ctrl.copy_done(job, self.env.now)
-        self.copy_busy_ns += self.copy_ns
         self._free_engines.append(engine)
         if self.timeline is not None:
             self._record_copy(engine, job)
         self._issue_copies()
 
     def _copy_side_active(self) -> bool:
-        return len(self._free_engines) < self.copy_engines or bool(len(self.ctrl.queue))
+        return len(self._free_engines) < self.copy_engines or bool(self._queued)
 
     def _flush(self):
         """Turn the pending compute into one timeout (a generator: ``yield from`` it)."""
@@ -244,7 +248,7 @@ class _LinkClock(_Clock):
             yield from self._flush()
 
     def start_copies(self):
-        if len(self.ctrl.queue):
+        if self._queued:
             yield from self._flush()           # copies start at the compute stream's time
             self._issue_copies()
 
@@ -305,11 +309,10 @@ class _WindowClock(_Clock):
         waited for is its own bound (it and the copies ordered before it); an advance over time ``t`` is
         bounded by ``(t, inf)`` (every copy ending by then, as a SimPy timeout to ``t`` processed them)."""
         self.now = bound[0]
-        ends, ctrl, copy_ns, timeline = self._ends, self.ctrl, self.copy_ns, self.timeline
+        ends, copy_done, timeline = self._ends, self.ctrl.copy_done, self.timeline
         while ends and ends[0] <= bound:
             end, _, job, lane = heappop(ends)
-            ctrl.copy_done(job, end)
-            self.copy_busy_ns += copy_ns
+            copy_done(job, end)
             if timeline is not None:
                 self._record_copy(lane, job)
 
@@ -329,9 +332,10 @@ class _WindowClock(_Clock):
     def _pump(self) -> None:
         """What real.copies.CopyFeeder.pump does, at the host's time ``now``."""
         ctrl, q, lanes, now, copy_ns = self.ctrl, self._in_flight, self._lane_free, self.now, self.copy_ns
+        queued, window = self._queued, self.window
         while q and q[0].state == DONE:          # retire from the front, as the feeder does
             q.popleft()
-        while len(q) < self.window:
+        while queued and len(q) < window:         # (an empty queue: next_copy would return None)
             job = ctrl.next_copy(now)
             if job is None:
                 return
@@ -352,12 +356,12 @@ class _WindowClock(_Clock):
 
     def route(self, token: int, layer: int):
         self.pending += self._layer_ns
-        if self._in_flight or len(self.ctrl.queue):    # meet the copy side at the router's time
+        if self._in_flight or self._queued:    # meet the copy side at the router's time
             self._flush()
         return ()
 
     def start_copies(self):
-        if len(self.ctrl.queue):
+        if self._queued:
             self._flush()                          # copies start at the compute stream's time
             if self._host_ready > self.now:        # the host pumps once its decision is taken
                 self._advance(self._host_ready)
@@ -396,7 +400,7 @@ class _WindowClock(_Clock):
                     self._complete_until(job.waiter)
         end = max(self._experts_end(token, layer, needs), self._host_ready, self.now + self.pending)
         self.pending = end - self.now
-        if self._in_flight or len(self.ctrl.queue):   # the layer's experts stay protected until their compute ends
+        if self._in_flight or self._queued:   # the layer's experts stay protected until their compute ends
             self._flush()
         return ()
 
