@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from real.measurement import (ClockSampler, Config, Discipline, Measurement, RunOutput, halves_drift_pct,
-                              place_threads, spread_pct)
+from real.measurement import (ClockSampler, Config, Discipline, Measurement, RunOutput, halves_against_runs_pct,
+                              halves_drift_pct, place_threads, spread_pct)
 
 CONFIGS = [Config({"policy": p, "cache_slots": 2}) for p in ("a", "b", "c")]
 
@@ -94,6 +94,71 @@ def test_spread_and_halves():
     assert halves_drift_pct([1.0] * 10 + [1.1] * 10) == pytest.approx(100 * 0.1 / 1.05)
     assert halves_drift_pct([3.0, 1.0, 2.0, 3.0, 1.0, 2.0]) == 0.0
     assert np.isnan(halves_drift_pct([1.0]))
+
+
+def request_steps(requests=3, steps=48, seed=0, jitter=0.002):
+    """A stationary run's step times: in each request the first steps slower (a cold cache) and the rest
+    growing with the context, the same profile in every request, with a little multiplicative jitter."""
+    rng = np.random.default_rng(seed)
+    profile = 10.0 + 0.05 * np.arange(steps)
+    profile[:4] += 6.0
+    return np.concatenate([profile * (1 + jitter * rng.standard_normal(steps)) for _ in range(requests)])
+
+
+def test_halves_compare_steps_at_the_same_position_in_their_requests():
+    steady = request_steps()            # 3 requests of 48: the time halves cut the middle request
+    starts = [0, 48, 96]
+    assert halves_drift_pct(steady) > 2.0      # the time halves compare early steps with late ones
+    assert halves_drift_pct(steady, starts) < 0.5
+    assert halves_drift_pct(steady, starts + [144]) == halves_drift_pct(steady, starts)   # engine convention
+    slow = steady.copy()
+    slow[72:] *= 1.05                   # the machine 5 % slower from the middle of the run on
+    assert halves_drift_pct(slow, starts) == pytest.approx(5.0, abs=0.5)
+    # uneven requests (a replay cut at its token budget): positions only some requests reach compare those
+    cut = np.concatenate([request_steps(2, 48, seed=1), request_steps(1, 20, seed=2)])
+    assert halves_drift_pct(cut, [0, 48, 96]) < 0.5
+    # one request: the time halves, in % of the median step
+    assert halves_drift_pct([1.0] * 10 + [1.1] * 10, [0]) == pytest.approx(100 * 0.1 / 1.05)
+
+
+def test_halves_against_the_configurations_other_runs_cancel_what_every_run_decodes_alike():
+    rng = np.random.default_rng(3)
+    content = 10.0 + 20.0 * (rng.random(144) < 0.3)      # the steps with a miss: the same in every repeat
+    content[:72] += 5.0                                  # and a first half with more of them
+    runs = [content * (1 + 0.003 * rng.standard_normal(144)) for _ in range(5)]
+    assert halves_drift_pct(runs[0]) > 2.0 and halves_drift_pct(runs[0], [0, 48, 96]) > 2.0
+    assert all(halves_against_runs_pct(r, runs[:i] + runs[i + 1:]) < 0.5 for i, r in enumerate(runs))
+    slow = runs[4].copy()
+    slow[72:] *= 1.04
+    assert halves_against_runs_pct(slow, runs[:4]) == pytest.approx(4.0, abs=0.5)
+    assert all(halves_against_runs_pct(r, runs[:i] + runs[i + 1:4] + [slow]) < 0.5 for i, r in enumerate(runs[:4]))
+    assert np.isnan(halves_against_runs_pct(runs[0], [])) and np.isnan(halves_against_runs_pct(runs[0], [runs[1][:10]]))
+
+
+def test_a_session_flags_a_run_that_slowed_down_midway_and_not_its_steady_siblings():
+    rng = np.random.default_rng(4)
+    content = np.concatenate([request_steps(1, 48, seed=5) * 1.3, request_steps(2, 48, seed=6)])  # request 0 misses more
+    made = {}
+
+    def run(config, warmup):
+        n = made.get(config.label, 0)
+        made[config.label] = n + (not warmup)
+        steps = content * (1 + 0.002 * rng.standard_normal(len(content)))
+        if config.fields["policy"] == "b" and n == 3 and not warmup:
+            steps[72:] *= 1.06
+        return RunOutput(steps.tolist(), request_starts=[0, 48, 96, 144])
+
+    report = Measurement(run, CONFIGS[:2], Discipline(repeats=5), clocks=FakeClocks(), calibrate=lambda n: 1.0).run_all()
+    rows = {(r["policy"], r["round"]): r for r in report.rows}
+    first = rows[("a", 0)]
+    assert first["halves_drift_within_pct"] > 2.0       # against itself the content shows
+    assert all(r["halves_basis"] == "runs" for r in report.rows)     # by the end, every run has siblings
+    slowed = rows[("b", 3)]
+    assert not slowed["long_enough"] and "halves" in slowed["causes"] and slowed["halves_drift_pct"] > 4.0
+    others = [r for r in report.rows if r is not slowed]
+    assert all(r["long_enough"] and "halves" not in r["causes"] for r in others)
+    floor = {f["policy"]: f for f in report.floor()}
+    assert floor["a"]["long_enough"] == "5/5" and floor["b"]["long_enough"] == "4/5"
 
 
 @pytest.mark.parametrize("medians, passes, steady", [([10.0, 5.0, 4.99, 1.0], 3, True),
@@ -238,3 +303,27 @@ def test_real_engine_runs_on_the_cpu(tmp_path):
     assert "read_routing" not in model.__dict__         # the timing wrapper is gone
     floor = report.floor()
     assert [f["policy"] for f in floor] == ["lru", "belady"] and all(f["hit_rate_identical"] for f in floor)
+
+
+def test_engine_runs_tell_where_each_request_begins_among_the_timed_steps():
+    """A live run times each request's generated steps only; a replay every step: the halves check gets the
+    request boundaries of the steps it is given."""
+    from real.bench.engine_runs import EngineRuns, generated_steps
+    from real.engine import OffloadEngine
+    from offload.session import RunSettings
+    from policies.lru import LRU
+    from real.shape_model import random_model
+    from traces import synthetic_trace
+    trace = synthetic_trace(num_tokens=24, num_layers=2, num_experts=4, top_k=2, num_requests=3, seed=3)
+    shape = trace.model
+    model = random_model(shape, "cpu", torch.float32, max_len=24)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    config = Config({"policy": "lru", "cache_slots": 2})
+    build = lambda c: OffloadEngine(model, shape, LRU, RunSettings(cache_slots=2))     # noqa: E731
+    live = EngineRuns(model, shape, build, lambda e, warmup: e.generate(prompts, 4),
+                      timed=generated_steps(prompts, 4))(config, False)
+    assert len(live.step_ms) == 8 and live.request_starts == [0, 4]
+    replay = EngineRuns(model, shape, build, lambda e, warmup: e.replay(trace, 20))(config, False)
+    assert len(replay.step_ms) == 20
+    ends = trace.request_starts.tolist()
+    assert replay.request_starts == [s for s in ends if s < 20]

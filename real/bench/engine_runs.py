@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Callable, ContextManager, Mapping, Sequence
 
 import numpy as np
@@ -32,7 +33,9 @@ class EngineRuns:
     memory), a run reports how long the host waited in each layer's routing read-back (the one
     synchronisation per layer; timed by wrapping the model's ``read_routing``, two clock reads per layer)
     and the rest of the step's wall time per layer: the host's own work plus the waits the read-back does
-    not see (a copy slot's wait in make_ready, the final logits' read)."""
+    not see (a copy slot's wait in make_ready, the final logits' read); and where each request's timed
+    steps begin (``timed_request_starts``), so that the halves check compares steps at the same position
+    in their requests."""
 
     def __init__(self, model, shape, engine_for: Callable[[Config], OffloadEngine],
                  decode: Callable[[OffloadEngine, bool], EngineResult],
@@ -82,7 +85,23 @@ class EngineRuns:
                            host_ms_per_layer_p90=float(np.percentile(host, 90)))
         if self.check is not None and not warmup:
             columns.update(self.check(config, result))
-        return RunOutput(timed_ms.tolist(), columns, first_ns[0] if first_ns else None)
+        return RunOutput(timed_ms.tolist(), columns, first_ns[0] if first_ns else None,
+                         self.timed_request_starts(result))
+
+    def timed_request_starts(self, result: EngineResult) -> list[int] | None:
+        """Where each request's steps begin among the timed steps (``RunOutput.request_starts``, for the
+        halves check), from the engine's ``routing.request_starts``: ``timed`` applied to the step indices
+        says which steps it keeps. None when that cannot be told (``timed`` kept no step, or not in order)."""
+        routing = result.routing
+        probe = replace(result, routing=replace(routing, step_ms=[float(i) for i in range(len(routing.step_ms))]))
+        try:
+            kept = np.asarray(self.timed(probe), dtype=np.float64)
+        except Exception:       # a timed() that reads more than the steps: the halves fall back to time
+            return None
+        if not len(kept) or np.any(kept != np.round(kept)) or np.any(np.diff(kept) <= 0):
+            return None
+        request = np.searchsorted(np.asarray(routing.request_starts), kept, side="right") - 1
+        return [0] + (np.flatnonzero(np.diff(request)) + 1).tolist()
 
 
 def generated_steps(prompts: Sequence[Sequence[int]], new_tokens: int) -> Callable[[EngineResult], list[float]]:

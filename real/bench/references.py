@@ -39,7 +39,8 @@ class ResidentRuns:
         if not warmup:
             self.tokens = self.tokens or tokens
             columns["identical_tokens"] = tokens == self.tokens
-        return RunOutput(generated_of(step_ms, prompts, self.new_tokens), columns, timed_from)
+        return RunOutput(generated_of(step_ms, prompts, self.new_tokens), columns, timed_from,
+                         [i * self.new_tokens for i in range(len(prompts))])
 
     @torch.no_grad()
     def _decode(self, prompts: list[list[int]]) -> tuple[list[list[int]], list[float]]:
