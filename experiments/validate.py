@@ -3,6 +3,7 @@
     python -m experiments.validate                      # on a GPU: the H200 grid; on a CPU: the smoke grid
     python -m experiments.validate --scenario validate-h200 --slices gpt-oss-20b,mixtral-8x7b --out OUT
     python -m experiments.validate --out OUT --predict-only     # re-predict and re-report stored measurements
+    python -m experiments.validate --out OUT --timelines SLICE   # both clocks' per-layer timelines (any machine)
 
 Steps, each stored as it is made under OUT (``validation.store``), so a call killed by its time limit loses
 nothing and the next call resumes where it stopped, re-measuring only what changed:
@@ -14,6 +15,10 @@ nothing and the next call resumes where it stopped, re-measuring only what chang
    repeats with its spread (``real.measurement``), plus one run with per-layer timings kept as a trace;
 3. the simulator replays the very steps the engine timed, with the same training slice, on that profile;
 4. OUT/validation.csv (long format), OUT/summary.txt, OUT/validation.png and OUT/noise_floor.csv.
+
+``--timelines`` measures and predicts nothing new: for the named slices it compares the engine's timed runs
+with the simulator's timeline of the same steps, layer by layer (``validation.timelines``), into
+OUT/timelines_<slice>.csv and a table on screen.
 
 The grid is a scenario file (``validation.scenario``; experiments/configs/validate-*.yaml): slices of
 shape replay (random weights of a named shape, routing forced from a real trace) and live models. On a
@@ -59,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                     "(default: the scenario's deadline_s)")
     p.add_argument("--calibration-steps", type=int, default=48, help="tokens per calibration pattern run")
     p.add_argument("--corpus", help="the text corpus live slices take their prompts from (replaces the scenario's)")
+    p.add_argument("--timelines", metavar="SLICE[,SLICE]",
+                   help="no engine, no report: compare the per-layer timelines of both clocks for these slices "
+                        "(validation.timelines) from what OUT stores -> OUT/timelines_<slice>.csv (any machine)")
     p.add_argument("--profile", type=Path, help="predict with this profile instead of the one fitted from OUT's "
                                                 "calibration (e.g. one merged from several calls' calibrations)")
     return p.parse_args(argv)
@@ -91,10 +99,10 @@ class Inputs:
                            train_prompts=train.meta.extra.get("prompts"), gate_digest=meta.get("gate_digest"))
 
 
-def calibrated_profile(store: Store, scenario: Scenario, device_name: str) -> tuple[object, dict]:
-    """The profile fitted from every calibration OUT holds (written to OUT/<name>.yaml), and the fit's notes.
-    A model the profile already in OUT measured but whose raw calibration OUT does not hold (one merged from
-    several calls) keeps its entry, and the notes say so."""
+def calibrated_profile(store: Store, scenario: Scenario, device_name: str, write: bool = True) -> tuple[object, dict]:
+    """The profile fitted from every calibration OUT holds (written to OUT/<name>.yaml unless ``write`` is
+    False), and the fit's notes. A model the profile already in OUT measured but whose raw calibration OUT does
+    not hold (one merged from several calls) keeps its entry, and the notes say so."""
     import yaml
     folder = store.out / "calibration"
     copies = store.read(folder / "copies.json")
@@ -110,8 +118,9 @@ def calibrated_profile(store: Store, scenario: Scenario, device_name: str) -> tu
         data["measured_compute"].update(kept)
         notes.update({model: {"kept": f"from the profile already in {existing} (no raw calibration in OUT)"}
                       for model in kept})
-    atomic_write(store.out / f"{name}.yaml", lambda f: yaml.safe_dump(data, f, sort_keys=False))
-    atomic_write(store.out / "profile_fit_notes.json", lambda f: json.dump(notes, f, indent=1))
+    if write:
+        atomic_write(store.out / f"{name}.yaml", lambda f: yaml.safe_dump(data, f, sort_keys=False))
+        atomic_write(store.out / "profile_fit_notes.json", lambda f: json.dump(notes, f, indent=1))
     return hardware_from_dict(data, origin=str(store.out / f"{name}.yaml")), notes
 
 
@@ -138,6 +147,40 @@ def measure(scenario: Scenario, slices, store: Store, args, started: float) -> N
             torch.cuda.empty_cache()
 
 
+def slice_inputs(sl, store: Store) -> SliceInputs | None:
+    """What the engine decoded for ``sl`` (stored, or for a replay rebuilt from the scenario), None before it ran."""
+    inputs = Inputs(store, sl.name).load()
+    if inputs is None and sl.mode == "replay" and store.engine_results(sl.name):
+        inputs = replay_inputs(sl)          # a replay's inputs follow from the scenario and the repository
+    return inputs
+
+
+def timelines(scenario: Scenario, slices, store: Store, profile_path: Path | None = None) -> int:
+    """--timelines: both clocks' per-layer timelines of every configuration with a timed engine run, with the
+    profile the comparison uses (``validation.timelines``); OUT/timelines_<slice>.csv and a table per slice."""
+    from validation import timelines as tl
+    if profile_path is not None:
+        profile = load_hardware(profile_path)
+    else:
+        device = (store.read(store.out / "calibration" / "copies.json") or {}).get("device", "cpu")
+        profile, _ = calibrated_profile(store, scenario, device, write=False)
+    for sl in slices:
+        inputs = slice_inputs(sl, store)
+        if inputs is None:
+            print(f"{sl.name}: not measured yet in {store.out}", flush=True)
+            continue
+        configs, notes = tl.compare_slice(sl, inputs, profile, store)
+        calibration, extra = tl.calibration_configs(sl, store, profile)
+        configs += calibration
+        if configs:
+            path = tl.write(configs, store.out, sl.name)
+            print(f"\n{sl.name} ({inputs.shape.name}, profile {profile.name}): per-layer timelines, engine's timed "
+                  f"run against the simulator -> {path}\n{tl.compact(configs, extra)}", flush=True)
+        for note in notes:
+            print(note, flush=True)
+    return 0
+
+
 def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None = None) -> pd.DataFrame:
     folder = store.out / "calibration"
     if profile_path is not None:
@@ -147,9 +190,7 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
         profile, _ = calibrated_profile(store, scenario, device)
     pairs, notes = [], []
     for sl in slices:
-        inputs = Inputs(store, sl.name).load()
-        if inputs is None and sl.mode == "replay" and store.engine_results(sl.name):
-            inputs = replay_inputs(sl)          # a replay's inputs follow from the scenario and the repository
+        inputs = slice_inputs(sl, store)
         if inputs is None:
             notes.append(f"{sl.name}: not measured yet")
             continue
@@ -227,8 +268,15 @@ def _main(args, name: str, started: float) -> int:
     except ScenarioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"validate: scenario {scenario.path} ({', '.join(s.name for s in slices)}) -> {args.out}", flush=True)
     store = Store(args.out)
+    if args.timelines:
+        try:
+            chosen = scenario.select(args.timelines.split(","))
+            return timelines(scenario, chosen, store, args.profile)
+        except (ScenarioError, HardwareProfileError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    print(f"validate: scenario {scenario.path} ({', '.join(s.name for s in slices)}) -> {args.out}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.predict_only:
         measure(scenario, slices, store, args, started)
