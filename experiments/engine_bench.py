@@ -21,10 +21,12 @@ command with exit code 1 and one line per configuration, after every table is wr
 ``live`` runs, in order, what the separate commands run one at a time (``experiments.references``,
 ``record``, predictor training as ``train_gate`` and ``make_tracks`` do it, and ``measure_policies``),
 calling the same library functions (``real.bench``) and sharing the model and the recordings between the
-steps: the fully-on-GPU reference (a session of its own, ``references-<name>``; OUT/engine.csv) and HF
-parity (OUT/hf_parity.json), the recorded decode with its tracks and the training slice
-(OUT/<name>-trace.npz, OUT/<name>-train-trace.npz, OUT/correctness.csv), the predictors' recall
-(OUT/gate_recall.csv, the gate in --work), this machine's profile calibrated as ``experiments.validate``
+steps: the fully-resident reference (every expert on the compute device; a session of its own,
+``references-<name>``; OUT/engine.csv) and HF parity (OUT/hf_parity.json), the recorded decode with its
+tracks and the training slice (OUT/<name>-trace.npz, OUT/<name>-train-trace.npz, OUT/correctness.csv), the
+predictors the asked policies consult, trained and scored (OUT/gate_recall.csv, the lookahead gate in
+--work; none for policies that consult none, such as lru,belady; every predictor and the offline context
+gate with --recall), this machine's profile calibrated as ``experiments.validate``
 calibrates (``validation.profile_fit.calibrate_and_fit``: the copy table, the kernels, hit/miss patterns,
 a live decode of training text and every asked policy's own host work and per-layer cost beside LRU's;
 OUT/<gpu>-measured.yaml, or cpu-measured.yaml, with OUT/calibration.json and OUT/profile_fit_notes.json), and every policy at every cache size in the engine, with the
@@ -47,7 +49,7 @@ from real.bench.args import (add_measurement_args, host_memory_error, DTYPES, ad
                              existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_int, resolved, slot_list)
 from real.bench.engine_runs import exit_message
 from real.bench.policies import PolicyRuns, measure_policies
-from real.bench.predictor_suite import PredictorSettings, train_predictors
+from real.bench.predictor_suite import LIVE_PREDICTORS, PredictorSettings, consulted, train_predictors
 from real.bench.recording import record_slices
 from real.bench.references import accelerate_offload, hf_parity, measure_fully_on_gpu
 from real.bench.replay import replay_slices, shape_replay
@@ -95,10 +97,17 @@ def live(args) -> list[str]:
     del tensors
     recorded, train = record_slices(host, shape, name, prompts, train_text, args.new_tokens, resident_tokens, out)
 
-    # 3. Predictors: default vectors and the lookahead gate learn from training-split text; tracks of
-    #    the recorded (held-out) run let the simulator replay exactly what the live predictors say.
+    # 3. Predictors, those the asked policies consult (all of them with --recall): default vectors and the
+    #    lookahead gate learn from training-split text; tracks of the recorded (held-out) run let the
+    #    simulator replay exactly what the live predictors say.
+    names = sorted(LIVE_PREDICTORS if args.recall else consulted(args.policies))
+    if names or args.recall:
+        print(f"predictors: {', '.join(names)}" + (" and the offline context gate (--recall)" if args.recall else
+                                                   " (those the asked policies consult)"), flush=True)
+    else:
+        print("predictors: none (no asked policy consults one; --recall trains and scores them all)", flush=True)
     predictors_at, tracked = train_predictors(host, args.model, args.corpus, recorded, args.predictor_settings,
-                                              name, out, work)
+                                              name, out, work, names=names, offline=args.recall)
     save_trace(tracked, out / f"{name}-trace.npz")
 
     # 4. The hardware profile the simulator uses: this machine calibrated as experiments.validate calibrates
@@ -203,6 +212,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timed-policy", default="lru",
                    help="its run at the smallest --slots also records layer timings and copy start/end: "
                         "OUT/<model>-<policy>-<slots>-timed.npz")
+    p.add_argument("--recall", action="store_true",
+                   help="train and score every predictor (OUT/gate_recall.csv: the pre-gate, the quasi-hidden "
+                        "pre-gate, the lookahead gate and the offline context gate), whichever policies are asked; "
+                        "default: only those the asked policies consult, none for lru,lfu,belady,oracle,...")
     p.add_argument("--work", type=Path, help="where the trained gate goes (default: --out)")
     p.add_argument("--hardware", type=hardware_profile, default="h100-pcie5",
                    help="the profile whose unmeasured constants (the analytic model's) the calibrated one keeps")

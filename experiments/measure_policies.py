@@ -7,10 +7,10 @@ recorded decode (``python -m experiments.record``) with this machine's hardware 
         [--repeats 5] [--deadline-s S]
 
 The engine decodes the recording's prompts; the bounds read the recording as their future; ``static``
-and ``affinity`` learn from the training slice in both clocks. Live predictors: the pre-gate, the
-quasi-hidden pre-gate (default vectors from ``--vector-tokens`` training-split tokens) and, with
-``--gate`` (``python -m experiments.train_gate``), the lookahead gate; their tracks on the recording's
-hidden states are what the simulator replays.
+and ``affinity`` learn from the training slice in both clocks. Live predictors, those the asked policies
+consult: the pre-gate, the quasi-hidden pre-gate (default vectors from ``--vector-tokens`` training-split
+tokens, captured only when a policy consults it) and, with ``--gate`` (``python -m experiments.train_gate``),
+the lookahead gate; their tracks on the recording's hidden states are what the simulator replays.
 
 Every engine figure is the median of --repeats runs (default 5; 1: one cold run each, for smoke use),
 interleaved round-robin across every (policy, cache size) and the all-resident engine, after untimed
@@ -38,7 +38,7 @@ from real.bench.args import (add_measurement_args, add_model_args, check_model_a
                              slot_list)
 from real.bench.engine_runs import exit_message
 from real.bench.policies import PolicyRuns, measure_policies
-from real.bench.predictor_suite import live_predictors
+from real.bench.predictor_suite import consulted, live_predictors
 from real.bench.recording import recording_prompts
 from real.bench.table import write_resolved_config
 from real.bench.text import load_text, score_sequences
@@ -118,9 +118,11 @@ def main(argv=None) -> list[str]:
     if gate is not None and gate.depth < args.depth:
         raise SystemExit(f"error: {args.gate}: the gate looks {gate.depth} layers ahead, not --depth {args.depth}; "
                          f"retrain it with --depth {args.depth}")
+    names = consulted(args.policies)        # only what the asked policies consult is built
     vectors = default_vectors(host, capture_hidden_states(args.model, args.vector_tokens, args.corpus,
-                                                          device=str(device), dtype=dtype, seed=args.seed))
-    predictors_at = live_predictors(host, vectors, gate, args.depth)
+                                                          device=str(device), dtype=dtype, seed=args.seed)
+                              ) if "quasi" in names else None
+    predictors_at = live_predictors(host, vectors, gate, args.depth, names)
     tracked, _ = compute_tracks(args.recorded, predictors_at(args.depth), args.depth, str(args.trace))
     hardware = load_hardware(args.hardware)
     tok, domains = load_text(args.model, args.corpus)

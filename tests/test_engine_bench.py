@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -21,12 +22,23 @@ def trace_prompts(out):
     return load_trace(out / "tiny-lm-trace.npz").meta.extra["prompts"]
 
 
-@needs_corpus
-def test_live_flow_on_cpu(tmp_path, capsys):
-    from experiments.engine_bench import main as bench
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """The tiny trained model the live tests share (trained once)."""
     from experiments.train_lm import main as train
-    model = tmp_path / "tiny-lm"
+    model = tmp_path_factory.mktemp("models") / "tiny-lm"
     train(["--size", "tiny", "--device", "cpu", "--max-steps", "6", "--out", str(model)])
+    return model
+
+
+GATE_ARGS = ["--gate-train-tokens", "512", "--recall-tokens", "256", "--vector-tokens", "256", "--gate-steps", "20",
+             "--gate-batch", "64", "--gate-val-tokens", "256"]
+
+
+@needs_corpus
+def test_live_flow_on_cpu(tmp_path, capsys, tiny_lm):
+    from experiments.engine_bench import main as bench
+    model = tiny_lm
     out = tmp_path / "bench"
     broken = tmp_path / "broken.py"     # a policy that fails mid-run must not lose the others' rows
     broken.write_text("from policies.lru import LRU\n\nclass Broken(LRU):\n"
@@ -36,9 +48,7 @@ def test_live_flow_on_cpu(tmp_path, capsys):
                "--repeats", "1", "--prompts", "2", "--prompt-len", "6", "--new-tokens", "6", "--slots", "2,3",
                "--policies", f"lru,static,belady,{broken}:Broken,oracle,mixtral-offloading,speculating-experts-lossy,"
                            "lookahead",
-               "--gate-train-tokens", "512", "--recall-tokens", "256", "--vector-tokens", "256",
-               "--gate-steps", "20", "--gate-batch", "64", "--gate-val-tokens", "256",
-               "--score-seqs", "2", "--score-len", "12"])
+               *GATE_ARGS, "--score-seqs", "2", "--score-len", "12"])
     for bad, message in ((["--policies", "lru,no-such-policy"], "unknown policy 'no-such-policy'"),
                          (["--slots", "1,2"], "--slots 1: .* routes to 2 of 4 experts"),
                          (["--corpus", str(tmp_path / "nowhere")], "nowhere: no such folder")):
@@ -78,19 +88,62 @@ def test_live_flow_on_cpu(tmp_path, capsys):
     assert {"MixtralOffloading", "Lookahead"} <= set(entry["decision_us"]) and "layer_overhead_us" in entry
     calibration = json.loads((out / "calibration.json").read_text())
     assert "Broken" in str(calibration["failed"]) or "broken" in str(calibration["failed"])
+    # the predictors the asked policies consult (mixtral-offloading: pregate, speculating-experts-lossy:
+    # quasi, lookahead: the gate), trained and scored; the offline context gate only with --recall
+    recall = pd.read_csv(out / "gate_recall.csv")
+    assert set(recall["predictor"]) == {"pregate", "quasi", "lookahead", "affinity"}
+    text = recall[recall["source"].str.contains("held-out text")]
+    assert set(text["predictor"]) == {"pregate", "quasi", "lookahead"}
+    assert (text["tokens"] == 256).all()
+    gates = recall.set_index("predictor")["gate_parameters"]
+    assert gates["lookahead"].max() > 0 and gates["pregate"].max() == 0
+    assert (out / "tiny-lm-gate").is_dir()
+    trace = load_trace(out / "tiny-lm-trace.npz")
+    assert trace.hidden_states.shape[0] == trace.num_tokens == 2 * (6 + 6)
+    assert set(trace.predictions) == {"pregate", "quasi", "lookahead"}
+    timed = load_trace(out / "tiny-lm-lru-2-timed.npz")
+    assert timed.timings["copy_start_ms"].shape == (timed.num_tokens, 2, 2)
+    assert (timed.timings["copy_start_ms"] >= 0).any()
+
+
+@needs_corpus
+def test_live_trains_no_predictor_when_no_asked_policy_consults_one(tmp_path, monkeypatch, tiny_lm):
+    import real.bench.predictor_suite as suite
+    from experiments.engine_bench import main as bench
+
+    def refused(*args, **kwargs):
+        raise AssertionError("no asked policy consults a predictor: nothing may be captured or trained")
+
+    monkeypatch.setattr(suite, "capture_hidden_states", refused)
+    monkeypatch.setattr(suite, "train_lookahead_gate", refused)
+    out = tmp_path / "bench"
+    started = time.monotonic()
+    bench(["live", "--model", str(tiny_lm), "--out", str(out), "--device", "cpu", "--dtype", "float32",
+           "--repeats", "1", "--prompts", "1", "--prompt-len", "4", "--new-tokens", "3", "--slots", "2",
+           "--train-prompts", "1", "--policies", "lru,belady", "--score-seqs", "1", "--score-len", "8"])
+    took = time.monotonic() - started
+    assert not (out / "tiny-lm-gate").exists() and not (out / "gate_recall.csv").exists()
+    assert load_trace(out / "tiny-lm-trace.npz").predictions == {}
+    policies = pd.read_csv(out / "policies.csv")
+    assert sorted(policies["policy"]) == ["belady", "lru"] and (policies["tokens_per_s"] > 0).all()
+    assert took < 60, f"{took:.0f} s"
+
+
+@needs_corpus
+def test_live_recall_trains_and_scores_every_predictor_whatever_the_policies(tmp_path, tiny_lm):
+    from experiments.engine_bench import main as bench
+    out = tmp_path / "bench"
+    bench(["live", "--model", str(tiny_lm), "--out", str(out), "--device", "cpu", "--dtype", "float32",
+           "--repeats", "1", "--prompts", "1", "--prompt-len", "4", "--new-tokens", "3", "--slots", "2",
+           "--train-prompts", "1", "--policies", "lru", "--recall", *GATE_ARGS, "--score-seqs", "1",
+           "--score-len", "8"])
     recall = pd.read_csv(out / "gate_recall.csv")
     assert set(recall["predictor"]) == {"pregate", "quasi", "lookahead", "lookahead-context", "affinity"}
     text = recall[recall["source"].str.contains("held-out text")]
     assert set(text["predictor"]) == {"pregate", "quasi", "lookahead", "lookahead-context"}
-    assert (text["tokens"] == 256).all()
     gates = recall.set_index("predictor")["gate_parameters"]
     assert gates["lookahead-context"].max() > gates["lookahead"].max() > 0 and gates["pregate"].max() == 0
-    trace = load_trace(out / "tiny-lm-trace.npz")
-    assert trace.hidden_states.shape[0] == trace.num_tokens == 2 * (6 + 6)
-    assert {"pregate", "quasi", "lookahead"} <= set(trace.predictions)
-    timed = load_trace(out / "tiny-lm-lru-2-timed.npz")
-    assert timed.timings["copy_start_ms"].shape == (timed.num_tokens, 2, 2)
-    assert (timed.timings["copy_start_ms"] >= 0).any()
+    assert (out / "tiny-lm-gate").is_dir()
 
 
 def test_replay_on_cpu_publishes_the_median_of_interleaved_repeats(tmp_path, capsys):
