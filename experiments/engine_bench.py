@@ -14,7 +14,7 @@ host calibration, GPU clocks, garbage collections, steal time and halves drift r
 figure the tables say its spread ((max - min) / median), the runs, the outliers and their causes; the
 noise floor of every session goes to OUT/noise_floor.csv, its runs to OUT/noise_runs.csv and its
 settings to OUT/noise_sessions.json (``python -m experiments.noise --report OUT`` prints them). Every
-measured run's tokens are checked: a lossless policy's must equal the fully-on-GPU model's (``live``) or
+measured run's tokens are checked: a lossless policy's must equal the fully-resident model's (``live``) or
 the first lossless run's (``replay``, whose routing is forced); a mismatch, or a run that raised, ends the
 command with exit code 1 and one line per configuration, after every table is written.
 
@@ -51,7 +51,7 @@ from real.bench.engine_runs import exit_message
 from real.bench.policies import PolicyRuns, measure_policies
 from real.bench.predictor_suite import LIVE_PREDICTORS, PredictorSettings, consulted, train_predictors
 from real.bench.recording import record_slices
-from real.bench.references import accelerate_offload, hf_parity, measure_fully_on_gpu
+from real.bench.references import accelerate_offload, hf_parity, measure_fully_resident
 from real.bench.replay import replay_slices, shape_replay
 from real.bench.table import engine_table, write_resolved_config
 from real.bench.text import held_out_prompts, load_text, score_sequences, train_prompts
@@ -78,12 +78,13 @@ def live(args) -> list[str]:
     config, tensors = load_checkpoint(args.model, dtype)
     shape = config.to_model_shape(name)
 
-    # 1. References: the model fully on the GPU (upper bound) and its logits against HF's forward.
+    # 1. References: the model fully resident, every expert on the device (upper bound), and its logits
+    #    against HF's forward.
     resident = MoEModel(config, tensors, device=device, dtype=dtype)
-    resident_tokens, _, problems = measure_fully_on_gpu(resident, name, prompts, args.new_tokens, out, args.repeats,
-                                                        args.deadline_s, args.started, args.settings)
+    resident_tokens, _, problems = measure_fully_resident(resident, name, prompts, args.new_tokens, out, args.repeats,
+                                                          args.deadline_s, args.started, args.settings)
     if resident_tokens is None:
-        raise SystemExit(f"error: the fully-on-GPU reference failed (tracebacks above): {'; '.join(problems)}")
+        raise SystemExit(f"error: the fully-resident reference failed (tracebacks above): {'; '.join(problems)}")
     parity = hf_parity(args.model, resident, prompts[0], resident_tokens[0])
     atomic_write(out / "hf_parity.json", lambda f: json.dump(parity, f, indent=1))
     print("hf parity", parity, flush=True)

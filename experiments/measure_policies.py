@@ -16,7 +16,7 @@ Every engine figure is the median of --repeats runs (default 5; 1: one cold run 
 interleaved round-robin across every (policy, cache size) and the all-resident engine, after untimed
 warm-up passes, with the discipline of ``real.measurement``. Writes OUT/policies.csv (each figure with its
 spread, runs, outliers and their causes, beside the simulator's), rows of OUT/engine.csv (the all-resident
-engine and every policy) and OUT/correctness.csv (every measured run's tokens against the fully-on-GPU
+engine and every policy) and OUT/correctness.csv (every measured run's tokens against the fully-resident
 tokens the recording holds), the session ``live-<name>`` of OUT/noise_runs.csv, OUT/noise_floor.csv and
 OUT/noise_sessions.json (``python -m experiments.noise --report OUT`` prints them), the timed run's trace
 and OUT/resolved_config-measure_policies.yaml. Every value is checked before anything is measured. A

@@ -1,14 +1,15 @@
-"""The references an offloaded engine is read against, for one checkpoint: the model fully on the GPU
-(speed upper bound), its logits against Hugging Face's forward, and Hugging Face accelerate's CPU
-offload (what a user without this tool would run; CUDA only).
+"""The references an offloaded engine is read against, for one checkpoint: the model fully resident, every
+expert on the compute device (the GPU, or the CPU with --device cpu; the speed upper bound), its logits
+against Hugging Face's forward, and Hugging Face accelerate's CPU offload (what a user without this tool
+would run; CUDA only).
 
     python -m experiments.references --model DIR --out OUT [--corpus DIR] [--prompts 4 --prompt-len 32
         --new-tokens 64] [--accelerate-gpu-GiB 2] [--device cuda|cpu --dtype bfloat16|float32] \
         [--repeats 5] [--deadline-s S]
 
-The fully-on-GPU figure is the median of --repeats runs (default 5; 1: one cold run, for smoke use) after
+The fully-resident figure is the median of --repeats runs (default 5; 1: one cold run, for smoke use) after
 untimed warm-up passes, with the discipline of ``real.measurement``; accelerate's is one run (seconds per
-token). Adds rows to OUT/engine.csv (modes ``fully-on-gpu``, with its spread, runs, outliers and their
+token). Adds rows to OUT/engine.csv (modes ``fully-resident``, with its spread, runs, outliers and their
 causes, and ``hf-accelerate-offload-<GiB>GiB``), the session ``references-<name>`` to OUT/noise_runs.csv,
 OUT/noise_floor.csv and OUT/noise_sessions.json, and writes OUT/hf_parity.json and
 OUT/resolved_config-references.yaml. A run that fails, or one whose tokens differ from the first run's,
@@ -24,7 +25,7 @@ import torch
 
 from real.bench.args import add_measurement_args, add_model_args, add_prompt_args, check_model_args, resolved
 from real.bench.engine_runs import exit_message
-from real.bench.references import accelerate_offload, hf_parity, measure_fully_on_gpu
+from real.bench.references import accelerate_offload, hf_parity, measure_fully_resident
 from real.bench.table import engine_table, write_resolved_config
 from real.bench.text import held_out_prompts, load_text
 from real.checkpoint import load_checkpoint
@@ -58,10 +59,10 @@ def main(argv=None) -> dict:
     config, tensors = load_checkpoint(args.model, dtype)
     resident = MoEModel(config, tensors, device=device, dtype=dtype)
     del tensors
-    tokens, _, problems = measure_fully_on_gpu(resident, args.name, prompts, args.new_tokens, args.out, args.repeats,
-                                               args.deadline_s, started, settings)
+    tokens, _, problems = measure_fully_resident(resident, args.name, prompts, args.new_tokens, args.out, args.repeats,
+                                                 args.deadline_s, started, settings)
     if tokens is None:
-        raise SystemExit(f"error: the fully-on-GPU reference failed (tracebacks above): {'; '.join(problems)}")
+        raise SystemExit(f"error: the fully-resident reference failed (tracebacks above): {'; '.join(problems)}")
     parity = hf_parity(args.model, resident, prompts[0], tokens[0])
     atomic_write(args.out / "hf_parity.json", lambda f: json.dump(parity, f, indent=1))
     print("hf parity", parity, flush=True)

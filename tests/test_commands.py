@@ -85,14 +85,14 @@ def test_record_references_gate_and_policies_commands(tiny_lm, tmp_path, capsys)
     assert recorded.num_tokens == 2 * (5 + 5) and recorded.hidden_states.shape[0] == recorded.num_tokens
     assert train.num_requests == 3 and train.hidden_states is None
     assert recorded.meta.extra["generated"] == recorded.meta.extra["reference_tokens"]
-    assert pd.read_csv(out / "correctness.csv")["identical_to_fully_on_gpu"].tolist() == [True]
+    assert pd.read_csv(out / "correctness.csv")["identical_to_fully_resident"].tolist() == [True]
     assert yaml.safe_load((out / "resolved_config-record.yaml").read_text())["train_prompts"] == 3
 
     references.main(["--model", str(tiny_lm), "--out", str(out), "--repeats", "2", *CPU, *DECODE])
     parity = json.loads((out / "hf_parity.json").read_text())
     assert parity["relative"] < 1e-4 and parity["argmax_agreement"] == 1.0
     resident = pd.read_csv(out / "engine.csv")
-    assert resident["mode"].tolist() == ["fully-on-gpu"] and resident["runs"].tolist() == [2]
+    assert resident["mode"].tolist() == ["fully-resident"] and resident["runs"].tolist() == [2]
     assert resident["spread_pct"].notna().all() and resident["tokens_per_s"].gt(0).all()
     runs = pd.read_csv(out / "noise_runs.csv")
     assert len(runs) == 2 and set(runs["session"]) == {"references-tiny-lm"} and runs["identical_tokens"].all()
@@ -117,7 +117,7 @@ def test_record_references_gate_and_policies_commands(tiny_lm, tmp_path, capsys)
     on_demand = table[table["policy"].isin(["lru", "static"])]      # same slice, same routing: same hits
     assert (on_demand["hit_rate"] - on_demand["sim_hit_rate"]).abs().max() < 1e-9
     engine = pd.read_csv(out / "engine.csv")
-    assert engine["mode"].tolist() == ["fully-on-gpu", "engine-all-resident"] + ["live"] * 6
+    assert engine["mode"].tolist() == ["fully-resident", "engine-all-resident"] + ["live"] * 6
     assert engine["runs"].tolist() == [2] * 8
     # the 7 configurations (the all-resident engine first) interleaved: every round runs each once, the
     # order rotated by one the next round; each figure is the median of its configuration's runs
@@ -127,13 +127,13 @@ def test_record_references_gate_and_policies_commands(tiny_lm, tmp_path, capsys)
     assert len(order) == 7 and order[0].startswith("mode=engine-all-resident")
     assert runs.loc[runs["round"] == 1, "config"].tolist() == order[1:] + order[:1]
     medians = runs.groupby(["mode", "policy", "cache_slots"])["tokens_per_s"].median()
-    for row in engine[engine["mode"] != "fully-on-gpu"].itertuples():
+    for row in engine[engine["mode"] != "fully-resident"].itertuples():
         assert row.tokens_per_s == pytest.approx(medians[row.mode, row.policy, row.cache_slots], rel=1e-12)
     floor = pd.read_csv(out / "noise_floor.csv")
     assert floor.groupby("session").size().to_dict() == {"live-tiny-lm": 7, "references-tiny-lm": 1}
     correctness = pd.read_csv(out / "correctness.csv")
     assert len(correctness) == 1 + 7          # record's row kept, then every configuration measured
-    assert correctness["identical_to_fully_on_gpu"].all() and (correctness["runs_checked"].iloc[1:] == 2).all()
+    assert correctness["identical_to_fully_resident"].all() and (correctness["runs_checked"].iloc[1:] == 2).all()
     assert load_trace(out / "tiny-lm-lru-2-timed.npz").timings["copy_start_ms"].shape[1:] == (2, 2)
     settings = yaml.safe_load((out / "resolved_config-measure_policies.yaml").read_text())
     assert settings["slots"] == [2, 3] and settings["gate"] == str(gate)
@@ -157,7 +157,7 @@ def test_measure_policies_checks_its_inputs_first(tiny_lm, tmp_path, capsys):
 
 @needs_corpus
 def test_a_lossless_policy_whose_tokens_differ_is_reported(tiny_lm, tmp_path, capsys):
-    """A recording whose fully-on-GPU tokens are wrong stands in for a policy that changes the output: the
+    """A recording whose fully-resident tokens are wrong stands in for a policy that changes the output: the
     command still writes every table, then exits 1 naming the configuration, its runs and the first
     difference."""
     from experiments import measure_policies, record
@@ -177,11 +177,11 @@ def test_a_lossless_policy_whose_tokens_differ_is_reported(tiny_lm, tmp_path, ca
                                "--repeats", "1", *CPU])
     message = str(exit_.value.code)
     assert "changed the model's output" in message
-    assert ("mode=live policy=lru cache_slots=2: 1 of 1 runs generated other tokens than the fully-on-GPU "
+    assert ("mode=live policy=lru cache_slots=2: 1 of 1 runs generated other tokens than the fully-resident "
             f"model's (round 0: request 1, token 2: {wrong[1][2] - 1} instead of {wrong[1][2]})") in message
     assert "mode=engine-all-resident" in message        # the all-resident engine is checked the same way
     correctness = pd.read_csv(out / "correctness.csv")
-    assert correctness["identical_to_fully_on_gpu"].tolist() == [True, False, False]
+    assert correctness["identical_to_fully_resident"].tolist() == [True, False, False]
     assert pd.read_csv(out / "policies.csv")["identical_tokens"].tolist() == [False]
 
 

@@ -64,12 +64,12 @@ def test_live_flow_on_cpu(tmp_path, capsys, tiny_lm):
     rows = pd.read_csv(out / "engine.csv")
     assert {"model", "mode", "policy", "cache_slots", "tokens_per_s", "tpot_ms_mean", "hit_rate", "bytes_moved",
             "copy_GBps", "gpu_mem_GB"} <= set(rows.columns)
-    assert rows["mode"].tolist() == ["fully-on-gpu", "engine-all-resident"] + ["live"] * 14
+    assert rows["mode"].tolist() == ["fully-resident", "engine-all-resident"] + ["live"] * 14
     live = rows[rows["mode"] == "live"]
     assert (live["tokens_per_s"] > 0).all() and (live["runs"] == 1).all() and live["spread_pct"].isna().all()
     correctness = pd.read_csv(out / "correctness.csv")
     assert len(correctness) == 1 + 15       # the recording, then the all-resident engine and every policy
-    assert correctness.loc[correctness["lossless"], "identical_to_fully_on_gpu"].all()
+    assert correctness.loc[correctness["lossless"], "identical_to_fully_resident"].all()
     parity = json.loads((out / "hf_parity.json").read_text())
     assert parity["relative"] < 1e-4 and parity["argmax_agreement"] == 1.0
     policies = pd.read_csv(out / "policies.csv")
@@ -211,3 +211,25 @@ def test_a_shape_too_large_for_host_memory_is_refused_before_anything_is_built()
     message = host_memory_error(huge, 2, "cuda")
     if Path("/proc/meminfo").exists():
         assert message is not None and "huge" in message and "GB of host memory" in message and "smaller shape" in message
+
+
+def test_results_of_either_naming_are_read_under_the_current_names(tmp_path):
+    """The reference is ``fully-resident`` (every expert on the compute device, a CPU's included); the
+    committed results call it ``fully-on-gpu`` and are read as they are, and a command adding rows to such a
+    file keeps one column per quantity."""
+    from real.bench.table import CsvTable, read_table
+    root = Path(__file__).resolve().parents[1] / "experiments" / "results"
+    for folder in (root / "h100", root / "h200" / "engine_live"):
+        old_engine, old_correctness = pd.read_csv(folder / "engine.csv"), pd.read_csv(folder / "correctness.csv")
+        assert "fully-on-gpu" in set(old_engine["mode"]) and "identical_to_fully_on_gpu" in old_correctness
+        engine, correctness = read_table(folder / "engine.csv"), read_table(folder / "correctness.csv")
+        assert "fully-resident" in set(engine["mode"]) and "fully-on-gpu" not in set(engine["mode"])
+        assert correctness["identical_to_fully_resident"].tolist() == old_correctness["identical_to_fully_on_gpu"].tolist()
+        assert "identical_to_fully_on_gpu" not in correctness
+    old = tmp_path / "correctness.csv"
+    pd.DataFrame([{"policy": "all-resident-engine", "cache_slots": 4, "lossless": True,
+                   "identical_to_fully_on_gpu": True}]).to_csv(old, index=False)
+    table = CsvTable(old, keep=True)
+    table.add({"mode": "live", "policy": "lru", "cache_slots": 2, "lossless": True, "identical_to_fully_resident": False})
+    merged = pd.read_csv(old)
+    assert "identical_to_fully_on_gpu" not in merged and merged["identical_to_fully_resident"].tolist() == [True, False]

@@ -123,7 +123,7 @@ def generated_of(step_ms: Sequence[float], prompts: Sequence[Sequence[int]], new
 
 class TokenCheck:
     """``EngineRuns.check``: whether a measured run's generated tokens equal ``reference``'s (a live run: the
-    fully-on-GPU model's, which the all-resident engine's are checked against in the same session); without
+    fully-resident model's, which the all-resident engine's are checked against in the same session); without
     a reference (a shape replay), the first lossless run's tokens are the reference and every later run is
     checked against them. ``lossless``: per configuration label, whether its policy must keep the model's
     output. Checks every measured repeat; ``mismatches(report)`` says which lossless configurations changed
@@ -131,7 +131,7 @@ class TokenCheck:
 
     def __init__(self, lossless: Mapping[str, bool], reference: list[list[int]] | None = None):
         self.lossless, self.reference = lossless, reference
-        self.source = "the fully-on-GPU model's" if reference is not None else None
+        self.source = "the fully-resident model's" if reference is not None else None
 
     def __call__(self, config: Config, result: EngineResult) -> dict:
         lossless = self.lossless[config.label]

@@ -21,7 +21,7 @@ from policies.registry import resolve_policy
 from real.bench.engine_runs import (FIGURE_COLUMNS, EngineRuns, TokenCheck, figures, generated_steps,
                                     measure_session, run_problems)
 from real.bench.recording import recorded_on, warm_engine
-from real.bench.table import CsvTable, NoiseFiles, engine_row, engine_table, print_rows
+from real.bench.table import IDENTICAL_COLUMN, CsvTable, NoiseFiles, engine_row, engine_table, print_rows
 from real.bench.text import decode_mask
 from real.engine import OffloadEngine
 from real.measurement import Config, Report
@@ -74,7 +74,7 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
     the median tokens/s with its spread, runs and outliers), this session's rows of OUT/engine.csv and
     OUT/correctness.csv (after the rows already there), and the session ``live-<name>`` of OUT's noise files
     (``settings`` recorded there). Every measured run's tokens are checked against ``reference_tokens`` (the
-    fully-on-GPU model's): correctness.csv counts the runs checked and identical per configuration. The
+    fully-resident model's): correctness.csv counts the runs checked and identical per configuration. The
     timed run goes to OUT/<name>-<policy>-<slots>-timed.npz. ``scored``: held-out token windows for lossy
     policies' perplexity and top-1 agreement. A policy that fails is reported with its traceback and the
     others still run. Returns one line per problem: a policy that failed before its runs, a configuration
@@ -171,12 +171,12 @@ def _checked(label: str, report: Report) -> list[dict]:
 
 
 def _correctness(config: Config, lossless: bool, report: Report) -> dict:
-    """A correctness.csv row: whether every measured run's tokens equal the fully-on-GPU model's."""
+    """A correctness.csv row: whether every measured run's tokens equal the fully-resident model's."""
     checked = _checked(config.label, report)
     identical = sum(bool(r["identical_tokens"]) for r in checked)
     return {"mode": config.fields["mode"], "policy": config.fields["policy"],
             "cache_slots": config.fields["cache_slots"], "lossless": lossless,
-            "identical_to_fully_on_gpu": identical == len(checked) if checked else None,
+            IDENTICAL_COLUMN: identical == len(checked) if checked else None,
             "runs_checked": len(checked), "runs_identical": identical}
 
 

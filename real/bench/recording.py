@@ -1,6 +1,6 @@
 """Recording a live run with every expert resident: the routing (the future the bounds read), the
 hidden states (what predictors are scored on) and the tokens, as a trace; and the all-resident engine's
-own speed. The prompts, their new-token count and the fully-on-GPU model's tokens go into the trace's
+own speed. The prompts, their new-token count and the fully-resident model's tokens go into the trace's
 ``extra``, so a later command replays the same decode and checks it against the same tokens."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from policies.lru import LRU
 from policies.static import Static
 from real.engine import EngineResult, OffloadEngine
 from real.record import routing_trace
-from real.bench.table import CsvTable
+from real.bench.table import IDENTICAL_COLUMN, CsvTable
 from traces import ModelShape, Trace, save_trace
 
 
@@ -33,7 +33,7 @@ def record_run(host, shape: ModelShape, prompts: list[list[int]], new_tokens: in
     ``real.model.MoEModel`` with its experts on the host), as (trace, engine result). The trace holds
     every step (prompt steps route experts too), with hidden states for all of them when ``hidden``;
     its ``extra`` holds ``prompts``, ``new_tokens``, the engine's ``generated`` tokens and
-    ``reference_tokens`` (the fully-on-GPU model's, when given)."""
+    ``reference_tokens`` (the fully-resident model's, when given)."""
     steps = sum(len(p) + new_tokens for p in prompts)
     engine = OffloadEngine(host, shape, LRU, RunSettings(cache_slots=shape.num_experts),
                            record_hidden_steps=steps if hidden else 0)
@@ -80,7 +80,7 @@ def record_slices(host, shape: ModelShape, name: str, prompts: list[list[int]], 
     read; ``train`` (``train_prompts``, from the training split) is what ``static`` and ``affinity``
     learn from in both clocks, so neither learns from the decode it is measured on. Writes
     OUT/<name>-train-trace.npz and OUT/correctness.csv (afresh: whether the all-resident engine's tokens
-    equal ``reference_tokens``, the fully-on-GPU model's); the caller saves ``recorded``."""
+    equal ``reference_tokens``, the fully-resident model's); the caller saves ``recorded``."""
     recorded, base = record_run(host, shape, prompts, new_tokens, source=f"real.bench.recording, model {name}",
                                 description="greedy decode of held-out corpus prompts (prompt steps included), "
                                             "all experts resident", reference_tokens=reference_tokens)
@@ -91,5 +91,5 @@ def record_slices(host, shape: ModelShape, name: str, prompts: list[list[int]], 
     save_trace(train, Path(out) / f"{name}-train-trace.npz")
     CsvTable(Path(out) / "correctness.csv", keep=False).add(
         {"policy": "all-resident-engine", "cache_slots": shape.num_experts, "lossless": True,
-         "identical_to_fully_on_gpu": base.generated == reference_tokens})
+         IDENTICAL_COLUMN: base.generated == reference_tokens})
     return recorded, train

@@ -1,6 +1,8 @@
-"""The references an offloaded run is read against: the model fully on the GPU (the upper bound, and
-the tokens every lossless policy must reproduce), measured with the discipline of ``real.measurement``
-(``measure_fully_on_gpu``: the median of interleaved repeats, as every engine figure); our decoder's
+"""The references an offloaded run is read against: the model fully resident, every expert on the compute
+device (the GPU, or the CPU a smoke run computes on: the upper bound, and the tokens every lossless policy
+must reproduce), measured with the discipline of ``real.measurement`` (``measure_fully_resident``: the median
+of interleaved repeats, as every engine figure; mode ``fully-resident``, which results written before it was
+named so call ``fully-on-gpu``: ``real.bench.table.LEGACY_MODES``); our decoder's
 logits against Hugging Face's forward; and Hugging Face accelerate's CPU offload (what a user without this
 tool would run; one run: seconds per token)."""
 from __future__ import annotations
@@ -11,13 +13,13 @@ from pathlib import Path
 import torch
 
 from real.bench.engine_runs import figures, generated_of, measure_session, run_problems
-from real.bench.table import NoiseFiles, engine_row, engine_table, print_rows
+from real.bench.table import FULLY_RESIDENT, NoiseFiles, engine_row, engine_table, print_rows
 from real.measurement import Config, Report, RunOutput
 from real.model import MoEModel, quiet_gc
 
 
 class ResidentRuns:
-    """The run function (``real.measurement``) of the fully-on-GPU reference: ``resident`` (every expert on
+    """The run function (``real.measurement``) of the fully-resident reference: ``resident`` (every expert on
     its device, CUDA graphs captured on a GPU: the lean path the engine runs) greedily decodes ``prompts``
     (a warm-up pass: the first), each step timed as the engine times its steps, the figures from the
     generated steps. ``tokens``: the first measured run's; every measured run says whether its tokens equal
@@ -66,34 +68,34 @@ class ResidentRuns:
         return tokens, step_ms
 
 
-def fully_on_gpu(resident: MoEModel, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], dict]:
+def fully_resident(resident: MoEModel, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], dict]:
     """One greedy decode of ``prompts`` by ``resident`` (``ResidentRuns``), for its tokens: (generated token ids
     per prompt, that one run's ``tokens_per_s``, ``tpot_ms_mean`` and ``gpu_mem_GB``). A published figure
-    is ``measure_fully_on_gpu``'s."""
+    is ``measure_fully_resident``'s."""
     resident.capture_graphs()
     runs = ResidentRuns(resident, prompts, new_tokens)
-    output = runs(Config({"mode": "fully-on-gpu"}), False)
+    output = runs(Config({"mode": FULLY_RESIDENT}), False)
     tpot = sum(output.step_ms) / len(output.step_ms)
     return runs.tokens, {"tokens_per_s": 1e3 / tpot, "tpot_ms_mean": tpot, "gpu_mem_GB": output.columns["gpu_mem_GB"]}
 
 
-def measure_fully_on_gpu(resident: MoEModel, name: str, prompts: list[list[int]], new_tokens: int, out: Path,
-                         repeats: int = 5, deadline_s: float | None = None, started: float | None = None,
-                         settings: dict | None = None) -> tuple[list[list[int]] | None, Report, list[str]]:
-    """The fully-on-GPU reference's figure: ``repeats`` runs of ``ResidentRuns`` (``measure_session``).
-    Writes, after every run, its OUT/engine.csv row (mode ``fully-on-gpu``: the median, spread, runs,
-    outliers) after the rows already there, and the session ``references-<name>`` of OUT's noise files.
-    Returns (the first measured run's tokens, None if every run failed; the report; one line per failed
-    run, or per run whose tokens differ from the first's)."""
+def measure_fully_resident(resident: MoEModel, name: str, prompts: list[list[int]], new_tokens: int, out: Path,
+                           repeats: int = 5, deadline_s: float | None = None, started: float | None = None,
+                           settings: dict | None = None) -> tuple[list[list[int]] | None, Report, list[str]]:
+    """The fully-resident reference's figure (every expert on ``resident``'s device): ``repeats`` runs of
+    ``ResidentRuns`` (``measure_session``). Writes, after every run, its OUT/engine.csv row (mode
+    ``fully-resident``: the median, spread, runs, outliers) after the rows already there, and the session
+    ``references-<name>`` of OUT's noise files. Returns (the first measured run's tokens, None if every run
+    failed; the report; one line per failed run, or per run whose tokens differ from the first's)."""
     resident.capture_graphs()
-    config = Config({"mode": "fully-on-gpu", "policy": "none", "cache_slots": resident.config.num_experts})
+    config = Config({"mode": FULLY_RESIDENT, "policy": "none", "cache_slots": resident.config.num_experts})
     runs = ResidentRuns(resident, prompts, new_tokens)
     table = engine_table(out)
     files = NoiseFiles(out, f"references-{name}", settings or {})
 
     def rows(report: Report) -> list[dict]:
         found = figures(report)
-        return [engine_row(name, "fully-on-gpu", "none", config.fields["cache_slots"], found[config.label])
+        return [engine_row(name, FULLY_RESIDENT, "none", config.fields["cache_slots"], found[config.label])
                 ] if config.label in found else []
 
     def progress(report: Report) -> None:
@@ -107,6 +109,10 @@ def measure_fully_on_gpu(resident: MoEModel, name: str, prompts: list[list[int]]
         f"{config.label}: round {r['round']} generated other tokens than the first measured run (the decode is not "
         "deterministic)" for r in report.rows if not r["error"] and not r["identical_tokens"]]
     return runs.tokens, report, problems
+
+
+# The names before the mode was called by what runs (every expert on the compute device, a CPU included).
+fully_on_gpu, measure_fully_on_gpu = fully_resident, measure_fully_resident
 
 
 def hf_parity(model_dir: Path, resident: MoEModel, prompt: list[int], generated: list[int]) -> dict:

@@ -14,6 +14,31 @@ from real.bench.engine_runs import FIGURE_COLUMNS
 from real.measurement import Report
 from traces.io import atomic_write
 
+# The reference with every expert on the compute device (the GPU, or the CPU of a smoke run), and the column
+# saying a run's tokens equal its. Results written before they were named by what runs use the old names
+# (``fully-on-gpu``, ``identical_to_fully_on_gpu``; the committed results under experiments/results keep them):
+# ``upgrade_names`` reads either.
+FULLY_RESIDENT = "fully-resident"
+IDENTICAL_COLUMN = "identical_to_fully_resident"
+LEGACY_MODES = {"fully-on-gpu": FULLY_RESIDENT}
+LEGACY_COLUMNS = {"identical_to_fully_on_gpu": IDENTICAL_COLUMN}
+
+
+def upgrade_names(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (an engine.csv or correctness.csv, old or new) under the current names: the old column
+    renamed (where the new one is missing), the old mode values replaced. Nothing else changes."""
+    renames = {old: new for old, new in LEGACY_COLUMNS.items() if old in frame and new not in frame}
+    frame = frame.rename(columns=renames)
+    if "mode" in frame:
+        frame = frame.assign(mode=frame["mode"].replace(LEGACY_MODES))
+    return frame
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A result CSV written by any version of these commands, under the current names (``upgrade_names``)."""
+    return upgrade_names(pd.read_csv(path))
+
+
 ENGINE_COLUMNS = ["model", "mode", "policy", "cache_slots", "tokens_per_s", *FIGURE_COLUMNS, "tpot_ms_mean",
                   "hit_rate", "bytes_moved", "copy_GBps", "gpu_mem_GB", "tokens", "tpot_ms_p50", "tpot_ms_p99",
                   "misses"]
@@ -21,14 +46,15 @@ ENGINE_COLUMNS = ["model", "mode", "policy", "cache_slots", "tokens_per_s", *FIG
 
 class CsvTable:
     """Rows of one CSV file, rewritten whole and atomically on every ``add`` or ``replace``. With ``keep`` the rows
-    already in the file stay (several commands add to one table); without it the file starts empty.
+    already in the file stay (several commands add to one table), read under the current names
+    (``read_table``: a file of an earlier version keeps one column per quantity); without it the file starts empty.
     ``columns`` come first, in that order, then any others in the order they appear."""
 
     def __init__(self, path: Path, keep: bool = True, columns: list[str] | None = None, echo: bool = False):
         self.path = Path(path)
         self.columns = columns or []
         self.echo = echo
-        self.kept = pd.read_csv(self.path).to_dict("records") if keep and self.path.exists() else []
+        self.kept = read_table(self.path).to_dict("records") if keep and self.path.exists() else []
         self.rows = list(self.kept)
 
     def add(self, row: dict) -> None:
