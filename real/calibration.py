@@ -6,7 +6,9 @@ For one model (a checkpoint, or random weights of a shape) this measures, and re
 - ``compute``: attention against context length, the router, one expert and the per-token work (embedding,
   LM head, sampling) with CUDA events (``real.profile_hw.measure_compute``) on the engine's own kernels;
 - ``patterns``: the engine decoding synthetic routing that isolates one cost at a time, with every step's
-  wall time and the per-layer timings (``OffloadEngine(record_layer_timings=True)``):
+  wall time from a run that records nothing (as the validated runs), and the per-layer timings of a second
+  run that records them (``OffloadEngine(record_layer_timings=True)``, whose CUDA events cost the host
+  about 25 us a layer on the H200, so its own step times are kept apart, ``marked_step_ms``):
   ``hits`` routes the same top-k experts at every step, so after the first step nothing is copied: the
   per-layer time of a decode with no miss; ``misses`` routes experts round-robin, so that at top-k slots
   per layer every access misses: a demand copy's cost on the critical path, the link's achieved copy
@@ -42,26 +44,31 @@ from traces.synthetic import PATTERNS, pattern_trace
 @dataclass
 class PatternRun:
     slots: int
-    step_ms: list[float]
+    step_ms: list[float]                # each step's wall time, nothing recorded: what the profile is fitted on
     layer_timings: dict[str, list]      # name -> [T][L] or [T][L][K] (real.engine.Routing.layer_timings)
+    marked_step_ms: list[float]         # the step times of the run that recorded ``layer_timings``
     copy_ms: list[float]                # each demand copy's own time on the copy stream (0 on a CPU)
     hit_rate: float
 
     def to_dict(self) -> dict:
         return {"slots": self.slots, "step_ms": self.step_ms, "layer_timings": self.layer_timings,
-                "copy_ms": self.copy_ms, "hit_rate": self.hit_rate}
+                "marked_step_ms": self.marked_step_ms, "copy_ms": self.copy_ms, "hit_rate": self.hit_rate}
 
 
 def run_pattern(model, shape: ModelShape, pattern: str, steps: int, hardware=None) -> PatternRun:
-    """The engine (LRU, top-k slots per layer) replaying ``pattern_trace``, timed step by step with layer
-    timings recorded. A first untimed replay warms the engine's kernels and the allocator."""
+    """The engine (LRU, top-k slots per layer) replaying ``pattern_trace``: once untimed (warming the engine's
+    kernels and the allocator), once timed step by step with nothing recorded, as every validated run is
+    (the profile's constants come from these step times), and once more with layer timings recorded, for the
+    per-layer comparison of both clocks (``validation.timelines``): the events that run records sit between
+    the routing read-back and the expert launches, on the critical path, so its step times are not the
+    engine's and are kept apart."""
     trace = pattern_trace(shape, steps, pattern)
     settings = RunSettings(cache_slots=shape.top_k)
     OffloadEngine(model, shape, LRU, settings, hardware=hardware).replay(trace, max(steps // 4, 2))
-    engine = OffloadEngine(model, shape, LRU, settings, hardware=hardware, record_layer_timings=True)
-    result = engine.replay(trace)
-    timings = {name: np.stack(values).tolist() for name, values in result.routing.layer_timings.items() if values}
-    return PatternRun(shape.top_k, list(result.routing.step_ms), timings,
+    result = OffloadEngine(model, shape, LRU, settings, hardware=hardware).replay(trace)
+    marked = OffloadEngine(model, shape, LRU, settings, hardware=hardware, record_layer_timings=True).replay(trace)
+    timings = {name: np.stack(values).tolist() for name, values in marked.routing.layer_timings.items() if values}
+    return PatternRun(shape.top_k, list(result.routing.step_ms), timings, list(marked.routing.step_ms),
                       [c.duration_ms for c in result.copies if c.demand], float(result.metrics["hit_rate"]))
 
 

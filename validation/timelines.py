@@ -328,8 +328,8 @@ def compare_config(sl: Slice, inputs: SliceInputs, result: dict, profile: Hardwa
 
 
 def calibration_configs(sl: Slice, store: Store, profile: HardwareProfile) -> tuple[list[Config], dict]:
-    """The slice's calibration patterns (``real.calibration.run_pattern``: LRU at top-k slots, forced routing,
-    layer timings recorded) against the simulator's replay of the same pattern, their first step left out as
+    """The slice's calibration patterns (``real.calibration.run_pattern``: LRU at top-k slots, forced routing;
+    its run with layer timings recorded) against the simulator's replay of the same pattern, their first step left out as
     the fit leaves it out; and, from the same calibration, the all-resident LRU decode of the training slice
     (unmarked): ``{"resident_lru_us_per_layer": (its median step - token_overhead) / layers}``."""
     from types import SimpleNamespace
@@ -348,7 +348,9 @@ def calibration_configs(sl: Slice, store: Store, profile: HardwareProfile) -> tu
         if not pattern or not pattern.get("layer_timings"):
             continue
         timings = {k: np.asarray(v, np.float64) for k, v in pattern["layer_timings"].items()}
-        timings["step_ms"] = np.asarray(pattern["step_ms"], np.float64)
+        # the step times of the run that recorded these timings (calibrations before the event-free fit
+        # timed one run, with its events: step_ms then)
+        timings["step_ms"] = np.asarray(pattern.get("marked_step_ms", pattern["step_ms"]), np.float64)
         eng = engine_layers(SimpleNamespace(timings=timings))
         trace = pattern_trace(shape, len(pattern["step_ms"]), name)
         sim, _ = sim_layers(SimpleNamespace(timed=trace, train=None), "lru",
