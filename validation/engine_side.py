@@ -126,9 +126,10 @@ class SliceMeasurement:
         """The slice's micro-benchmarks (``real.calibration``), measured once and stored."""
         path = self.store.calibration_path(self.sl.name)
         inputs = self.prepare()
+        # the engine's code too: the calibration measures the engine (an engine change re-calibrates)
         key = digest({"shape": inputs.shape.to_dict(), "model": inputs.model_id, "steps": steps,
                       "policies": list(self.sl.policies), "precision": self.sl.precision,
-                      "device": _device_name(self.device)})
+                      "device": _device_name(self.device), "code": engine_code()})
         found = self.store.read(path)
         if found is not None and found.get("key") == key:
             return found
