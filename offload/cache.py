@@ -91,7 +91,11 @@ class ExpertCache:
         in_use, pinned = self.in_use, self.pinned
         if pinned:
             return [k for k in self.resident[scope] if k not in in_use and k not in pinned]
-        return [k for k in self.resident[scope] if k not in in_use]
+        keys = []             # a loop, not a comprehension: a scope holds a few keys, asked once per eviction
+        for k in self.resident[scope]:
+            if k not in in_use:
+                keys.append(k)
+        return keys
 
     def has_free_slot(self, scope: int) -> bool:
         return bool(self.free[scope])

@@ -214,7 +214,7 @@ class OffloadController:
         self.blocked = False
         cache, queue, policy = self.cache, self.queue, self.policy
         experts = self.num_experts if cache.per_layer else 0
-        free = cache.free
+        free, resident, in_use = cache.free, cache.resident, cache.in_use
         while True:
             job = queue.peek()
             if job is None or (not job.demand and self._prefetch_access is not None):
@@ -224,7 +224,9 @@ class OffloadController:
             victim = None
             if not free[scope]:
                 victim = policy.choose_victim(scope, policy.cache, job)
-                if victim is not None and not (type(victim) is int and cache.is_evictable_in(victim, scope)):
+                # cache.is_evictable_in(victim, scope), inlined: resident in the scope, not in use, not pinned
+                if victim is not None and not (type(victim) is int and victim in resident[scope]
+                                               and victim not in in_use and victim not in cache.pinned):
                     victim = self._checked_victim(victim, scope)
                 if victim is None:
                     if job.demand:
@@ -257,8 +259,11 @@ class OffloadController:
     def copy_done(self, job: CopyJob, now_ns: int) -> None:
         job.state = DONE
         job.finished_ns = now_ns
-        del self.running[job.key]
-        self.cache.finish_copy(job.key)
+        key = job.key
+        del self.running[key]
+        cache = self.cache                  # cache.finish_copy, inlined: once per copy
+        cache.slot_state[job.slot] = RESIDENT
+        cache.resident[key // self.num_experts if cache.per_layer else 0].add(key)
         stats = self.stats
         stats.copies += 1
         stats.bytes_moved += self.expert_bytes
@@ -349,9 +354,10 @@ class OffloadController:
 
 
 def _copy_order(need: tuple[int, CopyJob]):
-    """How a layer's waited-for copies are ordered: those in flight first, then queue order."""
+    """How a layer's waited-for copies are ordered: those in flight first, then queue order (the
+    job's ``sort_key()``, inlined: demand before prefetch, then need step, then arrival)."""
     job = need[1]
-    return job.state != RUNNING, job.sort_key()
+    return job.state != RUNNING, not job.demand, job.need_step, job.seq
 
 
 def _as_int(value) -> int:

@@ -8,8 +8,8 @@ of an O(n) removal from a list.
 """
 from __future__ import annotations
 
-import heapq
 import itertools
+from heapq import heappop, heappush
 
 QUEUED, RUNNING, DONE, CANCELLED, DROPPED = "queued", "running", "done", "cancelled", "dropped"
 
@@ -42,7 +42,7 @@ class CopyJob:
         # that share a timestamp: when this job became a demand fetch, and when it started.
         self.demand_order = -1
         self.start_order = -1
-        self.entry: tuple | None = None   # its live heap entry; older entries of this job are stale
+        self.entry: tuple | None = None   # its live heap entry while queued; older entries of this job are stale
 
     def sort_key(self) -> tuple[int, int, int]:
         return (DEMAND if self.demand else PREFETCH, self.need_step, self.seq)
@@ -66,27 +66,26 @@ class CopyQueue:
         job = CopyJob(key, demand, need_step, seq, now_ns)
         self.queued[key] = job
         job.entry = entry = (DEMAND if demand else PREFETCH, need_step, seq, job)   # job.sort_key(), job
-        heapq.heappush(self._heap, entry)
+        heappush(self._heap, entry)
         return job
-
-    def _enter(self, job: CopyJob) -> None:
-        job.entry = (*job.sort_key(), job)
-        heapq.heappush(self._heap, job.entry)
 
     def reprioritise(self, job: CopyJob, demand: bool, need_step: int, now_ns: int) -> None:
         """Move a queued job (to demand, or to a new need step); its old heap entry goes stale."""
-        before = job.sort_key()
+        entry = job.entry                 # (class, need step, seq, job): job.sort_key() before the move
         if demand and not job.demand:
             job.demand = True
             job.demand_since_ns = now_ns
             job.used = True
         job.need_step = need_step
-        if job.sort_key() != before:
-            self._enter(job)
+        cls = DEMAND if job.demand else PREFETCH
+        if cls != entry[0] or need_step != entry[1]:
+            job.entry = entry = (cls, need_step, entry[2], job)     # job.sort_key(), job
+            heappush(self._heap, entry)
 
     def cancel(self, job: CopyJob, state: str = CANCELLED) -> None:
         job.state = state
-        del self.queued[job.key]
+        job.entry = None            # its heap entry goes stale (and the job, no longer in a cycle with it, is
+        del self.queued[job.key]    # freed once unused instead of waiting for the garbage collector)
 
     def peek(self) -> CopyJob | None:
         """The job that should start next, or None. Stale entries are discarded on the way."""
@@ -99,12 +98,13 @@ class CopyQueue:
             job = entry[3]
             if job.entry is entry and job.state == QUEUED:
                 return job
-            heapq.heappop(heap)
+            heappop(heap)
         return None
 
     def pop(self, job: CopyJob) -> None:
         """Remove ``job`` (the one ``peek`` returned) to start it."""
-        heapq.heappop(self._heap)
+        heappop(self._heap)
+        job.entry = None
         del self.queued[job.key]
 
     def queued_prefetches(self) -> list[CopyJob]:

@@ -114,6 +114,8 @@ class NextUse:
         self._row_t = -1
         self._row: list[list[int]] = []
         self._routes: dict[int, list[list[int]]] = {}
+        self._route_keys: dict[int, list[list[int]]] = {}
+        self._layer_base = (np.arange(self.num_layers, dtype=np.int64) * num_experts)[:, None]
 
     def next_steps(self, token: int) -> list[list[int]]:
         """[layer][k] -> next step of that access. One token's rows as lists: scalar numpy
@@ -135,6 +137,18 @@ class NextUse:
             if len(self._routes) >= self._ROUTE_ROWS:
                 del self._routes[next(iter(self._routes))]     # the oldest converted
             rows = self._routes[token] = self._experts[token].tolist()
+        return rows
+
+    def route_keys(self, token: int) -> list[list[int]] | None:
+        """``routes`` as keys: [layer][k] -> layer * num_experts + the expert the trace chose, or None
+        past the end of the trace."""
+        rows = self._route_keys.get(token)
+        if rows is None:
+            if token >= len(self._experts):
+                return None
+            if len(self._route_keys) >= self._ROUTE_ROWS:
+                del self._route_keys[next(iter(self._route_keys))]     # the oldest converted
+            rows = self._route_keys[token] = (self._experts[token] + self._layer_base).tolist()
         return rows
 
     def next_use_after(self, layer: int, expert: int, step: int) -> int:

@@ -49,47 +49,76 @@ class AffinityPredictor:
 
     def predict_token(self, experts: np.ndarray, k: int) -> list[list[list[int]]]:
         """``predict`` for every layer of one token at once: [distance - 1][layer] -> the top-k, for the
-        layers that have a layer ``distance`` later. ``experts``: the token's routing, [L, K]. The same
-        arithmetic row by row (the product runs over the K chosen experts in their order)."""
-        L = experts.shape[0]
+        layers that have a layer ``distance`` later. ``experts``: the token's routing, [L, K]."""
+        return [top[0].tolist() for top in self.predict_tokens(experts[None], k)]
+
+    def predict_tokens(self, experts: np.ndarray, k: int) -> list[np.ndarray]:
+        """``predict`` for every layer of several tokens at once: [distance - 1] -> [tokens, layer, k], the
+        top-k for the layers that have a layer ``distance`` later. ``experts``: the tokens' routing,
+        [tokens, L, K]. The same arithmetic row by row (the product runs over the K chosen experts in
+        their order; each row is partitioned and sorted on its own)."""
+        L = experts.shape[1]
         out = []
         for d in range(1, min(self.depth, L - 1) + 1):
             layers = L - d
-            rows = self.cond[d - 1, np.arange(layers)[:, None], experts[:layers]]        # [layers, K, E]
-            s = 1.0 - np.prod(1.0 - rows, axis=1) + self._tiebreak[d:]
-            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-            order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1, kind="stable")
-            out.append(np.take_along_axis(top, order, axis=1).tolist())
+            rows = self.cond[d - 1, np.arange(layers)[:, None], experts[:, :layers]]     # [tokens, layers, K, E]
+            s = 1.0 - np.prod(1.0 - rows, axis=2) + self._tiebreak[d:]
+            top = np.argpartition(-s, k - 1, axis=2)[..., :k]
+            order = np.argsort(-np.take_along_axis(s, top, axis=2), axis=2, kind="stable")
+            out.append(np.take_along_axis(top, order, axis=2))
         return out
 
 
 class AffinityPrefetch(LRU):
+    _BLOCK = 64     # tokens predicted at once
+
     def __init__(self, ctx: PolicyContext):
         super().__init__(ctx)
         train = ctx.require_train_trace("affinity")
         self.predictor = AffinityPredictor(train.experts, ctx.num_experts, ctx.prefetch_depth)
-        # Replaying a trace, each token's predictions are made for all its layers at once (one numpy pass
-        # instead of one per layer); a run that leaves the trace's routing is predicted layer by layer.
-        self._token = -1
-        self._routes: list[list[int]] = []
-        self._predicted: list[list[list[int]]] = []
+        self._L, self._E, self._K, self._depth = ctx.num_layers, ctx.num_experts, ctx.top_k, ctx.prefetch_depth
+        # Replaying a trace, the predictions are made for a block of tokens at once (one numpy pass instead
+        # of one per layer), as keys: [distance - 1][token - _first][layer] -> the keys predicted. A run that
+        # leaves the trace's routing is predicted layer by layer.
+        self._first = self._stop = 0
+        self._routes: list[list[list[int]]] = []
+        self._keys: list[list[list[list[int]]]] = []
+
+    def _predict_block(self, token: int) -> None:
+        trace, L, E = self.ctx.trace, self._L, self._E
+        self._first, self._stop = token, min(token + self._BLOCK, trace.num_tokens)
+        routing = trace.experts[self._first:self._stop]
+        self._routes = routing.tolist()
+        self._keys = [(top + (np.arange(d, L) * E)[:, None]).tolist()
+                      for d, top in enumerate(self.predictor.predict_tokens(routing.astype(np.int64), self._K), 1)]
 
     def prefetch(self, access: LayerAccess) -> list[PrefetchRequest]:
-        L, E, K = self.ctx.num_layers, self.ctx.num_experts, self.ctx.top_k
-        trace = self.ctx.trace
-        if access.token != self._token and trace is not None and access.token < trace.num_tokens:
-            self._token = access.token
-            routing = trace.experts[access.token]
-            self._routes = routing.tolist()
-            self._predicted = self.predictor.predict_token(routing.astype(np.int64), K)
-        replayed = access.token == self._token and access.experts == self._routes[access.layer]
+        token, layer, step = access.token, access.layer, access.step
+        if not self._first <= token < self._stop:
+            trace = self.ctx.trace
+            if trace is not None and token < trace.num_tokens:
+                self._predict_block(token)
+        L = self._L
+        depth = min(self._depth, L - 1 - layer)   # the next token's first layers depend on attention not yet run
+        row = token - self._first
+        if self._first <= token < self._stop and access.experts == self._routes[row][layer]:
+            # replayed: the block's predictions, less the experts that hold a slot (the controller skips them)
+            holds, keys = self.cache.holds, self._keys
+            requests = []
+            for d in range(1, depth + 1):
+                need = step + d
+                for key in keys[d - 1][row][layer]:
+                    if not holds(key):
+                        requests.append(_request(PrefetchRequest, (key, need)))
+            return requests
+        E, K = self._E, self._K
         requests = []
-        for d in range(1, self.ctx.prefetch_depth + 1):
-            target = access.layer + d
-            if target >= L:
-                break   # the next token's first layers depend on attention we have not run
-            base = target * E
-            predicted = (self._predicted[d - 1][access.layer] if replayed
-                         else self.predictor.predict(access.layer, access.experts, d, K))
-            requests.extend(PrefetchRequest(base + e, access.step + d) for e in predicted)
+        for d in range(1, depth + 1):
+            base = (layer + d) * E
+            requests.extend(PrefetchRequest(base + e, step + d) for e in self.predictor.predict(layer, access.experts, d, K))
         return requests
+
+
+# PrefetchRequest(key, step) without the Python frame of a named tuple's __new__: a request is built for
+# every predicted expert.
+_request = tuple.__new__

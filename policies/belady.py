@@ -18,9 +18,10 @@ class Belady(Policy):
         # prefetched before its first access already has its next use. Starts at each key's first use;
         # an access moves it on to that access's next use (no use of the key lies between).
         self._next: list[int] = self._oracle.first_uses()
+        self._next_steps = self._oracle.next_steps
 
     def on_access(self, access: LayerAccess, index: int, key: int, hit: bool) -> None:
-        self._next[key] = self._oracle.next_steps(access.token)[access.layer][index]
+        self._next[key] = self._next_steps(access.token)[access.layer][index]
 
     def next_use(self, key: int) -> int:
         return self._next[key]

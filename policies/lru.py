@@ -22,15 +22,22 @@ class LRU(Policy):
         self._stamp[key] = self._clock
 
     def on_access(self, access: LayerAccess, index: int, key: int, hit: bool) -> None:
-        self.touch(key)
+        self._clock = clock = self._clock + 1      # touch(key), inlined: once per routed expert
+        self._stamp[key] = clock
 
     def on_insert(self, key: int) -> None:
-        self.touch(key)
+        self._clock = clock = self._clock + 1      # touch(key), inlined: once per copy
+        self._stamp[key] = clock
 
     def recency_order(self, scope: int, cache: CacheView) -> list[int]:
         """The evictable keys of ``scope``, least recently used first."""
         return sorted(cache.evictable(scope), key=self._stamp.__getitem__)
 
     def choose_victim(self, scope, cache: CacheView, job):
-        candidates = cache.evictable(scope)
-        return min(candidates, key=self._stamp.__getitem__) if candidates else None
+        stamp = self._stamp
+        victim, oldest = None, 0
+        for key in cache.evictable(scope):       # stamps are distinct: the order of the candidates is moot
+            when = stamp[key]
+            if victim is None or when < oldest:
+                victim, oldest = key, when
+        return victim

@@ -51,38 +51,40 @@ class OraclePrefetch(Belady):
         # whose window or slots changed since the last decision (``_stale``)
         self._missing: list[list[PrefetchRequest]] = [[] for _ in range(L)]
         self._stale: set[int] = set()
+        self._L, self._E, self._depth = L, ctx.num_experts, ctx.prefetch_depth
+        self._route_keys = self._oracle.route_keys
 
     def on_insert(self, key: int) -> None:
         if self._deep:
-            self._stale.add(key // self.ctx.num_experts)
+            self._stale.add(key // self._E)
 
     def on_evict(self, key: int) -> None:
         if self._deep:
-            self._stale.add(key // self.ctx.num_experts)
+            self._stale.add(key // self._E)
 
     def prefetch(self, access: LayerAccess) -> list[PrefetchRequest]:
-        L = self.ctx.num_layers
-        step, depth = access.step, self.ctx.prefetch_depth
-        end = step + depth
+        L = self._L
+        step = access.step
+        end = step + self._depth
         if not self.cross_tokens:
             end = min(end, (access.token + 1) * L - 1)
-        end = min(end, self._last_step)
+        if end > self._last_step:
+            end = self._last_step
         if self._deep:
             return self._kept_window(access, end)
-        E, holds, routes = self.ctx.num_experts, self.cache.holds, self._oracle.routes
+        holds, route_keys = self.cache.holds, self._route_keys
         requests = []
         for later in range(step + 1, end + 1):
             token, layer = divmod(later, L)
-            base = layer * E
-            for e in routes(token)[layer]:
-                if not holds(base + e):
-                    requests.append(PrefetchRequest(base + e, later))
+            for key in route_keys(token)[layer]:
+                if not holds(key):
+                    requests.append(_request(PrefetchRequest, (key, later)))
         return requests
 
     def _kept_window(self, access: LayerAccess, end: int) -> list[PrefetchRequest]:
         """The requests of a window deeper than the layers, updated from the last decision's."""
-        L = self.ctx.num_layers
-        step, layer, depth = access.step, access.layer, self.ctx.prefetch_depth
+        L = self._L
+        step, layer, depth = access.step, access.layer, self._depth
         window, stale = self._window, self._stale
         for entered in range(max(self._end, step) + 1, end + 1):
             if entered % L != layer:                  # the layer that routed is walked afresh below
@@ -110,12 +112,15 @@ class OraclePrefetch(Belady):
         cap = self._per_layer_cap
         if len(experts) >= cap:
             return False
-        token, layer = divmod(step, self.ctx.num_layers)
-        base = layer * self.ctx.num_experts
-        for e in self._oracle.routes(token)[layer]:
-            key = base + e
+        token, layer = divmod(step, self._L)
+        for key in self._route_keys(token)[layer]:
             if key not in experts:
-                experts[key] = PrefetchRequest(key, step)
+                experts[key] = _request(PrefetchRequest, (key, step))
                 if len(experts) >= cap:
                     return False
         return True
+
+
+# PrefetchRequest(key, step) without the Python frame of a named tuple's __new__: a request is built for
+# every expert a decision asks for.
+_request = tuple.__new__

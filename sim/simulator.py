@@ -312,6 +312,7 @@ class _WindowClock(_Clock):
         ends, copy_done, timeline = self._ends, self.ctrl.copy_done, self.timeline
         while ends and ends[0] <= bound:
             end, _, job, lane = heappop(ends)
+            job.waiter = None        # done: nothing waits on it, and job and entry no longer form a cycle
             copy_done(job, end)
             if timeline is not None:
                 self._record_copy(lane, job)
@@ -325,7 +326,12 @@ class _WindowClock(_Clock):
 
     def _flush(self):
         if self.pending:
-            self._advance(self.now + self.pending)
+            t = self.now + self.pending           # self._advance(t), inlined: a few times per layer
+            ends = self._ends
+            if ends and ends[0][0] <= t:
+                self._complete_until((t, _AFTER_ALL))
+            else:
+                self.now = t
             self.pending = 0
         return ()
 
@@ -335,11 +341,12 @@ class _WindowClock(_Clock):
         queued, window = self._queued, self.window
         while q and q[0].state == DONE:          # retire from the front, as the feeder does
             q.popleft()
+        one_lane = len(lanes) == 1
         while queued and len(q) < window:         # (an empty queue: next_copy would return None)
             job = ctrl.next_copy(now)
             if job is None:
                 return
-            lane = lanes.index(min(lanes)) if len(lanes) > 1 else 0
+            lane = 0 if one_lane else lanes.index(min(lanes))
             start = lanes[lane] if lanes[lane] > now else now
             lanes[lane] = end = start + copy_ns
             job.started_ns = start

@@ -139,3 +139,36 @@ def test_lru_subclass_needs_no_registration():
         pass
     trace = synthetic_trace(num_tokens=30, num_layers=2, num_experts=4, top_k=2)
     assert replay_untimed(trace, Mine, RunSettings(2)).hits == replay_untimed(trace, LRU, RunSettings(2)).hits
+
+
+@given(st.integers(2, 6), st.integers(2, 9), st.integers(1, 4), st.integers(1, 4), st.integers(0, 2**16))
+def test_affinity_predicts_a_block_of_tokens_as_token_by_token(layers, experts, top_k, depth, seed):
+    # Few experts and tokens: ties among scores are common, and a block must break them as a token does.
+    top_k = min(top_k, experts)
+    train = synthetic_trace(num_tokens=12, num_layers=layers, num_experts=experts, top_k=top_k, seed=seed)
+    run = synthetic_trace(num_tokens=30, num_layers=layers, num_experts=experts, top_k=top_k, seed=seed + 1)
+    predictor = AffinityPredictor(train.experts, experts, depth)
+    block = predictor.predict_tokens(run.experts.astype(np.int64), top_k)
+    for t in range(run.num_tokens):
+        assert [top[t].tolist() for top in block] == predictor.predict_token(run.experts[t].astype(np.int64), top_k)
+
+
+class _AffinityLayerByLayer(resolve_policy("affinity")):
+    """The affinity policy without its block predictions: every layer predicted on its own."""
+
+    def _predict_block(self, token):
+        pass
+
+
+@pytest.mark.parametrize("slots,depth,window", [(2, 1, 2), (3, 2, 1), (4, 3, None), (6, 2, 2)])
+def test_affinity_block_predictions_decide_as_layer_by_layer(slots, depth, window):
+    trace = synthetic_trace(num_tokens=240, num_layers=4, num_experts=8, top_k=2, num_requests=4, seed=11,
+                            cross_layer_locality=0.7)
+    train, run = trace.split(0.25)
+    hw = load_hardware("h100-pcie5")
+    settings = RunSettings(cache_slots=slots, prefetch_depth=depth, copies_in_flight=window)
+    block = simulate(run, resolve_policy("affinity"), hw, settings, train_trace=train, path="reference")
+    layer = simulate(run, _AffinityLayerByLayer, hw, settings, train_trace=train, path="reference")
+    assert block.stats == layer.stats
+    assert block.token_ns == layer.token_ns
+    assert block.stats.prefetches > 0
