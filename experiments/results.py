@@ -14,9 +14,8 @@ import collections
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import yaml
 
 from experiments.config import RunConfig
@@ -24,6 +23,9 @@ from hardware.profile import hardware_to_dict, load_hardware
 from policies.registry import policy_sha256
 from traces.digest import bytes_sha256, file_sha256, source_sha256
 from traces.io import atomic_write
+
+if TYPE_CHECKING:
+    import pandas as pd     # imported where tables are built: a sweep needs it only once its runs are done
 
 def _sha256(data: bytes | str) -> str:
     return bytes_sha256(data)
@@ -145,6 +147,8 @@ class ResultStore:
 
     def read_perf(self, hashes: list[str]) -> pd.DataFrame:
         """The simulator-speed records of the done configurations among ``hashes``."""
+        import pandas as pd
+
         paths = (self.perf_dir / f"{h}.json" for h in dict.fromkeys(hashes) if self.done(h))
         return pd.DataFrame([json.loads(p.read_text()) for p in paths if p.is_file()])
 
@@ -154,6 +158,8 @@ class ResultStore:
         (sorted by policy in sweep order, then cache_slots), perf.csv and resolved_config.yaml. With no
         row done the tables hold their header only (``columns``, ``perf_columns``), which pandas reads
         as an empty table (an empty file it cannot read)."""
+        import pandas as pd
+
         done = [h for h in dict.fromkeys(hashes) if self.done(h)]
         rows = [self.read_row(h) for h in done]
         df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)

@@ -1,18 +1,22 @@
-"""Figures from results tables (one row per configuration) and from simulated timelines, as PNG."""
+"""Figures from results tables (one row per configuration) and from simulated timelines, as PNG.
+
+Drawn on ``matplotlib.figure.Figure`` with the Agg canvas, without pyplot: no backend to choose, no
+global figure registry to close figures in, and pyplot's import is not paid by a sweep that plots.
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
+from sim.simulator import Timeline
 
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import pandas as pd  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from sim.simulator import Timeline  # noqa: E402
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Keys that, when they vary in a table besides policy and cache_slots, split a policy's line in two.
 _SERIES_KEYS = ("cache_mode", "precision", "hardware", "pcie_GBps", "copy_latency_us", "copy_engines",
@@ -46,15 +50,22 @@ def _title(df: pd.DataFrame, what: str) -> str:
     return f"{what}\n{one('model')} on {one('hardware')} ({one('precision')})"
 
 
-def _save(fig, path: str | Path) -> None:
+def _figure(**kwargs) -> Figure:
+    """A figure on the Agg canvas (what pyplot would have given it with the Agg backend)."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_tokens_vs_slots(df: pd.DataFrame, path: str | Path) -> None:
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig = _figure(figsize=(7.5, 4.8))
+    ax = fig.subplots()
     for label, rows in _series(df):
         ax.plot(rows["cache_slots"], rows["tokens_per_s"], marker="o", label=label)
     ax.set_xlabel(_slots_label(df))
@@ -69,7 +80,8 @@ def plot_tokens_vs_slots(df: pd.DataFrame, path: str | Path) -> None:
 
 def plot_hit_rate_vs_belady(df: pd.DataFrame, path: str | Path) -> None:
     """Left: hit rate per policy with Belady's MIN as a dashed reference. Right: hits as % of Belady's."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig = _figure(figsize=(12, 4.8))
+    left, right = fig.subplots(1, 2)
     for label, rows in _series(df):
         line, = left.plot(rows["cache_slots"], rows["hit_rate"], marker="o", label=label)
         right.plot(rows["cache_slots"], 100 * rows["belady_hit_fraction"].astype(float), marker="o",
@@ -100,7 +112,8 @@ def plot_timeline(timeline: Timeline, path: str | Path, max_ms: float | None = N
     token ends as thin grey lines."""
     engines = sorted({c.engine for c in timeline.copies}) or [0]
     lanes = ["compute"] + [f"copy engine {e}" for e in engines]
-    fig, ax = plt.subplots(figsize=(14, 1.2 + 0.7 * len(lanes)))
+    fig = _figure(figsize=(14, 1.2 + 0.7 * len(lanes)))
+    ax = fig.subplots()
     ms = 1e-6
     end_ms = max([timeline.token_end_ns[-1] * ms] if timeline.token_end_ns else [0.0])
     limit = min(max_ms, end_ms) if max_ms is not None else end_ms
@@ -141,7 +154,8 @@ def plot_validation(table: pd.DataFrame, path: str | Path) -> None:
     per shape and colour per policy family; the y = x line and the band of the engine's median noise floor
     around it; each point's horizontal bar spans its runs (min..max)."""
     t = table[table["metric"] == "tokens_per_s"]
-    fig, ax = plt.subplots(figsize=(6.5, 6))
+    fig = _figure(figsize=(6.5, 6))
+    ax = fig.subplots()
     markers = dict(zip(sorted(t["shape"].unique()), "osD^vP*X"))
     colours = {"on-demand": "tab:blue", "bound": "tab:green", "prefetching": "tab:orange", "lossy": "tab:red"}
     for (shape, fam), g in t.groupby(["shape", "family"]):
@@ -151,7 +165,7 @@ def plot_validation(table: pd.DataFrame, path: str | Path) -> None:
                     label=f"{shape} · {fam}")
     lo = 0.8 * min(t["measured_min"].min(), t["predicted"].min())
     hi = 1.25 * max(t["measured_max"].max(), t["predicted"].max())
-    line = pd.Series([lo, hi])
+    line = np.array([lo, hi])
     floor = float(t["noise_floor_pct"].median()) / 100
     ax.plot(line, line, "k-", lw=0.8, label="y = x")
     ax.fill_between(line, line * (1 - floor), line * (1 + floor), color="0.85",
@@ -161,4 +175,3 @@ def plot_validation(table: pd.DataFrame, path: str | Path) -> None:
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
