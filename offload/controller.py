@@ -147,6 +147,7 @@ class OffloadController:
         ready: list[Need] = []
         waiting: list[tuple[int, CopyJob]] = []
         pushed = 0          # how many of ``waiting`` are new demand fetches (pushed in copy order)
+        late = useful = 0
         for i, e in enumerate(experts):
             key = base + e
             in_use[key] = in_use.get(key, 0) + 1      # protect it from eviction until end_layer
@@ -154,11 +155,10 @@ class OffloadController:
             if slot is None:
                 job = queued.get(key)
                 if job is None:
-                    stats.misses += 1
                     job = queue.push(key, True, step, now_ns)
                     pushed += 1
                 else:                                    # a queued prefetch becomes a demand fetch
-                    stats.late += 1
+                    late += 1
                     queue.reprioritise(job, True, step, now_ns)
                 job.demand_order = order
                 order += 1
@@ -168,16 +168,19 @@ class OffloadController:
                 ready.append((key, None))
                 hit = True
             else:                                        # its copy is in flight
-                stats.late += 1
+                late += 1
                 waiting.append((key, running[key]))
                 hit = False
             if unused_prefetch and key in unused_prefetch:
                 unused_prefetch.discard(key)
-                stats.prefetch_useful += 1
+                useful += 1
             on_access(access, i, key, hit)
         self._order = order
         stats.accesses += len(experts)
         stats.hits += len(ready)
+        stats.misses += pushed
+        stats.late += late
+        stats.prefetch_useful += useful
         self._prefetch_access = access
         # In-flight copies finish first, then queued ones in queue order.
         if waiting:

@@ -35,12 +35,13 @@ class AffinityPredictor:
                 self.cond[d - 1, layer] = np.where(seen[layer][:, None] > 0,
                                                    joint / np.maximum(seen[layer][:, None], 1),
                                                    popularity[layer + d][None, :])
+        self._miss = 1.0 - self.cond          # [d-1, l, i, j] = 1 - P(j at l+d | i at l): what noisy-OR multiplies
         self._tiebreak = 1e-6 * popularity
 
     def scores(self, layer: int, experts: list[int], distance: int) -> np.ndarray:
         """Scores over the experts of layer ``layer + distance``."""
-        rows = self.cond[distance - 1, layer, experts]
-        return 1.0 - np.prod(1.0 - rows, axis=0) + self._tiebreak[layer + distance]
+        rows = self._miss[distance - 1, layer, experts]
+        return 1.0 - np.prod(rows, axis=0) + self._tiebreak[layer + distance]
 
     def predict(self, layer: int, experts: list[int], distance: int, k: int) -> list[int]:
         s = self.scores(layer, experts, distance)
@@ -61,8 +62,8 @@ class AffinityPredictor:
         out = []
         for d in range(1, min(self.depth, L - 1) + 1):
             layers = L - d
-            rows = self.cond[d - 1, np.arange(layers)[:, None], experts[:, :layers]]     # [tokens, layers, K, E]
-            s = 1.0 - np.prod(1.0 - rows, axis=2) + self._tiebreak[d:]
+            rows = self._miss[d - 1, np.arange(layers)[:, None], experts[:, :layers]]     # [tokens, layers, K, E]
+            s = 1.0 - np.prod(rows, axis=2) + self._tiebreak[d:]
             top = np.argpartition(-s, k - 1, axis=2)[..., :k]
             order = np.argsort(-np.take_along_axis(s, top, axis=2), axis=2, kind="stable")
             out.append(np.take_along_axis(top, order, axis=2))
@@ -70,7 +71,7 @@ class AffinityPredictor:
 
 
 class AffinityPrefetch(LRU):
-    _BLOCK = 64     # tokens predicted at once
+    _BLOCK = 16     # tokens predicted at once (a larger block's arrays cost more than its fewer numpy calls save)
 
     def __init__(self, ctx: PolicyContext):
         super().__init__(ctx)

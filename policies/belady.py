@@ -18,10 +18,12 @@ class Belady(Policy):
         # prefetched before its first access already has its next use. Starts at each key's first use;
         # an access moves it on to that access's next use (no use of the key lies between).
         self._next: list[int] = self._oracle.first_uses()
-        self._next_steps = self._oracle.next_steps
+        self._token, self._rows = -1, []     # the token routed now, and its rows of next steps
 
     def on_access(self, access: LayerAccess, index: int, key: int, hit: bool) -> None:
-        self._next[key] = self._next_steps(access.token)[access.layer][index]
+        if access.token != self._token:
+            self._token, self._rows = access.token, self._oracle.next_steps(access.token)
+        self._next[key] = self._rows[access.layer][index]
 
     def next_use(self, key: int) -> int:
         return self._next[key]
