@@ -14,6 +14,10 @@ import numpy as np
 from offload.policy import LayerAccess, PolicyContext, PrefetchRequest
 from policies.lru import LRU
 
+# PrefetchRequest(key, step) without the Python frame of a named tuple's __new__ (a request is built for
+# every expert a decision asks for): _request(PrefetchRequest, (key, step)).
+_request = tuple.__new__
+
 
 class AffinityPredictor:
     def __init__(self, experts: np.ndarray, num_experts: int, depth: int):
@@ -118,8 +122,3 @@ class AffinityPrefetch(LRU):
             base = (layer + d) * E
             requests.extend(PrefetchRequest(base + e, step + d) for e in self.predictor.predict(layer, access.experts, d, K))
         return requests
-
-
-# PrefetchRequest(key, step) without the Python frame of a named tuple's __new__: a request is built for
-# every predicted expert.
-_request = tuple.__new__

@@ -29,6 +29,10 @@ from offload.cache import CacheMode
 from offload.policy import LayerAccess, PolicyContext, PrefetchRequest
 from policies.belady import Belady
 
+# PrefetchRequest(key, step) without the Python frame of a named tuple's __new__ (a request is built for
+# every expert a decision asks for): _request(PrefetchRequest, (key, step)).
+_request = tuple.__new__
+
 
 class OraclePrefetch(Belady):
     parameters = {"cross_tokens": "true (default): the prefetch window runs on into the next tokens' layers; "
@@ -119,8 +123,3 @@ class OraclePrefetch(Belady):
                 if len(experts) >= cap:
                     return False
         return True
-
-
-# PrefetchRequest(key, step) without the Python frame of a named tuple's __new__: a request is built for
-# every expert a decision asks for.
-_request = tuple.__new__

@@ -30,6 +30,10 @@ from offload.policy import LayerAccess, PolicyContext, PrefetchRequest
 from offload.cache import CacheView
 from policies.lru import LRU
 
+# PrefetchRequest(key, step) without the Python frame of a named tuple's __new__ (a request is built for
+# every expert a decision asks for): _request(PrefetchRequest, (key, step)).
+_request = tuple.__new__
+
 
 class SpeculativePrefetch(LRU):
     """LRU eviction plus predicted prefetch with speculative scheduling. Subclasses name the track
@@ -56,6 +60,7 @@ class SpeculativePrefetch(LRU):
         self._predicted: dict[int, int] = {}   # key -> need step, from the latest prediction
         self._step = -1                         # the step being routed now
         self.latest_scores: tuple[int, np.ndarray] | None = None   # (step, [D, E]) of the latest prediction
+        self._L, self._E = ctx.num_layers, ctx.num_experts
 
     @staticmethod
     def copy_budget(ctx: PolicyContext, depth: int) -> list[int] | None:
@@ -73,7 +78,7 @@ class SpeculativePrefetch(LRU):
         return [o[r[o] >= self.min_score].tolist() for o, r in zip(order, rows)]
 
     def prefetch(self, access: LayerAccess) -> list[PrefetchRequest]:
-        L, E = self.ctx.num_layers, self.ctx.num_experts
+        L, E = self._L, self._E
         rows = self.predictor.scores(access)
         self.latest_scores = (access.step, rows)
         budget, holds = self.budget, self.cache.holds
@@ -92,7 +97,7 @@ class SpeculativePrefetch(LRU):
                     continue
                 if cap is not None and len(requests) >= cap:
                     continue
-                requests.append(PrefetchRequest(key, need))
+                requests.append(_request(PrefetchRequest, (key, need)))
         if self.protect:
             self._predicted = predicted
         return requests
