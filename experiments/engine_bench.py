@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from hardware.profile import load_hardware
-from real.bench.args import (add_measurement_args, host_memory_error, DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
+from real.bench.args import (add_device_arg, cpu_threads, device_default, add_measurement_args, host_memory_error, DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
                              existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_int, resolved, slot_list)
 from real.bench.engine_runs import exit_message
 from real.bench.policies import PolicyRuns, measure_policies
@@ -65,6 +65,10 @@ from sim.simulator import simulate
 from validation.profile_fit import calibrate_and_fit
 from traces import DEFAULT_TRACE, TraceError, load_shape, load_trace, save_trace
 from traces.io import atomic_write
+
+
+CPU_NOTE = ("on a CPU the engine copies synchronously, which the simulator does not model: its column "
+            "(sim_tokens_per_s in policies.csv) and the calibrated profile mean nothing here; this run checks the path")
 
 
 def live(args) -> list[str]:
@@ -117,7 +121,8 @@ def live(args) -> list[str]:
     runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy, args.repeats)
     profile, calibration, notes = calibrate_and_fit(
         host, shape, load_hardware(args.hardware), args.profile_name, args.precision, device, args.policies,
-        runs.settings, min(args.slots), train, args.depth, predictors_at, train_text, args.new_tokens)
+        runs.settings, min(args.slots), train, args.depth, predictors_at, train_text, args.new_tokens,
+        command="python -m experiments.engine_bench live")
     atomic_write(out / "calibration.json", lambda f: json.dump(calibration, f, default=str))
     atomic_write(out / "profile_fit_notes.json", lambda f: json.dump(notes, f, indent=1, default=str))
     hardware = write_profile(out / f"{args.profile_name}.yaml", profile)
@@ -125,6 +130,8 @@ def live(args) -> list[str]:
     estimates = hardware.prefetch_estimates(shape, args.precision)
     print(f"prefetch estimates: expert copy {estimates[0] / 1e3:.1f} us, layer compute {estimates[1] / 1e3:.1f} us",
           flush=True)
+    if not cuda:
+        print(CPU_NOTE, flush=True)
     if cuda and args.accelerate_gpu_GiB:       # one run: seconds per token
         engine_table(out).add({
             "model": name, "mode": f"hf-accelerate-offload-{args.accelerate_gpu_GiB}GiB", "policy": "device_map",
@@ -165,6 +172,8 @@ def _check_live(p: argparse.ArgumentParser, args) -> None:
 
 
 def _check_replay(p: argparse.ArgumentParser, args) -> None:
+    device_default(args)
+    cpu_threads(args.device)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible (a production shape's copies and compute need a GPU; "
                 "--device cpu replays a small shape)")
@@ -232,7 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--warmup-tokens", type=positive_int, help="tokens per warm-up pass (default: --max-tokens)")
     r.add_argument("--policies", type=policy_list, default="lru,lfu,belady,oracle")
     r.add_argument("--slots", type=slot_list, default="4,8,16")
-    r.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arg(r)
     r.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")
     r.add_argument("--out", required=True, type=Path)
     add_measurement_args(r)

@@ -40,6 +40,7 @@ import torch
 
 from hardware.profile import HardwareProfileError, hardware_from_dict, load_hardware
 from plots.figures import plot_validation
+from real.bench.args import cpu_threads
 from real.profile_hw import profile_name
 from traces import load_trace, save_trace
 from traces.io import atomic_write
@@ -128,6 +129,7 @@ def measure(scenario: Scenario, slices, store: Store, args, started: float) -> N
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
+    cpu_threads(device.type)
     measure_copy_table(store, device)
     deadline = args.deadline_s or scenario.deadline_s
     for sl in slices:

@@ -195,7 +195,8 @@ def test_profile_calibrates_this_machine_as_validate_does(tiny_lm, tmp_path):
     hardware = main(["--model", str(tiny_lm), "--out", str(out), *CPU])
     assert hardware.name == "cpu-measured" and load_hardware(out / "cpu-measured.yaml") == hardware
     data = yaml.safe_load((out / "cpu-measured.yaml").read_text())
-    entry = data["measured_compute"]["tiny-lm"]["bf16"]
+    entry = data["measured_compute"]["tiny-lm"]["fp32"]      # the precision it ran in, named with the command
+    assert data["description"].startswith("cpu, calibrated by python -m experiments.profile in fp32")
     assert {"layer_overhead_us", "copy_wait_us", "expert_us", "attention_us_by_ctx"} <= set(entry)
     assert data["hbm_GBps"] == load_hardware("h100-pcie5").hbm_GBps and data["h2d_GBps_by_MiB"]
     calibration = json.loads((out / "calibration.json").read_text())

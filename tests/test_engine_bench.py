@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from real.corpus import DEFAULT_CORPUS_DIR
@@ -49,6 +50,8 @@ def test_live_flow_on_cpu(tmp_path, capsys, tiny_lm):
                "--policies", f"lru,static,belady,{broken}:Broken,oracle,mixtral-offloading,speculating-experts-lossy,"
                            "lookahead",
                *GATE_ARGS, "--score-seqs", "2", "--score-len", "12"])
+    # the simulator column means nothing where copies are synchronous, and the command says so
+    assert "on a CPU the engine copies synchronously" in capsys.readouterr().out
     for bad, message in ((["--policies", "lru,no-such-policy"], "unknown policy 'no-such-policy'"),
                          (["--slots", "1,2"], "--slots 1: .* routes to 2 of 4 experts"),
                          (["--corpus", str(tmp_path / "nowhere")], "nowhere: no such folder")):
@@ -84,7 +87,8 @@ def test_live_flow_on_cpu(tmp_path, capsys, tiny_lm):
     # the simulator's profile is this machine's, calibrated as experiments.validate calibrates: every asked
     # policy's own host work beside LRU's (the broken one's failure recorded, not fatal)
     profile = yaml.safe_load((out / "cpu-measured.yaml").read_text())
-    entry = profile["measured_compute"]["tiny-lm"]["bf16"]
+    entry = profile["measured_compute"]["tiny-lm"]["fp32"]      # float32 on the CPU: fp32, named with the command
+    assert profile["description"].startswith("cpu, calibrated by python -m experiments.engine_bench live in fp32")
     assert {"MixtralOffloading", "Lookahead"} <= set(entry["decision_us"]) and "layer_overhead_us" in entry
     calibration = json.loads((out / "calibration.json").read_text())
     assert "Broken" in str(calibration["failed"]) or "broken" in str(calibration["failed"])
@@ -151,6 +155,7 @@ def test_replay_on_cpu_publishes_the_median_of_interleaved_repeats(tmp_path, cap
     trace = tmp_path / "tiny.npz"
     save_trace(synthetic_trace(num_tokens=32, num_layers=2, num_experts=4, top_k=2, num_requests=4, seed=2), trace)
     out = tmp_path / "replay"
+    torch.set_num_threads(2)
     bench(["replay", "--trace", str(trace), "--device", "cpu", "--policies", "lru,oracle", "--slots", "2,3",
            "--max-tokens", "4", "--warmup-tokens", "2", "--repeats", "3", "--out", str(out)])
     engine = pd.read_csv(out / "engine.csv")
@@ -176,6 +181,7 @@ def test_replay_on_cpu_publishes_the_median_of_interleaved_repeats(tmp_path, cap
     assert sessions["replay-synthetic-L2-E4-k2"]["settings"]["repeats"] == 3
     printed = capsys.readouterr().out
     assert re.search(r"policy\s+cache_slots\s+tokens_per_s\s+spread_pct\s+runs", printed)
+    assert torch.get_num_threads() == 1       # a CPU engine command times with one intra-op thread
 
     from experiments.noise import main as noise     # the noise command's report reads the session
     noise(["--report", str(out)])

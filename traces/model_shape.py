@@ -14,6 +14,7 @@ SHAPES_DIR = Path(__file__).resolve().parent / "shapes"
 # Bits per weight as stored. The 4/3/2-bit formats carry one fp16 scale (or scale + zero point)
 # per group of 128 weights, which costs about 0.25 bit per weight on top of the payload.
 PRECISION_BITS: dict[str, float] = {
+    "fp32": 32,         # a float32 engine run (the CPU's default); no deployment keeps experts so
     "bf16": 16,
     "fp16": 16,
     "fp8": 8,

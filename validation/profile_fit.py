@@ -116,13 +116,17 @@ def _predict_pattern(profile: HardwareProfile, shape: ModelShape, pattern: str, 
     return np.asarray(result.token_ns, dtype=np.float64) / 1e3
 
 
-def fit_profile(base: HardwareProfile, name: str, device: str, copies: dict, calibrations: list[dict]) -> tuple[dict, dict]:
+def fit_profile(base: HardwareProfile, name: str, device: str, copies: dict, calibrations: list[dict],
+                command: str = "python -m experiments.validate") -> tuple[dict, dict]:
     """(the measured profile in the YAML layout, notes per model). ``base``: the constants nothing here
     measures (HBM bandwidth and launch costs of the analytic model, copy engines); ``copies``: the copy
-    table; ``calibrations``: one per model."""
+    table; ``calibrations``: one per model; ``command``: the command that calibrated, named in the
+    profile's description with the precisions it calibrated."""
     data = hardware_to_dict(base)
     data.pop("pcie_GBps", None)
-    data.update(name=name, description=f"{device}, calibrated by python -m experiments.validate (base: {base.name})",
+    precisions = ", ".join(sorted({c["precision"] for c in calibrations}))
+    data.update(name=name, description=f"{device}, calibrated by {command}" + (f" in {precisions}" if precisions else "")
+                + f" (base: {base.name})",
                 source="real.calibration micro-benchmarks on this machine, turned into constants by "
                        "validation.profile_fit: copies one at a time, kernels alone, synthetic hit/miss "
                        "patterns, each policy's host work on a training slice",
@@ -153,14 +157,15 @@ def copy_table(device) -> dict:
 
 def calibrate_and_fit(model, shape: ModelShape, base: HardwareProfile, name: str, precision: str, device,
                       policies, settings, slots: int, train, prefetch_depth: int, predictors_at=None,
-                      train_prompts=None, new_tokens: int = 0) -> tuple[dict, dict, dict]:
+                      train_prompts=None, new_tokens: int = 0,
+                      command: str = "python -m experiments.validate") -> tuple[dict, dict, dict]:
     """One model's whole calibration on this machine, fitted: (the profile in the YAML layout, the raw
     calibration, the fit's notes). The copy table (``real.profile_hw.measure_copies``), the model's
     micro-benchmarks (``real.calibration.calibrate_model``, with a live model's training-text decode when
     ``train_prompts`` are given) and ``policies``' host work and all-resident steps
     (``real.calibration.calibrate_policies``, on the training slice ``train``), turned into constants by
     ``fit_profile`` over ``base``. ``model``: a ``real.model.MoEModel`` with its experts on the host;
-    ``device``: the torch device it computes on."""
+    ``device``: the torch device it computes on; ``command``: the command calibrating, named in the profile."""
     from real.calibration import calibrate_model, calibrate_policies
     copies = copy_table(device)
     device_name = copies["device"]
@@ -169,5 +174,5 @@ def calibrate_and_fit(model, shape: ModelShape, base: HardwareProfile, name: str
                                            predictors_at, train_prompts, new_tokens)
     calibration = {"shape": shape.to_dict(), "precision": precision, "device": device_name, **raw,
                    "decisions": decisions, "failed": failed, "copies": copies}
-    data, notes = fit_profile(base, name, device_name, copies, [calibration])
+    data, notes = fit_profile(base, name, device_name, copies, [calibration], command)
     return data, calibration, notes

@@ -111,13 +111,30 @@ def _int(text: str) -> int:
 DTYPES = ("bfloat16", "float16", "float32")
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """--device: cuda where a GPU is visible, else cpu, with a one-line notice when it falls back
+    (``device_default``)."""
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="default: cuda where a GPU is visible, else cpu (with a notice)")
+
+
+def device_default(args: argparse.Namespace) -> None:
+    """Fills ``args.device`` left unset: cuda where a GPU is visible, else cpu, saying so on stderr."""
+    import sys
+    import torch
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cpu":
+            print("note: no CUDA device is visible: running on the CPU (--device cpu; copies are synchronous "
+                  "there, so engine figures check the path, not a GPU's speed)", file=sys.stderr, flush=True)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model, --name, --device, --dtype, --out: the checkpoint and where results go."""
-    import torch
     p.add_argument("--model", required=True, type=existing_dir, help="a checkpoint folder (HF Mixtral/Qwen-MoE/OLMoE)")
     p.add_argument("--name", help="the model's name in results (default: the folder's name)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="bfloat16, or float32 for CPU checks")
+    add_device_arg(p)
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on a CPU")
     p.add_argument("--out", required=True, type=Path)
 
 
@@ -162,14 +179,33 @@ def host_memory_error(shape, dtype_bytes: int, device: str) -> str | None:
             f"machine with more memory")
 
 
+PRECISION_OF_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
 def check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fills ``args.name`` and ``args.precision`` (the simulator's expert format for ``args.dtype``: fp16
-    for float16, else bf16); ``p.error`` for a CUDA device that is not there."""
+    """Fills ``args.name``, ``args.dtype`` (default: bfloat16 on CUDA, float32 on a CPU) and ``args.precision``
+    (the simulator's expert format for ``args.dtype``: bf16, fp16 or fp32); ``p.error`` for a CUDA device that
+    is not there; ``cpu_threads`` on a CPU."""
     import torch
+    device_default(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible (use --device cpu)")
     args.name = args.name or args.model.name
-    args.precision = "fp16" if args.dtype == "float16" else "bf16"
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.precision = PRECISION_OF_DTYPE[args.dtype]
+    cpu_threads(args.device)
+
+
+def cpu_threads(device: str) -> None:
+    """On a CPU, one intra-op thread for everything the command times. A batch-1 decode's operations are too
+    small to gain from torch's intra-op threads, and each parallel region waits for its slowest thread: with
+    as many threads as cores, any other process on the machine deschedules one and the region waits a
+    scheduler slice (a 2-core machine under load measured 8 ms per attention call instead of 0.09 ms, the
+    calibration's patterns 104 ms a step instead of 1 ms). One thread times the same work the same way in
+    the calibration and in the runs it predicts. Nothing on CUDA."""
+    import torch
+    if str(device) == "cpu":
+        torch.set_num_threads(1)
 
 
 def resolved(args: argparse.Namespace) -> dict:
