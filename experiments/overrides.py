@@ -93,6 +93,10 @@ def parse_override(token: str) -> tuple[str, list[Any]]:
     return key, parse_value(key, text)
 
 
+# The scenario the sweep runs without --config; a --config file's missing keys take its values.
+DEFAULT_SCENARIO = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
+
 def load_scenario(path: str | Path) -> dict[str, list[Any]]:
     """A YAML mapping key -> scalar or list, as key -> typed list of values."""
     path = Path(path)
@@ -102,8 +106,10 @@ def load_scenario(path: str | Path) -> dict[str, list[Any]]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-    if data is None:
-        return {}
+    if data is None or data == {}:
+        raise ConfigError(f"{path}: an empty scenario; give at least one key (keys left out take "
+                          f"{DEFAULT_SCENARIO.relative_to(DEFAULT_SCENARIO.parents[2])}'s values), or leave out "
+                          f"--config to run that default scenario")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value or key: [values], got {type(data).__name__}")
     out = {}
@@ -131,8 +137,14 @@ def _is_str_key(key: str) -> bool:
 
 
 def build_spec(tokens: list[str], config_path: str | Path | None = None) -> SweepSpec:
-    """The scenario file's keys, then the tokens' keys replacing them."""
-    mapping = load_scenario(config_path) if config_path is not None else {}
+    """The scenario file's keys over the default scenario's (``DEFAULT_SCENARIO``: a key the file leaves out
+    takes the value the command line would run, every baseline policy at 4..8 slots...), then the tokens'
+    keys replacing them. Without ``config_path``, the tokens alone over ``RunConfig``'s defaults."""
+    mapping = {}
+    if config_path is not None:
+        if Path(config_path).resolve() != DEFAULT_SCENARIO:
+            mapping.update(load_scenario(DEFAULT_SCENARIO))
+        mapping.update(load_scenario(config_path))
     seen = set()
     for token in tokens:
         key, values = parse_override(token)

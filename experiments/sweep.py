@@ -41,7 +41,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from experiments.config import param_text, RunConfig, SweepSpec, policy_label, valid_keys_text
-from experiments.overrides import build_spec
+from experiments.overrides import DEFAULT_SCENARIO, build_spec
 from experiments.results import ResultStore, config_hash, row_inputs
 from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, expected_seconds, hardware_for,
                                 record_timeline, run_config, share_traces, trace_slices, use_shared_traces,
@@ -50,7 +50,7 @@ from hardware.profile import hardware_to_dict
 from offload.controller import PolicyError
 from policies.registry import crash_site, resolve_policy
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+DEFAULT_CONFIG = DEFAULT_SCENARIO
 TIMELINE_TOKENS = 20
 SHARED_TRACES = ".traces"      # in OUT while workers run: the traces they map (runner.share_traces)
 _WORKER_GRACE_S = 2.0

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from experiments.config import SWEEP_KEYS, ConfigError
-from experiments.overrides import build_spec
+from experiments.overrides import DEFAULT_SCENARIO, build_spec
 from experiments.runner import run_config, validate_grid
 from experiments.sweep import main
 from hardware.profile import HardwareProfileError
@@ -123,6 +123,8 @@ def test_sweep_input_is_valid_or_refused_in_one_line(argv, text):
         message = " ".join(str(err).split())     # the CLI prints it as one line
         # The message names what is wrong: a key, the file, or the offending value.
         keys = _given_keys(argv, text or "")
+        if config is not None:        # a scenario file's missing keys take the default scenario's values
+            keys |= set(yaml.safe_load(DEFAULT_SCENARIO.read_text()))
         named = keys | {k.removeprefix("policy.") for k in keys} | {str(config)} | {t.partition("=")[2] for t in argv}
         assert any(k and k in message for k in named), (message, argv, text)
         # Through the CLI: exit code 2 and that one line.

@@ -124,6 +124,20 @@ def test_default_scenario_is_the_baselines_on_the_sample():
     assert all(c.trace == str(DEFAULT_TRACE) for c in spec.grid())
 
 
+def test_a_scenario_file_leaves_out_keys_that_take_the_command_lines_defaults(tmp_path):
+    one = tmp_path / "one.yaml"
+    one.write_text("policy: belady\n")
+    d = build_spec([], one).to_dict()
+    assert d["policy"] == ["belady"] and d["cache_slots"] == [4, 5, 6, 7, 8]      # as `policy=belady` runs
+    assert d == build_spec(["policy=belady"], DEFAULT_CONFIG).to_dict()
+    assert d["copies_in_flight"] == [2] and d["sim_path"] == ["auto"]     # resolved_config.yaml's spec has them
+    assert build_spec(["cache_slots=4"], tmp_path / "one.yaml").to_dict()["policy"] == ["belady"]
+    for text in ("", "# nothing\n", "{}\n"):       # an empty file is refused, not run as one lru@4
+        one.write_text(text)
+        with pytest.raises(ConfigError, match=r"one.yaml: an empty scenario; give at least one key"):
+            build_spec([], one)
+
+
 def test_repeated_values_do_not_repeat_configurations():
     spec = SweepSpec.from_mapping({"cache_slots": [4, 4, 5], "policy": ["lru"]})
     assert [c.cache_slots for c in spec.grid()] == [4, 5]
