@@ -1,5 +1,7 @@
 import math
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -85,3 +87,23 @@ def test_from_dict_rejects_missing_unknown_and_bad_override():
         ModelShape.from_dict(good | {"num_expert": 3}, source="s.yaml")
     with pytest.raises(ValueError, match="expert_bytes.*fp4"):
         ModelShape.from_dict(good | {"expert_bytes": {"fp4": 10}}, source="s.yaml")
+
+
+@pytest.mark.parametrize("text, words", [("num_layers: [3\n", "not valid YAML"),
+                                         ("- 3\n", "must be a mapping of field: value")])
+def test_a_malformed_shape_file_is_one_value_error_naming_it(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path}: .*{words}"):
+        load_shape(str(path))
+
+
+def test_engine_bench_replay_refuses_a_malformed_shape_in_one_line(tmp_path, capsys):
+    from experiments.engine_bench import main as bench
+    path = tmp_path / "bad.yaml"
+    path.write_text("num_layers: [3\n")
+    with pytest.raises(SystemExit) as exit_:
+        bench(["replay", "--trace", str(Path(__file__).parent / "data" / "tiny-moe-trace.npz"), "--shape", str(path), "--device", "cpu",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"error: {path}: not valid YAML" in err and "Traceback" not in err

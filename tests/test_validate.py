@@ -114,6 +114,16 @@ def test_a_bad_scenario_is_refused_naming_the_field(change, words, monkeypatch):
         scenario_from_dict(data, "scenario.yaml")
 
 
+def test_a_malformed_shape_file_is_a_scenario_error(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    bad = tmp_path / "bad-shape.yaml"
+    bad.write_text("num_layers: [3\n")
+    data = {"slices": {"a": {"mode": "replay", "trace": "tests/data/tiny-moe-trace.npz", "shape": str(bad),
+                             "policies": ["lru"], "cache_slots": [2]}}}
+    with pytest.raises(ScenarioError, match="shape: .*bad-shape.yaml: not valid YAML"):
+        scenario_from_dict(data, "scenario.yaml")
+
+
 def test_a_predictive_policy_needs_a_live_slice(monkeypatch):
     monkeypatch.chdir(ROOT)
     data = {"slices": {"a": {"mode": "replay", "trace": "tests/data/tiny-moe-trace.npz", "policies": ["lookahead"],

@@ -131,7 +131,8 @@ def available_shapes() -> list[str]:
 
 
 def load_shape(name_or_path: str) -> ModelShape:
-    """A bare name looks in traces/shapes/<name>.yaml; anything else is read as a path."""
+    """A bare name looks in traces/shapes/<name>.yaml; anything else is read as a path. Raises ValueError
+    naming the file and the fix: not found, not valid YAML, not a mapping, a bad field."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml") and path.parent == Path("."):
         path = SHAPES_DIR / f"{name_or_path}.yaml"
@@ -139,6 +140,14 @@ def load_shape(name_or_path: str) -> ModelShape:
             raise ValueError(f"unknown model shape {name_or_path!r}: use one of {available_shapes()} or a YAML path")
     elif not path.is_file():
         raise ValueError(f"{path}: model shape file not found: check the path")
-    with open(path) as f:
-        d = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the model shape: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: a model shape must be a mapping of field: value (see {SHAPES_DIR}), "
+                         f"got {type(d).__name__}")
     return ModelShape.from_dict(d, source=str(path))
