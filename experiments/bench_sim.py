@@ -23,6 +23,7 @@ import cProfile
 import io
 import pstats
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -50,13 +51,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="the copy window the runs model (RunSettings.copies_in_flight; null: the ideal link, "
                              "the model before the window existed; default: %(default)s)")
     args = parser.parse_args(argv)
-    window = None if args.copies_in_flight == "null" else int(args.copies_in_flight)
+    try:        # every input checked before anything is timed: one line and exit 2, as the sweep
+        window, train, trace, hardware = _inputs(args)
+    except ValueError as err:       # TraceError, HardwareProfileError, the registry's and the settings' errors
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     def settings_for(slots: int, depth: int = 1) -> RunSettings:
         return RunSettings(cache_slots=slots, prefetch_depth=depth, copies_in_flight=window)
 
-    train, trace = load_trace(args.trace).split(0.25)
-    hardware = load_hardware(args.hardware)
     steps = trace.num_tokens * trace.num_layers
     print(f"trace {args.trace}: {trace.num_tokens} tokens x {trace.num_layers} layers = {steps} layer-steps")
     fast_simulate = _fast_cold_start(trace, hardware, train, settings_for(8))
@@ -104,6 +107,23 @@ class _Timed:
     def __init__(self, result, wall_s: list[float], cpu_s: list[float]):
         self.metrics, self.token_ns = result.metrics, result.token_ns
         self.wall_s, self.cpu_s = wall_s, cpu_s
+
+
+def _inputs(args):
+    """(the copy window, the training slice, the replayed trace, the hardware profile) from ``args``; raises
+    ValueError naming the bad value and the fix."""
+    try:
+        window = None if args.copies_in_flight == "null" else int(args.copies_in_flight)
+        RunSettings(cache_slots=8, copies_in_flight=window)
+    except ValueError as err:
+        raise ValueError(f"--copies-in-flight {args.copies_in_flight}: {err} (or null: the ideal link)") from None
+    if args.profile:
+        policy, _, slots = args.profile.partition(":")
+        if not slots.isdigit():
+            raise ValueError(f"--profile {args.profile}: give POLICY:SLOTS, e.g. lru:8")
+        resolve_policy(policy)
+    train, trace = load_trace(args.trace).split(0.25)
+    return window, train, trace, load_hardware(args.hardware)
 
 
 def _reference(trace, policy, hardware, settings, train, repeat: int) -> _Timed:

@@ -201,3 +201,22 @@ def test_profile_calibrates_this_machine_as_validate_does(tiny_lm, tmp_path):
     assert data["hbm_GBps"] == load_hardware("h100-pcie5").hbm_GBps and data["h2d_GBps_by_MiB"]
     calibration = json.loads((out / "calibration.json").read_text())
     assert {"hits", "misses", "resident-live"} <= set(calibration["patterns"]) and "lru" in calibration["decisions"]
+
+
+def test_bench_sim_refuses_bad_inputs_in_one_line(tmp_path, capsys):
+    """A trace with ids out of range, a missing file, a bad window or policy: one line and exit 2, as the sweep."""
+    import numpy as np
+    from experiments.bench_sim import main as bench_sim
+    from traces import save_trace, synthetic_trace
+    good = tmp_path / "good.npz"
+    save_trace(synthetic_trace(num_tokens=16, num_layers=2, num_experts=4, top_k=2, num_requests=2, seed=1), good)
+    arrays = dict(np.load(good))
+    arrays["experts"] = arrays["experts"] + 7        # ids past the 4 experts
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    for args, words in ((["--trace", str(bad)], "bad.npz"), (["--trace", str(tmp_path / "nope.npz")], "nope.npz"),
+                        (["--copies-in-flight", "0"], "--copies-in-flight 0"), (["--profile", "lruu:4"], "lruu")):
+        with pytest.raises(SystemExit) as exit_:
+            bench_sim(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1, err
