@@ -473,6 +473,15 @@ def test_importer_names_missing_source_array(tmp_path):
         import_gpt_oss(src)
 
 
+def test_importer_without_its_source_names_the_file_and_src(tmp_path, capsys):
+    missing = tmp_path / "elsewhere" / "gpt-oss-20b-dev.npz"
+    with pytest.raises(SystemExit) as exit_:
+        import_main(["--src", str(missing), "--sample-tokens", "6000", "--out", str(tmp_path / "x.npz")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"{missing}: no such file" in err and "--src" in err and "Traceback" not in err
+    assert not (tmp_path / "x.npz").exists()
+
+
 def test_committed_sample_matches_the_measured_routing_facts():
     trace = load_trace(DEFAULT_TRACE)
     assert DEFAULT_TRACE.stat().st_size < 3_000_000

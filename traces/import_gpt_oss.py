@@ -103,19 +103,28 @@ def main(argv: list[str] | None = None) -> None:
                        help="evenly spaced generations over the whole file until at least N tokens")
     parser.add_argument("--no-text", action="store_true", help="leave out the token text")
     args = parser.parse_args(argv)
+    if not args.src.is_file():
+        parser.error(f"{args.src}: no such file: the importer reads gpt-oss-20b-dev.npz, the project's shared "
+                     f"routing data (../shared/data/routing/ beside the checkout); give its path with --src")
 
     generations = None
     if args.sample_tokens is not None:
         if args.sample_tokens <= 0:
             parser.error("--sample-tokens must be positive")
-        with np.load(args.src, allow_pickle=False) as npz:
-            generations = evenly_spaced_generations(npz["gen_start"], args.sample_tokens)
+        try:
+            with np.load(args.src, allow_pickle=False) as npz:
+                generations = evenly_spaced_generations(npz["gen_start"], args.sample_tokens)
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"{args.src}: cannot read gen_start from the source npz ({e}): check --src")
     elif args.generations != "all":
         try:
             generations = np.array([int(g) for g in args.generations.split(",")], dtype=np.int64)
         except ValueError:
             parser.error(f"--generations must be 'all' or comma-separated integers, got {args.generations!r}")
-    trace = import_gpt_oss(args.src, generations, with_text=not args.no_text)
+    try:
+        trace = import_gpt_oss(args.src, generations, with_text=not args.no_text)
+    except ValueError as e:         # names the file and the fix
+        parser.error(" ".join(str(e).split()))
     save_trace(trace, args.out)
     print(f"wrote {args.out}: {trace.num_tokens} tokens, {trace.num_requests} requests, "
           f"datasets {sorted(set(trace.meta.extra['datasets']))}, {args.out.stat().st_size / 1e6:.2f} MB")
