@@ -47,6 +47,8 @@ import torch
 from hardware.profile import load_hardware
 from real.bench.args import (add_device_arg, cpu_threads, device_default, add_measurement_args, host_memory_error, DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
                              existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_int, resolved, slot_list)
+from offload.predictors import predictor_name
+from policies.registry import resolve_policy
 from real.bench.engine_runs import exit_message
 from real.bench.policies import PolicyRuns, measure_policies
 from real.bench.predictor_suite import LIVE_PREDICTORS, PredictorSettings, consulted, train_predictors
@@ -171,6 +173,22 @@ def _check_live(p: argparse.ArgumentParser, args) -> None:
         gate_rank=args.gate_rank, gate_lr=args.gate_lr, gate_batch=args.gate_batch, seed=args.seed)
 
 
+def live_predictor_error(policies) -> str | None:
+    """Why a shape replay cannot run ``policies`` (those that consult a live predictor: the engine runs its
+    predictors on the model's hidden states, which forced routing over random weights does not give, and it
+    reads no prediction track), or None."""
+    needs = {p: predictor_name(resolve_policy(p), {}) for p in policies}
+    needs = {p: name for p, name in needs.items() if name is not None}
+    if not needs:
+        return None
+    return (f"--policies {','.join(needs)}: consult{'s' if len(needs) == 1 else ''} a live predictor "
+            f"({', '.join(sorted(set(needs.values())))}), which a shape replay cannot run (its forced routing over "
+            f"random weights has no hidden states to predict from); measure {'it' if len(needs) == 1 else 'them'} "
+            f"with engine_bench live --model CHECKPOINT, or simulate {'it' if len(needs) == 1 else 'them'} on a trace "
+            f"with prediction tracks (python -m experiments.sweep trace=traces/moe-lm-h100.npz "
+            f"policy={','.join(needs)}; python -m experiments.make_tracks adds them to a recorded trace)")
+
+
 def _check_replay(p: argparse.ArgumentParser, args) -> None:
     device_default(args)
     cpu_threads(args.device)
@@ -184,6 +202,9 @@ def _check_replay(p: argparse.ArgumentParser, args) -> None:
     except (TraceError, ValueError) as e:
         p.error(str(e))
     error = check_slots(args.slots, args.shape_obj.top_k, args.shape_obj.num_experts, args.shape_obj.name)
+    if error:
+        p.error(error)
+    error = live_predictor_error(args.policies)
     if error:
         p.error(error)
     dtype_bytes = getattr(torch, args.dtype).itemsize if args.dtype else (2 if args.device == "cuda" else 4)

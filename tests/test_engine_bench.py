@@ -198,6 +198,19 @@ def test_replay_on_cpu_publishes_the_median_of_interleaved_repeats(tmp_path, cap
     assert exit_.value.code == 2 and "not gpt-oss-20b" in capsys.readouterr().err
 
 
+def test_replay_refuses_policies_that_need_a_live_predictor_before_measuring(tmp_path, capsys):
+    from experiments.engine_bench import main as bench
+    trace = Path(__file__).parent / "data" / "tiny-moe-trace.npz"
+    with pytest.raises(SystemExit) as exit_:
+        bench(["replay", "--trace", str(trace), "--device", "cpu", "--out", str(tmp_path / "out"), "--repeats", "1",
+               "--slots", "2", "--policies", "lookahead,mixtral-offloading,lru"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert "--policies lookahead,mixtral-offloading: consult a live predictor (lookahead, pregate)" in err
+    assert "engine_bench live" in err and "experiments.sweep trace=" in err
+    assert not (tmp_path / "out").exists()          # nothing measured, nothing written
+
+
 def test_host_overlap_bench_runs_on_cpu(tmp_path):
     from experiments.bench_host_overlap import main as bench
     table = bench(["after", "--out", str(tmp_path), "--device", "cpu", "--prompts", "1", "--new-tokens", "4"])
