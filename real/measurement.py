@@ -464,18 +464,27 @@ class Report:
         return floor_table(self)
 
 
+def _print_error(config: Config, err: BaseException) -> str:
+    """``Measurement``'s default ``on_error``: the traceback on stderr, the row's error as one line."""
+    traceback.print_exception(err)
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
 class Measurement:
     """Measures ``configs`` with ``run`` under ``discipline``. ``run_all`` must be called from the decode
     thread (the one that runs the engine). ``on_progress(report)`` is called after every run (and after the
     warm-up), so a caller can write what was measured before anything else can fail. ``deadline_s``: no
     round starts that would, at the last round's pace, end later than this many seconds after ``started``
     (``time.monotonic``; default: when ``run_all`` starts). ``clocks``: a ClockSampler (default: started and
-    stopped by ``run_all``); ``calibrate``: the host calibration (ms) (replaceable in tests)."""
+    stopped by ``run_all``); ``calibrate``: the host calibration (ms) (replaceable in tests); ``on_error(config,
+    err)``: what a run (or warm-up pass) that raised ``err`` records as its error, one line (default: the
+    traceback printed, then the exception's type and message)."""
 
     def __init__(self, run: RunFunction, configs: Sequence[Config], discipline: Discipline = Discipline(),
                  on_progress: Callable[[Report], None] | None = None, deadline_s: float | None = None,
                  started: float | None = None, clocks: ClockSampler | None = None,
-                 calibrate: Callable[[int], float] = calibration_ms):
+                 calibrate: Callable[[int], float] = calibration_ms,
+                 on_error: Callable[[Config, BaseException], str] | None = None):
         labels = [c.label for c in configs]
         if len(set(labels)) != len(labels):
             raise ValueError(f"configurations must differ: {labels}")
@@ -489,6 +498,7 @@ class Measurement:
         self.on_progress = on_progress or (lambda report: None)
         self.deadline_s, self.started = deadline_s, started
         self.clocks, self.calibrate = clocks, calibrate
+        self.on_error = on_error or _print_error
         self.report = Report(configs={c.label: {**c.fields, "decode_core": c.decode_core} for c in configs})
         self.steps: list[np.ndarray | None] = []     # each row's timed step times (None: it failed)
 
@@ -549,8 +559,7 @@ class Measurement:
                 medians.append(float(np.median(self.run(config, True).step_ms)))
                 steady = len(medians) > 1 and 100 * abs(medians[-1] - medians[-2]) / medians[-2] < d.warmup_tolerance_pct
         except Exception as err:        # the measured runs still go ahead, and say whether they fail too
-            traceback.print_exc()
-            error = f"{type(err).__name__}: {err}"
+            error = self.on_error(config, err)
         return {"passes": len(medians), "median_step_ms": medians, "steady": steady, "error": error,
                 "wall_s": time.monotonic() - start}
 
@@ -568,8 +577,7 @@ class Measurement:
         try:
             output = self.run(config, False)
         except Exception as err:        # the other runs go on; this row says what happened
-            traceback.print_exc()
-            error = f"{type(err).__name__}: {err}"
+            error = self.on_error(config, err)
         end_ns = time.monotonic_ns()
         collections, gc_ms = watch.since(output.timed_from_ns or start_ns)
         steal1 = steal_ms()

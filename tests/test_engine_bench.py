@@ -211,6 +211,28 @@ def test_replay_refuses_policies_that_need_a_live_predictor_before_measuring(tmp
     assert not (tmp_path / "out").exists()          # nothing measured, nothing written
 
 
+def test_a_failing_policy_is_reported_as_the_sweep_reports_it(tmp_path, capfd):
+    """One line on the console naming the policy's file, line and hook, its traceback in OUT/errors/, the
+    other policies measured."""
+    from experiments.engine_bench import main as bench
+    broken = tmp_path / "bad.py"
+    broken.write_text("from policies.lru import LRU\n\n\nclass Raises(LRU):\n    def on_access(self, *args):\n"
+                      "        raise RuntimeError('broken on purpose')\n")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        bench(["replay", "--trace", str(Path(__file__).parent / "data" / "tiny-moe-trace.npz"), "--device", "cpu",
+               "--out", str(out), "--repeats", "1", "--slots", "2", "--policies", f"{broken}:Raises,lru"])
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.out + printed.err
+    [error_file] = (out / "errors").glob("*.txt")
+    line = f"RuntimeError: broken on purpose at {broken}:6 in on_access (traceback: {error_file})"
+    assert f"1 of 1 runs failed ({line})" in str(exit_.value.code)
+    assert f"round 0: error {line}" in printed.out
+    assert "Traceback (most recent call last)" in error_file.read_text()
+    engine = pd.read_csv(out / "engine.csv")
+    assert engine.loc[engine["policy"] == "lru", "runs"].tolist() == [1]
+
+
 def test_host_overlap_bench_runs_on_cpu(tmp_path):
     from experiments.bench_host_overlap import main as bench
     table = bench(["after", "--out", str(tmp_path), "--device", "cpu", "--prompts", "1", "--new-tokens", "4"])

@@ -10,6 +10,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, ContextManager, Mapping, Sequence
 
 import numpy as np
@@ -174,19 +175,55 @@ def discipline(repeats: int) -> Discipline:
 
 
 def measure_session(run: RunFunction, configs: Sequence[Config], repeats: int, on_progress: Callable[[Report], None],
-                    deadline_s: float | None = None, started: float | None = None) -> Report:
+                    deadline_s: float | None = None, started: float | None = None,
+                    errors_to: Path | None = None) -> Report:
     """``configs`` measured by ``run`` under ``discipline(repeats)``; ``on_progress(report)`` after the warm-up,
     after every run and at the end (the callers write their tables and noise files there). ``deadline_s``:
-    no round starts that would end later than this many seconds after ``started`` (``time.monotonic``)."""
+    no round starts that would end later than this many seconds after ``started`` (``time.monotonic``).
+    ``errors_to``: a run that raises is reported as the sweep reports it (``error_files``): its traceback
+    goes to ``errors_to/errors/<hash>.txt``, its row's error and the console say the policy's file, line and
+    hook; None: the traceback on stderr."""
     report = Measurement(run, configs, discipline(repeats), on_progress=on_progress, deadline_s=deadline_s,
-                         started=started).run_all()
+                         started=started, on_error=error_files(errors_to) if errors_to is not None else None).run_all()
     on_progress(report)
     return report
 
 
+def error_files(out: Path) -> Callable[[Config, BaseException], str]:
+    """``Measurement.on_error`` as the sweep reports a failed configuration: the traceback written to
+    ``out/errors/<hash>.txt`` (the hash of the configuration's label, so a configuration keeps one file), and
+    the error as one line: ``Type: message at FILE:LINE in HOOK (traceback: out/errors/<hash>.txt)``, where
+    FILE:LINE in HOOK is where it left the configuration's policy (``policies.registry.crash_site``; a value
+    the controller refused: the hook that returned it)."""
+    import hashlib
+    import traceback
+    from offload.controller import PolicyError
+    from policies.registry import crash_site, resolve_policy
+    from traces.io import atomic_write
+
+    def on_error(config: Config, err: BaseException) -> str:
+        policy = config.fields.get("policy")
+        if isinstance(err, PolicyError) and err.site:
+            site = err.site
+        else:
+            try:
+                cls = resolve_policy(str(policy))
+            except Exception:       # no policy (a reference's session) or not one the registry knows
+                cls = object
+            site = crash_site(cls, err)
+        what = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        h = hashlib.sha256(config.label.encode()).hexdigest()[:16]
+        path = Path(out) / "errors" / f"{h}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report = f"config {h} ({config.label}) failed at {site}: {what}\n\n{''.join(traceback.format_exception(err))}"
+        atomic_write(path, lambda f: f.write(report))
+        return f"{what} at {site} (traceback: {path})"
+    return on_error
+
+
 def run_problems(report: Report) -> list[str]:
-    """One line per configuration with runs that raised: how many, and the first one's error (its traceback
-    was printed when it happened)."""
+    """One line per configuration with runs that raised: how many, and the first one's error (with
+    ``error_files``, where it left the policy and the file its traceback is in)."""
     lines = []
     for label in dict.fromkeys(r["config"] for r in report.rows):
         runs = [r for r in report.rows if r["config"] == label]
@@ -199,7 +236,7 @@ def run_problems(report: Report) -> list[str]:
 def exit_message(problems: list[str], out) -> str:
     """What a command exits with (code 1) when ``problems`` (``run_problems``, ``TokenCheck.mismatches``, ...)
     were found, once every table is written in ``out``: one line each."""
-    head = f"error: some measurements failed or changed the model's output (tracebacks above; the tables are in {out}):"
+    head = f"error: some measurements failed or changed the model's output (the tables are in {out}):"
     return "\n  ".join([head, *problems])
 
 

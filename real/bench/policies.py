@@ -144,7 +144,7 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
         summary.replace([_summary(c, found[c.label], report, predicted, prepared, runs, name)
                          for c in measured if c.fields["mode"] == "live"])
 
-    report = measure_session(run, configs, runs.repeats, progress, deadline_s, started)
+    report = measure_session(run, configs, runs.repeats, progress, deadline_s, started, errors_to=out)
     problems += run_problems(report) + check.mismatches(report)
     resident = [r for r in engines.rows[len(engines.kept):] if r["mode"] == ALL_RESIDENT]
     print_rows(resident, ["model", "mode", "cache_slots", "tokens_per_s", "spread_pct", "runs", "outliers",

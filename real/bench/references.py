@@ -102,7 +102,7 @@ def measure_fully_resident(resident: MoEModel, name: str, prompts: list[list[int
         files.write(report)
         table.replace(rows(report))
 
-    report = measure_session(runs, [config], repeats, progress, deadline_s, started)
+    report = measure_session(runs, [config], repeats, progress, deadline_s, started, errors_to=out)
     print_rows(rows(report), ["model", "mode", "tokens_per_s", "spread_pct", "runs", "outliers", "outlier_causes",
                               "gpu_mem_GB"])
     problems = run_problems(report) + [

@@ -65,6 +65,6 @@ def shape_replay(model, shape: ModelShape, train: Trace, trace: Trace, policies:
         files.write(report)
         table.replace(rows(report))
 
-    report = measure_session(runs, configs, repeats, progress, deadline_s, started)
+    report = measure_session(runs, configs, repeats, progress, deadline_s, started, errors_to=out)
     print_rows(rows(report), PRINTED)
     return report, run_problems(report) + check.mismatches(report)
