@@ -174,7 +174,10 @@ def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> tuple[str | None,
         # A value the controller refused left the policy by returning: the hook's site names the user's code.
         site = err.site if isinstance(err, PolicyError) and err.site else crash_site(resolve_policy(cfg.policy), err)
         what = f"{type(err).__name__}: {' '.join(str(err).split())}"
-        report = f"config {h} ({label}) failed at {site}: {what}\n\n{''.join(traceback.format_exception(err))}"
+        # One hash on the console: the report's file, named by the configuration alone (it keeps the latest
+        # attempt); the row's hash (the configuration and its inputs) is in the report, labelled.
+        report = (f"config ({label}) failed at {site}: {what}\nits row, once it runs: {store.row_path(h)}\n\n"
+                  f"{''.join(traceback.format_exception(err))}")
         with _whole_write():
             path = store.write_error(cfg, report)
         return f"{what} at {site} (traceback: {path})", time.perf_counter() - start
@@ -239,7 +242,7 @@ def _run_all(pending: list[tuple[RunConfig, str]], out: Path, workers: int, vary
 
     def report(cfg: RunConfig, h: str, failure: str | None, seconds: float) -> None:
         if failure is not None:
-            line = f"config {h} ({describe(cfg, varying)}) failed: {failure}"
+            line = f"config ({describe(cfg, varying)}) failed: {failure}"
             failures.append(line)
             progress.say(f"error: {line}")
         progress.finished(cfg, h, failure, seconds)

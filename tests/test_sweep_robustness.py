@@ -2,6 +2,7 @@
 the finished rows, broken policy files and misspelt policy parameters are refused in one line."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,6 +61,10 @@ def test_crashing_policy_names_file_line_and_hook_and_keeps_the_traceback(trace_
     assert "Traceback (most recent call last)" in report and "raise KeyError(3)" in report
     assert f'File "{policy}", line 8, in on_access' in report
     assert str(errors[0]) in err
+    # one hash on each failure line: the report's file (the row's hash is in the report, labelled)
+    line = next(x for x in err.splitlines() if "KeyError: 3" in x)
+    assert line.startswith("error: config (") and len(re.findall(r"[0-9a-f]{16}", line)) == 1, line
+    assert "its row, once it runs: " in report
     assert list(pd.read_csv(out / "results.csv")["policy"]) == ["lru", "lru"]
 
     # Fixed, the same command computes the rows and drops the stale reports.
