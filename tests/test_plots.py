@@ -7,7 +7,7 @@ import pytest
 from experiments.config import RunConfig
 from experiments.results import ResultStore, config_hash
 from experiments.runner import ROW_COLUMNS, record_timeline, run_config
-from plots.figures import plot_hit_rate_vs_belady, plot_timeline, plot_tokens_vs_slots
+from plots.figures import busy_share, plot_hit_rate_vs_belady, plot_timeline, plot_tokens_vs_slots
 from sim.chrome_trace import to_chrome_trace, write_chrome_trace
 from traces import save_trace, synthetic_trace
 
@@ -58,7 +58,7 @@ def test_figures_split_lines_by_other_varying_keys(results, tmp_path):
 
 
 def test_timeline_figure_is_written(timeline, tmp_path):
-    plot_timeline(timeline, tmp_path / "timeline.png")
+    plot_timeline(timeline, tmp_path / "timeline.png", config="policy=lru cache_slots=4")
     plot_timeline(timeline, tmp_path / "cropped.png", max_ms=0.2)
     assert _is_png(tmp_path / "timeline.png") and _is_png(tmp_path / "cropped.png")
 
@@ -102,3 +102,14 @@ def test_chrome_trace_structure(timeline, tmp_path):
         assert {"layer", "expert", "slot", "demand"} <= set(e["args"])
         assert e["args"]["demand"] == (e["cat"] == "demand copy")
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_busy_share_is_the_covered_fraction(timeline):
+    """The lanes' labels: the compute stream's busy share is its experts' total time over the window (its
+    spans do not overlap), cut at a shorter window."""
+    end = timeline.token_end_ns[-1]
+    spans = [(e.start_ns, e.end_ns) for e in timeline.compute]
+    assert busy_share(spans, end) == pytest.approx(sum(e - s for s, e in spans) / end)
+    assert 0 < busy_share(spans, end) < 1
+    assert busy_share([(0, 10), (20, 30)], 25) == pytest.approx(15 / 25)
+    assert busy_share(spans, 0) == 0.0
