@@ -450,7 +450,8 @@ def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, 
     perf = store.read_perf(hashes)
     if len(perf):
         speed = statistics.median(perf["sim_layer_steps_per_wall_s"])
-        print(f"simulator speed: {speed:,.0f} layer-steps per wall second (median over {len(perf)} configs)")
+        over = f"median over {len(perf)} configurations" if len(perf) > 1 else "one configuration"
+        print(f"simulator speed: {speed:,.0f} layer-steps per wall second ({over})")
     if failures:
         print(f"error: {len(failures)} of {unique} configurations failed:", file=sys.stderr)
         for line in failures:

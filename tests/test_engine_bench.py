@@ -150,13 +150,14 @@ def test_live_recall_trains_and_scores_every_predictor_whatever_the_policies(tmp
     assert (out / "tiny-lm-gate").is_dir()
 
 
-def test_replay_on_cpu_publishes_the_median_of_interleaved_repeats(tmp_path, capsys):
+def test_replay_on_cpu_publishes_the_median_of_interleaved_repeats(tmp_path, capsys, monkeypatch):
     from experiments.engine_bench import main as bench
     trace = tmp_path / "tiny.npz"
     save_trace(synthetic_trace(num_tokens=32, num_layers=2, num_experts=4, top_k=2, num_requests=4, seed=2), trace)
     out = tmp_path / "replay"
     torch.set_num_threads(2)
-    bench(["replay", "--trace", str(trace), "--device", "cpu", "--policies", "lru,oracle", "--slots", "2,3",
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    bench(["replay", "--trace", str(trace), "--policies", "lru,oracle", "--slots", "2,3",
            "--max-tokens", "4", "--warmup-tokens", "2", "--repeats", "3", "--out", str(out)])
     engine = pd.read_csv(out / "engine.csv")
     assert engine[["policy", "cache_slots"]].values.tolist() == [["lru", 2], ["lru", 3], ["oracle", 2], ["oracle", 3]]
@@ -175,12 +176,19 @@ def test_replay_on_cpu_publishes_the_median_of_interleaved_repeats(tmp_path, cap
         assert row.tokens_per_s == pytest.approx(mine.median(), rel=1e-12)
         assert row.spread_pct == pytest.approx(100 * (mine.max() - mine.min()) / mine.median(), rel=1e-9)
         assert row.outliers == int(runs.loc[mine.index, "outlier"].sum())
+    correctness = pd.read_csv(out / "correctness.csv")     # every measured run's tokens checked, as README says
+    assert correctness[["policy", "cache_slots"]].values.tolist() == engine[["policy", "cache_slots"]].values.tolist()
+    assert (correctness["runs_checked"] == 3).all() and correctness["identical_to_reference"].all()
+    assert correctness["reference"].str.startswith("the first lossless run's").all()
     floor = pd.read_csv(out / "noise_floor.csv")
     assert len(floor) == 4 and (floor["n"] == 3).all() and floor["warmup_passes"].ge(2).all()
     sessions = json.loads((out / "noise_sessions.json").read_text())
     assert sessions["replay-synthetic-L2-E4-k2"]["settings"]["repeats"] == 3
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert re.search(r"policy\s+cache_slots\s+tokens_per_s\s+spread_pct\s+runs", printed)
+    assert "note: no CUDA device is visible: running on the CPU" in captured.err    # no silent fallback
+    assert yaml.safe_load((out / "resolved_config-engine_bench-replay.yaml").read_text())["device"] == "cpu"
     assert torch.get_num_threads() == 1       # a CPU engine command times with one intra-op thread
 
     from experiments.noise import main as noise     # the noise command's report reads the session

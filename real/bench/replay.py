@@ -8,7 +8,7 @@ from pathlib import Path
 from offload.session import RunSettings
 from policies.registry import resolve_policy
 from real.bench.engine_runs import EngineRuns, TokenCheck, figures, measure_session, run_problems
-from real.bench.table import NoiseFiles, engine_row, engine_table, print_rows
+from real.bench.table import CsvTable, NoiseFiles, engine_row, engine_table, print_rows
 from real.engine import OffloadEngine
 from real.measurement import Config, Report
 from traces import ModelShape, Trace
@@ -39,7 +39,8 @@ def shape_replay(model, shape: ModelShape, train: Trace, trace: Trace, policies:
     (``warmup_tokens`` per warm-up pass, default the same), ``train`` being the slice ``static`` and
     ``affinity`` learn from; ``repeats`` interleaved runs each (``measure_session``). Writes, after every
     run, one OUT/engine.csv row per configuration (mode ``shape-replay``: the median and its spread, runs
-    and outliers) after the rows already there, and the session ``replay-<shape>`` of OUT's noise files
+    and outliers) after the rows already there, one OUT/correctness.csv row (its runs checked, identical to the
+    reference, the first lossless run's tokens), and the session ``replay-<shape>`` of OUT's noise files
     (``settings`` recorded there). Every measured run's tokens are checked: a lossless policy's must equal
     the first lossless run's (the routing is forced, so every lossless run decodes the same tokens).
     Returns (the report, one line per failed run or lossless mismatch)."""
@@ -61,9 +62,28 @@ def shape_replay(model, shape: ModelShape, train: Trace, trace: Trace, policies:
         return [engine_row(shape.name, "shape-replay", c.fields["policy"], c.fields["cache_slots"], found[c.label])
                 for c in configs if c.label in found]
 
+    correctness = CsvTable(out / "correctness.csv", keep=True)
+
+    def checked(report: Report) -> list[dict]:
+        """correctness.csv's rows: per configuration measured so far, its runs checked against the first
+        lossless run's tokens (``check.source``) and how many were identical."""
+        out_rows = []
+        for c in configs:
+            runs = [r for r in report.rows if r["config"] == c.label and not r["error"] and "identical_tokens" in r]
+            if not any(r["config"] == c.label for r in report.rows):
+                continue
+            identical = sum(bool(r["identical_tokens"]) for r in runs)
+            out_rows.append({"mode": "shape-replay", "model": shape.name, "policy": c.fields["policy"],
+                             "cache_slots": c.fields["cache_slots"], "lossless": classes[c.fields["policy"]].lossless,
+                             "reference": check.source,
+                             "identical_to_reference": identical == len(runs) if runs else None,
+                             "runs_checked": len(runs), "runs_identical": identical})
+        return out_rows
+
     def progress(report: Report) -> None:
         files.write(report)
         table.replace(rows(report))
+        correctness.replace(checked(report))
 
     report = measure_session(runs, configs, repeats, progress, deadline_s, started, errors_to=out)
     print_rows(rows(report), PRINTED)
