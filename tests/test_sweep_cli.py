@@ -159,6 +159,9 @@ def test_cli_refuses_cache_slots_below_top_k(trace_path, tmp_path):
     r = sweep_cli(f"trace={trace_path}", "policy=lru", "cache_slots=1..3", "--out", tmp_path / "out")
     _refused(r, "cache_slots=1", "top_k=2", "use cache_slots >= 2")
     assert not (tmp_path / "out").exists()      # nothing ran
+    # the same rule in global mode (README: cache_slots >= top-k in both modes), though the pool would hold more
+    r = sweep_cli(f"trace={trace_path}", "policy=lru", "cache_mode=global", "cache_slots=1", "--out", tmp_path / "out")
+    _refused(r, "cache_slots=1", "top_k=2", "use cache_slots >= 2")
 
 
 def test_cli_refuses_cache_slots_above_experts(trace_path, tmp_path):
