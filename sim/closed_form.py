@@ -5,15 +5,17 @@ fetches, and the layer waits for all of them, so every copy engine is idle when 
 layer of ``sim.simulator`` then runs as follows, from the moment ``C`` its router finishes
 (attention, layer overhead and router after the previous layer's end):
 
-- its m misses are queued in router order and start at once on the free engines; each engine serves
-  the queue in order, so with n engines and copies of ``copy_ns`` each, miss j (0-based) lands at
-  ``C + (j // n + 1) * copy_ns``; with the engine's copy window (``landing_times``) the host commits
-  them as the window allows, blocking for the oldest copy in flight;
+- its m misses are queued in router order and start on the free engines once the host has issued them,
+  the profile's ``miss_latency`` after ``C`` (the host is busy until then; the compute stream is not);
+  each engine serves the queue in order, so with n engines and copies of ``copy_ns`` each, miss j
+  (0-based) lands at ``C + miss_latency + (j // n + 1) * copy_ns``; with the engine's copy window
+  (``landing_times``) the host commits them as the window allows, blocking for the oldest copy in flight;
 - the K - m resident experts compute first, back to back, from ``C``;
 - then miss j computes from max(the previous expert's end, its landing plus the profile's ``copy_wait``
   when it had to wait) for ``expert_ns``; the difference, when positive, is stall;
 - the layer ends at the later of its last expert's end and the host's decision (the policy's
-  ``decision`` time after the router's end).
+  ``decision`` time after the host has committed the layer's copies, or after the router's end when none
+  missed).
 
 Which experts miss does not matter, only how many: every copy takes the same time. So a layer costs
 ``attention(context) + layer_overhead + router + tail[m]``, and a token adds ``token_overhead``.
@@ -52,15 +54,20 @@ def landing_times(misses: int, copy_ns: int, copy_engines: int, window: int | No
 
 
 def layer_tails(top_k: int, expert_ns: int, copy_ns: int, copy_engines: int, copy_wait_ns: int = 0,
-                decision_ns: int = 0, window: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                decision_ns: int = 0, window: int | None = None,
+                miss_latency_ns: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(tail, stall), int64 [top_k + 1] each, indexed by the number of misses m: the time from the
-    router's end to the layer's end, and the part of it spent waiting for copies. An expert that waits
-    for its copy starts ``copy_wait_ns`` after the copy lands (counted as stall); the layer ends no
-    earlier than the host's decision, ``decision_ns`` after the host has committed the layer's copies."""
+    router's end to the layer's end, and the part of it spent waiting for copies. A layer with misses has
+    its host issue them ``miss_latency_ns`` after the router's end (every copy and host commit later by
+    that; the resident experts start at once). An expert that waits for its copy starts ``copy_wait_ns``
+    after the copy lands (counted as stall); the layer ends no earlier than the host's decision,
+    ``decision_ns`` after the host has committed the layer's copies."""
     tail = np.empty(top_k + 1, dtype=np.int64)
     stall = np.empty(top_k + 1, dtype=np.int64)
     for m in range(top_k + 1):
         landed, host = landing_times(m, copy_ns, copy_engines, window)
+        if m and miss_latency_ns:
+            landed, host = [t + miss_latency_ns for t in landed], host + miss_latency_ns
         end, waited = (top_k - m) * expert_ns, 0
         for j in range(m):
             if landed[j] > end:
@@ -82,7 +89,8 @@ def token_times(misses: np.ndarray, top_k: int, request_starts: np.ndarray, prom
     time per layer (``ComputeCost.decision_ns``); ``window``: the copy stream's (``landing_times``);
     ``layer_extra_ns``: the policy's own work per layer before routing (``ComputeCost.layer_extra_ns``)."""
     T, L = misses.shape
-    tail, stall = layer_tails(top_k, cost.expert_ns, copy_ns, copy_engines, cost.copy_wait_ns, decision_ns, window)
+    tail, stall = layer_tails(top_k, cost.expert_ns, copy_ns, copy_engines, cost.copy_wait_ns, decision_ns, window,
+                              cost.miss_latency_ns)
     starts = np.asarray(request_starts, dtype=np.int64)
     lengths = np.diff(starts)
     # One call of the cost model per position, as the simulator makes them (its floats, its rounding).

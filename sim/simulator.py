@@ -13,6 +13,10 @@ fixed: there a copy is an integer-ns entry on a heap, completed in the order Sim
 event, and the walk runs without an event loop (``_WindowClock``). Both give what the SimPy model of
 the window gave (``tests/test_reference_recorded.py``).
 
+The host's costs around a copy (``hardware.profile.MeasuredCompute``): a layer's demand copies start
+``miss_latency`` after the host reaches its copy start (the host busy meanwhile, the compute stream not:
+the layer's hits run), and an expert that waited for its copy starts ``copy_wait`` after the copy ends.
+
 Speed: compute that cannot interact with a copy does not advance the clock step by step. While no
 copy is queued or in flight, nothing else can happen, so the decode accumulates compute time in
 ``pending`` and advances once (on SimPy, one timeout) when it must meet the copy side (a copy queued,
@@ -112,6 +116,11 @@ class _Clock:
         self.decision_ns = self.cost.decision_ns(policy_cls)
         self._host_ready = 0          # when the host has taken the current layer's decision
         self.copy_wait_ns = self.cost.copy_wait_ns   # a copy's end to the compute that waited on it
+        # The host's time from reaching a layer's copy start to a demand copy's start (the miss's bookkeeping,
+        # the pump, the copy's issue: ``real.engine`` measures it as the routing read-back to the first demand
+        # copy's issue); the host is busy meanwhile, the compute stream is not (each clock's ``start_copies``).
+        self.miss_latency_ns = self.cost.miss_latency_ns
+        self._demand_turn = False     # between a layer's routing and its decision: start_copies is the demand one
         self.layer_extra_ns = self.cost.layer_extra_ns(policy_cls)   # the policy's own work before routing
         self.timeline = Timeline() if record else None
         if record:
@@ -145,8 +154,19 @@ class _Clock:
         return weights          # the recorded (lossless) routing's weights: time does not depend on them
 
     def decide(self, token, layer):
+        self._demand_turn = False
         self._host_ready = self.now_ns() + self.decision_ns
         return ()
+
+    def _miss_head(self) -> bool:
+        """At a layer's demand ``start_copies``: whether a demand copy is queued (the queue's head is one: demand
+        sorts first). Every demand job queued then is this layer's (``begin_layer`` queued it, or turned a queued
+        prefetch into it: the earlier layers' demand copies are all committed by their ``launch_experts``), and
+        the engine issues each one at its pump after ``begin_layer``, so ``miss_latency`` applies to a late
+        prefetch still queued as much as to a new miss. A prefetch already on the copy stream is not issued
+        again: a layer whose only misses are such copies pays no latency."""
+        head = self.ctrl.queue.peek()
+        return head is not None and head.demand
 
     def _experts_end(self, token: int, layer: int, needs) -> int:
         """When the compute stream, free from ``_gpu_free``, ends the layer's experts, each after its copy (all
@@ -194,6 +214,7 @@ class _LinkClock(_Clock):
         super().__init__(*args)
         self.env = simpy.Environment()
         self._free_engines = list(range(self.copy_engines - 1, -1, -1))
+        self._miss_start = 0      # the current layer's demand copies start no earlier (``miss_latency``)
 
     # Copy engines are callbacks on their copies' timeouts rather than SimPy processes: a copy is one
     # event, and the decode process waits on that same event (its callback runs after ours, so the
@@ -204,8 +225,11 @@ class _LinkClock(_Clock):
             job = ctrl.next_copy(env.now)
             if job is None:
                 return
-            # a copy the host decided after ``now`` (its prefetch decision takes time) starts then
+            # a copy the host decided after ``now`` (its prefetch decision takes time) starts then; a demand
+            # copy, once the host has issued it (``miss_latency`` after its copy start: ``_miss_start``)
             delay = job.queued_ns - env.now if job.queued_ns > env.now else 0
+            if job.demand and self._miss_start > env.now + delay:
+                delay = self._miss_start - env.now
             job.started_ns += delay
             done = env.timeout(delay + self.copy_ns)
             done.job, done.engine = job, free.pop()
@@ -244,12 +268,17 @@ class _LinkClock(_Clock):
 
     def route(self, token: int, layer: int):
         self.pending += self._layer_ns
+        self._demand_turn = True
         if self._copy_side_active():           # meet the copy side at the router's time
             yield from self._flush()
 
     def start_copies(self):
         if self._queued:
             yield from self._flush()           # copies start at the compute stream's time
+            if self._demand_turn and self.miss_latency_ns and self._miss_head():
+                # the host issues the layer's demand copies miss_latency after its time here, and is busy
+                # until then (its decision comes after); the compute stream is not held
+                self._host_ready = self._miss_start = self.now_ns() + self.miss_latency_ns
             self._issue_copies()
 
     def launch_experts(self, token, layer, run, needs):
@@ -302,6 +331,7 @@ class _WindowClock(_Clock):
         self._in_flight: deque = deque()   # committed jobs, in commit order (retired from the front)
         self._ends: list = []              # heap of (end_ns, commit number, job, lane): copies not yet done
         self._commits = 0
+        self._gpu_at = -1                  # the compute stream's time when the host ran ahead by miss_latency
 
     # -- the copy side ---------------------------------------------------------------------------
     def _complete_until(self, bound: tuple) -> None:
@@ -363,6 +393,7 @@ class _WindowClock(_Clock):
 
     def route(self, token: int, layer: int):
         self.pending += self._layer_ns
+        self._demand_turn = True
         if self._in_flight or self._queued:    # meet the copy side at the router's time
             self._flush()
         return ()
@@ -372,13 +403,23 @@ class _WindowClock(_Clock):
             self._flush()                          # copies start at the compute stream's time
             if self._host_ready > self.now:        # the host pumps once its decision is taken
                 self._advance(self._host_ready)
+            if self._demand_turn and self.miss_latency_ns and self._miss_head():
+                # The host pumps miss_latency later (the miss's bookkeeping, then the feeder retires what has
+                # ended and issues): copies ending by then are retired first, and a full window stays full
+                # until launch_experts blocks on it, as in the engine. The compute stream is not held: the
+                # layer's experts may start from the time before (``launch_experts``).
+                self._gpu_at = self.now
+                self._advance(self.now + self.miss_latency_ns)
             self._pump()
         return ()
 
     def launch_experts(self, token, layer, run, needs):
         """The compute stream may start the experts now; the host first commits every copy they wait for,
         blocking while the window is full (the feeder's make_ready)."""
-        self._gpu_free = self.now + self.pending
+        if self._gpu_at < 0:
+            self._gpu_free = self.now + self.pending
+        else:                                     # the host ran ahead by miss_latency (start_copies)
+            self._gpu_free, self._gpu_at = self._gpu_at, -1
         q = self._in_flight
         for key, job in needs:
             while job is not None and job.state == QUEUED:

@@ -71,8 +71,10 @@ def configurations(draw):
             "bf16", ((0, draw(st.sampled_from([40.0, 186.08]))), (draw(st.sampled_from([64, 1024])), 190.19)),
             router_us=draw(st.sampled_from([0.0, 2.5])), expert_us=draw(st.sampled_from([21.89, 300.0])),
             layer_overhead_us=draw(st.sampled_from([0.0, 74.76])), token_overhead_us=174.54,
-            # the host's costs: a copy's end to its waiting expert, and a policy's decision per layer
+            # the host's costs: a copy's end to its waiting expert, and a policy's decision per layer,
             copy_wait_us=draw(st.sampled_from([0.0, 7.3, 250.0])),
+            # and a demand copy's issue after the host reaches the layer's copy start
+            miss_latency_us=draw(st.sampled_from([0.0, 4.2, 131.7])),
             decision_us=draw(st.sampled_from([(), tuple((resolve_policy(p).__name__, us) for p in KERNEL_POLICIES
                                                          for us in [draw(st.sampled_from([3.1, 900.0]))])])),
             layer_extra_us=draw(st.sampled_from([(), tuple((resolve_policy(p).__name__, 17.3) for p in KERNEL_POLICIES)])))
