@@ -12,7 +12,9 @@ For one model (a checkpoint, or random weights of a shape) this measures, and re
   ``hits`` routes the same top-k experts at every step, so after the first step nothing is copied: the
   per-layer time of a decode with no miss; ``misses`` routes experts round-robin, so that at top-k slots
   per layer every access misses: a demand copy's cost on the critical path, the link's achieved copy
-  time and how long after a copy ends the layer can go on;
+  time and how long after a copy ends the layer can go on; and, per layer of the run that records
+  nothing, the host clock from the routing read-back to the first demand copy's issue (``miss_issue_us``,
+  two ``perf_counter_ns`` calls a layer, no CUDA event): how late after routing a miss's copy starts;
 - ``decisions``: each policy's own host work per layer (the controller's ``begin_layer`` and the policy's
   ``prefetch_layer``, host clock), the policy run on a *training* trace, never the trace validated; and
   its all-resident step time beside LRU's (``resident_step_ms``): what the policy adds to every layer
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -49,10 +51,14 @@ class PatternRun:
     marked_step_ms: list[float]         # the step times of the run that recorded ``layer_timings``
     copy_ms: list[float]                # each demand copy's own time on the copy stream (0 on a CPU)
     hit_rate: float
+    # per layer with a demand copy, in order, from the run that records nothing: the routing read-back to the
+    # first demand copy's issue, host clock (``OffloadEngine.miss_issue_ns``); the fit's ``miss_latency_us``
+    miss_issue_us: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"slots": self.slots, "step_ms": self.step_ms, "layer_timings": self.layer_timings,
-                "marked_step_ms": self.marked_step_ms, "copy_ms": self.copy_ms, "hit_rate": self.hit_rate}
+                "marked_step_ms": self.marked_step_ms, "copy_ms": self.copy_ms, "hit_rate": self.hit_rate,
+                "miss_issue_us": self.miss_issue_us}
 
 
 def run_pattern(model, shape: ModelShape, pattern: str, steps: int, hardware=None) -> PatternRun:
@@ -65,11 +71,13 @@ def run_pattern(model, shape: ModelShape, pattern: str, steps: int, hardware=Non
     trace = pattern_trace(shape, steps, pattern)
     settings = RunSettings(cache_slots=shape.top_k)
     OffloadEngine(model, shape, LRU, settings, hardware=hardware).replay(trace, max(steps // 4, 2))
-    result = OffloadEngine(model, shape, LRU, settings, hardware=hardware).replay(trace)
+    engine = OffloadEngine(model, shape, LRU, settings, hardware=hardware)
+    result = engine.replay(trace)
     marked = OffloadEngine(model, shape, LRU, settings, hardware=hardware, record_layer_timings=True).replay(trace)
     timings = {name: np.stack(values).tolist() for name, values in marked.routing.layer_timings.items() if values}
     return PatternRun(shape.top_k, list(result.routing.step_ms), timings, list(marked.routing.step_ms),
-                      [c.duration_ms for c in result.copies if c.demand], float(result.metrics["hit_rate"]))
+                      [c.duration_ms for c in result.copies if c.demand], float(result.metrics["hit_rate"]),
+                      [ns / 1e3 for ns in engine.miss_issue_ns])
 
 
 def decision_costs(model, shape: ModelShape, policy_cls: type[Policy], settings: RunSettings, trace: Trace,

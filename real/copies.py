@@ -49,6 +49,9 @@ class CopyFeeder:
         self._pending_timings: list[tuple[CopyJob, object, object]] = []
         # id(job) -> (job, start mark, end mark) of every copy issued, for the engine's layer timings
         self.job_marks: dict[int, tuple[CopyJob, object, object]] | None = None
+        # host clock (perf_counter_ns) when the first demand copy since the engine reset it to 0 began to be
+        # issued: the engine resets it at each routing read-back (``OffloadEngine.miss_issue_ns``)
+        self.first_demand_ns = 0
 
     @staticmethod
     def now_ns() -> int:
@@ -65,6 +68,8 @@ class CopyFeeder:
             self._issue(job)
 
     def _issue(self, job: CopyJob) -> None:
+        if job.demand and not self.first_demand_ns:
+            self.first_demand_ns = time.perf_counter_ns()
         src, dst = self.arena[job.key], self.slots[job.slot]
         if not self.cuda:
             start = time.perf_counter()

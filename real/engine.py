@@ -151,6 +151,10 @@ class OffloadEngine:
             self._base_mark = self.marks.mark()
         self.routing = Routing()
         self._step_index = 0
+        # per layer with a demand copy: host ns from the routing read-back to the first demand copy's issue
+        # (perf_counter_ns, no CUDA event: the calibration's miss_latency, real.calibration.run_pattern)
+        self.miss_issue_ns: list[int] = []
+        self._routed_ns = 0
 
     # -- one decode step -----------------------------------------------------------------------
     def _step(self, token_id: int, pos: int, forced: list[list[int]] | None = None,
@@ -186,6 +190,8 @@ class OffloadEngine:
     def chosen(self, token: int, layer: int):
         front = self._front
         experts, weights = self.model.read_routing(layer, front.ids, front.weights)   # the host learns the routing here
+        self._routed_ns = time.perf_counter_ns()
+        self.copies.first_demand_ns = 0
         if self.marks is not None:
             self._routed_mark = self.marks.mark()
         if not all(map(math.isfinite, weights)):
@@ -247,6 +253,8 @@ class OffloadEngine:
             slot = key_slot[key]
             used.append(slot)
             self._launch(slot, run.index(key - base))
+        if copies.first_demand_ns:           # every demand copy of this layer is issued by now
+            self.miss_issue_ns.append(copies.first_demand_ns - self._routed_ns)
         copies.release_slots(used)
         if self.marks is not None:
             copied = [(run.index(key - base), job) for key, job in needs if job is not None]

@@ -120,3 +120,95 @@ def test_the_profile_keeps_its_layout_without_miss_latency():
     data["measured_compute"][model][precision]["miss_latency_us"] = -1.0
     with pytest.raises(ValueError, match="miss_latency_us"):
         hardware_from_dict(data, "negative")
+
+
+def _calibration_timed_by_the_simulator(miss_latency_us, copy_wait_us, issue_us):
+    """Calibration patterns timed by the simulator itself with known host costs (as the engine would time them),
+    the misses pattern carrying ``issue_us`` as its ``miss_issue_us`` (None: a calibration from before it)."""
+    import numpy as np
+    from pathlib import Path
+    from traces import load_shape
+    from traces.synthetic import pattern_trace
+    from validation.profile_fit import fit_profile
+    shape = load_shape(str(Path(__file__).resolve().parent / "data" / "tiny-moe.yaml"))
+    base = load_hardware("h100-pcie5")
+    copies = {"copy_latency_us": 10.0, "h2d_GBps_by_MiB": {"1": 20.0, "16": 40.0}}
+    compute = {"attention_us_by_ctx": {"0": 30.0, "1024": 60.0}, "router_us": 5.0, "expert_us": 12.0,
+               "token_overhead_us": 40.0}
+    truth = {**compute, "attention_us_by_ctx": {0: 30.0, 1024: 60.0}, "layer_overhead_us": 70.0,
+             "copy_wait_us": copy_wait_us, "miss_latency_us": miss_latency_us}
+    made, _ = fit_profile(base, "truth", "test", copies, [])
+    made["measured_compute"] = {shape.name: {"bf16": truth}}
+    timing = hardware_from_dict(made, "truth")
+    patterns = {}
+    for pattern in ("hits", "misses"):
+        run = simulate(pattern_trace(shape, 24, pattern), LRU, timing, RunSettings(cache_slots=shape.top_k))
+        patterns[pattern] = {"step_ms": (np.asarray(run.token_ns) / 1e6).tolist()}
+    if issue_us is not None:
+        patterns["misses"]["miss_issue_us"] = issue_us(shape)
+    calibration = {"shape": shape.to_dict(), "precision": "bf16", "compute": compute, "patterns": patterns}
+    fitted, notes = fit_profile(base, "fitted", "test", copies, [calibration])
+    return fitted["measured_compute"][shape.name]["bf16"], notes[shape.name], fitted
+
+
+def test_the_fit_splits_the_misses_residual_into_miss_latency_and_copy_wait():
+    # one value per layer and step: the first step's (first touches, left out) far off, the rest around 45 us
+    def issue(shape):
+        first = [400.0] * shape.num_layers
+        return first + [45.0 + d for d in (-2.0, 0.0, 1.5)] * (23 * shape.num_layers // 3 + 1)
+    entry, notes, fitted = _calibration_timed_by_the_simulator(45.0, 8.0, issue)
+    assert entry["miss_latency_us"] == 45.0 and notes["miss_latency_us_raw"] == 45.0
+    assert entry["copy_wait_us"] == pytest.approx(8.0, abs=0.01)
+    assert notes["copy_wait_us_raw"] == pytest.approx(8.0, abs=0.01)
+    assert hardware_from_dict(fitted, "fitted")   # the fitted profile loads, miss_latency in it
+
+
+def test_a_calibration_without_miss_issue_keeps_the_single_copy_wait():
+    """Older calibrations (the committed bundles) fit as before: no miss_latency, and copy_wait holds the whole
+    miss cost; for an on-demand pattern the two models give the same total."""
+    entry, notes, fitted = _calibration_timed_by_the_simulator(45.0, 8.0, None)
+    assert "miss_latency_us" not in entry and "miss_latency_us_raw" not in notes
+    assert entry["copy_wait_us"] == pytest.approx(53.0, abs=0.01)
+    measured = [m for _, m in hardware_from_dict(fitted, "fitted").measured_compute]
+    assert [m.miss_latency_us for m in measured] == [0.0]
+
+
+def test_a_negative_miss_issue_median_is_kept_at_zero_and_reported():
+    entry, notes, _ = _calibration_timed_by_the_simulator(0.0, 8.0, lambda shape: [-3.0] * (24 * shape.num_layers))
+    assert entry["miss_latency_us"] == 0.0 and notes["miss_latency_us_raw"] == -3.0
+    assert entry["copy_wait_us"] == pytest.approx(8.0, abs=0.01)
+
+
+ENGINE_DEVICES = ["cpu"] + (["cuda"] if __import__("torch").cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", ENGINE_DEVICES)
+def test_the_engine_stamps_one_miss_issue_per_layer_with_a_demand_copy(device):
+    """The engine's host clock from the routing read-back to the layer's first demand copy's issue: one value
+    per layer that issued a demand copy, none for a layer of hits; the calibration's misses pattern returns it."""
+    import torch
+    from real.calibration import run_pattern
+    from real.engine import OffloadEngine
+    from real.shape_model import random_model
+    from traces import ModelShape
+    shape = ModelShape("tiny-moe", num_layers=3, num_experts=6, top_k=2, hidden_size=32, expert_intermediate_size=64,
+                       num_attention_heads=4, num_kv_heads=2, head_dim=8, vocab_size=64)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = random_model(shape, device, dtype, seed=1, max_len=64)
+    engine = OffloadEngine(model, shape, LRU, RunSettings(cache_slots=3))
+    layers_with_a_copy = []
+    begin = engine.ctrl.begin_layer
+
+    def counting(*args):
+        needs = begin(*args)
+        layers_with_a_copy.append(any(job is not None for _, job in needs))
+        return needs
+    engine.ctrl.begin_layer = counting
+    engine.generate([[1, 2, 3], [7, 8]], 8)
+    assert 0 < len(engine.miss_issue_ns) == sum(layers_with_a_copy) < len(layers_with_a_copy)
+    assert all(ns > 0 for ns in engine.miss_issue_ns)
+    steps = 5
+    misses = run_pattern(model, shape, "misses", steps).to_dict()
+    assert len(misses["miss_issue_us"]) == steps * shape.num_layers and min(misses["miss_issue_us"]) > 0
+    hits = run_pattern(model, shape, "hits", steps).to_dict()
+    assert len(hits["miss_issue_us"]) == shape.num_layers        # only the first step copies

@@ -6,9 +6,12 @@ reads, each constant from one micro-benchmark and nothing from the runs being va
 - ``layer_overhead_us``: the ``hits`` pattern (no copy at all): each step's wall time minus the kernels it
   ran, per layer (median over steps); for a live model, its all-resident live decode of training text
   (``resident-live``: a live run combines its experts inside the captured graph, a forced pattern eagerly);
+- ``miss_latency_us``: the ``misses`` pattern's host clock from each layer's routing read-back to its first
+  demand copy's issue (``miss_issue_us``, median over layers, the first step left out); a calibration
+  without it (recorded before it was measured) leaves it out, and ``copy_wait_us`` then holds it as before;
 - ``copy_wait_us``: the ``misses`` pattern (every expert copied on demand): each step's wall time minus the
-  simulator's prediction of that same pattern with everything above and no wait, per layer (every layer
-  of that pattern waits on its last copy exactly once);
+  simulator's prediction of that same pattern with everything above (``miss_latency_us`` included) and no
+  wait, per layer (every layer of that pattern waits on its last copy exactly once);
 - ``decision_us``: per policy, its host work per layer (the controller's ``begin_layer`` and
   ``prefetch_layer``) over LRU's, from runs on a training slice;
 - ``layer_extra_us``: per policy, its all-resident step time over LRU's, per layer, less what of its
@@ -44,7 +47,8 @@ def kernels_us(compute: dict, shape: ModelShape, positions: np.ndarray) -> np.nd
 def measured_entry(calibration: dict, profile_so_far: HardwareProfile | None = None) -> tuple[dict, dict]:
     """(the profile's ``measured_compute`` entry for the calibrated model, notes: what each constant came
     from and what was clamped). ``profile_so_far``: a profile holding the copy model, for ``copy_wait_us``
-    (which needs the simulator's prediction of the misses pattern); None leaves ``copy_wait_us`` at 0."""
+    (which needs the simulator's prediction of the misses pattern, with ``miss_latency_us`` in it); None leaves
+    ``copy_wait_us`` at 0."""
     shape = ModelShape.from_dict(calibration["shape"])
     compute = calibration["compute"]
     notes: dict = {}
@@ -64,6 +68,13 @@ def measured_entry(calibration: dict, profile_so_far: HardwareProfile | None = N
              "token_overhead_us": float(compute["token_overhead_us"]),
              "layer_overhead_us": round(max(0.0, overhead), 2), "copy_wait_us": 0.0, "decision_us": {},
              "layer_extra_us": {}}
+    issue = calibration["patterns"].get("misses", {}).get("miss_issue_us")
+    if issue:
+        issue_us = np.asarray(issue, dtype=np.float64)
+        skip = SKIP_STEPS * shape.num_layers        # one value per layer; the first step carries first-touch costs
+        latency = float(np.median(issue_us[skip:] if len(issue_us) > skip else issue_us))
+        notes["miss_latency_us_raw"] = latency
+        entry["miss_latency_us"] = round(max(0.0, latency), 2)
     decisions = calibration.get("decisions", {})
     base = decisions.get("lru")
     if base is not None:
