@@ -49,7 +49,7 @@ from real.bench.args import (add_device_arg, cpu_threads, device_default, add_me
                              existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_int, resolved, slot_list)
 from offload.predictors import predictor_name
 from policies.registry import resolve_policy
-from real.bench.engine_runs import exit_message
+from real.bench.engine_runs import error_files, exit_message
 from real.bench.policies import PolicyRuns, measure_policies
 from real.bench.predictor_suite import LIVE_PREDICTORS, PredictorSettings, consulted, train_predictors
 from real.bench.recording import record_slices
@@ -59,6 +59,7 @@ from real.bench.table import engine_table, write_resolved_config
 from real.bench.text import held_out_prompts, load_text, score_sequences, train_prompts
 from real.checkpoint import load_checkpoint, read_config
 from real.lookahead_gate import VAL_TOKENS
+from real.measurement import Config
 from real.model import MoEModel
 from real.profile_hw import (profile_name,
                              write_profile)
@@ -124,7 +125,8 @@ def live(args) -> list[str]:
     profile, calibration, notes = calibrate_and_fit(
         host, shape, load_hardware(args.hardware), args.profile_name, args.precision, device, args.policies,
         runs.settings, min(args.slots), train, args.depth, predictors_at, train_text, args.new_tokens,
-        command="python -m experiments.engine_bench live")
+        command="python -m experiments.engine_bench live",
+        on_error=lambda policy, err: error_files(out)(Config({"step": "calibration", "policy": policy}), err))
     atomic_write(out / "calibration.json", lambda f: json.dump(calibration, f, default=str))
     atomic_write(out / "profile_fit_notes.json", lambda f: json.dump(notes, f, indent=1, default=str))
     hardware = write_profile(out / f"{args.profile_name}.yaml", profile)

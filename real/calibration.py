@@ -169,13 +169,21 @@ def calibrate_model(model, shape: ModelShape, steps: int = 48, hardware=None,
 
 def calibrate_policies(model, shape: ModelShape, policies: Iterable[str], settings: Callable[[int], RunSettings],
                        slots: int, train: Trace, prefetch_depth: int, predictors_at=None,
-                       train_prompts: list[list[int]] | None = None, new_tokens: int = 0) -> tuple[dict, dict]:
+                       train_prompts: list[list[int]] | None = None, new_tokens: int = 0,
+                       on_error: Callable[[str, BaseException], str] | None = None) -> tuple[dict, dict]:
     """(``decisions``, ``failed``) of the module docstring for ``policies`` (LRU, the baseline, first):
     per policy ``decision_costs`` at ``slots`` on the training slice ``train`` (at most 64 of its tokens) and
     ``resident_step_ms``, its all-resident decode beside LRU's (``train_prompts`` generated ``new_tokens``
     each for a live model, else ``train`` replayed). ``settings(slots)``: the runs' settings; ``predictors_at
     (depth)``: the live predictors at a depth (None: none). A policy whose calibration raises is left out
-    with its error in ``failed`` (its traceback printed), so that the others are still calibrated."""
+    with its error in ``failed``, so that the others are still calibrated: ``on_error(policy, err)`` says
+    what its error is (one line; default: the traceback printed, then the exception's type and message)."""
+    def one_line(policy: str, err: BaseException) -> str:
+        if on_error is not None:
+            return on_error(policy, err)
+        traceback.print_exception(err)
+        return f"{type(err).__name__}: {err}"
+
     decisions, resident, failed = {}, {}, {}
     tokens = min(train.num_tokens, 64)
     sample = train if train_prompts is not None else train.first_tokens(tokens)
@@ -187,8 +195,7 @@ def calibrate_policies(model, shape: ModelShape, policies: Iterable[str], settin
             decisions[policy] = decision_costs(model, shape, cls, settings(slots), train, predictors=predictors,
                                                max_tokens=tokens)
         except Exception as err:        # one policy's failure must not stop the others' calibration
-            traceback.print_exc()
-            failed[policy] = f"{type(err).__name__}: {err}"
+            failed[policy] = one_line(policy, err)
             print(f"calibration of {policy} failed ({failed[policy]}); its runs will say why", flush=True)
             continue
         resident[policy] = (lambda cls=cls, predictors=predictors: OffloadEngine(
@@ -201,6 +208,6 @@ def calibrate_policies(model, shape: ModelShape, policies: Iterable[str], settin
         for policy, ms in resident_step_ms(model, shape, resident, decode).items():
             decisions[policy]["resident_step_ms"] = ms
     except Exception as err:
-        traceback.print_exc()
-        failed["resident"] = f"{type(err).__name__}: {err}"
+        failed["resident"] = one_line("lru", err)
+        print(f"calibration of the all-resident steps failed ({failed['resident']})", flush=True)
     return decisions, failed

@@ -51,7 +51,13 @@ def test_live_flow_on_cpu(tmp_path, capsys, tiny_lm):
                            "lookahead",
                *GATE_ARGS, "--score-seqs", "2", "--score-len", "12"])
     # the simulator column means nothing where copies are synchronous, and the command says so
-    assert "on a CPU the engine copies synchronously" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "on a CPU the engine copies synchronously" in printed.out
+    # the broken policy's calibration and runs: one line each, naming its file, line and hook; the
+    # tracebacks in OUT/errors
+    assert "Traceback" not in printed.out + printed.err
+    assert re.search(rf"calibration of .*Broken failed \(RuntimeError: broken on purpose at {broken}:5 in on_access "
+                     rf"\(traceback: {out}/errors/\w+\.txt\)\)", printed.out), printed.out
     for bad, message in ((["--policies", "lru,no-such-policy"], "unknown policy 'no-such-policy'"),
                          (["--slots", "1,2"], "--slots 1: .* routes to 2 of 4 experts"),
                          (["--corpus", str(tmp_path / "nowhere")], "nowhere: no such folder")):

@@ -136,8 +136,8 @@ def fit_profile(base: HardwareProfile, name: str, device: str, copies: dict, cal
     data = hardware_to_dict(base)
     data.pop("pcie_GBps", None)
     precisions = ", ".join(sorted({c["precision"] for c in calibrations}))
-    data.update(name=name, description=f"{device}, calibrated by {command}" + (f" in {precisions}" if precisions else "")
-                + f" (base: {base.name})",
+    calibrated = f"calibrated by {command}" + (f" in {precisions}" if precisions else "")
+    data.update(name=name, description=f"{device}, {calibrated} (base: {base.name})",
                 source="real.calibration micro-benchmarks on this machine, turned into constants by "
                        "validation.profile_fit: copies one at a time, kernels alone, synthetic hit/miss "
                        "patterns, each policy's host work on a training slice",
@@ -169,20 +169,22 @@ def copy_table(device) -> dict:
 def calibrate_and_fit(model, shape: ModelShape, base: HardwareProfile, name: str, precision: str, device,
                       policies, settings, slots: int, train, prefetch_depth: int, predictors_at=None,
                       train_prompts=None, new_tokens: int = 0,
-                      command: str = "python -m experiments.validate") -> tuple[dict, dict, dict]:
+                      command: str = "python -m experiments.validate",
+                      on_error=None) -> tuple[dict, dict, dict]:
     """One model's whole calibration on this machine, fitted: (the profile in the YAML layout, the raw
     calibration, the fit's notes). The copy table (``real.profile_hw.measure_copies``), the model's
     micro-benchmarks (``real.calibration.calibrate_model``, with a live model's training-text decode when
     ``train_prompts`` are given) and ``policies``' host work and all-resident steps
     (``real.calibration.calibrate_policies``, on the training slice ``train``), turned into constants by
     ``fit_profile`` over ``base``. ``model``: a ``real.model.MoEModel`` with its experts on the host;
-    ``device``: the torch device it computes on; ``command``: the command calibrating, named in the profile."""
+    ``device``: the torch device it computes on; ``command``: the command calibrating, named in the profile;
+    ``on_error``: ``calibrate_policies``'s."""
     from real.calibration import calibrate_model, calibrate_policies
     copies = copy_table(device)
     device_name = copies["device"]
     raw = calibrate_model(model, shape, live_prompts=train_prompts, new_tokens=new_tokens)
     decisions, failed = calibrate_policies(model, shape, policies, settings, slots, train, prefetch_depth,
-                                           predictors_at, train_prompts, new_tokens)
+                                           predictors_at, train_prompts, new_tokens, on_error)
     calibration = {"shape": shape.to_dict(), "precision": precision, "device": device_name, **raw,
                    "decisions": decisions, "failed": failed, "copies": copies}
     data, notes = fit_profile(base, name, device_name, copies, [calibration], command)

@@ -4,7 +4,6 @@ accuracy cost on held-out text. Every engine figure is the median of interleaved
 (``real.bench.engine_runs``), the all-resident engine measured in the same rounds as the reference."""
 from __future__ import annotations
 
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +17,7 @@ from offload.predictors import policy_depth
 from offload.session import RunSettings
 from policies.lru import LRU
 from policies.registry import resolve_policy
-from real.bench.engine_runs import (FIGURE_COLUMNS, EngineRuns, TokenCheck, figures, generated_steps,
+from real.bench.engine_runs import (FIGURE_COLUMNS, EngineRuns, TokenCheck, error_files, figures, generated_steps,
                                     measure_session, run_problems)
 from real.bench.recording import recorded_on, warm_engine
 from real.bench.table import IDENTICAL_COLUMN, CsvTable, NoiseFiles, engine_row, engine_table, print_rows
@@ -76,9 +75,10 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
     (``settings`` recorded there). Every measured run's tokens are checked against ``reference_tokens`` (the
     fully-resident model's): correctness.csv counts the runs checked and identical per configuration. The
     timed run goes to OUT/<name>-<policy>-<slots>-timed.npz. ``scored``: held-out token windows for lossy
-    policies' perplexity and top-1 agreement. A policy that fails is reported with its traceback and the
-    others still run. Returns one line per problem: a policy that failed before its runs, a configuration
-    whose runs raised, a lossless configuration whose tokens differ from the reference."""
+    policies' perplexity and top-1 agreement. A policy that fails is reported in one line with its file, line
+    and hook, its traceback in OUT/errors (``error_files``), and the others still run. Returns one line per
+    problem: a policy that failed before its runs, a configuration whose runs raised, a lossless configuration
+    whose tokens differ from the reference."""
     out = Path(out)
     prompts, new_tokens = recorded.meta.extra["prompts"], recorded.meta.extra["new_tokens"]
     mask = decode_mask(recorded, prompts)
@@ -111,9 +111,10 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
                 predicted[policy, slots] = (tpot_summary(np.asarray(sim.token_ns)[mask]),   # the steps the engine times
                                             sim.metrics["hit_rate"])
             prepared[policy] = policy_cls, predictors, accuracy
-        except Exception:       # one policy's failure must not lose the others' measurements
-            traceback.print_exc()
-            problems.append(f"{policy} failed before its runs (traceback above)")
+        except Exception as err:       # one policy's failure must not lose the others' measurements
+            line = error_files(out)(Config({"step": "prepare", "policy": policy}), err)
+            problems.append(f"{policy} failed before its runs ({line})")
+            print(f"error: {problems[-1]}", flush=True)
 
     configs = [Config({"mode": ALL_RESIDENT, "policy": "static", "cache_slots": shape.num_experts})] + [
         Config({"mode": "live", "policy": p, "cache_slots": s}) for p in prepared for s in runs.cache_slots]
@@ -160,9 +161,11 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
                                      description=f"greedy decode, policy {runs.timed_policy}, {smallest} slots per "
                                                  "layer, layer timings and copy start/end recorded"),
                        out / f"{name}-{runs.timed_policy}-{smallest}-timed.npz")
-        except Exception:
-            traceback.print_exc()
-            problems.append(f"the timed run of {runs.timed_policy} at {smallest} slots failed")
+        except Exception as err:
+            failed = Config({"step": "timed", "policy": runs.timed_policy, "cache_slots": smallest})
+            line = error_files(out)(failed, err)
+            problems.append(f"the timed run of {runs.timed_policy} at {smallest} slots failed ({line})")
+            print(f"error: {problems[-1]}", flush=True)
     return problems
 
 
