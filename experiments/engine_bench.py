@@ -91,7 +91,7 @@ def live(args) -> list[str]:
     resident_tokens, _, problems = measure_fully_resident(resident, name, prompts, args.new_tokens, out, args.repeats,
                                                           args.deadline_s, args.started, args.settings)
     if resident_tokens is None:
-        raise SystemExit(f"error: the fully-resident reference failed (tracebacks above): {'; '.join(problems)}")
+        raise SystemExit(f"error: the fully-resident reference failed: {'; '.join(problems)}")
     parity = hf_parity(args.model, resident, prompts[0], resident_tokens[0])
     atomic_write(out / "hf_parity.json", lambda f: json.dump(parity, f, indent=1))
     print("hf parity", parity, flush=True)

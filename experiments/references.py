@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     tokens, _, problems = measure_fully_resident(resident, args.name, prompts, args.new_tokens, args.out, args.repeats,
                                                  args.deadline_s, started, settings)
     if tokens is None:
-        raise SystemExit(f"error: the fully-resident reference failed (tracebacks above): {'; '.join(problems)}")
+        raise SystemExit(f"error: the fully-resident reference failed: {'; '.join(problems)}")
     parity = hf_parity(args.model, resident, prompts[0], tokens[0])
     atomic_write(args.out / "hf_parity.json", lambda f: json.dump(parity, f, indent=1))
     print("hf parity", parity, flush=True)
