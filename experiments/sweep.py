@@ -441,7 +441,7 @@ def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, 
         timeline = record_timeline(first, TIMELINE_TOKENS)
         experts = cached_trace(first.trace).model.num_experts
         write_chrome_trace(timeline, out / "timeline.json", lambda k: f"L{k // experts} E{k % experts}", experts)
-        plot_timeline(timeline, out / "timeline.png")
+        plot_timeline(timeline, out / "timeline.png", config=describe(first, varying))
         written += ["timeline.json", "timeline.png"]
 
     if len(df):
