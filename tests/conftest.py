@@ -27,3 +27,43 @@ def sweep_cli(*args, timeout=120):
     env = {**os.environ, "PYTHONPATH": str(repo)}
     return subprocess.run([sys.executable, "-m", "experiments.sweep", *map(str, args)], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def calibration_timed_by_the_simulator(host_costs: dict, misses_extra=None, decisions: dict | None = None):
+    """A calibration whose ``hits`` and ``misses`` patterns are timed by the simulator itself on the tiny
+    shape, with known kernels and the host costs ``host_costs`` (``layer_overhead_us``, ``copy_wait_us``,
+    ``miss_latency_us``, ...), as the engine would time them; fitted by ``validation.profile_fit``.
+    ``misses_extra(shape)``: more fields of the misses pattern (its ``miss_issue_us``); ``decisions``: the
+    policies' host work. Returns (the fitted entry, the fit's notes for the shape, the fitted profile data)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from hardware import load_hardware
+    from hardware.profile import hardware_from_dict
+    from offload.session import RunSettings
+    from policies.lru import LRU
+    from sim.simulator import simulate
+    from traces import load_shape
+    from traces.synthetic import pattern_trace
+    from validation.profile_fit import fit_profile
+    shape = load_shape(str(Path(__file__).resolve().parent / "data" / "tiny-moe.yaml"))
+    base = load_hardware("h100-pcie5")
+    copies = {"copy_latency_us": 10.0, "h2d_GBps_by_MiB": {"1": 20.0, "16": 40.0}}
+    compute = {"attention_us_by_ctx": {"0": 30.0, "1024": 60.0}, "router_us": 5.0, "expert_us": 12.0,
+               "token_overhead_us": 40.0}
+    truth = {**compute, "attention_us_by_ctx": {0: 30.0, 1024: 60.0}, **host_costs}
+    made, _ = fit_profile(base, "truth", "test", copies, [])
+    made["measured_compute"] = {shape.name: {"bf16": truth}}
+    timing = hardware_from_dict(made, "truth")
+    patterns = {}
+    for pattern in ("hits", "misses"):
+        run = simulate(pattern_trace(shape, 24, pattern), LRU, timing, RunSettings(cache_slots=shape.top_k))
+        patterns[pattern] = {"step_ms": (np.asarray(run.token_ns) / 1e6).tolist()}
+    if misses_extra is not None:
+        patterns["misses"].update(misses_extra(shape))
+    calibration = {"shape": shape.to_dict(), "precision": "bf16", "compute": compute, "patterns": patterns}
+    if decisions is not None:
+        calibration["decisions"] = decisions
+    fitted, notes = fit_profile(base, "fitted", "test", copies, [calibration])
+    return fitted["measured_compute"][shape.name]["bf16"], notes[shape.name], fitted

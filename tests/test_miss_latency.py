@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import calibration_timed_by_the_simulator
 
 from hardware.profile import MeasuredCompute, hardware_from_dict, hardware_to_dict, load_hardware
 from offload.session import RunSettings
@@ -123,32 +124,11 @@ def test_the_profile_keeps_its_layout_without_miss_latency():
 
 
 def _calibration_timed_by_the_simulator(miss_latency_us, copy_wait_us, issue_us):
-    """Calibration patterns timed by the simulator itself with known host costs (as the engine would time them),
-    the misses pattern carrying ``issue_us`` as its ``miss_issue_us`` (None: a calibration from before it)."""
-    import numpy as np
-    from pathlib import Path
-    from traces import load_shape
-    from traces.synthetic import pattern_trace
-    from validation.profile_fit import fit_profile
-    shape = load_shape(str(Path(__file__).resolve().parent / "data" / "tiny-moe.yaml"))
-    base = load_hardware("h100-pcie5")
-    copies = {"copy_latency_us": 10.0, "h2d_GBps_by_MiB": {"1": 20.0, "16": 40.0}}
-    compute = {"attention_us_by_ctx": {"0": 30.0, "1024": 60.0}, "router_us": 5.0, "expert_us": 12.0,
-               "token_overhead_us": 40.0}
-    truth = {**compute, "attention_us_by_ctx": {0: 30.0, 1024: 60.0}, "layer_overhead_us": 70.0,
-             "copy_wait_us": copy_wait_us, "miss_latency_us": miss_latency_us}
-    made, _ = fit_profile(base, "truth", "test", copies, [])
-    made["measured_compute"] = {shape.name: {"bf16": truth}}
-    timing = hardware_from_dict(made, "truth")
-    patterns = {}
-    for pattern in ("hits", "misses"):
-        run = simulate(pattern_trace(shape, 24, pattern), LRU, timing, RunSettings(cache_slots=shape.top_k))
-        patterns[pattern] = {"step_ms": (np.asarray(run.token_ns) / 1e6).tolist()}
-    if issue_us is not None:
-        patterns["misses"]["miss_issue_us"] = issue_us(shape)
-    calibration = {"shape": shape.to_dict(), "precision": "bf16", "compute": compute, "patterns": patterns}
-    fitted, notes = fit_profile(base, "fitted", "test", copies, [calibration])
-    return fitted["measured_compute"][shape.name]["bf16"], notes[shape.name], fitted
+    """``conftest.calibration_timed_by_the_simulator`` with these host costs, the misses pattern carrying
+    ``issue_us(shape)`` as its ``miss_issue_us`` (None: a calibration from before it)."""
+    return calibration_timed_by_the_simulator(
+        {"layer_overhead_us": 70.0, "copy_wait_us": copy_wait_us, "miss_latency_us": miss_latency_us},
+        None if issue_us is None else (lambda shape: {"miss_issue_us": issue_us(shape)}))
 
 
 def test_the_fit_splits_the_misses_residual_into_miss_latency_and_copy_wait():

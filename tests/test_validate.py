@@ -11,16 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import calibration_timed_by_the_simulator
 
 from experiments.validate import main
 from hardware.profile import load_hardware
-from offload.session import RunSettings
-from policies.lru import LRU
-from sim.simulator import simulate
-from traces import load_shape
-from traces.synthetic import pattern_trace
 from validation import report
-from validation.profile_fit import fit_profile
 from validation.scenario import ScenarioError, scenario_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,26 +150,10 @@ def test_a_bad_scenario_file_exits_2(tmp_path, capsys):
 
 def test_the_fit_recovers_the_constants_that_made_the_patterns():
     """Calibration patterns timed by the simulator itself with known host costs: the fit must return them."""
-    shape = load_shape(str(ROOT / "tests" / "data" / "tiny-moe.yaml"))
-    base = load_hardware("h100-pcie5")
-    copies = {"copy_latency_us": 10.0, "h2d_GBps_by_MiB": {"1": 20.0, "16": 40.0}}
-    compute = {"attention_us_by_ctx": {"0": 30.0, "1024": 60.0}, "router_us": 5.0, "expert_us": 12.0,
-               "token_overhead_us": 40.0}
-    truth = {**{k: v for k, v in compute.items()}, "attention_us_by_ctx": {0: 30.0, 1024: 60.0},
-             "layer_overhead_us": 70.0, "copy_wait_us": 25.0}
-    made, _ = fit_profile(base, "truth", "test", copies, [])
-    made["measured_compute"] = {shape.name: {"bf16": truth}}
-    from hardware.profile import hardware_from_dict
-    timing = hardware_from_dict(made, "truth")
-    patterns = {}
-    for pattern in ("hits", "misses"):
-        run = simulate(pattern_trace(shape, 24, pattern), LRU, timing, RunSettings(cache_slots=shape.top_k))
-        patterns[pattern] = {"step_ms": (np.asarray(run.token_ns) / 1e6).tolist()}
-    calibration = {"shape": shape.to_dict(), "precision": "bf16", "compute": compute, "patterns": patterns,
-                   "decisions": {"lru": {"begin_layer_us": 3.0, "prefetch_layer_us": 1.0},
-                                 "oracle": {"begin_layer_us": 4.0, "prefetch_layer_us": 9.5}}}
-    fitted, notes = fit_profile(base, "fitted", "test", copies, [calibration])
-    entry = fitted["measured_compute"][shape.name]["bf16"]
+    entry, _, _ = calibration_timed_by_the_simulator(
+        {"layer_overhead_us": 70.0, "copy_wait_us": 25.0},
+        decisions={"lru": {"begin_layer_us": 3.0, "prefetch_layer_us": 1.0},
+                   "oracle": {"begin_layer_us": 4.0, "prefetch_layer_us": 9.5}})
     assert entry["layer_overhead_us"] == pytest.approx(70.0, abs=0.01)
     assert entry["copy_wait_us"] == pytest.approx(25.0, abs=0.01)
     assert entry["decision_us"] == {"OraclePrefetch": 9.5}
