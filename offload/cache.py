@@ -27,10 +27,16 @@ class ExpertCache:
     def __init__(self, num_layers: int, num_experts: int, cache_slots: int, mode: CacheMode | str,
                  top_k: int):
         mode = CacheMode(mode)
-        if cache_slots < top_k:
-            # Every expert of a layer must be resident at once while the layer computes.
+        # Every expert of a layer must be resident at once while the layer computes: its own slots must
+        # hold top_k (per-layer), or the shared pool of cache_slots x layers must (global).
+        if mode is CacheMode.PER_LAYER and cache_slots < top_k:
             raise ValueError(f"cache_slots={cache_slots} is smaller than top_k={top_k}: a layer's "
                              f"{top_k} chosen experts must fit at once; use cache_slots >= {top_k}")
+        if mode is CacheMode.GLOBAL and cache_slots * num_layers < top_k:
+            need = -(-top_k // num_layers)
+            raise ValueError(f"cache_slots={cache_slots} x {num_layers} layers = {cache_slots * num_layers} shared "
+                             f"slots is smaller than top_k={top_k}: a layer's {top_k} chosen experts must fit "
+                             f"at once; use cache_slots >= {need}")
         if mode is CacheMode.PER_LAYER and cache_slots > num_experts:
             raise ValueError(f"cache_slots={cache_slots} exceeds the {num_experts} experts per layer; "
                              f"use cache_slots <= {num_experts}")

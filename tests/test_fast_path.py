@@ -59,8 +59,9 @@ def configurations(draw):
     seed = draw(st.integers(0, 2**16))
     decode, train = trace(seed), trace(seed + 1)     # static learns its pins from another slice
     mode = draw(st.sampled_from(["per_layer", "global"]))
-    # A global pool may hold more than one layer's experts per layer.
-    slots = draw(st.integers(top_k, experts if mode == "per_layer" else experts + 2))
+    # A global pool may hold more than one layer's experts per layer, or fewer than top-k per layer as long
+    # as the pool holds a layer's top-k.
+    slots = draw(st.integers(top_k, experts) if mode == "per_layer" else st.integers(-(-top_k // layers), experts + 2))
     hardware = PROFILES[draw(st.sampled_from(sorted(PROFILES)))]
     link = draw(st.sampled_from([None, 0.5, 5.0, 50.0]))
     hardware = hardware.with_overrides(copy_engines=draw(st.integers(1, 3)),

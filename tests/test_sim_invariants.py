@@ -43,7 +43,9 @@ def scenarios(draw, policies=ALL):
     trace = draw(traces())
     shape = trace.model
     mode = draw(st.sampled_from(["per_layer", "global"]))
-    slots = draw(st.integers(shape.top_k, shape.num_experts))
+    # a global pool only has to hold one layer's top-k: fewer slots per layer than top-k are allowed there
+    least = shape.top_k if mode == "per_layer" else -(-shape.top_k // shape.num_layers)
+    slots = draw(st.integers(least, shape.num_experts))
     hardware = H100.with_overrides(pcie_GBps=draw(st.sampled_from([0.5, 5.0, 50.0])),
                                    copy_engines=draw(st.integers(1, 2)))
     settings = RunSettings(cache_slots=slots, cache_mode=mode,

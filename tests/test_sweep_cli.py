@@ -155,13 +155,16 @@ def _refused(result, *fragments):
     return lines[0]
 
 
-def test_cli_refuses_cache_slots_below_top_k(trace_path, tmp_path):
+def test_cli_refuses_cache_slots_below_top_k_per_layer_not_in_a_pool_that_holds_them(trace_path, tmp_path):
     r = sweep_cli(f"trace={trace_path}", "policy=lru", "cache_slots=1..3", "--out", tmp_path / "out")
     _refused(r, "cache_slots=1", "top_k=2", "use cache_slots >= 2")
     assert not (tmp_path / "out").exists()      # nothing ran
-    # the same rule in global mode (README: cache_slots >= top-k in both modes), though the pool would hold more
-    r = sweep_cli(f"trace={trace_path}", "policy=lru", "cache_mode=global", "cache_slots=1", "--out", tmp_path / "out")
-    _refused(r, "cache_slots=1", "top_k=2", "use cache_slots >= 2")
+    # in global mode the shared pool (cache_slots x layers) must hold a layer's top-k: 1 x L layers does
+    r = sweep_cli(f"trace={trace_path}", "policy=lru,belady", "cache_mode=global", "cache_slots=1", "--out",
+                  tmp_path / "global")
+    assert r.returncode == 0, r.stderr
+    table = pd.read_csv(tmp_path / "global" / "results.csv")
+    assert len(table) == 2 and table["cache_slots"].eq(1).all() and table["hit_rate"].between(0, 1).all()
 
 
 def test_cli_refuses_cache_slots_above_experts(trace_path, tmp_path):
