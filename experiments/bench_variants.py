@@ -10,6 +10,13 @@ the defaults in ``real/`` are chosen from.
   backend (cuDNN, memory-efficient, math; flash takes no mask), at bucket lengths 64 / 256 / 2048;
 - ``timeline``: the all-resident engine's GPU timeline per layer (torch.profiler): busy, idle after a
   routing read-back until the next kernel (the host's turnaround), other idle;
+- ``dispatch``: a layer's top-k experts over an engine-like slot tensor [slots, blob], the host out of
+  the loop or not: ``k-graphs`` (one graph per expert, replayed one after another: the engine's way, the
+  host picking each slot after the routing read-back), ``grouped`` (one graph that reads the slots from a
+  device index tensor and runs ``torch.nn.functional.grouped_mm`` over strided views of the slot tensor:
+  what a device-side dispatch of the hits would run, no host between routing and experts; a capture that
+  fails is recorded, and the variant timed eagerly), ``gathered`` (the weights gathered with
+  ``index_select``, then batched matmuls: the copy a naive device-side dispatch pays);
 - ``host``: where the all-resident engine's host time per layer goes, from host clock stamps around
   the calls of one layer turn: waiting for the routing (the read-back's copy and synchronisation),
   the host's work from the routing to the first expert launch (the controller's ``begin_layer`` and
@@ -18,7 +25,7 @@ the defaults in ``real/`` are chosen from.
 
 Device times are CUDA events around back-to-back graph replays (``experiments.bench_layer.Clock``),
 median of ``--repeats`` interleaved repeats with the spread; GPU only (``--smoke`` runs the host part
-on the CPU for the tests).
+and the dispatch part on the CPU for the tests).
 
     python -m experiments.bench_variants --out runs/variants        # GPU: about 2 minutes
 
@@ -79,6 +86,74 @@ def expert_variants(shape: ModelShape, clock: Clock, replays: int, repeats: int)
                      {"part": "expert", "shape": shape.name, "variant": name, "metric": "GBps",
                       "value": blob.numel() * 2 / (us * 1e-6) / 1e9},
                      {"part": "expert", "shape": shape.name, "variant": name, "metric": "rel_err", "value": err}]
+    return rows
+
+
+def _swiglu_rows(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return (F.silu(gate.float()) * up.float()).to(h.dtype)
+
+
+def dispatch_variants(shape: ModelShape, clock: Clock, replays: int, repeats: int, device: torch.device,
+                      slots: int = 16) -> list[dict]:
+    """A layer's top-k experts of ``shape`` over a slot tensor [slots, blob] (bf16) at batch 1, per dispatch
+    (module docstring): device us (host us on a CPU) and the relative error against ``k-graphs``."""
+    H, I, K = shape.hidden_size, shape.expert_intermediate_size, shape.top_k
+    cuda = device.type == "cuda"
+    g = torch.Generator(device=device).manual_seed(0)
+    blobs = (torch.randn((slots, 3 * I * H), device=device, generator=g) * 0.02).bfloat16()
+    gate_up = blobs[:, :2 * I * H].view(slots, 2 * I, H)       # strided views: no weight is copied
+    down = blobs[:, 2 * I * H:].view(slots, H, I)
+    x = torch.randn((1, H), device=device, generator=g).bfloat16()
+    chosen = [(3 * k + 1) % slots for k in range(K)]            # the routed experts' slots, top-k order
+    selected = torch.tensor(chosen, device=device)              # on the device, as a router would leave them
+    out = torch.empty((K, H), dtype=torch.bfloat16, device=device)
+    ones = torch.ones(K, dtype=torch.int32, device=device)
+
+    def k_graphs():
+        for i, slot in enumerate(chosen):
+            torch.mm(_swiglu_rows(F.linear(x, gate_up[slot])), down[slot].t(), out=out[i:i + 1])
+
+    def grouped():
+        counts = torch.zeros(slots, dtype=torch.int32, device=device).index_add_(0, selected, ones)
+        offs = counts.cumsum(0, dtype=torch.int32)
+        order = torch.argsort(selected)
+        rows = x.expand(K, H).contiguous()
+        hidden = _swiglu_rows(F.grouped_mm(rows, gate_up.transpose(1, 2), offs=offs)).contiguous()
+        out.index_copy_(0, order, F.grouped_mm(hidden, down.transpose(1, 2), offs=offs))
+
+    def gathered():
+        w1 = gate_up.index_select(0, selected)                  # [K, 2I, H]: a copy of K experts' weights
+        w2 = down.index_select(0, selected)
+        hidden = _swiglu_rows(torch.bmm(w1, x.expand(K, H).unsqueeze(-1)).squeeze(-1))
+        out.copy_(torch.bmm(w2, hidden.unsqueeze(-1)).squeeze(-1))
+
+    variants = {"k-graphs": k_graphs, "grouped": grouped, "gathered": gathered}
+    k_graphs()
+    want = out.float().clone()
+    runs, rows = {}, []
+    for name, fn in variants.items():
+        try:
+            fn()
+            err = float((out.float() - want).abs().max() / want.abs().max())
+        except (RuntimeError, NotImplementedError) as e:       # a kernel this build lacks
+            rows.append({"part": "dispatch", "shape": shape.name, "variant": name, "metric": "unsupported",
+                         "value": 1.0})
+            print(f"dispatch {name}: {type(e).__name__}: {str(e).splitlines()[0]}", flush=True)
+            continue
+        try:
+            runs[name] = (graphed(fn, cuda), err)
+        except RuntimeError as e:                                # not capturable: timed as launched
+            torch.cuda.synchronize()
+            rows.append({"part": "dispatch", "shape": shape.name, "variant": name, "metric": "capture_failed",
+                         "value": 1.0})
+            print(f"dispatch {name}: capture failed ({str(e).splitlines()[0]}); timed eagerly", flush=True)
+            runs[name] = (fn, err)
+    for _ in range(repeats):
+        for name, (run, err) in runs.items():
+            rows += [{"part": "dispatch", "shape": shape.name, "variant": name, "metric": "us",
+                      "value": clock.us(run, replays)},
+                     {"part": "dispatch", "shape": shape.name, "variant": name, "metric": "rel_err", "value": err}]
     return rows
 
 
@@ -231,13 +306,15 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--replays", type=int, default=50)
     p.add_argument("--steps", type=int, default=64, help="decode steps per host-path repeat")
-    p.add_argument("--smoke", action="store_true", help="the host part only, a tiny shape on the CPU")
-    p.add_argument("--parts", default="expert,attention,host,timeline", help="which parts to measure (GPU)")
+    p.add_argument("--smoke", action="store_true", help="the host and dispatch parts, a tiny shape on the CPU")
+    p.add_argument("--parts", default="expert,attention,dispatch,host,timeline",
+                   help="which parts to measure (GPU)")
     args = p.parse_args(argv)
     rows: list[dict] = []
     if args.smoke:
         torch.set_num_threads(1)        # a tiny shape: intra-op threads only contend for the cores
         rows = host_path(SMOKE_SHAPE, torch.device("cpu"), torch.float32, 4, 2)
+        rows += dispatch_variants(SMOKE_SHAPE, Clock(False), 2, 2, torch.device("cpu"))
     else:
         if not torch.cuda.is_available():
             raise SystemExit("error: no CUDA device; run with --smoke for the CPU check")
@@ -248,6 +325,8 @@ def main(argv=None) -> pd.DataFrame:
                 rows += expert_variants(shape, clock, args.replays, args.repeats)
             if "attention" in parts:
                 rows += attention_variants(shape, clock, args.replays, args.repeats)
+            if "dispatch" in parts:
+                rows += dispatch_variants(shape, clock, args.replays, args.repeats, torch.device("cuda"))
             print(f"{name}: kernels measured", flush=True)
         if "host" in parts:
             rows += host_path(bench_shape("moe-lm", 2), torch.device("cuda"), torch.bfloat16, args.steps, args.repeats)
