@@ -131,24 +131,22 @@ class NextUse:
     def routes(self, token: int) -> list[list[int]] | None:
         """[layer][k] -> the expert the trace chose, or None past the end of the trace."""
         rows = self._routes.get(token)
-        if rows is None:
-            if token >= len(self._experts):
-                return None
-            if len(self._routes) >= self._ROUTE_ROWS:
-                del self._routes[next(iter(self._routes))]     # the oldest converted
-            rows = self._routes[token] = self._experts[token].tolist()
-        return rows
+        return rows if rows is not None else self._row_lists(self._routes, token, 0)
 
     def route_keys(self, token: int) -> list[list[int]] | None:
         """``routes`` as keys: [layer][k] -> layer * num_experts + the expert the trace chose, or None
         past the end of the trace."""
         rows = self._route_keys.get(token)
-        if rows is None:
-            if token >= len(self._experts):
-                return None
-            if len(self._route_keys) >= self._ROUTE_ROWS:
-                del self._route_keys[next(iter(self._route_keys))]     # the oldest converted
-            rows = self._route_keys[token] = (self._experts[token] + self._layer_base).tolist()
+        return rows if rows is not None else self._row_lists(self._route_keys, token, self._layer_base)
+
+    def _row_lists(self, cache: dict, token: int, offset) -> list[list[int]] | None:
+        """Token ``token``'s routing (+ ``offset`` per layer) as lists, kept in ``cache`` with the
+        ``_ROUTE_ROWS`` most recently converted tokens; None past the end of the trace."""
+        if token >= len(self._experts):
+            return None
+        if len(cache) >= self._ROUTE_ROWS:
+            del cache[next(iter(cache))]     # the oldest converted
+        rows = cache[token] = (self._experts[token] + offset).tolist()
         return rows
 
     def next_use_after(self, layer: int, expert: int, step: int) -> int:
