@@ -178,7 +178,9 @@ def record_timeline(cfg: RunConfig, tokens: int = 20) -> Timeline:
     end_ns = timeline.token_end_ns[n - 1]
     return Timeline(compute=[e for e in timeline.compute if e.token < n],
                     copies=[c for c in timeline.copies if c.start_ns < end_ns],
-                    token_end_ns=timeline.token_end_ns[:n])
+                    token_end_ns=timeline.token_end_ns[:n], preloaded=timeline.preloaded,
+                    layer_start_ns=[m for m in timeline.layer_start_ns if m[0] < n],
+                    layer_waits=[w for w in timeline.layer_waits if w[0] < n])
 
 
 def validate_grid(configs: list[RunConfig]) -> None:

@@ -72,6 +72,10 @@ class Timeline:
     copies: list[CopyEvent] = field(default_factory=list)
     token_end_ns: list[int] = field(default_factory=list)
     preloaded: dict[int, int] = field(default_factory=dict)   # slot -> key placed before decode
+    # (token, layer, the host's time as the layer's turn begins), in decode order
+    layer_start_ns: list[tuple[int, int, int]] = field(default_factory=list)
+    # (token, layer, [(started_ns, finished_ns) of each copy its experts waited for, in the order they ran])
+    layer_waits: list[tuple[int, int, list[tuple[int, int]]]] = field(default_factory=list)
 
 
 @dataclass
@@ -179,7 +183,14 @@ class _Clock:
             if timeline is not None:
                 timeline.compute.append(ComputeEvent(token, layer, key, self.cache.key_slot[key], gpu, gpu + expert_ns))
             gpu += expert_ns
+        if timeline is not None:
+            timeline.layer_waits.append((token, layer, [(job.started_ns, job.finished_ns) for _, job in needs
+                                                        if job is not None]))
         return gpu
+
+    def _mark_layer(self, token: int, layer: int) -> None:
+        """With a timeline: the host's time as the layer's turn begins (each clock's ``route``, first)."""
+        self.timeline.layer_start_ns.append((token, layer, self.now_ns()))
 
     def decode(self):
         cost, trace, ctrl = self.cost, self.trace, self.ctrl
@@ -267,6 +278,8 @@ class _LinkClock(_Clock):
         return now if now >= self._host_ready else self._host_ready
 
     def route(self, token: int, layer: int):
+        if self.timeline is not None:
+            self._mark_layer(token, layer)
         self.pending += self._layer_ns
         self._demand_turn = True
         if self._copy_side_active():           # meet the copy side at the router's time
@@ -392,6 +405,8 @@ class _WindowClock(_Clock):
         return now if now >= self._host_ready else self._host_ready
 
     def route(self, token: int, layer: int):
+        if self.timeline is not None:
+            self._mark_layer(token, layer)
         self.pending += self._layer_ns
         self._demand_turn = True
         if self._in_flight or self._queued:    # meet the copy side at the router's time

@@ -78,7 +78,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -148,43 +147,29 @@ def engine_layers(trace) -> Layers:
 
 def sim_layers(inputs: SliceInputs, policy: str, settings, profile: HardwareProfile):
     """The simulator's timeline of the same steps: (Layers, the SimResult). Its reference path with the timeline
-    recorded, with the layer turn wrapped to note each layer's start (the clock's ``now_ns`` as the turn
-    begins) and the needs ``begin_layer`` returns (which experts wait for which copy)."""
+    recorded, which notes each layer's start (the host's time as its turn begins) and the copies its experts
+    waited for (``sim.simulator.Timeline.layer_start_ns``, ``layer_waits``)."""
     from sim import simulator
     trace = inputs.timed
     T, L, K = trace.num_tokens, trace.num_layers, trace.model.top_k
+    run = simulator.simulate(trace, resolve_policy(policy), profile, settings, train_trace=inputs.train,
+                             record_timeline=True, path="reference")
     start = np.full((T, L), -1, np.int64)
-    waits: dict[tuple[int, int], list] = {}
-    original, wrapped = simulator.layer_turn, []
-
-    def turn(ctrl, clock, token, layer):
-        if not wrapped:
-            begin = ctrl.begin_layer
-
-            def begin_layer(token, layer, *args, **kwargs):
-                needs = begin(token, layer, *args, **kwargs)
-                waits[(token, layer)] = [job for _, job in needs if job is not None]
-                return needs
-            ctrl.begin_layer = begin_layer
-            wrapped.append(ctrl)
-        start[token, layer] = clock.now_ns()
-        yield from original(ctrl, clock, token, layer)
-
-    with mock.patch.object(simulator, "layer_turn", turn):
-        run = simulator.simulate(trace, resolve_policy(policy), profile, settings, train_trace=inputs.train,
-                                 record_timeline=True, path="reference")
-    if (start < 0).any() or len(waits) != T * L or run.timeline is None:
-        raise RuntimeError("the simulator's layer turns were not all seen (sim.simulator no longer calls its "
-                           "module's layer_turn per layer?): validation.timelines must follow it")
+    for t, l, ns in run.timeline.layer_start_ns:
+        start[t, l] = ns
+    waits = {(t, l): copies for t, l, copies in run.timeline.layer_waits}
+    if (start < 0).any() or len(waits) != T * L:
+        raise RuntimeError("the simulator's timeline does not cover every layer turn: validation.timelines "
+                           "must follow sim.simulator")
     token_end = np.asarray(run.timeline.token_end_ns, np.int64)
     end = np.concatenate([start[:, 1:], token_end[:, None]], axis=1)
     cs = np.full((T, L, K), np.nan)
     ce = np.full((T, L, K), np.nan)
     missing = np.zeros((T, L), np.int64)
-    for (t, l), jobs in waits.items():
-        missing[t, l] = len(jobs)
-        for k, job in enumerate(jobs[:K]):
-            cs[t, l, k], ce[t, l, k] = job.started_ns, job.finished_ns
+    for (t, l), copies in waits.items():
+        missing[t, l] = len(copies)
+        for k, (started, finished) in enumerate(copies[:K]):
+            cs[t, l, k], ce[t, l, k] = started, finished
     to_copy, span, after = _miss_parts(start, end, cs, ce)
     us = 1e-3
     layers = Layers(start * us, (end - start) * us, missing, to_copy * us, span * us, after * us, (ce - cs) * us, np.asarray(run.token_ns, np.float64) * us)
