@@ -47,8 +47,7 @@ from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, expecte
                                 record_timeline, run_config, share_traces, trace_slices, use_shared_traces,
                                 validate_grid)
 from hardware.profile import hardware_to_dict
-from offload.controller import PolicyError
-from policies.registry import crash_site, resolve_policy
+from policies.registry import failure_site, resolve_policy
 
 DEFAULT_CONFIG = DEFAULT_SCENARIO
 TIMELINE_TOKENS = 20
@@ -172,7 +171,7 @@ def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> tuple[str | None,
         row, perf = run_config(cfg)
     except Exception as err:  # noqa: BLE001  (reported by name; the other configs go on)
         # A value the controller refused left the policy by returning: the hook's site names the user's code.
-        site = err.site if isinstance(err, PolicyError) and err.site else crash_site(resolve_policy(cfg.policy), err)
+        site = failure_site(resolve_policy(cfg.policy), err)
         what = f"{type(err).__name__}: {' '.join(str(err).split())}"
         # One hash on the console: the report's file, named by the configuration alone (it keeps the latest
         # attempt); the row's hash (the configuration and its inputs) is in the report, labelled.

@@ -132,6 +132,15 @@ def crash_site(policy_cls: type[Policy], err: BaseException) -> str:
     return f"{frame.filename}:{frame.lineno} in {frame.name}"
 
 
+def failure_site(policy_cls: type, err: BaseException) -> str:
+    """Where a run failed, for its one-line report: the hook that returned a value the controller refused
+    (``PolicyError.site``: the error left the policy by returning), else ``crash_site``."""
+    from offload.controller import PolicyError
+    if isinstance(err, PolicyError) and err.site:
+        return err.site
+    return crash_site(policy_cls, err)
+
+
 def policy_sha256(spec: str) -> str:
     """Digest of the source files of the policy's class and its base classes: a user's own policy file
     is in no package's digest, and editing it must recompute the results it produced."""

@@ -193,24 +193,19 @@ def error_files(out: Path) -> Callable[[Config, BaseException], str]:
     """``Measurement.on_error`` as the sweep reports a failed configuration: the traceback written to
     ``out/errors/<hash>.txt`` (the hash of the configuration's label, so a configuration keeps one file), and
     the error as one line: ``Type: message at FILE:LINE in HOOK (traceback: out/errors/<hash>.txt)``, where
-    FILE:LINE in HOOK is where it left the configuration's policy (``policies.registry.crash_site``; a value
-    the controller refused: the hook that returned it)."""
+    FILE:LINE in HOOK is where it left the configuration's policy (``policies.registry.failure_site``: a value
+    the controller refused names the hook that returned it)."""
     import hashlib
     import traceback
-    from offload.controller import PolicyError
-    from policies.registry import crash_site, resolve_policy
+    from policies.registry import failure_site, resolve_policy
     from traces.io import atomic_write
 
     def on_error(config: Config, err: BaseException) -> str:
-        policy = config.fields.get("policy")
-        if isinstance(err, PolicyError) and err.site:
-            site = err.site
-        else:
-            try:
-                cls = resolve_policy(str(policy))
-            except Exception:       # no policy (a reference's session) or not one the registry knows
-                cls = object
-            site = crash_site(cls, err)
+        try:
+            cls = resolve_policy(str(config.fields.get("policy")))
+        except Exception:       # no policy (a reference's session) or not one the registry knows
+            cls = object
+        site = failure_site(cls, err)
         what = f"{type(err).__name__}: {' '.join(str(err).split())}"
         h = hashlib.sha256(config.label.encode()).hexdigest()[:16]
         path = Path(out) / "errors" / f"{h}.txt"
