@@ -185,6 +185,11 @@ class MeasuredCompute:
     - ``miss_latency_us``: a demand copy starts this long after the host reaches the layer's copy start (the
       routing read-back to the copy's issue: the miss's bookkeeping, the pump, the issue); the host is busy
       meanwhile, the compute stream is not (hits already launched run);
+    - ``prefetch_latency_us``: a prefetch copy a layer decides starts no earlier than this long after the
+      layer's routing read-back plus the policy's ``decision_us``: the host first launches the layer's
+      experts and the next layer's attention, then decides (measured on layers without a miss). That host
+      time overlaps the GPU's work, so it delays the prefetch, not the layer (its share of the critical
+      path is in ``layer_overhead_us``);
     - ``copy_wait_us``: compute that has to wait for a copy starts this long after the copy ends (the
       host and the GPU noticing it);
     - ``decision_us``: per policy class name, the host's extra work per layer over LRU's (its prefetch
@@ -204,6 +209,7 @@ class MeasuredCompute:
     decision_us: tuple[tuple[str, float], ...] = ()
     layer_extra_us: tuple[tuple[str, float], ...] = ()
     miss_latency_us: float = 0.0
+    prefetch_latency_us: float = 0.0
 
     _attention: _PiecewiseLinear = field(init=False, repr=False, compare=False)
 
@@ -213,7 +219,7 @@ class MeasuredCompute:
         _require(isinstance(self.precision, str) and self.precision != "", "precision must be a non-empty string")
         _check_ctx_points(points, "attention_us_by_ctx")
         for name in ("router_us", "expert_us", "layer_overhead_us", "token_overhead_us", "copy_wait_us",
-                     "miss_latency_us"):
+                     "miss_latency_us", "prefetch_latency_us"):
             value = getattr(self, name)
             _require(value >= 0 and math.isfinite(value), f"{name} must be >= 0, got {value}")
         for name in ("decision_us", "layer_extra_us"):
@@ -246,6 +252,7 @@ class ComputeCost:
     decision_ns_by_policy: tuple[tuple[str, int], ...] = ()   # policy class name -> host ns per layer
     layer_extra_ns_by_policy: tuple[tuple[str, int], ...] = ()  # policy class name -> ns per layer in series
     miss_latency_ns: int = 0  # the host's copy start to a demand copy's start (MeasuredCompute.miss_latency_us)
+    prefetch_latency_ns: int = 0  # routing to a prefetch decision's start (MeasuredCompute.prefetch_latency_us)
 
     def decision_ns(self, policy_cls: type) -> int:
         """The host's extra time per layer for ``policy_cls`` (MeasuredCompute.decision_us), else 0."""
@@ -331,6 +338,7 @@ class HardwareProfile:
                     decision_ns_by_policy=tuple((p, round(us * 1000.0)) for p, us in m.decision_us),
                     layer_extra_ns_by_policy=tuple((p, round(us * 1000.0)) for p, us in m.layer_extra_us),
                     miss_latency_ns=round(m.miss_latency_us * 1000.0),
+                    prefetch_latency_ns=round(m.prefetch_latency_us * 1000.0),
                 )
         launch_ns = self.kernel_launch_us * 1000.0
         hbm = self.hbm_GBps
@@ -411,7 +419,8 @@ _MEASURED_FIELDS = {
     "layer_overhead_us": float,
     "token_overhead_us": float,
 }
-_MEASURED_OPTIONAL = {"copy_wait_us": float, "decision_us": dict, "layer_extra_us": dict, "miss_latency_us": float}
+_MEASURED_OPTIONAL = {"copy_wait_us": float, "decision_us": dict, "layer_extra_us": dict, "miss_latency_us": float,
+                      "prefetch_latency_us": float}
 
 
 def available_hardware() -> list[str]:
@@ -591,6 +600,8 @@ def hardware_to_dict(profile: HardwareProfile) -> dict:
         }
         if m.miss_latency_us:    # written only when measured: profiles without it keep their layout and digests
             measured[model][m.precision]["miss_latency_us"] = m.miss_latency_us
+        if m.prefetch_latency_us:    # the same
+            measured[model][m.precision]["prefetch_latency_us"] = m.prefetch_latency_us
     out["measured_compute"] = measured
     return out
 

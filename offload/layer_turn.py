@@ -14,7 +14,7 @@ One MoE layer of one token is, in this order:
 5. ``decide``    the host's time between launching the experts and the policy's prefetch decision
                  (the engine launches the combine and the next layer's attention here; the simulator
                  charges the host's measured decision time); then the policy's prefetch decision
-                 (``prefetch_layer``) and
+                 (``prefetch_layer``, its copies stamped with the clock's ``decided_ns``) and
 6. ``start_copies`` (prefetch) the clock starts copies again;
 7. ``finish_experts`` the clock completes the layer's experts (the simulator waits for their copies
                  and advances its compute stream; the engine has nothing to do: its next routing
@@ -67,6 +67,12 @@ class Clock(Protocol):
         """The host's work between launching the experts and the prefetch decision."""
         ...
 
+    def decided_ns(self) -> int:
+        """The host's time when the policy's prefetch decision is taken (after ``decide``): the prefetches it
+        queues are stamped with it and start no earlier. The engine's ``now_ns``; the simulator's may lie
+        ahead of the host time that bounds the layer (``MeasuredCompute.prefetch_latency_us``)."""
+        ...
+
     def finish_experts(self, token: int, layer: int, needs: list[Need]) -> Iterable:
         """Complete the layer's experts before their protection ends."""
         ...
@@ -86,7 +92,7 @@ def layer_turn(ctrl: OffloadController, clock: Clock, token: int, layer: int) ->
         yield from clock.start_copies()
         yield from clock.launch_experts(token, layer, run, needs)
         yield from clock.decide(token, layer)
-        ctrl.prefetch_layer(clock.now_ns())
+        ctrl.prefetch_layer(clock.decided_ns())
         yield from clock.start_copies()
         yield from clock.finish_experts(token, layer, needs)
         ctrl.end_layer(needs)

@@ -14,7 +14,9 @@ For one model (a checkpoint, or random weights of a shape) this measures, and re
   per layer every access misses: a demand copy's cost on the critical path, the link's achieved copy
   time and how long after a copy ends the layer can go on; and, per layer of the run that records
   nothing, the host clock from the routing read-back to the first demand copy's issue (``miss_issue_us``,
-  two ``perf_counter_ns`` calls a layer, no CUDA event): how late after routing a miss's copy starts;
+  two ``perf_counter_ns`` calls a layer, no CUDA event): how late after routing a miss's copy starts; and,
+  per layer without a demand copy, the host clock from the routing read-back to the prefetch decision's
+  start (``decide_us``): how late after routing a prefetch can be decided (the ``hits`` pattern's gives it);
 - ``decisions``: each policy's own host work per layer (the controller's ``begin_layer`` and the policy's
   ``prefetch_layer``, host clock), the policy run on a *training* trace, never the trace validated; and
   its all-resident step time beside LRU's (``resident_step_ms``): what the policy adds to every layer
@@ -54,11 +56,14 @@ class PatternRun:
     # per layer with a demand copy, in order, from the run that records nothing: the routing read-back to the
     # first demand copy's issue, host clock (``OffloadEngine.miss_issue_ns``); the fit's ``miss_latency_us``
     miss_issue_us: list[float] = field(default_factory=list)
+    # per layer without a demand copy, in order, from the same run: the routing read-back to the start of the
+    # prefetch decision, host clock (``OffloadEngine.decide_ns``); the fit's ``prefetch_latency_us``
+    decide_us: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"slots": self.slots, "step_ms": self.step_ms, "layer_timings": self.layer_timings,
                 "marked_step_ms": self.marked_step_ms, "copy_ms": self.copy_ms, "hit_rate": self.hit_rate,
-                "miss_issue_us": self.miss_issue_us}
+                "miss_issue_us": self.miss_issue_us, "decide_us": self.decide_us}
 
 
 def run_pattern(model, shape: ModelShape, pattern: str, steps: int, hardware=None) -> PatternRun:
@@ -77,7 +82,7 @@ def run_pattern(model, shape: ModelShape, pattern: str, steps: int, hardware=Non
     timings = {name: np.stack(values).tolist() for name, values in marked.routing.layer_timings.items() if values}
     return PatternRun(shape.top_k, list(result.routing.step_ms), timings, list(marked.routing.step_ms),
                       [c.duration_ms for c in result.copies if c.demand], float(result.metrics["hit_rate"]),
-                      [ns / 1e3 for ns in engine.miss_issue_ns])
+                      [ns / 1e3 for ns in engine.miss_issue_ns], [ns / 1e3 for ns in engine.decide_ns])
 
 
 def decision_costs(model, shape: ModelShape, policy_cls: type[Policy], settings: RunSettings, trace: Trace,

@@ -154,6 +154,9 @@ class OffloadEngine:
         # per layer with a demand copy: host ns from the routing read-back to the first demand copy's issue
         # (perf_counter_ns, no CUDA event: the calibration's miss_latency, real.calibration.run_pattern)
         self.miss_issue_ns: list[int] = []
+        # per layer without a demand copy: host ns from the routing read-back to the prefetch decision's start
+        # (the calibration's prefetch_latency, real.calibration.run_pattern)
+        self.decide_ns: list[int] = []
         self._routed_ns = 0
 
     # -- one decode step -----------------------------------------------------------------------
@@ -279,6 +282,14 @@ class OffloadEngine:
                 self._layer_start = self.marks.mark()
             self._front = self.model.front(layer + 1)
         return ()
+
+    def decided_ns(self) -> int:
+        """The host clock as it decides; on a layer no copy waits for, the routing read-back to here goes to
+        ``decide_ns`` (``prefetch_latency``: the launches of the layer's experts and the next layer's front)."""
+        now = self.copies.now_ns()
+        if not self.copies.first_demand_ns:
+            self.decide_ns.append(now - self._routed_ns)
+        return now
 
     def finish_experts(self, token: int, layer: int, needs):
         return ()                # the next routing read-back waits for the GPU

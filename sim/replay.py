@@ -51,6 +51,9 @@ class _Instant:
     def decide(self, token, layer):
         return ()
 
+    def decided_ns(self) -> int:
+        return self.now_ns()
+
     def finish_experts(self, token, layer, needs):
         return ()
 

@@ -16,6 +16,9 @@ the window gave (``tests/test_reference_recorded.py``).
 The host's costs around a copy (``hardware.profile.MeasuredCompute``): a layer's demand copies start
 ``miss_latency`` after the host reaches its copy start (the host busy meanwhile, the compute stream not:
 the layer's hits run), and an expert that waited for its copy starts ``copy_wait`` after the copy ends.
+A prefetch a layer decides starts no earlier than ``prefetch_latency`` plus the policy's decision time after
+the layer's routing (``decided_ns``): the engine's host launches the layer's experts and the next layer's
+attention before it decides. That host time overlaps the GPU, so it delays the prefetch, not the layer.
 
 Speed: compute that cannot interact with a copy does not advance the clock step by step. While no
 copy is queued or in flight, nothing else can happen, so the decode accumulates compute time in
@@ -125,6 +128,11 @@ class _Clock:
         # copy's issue); the host is busy meanwhile, the compute stream is not (each clock's ``start_copies``).
         self.miss_latency_ns = self.cost.miss_latency_ns
         self._demand_turn = False     # between a layer's routing and its decision: start_copies is the demand one
+        # The host's time from a layer's routing to its prefetch decision's start, on a layer without a miss
+        # (``real.engine``: the launches of the layer's experts and of the next layer's attention come first)
+        self.prefetch_latency_ns = self.cost.prefetch_latency_ns
+        self._routed_at = 0           # the compute stream's time at the current layer's routing
+        self._decided_at = 0          # when the host takes the current layer's prefetch decision
         self.layer_extra_ns = self.cost.layer_extra_ns(policy_cls)   # the policy's own work before routing
         self.timeline = Timeline() if record else None
         if record:
@@ -160,7 +168,12 @@ class _Clock:
     def decide(self, token, layer):
         self._demand_turn = False
         self._host_ready = self.now_ns() + self.decision_ns
+        decided = self._routed_at + self.prefetch_latency_ns + self.decision_ns
+        self._decided_at = decided if decided > self._host_ready else self._host_ready
         return ()
+
+    def decided_ns(self) -> int:
+        return self._decided_at
 
     def _miss_head(self) -> bool:
         """At a layer's demand ``start_copies``: whether a demand copy is queued (the queue's head is one: demand
@@ -281,6 +294,7 @@ class _LinkClock(_Clock):
         if self.timeline is not None:
             self._mark_layer(token, layer)
         self.pending += self._layer_ns
+        self._routed_at = self.env.now + self.pending
         self._demand_turn = True
         if self._copy_side_active():           # meet the copy side at the router's time
             yield from self._flush()
@@ -391,6 +405,8 @@ class _WindowClock(_Clock):
                 return
             lane = 0 if one_lane else lanes.index(min(lanes))
             start = lanes[lane] if lanes[lane] > now else now
+            if job.queued_ns > start:            # a prefetch decided ahead of the host's time (decided_ns)
+                start = job.queued_ns
             lanes[lane] = end = start + copy_ns
             job.started_ns = start
             job.waiter = entry = (end, self._commits, job, lane)
@@ -408,6 +424,7 @@ class _WindowClock(_Clock):
         if self.timeline is not None:
             self._mark_layer(token, layer)
         self.pending += self._layer_ns
+        self._routed_at = self.now + self.pending
         self._demand_turn = True
         if self._in_flight or self._queued:    # meet the copy side at the router's time
             self._flush()

@@ -29,11 +29,13 @@ def sweep_cli(*args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def calibration_timed_by_the_simulator(host_costs: dict, misses_extra=None, decisions: dict | None = None):
+def calibration_timed_by_the_simulator(host_costs: dict, misses_extra=None, decisions: dict | None = None,
+                                       hits_extra=None):
     """A calibration whose ``hits`` and ``misses`` patterns are timed by the simulator itself on the tiny
     shape, with known kernels and the host costs ``host_costs`` (``layer_overhead_us``, ``copy_wait_us``,
     ``miss_latency_us``, ...), as the engine would time them; fitted by ``validation.profile_fit``.
-    ``misses_extra(shape)``: more fields of the misses pattern (its ``miss_issue_us``); ``decisions``: the
+    ``misses_extra(shape)``: more fields of the misses pattern (its ``miss_issue_us``); ``hits_extra(shape)``:
+    of the hits pattern (its ``decide_us``); ``decisions``: the
     policies' host work. Returns (the fitted entry, the fit's notes for the shape, the fitted profile data)."""
     from pathlib import Path
 
@@ -62,6 +64,8 @@ def calibration_timed_by_the_simulator(host_costs: dict, misses_extra=None, deci
         patterns[pattern] = {"step_ms": (np.asarray(run.token_ns) / 1e6).tolist()}
     if misses_extra is not None:
         patterns["misses"].update(misses_extra(shape))
+    if hits_extra is not None:
+        patterns["hits"].update(hits_extra(shape))
     calibration = {"shape": shape.to_dict(), "precision": "bf16", "compute": compute, "patterns": patterns}
     if decisions is not None:
         calibration["decisions"] = decisions

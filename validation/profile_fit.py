@@ -9,6 +9,10 @@ reads, each constant from one micro-benchmark and nothing from the runs being va
 - ``miss_latency_us``: the ``misses`` pattern's host clock from each layer's routing read-back to its first
   demand copy's issue (``miss_issue_us``, median over layers, the first step left out); a calibration
   without it (recorded before it was measured) leaves it out, and ``copy_wait_us`` then holds it as before;
+- ``prefetch_latency_us``: the ``hits`` pattern's host clock from each layer's routing read-back to the start
+  of its prefetch decision (``decide_us``, median over layers, the first step recorded left out): the launches of the
+  layer's experts and of the next layer's attention, which the engine does before it decides; a calibration
+  without it leaves it out (0: a prefetch decided at the host's decision time, as before);
 - ``copy_wait_us``: the ``misses`` pattern (every expert copied on demand): each step's wall time minus the
   simulator's prediction of that same pattern with everything above (``miss_latency_us`` included) and no
   wait, per layer (every layer of that pattern waits on its last copy exactly once);
@@ -75,6 +79,13 @@ def measured_entry(calibration: dict, profile_so_far: HardwareProfile | None = N
         latency = float(np.median(issue_us[skip:] if len(issue_us) > skip else issue_us))
         notes["miss_latency_us_raw"] = latency
         entry["miss_latency_us"] = round(max(0.0, latency), 2)
+    decide = calibration["patterns"].get("hits", {}).get("decide_us")
+    if decide:
+        decide_us = np.asarray(decide, dtype=np.float64)
+        skip = SKIP_STEPS * shape.num_layers        # every layer of the hits pattern hits after its first step
+        latency = float(np.median(decide_us[skip:] if len(decide_us) > skip else decide_us))
+        notes["prefetch_latency_us_raw"] = latency
+        entry["prefetch_latency_us"] = round(max(0.0, latency), 2)
     decisions = calibration.get("decisions", {})
     base = decisions.get("lru")
     if base is not None:
