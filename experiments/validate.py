@@ -47,7 +47,7 @@ from traces.io import atomic_write
 from validation import report
 from validation.engine_side import SliceInputs, SliceMeasurement, engine_key, measure_copy_table, replay_inputs
 from validation.profile_fit import fit_profile
-from validation.scenario import Scenario, ScenarioError, load_scenario
+from validation.scenario import SCENARIOS_DIR, Scenario, ScenarioError, load_scenario
 from validation.sim_side import fallback_note, predict
 from validation.store import Store
 
@@ -55,7 +55,8 @@ from validation.store import Store
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", help="a scenario file or a name in experiments/configs "
-                                      "(default: validate-h200 on a GPU, validate-smoke on a CPU)")
+                                      "(default: the one OUT's results were measured under, else validate-h200 "
+                                      "on a GPU, validate-smoke on a CPU)")
     p.add_argument("--slices", help="comma-separated slice names to run now (default: all)")
     p.add_argument("--out", type=Path, default=Path("runs/validate"),
                    help="where every result goes, and where a later call resumes from (default: runs/validate)")
@@ -243,10 +244,39 @@ def _interrupted(signum, frame):
     raise KeyboardInterrupt
 
 
+SCENARIO_FILE = "scenario.txt"      # in OUT: the scenario its results were measured under
+
+
+def stored_scenario(out: Path) -> str | None:
+    """The scenario ``out``'s results belong to: the one its measuring call recorded (``SCENARIO_FILE``), else,
+    for a store from before that record, the single scenario in experiments/configs whose slices include every
+    slice ``out`` holds results of; None for an empty or new folder, or when no single scenario fits."""
+    recorded = out / SCENARIO_FILE
+    if recorded.is_file():
+        return recorded.read_text().strip() or None
+    held = {p.name for p in (out / "engine").glob("*") if p.is_dir()}
+    held |= {p.stem for p in (out / "calibration").glob("*.json") if p.stem != "copies"}
+    if not held:
+        return None
+    fits = []
+    for path in sorted(SCENARIOS_DIR.glob("validate-*.yaml")):
+        try:
+            if held <= {sl.name for sl in load_scenario(path).slices}:
+                fits.append(path.stem)
+        except ScenarioError:
+            continue
+    return fits[0] if len(fits) == 1 else None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    name = args.scenario or ("validate-h200" if torch.cuda.is_available() else "validate-smoke")
+    name = args.scenario
+    if name is None and args.out.is_dir():
+        name = stored_scenario(args.out)
+        if name is not None:
+            print(f"validate: {args.out} holds results of scenario {name} (no --scenario given)", flush=True)
+    name = name or ("validate-h200" if torch.cuda.is_available() else "validate-smoke")
     if args.out.exists() and not args.out.is_dir():
         print(f"error: --out {args.out} is a file; give a folder (new, or one a previous call wrote)", file=sys.stderr)
         return 2
@@ -281,6 +311,9 @@ def _main(args, name: str, started: float) -> int:
     print(f"validate: scenario {scenario.path} ({', '.join(s.name for s in slices)}) -> {args.out}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.predict_only:
+        path = Path(scenario.path).resolve()       # a name where it is one of ours, else the file's absolute path
+        recorded = path.stem if path.parent == SCENARIOS_DIR.resolve() else str(path)
+        atomic_write(args.out / SCENARIO_FILE, lambda f: f.write(f"{recorded}\n"))
         measure(scenario, slices, store, args, started)
     try:        # the report covers every slice OUT holds results of, whichever were measured now
         compare(scenario, scenario.slices, store, args.profile)

@@ -89,6 +89,27 @@ def test_predict_only_needs_no_engine(smoke, tmp_path):
         pd.read_csv(smoke / "validation.csv")["predicted"].tolist()
 
 
+def test_a_stored_folder_names_its_scenario(smoke, tmp_path, capsys):
+    """``--predict-only`` and ``--timelines`` without ``--scenario`` take the one the folder was measured under
+    (recorded by the measuring call; inferred from the slices it holds for a folder from before the record), not
+    the machine's default."""
+    from experiments.validate import SCENARIO_FILE, stored_scenario
+    assert (smoke / SCENARIO_FILE).read_text().strip() == "validate-smoke"
+    out = tmp_path / "stored"
+    shutil.copytree(smoke, out)
+    (out / SCENARIO_FILE).write_text(str(SMOKE) + "\n")
+    assert stored_scenario(out) == str(SMOKE)
+    (out / SCENARIO_FILE).unlink()
+    assert stored_scenario(out) == "validate-smoke"          # only the smoke scenario has tiny-replay, tiny-live
+    assert stored_scenario(tmp_path / "empty") is None
+    assert main(["--out", str(out), "--predict-only"]) == 0
+    assert "holds results of scenario validate-smoke" in capsys.readouterr().out
+    assert pd.read_csv(out / "validation.csv")["predicted"].tolist() == \
+        pd.read_csv(smoke / "validation.csv")["predicted"].tolist()
+    h200 = ROOT / "experiments" / "results" / "h200" / "validation"
+    assert stored_scenario(h200) == "validate-h200"           # the committed bundle predates the record
+
+
 @pytest.mark.parametrize("change, words", [
     ({"colour": 1}, "unknown key"),
     ({"slices": {"a": {"mode": "replay", "trace": "nope.npz", "policies": ["lru"], "cache_slots": [2]}}}, "does not exist"),
