@@ -3,6 +3,10 @@
     python -m experiments.bench_sim                 # the default trace, a few policies and sizes
     python -m experiments.bench_sim --profile lru:4  # and where the time goes, for one of them
 
+``--profile`` runs one reference case under cProfile: its top functions, then its time and calls per
+layer-step by the file that holds the code, per package (the clocks in ``sim/``, the shared core in
+``offload/``, the policies; the rest as one line: numpy, the standard library, builtins).
+
 Each case runs on the reference (``sim.simulator.simulate(path="reference")``: the window clock for
 the engine's copy window, the default; SimPy for the ideal link, ``--copies-in-flight null``) and,
 where the policy has a kernel, on the exact fast path (``sim.fast_path``). The fast path's cold start
@@ -36,8 +40,10 @@ from traces import DEFAULT_TRACE, load_trace
 # (policy, slots, prefetch depth) on --trace
 CASES = [("lru", 4, 1), ("lru", 8, 1), ("lru", 16, 1), ("lru", 32, 1), ("lfu", 8, 1), ("fifo", 8, 1), ("static", 8, 1),
          ("belady", 8, 1), ("oracle", 8, 1), ("oracle", 8, 24), ("oracle", 8, 256), ("affinity", 8, 1)]
-PREDICTIVE_TRACE = Path(__file__).resolve().parents[1] / "traces" / "moe-lm-h100.npz"
+_ROOT = Path(__file__).resolve().parents[1]
+PREDICTIVE_TRACE = _ROOT / "traces" / "moe-lm-h100.npz"
 PREDICTIVE_CASES = [("lookahead", 2, 2)]
+_OUTSIDE = "other: numpy, stdlib, builtins"   # code outside the repository, in time_by_file
 _MIN_TIMED_S = 0.5    # a short trace's case is run this long per repeat (back to back) so timing is meaningful
 
 
@@ -97,8 +103,10 @@ def main(argv: list[str] | None = None) -> None:
                  path="reference")
         profiler.disable()
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
+        stats = pstats.Stats(profiler, stream=out)
+        stats.sort_stats("tottime").print_stats(15)
         print(out.getvalue())
+        print(time_by_file(stats, steps))
 
 
 class _Timed:
@@ -152,6 +160,37 @@ def _reference_line(policy: str, slots: int, depth: int, ref: _Timed, steps: int
     spread = f"{steps / max(ref.wall_s):,.0f}-{steps / min(ref.wall_s):,.0f}"
     return (f"{policy:>10} {slots:>5} {depth:>5} {m['hit_rate']:8.3f} {m['copies'] / steps:11.2f} {wall:7.2f} "
             f"{steps / wall:14,.0f} {spread:>19} {steps / statistics.median(ref.cpu_s):10,.0f}  reference")
+
+
+def time_by_file(stats: pstats.Stats, steps: int) -> str:
+    """A profile's own time (tottime) and calls per layer-step, summed by the file of this repository that
+    holds the code (``sim/simulator.py``, ``offload/controller.py``, ...), with a subtotal per package; code
+    outside the repository (numpy, the standard library, builtins) as one line. cProfile adds a cost to
+    every call, so call-heavy code weighs more here than in an unprofiled run."""
+    seconds: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for (filename, _, _), (_, ncalls, tottime, _, _) in stats.stats.items():
+        path = Path(filename).resolve() if filename.endswith(".py") else None
+        name = (path.relative_to(_ROOT).as_posix() if path is not None and path.is_relative_to(_ROOT)
+                else _OUTSIDE)
+        seconds[name] = seconds.get(name, 0.0) + tottime
+        calls[name] = calls.get(name, 0) + ncalls
+    total = sum(seconds.values()) or 1.0
+
+    def line(name: str, s: float, n: int, indent: str = "") -> str:
+        return f"{indent + name:<44} {100 * s / total:5.1f}% {s:8.2f} {n / steps:10.1f}"
+
+    by_package: dict[str, list[str]] = {}        # files, most time first
+    for name in sorted(seconds, key=seconds.get, reverse=True):
+        if name != _OUTSIDE and seconds[name] >= 0.001 * total:
+            by_package.setdefault(name.split("/")[0], []).append(name)
+    lines = [f"{f'time by file, profiled ({steps} layer-steps)':<44} {'share':>6} {'seconds':>8} {'calls/step':>10}"]
+    for package, files in sorted(by_package.items(), key=lambda item: -sum(seconds[f] for f in item[1])):
+        lines.append(line(package + "/", sum(seconds[f] for f in files), sum(calls[f] for f in files)))
+        lines += [line(f, seconds[f], calls[f], "  ") for f in files]
+    if _OUTSIDE in seconds:
+        lines.append(line(_OUTSIDE, seconds[_OUTSIDE], calls[_OUTSIDE]))
+    return "\n".join(lines)
 
 
 def _seconds(fn, *args) -> float:
