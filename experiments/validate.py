@@ -45,7 +45,8 @@ from real.profile_hw import profile_name
 from traces import load_trace, save_trace
 from traces.io import atomic_write
 from validation import report
-from validation.engine_side import SliceInputs, SliceMeasurement, engine_key, measure_copy_table, replay_inputs
+from validation.engine_side import (OtherMachineError, SliceInputs, SliceMeasurement, check_same_machine, engine_key,
+                                    measure_copy_table, replay_inputs)
 from validation.profile_fit import fit_profile
 from validation.scenario import SCENARIOS_DIR, Scenario, ScenarioError, load_scenario
 from validation.sim_side import fallback_note, predict
@@ -110,7 +111,8 @@ def calibrated_profile(store: Store, scenario: Scenario, device_name: str, write
     copies = store.read(folder / "copies.json")
     calibrations = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.name != "copies.json"]
     if copies is None or not calibrations:
-        raise SystemExit(f"error: {folder} holds no calibration yet: run without --predict-only on the machine to model")
+        raise SystemExit(f"error: {folder} holds no calibration yet: measure first (python -m experiments.validate "
+                         f"--out {store.out}, without --predict-only or --timelines, on the machine to model)")
     name = profile_name(device_name) if device_name != "cpu" else "cpu-measured"
     data, notes = fit_profile(load_hardware(scenario.hardware), name, device_name, copies, calibrations)
     existing = store.out / f"{name}.yaml"
@@ -232,6 +234,9 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
                            "runs": m["runs"], "median_tokens_per_s": m["tokens_per_s"], "spread_pct": m["floor"],
                            "run_causes": " ".join(causes), "raw_runs": bool(result["runs"])})
     atomic_write(out / "noise_floor.csv", lambda f: pd.DataFrame(floor_rows).to_csv(f, index=False))
+    if profile_path is None and device == "cpu":
+        notes.append("measured on a CPU, the smoke path: there the engine copies synchronously, which the simulator "
+                     "does not model; these errors check that the path runs and say nothing of the simulator's accuracy")
     text = report.summary(table, notes)
     atomic_write(out / "summary.txt", lambda f: f.write(text))
     if not table.empty:
@@ -247,6 +252,12 @@ def _interrupted(signum, frame):
 SCENARIO_FILE = "scenario.txt"      # in OUT: the scenario its results were measured under
 
 
+def held_slices(out: Path) -> set[str]:
+    """The slices ``out`` holds engine results or a calibration of."""
+    held = {p.name for p in (out / "engine").glob("*") if p.is_dir()}
+    return held | {p.stem for p in (out / "calibration").glob("*.json") if p.stem != "copies"}
+
+
 def stored_scenario(out: Path) -> str | None:
     """The scenario ``out``'s results belong to: the one its measuring call recorded (``SCENARIO_FILE``), else,
     for a store from before that record, the single scenario in experiments/configs whose slices include every
@@ -254,8 +265,7 @@ def stored_scenario(out: Path) -> str | None:
     recorded = out / SCENARIO_FILE
     if recorded.is_file():
         return recorded.read_text().strip() or None
-    held = {p.name for p in (out / "engine").glob("*") if p.is_dir()}
-    held |= {p.stem for p in (out / "calibration").glob("*.json") if p.stem != "copies"}
+    held = held_slices(out)
     if not held:
         return None
     fits = []
@@ -301,6 +311,12 @@ def _main(args, name: str, started: float) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     store = Store(args.out)
+    held = held_slices(args.out)
+    if held and not held & {sl.name for sl in scenario.slices}:
+        # a report of this scenario would find nothing of it here, and overwrite the folder's own report
+        print(f"error: {args.out} holds results of slices {sorted(held)}, none of them in scenario {scenario.path}; "
+              f"pass the scenario they were measured under (--scenario), or a new --out", file=sys.stderr)
+        return 2
     if args.timelines:
         try:
             chosen = scenario.select(args.timelines.split(","))
@@ -311,6 +327,11 @@ def _main(args, name: str, started: float) -> int:
     print(f"validate: scenario {scenario.path} ({', '.join(s.name for s in slices)}) -> {args.out}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.predict_only:
+        try:
+            check_same_machine(store)
+        except OtherMachineError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         path = Path(scenario.path).resolve()       # a name where it is one of ours, else the file's absolute path
         recorded = path.stem if path.parent == SCENARIOS_DIR.resolve() else str(path)
         atomic_write(args.out / SCENARIO_FILE, lambda f: f.write(f"{recorded}\n"))

@@ -110,6 +110,26 @@ def test_a_stored_folder_names_its_scenario(smoke, tmp_path, capsys):
     assert stored_scenario(h200) == "validate-h200"           # the committed bundle predates the record
 
 
+def test_a_folder_of_another_machine_or_scenario_is_refused_untouched(smoke, tmp_path, capsys):
+    """Measuring into a folder another kind of device measured, or reporting it under a scenario none of whose
+    slices it holds, stops with one error naming the fix, before anything in it changes."""
+    import json as json_
+    out = tmp_path / "other"
+    shutil.copytree(smoke, out)
+    copies = out / "calibration" / "copies.json"
+    data = json_.loads(copies.read_text())
+    data["device"] = "NVIDIA H200"
+    copies.write_text(json_.dumps(data))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["--scenario", str(SMOKE), "--out", str(out), "--slices", "tiny-replay"]) == 2
+    assert "made on 'NVIDIA H200'" in capsys.readouterr().err
+    h200 = ROOT / "experiments" / "configs" / "validate-h200.yaml"
+    assert main(["--scenario", str(h200), "--out", str(out), "--predict-only"]) == 2
+    assert "none of them in scenario" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert "smoke path" in (smoke / "summary.txt").read_text()     # a CPU's errors are flagged as meaningless
+
+
 @pytest.mark.parametrize("change, words", [
     ({"colour": 1}, "unknown key"),
     ({"slices": {"a": {"mode": "replay", "trace": "nope.npz", "policies": ["lru"], "cache_slots": [2]}}}, "does not exist"),

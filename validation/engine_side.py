@@ -222,11 +222,32 @@ class SliceMeasurement:
         return report
 
 
+class OtherMachineError(ValueError):
+    """OUT holds measurements of another kind of device than this machine's."""
+
+
+def check_same_machine(store: Store, device: torch.device | None = None) -> None:
+    """Refuse to measure into a folder whose copy table (every calibration and run beside it) comes from another
+    device: its results would mix two machines' numbers and the report would compare them without a word.
+    Instances of one GPU model share a name, so a resumed grid continues on any of them. Raises
+    OtherMachineError naming both devices and the fix."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    found = store.read(store.out / "calibration" / "copies.json")
+    here = _device_name(device)
+    if found is not None and found.get("device") != here:
+        raise OtherMachineError(f"{store.out} holds measurements made on {found.get('device')!r} (calibration/copies.json), "
+                                f"this machine is {here!r}: measure into a new --out, or re-predict what is stored "
+                                f"with --predict-only")
+
+
 def measure_copy_table(store: Store, device: torch.device) -> dict:
-    """The link's copy table (``validation.profile_fit.copy_table``), measured once per OUT and stored."""
+    """The link's copy table (``validation.profile_fit.copy_table``), measured once per OUT and stored (a folder
+    of another device's is refused: ``check_same_machine``)."""
+    check_same_machine(store, device)
     path = store.out / "calibration" / "copies.json"
     found = store.read(path)
-    if found is None or found.get("device") != _device_name(device):
+    if found is None:
         found = copy_table(device)
         store.write(path, found)
     return found
