@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from experiments.config import FIELD_TYPES, POLICY_PARAM_PREFIX, ConfigError, SweepSpec, check_key, coerce
+from traces.yaml_unique import safe_load_unique
 
 _RANGE_DOTS = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
 _RANGE_CALL = re.compile(r"^\s*range\((.*)\)\s*$")
@@ -103,7 +104,7 @@ def load_scenario(path: str | Path) -> dict[str, list[Any]]:
     if not path.is_file():
         raise ConfigError(f"{path}: scenario file not found; check the --config path")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_unique(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if data is None or data == {}:

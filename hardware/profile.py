@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
+from traces.yaml_unique import safe_load_unique
+
 if TYPE_CHECKING:
     from traces.model_shape import ModelShape
 
@@ -437,7 +439,7 @@ def load_hardware(name_or_path: str | Path) -> HardwareProfile:
             raise HardwareProfileError(f"unknown hardware profile {text!r}; available: {available_hardware()}")
         raise HardwareProfileError(f"hardware profile file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_unique(path.read_text())
     except yaml.YAMLError as e:
         raise HardwareProfileError(f"{path}: not valid YAML: {e}") from e
     profile = hardware_from_dict(data, origin=str(path))

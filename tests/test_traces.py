@@ -482,6 +482,18 @@ def test_importer_without_its_source_names_the_file_and_src(tmp_path, capsys):
     assert not (tmp_path / "x.npz").exists()
 
 
+@pytest.mark.parametrize("sample", [["--sample-tokens", "6000"], []])
+def test_importer_with_a_truncated_source_names_the_file_and_the_fix(tmp_path, capsys, sample):
+    src = tmp_path / "gpt-oss-20b-dev.npz"
+    np.savez(src, gen_start=np.arange(4, dtype=np.int64), experts=np.zeros((8, 24, 4), np.uint8))
+    src.write_bytes(src.read_bytes()[:200])          # an interrupted copy
+    with pytest.raises(SystemExit) as exit_:
+        import_main(["--src", str(src), *sample, "--out", str(tmp_path / "x.npz")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and str(src) in err and "--src" in err and "Traceback" not in err
+    assert not (tmp_path / "x.npz").exists()
+
+
 def test_committed_sample_matches_the_measured_routing_facts():
     trace = load_trace(DEFAULT_TRACE)
     assert DEFAULT_TRACE.stat().st_size < 3_000_000

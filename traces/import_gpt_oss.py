@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             with np.load(args.src, allow_pickle=False) as npz:
                 generations = evenly_spaced_generations(npz["gen_start"], args.sample_tokens)
-        except (OSError, ValueError, KeyError) as e:
-            parser.error(f"{args.src}: cannot read gen_start from the source npz ({e}): check --src")
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+            parser.error(f"{args.src}: cannot read gen_start from the source npz ({type(e).__name__}: {e}): the file "
+                         f"is not the whole gpt-oss-20b-dev.npz (truncated or another file?): copy it again, check --src")
     elif args.generations != "all":
         try:
             generations = np.array([int(g) for g in args.generations.split(",")], dtype=np.int64)
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
         trace = import_gpt_oss(args.src, generations, with_text=not args.no_text)
     except ValueError as e:         # names the file and the fix
         parser.error(" ".join(str(e).split()))
+    except (OSError, KeyError, zipfile.BadZipFile, EOFError) as e:     # a damaged archive, found while reading it
+        parser.error(f"{args.src}: cannot read the source npz ({type(e).__name__}: {e}): the file is damaged or "
+                     f"truncated: copy gpt-oss-20b-dev.npz again, check --src")
     save_trace(trace, args.out)
     print(f"wrote {args.out}: {trace.num_tokens} tokens, {trace.num_requests} requests, "
           f"datasets {sorted(set(trace.meta.extra['datasets']))}, {args.out.stat().st_size / 1e6:.2f} MB")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from traces.yaml_unique import safe_load_unique
+
 SHAPES_DIR = Path(__file__).resolve().parent / "shapes"
 
 # Bits per weight as stored. The 4/3/2-bit formats carry one fp16 scale (or scale + zero point)
@@ -142,7 +144,7 @@ def load_shape(name_or_path: str) -> ModelShape:
         raise ValueError(f"{path}: model shape file not found: check the path")
     try:
         with open(path) as f:
-            d = yaml.safe_load(f)
+            d = safe_load_unique(f)
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     except (OSError, UnicodeDecodeError) as e:

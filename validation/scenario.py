@@ -38,6 +38,7 @@ from offload.session import RunSettings, SettingsError
 from policies.registry import PolicyLoadError, resolve_policy
 from traces import ModelShape, load_shape
 from traces.model_shape import PRECISION_BITS
+from traces.yaml_unique import safe_load_unique
 
 MODES = ("replay", "live")
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +145,7 @@ def load_scenario(path: str | Path) -> Scenario:
     if not p.is_file():
         raise ScenarioError(f"scenario {path}: no such file (see experiments/configs/validate-*.yaml)")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = safe_load_unique(p.read_text())
     except yaml.YAMLError as e:
         raise ScenarioError(f"{p}: not valid YAML: {e}") from e
     return scenario_from_dict(data, str(p))
