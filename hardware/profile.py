@@ -378,7 +378,13 @@ class HardwareProfile:
         if "pcie_GBps" in overrides:
             copy = ConstantCopyCost(copy_latency_us=latency_us, pcie_GBps=overrides["pcie_GBps"])
         elif "copy_latency_us" in overrides:
-            copy = replace(copy, copy_latency_us=latency_us)
+            try:
+                copy = replace(copy, copy_latency_us=latency_us)
+            except ValueError as e:
+                raise ValueError(f"hardware {self.name}: copy_latency_us={latency_us} does not fit its measured copy "
+                                 f"table ({e}); on a measured table the latency only sets copies below the table's "
+                                 f"smallest size, whose times already hold the link's latency: to model a link with "
+                                 f"another latency, give pcie_GBps too (a constant link)") from None
         changed = ", ".join(f"{k}={overrides[k]}" for k in _OVERRIDABLE if k in overrides)
         return replace(
             self,
