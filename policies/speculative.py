@@ -28,6 +28,7 @@ import numpy as np
 
 from offload.policy import LayerAccess, PolicyContext, PrefetchRequest
 from offload.cache import CacheView
+from offload.predictors import TrackPredictor
 from policies.lru import LRU
 
 # PrefetchRequest(key, step) without the Python frame of a named tuple's __new__ (a request is built for
@@ -44,6 +45,7 @@ class SpeculativePrefetch(LRU):
     protect: ClassVar[bool] = True            # keep predicted-soon experts from eviction
     limit_depth: ClassVar[bool] = True        # request no more than the link can deliver in time
     parameters = {"min_score": "fetch every predicted expert scoring at least this, instead of the top-k"}
+    _BLOCK = 16     # tokens whose top-k are sorted at once from a recorded track (as affinity's blocks)
 
     def __init__(self, ctx: PolicyContext):
         super().__init__(ctx)
@@ -61,6 +63,13 @@ class SpeculativePrefetch(LRU):
         self._step = -1                         # the step being routed now
         self.latest_scores: tuple[int, np.ndarray] | None = None   # (step, [D, E]) of the latest prediction
         self._L, self._E = ctx.num_layers, ctx.num_experts
+        # Replaying a recorded track (the simulator), every decision's scores are known in advance: the top-k
+        # of a block of tokens come from one sort ([tokens, layers, depth, E]; slice by slice the same order
+        # as ``_chosen``'s), instead of a sort per decision. A live predictor and min_score decide one by one.
+        self._track = (self.predictor.track if isinstance(self.predictor, TrackPredictor) and self.min_score is None
+                       else None)
+        self._first = self._stop = 0
+        self._block: list[list[list[list[int]]]] = []    # [token - _first][layer][distance - 1] -> the top-k
 
     @staticmethod
     def copy_budget(ctx: PolicyContext, depth: int) -> list[int] | None:
@@ -77,6 +86,14 @@ class SpeculativePrefetch(LRU):
             return order[:, : self.ctx.top_k].tolist()
         return [o[r[o] >= self.min_score].tolist() for o, r in zip(order, rows)]
 
+    def _chosen_replayed(self, token: int, layer: int, depth: int) -> list[list[int]]:
+        """``_chosen`` of the track's rows for ``layer``'s next ``depth`` layers, from the block of ``token``."""
+        if not self._first <= token < self._stop:
+            self._first, self._stop = token, min(token + self._BLOCK, len(self._track))
+            rows = self._track[self._first:self._stop, :, :self.depth]
+            self._block = np.argsort(-rows, axis=-1, kind="stable")[..., : self.ctx.top_k].tolist()
+        return self._block[token - self._first][layer][:depth]
+
     def prefetch(self, access: LayerAccess) -> list[PrefetchRequest]:
         L, E = self._L, self._E
         rows = self.predictor.scores(access)
@@ -85,7 +102,12 @@ class SpeculativePrefetch(LRU):
         predicted: dict[int, int] = {}
         requests: list[PrefetchRequest] = []
         depth = min(self.depth, L - 1 - access.layer)
-        chosen = self._chosen(rows[:depth]) if depth > 0 else []
+        if depth <= 0:
+            chosen = []
+        elif self._track is not None:
+            chosen = self._chosen_replayed(access.token, access.layer, depth)
+        else:
+            chosen = self._chosen(rows[:depth])
         for d in range(1, depth + 1):
             need = access.step + d
             base = (access.layer + d) * E
