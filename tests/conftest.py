@@ -71,3 +71,31 @@ def calibration_timed_by_the_simulator(host_costs: dict, misses_extra=None, deci
         calibration["decisions"] = decisions
     fitted, notes = fit_profile(base, "fitted", "test", copies, [calibration])
     return fitted["measured_compute"][shape.name]["bf16"], notes[shape.name], fitted
+
+
+def lru_engine_counting_copies(device: str):
+    """A tiny random-weight model on ``device`` (bf16 on CUDA, fp32 on the CPU) and an LRU engine at 3 slots that
+    has generated two short requests, counting per layer turn whether the layer had a copy to wait for. Returns
+    (model, shape, engine, [had a copy, per layer turn in order])."""
+    import torch
+
+    from offload.session import RunSettings
+    from policies.lru import LRU
+    from real.engine import OffloadEngine
+    from real.shape_model import random_model
+    from traces import ModelShape
+    shape = ModelShape("tiny-moe", num_layers=3, num_experts=6, top_k=2, hidden_size=32, expert_intermediate_size=64,
+                       num_attention_heads=4, num_kv_heads=2, head_dim=8, vocab_size=64)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = random_model(shape, device, dtype, seed=1, max_len=64)
+    engine = OffloadEngine(model, shape, LRU, RunSettings(cache_slots=3))
+    layers_with_a_copy = []
+    begin = engine.ctrl.begin_layer
+
+    def counting(*args):
+        needs = begin(*args)
+        layers_with_a_copy.append(any(job is not None for _, job in needs))
+        return needs
+    engine.ctrl.begin_layer = counting
+    engine.generate([[1, 2, 3], [7, 8]], 8)
+    return model, shape, engine, layers_with_a_copy

@@ -6,9 +6,14 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import calibration_timed_by_the_simulator
+from conftest import calibration_timed_by_the_simulator, lru_engine_counting_copies
 
-from hardware.profile import MeasuredCompute, hardware_from_dict, hardware_to_dict, load_hardware
+from hardware.profile import (
+    MeasuredCompute,
+    hardware_from_dict,
+    hardware_to_dict,
+    load_hardware,
+)
 from offload.session import RunSettings
 from policies.lru import LRU
 from policies.registry import resolve_policy
@@ -108,19 +113,21 @@ def test_a_late_prefetch_promoted_to_demand_waits_miss_latency_too():
     assert tight_seen and promoted_seen
 
 
-def test_the_profile_keeps_its_layout_without_miss_latency():
+@pytest.mark.parametrize("field, bad", [("miss_latency_us", -1.0), ("prefetch_latency_us", float("nan"))])
+def test_the_profile_keeps_its_layout_without_the_host_latencies(field, bad):
+    """``miss_latency_us`` and ``prefetch_latency_us`` (tests/test_prefetch_latency.py) are written only when
+    measured, read back as given, and checked."""
     profile = load_hardware("h100-pcie5-measured")
     data = hardware_to_dict(profile)
-    assert all("miss_latency_us" not in e for by_p in data["measured_compute"].values() for e in by_p.values())
+    assert all(field not in e for by_p in data["measured_compute"].values() for e in by_p.values())
     model, precision = "moe-lm", "bf16"
-    data["measured_compute"][model][precision]["miss_latency_us"] = 61.25
+    data["measured_compute"][model][precision][field] = 61.25
     again = hardware_from_dict(data, "with-latency")
-    assert hardware_to_dict(again)["measured_compute"][model][precision]["miss_latency_us"] == 61.25
-    entry = dict(again.measured_compute)[model]
-    assert entry.miss_latency_us == 61.25
-    data["measured_compute"][model][precision]["miss_latency_us"] = -1.0
-    with pytest.raises(ValueError, match="miss_latency_us"):
-        hardware_from_dict(data, "negative")
+    assert hardware_to_dict(again)["measured_compute"][model][precision][field] == 61.25
+    assert getattr(dict(again.measured_compute)[model], field) == 61.25
+    data["measured_compute"][model][precision][field] = bad
+    with pytest.raises(ValueError, match=field):
+        hardware_from_dict(data, "bad")
 
 
 def _calibration_timed_by_the_simulator(miss_latency_us, copy_wait_us, issue_us):
@@ -166,25 +173,8 @@ ENGINE_DEVICES = ["cpu"] + (["cuda"] if __import__("torch").cuda.is_available() 
 def test_the_engine_stamps_one_miss_issue_per_layer_with_a_demand_copy(device):
     """The engine's host clock from the routing read-back to the layer's first demand copy's issue: one value
     per layer that issued a demand copy, none for a layer of hits; the calibration's misses pattern returns it."""
-    import torch
     from real.calibration import run_pattern
-    from real.engine import OffloadEngine
-    from real.shape_model import random_model
-    from traces import ModelShape
-    shape = ModelShape("tiny-moe", num_layers=3, num_experts=6, top_k=2, hidden_size=32, expert_intermediate_size=64,
-                       num_attention_heads=4, num_kv_heads=2, head_dim=8, vocab_size=64)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = random_model(shape, device, dtype, seed=1, max_len=64)
-    engine = OffloadEngine(model, shape, LRU, RunSettings(cache_slots=3))
-    layers_with_a_copy = []
-    begin = engine.ctrl.begin_layer
-
-    def counting(*args):
-        needs = begin(*args)
-        layers_with_a_copy.append(any(job is not None for _, job in needs))
-        return needs
-    engine.ctrl.begin_layer = counting
-    engine.generate([[1, 2, 3], [7, 8]], 8)
+    model, shape, engine, layers_with_a_copy = lru_engine_counting_copies(device)
     assert 0 < len(engine.miss_issue_ns) == sum(layers_with_a_copy) < len(layers_with_a_copy)
     assert all(ns > 0 for ns in engine.miss_issue_ns)
     steps = 5

@@ -7,11 +7,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import calibration_timed_by_the_simulator
+from conftest import calibration_timed_by_the_simulator, lru_engine_counting_copies
 
-from hardware.profile import MeasuredCompute, hardware_from_dict, hardware_to_dict, load_hardware
+from hardware.profile import MeasuredCompute, hardware_from_dict, load_hardware
 from offload.session import RunSettings
-from policies.lru import LRU
 from policies.registry import resolve_policy
 from sim.simulator import simulate
 from traces import synthetic_trace
@@ -89,20 +88,6 @@ def test_the_latency_delays_prefetches_only(window):
     assert sum(slow.token_ns) > sum(fast.token_ns)
 
 
-def test_the_profile_keeps_its_layout_without_prefetch_latency():
-    profile = load_hardware("h100-pcie5-measured")
-    data = hardware_to_dict(profile)
-    assert all("prefetch_latency_us" not in e for by_p in data["measured_compute"].values() for e in by_p.values())
-    model, precision = "moe-lm", "bf16"
-    data["measured_compute"][model][precision]["prefetch_latency_us"] = 48.5
-    again = hardware_from_dict(data, "with-latency")
-    assert hardware_to_dict(again)["measured_compute"][model][precision]["prefetch_latency_us"] == 48.5
-    assert dict(again.measured_compute)[model].prefetch_latency_us == 48.5
-    data["measured_compute"][model][precision]["prefetch_latency_us"] = float("nan")
-    with pytest.raises(ValueError, match="prefetch_latency_us"):
-        hardware_from_dict(data, "not a number")
-
-
 def test_the_fit_takes_the_hits_patterns_decide_median_without_its_first_step():
     def hits_extra(shape):
         first = [500.0] * shape.num_layers                      # a first step's first touches, left out
@@ -124,25 +109,8 @@ ENGINE_DEVICES = ["cpu"] + (["cuda"] if __import__("torch").cuda.is_available() 
 def test_the_engine_stamps_its_decision_on_every_layer_without_a_demand_copy(device):
     """The engine's host clock from the routing read-back to the prefetch decision: one value per layer that
     issued no demand copy, none for a layer that did; the calibration's hits pattern returns it."""
-    import torch
     from real.calibration import run_pattern
-    from real.engine import OffloadEngine
-    from real.shape_model import random_model
-    from traces import ModelShape
-    shape = ModelShape("tiny-moe", num_layers=3, num_experts=6, top_k=2, hidden_size=32, expert_intermediate_size=64,
-                       num_attention_heads=4, num_kv_heads=2, head_dim=8, vocab_size=64)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = random_model(shape, device, dtype, seed=1, max_len=64)
-    engine = OffloadEngine(model, shape, LRU, RunSettings(cache_slots=3))
-    layers_with_a_copy = []
-    begin = engine.ctrl.begin_layer
-
-    def counting(*args):
-        needs = begin(*args)
-        layers_with_a_copy.append(any(job is not None for _, job in needs))
-        return needs
-    engine.ctrl.begin_layer = counting
-    engine.generate([[1, 2, 3], [7, 8]], 8)
+    model, shape, engine, layers_with_a_copy = lru_engine_counting_copies(device)
     assert 0 < len(engine.decide_ns) == layers_with_a_copy.count(False) < len(layers_with_a_copy)
     assert len(engine.decide_ns) + len(engine.miss_issue_ns) == len(layers_with_a_copy)
     assert all(ns > 0 for ns in engine.decide_ns)
