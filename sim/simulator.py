@@ -131,7 +131,7 @@ class _Clock:
         # The host's time from a layer's routing to its prefetch decision's start, on a layer without a miss
         # (``real.engine``: the launches of the layer's experts and of the next layer's attention come first)
         self.prefetch_latency_ns = self.cost.prefetch_latency_ns
-        self._routed_at = 0           # the compute stream's time at the current layer's routing
+        self._routed_at = 0           # the host's time at the current layer's routing read-back (its router and the host done)
         self._decided_at = 0          # when the host takes the current layer's prefetch decision
         self.layer_extra_ns = self.cost.layer_extra_ns(policy_cls)   # the policy's own work before routing
         self.timeline = Timeline() if record else None
@@ -294,7 +294,7 @@ class _LinkClock(_Clock):
         if self.timeline is not None:
             self._mark_layer(token, layer)
         self.pending += self._layer_ns
-        self._routed_at = self.env.now + self.pending
+        self._routed_at = self.now_ns()      # the host reads the routing back once it and the router are done
         self._demand_turn = True
         if self._copy_side_active():           # meet the copy side at the router's time
             yield from self._flush()
@@ -424,7 +424,7 @@ class _WindowClock(_Clock):
         if self.timeline is not None:
             self._mark_layer(token, layer)
         self.pending += self._layer_ns
-        self._routed_at = self.now + self.pending
+        self._routed_at = self.now_ns()      # the host reads the routing back once it and the router are done
         self._demand_turn = True
         if self._in_flight or self._queued:    # meet the copy side at the router's time
             self._flush()
