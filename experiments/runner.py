@@ -17,7 +17,7 @@ from experiments.results import config_hash, row_inputs, trace_sha256
 from offload.cache import ExpertCache
 from offload.policy import PolicyContext, check_params
 from offload.predictors import predictor_for, predictor_name
-from policies.registry import resolve_policy
+from policies.registry import crash_site, resolve_policy
 from hardware.profile import HardwareProfile, load_hardware
 from sim.replay import replay_untimed
 from offload.session import RunSettings, SettingsError
@@ -225,17 +225,14 @@ _TRACKS_FIX = ("use a trace with prediction tracks (e.g. traces/moe-lm-h100.npz:
 
 
 def _check_policies_build(configs: list[RunConfig]) -> None:
-    """Each policy built as its runs will build it, once per (policy, parameters, trace slices, depth):
-    the prediction track it reads must be in the trace, and its constructor must not raise the
-    ValueError by which a policy refuses its inputs (no training slice, a parameter of the wrong type
-    or value); what fails here would fail every run of that configuration at its start. Any other
-    exception is a bug in the policy: its runs report it with the file, line and traceback."""
+    """Each policy built as its runs will build it, once per distinct context (policy, parameters, trace
+    slices, depth, slots, mode, the hardware's estimates): the prediction track it reads must be in the
+    trace, and its constructor must not raise. Whatever it raises (a ValueError by which it refuses its
+    inputs: no training slice, a parameter of the wrong type or value; any other exception, SystemExit
+    included) would fail every run of that configuration at its start: it is one ConfigError here, naming
+    the file and line in the policy's code."""
     seen = set()
     for cfg in configs:
-        key = (cfg.policy, cfg.policy_params, *_slice_key(cfg), cfg.prefetch_depth)
-        if key in seen:
-            continue
-        seen.add(key)
         policy_cls = resolve_policy(cfg.policy)
         params = dict(cfg.policy_params)
         label = policy_label(cfg.policy, cfg.policy_params)
@@ -245,17 +242,28 @@ def _check_policies_build(configs: list[RunConfig]) -> None:
             have = ", ".join(sorted(run.predictions)) or "none"
             raise ConfigError(f"policy={label} reads the prediction track {track!r}, which {cfg.trace} does not "
                               f"hold (it has: {have}); {_TRACKS_FIX}")
+        copy_ns, layer_ns = hardware_for(cfg).prefetch_estimates(run.model, cfg.precision)
+        mode = _settings(cfg).cache_mode
+        key = (cfg.policy, cfg.policy_params, *_slice_key(cfg), cfg.prefetch_depth, cfg.cache_slots, mode,
+               copy_ns, layer_ns)
+        if key in seen:
+            continue
+        seen.add(key)
+        slice_note = f" (train_fraction={cfg.train_fraction})" if train is None else ""
         try:
             predictor = predictor_for(policy_cls, params, cfg.prefetch_depth, trace=run)
-            copy_ns, layer_ns = hardware_for(cfg).prefetch_estimates(run.model, cfg.precision)
-            policy_cls(PolicyContext(run.model, cfg.cache_slots, _settings(cfg).cache_mode, cfg.prefetch_depth,
-                                     run, train, params, predictor=predictor, expert_copy_ns=copy_ns,
-                                     layer_compute_ns=layer_ns))
         except ValueError as err:
-            slice_note = f" (train_fraction={cfg.train_fraction})" if train is None else ""
             raise ConfigError(f"policy={label}{slice_note}: {err}") from None
-        except Exception:  # noqa: BLE001  (a bug in the policy, not its input: each run reports it with its traceback)
-            pass
+        try:
+            policy_cls(PolicyContext(run.model, cfg.cache_slots, mode, cfg.prefetch_depth, run, train, params,
+                                     predictor=predictor, expert_copy_ns=copy_ns, layer_compute_ns=layer_ns))
+        except (Exception, SystemExit) as err:  # noqa: BLE001  (whatever the constructor raises fails every run)
+            site = crash_site(policy_cls, err)
+            if isinstance(err, ValueError):     # the policy refuses its inputs, in its own words with the fix
+                raise ConfigError(f"policy={label}{slice_note}: {' '.join(str(err).split())} (at {site})") from None
+            raise ConfigError(f"policy={label}{slice_note} cache_slots={cfg.cache_slots}: building the policy raised "
+                              f"{type(err).__name__}: {' '.join(str(err).split())} at {site}; fix its __init__"
+                              ) from None
 
 
 def _check_numbers(cfg: RunConfig) -> None:

@@ -14,7 +14,8 @@ The default OUT is ``runs/sweep-<hash of the spec>/``. A row is keyed by its con
 every input it depends on (trace, hardware profile, policy source, the simulator's code): a row
 computed from other inputs is recomputed, and the sweep says how many and why.
 
-Bad input exits with code 2 and one line on stderr. A configuration that fails at run time is
+Bad input (an ``--out`` that is a file included, and whatever a policy's constructor raises) exits with
+code 2 and one line on stderr. A configuration that fails at run time (SystemExit from a policy too) is
 reported by name with the file and line where it raised, its traceback is kept in
 ``OUT/errors/``, the others are still written, and the exit code is 1. SIGINT
 (Ctrl-C) or SIGTERM stops the workers at once, keeps every finished row, says how to resume, and
@@ -169,7 +170,8 @@ def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> tuple[str | None,
     start = time.perf_counter()
     try:
         row, perf = run_config(cfg)
-    except Exception as err:  # noqa: BLE001  (reported by name; the other configs go on)
+    except (Exception, SystemExit) as err:  # noqa: BLE001  (reported by name; the other configs go on)
+        # A SystemExit can come only from the policy's code (a worker ends by os._exit): a failure like any other.
         # A value the controller refused left the policy by returning: the hook's site names the user's code.
         site = failure_site(resolve_policy(cfg.policy), err)
         what = f"{type(err).__name__}: {' '.join(str(err).split())}"
@@ -392,6 +394,15 @@ def _plan(args) -> tuple[SweepSpec, list[RunConfig], list[dict[str, str]], list[
     return spec, grid, inputs, [config_hash(cfg, i) for cfg, i in zip(grid, inputs)]
 
 
+def _file_in_the_way(out: Path) -> Path | None:
+    """``out`` or the first of its parents that exists, when that is not a folder (the results could not
+    be written there, which would be found only after every configuration ran)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = _parser().parse_intermixed_args(argv)
@@ -410,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 128 + stop.signum
         out = args.out if args.out is not None else Path("runs") / f"sweep-{spec.short_hash()}"
+        if (blocking := _file_in_the_way(out)) is not None:
+            print(f"error: --out {out}: {blocking} is a file, not a folder; give a folder (a new one is "
+                  f"created), or move the file away", file=sys.stderr)
+            return 2
         store = ResultStore(out)
         try:
             return _sweep(args, spec, grid, inputs, hashes, store)

@@ -1,18 +1,24 @@
 """Policy registry: one policy = one file + one line in ``BUILTIN``.
 
 The sweep, the simulator and the engine look policies up here. A user's own policy needs no edit
-of the package: ``my_policy.py:MyPolicy`` (a file path) or ``my_package.module:MyPolicy``.
+of the package: ``my_policy.py:MyPolicy`` (a file path) or ``my_package.module:MyPolicy``. A policy
+file imports modules beside it as a script does: its folder is first on ``sys.path`` while it loads.
 """
 from __future__ import annotations
 
+import ast
+import contextlib
 import hashlib
 import importlib
 import importlib.util
+import site
 import sys
+import sysconfig
 import traceback
 from pathlib import Path
 
 from offload.policy import Policy
+from traces.digest import bytes_sha256
 
 BUILTIN: dict[str, str] = {
     "lru": "policies.lru:LRU",
@@ -65,23 +71,51 @@ def _load_site(err: BaseException, source: Path | None) -> str:
     return f"{frame.filename}:{frame.lineno}" if frame is not None else "?"
 
 
+@contextlib.contextmanager
+def _beside(path: Path):
+    """The policy file's folder first on ``sys.path`` while the block runs, as Python puts a script's:
+    the file imports the modules beside it without PYTHONPATH."""
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
+
+
 def _load_file(path: Path):
     if not path.is_file():
         raise PolicyLoadError(f"policy file {path} does not exist; give an existing .py file as FILE.py:Class")
-    # Keyed by path and content: an edited file is loaded anew, even in a long-lived process.
+    # Keyed by path and content: an edited file is loaded anew, even in a long-lived process; so is one
+    # whose own modules (``user_sources``) changed since it was loaded, with those modules.
     digest = hashlib.sha256(str(path.resolve()).encode() + b"\0" + path.read_bytes()).hexdigest()[:16]
     mod_name = f"_user_policy_{digest}"
     module = sys.modules.get(mod_name)
+    if module is not None:
+        sources = user_sources(module)
+        if module._user_sources_loaded != _digests(sources):
+            for name, loaded in list(sys.modules.items()):
+                if _user_file(getattr(loaded, "__file__", None)) in sources:
+                    del sys.modules[name]
+            module = None
     if module is None:
         spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
+        before = set(sys.modules)
         try:
-            spec.loader.exec_module(module)
-        except Exception as err:  # noqa: BLE001  (whatever the file raises is reported as one line)
+            with _beside(path):
+                spec.loader.exec_module(module)
+        except (Exception, SystemExit) as err:  # noqa: BLE001  (whatever the file raises is reported as one line)
             del sys.modules[mod_name]
+            fix = ("fix the file's import, or put the module beside the file, install it or add its folder to "
+                   "PYTHONPATH"
+                   if isinstance(err, ModuleNotFoundError) else "fix the file")
             raise PolicyLoadError(f"{_load_site(err, path)}: policy file {path} does not load: "
-                                  f"{_one_line(err)}; fix the file") from None
+                                  f"{_one_line(err)}; {fix}") from None
+        # Imported while it loaded, however (importlib included): the user's modules among them count too.
+        module._user_modules_imported = sorted(set(sys.modules) - before)
+        module._user_sources_loaded = _digests(user_sources(module))
     return module
 
 
@@ -94,7 +128,7 @@ def _import_module(spec: str, where: str):
                                   f"check the name or put it on PYTHONPATH") from None
         raise PolicyLoadError(f"{_load_site(err, None)}: policy module {where!r} does not load: "
                               f"{_one_line(err)}; install the missing module or fix the import") from None
-    except Exception as err:  # noqa: BLE001  (whatever the module raises is reported as one line)
+    except (Exception, SystemExit) as err:  # noqa: BLE001  (whatever the module raises is reported as one line)
         raise PolicyLoadError(f"{_load_site(err, None)}: policy module {where!r} does not load: "
                               f"{_one_line(err)}; fix the module") from None
 
@@ -112,6 +146,11 @@ def resolve_policy(spec: str) -> type[Policy]:
         raise PolicyLoadError(f"policy {spec!r}: {where} has no class {cls_name!r}")
     if not (isinstance(cls, type) and issubclass(cls, Policy)):
         raise PolicyLoadError(f"policy {spec!r}: {cls_name} must subclass policies.Policy")
+    if cls.choose_victim is Policy.choose_victim:
+        raise PolicyLoadError(f"policy {spec!r}: {cls_name} does not implement the hook choose_victim(self, scope, "
+                              f"cache, job), which every policy needs to make room for a copy; define it (return "
+                              f"an evictable key of `scope`, e.g. from cache.evictable(scope)) or subclass a "
+                              f"policy that has one (policies.lru.LRU)")
     return cls
 
 
@@ -141,10 +180,105 @@ def failure_site(policy_cls: type, err: BaseException) -> str:
     return crash_site(policy_cls, err)
 
 
+# The project's own packages: their code is in every row's code digest, not in a policy's.
+_PROJECT = Path(__file__).resolve().parents[1]
+_PROJECT_PACKAGES = ("traces", "hardware", "offload", "policies", "sim", "real", "validation", "experiments", "plots")
+_LIBRARIES = {Path(p).resolve() for p in (*(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib",
+                                                                                  "platlib")),
+                                           *site.getsitepackages(), site.getusersitepackages(),
+                                           sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+
+
+def _user_file(filename: str | None) -> Path | None:
+    """``filename`` resolved when it is a user's module: a file outside the project's packages and outside
+    the standard library, site-packages and the Python installation; else None."""
+    if not filename:
+        return None
+    path = Path(filename).resolve()
+    if not path.is_file():
+        return None
+    if any(path.is_relative_to(_PROJECT / p) for p in _PROJECT_PACKAGES):
+        return None
+    return None if any(path.is_relative_to(lib) for lib in _LIBRARIES) else path
+
+
+def _imported_names(source: Path, package: str | None) -> list[str]:
+    """Every module name ``source``'s import statements name (in functions too), with their parents."""
+    try:
+        tree = ast.parse(source.read_bytes(), filename=str(source))
+    except (SyntaxError, ValueError):
+        return []
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            try:
+                base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) \
+                    if node.level else node.module
+            except (ImportError, ValueError):
+                continue
+            names += [base, *(f"{base}.{alias.name}" for alias in node.names)]
+    parts = [name.split(".") for name in names if name]
+    return list(dict.fromkeys(".".join(p[:i]) for p in parts for i in range(1, len(p) + 1)))
+
+
+def _module_file(name: str) -> str | None:
+    """Where module ``name`` is, without importing it (a name whose parent is not imported is skipped)."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return getattr(module, "__file__", None)
+    parent = name.rpartition(".")[0]
+    if parent and parent not in sys.modules:
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.has_location else None
+
+
+def user_sources(module) -> set[Path]:
+    """The user's own module files ``module`` depends on: its file (when a user's), and, transitively, every
+    user's module that it or they import (by import statement, at module level or in a function) or that was
+    imported while a policy file loaded. A user's module is any file outside the project's packages, the
+    standard library, site-packages and the Python installation (``_user_file``)."""
+    start = _user_file(getattr(module, "__file__", None))
+    if start is None:
+        return set()
+    found, todo = set(), [(start, getattr(module, "__package__", None) or None)]
+    for name in getattr(module, "_user_modules_imported", ()):
+        loaded = sys.modules.get(name)
+        path = _user_file(getattr(loaded, "__file__", None))
+        if path is not None:
+            todo.append((path, getattr(loaded, "__package__", None) or None))
+    # Names are looked up as the policy file's import saw them: its folder first on sys.path.
+    with _beside(start) if module.__name__.startswith("_user_policy_") else contextlib.nullcontext():
+        while todo:
+            path, package = todo.pop()
+            if path in found:
+                continue
+            found.add(path)
+            for name in _imported_names(path, package):
+                dep = _user_file(_module_file(name))
+                if dep is not None and dep not in found:
+                    todo.append((dep, name if dep.name == "__init__.py" else name.rpartition(".")[0] or None))
+    return found
+
+
+def _digests(paths) -> list[str]:
+    return sorted(bytes_sha256(Path(p).read_bytes()) for p in paths)
+
+
 def policy_sha256(spec: str) -> str:
-    """Digest of the source files of the policy's class and its base classes: a user's own policy file
-    is in no package's digest, and editing it must recompute the results it produced."""
-    from traces.digest import bytes_sha256
-    sources = {getattr(sys.modules.get(c.__module__), "__file__", None) for c in resolve_policy(spec).__mro__}
+    """Digest of the source files of the policy's class and its base classes, and of the user's own modules
+    those import (``user_sources``: a helper module beside a policy file, a user's package on PYTHONPATH):
+    a user's code is in no package's digest, and editing any of it must recompute the results it produced.
+    The project's packages are in the rows' code digest; the standard library and installed packages are
+    in neither."""
+    modules = {sys.modules.get(c.__module__) for c in resolve_policy(spec).__mro__} - {None}
+    sources = {Path(m.__file__).resolve() for m in modules if getattr(m, "__file__", None)}
+    for m in modules:
+        sources |= user_sources(m)
     # Contents only, sorted: the same files give the same digest wherever the project is checked out.
-    return bytes_sha256("".join(sorted(bytes_sha256(Path(f).read_bytes()) for f in sources if f)))
+    return bytes_sha256("".join(_digests(sources)))

@@ -202,7 +202,7 @@ def test_cli_refuses_unknown_key_and_hardware(trace_path, tmp_path):
 def test_user_policy_file_runs_in_the_sweep(trace_path, tmp_path):
     policy_file = tmp_path / "my_policy.py"
     policy_file.write_text("from policies.lru import LRU\n\n\nclass MyLRU(LRU):\n    pass\n\n\n"
-                           "class Broken(LRU):\n    def __init__(self, ctx):\n"
+                           "class Broken(LRU):\n    def on_access(self, access, index, key, hit):\n"
                            "        raise RuntimeError('broken on purpose')\n")
     mine = f"{policy_file}:MyLRU"
     out = tmp_path / "out"
@@ -215,7 +215,8 @@ def test_user_policy_file_runs_in_the_sweep(trace_path, tmp_path):
     assert list(df["hits"][:2]) == list(df["hits"][2:])
     assert mine in r.stdout
 
-    # A policy that fails at run time is reported by name; the other rows are still written.
+    # A policy that fails at run time is reported by name; the other rows are still written. (One whose
+    # constructor raises is refused before anything runs: tests/test_sweep_user_policies.py.)
     broken = f"{policy_file}:Broken"
     r = sweep_cli(f"trace={trace_path}", f"policy=fifo,{broken}", "cache_slots=2,3", "--out", out,
                   "--workers", "2", "--no-plots")

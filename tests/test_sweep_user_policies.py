@@ -1,0 +1,236 @@
+"""A fresh user's policy files at the sweep's edges: a missing hook, SystemExit, a constructor that raises,
+an --out that is a file, helper modules beside the policy file (imported without PYTHONPATH, and in the
+digest that keys its rows)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.sweep import main
+from policies.registry import PolicyLoadError, policy_sha256, resolve_policy
+from traces import save_trace, synthetic_trace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trace_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trace") / "user.npz"
+    save_trace(synthetic_trace(num_tokens=400, num_layers=4, num_experts=8, top_k=2, num_requests=8, seed=5), path)
+    return path
+
+
+def _sweep(trace_path, out, *tokens, workers=1):
+    return main([f"trace={trace_path}", "max_tokens=100", *tokens, "--out", out, "--no-plots",
+                 "--workers", str(workers)])
+
+
+# -- a missing hook ------------------------------------------------------------------------------------
+
+def test_a_policy_without_choose_victim_is_refused_naming_the_class_hook_and_fix(trace_path, tmp_path, capsys):
+    policy = tmp_path / "novictim.py"
+    policy.write_text("from offload.policy import Policy\n\n\nclass NoVictim(Policy):\n    pass\n")
+    with pytest.raises(PolicyLoadError, match=r"NoVictim does not implement the hook choose_victim.*policies.lru.LRU"):
+        resolve_policy(f"{policy}:NoVictim")
+    out = tmp_path / "out"
+    assert _sweep(trace_path, out, f"policy={policy}:NoVictim") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "NotImplementedError" not in err, err
+    assert not out.exists()
+
+
+# -- SystemExit from policy code -----------------------------------------------------------------------
+
+EXITING = '''from policies.lru import LRU
+
+
+class Exit(LRU):
+    def on_access(self, access, index, key, hit):
+        super().on_access(access, index, key, hit)
+        if access.step > 5:
+            raise SystemExit(3)
+'''
+
+
+@pytest.mark.parametrize("slots, workers", [("2", 1), ("2,3", 2)], ids=["one-config", "pool"])
+def test_system_exit_in_a_hook_is_a_policy_failure_with_file_line_and_hook(trace_path, tmp_path, capsys, slots,
+                                                                           workers):
+    policy = tmp_path / "exiting.py"
+    policy.write_text(EXITING)
+    out = tmp_path / "out"
+    assert _sweep(trace_path, out, f"policy=lru,{policy}:Exit", f"cache_slots={slots}", workers=workers) == 1
+    captured = capsys.readouterr()
+    n = len(slots.split(","))
+    assert f"{n} of {2 * n} configurations failed" in captured.err
+    assert captured.err.count(f"SystemExit: 3 at {policy}:8 in on_access") == 2 * n   # as it happens, and at the end
+    assert len(list((out / "errors").glob("*.txt"))) == n and len(list((out / "rows").glob("*.json"))) == n
+
+
+def test_system_exit_while_a_policy_file_loads_is_one_line(tmp_path):
+    policy = tmp_path / "exits.py"
+    policy.write_text("import sys\n\nsys.exit(4)\n")
+    with pytest.raises(PolicyLoadError, match=rf"^{policy}:3: policy file .* does not load: SystemExit: 4; fix the file"):
+        resolve_policy(f"{policy}:Mine")
+
+
+# -- exceptions from the constructor: found before anything runs --------------------------------------
+
+CONSTRUCTORS = '''from policies.lru import LRU
+
+
+class Seeded(LRU):
+    parameters = {"seed": "a seed"}
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.seed = int(ctx.params.get("seed", 0))
+
+
+class Keyed(LRU):
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.table = {}["missing"]
+
+
+class Exits(LRU):
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        if ctx.cache_slots == 3:
+            raise SystemExit(5)
+'''
+
+
+@pytest.mark.parametrize("tokens, line", [
+    (["policy={p}:Seeded", "policy.seed=abc", "cache_slots=2"],
+     "error: policy={p}:Seeded policy.seed=abc: invalid literal for int() with base 10: 'abc' (at {p}:9 in __init__)"),
+    (["policy={p}:Keyed", "cache_slots=2"],
+     "error: policy={p}:Keyed cache_slots=2: building the policy raised KeyError: 'missing' at {p}:15 in __init__; "
+     "fix its __init__"),
+    # Only the second slot count fails: each distinct context is built.
+    (["policy={p}:Exits", "cache_slots=2,3"],
+     "error: policy={p}:Exits cache_slots=3: building the policy raised SystemExit: 5 at {p}:22 in __init__"),
+], ids=["value-error", "key-error", "system-exit-at-one-size"])
+def test_whatever_a_constructor_raises_is_refused_before_anything_runs_with_file_and_line(
+        trace_path, tmp_path, capsys, tokens, line):
+    policy = tmp_path / "ctors.py"
+    policy.write_text(CONSTRUCTORS)
+    out = tmp_path / "out"
+    code = _sweep(trace_path, out, *(t.format(p=policy) for t in tokens))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(line.format(p=policy)), err
+    assert not out.exists()
+
+
+# -- --out that is a file ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("below", [False, True], ids=["the-file", "below-it"])
+def test_out_that_is_a_file_is_refused_before_anything_runs(trace_path, tmp_path, capsys, below):
+    blocking = tmp_path / "results.txt"
+    blocking.write_text("keep me\n")
+    out = blocking / "run" if below else blocking
+    assert _sweep(trace_path, out, "policy=lru", "cache_slots=2") == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"error: --out {out}: {blocking} is a file, not a folder; give a folder (a new one is created), "
+        f"or move the file away"]
+    assert captured.out == "" and blocking.read_text() == "keep me\n"
+
+
+# -- modules beside a policy file ----------------------------------------------------------------------
+
+HELPED = '''from helper import MRU
+from policies.lru import LRU
+
+
+class Helped(LRU):
+    def choose_victim(self, scope, cache, job):
+        order = self.recency_order(scope, cache)
+        return (order[-1] if MRU else order[0]) if order else None
+'''
+
+
+@pytest.fixture(autouse=True)
+def _forget_helpers():
+    """Each test's helper modules are its own: one process caches a module by name, as Python does."""
+    def forget():
+        for name in [n for n in sys.modules if n in ("helper", "mylib") or n.startswith("mylib.")]:
+            del sys.modules[name]
+    forget()
+    yield
+    forget()
+
+
+def _helped(folder: Path, mru: bool) -> Path:
+    (folder / "helper.py").write_text(f"MRU = {mru}\n")
+    policy = folder / "helped.py"
+    policy.write_text(HELPED)
+    return policy
+
+
+def test_a_policy_file_imports_modules_beside_it_without_pythonpath(tmp_path):
+    policy = _helped(tmp_path, False)
+    assert str(tmp_path) not in sys.path
+    assert resolve_policy(f"{policy}:Helped").__name__ == "Helped"
+    assert str(tmp_path) not in sys.path            # only while the file loads
+
+
+def test_the_policy_digest_covers_the_users_modules_it_imports_and_nothing_else(tmp_path):
+    pkg = tmp_path / "mylib"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "deep.py").write_text("from . import deeper\n")
+    (pkg / "deeper.py").write_text("K = 1\n")
+    policy = _helped(tmp_path, False)
+    policy.write_text("import json\nimport numpy\nimport mylib.deep\n" + HELPED)
+    before = policy_sha256(f"{policy}:Helped")
+    for path, text in [(pkg / "deeper.py", "K = 2\n"), (tmp_path / "helper.py", "MRU = 0\n")]:
+        path.write_text(text)
+        after = policy_sha256(f"{policy}:Helped")
+        assert after != before, path
+        before = after
+    (tmp_path / "unrelated.py").write_text("X = 1\n")
+    assert policy_sha256(f"{policy}:Helped") == before
+    # Built-in policies and the example: their digest is that of their class files, as before.
+    assert policy_sha256("examples/my_policy.py:PopularNextLayer") == policy_sha256(
+        str(REPO / "examples/my_policy.py") + ":PopularNextLayer")
+
+
+def _hits(out: Path) -> int:
+    (row,) = [json.loads(p.read_text()) for p in (out / "rows").glob("*.json")]
+    return row["hits"]
+
+
+def test_editing_a_helper_module_recomputes_the_row_in_process(trace_path, tmp_path, capsys):
+    policy = _helped(tmp_path, False)
+    out = tmp_path / "out"
+    assert _sweep(trace_path, out, f"policy={policy}:Helped", "cache_slots=3") == 0
+    lru_like = _hits(out)
+    (tmp_path / "helper.py").write_text("MRU = True\n")
+    assert _sweep(trace_path, out, f"policy={policy}:Helped", "cache_slots=3") == 0
+    assert "stale: 1 of 1 configurations have rows computed from other inputs; recomputing them " \
+           "(policy source changed: 1)" in capsys.readouterr().out
+    rows = sorted((out / "rows").glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+    assert json.loads(rows[-1].read_text())["hits"] != lru_like
+
+
+def test_editing_a_helper_module_recomputes_the_row_in_a_fresh_process(trace_path, tmp_path):
+    """The user's report: ``from helper import ...`` beside the policy, the sweep run, helper.py edited, run again."""
+    policy = _helped(tmp_path, False)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def run():
+        return subprocess.run([sys.executable, "-m", "experiments.sweep", f"trace={trace_path}", f"policy={policy}:Helped",
+                               "cache_slots=3", "max_tokens=100", "--no-plots", "--out", str(out)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "helper.py").write_text("MRU = True\n")
+    second = run()
+    assert second.returncode == 0, second.stderr
+    assert "resumed" not in second.stdout and "(policy source changed: 1)" in second.stdout
