@@ -54,6 +54,7 @@ DEFAULT_CONFIG = DEFAULT_SCENARIO
 TIMELINE_TOKENS = 20
 SHARED_TRACES = ".traces"      # in OUT while workers run: the traces they map (runner.share_traces)
 _WORKER_GRACE_S = 2.0
+_PARENT_POLL_S = 1.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -154,11 +155,33 @@ def _stop_on_signals():
             signal.signal(s, old)
 
 
-def _init_worker(shared_traces: str) -> None:
+def _end_with_parent(parent: int) -> None:
+    """SIGTERM to this worker once the sweep's process ``parent`` is gone, even killed outright (SIGKILL),
+    instead of living on, adopted by init, waiting for work that never comes. Linux: the kernel sends it
+    (prctl PR_SET_PDEATHSIG); elsewhere a thread looks for a new parent every second."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    else:
+        import threading
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(_PARENT_POLL_S)
+            os.kill(os.getpid(), signal.SIGTERM)
+        threading.Thread(target=watch, name="sweep-parent-watch", daemon=True).start()
+    if os.getppid() != parent:      # it died before the request above was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _init_worker(shared_traces: str, parent: int) -> None:
     # Ctrl-C reaches the whole process group: the sweep stops the workers, they do not stop
-    # themselves (each with a traceback). SIGTERM, which the sweep sends them, ends them.
+    # themselves (each with a traceback). SIGTERM, which the sweep sends them (or the kernel, when the
+    # sweep is gone: _end_with_parent), ends them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _deferring(_exit_worker))
+    _end_with_parent(parent)
     use_shared_traces(Path(shared_traces))
 
 
@@ -279,7 +302,7 @@ def _run_pool(pending, out: Path, workers: int, varying: list[str], report, plot
 
 def _run_workers(pending, out: Path, workers: int, varying: list[str], report, shared: str, plots: bool) -> None:
     before = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(shared,))
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(shared, os.getpid()))
     futures = {pool.submit(_run_one, cfg, h, describe(cfg, varying), out): (cfg, h) for cfg, h in pending}
     try:
         _import_for_results(plots)

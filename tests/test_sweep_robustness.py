@@ -272,3 +272,61 @@ def test_train_fraction_zero_still_runs_the_policies_that_learn_nothing(trace_pa
                  "cache_slots=2", "max_tokens=100", "--out", tmp_path / "out", "--no-plots", "--workers", "1"])
     assert code == 0, capsys.readouterr().err
 
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
+def test_workers_end_when_the_sweep_is_killed_outright(trace_path, tmp_path):
+    """``kill -9`` of the sweep: its workers must not live on, adopted by init, waiting for work."""
+    out = tmp_path / "out"
+    args = [f"trace={trace_path}", "policy=lru,lfu,fifo", "cache_slots=2..8", "sim_path=reference", "--no-plots",
+            "--workers", "2", "--out", out]
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", *map(str, args)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((out / "rows").glob("*.json"))) < 1 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, "the sweep finished before the signal: make the trace longer"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if _alive(pid)], "a worker outlived the sweep killed by SIGKILL"
+    finally:
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_without_prctl_ends_with_its_parent_too(tmp_path):
+    """The portable fallback (not Linux): a thread that watches for a new parent."""
+    script = f'''
+import os, signal, sys, time
+sys.path.insert(0, {str(REPO)!r})
+import experiments.sweep as sweep
+sweep._PARENT_POLL_S = 0.05
+if os.fork() == 0:
+    sys.platform = "darwin"
+    sweep._end_with_parent(os.getppid())
+    print(os.getpid(), flush=True)
+    time.sleep(30)
+    os._exit(0)
+time.sleep(30)
+'''
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        assert _alive(child)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child)
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
