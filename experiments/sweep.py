@@ -33,6 +33,7 @@ import signal
 import statistics
 import shutil
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -55,6 +56,9 @@ TIMELINE_TOKENS = 20
 SHARED_TRACES = ".traces"      # in OUT while workers run: the traces they map (runner.share_traces)
 _WORKER_GRACE_S = 2.0
 _PARENT_POLL_S = 1.0
+# A configuration running longer than this is named (and again at twice it, four times...); checked so often.
+_SLOW_S = 10.0
+_SLOW_POLL_S = 1.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -164,8 +168,6 @@ def _end_with_parent(parent: int) -> None:
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
     else:
-        import threading
-
         def watch() -> None:
             while os.getppid() == parent:
                 time.sleep(_PARENT_POLL_S)
@@ -214,7 +216,8 @@ class _Progress:
     """What the sweep says while it runs. On a terminal: one line, updated in place, with the
     configurations done of all, configurations per second and the time left (on stderr). In a log
     (stderr not a terminal): one line per finished configuration with the same figures on stdout,
-    beside the results, and nothing else; stderr keeps errors only.
+    beside the results, and nothing else; stderr keeps errors only. In both, a configuration that has run
+    ``_SLOW_S`` seconds is named where the progress goes ("still running: ..."), again at twice that...
 
     The time left: each configuration still to finish weighs its expected cost
     (``runner.expected_seconds``: per layer-step the fast path is ~100x cheaper than SimPy), scaled by
@@ -222,6 +225,8 @@ class _Progress:
 
     def __init__(self, pending: list[tuple[RunConfig, str]], varying: list[str], workers: int):
         self.expected = {h: expected_seconds(cfg) for cfg, h in pending}
+        self.layer_steps = {h: trace_slices(cfg)[1].num_tokens * trace_slices(cfg)[1].num_layers for cfg, h in pending}
+        self.running: dict[object, tuple[float, float]] = {}    # key -> (when it was first seen running, next report)
         self.varying = varying
         self.workers = workers
         self.total, self.done = len(pending), 0
@@ -253,6 +258,28 @@ class _Progress:
     def say(self, line: str) -> None:
         tqdm.write(line, file=sys.stderr)
 
+    def note(self, line: str) -> None:
+        """A line about the run, where the progress goes: above the bar on a terminal, else on stdout."""
+        if self.live:
+            tqdm.write(line, file=sys.stderr)
+        else:
+            print(line, flush=True)
+
+    def still_running(self, running: list[tuple[object, RunConfig, str]]) -> None:
+        """Say, for each of ``running`` ((key, configuration, hash), the configurations running now), that it
+        is still running once it has run ``_SLOW_S`` seconds, again at twice that, four times...: a slow
+        policy is seen while it runs, not only at its end."""
+        now = time.monotonic()
+        watched = {}
+        for key, cfg, h in running:
+            start, due = self.running.get(key, (now, _SLOW_S))
+            if now - start >= due:
+                self.note(f"still running: {describe(cfg, self.varying)} ({now - start:.0f} s so far; "
+                          f"{self.layer_steps[h]:,} layer-steps to replay, about {self.expected[h]:.1f} s expected)")
+                due *= 2
+            watched[key] = (start, due)
+        self.running = watched
+
     def close(self) -> None:
         self.bar.close()
 
@@ -275,41 +302,70 @@ def _run_all(pending: list[tuple[RunConfig, str]], out: Path, workers: int, vary
 
     try:
         if workers <= 1:
-            for cfg, h in pending:
-                report(cfg, h, *_run_one(cfg, h, describe(cfg, varying), out))
+            current: list[tuple[object, RunConfig, str]] = []
+            with _watching(progress, lambda: list(current)):
+                for i, (cfg, h) in enumerate(pending):
+                    current[:] = [(i, cfg, h)]
+                    report(cfg, h, *_run_one(cfg, h, describe(cfg, varying), out))
         else:
             # Longest first, so that the workers run out of work together instead of one finishing a
             # long SimPy configuration while the other idles.
             longest_first = sorted(pending, key=lambda ch: -progress.expected[ch[1]])
-            _run_pool(longest_first, out, workers, varying, report, plots)
+            _run_pool(longest_first, out, workers, varying, report, plots, progress)
     finally:
         progress.close()
     return failures
 
 
-def _run_pool(pending, out: Path, workers: int, varying: list[str], report, plots: bool) -> None:
+@contextlib.contextmanager
+def _watching(progress: _Progress, running_now: Callable[[], list[tuple[object, RunConfig, str]]]):
+    """A thread that tells ``progress`` every ``_SLOW_POLL_S`` which configurations are running
+    (``running_now``), while the block runs: it reads and prints, and touches no run."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(_SLOW_POLL_S):
+            progress.still_running(running_now())
+    thread = threading.Thread(target=watch, name="sweep-slow-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _run_pool(pending, out: Path, workers: int, varying: list[str], report, plots: bool,
+              progress: _Progress) -> None:
     # The workers map one copy of each trace (runner.share_traces) instead of decompressing their own. The
     # copies live in OUT, named by the trace's digest: a sweep killed outright leaves them where its resume
     # uses them again and then removes them.
     shared = out / SHARED_TRACES
     try:
         share_traces([cfg.trace for cfg, _ in pending], shared)
-        _run_workers(pending, out, workers, varying, report, str(shared), plots)
+        _run_workers(pending, out, workers, varying, report, str(shared), plots, progress)
     finally:
         use_shared_traces(None)
         shutil.rmtree(shared, ignore_errors=True)
 
 
-def _run_workers(pending, out: Path, workers: int, varying: list[str], report, shared: str, plots: bool) -> None:
+def _run_workers(pending, out: Path, workers: int, varying: list[str], report, shared: str, plots: bool,
+                 progress: _Progress) -> None:
     before = set(multiprocessing.active_children())
     pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(shared, os.getpid()))
     futures = {pool.submit(_run_one, cfg, h, describe(cfg, varying), out): (cfg, h) for cfg, h in pending}
+
+    def running_now() -> list[tuple[object, RunConfig, str]]:
+        # A future is "running" once in the pool's call queue, which holds one more than the workers run;
+        # the workers take them in submission order: the first ``workers`` of them are the ones running.
+        return [(f, *futures[f]) for f in futures if f.running()][:workers]
     try:
         _import_for_results(plots)
-        for future in as_completed(futures):
-            cfg, h = futures[future]
-            err = future.exception()    # only a pool failure (a worker died): _run_one reports the rest
-            report(cfg, h, *(future.result() if err is None else (f"{type(err).__name__}: {err}", 0.0)))
+        with _watching(progress, running_now):  # started after the workers are: none is forked with it
+            for future in as_completed(futures):
+                cfg, h = futures[future]
+                err = future.exception()    # only a pool failure (a worker died): _run_one reports the rest
+                report(cfg, h, *(future.result() if err is None else (f"{type(err).__name__}: {err}", 0.0)))
     except BaseException:
         # The executor has no public way to stop running tasks: end its processes ourselves.
         pool.shutdown(wait=False, cancel_futures=True)

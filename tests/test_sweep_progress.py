@@ -69,3 +69,42 @@ def test_a_terminal_gets_one_updating_line(trace_path, tmp_path):
     renders = re.findall(r"\rsweep: [^\r\n]*", text)
     assert len(renders) >= 2, text                               # redrawn (at most every 0.1 s), then left
     assert re.search(r"4/4 configs \[\d\d:\d\d, [\d.e+-]+ configs/s, 00:00 left\]", renders[-1]), renders[-1]
+
+
+SLOW = '''import time
+
+from policies.lru import LRU
+
+
+class Slow(LRU):
+    def on_access(self, access, index, key, hit):
+        super().on_access(access, index, key, hit)
+        time.sleep(0.001)
+'''
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_slow_configuration_is_named_while_it_runs(trace_path, tmp_path, capsys, monkeypatch, workers):
+    import pandas as pd
+
+    import experiments.sweep as sweep
+
+    monkeypatch.setattr(sweep, "_SLOW_S", 0.2)
+    monkeypatch.setattr(sweep, "_SLOW_POLL_S", 0.02)
+    policy = tmp_path / "slow.py"
+    policy.write_text(SLOW)
+    out = tmp_path / "out"
+    code = sweep.main([f"trace={trace_path}", f"policy=lru,{policy}:Slow", "cache_slots=2", "max_tokens=100",
+                       "--no-plots", "--workers", workers, "--out", out])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    notes = [line for line in captured.out.splitlines() if line.startswith("still running: ")]
+    assert all(re.fullmatch(r"still running: policy=\S+ cache_slots=2 "
+                            r"\(\d+ s so far; [\d,]+ layer-steps to replay, about [\d.]+ s expected\)", n)
+               for n in notes), notes
+    slow = [n for n in notes if n.startswith(f"still running: policy={policy}:Slow ")]
+    # Named once it has run _SLOW_S, again at twice that, not at every check (a run of ~1 s: 0.2, 0.4, 0.8 s).
+    assert 1 <= len(slow) <= 4, notes
+    # What it runs is untouched: an LRU that sleeps gives LRU's numbers.
+    df = pd.read_csv(out / "results.csv")
+    assert list(df["hits"]) == [df["hits"][0]] * 2 and list(df["tokens_per_s"]) == [df["tokens_per_s"][0]] * 2
