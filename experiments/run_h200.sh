@@ -18,7 +18,7 @@ PART=${3:-all}
 mkdir -p "$OUT"
 LOG="$OUT/run.log"
 if [ "$PART" = model ] || [ "$PART" = all ]; then
-    timeout 150 python -m pytest -q tests/test_real_model.py tests/test_engine.py tests/test_predictors.py -k cuda \
+    timeout 150 python -m pytest -q tests/test_real_model.py tests/test_engine.py tests/test_predictors.py tests/test_miss_latency.py tests/test_prefetch_latency.py -k cuda \
         > "$OUT/pytest_gpu.log" 2>&1 || export MOE_LAB_EXPERT_GRAPHS=0
     timeout 170 python -m experiments.train_lm --out runs/moe-lm --corpus "$CORPUS" --minutes 2.5 > "$OUT/train.log" 2>&1
     cp runs/moe-lm/train_report.json runs/moe-lm/routing_stats.json "$OUT/" 2>/dev/null
