@@ -131,8 +131,7 @@ class _Clock:
         # The host's time from a layer's routing to its prefetch decision's start, on a layer without a miss
         # (``real.engine``: the launches of the layer's experts and of the next layer's attention come first)
         self.prefetch_latency_ns = self.cost.prefetch_latency_ns
-        self._routed_at = 0           # the host's time at the current layer's routing read-back (its router and the host done)
-        self._decided_at = 0          # when the host takes the current layer's prefetch decision
+        self._routed_at = 0           # the host's time at the current layer's routing read-back (kept when it counts)
         self.layer_extra_ns = self.cost.layer_extra_ns(policy_cls)   # the policy's own work before routing
         self.timeline = Timeline() if record else None
         if record:
@@ -168,12 +167,15 @@ class _Clock:
     def decide(self, token, layer):
         self._demand_turn = False
         self._host_ready = self.now_ns() + self.decision_ns
-        decided = self._routed_at + self.prefetch_latency_ns + self.decision_ns
-        self._decided_at = decided if decided > self._host_ready else self._host_ready
         return ()
 
     def decided_ns(self) -> int:
-        return self._decided_at
+        # the host's decision time, or later by prefetch_latency after the routing read-back; with none, the
+        # two agree (the host's time at decide is at least the read-back's)
+        if not self.prefetch_latency_ns:
+            return self._host_ready
+        decided = self._routed_at + self.prefetch_latency_ns + self.decision_ns
+        return decided if decided > self._host_ready else self._host_ready
 
     def _miss_head(self) -> bool:
         """At a layer's demand ``start_copies``: whether a demand copy is queued (the queue's head is one: demand
@@ -294,7 +296,8 @@ class _LinkClock(_Clock):
         if self.timeline is not None:
             self._mark_layer(token, layer)
         self.pending += self._layer_ns
-        self._routed_at = self.now_ns()      # the host reads the routing back once it and the router are done
+        if self.prefetch_latency_ns:          # the host reads the routing back once it and the router are done
+            self._routed_at = self.now_ns()
         self._demand_turn = True
         if self._copy_side_active():           # meet the copy side at the router's time
             yield from self._flush()
@@ -424,7 +427,8 @@ class _WindowClock(_Clock):
         if self.timeline is not None:
             self._mark_layer(token, layer)
         self.pending += self._layer_ns
-        self._routed_at = self.now_ns()      # the host reads the routing back once it and the router are done
+        if self.prefetch_latency_ns:          # the host reads the routing back once it and the router are done
+            self._routed_at = self.now_ns()
         self._demand_turn = True
         if self._in_flight or self._queued:    # meet the copy side at the router's time
             self._flush()
