@@ -45,8 +45,8 @@ from real.profile_hw import profile_name
 from traces import load_trace, save_trace
 from traces.io import atomic_write
 from validation import report
-from validation.engine_side import (OtherMachineError, SliceInputs, SliceMeasurement, check_same_machine, engine_key,
-                                    measure_copy_table, replay_inputs)
+from validation.engine_side import (OtherMachineError, SliceInputs, SliceMeasurement, engine_key, measure_copy_table,
+                                    replay_inputs)
 from validation.profile_fit import fit_profile
 from validation.scenario import SCENARIOS_DIR, Scenario, ScenarioError, load_scenario
 from validation.sim_side import fallback_note, predict
@@ -133,7 +133,10 @@ def measure(scenario: Scenario, slices, store: Store, args, started: float) -> N
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     cpu_threads(device.type)
-    measure_copy_table(store, device)
+    measure_copy_table(store, device)      # first: a folder of another device's is refused before anything changes
+    path = Path(scenario.path).resolve()   # a name where it is one of ours, else the file's absolute path
+    recorded = path.stem if path.parent == SCENARIOS_DIR.resolve() else str(path)
+    atomic_write(store.out / SCENARIO_FILE, lambda f: f.write(f"{recorded}\n"))
     deadline = args.deadline_s or scenario.deadline_s
     for sl in slices:
         if not cuda:
@@ -328,14 +331,10 @@ def _main(args, name: str, started: float) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.predict_only:
         try:
-            check_same_machine(store)
+            measure(scenario, slices, store, args, started)
         except OtherMachineError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        path = Path(scenario.path).resolve()       # a name where it is one of ours, else the file's absolute path
-        recorded = path.stem if path.parent == SCENARIOS_DIR.resolve() else str(path)
-        atomic_write(args.out / SCENARIO_FILE, lambda f: f.write(f"{recorded}\n"))
-        measure(scenario, slices, store, args, started)
     try:        # the report covers every slice OUT holds results of, whichever were measured now
         compare(scenario, scenario.slices, store, args.profile)
     except HardwareProfileError as e:

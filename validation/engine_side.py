@@ -226,13 +226,11 @@ class OtherMachineError(ValueError):
     """OUT holds measurements of another kind of device than this machine's."""
 
 
-def check_same_machine(store: Store, device: torch.device | None = None) -> None:
+def check_same_machine(store: Store, device: torch.device) -> None:
     """Refuse to measure into a folder whose copy table (every calibration and run beside it) comes from another
     device: its results would mix two machines' numbers and the report would compare them without a word.
     Instances of one GPU model share a name, so a resumed grid continues on any of them. Raises
     OtherMachineError naming both devices and the fix."""
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     found = store.read(store.out / "calibration" / "copies.json")
     here = _device_name(device)
     if found is not None and found.get("device") != here:

@@ -72,20 +72,17 @@ def measured_entry(calibration: dict, profile_so_far: HardwareProfile | None = N
              "token_overhead_us": float(compute["token_overhead_us"]),
              "layer_overhead_us": round(max(0.0, overhead), 2), "copy_wait_us": 0.0, "decision_us": {},
              "layer_extra_us": {}}
-    issue = calibration["patterns"].get("misses", {}).get("miss_issue_us")
-    if issue:
-        issue_us = np.asarray(issue, dtype=np.float64)
-        skip = SKIP_STEPS * shape.num_layers        # one value per layer; the first step carries first-touch costs
-        latency = float(np.median(issue_us[skip:] if len(issue_us) > skip else issue_us))
-        notes["miss_latency_us_raw"] = latency
-        entry["miss_latency_us"] = round(max(0.0, latency), 2)
-    decide = calibration["patterns"].get("hits", {}).get("decide_us")
-    if decide:
-        decide_us = np.asarray(decide, dtype=np.float64)
-        skip = SKIP_STEPS * shape.num_layers        # every layer of the hits pattern hits after its first step
-        latency = float(np.median(decide_us[skip:] if len(decide_us) > skip else decide_us))
-        notes["prefetch_latency_us_raw"] = latency
-        entry["prefetch_latency_us"] = round(max(0.0, latency), 2)
+    # host clock stamps, one per layer: the first step carries first-touch costs (the hits pattern's first step,
+    # which copies, records none, so there its first recorded step is left out)
+    for pattern, stamps, constant in (("misses", "miss_issue_us", "miss_latency_us"),
+                                      ("hits", "decide_us", "prefetch_latency_us")):
+        values = calibration["patterns"].get(pattern, {}).get(stamps)
+        if values:
+            us = np.asarray(values, dtype=np.float64)
+            skip = SKIP_STEPS * shape.num_layers
+            latency = float(np.median(us[skip:] if len(us) > skip else us))
+            notes[f"{constant}_raw"] = latency
+            entry[constant] = round(max(0.0, latency), 2)
     decisions = calibration.get("decisions", {})
     base = decisions.get("lru")
     if base is not None:
