@@ -76,7 +76,7 @@ def run_pattern(model, shape: ModelShape, pattern: str, steps: int, hardware=Non
     trace = pattern_trace(shape, steps, pattern)
     settings = RunSettings(cache_slots=shape.top_k)
     OffloadEngine(model, shape, LRU, settings, hardware=hardware).replay(trace, max(steps // 4, 2))
-    engine = OffloadEngine(model, shape, LRU, settings, hardware=hardware)
+    engine = OffloadEngine(model, shape, LRU, settings, hardware=hardware, record_host_stamps=True)
     result = engine.replay(trace)
     marked = OffloadEngine(model, shape, LRU, settings, hardware=hardware, record_layer_timings=True).replay(trace)
     timings = {name: np.stack(values).tolist() for name, values in marked.routing.layer_timings.items() if values}

@@ -52,6 +52,7 @@ class CopyFeeder:
         # host clock (perf_counter_ns) when the first demand copy since the engine reset it to 0 began to be
         # issued: the engine resets it at each routing read-back (``OffloadEngine.miss_issue_ns``)
         self.first_demand_ns = 0
+        self.stamp_demands = False      # the engine's record_host_stamps
 
     @staticmethod
     def now_ns() -> int:
@@ -68,7 +69,7 @@ class CopyFeeder:
             self._issue(job)
 
     def _issue(self, job: CopyJob) -> None:
-        if job.demand and not self.first_demand_ns:
+        if self.stamp_demands and job.demand and not self.first_demand_ns:
             self.first_demand_ns = time.perf_counter_ns()
         src, dst = self.arena[job.key], self.slots[job.slot]
         if not self.cuda:

@@ -83,7 +83,8 @@ class OffloadEngine:
     def __init__(self, model, shape: ModelShape, policy_cls: type[Policy], settings: RunSettings, *,
                  hardware: "HardwareProfile | None" = None, future: Trace | None = None,
                  train_trace: Trace | None = None, record_hidden_steps: int = 0,
-                 predictors: Mapping[str, Predictor] | None = None, record_layer_timings: bool = False):
+                 predictors: Mapping[str, Predictor] | None = None, record_layer_timings: bool = False,
+                 record_host_stamps: bool = False):
         """``settings``: the run's settings, as the simulator takes them (``offload.session``).
         ``hardware``: a profile measured on this machine, whose copy and layer estimates limit a
         predictive policy's prefetch depth as in the simulator; None: no limit. ``future``: the run's
@@ -93,7 +94,10 @@ class OffloadEngine:
         (``offload.predictors.predictor_name``), as the simulator gets the prediction track of that
         name. ``record_layer_timings``: mark each layer's start, routing and end on the compute stream
         (CUDA events, resolved after the run) and keep each copy's start and end events, for
-        ``Routing.layer_timings``. The copies handed to the copy stream at once are
+        ``Routing.layer_timings``. ``record_host_stamps``: keep, per layer, the host clock from the routing
+        read-back to the first demand copy's issue (``miss_issue_ns``) or, on a layer without one, to the
+        prefetch decision (``decide_ns``): what the calibration's patterns measure (two clock reads a layer;
+        off, the run pays nothing for them). The copies handed to the copy stream at once are
         ``settings.copies_in_flight`` (``real.copies``; the simulator models the same window). Raises
         MemoryError when the GPU cannot hold the slots, naming the fix, and SettingsError for
         ``copies_in_flight=None`` (the simulator's ideal link, which no stream implements)."""
@@ -151,6 +155,8 @@ class OffloadEngine:
             self._base_mark = self.marks.mark()
         self.routing = Routing()
         self._step_index = 0
+        self._stamps = record_host_stamps
+        self.copies.stamp_demands = record_host_stamps
         # per layer with a demand copy: host ns from the routing read-back to the first demand copy's issue
         # (perf_counter_ns, no CUDA event: the calibration's miss_latency, real.calibration.run_pattern)
         self.miss_issue_ns: list[int] = []
@@ -193,8 +199,9 @@ class OffloadEngine:
     def chosen(self, token: int, layer: int):
         front = self._front
         experts, weights = self.model.read_routing(layer, front.ids, front.weights)   # the host learns the routing here
-        self._routed_ns = time.perf_counter_ns()
-        self.copies.first_demand_ns = 0
+        if self._stamps:
+            self._routed_ns = time.perf_counter_ns()
+            self.copies.first_demand_ns = 0
         if self.marks is not None:
             self._routed_mark = self.marks.mark()
         if not all(map(math.isfinite, weights)):
@@ -287,7 +294,7 @@ class OffloadEngine:
         """The host clock as it decides; on a layer no copy waits for, the routing read-back to here goes to
         ``decide_ns`` (``prefetch_latency``: the launches of the layer's experts and the next layer's front)."""
         now = self.copies.now_ns()
-        if not self.copies.first_demand_ns:
+        if self._stamps and not self.copies.first_demand_ns:
             self.decide_ns.append(now - self._routed_ns)
         return now
 

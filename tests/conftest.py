@@ -88,7 +88,7 @@ def lru_engine_counting_copies(device: str):
                        num_attention_heads=4, num_kv_heads=2, head_dim=8, vocab_size=64)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = random_model(shape, device, dtype, seed=1, max_len=64)
-    engine = OffloadEngine(model, shape, LRU, RunSettings(cache_slots=3))
+    engine = OffloadEngine(model, shape, LRU, RunSettings(cache_slots=3), record_host_stamps=True)
     layers_with_a_copy = []
     begin = engine.ctrl.begin_layer
 
