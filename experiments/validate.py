@@ -44,9 +44,10 @@ from real.bench.args import cpu_threads
 from real.profile_hw import profile_name
 from traces import load_trace, save_trace
 from traces.io import atomic_write
+from traces.yaml_unique import safe_load_unique
 from validation import report
-from validation.engine_side import (OtherMachineError, SliceInputs, SliceMeasurement, engine_key, measure_copy_table,
-                                    replay_inputs)
+from validation.engine_side import (OtherMachineError, SliceInputs, SliceMeasurement, measure_copy_table, replay_inputs,
+                                    stored_result)
 from validation.profile_fit import fit_profile
 from validation.scenario import SCENARIOS_DIR, Scenario, ScenarioError, load_scenario
 from validation.sim_side import fallback_note, predict
@@ -117,7 +118,7 @@ def calibrated_profile(store: Store, scenario: Scenario, device_name: str, write
     data, notes = fit_profile(load_hardware(scenario.hardware), name, device_name, copies, calibrations)
     existing = store.out / f"{name}.yaml"
     if existing.is_file():
-        kept = {model: entry for model, entry in (yaml.safe_load(existing.read_text()).get("measured_compute") or {}).items()
+        kept = {model: entry for model, entry in (safe_load_unique(existing.read_text()).get("measured_compute") or {}).items()
                 if model not in data["measured_compute"]}
         data["measured_compute"].update(kept)
         notes.update({model: {"kept": f"from the profile already in {existing} (no raw calibration in OUT)"}
@@ -167,11 +168,7 @@ def timelines(scenario: Scenario, slices, store: Store, profile_path: Path | Non
     """--timelines: both clocks' per-layer timelines of every configuration with a timed engine run, with the
     profile the comparison uses (``validation.timelines``); OUT/timelines_<slice>.csv and a table per slice."""
     from validation import timelines as tl
-    if profile_path is not None:
-        profile = load_hardware(profile_path)
-    else:
-        device = (store.read(store.out / "calibration" / "copies.json") or {}).get("device", "cpu")
-        profile, _ = calibrated_profile(store, scenario, device, write=False)
+    profile, _ = comparison_profile(store, scenario, profile_path, write=False)
     for sl in slices:
         inputs = slice_inputs(sl, store)
         if inputs is None:
@@ -189,13 +186,17 @@ def timelines(scenario: Scenario, slices, store: Store, profile_path: Path | Non
     return 0
 
 
-def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None = None) -> pd.DataFrame:
-    folder = store.out / "calibration"
+def comparison_profile(store: Store, scenario: Scenario, profile_path: Path | None, write: bool = True):
+    """(the profile a report predicts with, the device OUT measured or None): ``--profile`` when given, else the
+    fit of OUT's calibrations (``calibrated_profile``) for the device its copy table names."""
     if profile_path is not None:
-        profile = load_hardware(profile_path)
-    else:
-        device = (store.read(folder / "copies.json") or {}).get("device", "cpu")
-        profile, _ = calibrated_profile(store, scenario, device)
+        return load_hardware(profile_path), None
+    device = (store.read(store.out / "calibration" / "copies.json") or {}).get("device", "cpu")
+    return calibrated_profile(store, scenario, device, write=write)[0], device
+
+
+def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None = None) -> pd.DataFrame:
+    profile, device = comparison_profile(store, scenario, profile_path)
     pairs, notes = [], []
     for sl in slices:
         inputs = slice_inputs(sl, store)
@@ -207,18 +208,10 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
             print(note, flush=True)
             notes.append(f"{sl.name}: {note}")
         earlier = 0
-        stored = {}
-        for result in store.engine_results(sl.name):     # by configuration, the last written first
-            stored.setdefault((result["policy"], result["cache_slots"]), []).append(result)
         for policy in sl.policies:
             for slots in sl.cache_slots:
-                result = store.read(store.path("engine", sl.name, engine_key(sl, inputs, policy, slots)))
-                if result is None and stored.get((policy, slots)):
-                    # measured by other engine code (its key differs): still the measurement of these inputs
-                    same = [r for r in stored[(policy, slots)] if r.get("model_id", inputs.model_id) == inputs.model_id]
-                    if same:
-                        result = same[0]
-                        earlier += 1
+                result, other_code = stored_result(sl, inputs, store, policy, slots)
+                earlier += other_code
                 if result is None or not (result.get("summary") or any(not r.get("error") for r in result["runs"])):
                     notes.append(f"{sl.name}: {policy} at {slots} slots not measured yet")
                     continue
@@ -237,7 +230,7 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
                            "runs": m["runs"], "median_tokens_per_s": m["tokens_per_s"], "spread_pct": m["floor"],
                            "run_causes": " ".join(causes), "raw_runs": bool(result["runs"])})
     atomic_write(out / "noise_floor.csv", lambda f: pd.DataFrame(floor_rows).to_csv(f, index=False))
-    if profile_path is None and device == "cpu":
+    if device == "cpu":
         notes.append("measured on a CPU, the smoke path: there the engine copies synchronously, which the simulator "
                      "does not model; these errors check that the path runs and say nothing of the simulator's accuracy")
     text = report.summary(table, notes)

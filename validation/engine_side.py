@@ -77,6 +77,20 @@ def engine_key(sl: Slice, inputs: SliceInputs, policy: str, slots: int) -> str:
                    "policy_source": policy_sha256(policy), "cache_slots": slots, "code": engine_code()})
 
 
+def stored_result(sl: Slice, inputs: SliceInputs, store: Store, policy: str, slots: int) -> tuple[dict | None, bool]:
+    """(the engine result a report takes for one configuration, whether it came from other engine code): the one
+    keyed by this checkout, else the most recently written one of the same inputs (its key differs when the
+    engine's code changed since: still the measurement of these inputs); (None, False) when there is none."""
+    found = store.read(store.path("engine", sl.name, engine_key(sl, inputs, policy, slots)))
+    if found is not None:
+        return found, False
+    for result in store.engine_results(sl.name):     # the last written first
+        if (result.get("policy"), result.get("cache_slots")) == (policy, slots) and \
+                result.get("model_id", inputs.model_id) == inputs.model_id:
+            return result, True
+    return None, False
+
+
 def _ok_runs(result: dict | None) -> list[dict]:
     return [r for r in (result or {}).get("runs", []) if not r.get("error")]
 

@@ -85,7 +85,7 @@ import pandas as pd
 from hardware.profile import HardwareProfile
 from policies.registry import resolve_policy
 from traces import load_trace
-from validation.engine_side import SliceInputs, engine_key
+from validation.engine_side import SliceInputs, stored_result
 from validation.scenario import Slice
 from validation.store import Store
 
@@ -260,19 +260,6 @@ class Config:
         return (float(self.engine.token.mean()) - 1e6 / self.measured_tokens_per_s) / self.engine.time.shape[1]
 
 
-def _stored_result(sl: Slice, inputs: SliceInputs, store: Store, policy: str, slots: int) -> dict | None:
-    """The engine result the comparison (``experiments.validate.compare``) takes for a configuration: the one
-    keyed by this checkout, else the most recently written of the same inputs."""
-    found = store.read(store.path("engine", sl.name, engine_key(sl, inputs, policy, slots)))
-    if found is not None:
-        return found
-    for result in store.engine_results(sl.name):
-        if (result.get("policy"), result.get("cache_slots")) == (policy, slots) and \
-                result.get("model_id", inputs.model_id) == inputs.model_id:
-            return result
-    return None
-
-
 def _pair(slice_name, policy, slots, eng: Layers, sim: Layers, mask: np.ndarray, eng_experts, sim_experts,
           measured_tps=float("nan"), predicted_tps=float("nan"), notes=()) -> Config:
     """Both timelines cut to their common steps and ``mask`` (the timed ones)."""
@@ -356,7 +343,7 @@ def compare_slice(sl: Slice, inputs: SliceInputs, profile: HardwareProfile, stor
     configs, notes = [], []
     for policy in sl.policies:
         for slots in sl.cache_slots:
-            result = _stored_result(sl, inputs, store, policy, slots)
+            result, _ = stored_result(sl, inputs, store, policy, slots)
             if result is None:
                 notes.append(f"{sl.name}: {policy} at {slots} slots not measured")
                 continue
