@@ -87,13 +87,15 @@ def _load_file(path: Path):
     if not path.is_file():
         raise PolicyLoadError(f"policy file {path} does not exist; give an existing .py file as FILE.py:Class")
     # Keyed by path and content: an edited file is loaded anew, even in a long-lived process; so is one
-    # whose own modules (``user_sources``) changed since it was loaded, with those modules.
+    # whose own modules (``user_sources``, found once at load) changed since it was loaded, with those
+    # modules. Only their digests are compared on a hit: any edit among them (a new import line included)
+    # changes one, and a deleted one changes the list; the reload finds the modules anew.
     digest = hashlib.sha256(str(path.resolve()).encode() + b"\0" + path.read_bytes()).hexdigest()[:16]
     mod_name = f"_user_policy_{digest}"
     module = sys.modules.get(mod_name)
     if module is not None:
-        sources = user_sources(module)
-        if module._user_sources_loaded != _digests(sources):
+        sources = module._user_sources
+        if module._user_sources_loaded != _digests(p for p in sources if p.is_file()):
             for name, loaded in list(sys.modules.items()):
                 if _user_file(getattr(loaded, "__file__", None)) in sources:
                     del sys.modules[name]
@@ -115,7 +117,8 @@ def _load_file(path: Path):
                                   f"{_one_line(err)}; {fix}") from None
         # Imported while it loaded, however (importlib included): the user's modules among them count too.
         module._user_modules_imported = sorted(set(sys.modules) - before)
-        module._user_sources_loaded = _digests(user_sources(module))
+        module._user_sources = user_sources(module)
+        module._user_sources_loaded = _digests(module._user_sources)
     return module
 
 
