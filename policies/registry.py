@@ -281,7 +281,8 @@ def policy_sha256(spec: str) -> str:
     in neither."""
     modules = {sys.modules.get(c.__module__) for c in resolve_policy(spec).__mro__} - {None}
     sources = {Path(m.__file__).resolve() for m in modules if getattr(m, "__file__", None)}
-    for m in modules:
-        sources |= user_sources(m)
+    for m in modules:      # a policy file's set was found when it loaded (and checked by resolve_policy)
+        stored = getattr(m, "_user_sources", None)
+        sources |= stored if stored is not None else user_sources(m)
     # Contents only, sorted: the same files give the same digest wherever the project is checked out.
     return bytes_sha256("".join(_digests(sources)))
