@@ -150,10 +150,16 @@ def halves_drift_pct(step_ms: Sequence[float], request_starts: Sequence[int] | N
     grows with the context and a request's first steps differ, so the time halves of a run of several
     requests would compare unlike steps. One request (or unknown starts): the median step of the run's
     second half against its first half's, in % of the whole run's median step. NaN below two steps."""
+    return _halves_within(step_ms, request_starts)[0]
+
+
+def _halves_within(step_ms: Sequence[float], request_starts: Sequence[int] | None) -> tuple[float, str]:
+    """``halves_drift_pct`` and its basis: ``requests`` (two requests or more) or ``time``."""
     s = np.asarray(step_ms, dtype=np.float64)
-    if len(s) < 2:
-        return float("nan")
     spans = _request_spans(len(s), request_starts)
+    basis = "requests" if len(spans) >= 2 else "time"
+    if len(s) < 2:
+        return float("nan"), basis
     if len(spans) >= 2:
         k = len(spans) // 2
         first, second = spans[:k], spans[len(spans) - k:]
@@ -163,9 +169,9 @@ def halves_drift_pct(step_ms: Sequence[float], request_starts: Sequence[int] | N
             late = [s[a + p] for a, b in second if a + p < b]
             if early and late:
                 ratios.append(np.median(late) / np.median(early))
-        return float(100.0 * abs(np.median(ratios) - 1.0))
+        return float(100.0 * abs(np.median(ratios) - 1.0)), basis
     half = len(s) // 2
-    return float(100.0 * abs(np.median(s[half:]) - np.median(s[:half])) / np.median(s))
+    return float(100.0 * abs(np.median(s[half:]) - np.median(s[:half])) / np.median(s)), basis
 
 
 def halves_against_runs_pct(step_ms: Sequence[float], others: Sequence[Sequence[float]]) -> float:
@@ -541,7 +547,7 @@ class Measurement:
                 row, steps = self._one(config, r, position, cold, clocks, watch, others)
                 report.rows.append(row)
                 self.steps.append(steps)
-                compare_halves(report.rows, self.steps, d)
+                compare_halves(report.rows, self.steps, d, config.label)
                 flag_runs(report.rows, d, clocks.info.get("sm_mhz_max"))
                 self.on_progress(report)
             round_s = time.monotonic() - begun
@@ -586,10 +592,8 @@ class Measurement:
         row = {"config": config.label, **config.fields, "decode_core": config.decode_core, "round": r,
                "position": position, "cold": cold, "error": error, "wall_s": (end_ns - start_ns) / 1e9}
         row.update(step_figures(output.step_ms))
-        within = halves_drift_pct(output.step_ms, output.request_starts)
-        spans = len(_request_spans(len(output.step_ms), output.request_starts))
-        row.update(halves_drift_pct=within, halves_drift_within_pct=within,
-                   halves_basis="requests" if spans > 1 else "time",
+        within, basis = _halves_within(output.step_ms, output.request_starts)
+        row.update(halves_drift_pct=within, halves_drift_within_pct=within, halves_basis=basis,
                    long_enough=bool(within < d.halves_tolerance_pct))       # compare_halves may revise these
         row.update(output.columns)
         row.update(host_cal_before_ms=before, host_cal_after_ms=after, gc_gen0=collections[0],
@@ -605,24 +609,24 @@ class Measurement:
         return row, (None if error else np.asarray(output.step_ms, dtype=np.float64))
 
 
-def compare_halves(rows: list[dict], steps: Sequence[np.ndarray | None], discipline: Discipline) -> None:
-    """Set each successful row's ``halves_drift_pct``, ``halves_basis`` and ``long_enough`` (its halves
-    agree within ``halves_tolerance_pct``; why 2 %: the note above ``halves_drift_pct``). ``steps[i]``: the
-    timed step times of ``rows[i]`` (None for a failed run). A run with at least two other runs of its
-    configuration that timed as many steps is compared with them step by step (``halves_against_runs_pct``,
-    basis ``runs``); otherwise with itself (``halves_drift_within_pct``: ``requests``, its requests' halves
-    matched by position; ``time``, its time halves, for one request). Session-relative, like the outliers:
-    recomputed over all rows after each run."""
-    for i, row in enumerate(rows):
-        if steps[i] is None:
-            continue
-        others = [steps[j] for j, other in enumerate(rows) if j != i and steps[j] is not None
-                  and other["config"] == row["config"] and len(steps[j]) == len(steps[i])]
+def compare_halves(rows: list[dict], steps: Sequence[np.ndarray | None], discipline: Discipline,
+                   label: str) -> None:
+    """Set the ``halves_drift_pct``, ``halves_basis`` and ``long_enough`` (its halves agree within
+    ``halves_tolerance_pct``; why 2 %: the note above ``halves_drift_pct``) of each successful row of the
+    configuration ``label``. ``steps[i]``: the timed step times of ``rows[i]`` (None for a failed run). A
+    run with at least two other runs of its configuration that timed as many steps is compared with them
+    step by step (``halves_against_runs_pct``, basis ``runs``); otherwise it keeps what the run set, its
+    comparison with itself (``halves_drift_within_pct``: ``requests``, its requests' halves matched by
+    position; ``time``, its time halves, for one request); a row's others only grow, so a ``runs`` basis
+    stays. Session-relative, like the outliers: recomputed after each run over its configuration's rows,
+    the only ones a new run can change."""
+    mine = [i for i, row in enumerate(rows) if row["config"] == label and steps[i] is not None]
+    for i in mine:
+        others = [steps[j] for j in mine if j != i and len(steps[j]) == len(steps[i])]
         if len(others) >= 2:
+            row = rows[i]
             row["halves_drift_pct"], row["halves_basis"] = halves_against_runs_pct(steps[i], others), "runs"
-        else:       # (a row's others only grow: its basis, set by the run, stays requests or time)
-            row["halves_drift_pct"] = row["halves_drift_within_pct"]
-        row["long_enough"] = bool(row["halves_drift_pct"] < discipline.halves_tolerance_pct)
+            row["long_enough"] = bool(row["halves_drift_pct"] < discipline.halves_tolerance_pct)
 
 
 def flag_runs(rows: list[dict], discipline: Discipline, sm_mhz_max: float | None) -> None:
