@@ -233,6 +233,13 @@ def _check_policies_build(configs: list[RunConfig]) -> None:
     the file and line in the policy's code."""
     seen = set()
     for cfg in configs:
+        # The context from the configuration alone (the hardware's estimates follow from its profile, overrides,
+        # precision and the trace), so a repeat is skipped before any work.
+        key = (cfg.policy, cfg.policy_params, *_slice_key(cfg), cfg.prefetch_depth, cfg.cache_slots, cfg.cache_mode,
+               cfg.hardware, tuple(sorted(cfg.hardware_overrides().items())), cfg.precision)
+        if key in seen:
+            continue
+        seen.add(key)
         policy_cls = resolve_policy(cfg.policy)
         params = dict(cfg.policy_params)
         label = policy_label(cfg.policy, cfg.policy_params)
@@ -244,11 +251,6 @@ def _check_policies_build(configs: list[RunConfig]) -> None:
                               f"hold (it has: {have}); {_TRACKS_FIX}")
         copy_ns, layer_ns = hardware_for(cfg).prefetch_estimates(run.model, cfg.precision)
         mode = _settings(cfg).cache_mode
-        key = (cfg.policy, cfg.policy_params, *_slice_key(cfg), cfg.prefetch_depth, cfg.cache_slots, mode,
-               copy_ns, layer_ns)
-        if key in seen:
-            continue
-        seen.add(key)
         slice_note = f" (train_fraction={cfg.train_fraction})" if train is None else ""
         try:
             predictor = predictor_for(policy_cls, params, cfg.prefetch_depth, trace=run)
