@@ -89,11 +89,6 @@ def expert_variants(shape: ModelShape, clock: Clock, replays: int, repeats: int)
     return rows
 
 
-def _swiglu_rows(h: torch.Tensor) -> torch.Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return (F.silu(gate.float()) * up.float()).to(h.dtype)
-
-
 def dispatch_variants(shape: ModelShape, clock: Clock, replays: int, repeats: int, device: torch.device,
                       slots: int = 16) -> list[dict]:
     """A layer's top-k experts of ``shape`` over a slot tensor [slots, blob] (bf16) at batch 1, per dispatch
@@ -112,20 +107,20 @@ def dispatch_variants(shape: ModelShape, clock: Clock, replays: int, repeats: in
 
     def k_graphs():
         for i, slot in enumerate(chosen):
-            torch.mm(_swiglu_rows(F.linear(x, gate_up[slot])), down[slot].t(), out=out[i:i + 1])
+            torch.mm(swiglu(F.linear(x, gate_up[slot])), down[slot].t(), out=out[i:i + 1])
 
     def grouped():
         counts = torch.zeros(slots, dtype=torch.int32, device=device).index_add_(0, selected, ones)
         offs = counts.cumsum(0, dtype=torch.int32)
         order = torch.argsort(selected)
         rows = x.expand(K, H).contiguous()
-        hidden = _swiglu_rows(F.grouped_mm(rows, gate_up.transpose(1, 2), offs=offs)).contiguous()
+        hidden = swiglu(F.grouped_mm(rows, gate_up.transpose(1, 2), offs=offs)).contiguous()
         out.index_copy_(0, order, F.grouped_mm(hidden, down.transpose(1, 2), offs=offs))
 
     def gathered():
         w1 = gate_up.index_select(0, selected)                  # [K, 2I, H]: a copy of K experts' weights
         w2 = down.index_select(0, selected)
-        hidden = _swiglu_rows(torch.bmm(w1, x.expand(K, H).unsqueeze(-1)).squeeze(-1))
+        hidden = swiglu(torch.bmm(w1, x.expand(K, H).unsqueeze(-1)).squeeze(-1))
         out.copy_(torch.bmm(w2, hidden.unsqueeze(-1)).squeeze(-1))
 
     variants = {"k-graphs": k_graphs, "grouped": grouped, "gathered": gathered}
