@@ -138,24 +138,43 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _start_sweep(trace_path, out: Path, rows: int, **streams) -> tuple[subprocess.Popen, list[int]]:
+    """A sweep of 21 configurations on the SimPy reference (the fast path would finish every configuration
+    before the test acts) with two workers, in its own session, once ``rows`` rows are written: (the sweep,
+    its workers). ``streams``: Popen's stdout/stderr/text. The sweep is killed when the wait fails."""
+    args = [f"trace={trace_path}", "policy=lru,lfu,fifo", "cache_slots=2..8", "sim_path=reference", "--no-plots",
+            "--workers", "2", "--out", out]
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", *map(str, args)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True, **streams)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((out / "rows").glob("*.json"))) < rows and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, "the sweep finished before the signal: make the trace longer"
+    except BaseException:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise
+    return proc, workers
+
+
+def _wait_gone(pids: list[int], seconds: float) -> None:
+    """Until none of ``pids`` is alive, or ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
 @pytest.mark.parametrize("signum, whole_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
                          ids=["ctrl-c", "kill"])
 def test_signal_stops_workers_keeps_finished_rows_and_says_how_to_resume(trace_path, tmp_path, signum, whole_group):
     """Ctrl-C signals the whole process group; ``kill PID`` / ``timeout`` only the sweep itself."""
     out = tmp_path / "out"
-    # The SimPy reference: the fast path would finish every configuration before the signal.
-    args = [f"trace={trace_path}", "policy=lru,lfu,fifo", "cache_slots=2..8", "sim_path=reference", "--no-plots",
-            "--workers", "2", "--out", out]
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", *map(str, args)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc, workers = _start_sweep(trace_path, out, 2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while len(list((out / "rows").glob("*.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-        workers = _children(proc.pid)
-        assert len(workers) == 2, "the sweep finished before the signal: make the trace longer"
         sent = time.monotonic()
         (os.killpg if whole_group else os.kill)(proc.pid, signum)
         _, stderr = proc.communicate(timeout=20)
@@ -278,23 +297,11 @@ def test_train_fraction_zero_still_runs_the_policies_that_learn_nothing(trace_pa
 def test_workers_end_when_the_sweep_is_killed_outright(trace_path, tmp_path):
     """``kill -9`` of the sweep: its workers must not live on, adopted by init, waiting for work."""
     out = tmp_path / "out"
-    args = [f"trace={trace_path}", "policy=lru,lfu,fifo", "cache_slots=2..8", "sim_path=reference", "--no-plots",
-            "--workers", "2", "--out", out]
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", *map(str, args)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    workers = []
+    proc, workers = _start_sweep(trace_path, out, 1, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while len(list((out / "rows").glob("*.json"))) < 1 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-        workers = _children(proc.pid)
-        assert len(workers) == 2, "the sweep finished before the signal: make the trace longer"
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 5
-        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_gone(workers, 5)
         assert not [pid for pid in workers if _alive(pid)], "a worker outlived the sweep killed by SIGKILL"
     finally:
         for pid in workers:
@@ -323,9 +330,7 @@ time.sleep(30)
         assert _alive(child)
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 5
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_gone([child], 5)
         assert not _alive(child)
     finally:
         if _alive(child):
