@@ -19,7 +19,7 @@ import torch
 
 from real.bench.args import add_model_args, add_prompt_args, check_model_args, positive_int, resolved
 from real.bench.recording import record_slices
-from real.bench.references import fully_on_gpu
+from real.bench.references import fully_resident
 from real.bench.table import write_resolved_config
 from real.bench.text import held_out_prompts, load_text, train_prompts
 from real.checkpoint import load_checkpoint
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     config, tensors = load_checkpoint(args.model, dtype)
     shape = config.to_model_shape(args.name)
     resident = MoEModel(config, tensors, device=device, dtype=dtype)
-    reference_tokens, _ = fully_on_gpu(resident, prompts, args.new_tokens)
+    reference_tokens, _ = fully_resident(resident, prompts, args.new_tokens)
     del resident
     host = MoEModel(config, tensors, device=device, dtype=dtype, experts_device="cpu")
     del tensors

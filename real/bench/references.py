@@ -111,10 +111,6 @@ def measure_fully_resident(resident: MoEModel, name: str, prompts: list[list[int
     return runs.tokens, report, problems
 
 
-# The names before the mode was called by what runs (every expert on the compute device, a CPU included).
-fully_on_gpu, measure_fully_on_gpu = fully_resident, measure_fully_resident
-
-
 def hf_parity(model_dir: Path, resident: MoEModel, prompt: list[int], generated: list[int]) -> dict:
     """Our resident model's logits at every position of ``prompt`` + ``generated`` (all but its last
     token) against Hugging Face's full-sequence forward in the same dtype: ``max_abs_diff``,
