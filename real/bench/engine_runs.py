@@ -142,6 +142,16 @@ class TokenCheck:
         return {"lossless": lossless, "identical_tokens": identical,
                 "first_difference": "" if identical else first_difference(result.generated, self.reference)}
 
+    def columns(self, label: str, report: Report, column: str, named: bool = False) -> dict:
+        """A correctness.csv row's check columns for configuration ``label``: ``lossless``; with ``named``,
+        ``reference`` (``source``); ``column``, whether every measured run's tokens were identical to the
+        reference (None before a run was checked); ``runs_checked`` and ``runs_identical``."""
+        runs = [r for r in report.rows if r["config"] == label and not r["error"] and "identical_tokens" in r]
+        identical = sum(bool(r["identical_tokens"]) for r in runs)
+        return {"lossless": self.lossless[label], **({"reference": self.source} if named else {}),
+                column: identical == len(runs) if runs else None, "runs_checked": len(runs),
+                "runs_identical": identical}
+
     def mismatches(self, report: Report) -> list[str]:
         """One line per lossless configuration with a run whose tokens differ from the reference: which
         runs, and where they first differ."""

@@ -141,7 +141,8 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
         measured = [c for c in configs if c.label in found]
         engines.replace([engine_row(name, c.fields["mode"], c.fields["policy"], c.fields["cache_slots"],
                                     found[c.label]) for c in measured])
-        correctness.replace([_correctness(c, lossless[c.label], report) for c in measured])
+        correctness.replace([{"mode": c.fields["mode"], "policy": c.fields["policy"], "cache_slots": c.fields["cache_slots"],
+                              **check.columns(c.label, report, IDENTICAL_COLUMN)} for c in measured])
         summary.replace([_summary(c, found[c.label], report, predicted, prepared, runs, name)
                          for c in measured if c.fields["mode"] == "live"])
 
@@ -171,16 +172,6 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
 
 def _checked(label: str, report: Report) -> list[dict]:
     return [r for r in report.rows if r["config"] == label and not r["error"]]
-
-
-def _correctness(config: Config, lossless: bool, report: Report) -> dict:
-    """A correctness.csv row: whether every measured run's tokens equal the fully-resident model's."""
-    checked = _checked(config.label, report)
-    identical = sum(bool(r["identical_tokens"]) for r in checked)
-    return {"mode": config.fields["mode"], "policy": config.fields["policy"],
-            "cache_slots": config.fields["cache_slots"], "lossless": lossless,
-            IDENTICAL_COLUMN: identical == len(checked) if checked else None,
-            "runs_checked": len(checked), "runs_identical": identical}
 
 
 def _summary(config: Config, found: dict, report: Report, predicted: dict, prepared: dict, runs: PolicyRuns,

@@ -67,18 +67,11 @@ def shape_replay(model, shape: ModelShape, train: Trace, trace: Trace, policies:
     def checked(report: Report) -> list[dict]:
         """correctness.csv's rows: per configuration measured so far, its runs checked against the first
         lossless run's tokens (``check.source``) and how many were identical."""
-        out_rows = []
-        for c in configs:
-            runs = [r for r in report.rows if r["config"] == c.label and not r["error"] and "identical_tokens" in r]
-            if not any(r["config"] == c.label for r in report.rows):
-                continue
-            identical = sum(bool(r["identical_tokens"]) for r in runs)
-            out_rows.append({"mode": "shape-replay", "model": shape.name, "policy": c.fields["policy"],
-                             "cache_slots": c.fields["cache_slots"], "lossless": classes[c.fields["policy"]].lossless,
-                             "reference": check.source,
-                             "identical_to_reference": identical == len(runs) if runs else None,
-                             "runs_checked": len(runs), "runs_identical": identical})
-        return out_rows
+        measured = {r["config"] for r in report.rows}
+        return [{"mode": "shape-replay", "model": shape.name, "policy": c.fields["policy"],
+                 "cache_slots": c.fields["cache_slots"],
+                 **check.columns(c.label, report, "identical_to_reference", named=True)}
+                for c in configs if c.label in measured]
 
     def progress(report: Report) -> None:
         files.write(report)
