@@ -59,7 +59,6 @@ from real.bench.table import engine_table, write_resolved_config
 from real.bench.text import held_out_prompts, load_text, score_sequences, train_prompts
 from real.checkpoint import load_checkpoint, read_config
 from real.lookahead_gate import VAL_TOKENS
-from real.measurement import Config
 from real.model import MoEModel
 from real.profile_hw import (profile_name,
                              write_profile)
@@ -126,7 +125,7 @@ def live(args) -> list[str]:
         host, shape, load_hardware(args.hardware), args.profile_name, args.precision, device, args.policies,
         runs.settings, min(args.slots), train, args.depth, predictors_at, train_text, args.new_tokens,
         command="python -m experiments.engine_bench live",
-        on_error=lambda policy, err: error_files(out)(Config({"step": "calibration", "policy": policy}), err))
+        on_error=error_files(out))
     atomic_write(out / "calibration.json", lambda f: json.dump(calibration, f, default=str))
     atomic_write(out / "profile_fit_notes.json", lambda f: json.dump(notes, f, indent=1, default=str))
     hardware = write_profile(out / f"{args.profile_name}.yaml", profile)

@@ -28,7 +28,6 @@ Units: ms for times unless a name says us.
 from __future__ import annotations
 
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -41,6 +40,7 @@ from offload.session import RunSettings
 from policies.lru import LRU
 from policies.registry import resolve_policy
 from real.engine import OffloadEngine
+from real.measurement import Config, print_error
 from real.profile_hw import measure_compute
 from traces import ModelShape, Trace
 from traces.synthetic import PATTERNS, pattern_trace
@@ -175,19 +175,17 @@ def calibrate_model(model, shape: ModelShape, steps: int = 48, hardware=None,
 def calibrate_policies(model, shape: ModelShape, policies: Iterable[str], settings: Callable[[int], RunSettings],
                        slots: int, train: Trace, prefetch_depth: int, predictors_at=None,
                        train_prompts: list[list[int]] | None = None, new_tokens: int = 0,
-                       on_error: Callable[[str, BaseException], str] | None = None) -> tuple[dict, dict]:
+                       on_error: Callable[[Config, BaseException], str] | None = None) -> tuple[dict, dict]:
     """(``decisions``, ``failed``) of the module docstring for ``policies`` (LRU, the baseline, first):
     per policy ``decision_costs`` at ``slots`` on the training slice ``train`` (at most 64 of its tokens) and
     ``resident_step_ms``, its all-resident decode beside LRU's (``train_prompts`` generated ``new_tokens``
     each for a live model, else ``train`` replayed). ``settings(slots)``: the runs' settings; ``predictors_at
     (depth)``: the live predictors at a depth (None: none). A policy whose calibration raises is left out
-    with its error in ``failed``, so that the others are still calibrated: ``on_error(policy, err)`` says
-    what its error is (one line; default: the traceback printed, then the exception's type and message)."""
+    with its error in ``failed``, so that the others are still calibrated: ``on_error(config, err)`` says
+    what its error is, one line, as ``Measurement``'s does (``config``: ``step`` calibration and the
+    ``policy``; default: the traceback printed, then the exception's type and message)."""
     def one_line(policy: str, err: BaseException) -> str:
-        if on_error is not None:
-            return on_error(policy, err)
-        traceback.print_exception(err)
-        return f"{type(err).__name__}: {err}"
+        return (on_error or print_error)(Config({"step": "calibration", "policy": policy}), err)
 
     decisions, resident, failed = {}, {}, {}
     tokens = min(train.num_tokens, 64)

@@ -470,8 +470,9 @@ class Report:
         return floor_table(self)
 
 
-def _print_error(config: Config, err: BaseException) -> str:
-    """``Measurement``'s default ``on_error``: the traceback on stderr, the row's error as one line."""
+def print_error(config: Config, err: BaseException) -> str:
+    """The default ``on_error`` of ``Measurement`` and of ``real.calibration.calibrate_policies``: the
+    traceback on stderr, the error as one line."""
     traceback.print_exception(err)
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
@@ -504,7 +505,7 @@ class Measurement:
         self.on_progress = on_progress or (lambda report: None)
         self.deadline_s, self.started = deadline_s, started
         self.clocks, self.calibrate = clocks, calibrate
-        self.on_error = on_error or _print_error
+        self.on_error = on_error or print_error
         self.report = Report(configs={c.label: {**c.fields, "decode_core": c.decode_core} for c in configs})
         self.steps: list[np.ndarray | None] = []     # each row's timed step times (None: it failed)
 
