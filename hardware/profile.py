@@ -381,7 +381,7 @@ class HardwareProfile:
             try:
                 copy = replace(copy, copy_latency_us=latency_us)
             except ValueError as e:
-                raise ValueError(f"hardware {self.name}: copy_latency_us={latency_us} does not fit its measured copy "
+                raise HardwareProfileError(f"hardware {self.name}: copy_latency_us={latency_us} does not fit its measured copy "
                                  f"table ({e}); on a measured table the latency only sets copies below the table's "
                                  f"smallest size, whose times already hold the link's latency: to model a link with "
                                  f"another latency, give pcie_GBps too (a constant link)") from None

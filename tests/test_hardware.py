@@ -11,6 +11,7 @@ from hardware.profile import (
     ComputeCost,
     ConstantCopyCost,
     HardwareProfile,
+    HardwareProfileError,
     MeasuredCompute,
     TabulatedCopyCost,
     available_hardware,
@@ -247,7 +248,7 @@ def test_with_overrides_rejects_unknown_and_bad_values(h100):
         h100.with_overrides(copy_engines=0)
     with pytest.raises(ValueError, match="hbm_GBps"):
         h100.with_overrides(hbm_GBps=-1.0)
-    with pytest.raises(ValueError, match="(?s)hardware h100-pcie5: copy_latency_us=50.0.*give pcie_GBps too"):
+    with pytest.raises(HardwareProfileError, match="(?s)hardware h100-pcie5: copy_latency_us=50.0.*give pcie_GBps too"):
         h100.with_overrides(copy_latency_us=50.0)  # slower than the 0.25 MiB copy: table inconsistent
 
 
@@ -442,7 +443,7 @@ def test_a_damaged_profile_loads_correctly_or_names_the_field(data):
     changed): either it loads and every cost it gives is a positive integer number of ns, or one
     HardwareProfileError names the origin; never another exception."""
     import copy as copy_module
-    from hardware.profile import HardwareProfileError, hardware_from_dict, hardware_to_dict
+    from hardware.profile import hardware_from_dict, hardware_to_dict
     base = hardware_to_dict(load_hardware("h100-pcie5-measured"))
     entry = base["measured_compute"]["moe-lm"]["bf16"]
     entry["decision_us"], entry["layer_extra_us"], entry["copy_wait_us"] = {"OraclePrefetch": 12.5}, {"LRU": 3.0}, 7.0
