@@ -394,19 +394,19 @@ LEGEND = ("n0/n1/n2+: layers with 0/1/2+ experts waiting for a copy; L0/L1/L2+: 
 
 
 def _row(config: str, clock: str, layers: Layers) -> dict:
-    parts = per_token_parts(layers)
-    miss = layers.missing > 0
+    """The compact screen's line of one clock: the same figures as its ``clock_rows``, by short names."""
+    value = {(missing, quantity): v for missing, quantity, v in clock_rows(layers)}
     row = {"config": config, "clock": clock}
-    for name, sel in _classes(layers.missing).items():
-        row[f"n{name}"] = int(sel.sum())
-        row[f"L{name}"] = _med(layers.time[sel])
+    for name in CLASSES:
+        row[f"n{name}"] = int(value[name, "layers"])
+        row[f"L{name}"] = value[name, "layer_median_us"]
         if name == "0":
-            for label, hits in zip(("L0|0", "L0|1+"), _hits_by_previous(layers.missing).values()):
-                row[label] = _med(layers.time[hits])
-    row.update({"to_copy": _med(layers.to_copy[miss]), "copy": _med(layers.copies.ravel()),
-                "after": _med(layers.after[miss]), "hit/tok": parts["hit"], "miss/tok": parts["miss"],
-                "work": parts["work"], "token": float(layers.token.mean()),
-                "tok/s": len(layers.token) / (layers.token.sum() * 1e-6)})
+            for label, previous in zip(("L0|0", "L0|1+"), ("0 after 0", "0 after 1+")):
+                row[label] = value[previous, "layer_median_us"]
+    row.update({"to_copy": value["1+", "to_copy_median_us"], "copy": value["1+", "copy_median_us"],
+                "after": value["1+", "after_copy_median_us"], "hit/tok": value["hit", "per_token_us"],
+                "miss/tok": value["miss", "per_token_us"], "work": value["work", "per_token_us"],
+                "token": value["all", "token_mean_us"], "tok/s": value["all", "tokens_per_s"]})
     return row
 
 
