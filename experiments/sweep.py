@@ -49,7 +49,7 @@ from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, expecte
                                 record_timeline, run_config, share_traces, trace_slices, use_shared_traces,
                                 validate_grid)
 from hardware.profile import hardware_to_dict
-from policies.registry import failure_site, resolve_policy
+from policies.registry import RUN_FAILURES, failure_site, resolve_policy
 
 DEFAULT_CONFIG = DEFAULT_SCENARIO
 TIMELINE_TOKENS = 20
@@ -195,7 +195,7 @@ def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> tuple[str | None,
     start = time.perf_counter()
     try:
         row, perf = run_config(cfg)
-    except (Exception, SystemExit) as err:  # noqa: BLE001  (reported by name; the other configs go on)
+    except RUN_FAILURES as err:  # reported by name; the other configs go on
         # A SystemExit can come only from the policy's code (a worker ends by os._exit): a failure like any other.
         # A value the controller refused left the policy by returning: the hook's site names the user's code.
         site = failure_site(resolve_policy(cfg.policy), err)

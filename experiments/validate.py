@@ -41,6 +41,7 @@ import torch
 from hardware.profile import HardwareProfileError, hardware_from_dict, load_hardware
 from plots.figures import plot_validation
 from real.bench.args import cpu_threads
+from real.bench.engine_runs import exit_message, run_problems
 from real.profile_hw import profile_name
 from traces import load_trace, save_trace
 from traces.io import atomic_write
@@ -129,7 +130,9 @@ def calibrated_profile(store: Store, scenario: Scenario, device_name: str, write
     return hardware_from_dict(data, origin=str(store.out / f"{name}.yaml")), notes
 
 
-def measure(scenario: Scenario, slices, store: Store, args, started: float) -> None:
+def measure(scenario: Scenario, slices, store: Store, args, started: float) -> list[str]:
+    """Calibrate and measure ``slices`` into ``store``; returns one line per failure of this call (a policy's
+    calibration, a configuration's runs), each naming where it left the policy and its traceback's file."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -139,6 +142,7 @@ def measure(scenario: Scenario, slices, store: Store, args, started: float) -> N
     recorded = path.stem if path.parent == SCENARIOS_DIR.resolve() else str(path)
     atomic_write(store.out / SCENARIO_FILE, lambda f: f.write(f"{recorded}\n"))
     deadline = args.deadline_s or scenario.deadline_s
+    problems = []
     for sl in slices:
         if not cuda:
             print(f"{sl.name}: on a CPU the engine copies synchronously, which the simulator does not model: "
@@ -148,12 +152,15 @@ def measure(scenario: Scenario, slices, store: Store, args, started: float) -> N
             continue
         m = SliceMeasurement(sl, store, scenario.repeats, device, dtype)
         Inputs(store, sl.name).save(m.prepare())
-        m.calibrate(args.calibration_steps)
+        calibration = m.calibrate(args.calibration_steps)
+        problems += [f"{sl.name}: calibration of {what} failed ({line})" for what, line in calibration["failed"].items()]
         profile, _ = calibrated_profile(store, scenario, torch.cuda.get_device_name(device) if cuda else "cpu")
-        m.measure(profile, deadline, started)
+        measured = m.measure(profile, deadline, started)
+        problems += run_problems(measured) if measured is not None else []
         del m
         if cuda:
             torch.cuda.empty_cache()
+    return problems
 
 
 def slice_inputs(sl, store: Store) -> SliceInputs | None:
@@ -213,7 +220,9 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
                 result, other_code = stored_result(sl, inputs, store, policy, slots)
                 earlier += other_code
                 if result is None or not (result.get("summary") or any(not r.get("error") for r in result["runs"])):
-                    notes.append(f"{sl.name}: {policy} at {slots} slots not measured yet")
+                    errors = [r["error"] for r in (result or {}).get("runs", []) if r.get("error")]
+                    notes.append(f"{sl.name}: {policy} at {slots} slots " + (
+                        f"failed in all {len(errors)} runs ({errors[-1]})" if errors else "not measured yet"))
                     continue
                 pairs.append((result, predict(sl, inputs, result, profile, store)))
         if earlier:
@@ -322,9 +331,10 @@ def _main(args, name: str, started: float) -> int:
             return 2
     print(f"validate: scenario {scenario.path} ({', '.join(s.name for s in slices)}) -> {args.out}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    problems = []
     if not args.predict_only:
         try:
-            measure(scenario, slices, store, args, started)
+            problems = measure(scenario, slices, store, args, started)
         except OtherMachineError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -334,6 +344,9 @@ def _main(args, name: str, started: float) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"-> {args.out}/validation.csv, summary.txt, validation.png ({time.monotonic() - started:.0f} s)", flush=True)
+    if problems:        # the report holds what did run; the call still fails, naming what did not
+        print(exit_message(problems, args.out), file=sys.stderr)
+        return 1
     return 0
 
 

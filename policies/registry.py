@@ -174,6 +174,12 @@ def crash_site(policy_cls: type[Policy], err: BaseException) -> str:
     return f"{frame.filename}:{frame.lineno} in {frame.name}"
 
 
+# What a run catches from the code it runs (a policy's hooks above all), to report that configuration as
+# failed and go on with the others: every exception, and SystemExit too, since a policy's sys.exit() must
+# not end a sweep or an engine command with no word about it. KeyboardInterrupt is left to end the command.
+RUN_FAILURES = (Exception, SystemExit)
+
+
 def failure_site(policy_cls: type, err: BaseException) -> str:
     """Where a run failed, for its one-line report: the hook that returned a value the controller refused
     (``PolicyError.site``: the error left the policy by returning), else ``crash_site``."""

@@ -38,7 +38,7 @@ from offload.policy import Policy
 from offload.predictors import policy_depth
 from offload.session import RunSettings
 from policies.lru import LRU
-from policies.registry import resolve_policy
+from policies.registry import RUN_FAILURES, resolve_policy
 from real.engine import OffloadEngine
 from real.measurement import Config, print_error
 from real.profile_hw import measure_compute
@@ -197,7 +197,7 @@ def calibrate_policies(model, shape: ModelShape, policies: Iterable[str], settin
         try:
             decisions[policy] = decision_costs(model, shape, cls, settings(slots), train, predictors=predictors,
                                                max_tokens=tokens)
-        except Exception as err:        # one policy's failure must not stop the others' calibration
+        except RUN_FAILURES as err:     # one policy's failure must not stop the others' calibration
             failed[policy] = one_line(policy, err)
             print(f"calibration of {policy} failed ({failed[policy]}); its runs will say why", flush=True)
             continue
@@ -210,7 +210,7 @@ def calibrate_policies(model, shape: ModelShape, policies: Iterable[str], settin
     try:
         for policy, ms in resident_step_ms(model, shape, resident, decode).items():
             decisions[policy]["resident_step_ms"] = ms
-    except Exception as err:
+    except RUN_FAILURES as err:
         failed["resident"] = one_line("lru", err)
         print(f"calibration of the all-resident steps failed ({failed['resident']})", flush=True)
     return decisions, failed

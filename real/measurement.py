@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from offload.metrics import tpot_summary
+from policies.registry import RUN_FAILURES
 
 # The host calibration workload: a fixed count of interpreter-bound additions, about 2 ms on a current
 # server core. Fixed, never adapted to the machine, so that its time compares across runs and sessions.
@@ -565,7 +566,7 @@ class Measurement:
             while not steady and len(medians) < d.warmup_max_passes:
                 medians.append(float(np.median(self.run(config, True).step_ms)))
                 steady = len(medians) > 1 and 100 * abs(medians[-1] - medians[-2]) / medians[-2] < d.warmup_tolerance_pct
-        except Exception as err:        # the measured runs still go ahead, and say whether they fail too
+        except RUN_FAILURES as err:     # the measured runs still go ahead, and say whether they fail too
             error = self.on_error(config, err)
         return {"passes": len(medians), "median_step_ms": medians, "steady": steady, "error": error,
                 "wall_s": time.monotonic() - start}
@@ -583,7 +584,7 @@ class Measurement:
         error, output = None, RunOutput(step_ms=[])
         try:
             output = self.run(config, False)
-        except Exception as err:        # the other runs go on; this row says what happened
+        except RUN_FAILURES as err:     # the other runs go on; this row says what happened
             error = self.on_error(config, err)
         end_ns = time.monotonic_ns()
         collections, gc_ms = watch.since(output.timed_from_ns or start_ns)

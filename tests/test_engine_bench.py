@@ -225,13 +225,15 @@ def test_replay_refuses_policies_that_need_a_live_predictor_before_measuring(tmp
     assert not (tmp_path / "out").exists()          # nothing measured, nothing written
 
 
-def test_a_failing_policy_is_reported_as_the_sweep_reports_it(tmp_path, capfd):
+@pytest.mark.parametrize("raises, what", [("RuntimeError('broken on purpose')", "RuntimeError: broken on purpose"),
+                                          ("SystemExit(3)", "SystemExit: 3")])     # a policy's sys.exit too
+def test_a_failing_policy_is_reported_as_the_sweep_reports_it(tmp_path, capfd, raises, what):
     """One line on the console naming the policy's file, line and hook, its traceback in OUT/errors/, the
     other policies measured."""
     from experiments.engine_bench import main as bench
     broken = tmp_path / "bad.py"
     broken.write_text("from policies.lru import LRU\n\n\nclass Raises(LRU):\n    def on_access(self, *args):\n"
-                      "        raise RuntimeError('broken on purpose')\n")
+                      f"        raise {raises}\n")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_:
         bench(["replay", "--trace", str(Path(__file__).parent / "data" / "tiny-moe-trace.npz"), "--device", "cpu",
@@ -239,7 +241,7 @@ def test_a_failing_policy_is_reported_as_the_sweep_reports_it(tmp_path, capfd):
     printed = capfd.readouterr()
     assert "Traceback" not in printed.out + printed.err
     [error_file] = (out / "errors").glob("*.txt")
-    line = f"RuntimeError: broken on purpose at {broken}:6 in on_access (traceback: {error_file})"
+    line = f"{what} at {broken}:6 in on_access (traceback: {error_file})"
     assert f"1 of 1 runs failed ({line})" in str(exit_.value.code)
     assert f"round 0: error {line}" in printed.out
     assert "Traceback (most recent call last)" in error_file.read_text()

@@ -132,6 +132,7 @@ def test_a_folder_of_another_machine_or_scenario_is_refused_untouched(smoke, tmp
 
 @pytest.mark.parametrize("change, words", [
     ({"colour": 1}, "unknown key"),
+    ({"hardware": "h100"}, "hardware: unknown hardware profile 'h100'"),     # before the calibration, not after it
     ({"slices": {"a": {"mode": "replay", "trace": "nope.npz", "policies": ["lru"], "cache_slots": [2]}}}, "does not exist"),
     ({"slices": {"a": {"mode": "replay", "trace": "tests/data/tiny-moe-trace.npz", "policies": ["lru"],
                        "cache_slots": [1]}}}, "outside [2, 6]"),
@@ -173,6 +174,33 @@ def test_the_builtin_scenario_runs_from_any_directory(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     scenario = load_scenario("validate-smoke")        # its paths name repository files
     assert all(Path(s.trace or s.shape).is_file() for s in scenario.slices)
+
+
+@pytest.mark.parametrize("raises, what", [("RuntimeError('boom')", "RuntimeError: boom"),
+                                          ("SystemExit(3)", "SystemExit: 3")])
+def test_a_failing_policy_is_one_line_naming_its_hook_and_the_call_fails(tmp_path, capfd, raises, what):
+    """A user's policy that raises: its calibration and runs are one line each naming its file, line and hook
+    (the tracebacks in OUT/errors), the other policies are measured and reported, the summary says it failed
+    (not "not measured yet"), and the call exits 1."""
+    policy = tmp_path / "mine.py"
+    policy.write_text("from policies.lru import LRU\n\n\nclass Raises(LRU):\n    def on_access(self, *args):\n"
+                      f"        raise {raises}\n")
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(f"repeats: 1\nslices:\n  tiny:\n    mode: replay\n    shape: {ROOT}/tests/data/tiny-moe.yaml\n"
+                        f"    trace: {ROOT}/tests/data/tiny-moe-trace.npz\n    max_tokens: 6\n    warmup_tokens: 2\n"
+                        f"    policies: [lru, '{policy}:Raises']\n    cache_slots: [2]\n    precision: fp32\n")
+    out = tmp_path / "out"
+    assert main(["--scenario", str(scenario), "--out", str(out)]) == 1
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.out + printed.err
+    site = f"{what} at {policy}:6 in on_access (traceback: {out}/errors/"
+    assert f"calibration of {policy}:Raises failed ({site}" in printed.err
+    assert f"slice=tiny policy={policy}:Raises cache_slots=2: 1 of 1 runs failed ({site}" in printed.err
+    assert any("Traceback (most recent call last)" in p.read_text() for p in (out / "errors").glob("*.txt"))
+    summary = (out / "summary.txt").read_text()
+    assert f"{policy}:Raises at 2 slots failed in all 1 runs ({site}" in summary
+    table = pd.read_csv(out / "validation.csv")
+    assert set(table["policy"]) == {"lru"}
 
 
 def test_out_that_is_a_file_exits_2(tmp_path, capsys):

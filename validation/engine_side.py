@@ -21,7 +21,7 @@ import torch
 from hardware.profile import HardwareProfile
 from offload.predictors import policy_depth
 from policies.registry import policy_sha256, resolve_policy
-from real.bench.engine_runs import EngineRuns
+from real.bench.engine_runs import EngineRuns, error_files
 from real.calibration import calibrate_model, calibrate_policies
 from real.engine import OffloadEngine
 from real.measurement import Config, Discipline, Measurement, Report
@@ -141,9 +141,12 @@ class SliceMeasurement:
         path = self.store.calibration_path(self.sl.name)
         inputs = self.prepare()
         # the engine's code too: the calibration measures the engine (an engine change re-calibrates)
-        key = digest({"shape": inputs.shape.to_dict(), "model": inputs.model_id, "steps": steps,
-                      "policies": list(self.sl.policies), "precision": self.sl.precision,
-                      "device": _device_name(self.device), "code": engine_code()})
+        fields = {"shape": inputs.shape.to_dict(), "model": inputs.model_id, "steps": steps,
+                  "policies": list(self.sl.policies), "precision": self.sl.precision,
+                  "device": _device_name(self.device), "code": engine_code()}
+        # a user's policy file is in no package's digest: its source too (a fixed policy re-calibrates)
+        users = {p: policy_sha256(p) for p in self.sl.policies if ".py:" in p}
+        key = digest({**fields, "user_policies": users} if users else fields)
         found = self.store.read(path)
         if found is not None and found.get("key") == key:
             return found
@@ -155,7 +158,8 @@ class SliceMeasurement:
         # (never the validated steps)
         decisions, failed = calibrate_policies(model, inputs.shape, self.sl.policies, self.sl.settings,
                                                min(self.sl.cache_slots), inputs.train, self.sl.prefetch_depth,
-                                               inputs.predictors_at, inputs.train_prompts, inputs.new_tokens)
+                                               inputs.predictors_at, inputs.train_prompts, inputs.new_tokens,
+                                               on_error=error_files(self.store.out))
         found = {"key": key, "slice": self.sl.name, "shape": inputs.shape.to_dict(), "precision": self.sl.precision,
                  "device": _device_name(self.device), **raw, "decisions": decisions, "failed": failed,
                  "wall_s": round(time.monotonic() - began, 1)}
@@ -217,8 +221,9 @@ class SliceMeasurement:
                         "warmups": before[c].get("warmups", []) + [report.warmups.get(label, {})],
                         "session": report.info})
 
+            # a run that raises: one line naming the policy's file, line and hook; its traceback in OUT/errors
             report = Measurement(runs, configs, Discipline(repeats=repeats), on_progress=save,
-                                 deadline_s=deadline_s, started=started).run_all()
+                                 deadline_s=deadline_s, started=started, on_error=error_files(self.store.out)).run_all()
             save(report)
         for (p, s), key in keys.items():
             timed_path = self.store.path("engine", self.sl.name, key, "-timed.npz")

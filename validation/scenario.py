@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from hardware.profile import HardwareProfileError, load_hardware
 from offload.predictors import predictor_name
 from offload.session import RunSettings, SettingsError
 from policies.registry import PolicyLoadError, resolve_policy
@@ -171,8 +172,12 @@ def scenario_from_dict(data: Any, origin: str) -> Scenario:
         raise fail("'slices' must map slice names to their settings (at least one)")
     base = Path(origin).resolve().parent
     slices = tuple(_slice(name, body, fail, base) for name, body in raw.items())
-    return Scenario(origin, repeats, slices, str(data.get("hardware", "h100-pcie5")),
-                    None if deadline is None else float(deadline))
+    hardware = str(data.get("hardware", "h100-pcie5"))
+    try:        # the base profile is read after the calibration: a bad one is refused before it
+        load_hardware(hardware)
+    except HardwareProfileError as e:
+        raise fail(f"hardware: {e}") from None
+    return Scenario(origin, repeats, slices, hardware, None if deadline is None else float(deadline))
 
 
 def _slice(name: Any, body: Any, fail, base: Path = Path(".")) -> Slice:

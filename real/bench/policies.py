@@ -16,7 +16,7 @@ from offload.metrics import tpot_summary
 from offload.predictors import policy_depth
 from offload.session import RunSettings
 from policies.lru import LRU
-from policies.registry import resolve_policy
+from policies.registry import RUN_FAILURES, resolve_policy
 from real.bench.engine_runs import (FIGURE_COLUMNS, EngineRuns, TokenCheck, error_files, figures, generated_steps,
                                     measure_session, run_problems)
 from real.bench.recording import recorded_on, warm_engine
@@ -111,7 +111,7 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
                 predicted[policy, slots] = (tpot_summary(np.asarray(sim.token_ns)[mask]),   # the steps the engine times
                                             sim.metrics["hit_rate"])
             prepared[policy] = policy_cls, predictors, accuracy
-        except Exception as err:       # one policy's failure must not lose the others' measurements
+        except RUN_FAILURES as err:    # one policy's failure must not lose the others' measurements
             line = error_files(out)(Config({"step": "prepare", "policy": policy}), err)
             problems.append(f"{policy} failed before its runs ({line})")
             print(f"error: {problems[-1]}", flush=True)
@@ -162,7 +162,7 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
                                      description=f"greedy decode, policy {runs.timed_policy}, {smallest} slots per "
                                                  "layer, layer timings and copy start/end recorded"),
                        out / f"{name}-{runs.timed_policy}-{smallest}-timed.npz")
-        except Exception as err:
+        except RUN_FAILURES as err:
             failed = Config({"step": "timed", "policy": runs.timed_policy, "cache_slots": smallest})
             line = error_files(out)(failed, err)
             problems.append(f"the timed run of {runs.timed_policy} at {smallest} slots failed ({line})")
