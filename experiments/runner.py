@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+import dataclasses
 
 from experiments.config import SWEEP_KEYS, ConfigError, RunConfig, policy_label
 from experiments.results import config_hash, row_inputs, trace_sha256
@@ -21,7 +22,7 @@ from policies.registry import crash_site, resolve_policy
 from hardware.profile import HardwareProfile, load_hardware
 from sim.replay import replay_untimed
 from offload.session import RunSettings, SettingsError
-from sim.simulator import Timeline, simulate
+from sim.simulator import CLOCK_LIMIT_NS, Timeline, simulate
 from traces import Trace, TraceError, load_trace
 from traces.io import load_mapped, write_mapped
 
@@ -212,6 +213,7 @@ def validate_grid(configs: list[RunConfig]) -> None:
             shape.expert_bytes(cfg.precision)
         except ValueError as err:
             raise ConfigError(f"precision: {err}") from None
+        _check_clock_range(cfg, run)
         try:
             ExpertCache(shape.num_layers, shape.num_experts, cfg.cache_slots, cfg.cache_mode, shape.top_k)
         except ValueError as err:
@@ -268,8 +270,29 @@ def _check_policies_build(configs: list[RunConfig]) -> None:
                               ) from None
 
 
+def _check_clock_range(cfg: RunConfig, run: Trace) -> None:
+    """Refuse a link so slow that the run's simulated time could pass ``sim.simulator.CLOCK_LIMIT_NS``: every
+    layer-step missing all its top-k experts, one copy after another, beside the layer's own compute. That
+    bounds every on-demand run, whose fast path's int64 kernels would wrap silently; a prefetching policy's
+    extra copies are caught when its run ends (``simulate``)."""
+    hardware = hardware_for(cfg)
+    shape = run.model
+    copy_ns = hardware.copy.copy_ns(shape.expert_bytes(cfg.precision))
+    layer_ns = hardware.prefetch_estimates(shape, cfg.precision)[1]
+    worst_ns = run.num_tokens * shape.num_layers * (shape.top_k * copy_ns + layer_ns)
+    if worst_ns >= CLOCK_LIMIT_NS:
+        given = " ".join(f"{k}={v}" for k, v in cfg.hardware_overrides().items()) or f"hardware={cfg.hardware}"
+        raise ConfigError(f"{given}: one expert's copy takes {copy_ns / 1e9:.3g} s, so {run.num_tokens} tokens of "
+                          f"{shape.name} could take longer than the simulator's nanosecond clock holds (~146 years); "
+                          f"use a faster link (pcie_GBps) or a smaller copy_latency_us")
+
+
 def _check_numbers(cfg: RunConfig) -> None:
     """The sweep's own keys; those of the run itself are ``RunSettings``'."""
+    for f in dataclasses.fields(cfg):      # every row is stored as int64 columns (parquet)
+        value = getattr(cfg, f.name)
+        if type(value) is int and not -2**63 <= value < 2**63:
+            raise ConfigError(f"{f.name}={value} does not fit a 64-bit integer; use a smaller value")
     if cfg.max_tokens is not None and cfg.max_tokens < 1:
         raise ConfigError(f"max_tokens={cfg.max_tokens} is out of range; use max_tokens >= 1")
     if not 0.0 <= cfg.train_fraction < 1.0:

@@ -56,8 +56,8 @@ class ConstantCopyCost:
     pcie_GBps: float
 
     def __post_init__(self) -> None:
-        _require(self.copy_latency_us >= 0, f"copy_latency_us must be >= 0, got {self.copy_latency_us}")
-        _require(self.pcie_GBps > 0, f"pcie_GBps must be > 0, got {self.pcie_GBps}")
+        _require(0 <= self.copy_latency_us < math.inf, f"copy_latency_us must be a finite number >= 0, got {self.copy_latency_us}")
+        _require(0 < self.pcie_GBps < math.inf, f"pcie_GBps must be a finite number > 0, got {self.pcie_GBps}")
 
     def copy_ns(self, nbytes: int) -> int:
         if nbytes <= 0:

@@ -497,6 +497,11 @@ class _WindowClock(_Clock):
 SIM_PATHS = ("auto", "reference", "fast")
 
 
+# Both clocks count integer nanoseconds, and the fast path's kernels and the results keep them as int64: a run
+# past 2**62 ns (146 years) would wrap around into negative or nonsense figures.
+CLOCK_LIMIT_NS = 2**62
+
+
 def simulate(trace: Trace, policy_cls: type[Policy], hardware: HardwareProfile, settings: RunSettings,
              train_trace: Trace | None = None, record_timeline: bool = False,
              path: str = "auto") -> SimResult:
@@ -525,6 +530,10 @@ def simulate(trace: Trace, policy_cls: type[Policy], hardware: HardwareProfile, 
     clock_cls = _LinkClock if settings.copies_in_flight is None else _WindowClock
     clock = clock_cls(trace, policy_cls, hardware, settings, train_trace, record_timeline)
     clock.run()
+    if sum(clock.token_ns) >= CLOCK_LIMIT_NS:     # Python's ints do not wrap, but every result keeps int64
+        raise ValueError(f"the simulated decode took {sum(clock.token_ns) / 1e9:.3g} s, past the {CLOCK_LIMIT_NS / 1e9:.3g} s "
+                         f"the results' 64-bit nanosecond counts hold: the link is far too slow for this trace; use "
+                         f"a faster link (pcie_GBps) or fewer tokens (max_tokens)")
     wall_s = time.perf_counter() - wall_start
     metrics = run_metrics(clock.token_ns, clock.ctrl.stats, link_busy_ns=clock.copy_busy_ns,
                           copy_engines=clock.copy_engines, stall_ns=clock.stall_ns)

@@ -335,3 +335,40 @@ time.sleep(30)
     finally:
         if _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"pcie_GBps": 1e-12}, "pcie_GBps=1e-12"),      # 1 MB experts: 11.6 days a copy
+    ({"pcie_GBps": 50.0, "copy_latency_us": 1e13}, "copy_latency_us=10000000000000.0"),
+])
+def test_a_link_too_slow_for_the_clock_is_refused_and_a_slow_one_runs_exactly(trace_path, overrides, named):
+    """Both clocks count int64 nanoseconds: a run whose time could pass 2**62 ns is refused before it starts,
+    naming the override (it used to wrap into negative or infinite figures); a slow link that fits runs, with
+    the same finite figures on the fast path and the reference."""
+    from experiments.runner import run_config
+    slow = dict(trace=str(trace_path), cache_slots=4, max_tokens=200)
+    with pytest.raises(ConfigError, match=re.escape(named) + ".*nanosecond clock"):
+        validate_grid([RunConfig(policy="lru", **slow, **overrides)])
+    rows = [run_config(RunConfig(policy="lru", pcie_GBps=1e-3, sim_path=p, **slow))[0] for p in ("auto", "reference")]
+    assert rows[0]["sim_path_ran"] == "fast" and rows[1]["sim_path_ran"] == "reference"
+    for key in ("tokens_per_s", "decode_s", "link_utilisation", "stall_ms_per_token"):
+        assert 0 <= rows[0][key] < float("inf") and rows[0][key] == rows[1][key], key
+
+
+def test_a_prefetching_run_past_the_clock_fails_instead_of_wrapping():
+    """What the up-front bound leaves to the run (a prefetching policy's copies beyond the demand ones): the
+    simulator refuses a result past its clock's range instead of storing it."""
+    from hardware.profile import ConstantCopyCost, load_hardware
+    from offload.session import RunSettings
+    from sim.simulator import CLOCK_LIMIT_NS, simulate
+    import dataclasses
+    trace = synthetic_trace(num_tokens=40, num_layers=4, num_experts=8, top_k=2, num_requests=2, seed=3)
+    copy_us = CLOCK_LIMIT_NS / 1e3 / 20          # a few copies pass the limit
+    slow = dataclasses.replace(load_hardware("h100-pcie5"), copy=ConstantCopyCost(copy_latency_us=copy_us, pcie_GBps=50.0))
+    with pytest.raises(ValueError, match="64-bit nanosecond counts"):
+        simulate(trace, resolve_policy("oracle"), slow, RunSettings(2, "per_layer"), path="reference")
+
+
+def test_an_integer_past_int64_is_refused(trace_path):
+    with pytest.raises(ConfigError, match="max_tokens=99999999999999999999999 does not fit a 64-bit integer"):
+        validate_grid([RunConfig(policy="lru", trace=str(trace_path), cache_slots=4, max_tokens=99999999999999999999999)])
