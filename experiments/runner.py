@@ -28,7 +28,7 @@ from traces.io import load_mapped, write_mapped
 
 # The order of a results table's columns: the resolved configuration, what it ran on, the metrics.
 CONFIG_COLUMNS = [*(k for k in SWEEP_KEYS if k != "trace"), "policy_params", "trace"]
-RUN_COLUMNS = ["model", "sim_path_ran", "expert_bytes", "trace_sha256", "hardware_sha256", "policy_sha256", "code_sha256",
+RUN_COLUMNS = ["model", "sim_path_ran", "compute_basis", "expert_bytes", "trace_sha256", "hardware_sha256", "policy_sha256", "code_sha256",
                "train_tokens", "trace_tokens", "trace_requests"]
 METRIC_COLUMNS = [
     "tokens_per_s", "hit_rate", "belady_hit_fraction", "belady_hits", "tokens", "decode_s",
@@ -145,7 +145,8 @@ def run_config(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     inputs = row_inputs(cfg)        # before the run: the row is keyed by what it was computed from
     train, run = trace_slices(cfg)
     shape = run.model
-    result = simulate(run, resolve_policy(cfg.policy), hardware_for(cfg), _settings(cfg), train_trace=train,
+    hardware = hardware_for(cfg)
+    result = simulate(run, resolve_policy(cfg.policy), hardware, _settings(cfg), train_trace=train,
                       path=cfg.sim_path)
     bound = belady_hits(cfg)
     h = config_hash(cfg, inputs)
@@ -154,6 +155,7 @@ def run_config(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     row.update(
         model=shape.name,
         sim_path_ran=result.path,
+        compute_basis=hardware.compute_cost(shape, cfg.precision).basis,     # measured, or the analytic model
         expert_bytes=shape.expert_bytes(cfg.precision),
         **inputs,
         train_tokens=train.num_tokens if train is not None else 0,
@@ -182,6 +184,17 @@ def record_timeline(cfg: RunConfig, tokens: int = 20) -> Timeline:
                     token_end_ns=timeline.token_end_ns[:n], preloaded=timeline.preloaded,
                     layer_start_ns=[m for m in timeline.layer_start_ns if m[0] < n],
                     layer_waits=[w for w in timeline.layer_waits if w[0] < n])
+
+
+def compute_notes(configs: list[RunConfig]) -> list[str]:
+    """One line per (hardware, model, precision) whose profile measures compute for other models only
+    (``HardwareProfile.unmatched_measurement_note``)."""
+    notes = []
+    for cfg in configs:
+        note = hardware_for(cfg).unmatched_measurement_note(trace_slices(cfg)[1].model, cfg.precision)
+        if note is not None and note not in notes:
+            notes.append(note)
+    return notes
 
 
 def validate_grid(configs: list[RunConfig]) -> None:

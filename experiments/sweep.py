@@ -45,7 +45,7 @@ from tqdm import tqdm
 from experiments.config import param_text, RunConfig, SweepSpec, policy_label, valid_keys_text
 from experiments.overrides import DEFAULT_SCENARIO, build_spec
 from experiments.results import ResultStore, config_hash, row_inputs
-from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, expected_seconds, hardware_for,
+from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, compute_notes, expected_seconds, hardware_for,
                                 record_timeline, run_config, share_traces, trace_slices, use_shared_traces,
                                 validate_grid)
 from hardware.profile import hardware_to_dict
@@ -515,10 +515,16 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + stop.signum
 
 
+# The figures a sweep writes into its folder (the tables are rewritten by every call).
+_FIGURES = ("tokens_vs_slots.png", "hit_rate_vs_belady.png", "timeline.json", "timeline.png")
+
+
 def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, str]], hashes: list[str],
            store: ResultStore) -> int:
     out = store.out
     varying = spec.varying()
+    for note in compute_notes(grid):
+        print(f"note: {note}")
     pending = [(cfg, h) for cfg, h in zip(grid, hashes) if not store.done(h)]
     unique = len(dict.fromkeys(hashes))
     already = unique - len(dict.fromkeys(h for _, h in pending))
@@ -550,9 +556,15 @@ def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, 
         plot_timeline(timeline, out / "timeline.png", config=describe(first, varying))
         written += ["timeline.json", "timeline.png"]
 
+    # A figure an earlier call wrote here that this one did not (--no-plots, no --timeline, no row) would show
+    # another grid's results beside this one's tables.
+    stale_figures = [name for name in _FIGURES if name not in written and (out / name).is_file()]
+    for name in stale_figures:
+        (out / name).unlink()
     if len(df):
         print(format_table(df, varying))
-    print(f"{len(df)} of {unique} configurations in {out}/: {', '.join(written)}")
+    print(f"{len(df)} of {unique} configurations in {out}/: {', '.join(written)}"
+          + (f" (removed an earlier call's {', '.join(stale_figures)})" if stale_figures else ""))
     perf = store.read_perf(hashes)
     if len(perf):
         speed = statistics.median(perf["sim_layer_steps_per_wall_s"])

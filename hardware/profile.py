@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
+from traces.model_shape import PRECISION_BITS
 from traces.yaml_unique import safe_load_unique
 
 if TYPE_CHECKING:
@@ -323,6 +324,16 @@ class HardwareProfile:
             _require(key not in seen, f"measured_compute: two entries for model {model!r} at {entry.precision!r}")
             seen.add(key)
 
+    def unmatched_measurement_note(self, shape: ModelShape, precision: str) -> str | None:
+        """When the profile measures compute for other models or precisions but not ``shape`` at ``precision``
+        (a misspelt model name, another precision): one line saying the analytic model is used instead."""
+        measured = [f"{model} at {m.precision}" for model, m in self.measured_compute]
+        if not measured or self.compute_cost(shape, precision).basis == "measured":
+            return None
+        return (f"hardware {self.name} measures compute for {', '.join(measured)}, not for {shape.name} at {precision}: "
+                f"its runs use the analytic compute model (compute_basis=analytic); if that is a misspelt model name "
+                f"or precision in the profile's measured_compute, correct it")
+
     def compute_cost(self, shape: ModelShape, precision: str) -> ComputeCost:
         """Measured times for (shape.name, precision) if the profile has them, else the analytic model."""
         for model, m in self.measured_compute:
@@ -545,6 +556,8 @@ def _measured_from_dict(data: dict, fail) -> tuple[tuple[str, MeasuredCompute], 
             raise fail(f"{where} must map precision (e.g. bf16) to measured fields")
         for precision, fields in by_precision.items():
             here = f"{where}[{precision}]"
+            if precision not in PRECISION_BITS:      # a misspelt one would never be used, without a word
+                raise fail(f"{here}: unknown precision {precision!r}; use one of {sorted(PRECISION_BITS)}")
             if not isinstance(fields, dict):
                 raise fail(f"{here} must be a mapping of {list(_MEASURED_FIELDS)}")
             unknown = sorted(set(fields) - set(_MEASURED_FIELDS) - set(_MEASURED_OPTIONAL))

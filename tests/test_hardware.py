@@ -404,6 +404,21 @@ def test_measured_compute_yaml_errors_name_the_field(tmp_path):
     path = _write(tmp_path, _profile_dict(measured_compute={"mixtral-8x7b": {"bf16": entry}}))
     with pytest.raises(ValueError, match=r"missing \['expert_us'\]"):
         load_hardware(str(path))
+    # a misspelt precision would never match a run: refused, naming the valid ones
+    entry["expert_us"] = 150.0
+    path = _write(tmp_path, _profile_dict(measured_compute={"mixtral-8x7b": {"bf61": entry}}))
+    with pytest.raises(HardwareProfileError, match=r"measured_compute\[mixtral-8x7b\]\[bf61\]: unknown precision 'bf61'.*bf16"):
+        load_hardware(str(path))
+
+
+def test_a_profile_measuring_other_models_says_so_for_a_run_it_does_not_measure(h100):
+    p = dataclasses.replace(h100, measured_compute=(("mixtral-8x7b", _measured()),))
+    mixtral = load_shape("mixtral-8x7b")
+    assert p.unmatched_measurement_note(mixtral, "bf16") is None           # measured: nothing to say
+    assert h100.unmatched_measurement_note(mixtral, "int4") is None        # measures nothing: analytic, as documented
+    note = p.unmatched_measurement_note(load_shape("olmoe-1b-7b"), "bf16")
+    assert "measures compute for mixtral-8x7b at bf16, not for olmoe-1b-7b at bf16" in note and "misspelt" in note
+    assert "not for mixtral-8x7b at int4" in p.unmatched_measurement_note(mixtral, "int4")
 
 
 def test_compute_cost_constant_attention_without_points():

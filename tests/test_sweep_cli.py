@@ -197,6 +197,34 @@ def test_cli_refuses_unknown_key_and_hardware(trace_path, tmp_path):
     _refused(r, "expected key=value, got 'cache_slots'")
 
 
+def test_a_profile_measuring_another_model_is_named_and_the_rows_say_which_compute_ran(trace_path, tmp_path):
+    """A typo in a profile's measured_compute model name used to fall back to the analytic model without a
+    word: the sweep prints a note, and every row has compute_basis."""
+    import dataclasses
+    import yaml
+    from hardware.profile import hardware_to_dict, load_hardware
+    from tests.test_hardware import _measured
+    profile = dataclasses.replace(load_hardware("h100-pcie5"), name="typo",
+                                  measured_compute=(("synthetik", _measured(precision="bf16")),))
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(hardware_to_dict(profile)))
+    out = tmp_path / "out"
+    r = sweep_cli(f"trace={trace_path}", f"hardware={path}", "policy=lru", "cache_slots=4", "--out", out, "--no-plots")
+    assert r.returncode == 0, r.stderr
+    assert "note: hardware typo measures compute for synthetik at bf16, not for synthetic-L4-E8-k2 at bf16" in r.stdout
+    assert pd.read_csv(out / "results.csv")["compute_basis"].tolist() == ["analytic"]
+
+
+def test_figures_of_an_earlier_call_are_not_left_beside_new_tables(trace_path, tmp_path):
+    out = tmp_path / "out"
+    assert sweep_cli(f"trace={trace_path}", "policy=lru", "cache_slots=2,3", "--out", out, "--timeline").returncode == 0
+    assert all((out / f).is_file() for f in ("tokens_vs_slots.png", "timeline.json"))
+    r = sweep_cli(f"trace={trace_path}", "policy=fifo", "cache_slots=4", "--out", out, "--no-plots")
+    assert r.returncode == 0 and "removed an earlier call's tokens_vs_slots.png" in r.stdout
+    assert not any((out / f).exists() for f in ("tokens_vs_slots.png", "hit_rate_vs_belady.png", "timeline.json",
+                                                "timeline.png"))
+
+
 # -- a user's own policy -----------------------------------------------------------------------
 
 def test_user_policy_file_runs_in_the_sweep(trace_path, tmp_path):
