@@ -204,7 +204,9 @@ def validate_grid(configs: list[RunConfig]) -> None:
         try:
             check_params(policy_cls, dict(params))
         except ValueError as err:
-            raise ConfigError(f"policy={policy}: {err}") from None
+            raise ConfigError(f"policy={policy}: {err} (a policy.NAME goes to every policy of the grid: sweep a "
+                              f"parameterised policy in a call of its own, with its own --out, to compare it with "
+                              f"others)") from None
     for cfg in configs:
         hardware_for(cfg)
         _check_numbers(cfg)

@@ -258,7 +258,8 @@ def test_misspelt_policy_parameter_is_refused_before_anything_runs(trace_path, t
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         "error: policy=lru: policy LRU has no parameter 'sed' (it declares: none); "
-        "fix the name, or declare it in the class's `parameters`"]
+        "fix the name, or declare it in the class's `parameters` (a policy.NAME goes to every policy of the grid: "
+        "sweep a parameterised policy in a call of its own, with its own --out, to compare it with others)"]
     assert not (tmp_path / "out").exists()
 
 

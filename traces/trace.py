@@ -122,7 +122,9 @@ class Trace:
         num_requests = self.num_requests
         if num_requests < 2:
             raise ValueError(
-                f"split({train_fraction}): the trace has {num_requests} request(s); splitting needs at least 2"
+                f"split({train_fraction}): the trace has {num_requests} request(s); splitting needs at least 2: "
+                f"use train_fraction=0 (no training slice; policies that learn from one, such as static and "
+                f"affinity, need it) or a trace of more requests"
             )
         first = min(max(math.ceil(train_fraction * num_requests), 1), num_requests - 1)
         return self.select_requests(0, first), self.select_requests(first, num_requests)
