@@ -2,6 +2,7 @@
 
     python -m experiments.bench_sim                 # the default trace, a few policies and sizes
     python -m experiments.bench_sim --profile lru:4  # and where the time goes, for one of them
+    python -m experiments.bench_sim --profile my_policy.py:MyPolicy:8   # a policy of one's own, as the sweep takes it
 
 ``--profile`` runs one reference case under cProfile: its top functions, then its time and calls per
 layer-step by the file that holds the code, per package (the clocks in ``sim/``, the shared core in
@@ -31,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.config import RunConfig
+from experiments.runner import validate_grid
 from policies.registry import resolve_policy
 from hardware.profile import load_hardware
 from offload.session import RunSettings
@@ -52,13 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trace", default=str(DEFAULT_TRACE))
     parser.add_argument("--hardware", default="h100-pcie5")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per case (median and range reported)")
-    parser.add_argument("--profile", metavar="POLICY:SLOTS", help="cProfile one case, top functions")
+    parser.add_argument("--profile", metavar="POLICY:SLOTS",
+                        help="cProfile one case, top functions (POLICY as the sweep takes it: a name, or FILE.py:Class)")
     parser.add_argument("--copies-in-flight", default=str(RunSettings.copies_in_flight), metavar="N|null",
                         help="the copy window the runs model (RunSettings.copies_in_flight; null: the ideal link, "
                              "the model before the window existed; default: %(default)s)")
     args = parser.parse_args(argv)
     try:        # every input checked before anything is timed: one line and exit 2, as the sweep
-        window, train, trace, hardware = _inputs(args)
+        window, train, trace, hardware, profiled = _inputs(args)
     except ValueError as err:       # TraceError, HardwareProfileError, the registry's and the settings' errors
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -95,12 +99,11 @@ def main(argv: list[str] | None = None) -> None:
             ref = _reference(p_trace, policy, hardware, settings_for(slots, depth),
                              p_train, args.repeat)
             print(_reference_line(policy, slots, depth, ref, p_steps))
-    if args.profile:
-        policy, slots = args.profile.split(":")
+    if profiled is not None:
+        policy, slots = profiled
         profiler = cProfile.Profile()
         profiler.enable()
-        simulate(trace, resolve_policy(policy), hardware, settings_for(int(slots)), train_trace=train,
-                 path="reference")
+        simulate(trace, resolve_policy(policy), hardware, settings_for(slots), train_trace=train, path="reference")
         profiler.disable()
         out = io.StringIO()
         stats = pstats.Stats(profiler, stream=out)
@@ -118,20 +121,31 @@ class _Timed:
 
 
 def _inputs(args):
-    """(the copy window, the training slice, the replayed trace, the hardware profile) from ``args``; raises
-    ValueError naming the bad value and the fix."""
+    """(the copy window, the training slice, the replayed trace, the hardware profile, the profiled case: (policy,
+    slots) or None) from ``args``; raises ValueError naming the bad value and the fix."""
+    if args.repeat < 1:
+        raise ValueError(f"--repeat {args.repeat}: must be at least 1 (timed runs per case)")
     try:
         window = None if args.copies_in_flight == "null" else int(args.copies_in_flight)
         RunSettings(cache_slots=8, copies_in_flight=window)
     except ValueError as err:
         raise ValueError(f"--copies-in-flight {args.copies_in_flight}: {err} (or null: the ideal link)") from None
-    if args.profile:
-        policy, _, slots = args.profile.partition(":")
-        if not slots.isdigit():
-            raise ValueError(f"--profile {args.profile}: give POLICY:SLOTS, e.g. lru:8")
-        resolve_policy(policy)
     train, trace = load_trace(args.trace).split(0.25)
-    return window, train, trace, load_hardware(args.hardware)
+    hardware = load_hardware(args.hardware)
+    profiled = None
+    if args.profile:
+        # the last colon: a policy of one's own is FILE.py:Class, as the sweep's policy= takes it
+        policy, _, slots = args.profile.rpartition(":")
+        if not policy or not slots.isdigit():
+            raise ValueError(f"--profile {args.profile}: give POLICY:SLOTS, e.g. lru:8 or my_policy.py:MyPolicy:8")
+        profiled = policy, int(slots)
+        # the sweep's checks of the case it runs: the policy resolved and built, slots in top_k..experts
+        try:
+            validate_grid([RunConfig(trace=args.trace, policy=policy, cache_slots=int(slots), hardware=args.hardware,
+                                     copies_in_flight=window, sim_path="reference")])
+        except ValueError as err:
+            raise ValueError(f"--profile {args.profile}: {err}") from None
+    return window, train, trace, hardware, profiled
 
 
 def _reference(trace, policy, hardware, settings, train, repeat: int) -> _Timed:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +58,8 @@ from real.bench.references import accelerate_offload, hf_parity, measure_fully_r
 from real.bench.replay import replay_slices, shape_replay
 from real.bench.table import engine_table, write_resolved_config
 from real.bench.text import held_out_prompts, load_text, score_sequences, train_prompts
-from real.checkpoint import load_checkpoint, read_config
+from real.checkpoint import (CONFIG_NAME, CheckpointError, MoEConfig, load_checkpoint, read_config,
+                             weight_quantization)
 from real.lookahead_gate import VAL_TOKENS
 from real.model import MoEModel
 from real.profile_hw import (profile_name,
@@ -78,10 +80,14 @@ def live(args) -> list[str]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cuda = device.type == "cuda"
     name = args.name
-    tok, domains = load_text(args.model, args.corpus)
+    tok, domains = args.text
     prompts = held_out_prompts(tok, domains, args.prompts, args.prompt_len)
     train_text = train_prompts(tok, domains, args.train_prompts, args.prompt_len)
-    config, tensors = load_checkpoint(args.model, dtype)
+    try:
+        config, tensors = load_checkpoint(args.model, dtype)
+    except CheckpointError as err:          # the weights (config.json was checked with the arguments)
+        print(f"error: --model {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
     shape = config.to_model_shape(name)
 
     # 1. References: the model fully resident, every expert on the device (upper bound), and its logits
@@ -162,7 +168,8 @@ def replay(args) -> list[str]:
 
 def _check_live(p: argparse.ArgumentParser, args) -> None:
     check_model_args(p, args)
-    config, _ = read_config(args.model)
+    check_out(p, args.out)
+    config = check_checkpoint(p, args)
     error = check_slots(args.slots, config.top_k, config.num_experts, args.model)
     if error:
         p.error(error)
@@ -172,6 +179,33 @@ def _check_live(p: argparse.ArgumentParser, args) -> None:
         depth=args.depth, gate_train_tokens=args.gate_train_tokens, gate_val_tokens=args.gate_val_tokens,
         vector_tokens=args.vector_tokens, recall_tokens=args.recall_tokens, gate_steps=args.gate_steps,
         gate_rank=args.gate_rank, gate_lr=args.gate_lr, gate_batch=args.gate_batch, seed=args.seed)
+
+
+def check_out(p: argparse.ArgumentParser, out: Path) -> None:
+    """``p.error`` when --out ``out``, or the first of its parents that exists, is a file, not a folder."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                p.error(f"--out {out}: {path} is a file, not a folder; give a folder (a new one is created)")
+            return
+
+
+def check_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> MoEConfig:
+    """The checkpoint's config.json, its tokenizer and the corpus, before anything loads or is written:
+    ``p.error`` naming the argument and the fix. Returns the config; sets ``args.text`` (tokenizer, domains)."""
+    try:
+        config, config_dict = read_config(args.model)
+        weight_quantization(config_dict, args.model / CONFIG_NAME)
+    except CheckpointError as err:
+        p.error(f"--model {' '.join(str(err).split())}")
+    try:
+        args.text = load_text(args.model, args.corpus)
+    except FileNotFoundError as err:        # load_corpus: the files the folder lacks, and --corpus
+        p.error(" ".join(str(err).split()))
+    except (OSError, ValueError) as err:    # transformers: no tokenizer files in the checkpoint folder
+        p.error(f"--model {args.model}: no tokenizer loads from it ({type(err).__name__}); save the model's "
+                f"tokenizer into the folder (tokenizer.save_pretrained)")
+    return config
 
 
 def live_predictor_error(policies) -> str | None:
@@ -196,6 +230,7 @@ def _check_replay(p: argparse.ArgumentParser, args) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible (a production shape's copies and compute need a GPU; "
                 "--device cpu replays a small shape)")
+    check_out(p, args.out)
     try:
         trace = load_trace(args.trace)
         args.shape_obj = trace.model if args.shape is None else load_shape(args.shape)
@@ -278,7 +313,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.settings = {k: v for k, v in resolved(args).items()
-                     if k not in ("check", "predictor_settings", "shape_obj", "train", "replayed", "longest")}
+                     if k not in ("check", "predictor_settings", "shape_obj", "train", "replayed", "longest", "text")}
     write_resolved_config(args.out, f"engine_bench-{args.mode}", args.settings)
     args.started = started
     problems = args.func(args)

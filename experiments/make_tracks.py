@@ -13,53 +13,139 @@ tokens) and, with ``--gate``, ``lookahead``: float16 [T, L, D, E] probabilities 
 layers l+1..l+D. The recall CSV has one row per predictor and distance: the fraction of the routed top-k at layer l+d found in the predicted top-k, averaged over
 tokens and source layers with l+d < L. ``--affinity-trace`` adds the trace-only affinity predictor
 (``policies.affinity``), trained on the first 25 % of that trace's requests and scored on the rest.
+
+Every value is checked before the model loads (the files, the checkpoint's config.json, the recording's hidden
+states and shape against it, ``--depth`` at most the model's layers - 1: deeper rows would predict no layer);
+a bad one is refused with one line naming the argument and the fix, exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import torch
 
+from real.bench.args import (DTYPES, add_device_arg, device_default, existing_dir, existing_file, non_negative_int,
+                             positive_int)
+from real.bench.text import load_text
+from real.checkpoint import CONFIG_NAME, CheckpointError, read_config, weight_quantization
 from real.corpus import DEFAULT_CORPUS_DIR
 from real.hidden_capture import capture_hidden_states
 from real.lookahead_gate import LookaheadGate
 from real.predictors import LookaheadGatePredictor, PreGate, QuasiHiddenPreGate, default_vectors
-from real.tracks import (RECALL_COLUMNS, affinity_recall, check_model_matches, compute_tracks, load_model,
-                         recorded_tokens)
-from traces import load_trace, save_trace
+from real.tracks import (AFFINITY_TRAIN_FRACTION, RECALL_COLUMNS, affinity_recall, check_model_matches,
+                         compute_tracks, load_model, recorded_tokens)
+from traces import TraceError, load_trace, save_trace
 from traces.io import atomic_write
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trace", required=True, type=Path, help="engine recording with hidden states")
-    p.add_argument("--model", required=True, type=Path, help="the checkpoint it was recorded with")
-    p.add_argument("--gate", type=Path, help="a trained lookahead gate (experiments.train_gate --out)")
-    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--trace", required=True, type=existing_file, help="engine recording with hidden states")
+    p.add_argument("--model", required=True, type=existing_dir, help="the checkpoint it was recorded with")
+    p.add_argument("--gate", type=existing_dir, help="a trained lookahead gate (experiments.train_gate --out)")
+    p.add_argument("--depth", type=positive_int, default=3,
+                   help="tracks for layers l+1..l+DEPTH (at most the model's layers - 1)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--recall-csv", type=Path)
-    p.add_argument("--affinity-trace", type=Path, help="add affinity's recall on this trace to the CSV")
-    p.add_argument("--train-tokens", type=int, default=0,
+    p.add_argument("--affinity-trace", type=existing_file, help="add affinity's recall on this trace to the CSV")
+    p.add_argument("--train-tokens", type=non_negative_int, default=0,
                    help="default vectors from this many tokens of the corpus's training split (0: from the recording)")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR, help="with --train-tokens: the corpus")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
+    add_device_arg(p)
+    p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     args = p.parse_args(argv)
-    if args.depth < 1:
-        p.error(f"--depth {args.depth}: must be at least 1")
+    _check(p, args)
     return args
+
+
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every value, before the model loads: ``p.error`` naming the argument and the fix. Sets ``args.trace_obj``
+    (the recorded tokens that have hidden states) and ``args.config`` (the checkpoint's ``MoEConfig``)."""
+    device_default(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible (use --device cpu)")
+    for flag, path in (("--out", args.out), ("--recall-csv", args.recall_csv)):
+        if path is not None and (problem := _not_writable(path)):
+            p.error(f"{flag} {path}: {problem}")
+    try:
+        args.config, config_dict = read_config(args.model)
+        weight_quantization(config_dict, args.model / CONFIG_NAME)
+    except CheckpointError as err:
+        p.error(f"--model {' '.join(str(err).split())}")
+    layers = args.config.num_layers
+    if layers < 2:
+        p.error(f"--model {args.model}: has {layers} layer, so no later layer to predict; tracks need a model of "
+                f"at least 2 layers")
+    if args.depth > layers - 1:
+        p.error(f"--depth {args.depth}: {args.model} has {layers} layers, so a track looks at most {layers - 1} "
+                f"layer(s) ahead; use --depth 1..{layers - 1}")
+    try:
+        args.trace_obj = recorded_tokens(load_trace(args.trace), args.trace)
+        # the recording against the checkpoint's config (all check_model_matches reads of a model)
+        check_model_matches(args.trace_obj, SimpleNamespace(config=args.config), args.trace, args.model)
+    except ValueError as err:       # TraceError included: a truncated or broken file, no hidden states
+        p.error(f"--trace {' '.join(str(err).split())}")
+    if args.affinity_trace is not None:
+        try:
+            _, test = load_trace(args.affinity_trace).split(AFFINITY_TRAIN_FRACTION)
+        except TraceError as err:   # a broken file: the message names it, the field and the fix
+            p.error(f"--affinity-trace {' '.join(str(err).split())}")
+        except ValueError as err:   # split: affinity learns from the first requests, is scored on the rest
+            p.error(f"--affinity-trace {args.affinity_trace}: {err}; give a trace of several requests")
+        if args.depth > test.num_layers - 1:
+            p.error(f"--depth {args.depth}: --affinity-trace {args.affinity_trace} has {test.num_layers} layers; "
+                    f"use --depth 1..{test.num_layers - 1} with it")
+    if args.train_tokens:           # the default vectors come from the corpus, through the model's tokenizer
+        if not args.corpus.is_dir():
+            p.error(f"--corpus {args.corpus}: no such folder (--train-tokens reads its training split); pass a copy "
+                    f"of shared/data/corpus/")
+        try:
+            load_text(args.model, args.corpus)
+        except FileNotFoundError as err:        # load_corpus: the files the folder lacks, and --corpus
+            p.error(" ".join(str(err).split()))
+        except (OSError, ValueError) as err:    # transformers: no tokenizer files in the checkpoint folder
+            p.error(f"--model {args.model}: no tokenizer loads from it ({type(err).__name__}), and --train-tokens "
+                    f"needs one; save the model's tokenizer into the folder, or drop --train-tokens")
+
+
+def _not_writable(path: Path) -> str | None:
+    """Why a file cannot be written at ``path`` (a folder there, or a file where a parent folder would be)."""
+    if path.is_dir():
+        return "is a folder; give a file name (one in that folder, say)"
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is a file, not a folder; give a path in a folder"
+    return None
+
+
+def _refuse(message: str):
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    trace = recorded_tokens(load_trace(args.trace), args.trace)
-    model = load_model(args.model, args.device, args.dtype)
-    check_model_matches(trace, model, args.trace, args.model)
+    trace = args.trace_obj
+    try:
+        model = load_model(args.model, args.device, args.dtype)
+    except CheckpointError as err:          # the weights (config.json was checked with the arguments)
+        _refuse(f"--model {err}")
+    gate = None
+    if args.gate:
+        try:
+            gate = LookaheadGate.load(args.gate, model)
+        except (OSError, ValueError) as err:        # files missing, another format, another model's gate
+            _refuse(f"--gate {err}")
+        if gate.depth < args.depth:
+            _refuse(f"--gate {args.gate}: the gate looks {gate.depth} layers ahead, not --depth {args.depth}; "
+                    f"retrain it with --depth {args.depth}, or pass --depth {gate.depth}")
     hidden = trace.hidden_states
     if args.train_tokens:
         vector_hidden = capture_hidden_states(args.model, args.train_tokens, args.corpus, device=args.device,
@@ -68,11 +154,7 @@ def main(argv=None) -> list[dict]:
         vector_hidden = hidden
     predictors = {"pregate": PreGate(model, args.depth),
                   "quasi": QuasiHiddenPreGate(model, default_vectors(model, vector_hidden), args.depth)}
-    if args.gate:
-        gate = LookaheadGate.load(args.gate, model)
-        if gate.depth < args.depth:
-            raise ValueError(f"{args.gate}: the gate looks {gate.depth} layers ahead, not --depth {args.depth}; "
-                             f"retrain it with --depth {args.depth}")
+    if gate is not None:
         predictors["lookahead"] = LookaheadGatePredictor(gate)
     out, rows = compute_tracks(trace, predictors, args.depth, str(args.trace))
     if args.affinity_trace:

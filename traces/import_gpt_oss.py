@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> None:
                        help="evenly spaced generations over the whole file until at least N tokens")
     parser.add_argument("--no-text", action="store_true", help="leave out the token text")
     args = parser.parse_args(argv)
+    if args.out.is_dir():
+        parser.error(f"--out {args.out}: is a folder; give the trace file to write (a .npz in that folder, say)")
+    blocking = next((p for p in args.out.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        parser.error(f"--out {args.out}: {blocking} is a file, not a folder; give a path in a folder")
     if not args.src.is_file():
         parser.error(f"{args.src}: no such file: the importer reads gpt-oss-20b-dev.npz, the project's shared "
                      f"routing data (../shared/data/routing/ beside the checkout); give its path with --src")
@@ -122,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
             generations = np.array([int(g) for g in args.generations.split(",")], dtype=np.int64)
         except ValueError:
             parser.error(f"--generations must be 'all' or comma-separated integers, got {args.generations!r}")
+        repeated = sorted({int(g) for g in generations if (generations == g).sum() > 1})
+        if repeated:
+            parser.error(f"--generations {args.generations}: {', '.join(map(str, repeated))} given more than once "
+                         f"(the trace would hold the same generation twice); give each index once")
     try:
         trace = import_gpt_oss(args.src, generations, with_text=not args.no_text)
     except ValueError as e:         # names the file and the fix

@@ -1,0 +1,240 @@
+"""The engine and trace tools refuse bad arguments and files with one line naming the argument and the fix,
+exit code 2, no traceback, before any expensive work (and before anything is written): ``experiments.record``,
+``references``, ``engine_bench live``, ``make_tracks``, ``bench_sim`` and ``traces.import_gpt_oss``. CPU only, a
+2-layer random checkpoint with a small tokenizer, synthetic traces."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from real.checkpoint import save_checkpoint
+from real.corpus import DOMAIN_FILES, save_tokenizer, train_tokenizer
+from real.shape_model import shape_config
+from traces import ModelShape, save_trace, synthetic_trace
+
+SHAPE = ModelShape("tiny-cli", num_layers=2, num_experts=4, top_k=2, hidden_size=16, expert_intermediate_size=16,
+                   num_attention_heads=2, num_kv_heads=1, head_dim=8, vocab_size=300)
+HF_CONFIG = {"model_type": "mixtral", "vocab_size": SHAPE.vocab_size, "hidden_size": SHAPE.hidden_size,
+             "intermediate_size": SHAPE.expert_intermediate_size, "num_hidden_layers": SHAPE.num_layers,
+             "num_attention_heads": SHAPE.num_attention_heads, "num_key_value_heads": SHAPE.num_kv_heads,
+             "head_dim": SHAPE.head_dim, "num_local_experts": SHAPE.num_experts,
+             "num_experts_per_tok": SHAPE.top_k, "max_position_embeddings": 64}
+CPU = ["--device", "cpu"]
+
+
+def refused(capsys, run, *words: str) -> str:
+    """``run()`` exits with code 2 and one error line that holds every one of ``words``; anything else on
+    stderr is argparse's usage block (or the CPU fallback note). Returns the line."""
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.rstrip("\n").splitlines()
+    errors = [line for line in lines if "error: " in line]
+    assert len(errors) == 1 and errors[0] == lines[-1], err
+    others = [line for line in lines[:-1] if not line.startswith(("usage: ", " ", "note: "))]
+    assert not others, err
+    assert all(w in errors[0] for w in words), (words, errors[0])
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Checkpoint folders (good, empty, bad JSON, no tokenizer, no weights), a tiny corpus, and traces."""
+    root = tmp_path_factory.mktemp("cli")
+    g = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(s, generator=g) * 0.3 for n, s in shape_config(SHAPE, 64).expected_shapes().items()}
+    good = root / "ckpt"
+    save_checkpoint(HF_CONFIG, tensors, good)
+    save_tokenizer(train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300), good, 64)
+    (root / "empty").mkdir()
+    (root / "badjson").mkdir()
+    (root / "badjson" / "config.json").write_text('{"model_type": "mixtral",')
+    shutil.copytree(good, root / "notok")
+    for f in (root / "notok").glob("*token*"):
+        f.unlink()
+    shutil.copytree(good, root / "noweights")
+    (root / "noweights" / "model.safetensors").unlink()
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for files in DOMAIN_FILES.values():
+        for name in files:
+            (corpus / name).write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    # a recording of the checkpoint's shape with hidden states at every step (values need not be real here)
+    base = synthetic_trace(num_tokens=12, num_layers=2, num_experts=4, top_k=2, num_requests=2, seed=1)
+    recorded = dataclasses.replace(
+        base, meta=dataclasses.replace(base.meta, model=SHAPE),
+        hidden_states=np.random.default_rng(0).standard_normal((12, 2, 16)).astype(np.float16),
+        hidden_token_index=np.arange(12))
+    save_trace(recorded, root / "recorded.npz")
+    save_trace(base, root / "bare.npz")
+    (root / "truncated.npz").write_bytes((root / "recorded.npz").read_bytes()[:300])
+    (root / "a-file").write_text("not a folder")
+    return root
+
+
+# -- record, references, engine_bench live: the checkpoint is checked first ----------------------------
+MODEL_CASES = {"empty": ["config.json: missing", "save_pretrained"],
+               "badjson": ["config.json: not valid JSON", "re-save the config"],
+               "notok": ["no tokenizer loads from it", "tokenizer.save_pretrained"],
+               "noweights": ["neither model.safetensors nor", "save_pretrained(safe_serialization=True)"]}
+
+
+@pytest.mark.parametrize("folder", ["empty", "badjson", "notok", "noweights"])
+def test_record_checks_the_checkpoint_first(world, tmp_path, capsys, folder):
+    from experiments import record
+    words = MODEL_CASES[folder]
+    out = tmp_path / "out"
+    refused(capsys, lambda: record.main(["--model", str(world / folder), "--out", str(out), "--corpus",
+                                         str(world / "corpus"), *CPU]), "--model", str(world / folder), *words)
+    assert not out.exists()         # nothing written
+
+
+def test_record_refuses_an_out_below_a_file(world, capsys):
+    from experiments import record
+    out = world / "a-file" / "out"
+    refused(capsys, lambda: record.main(["--model", str(world / "ckpt"), "--out", str(out), "--corpus",
+                                         str(world / "corpus"), *CPU]), "--out", "is a file, not a folder")
+
+
+def test_record_names_a_corpus_that_lacks_files(world, tmp_path, capsys):
+    from experiments import record
+    refused(capsys, lambda: record.main(["--model", str(world / "ckpt"), "--out", str(tmp_path / "out"),
+                                         "--corpus", str(tmp_path), *CPU]), "lacks", "--corpus")
+
+
+@pytest.mark.parametrize("folder", ["empty", "badjson", "noweights"])
+def test_references_checks_the_checkpoint_first(world, tmp_path, capsys, folder):
+    from experiments import references
+    words = MODEL_CASES[folder]
+    out = tmp_path / "out"
+    refused(capsys, lambda: references.main(["--model", str(world / folder), "--out", str(out), "--corpus",
+                                             str(world / "corpus"), *CPU]), "--model", *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("folder", ["empty", "badjson", "notok"])
+def test_engine_bench_live_checks_the_checkpoint_first(world, tmp_path, capsys, folder):
+    from experiments.engine_bench import main as bench
+    words = MODEL_CASES[folder]
+    out = tmp_path / "out"
+    refused(capsys, lambda: bench(["live", "--model", str(world / folder), "--out", str(out), "--corpus",
+                                   str(world / "corpus"), *CPU]), "--model", *words)
+    assert not out.exists()
+
+
+def test_engine_bench_refuses_an_out_that_is_a_file(world, capsys):
+    from experiments.engine_bench import main as bench
+    refused(capsys, lambda: bench(["replay", "--trace", str(Path(__file__).parent / "data" / "tiny-moe-trace.npz"),
+                                   "--out", str(world / "a-file"), "--slots", "2", "--policies", "lru", *CPU]),
+            "--out", "is a file, not a folder")
+
+
+# -- make_tracks ------------------------------------------------------------------------------------------
+def _tracks(world, tmp_path, *extra, trace="recorded.npz", model="ckpt"):
+    from experiments import make_tracks
+    argv = ["--trace", str(world / trace), "--model", str(world / model), "--out", str(tmp_path / "t.npz"),
+            "--depth", "1", *CPU, *extra]
+    return lambda: make_tracks.main(argv)
+
+
+@pytest.mark.parametrize("extra, kwargs, words", [
+    ((), {"trace": "bare.npz"}, ["--trace", "hidden_states: none recorded", "experiments.record"]),
+    ((), {"trace": "truncated.npz"}, ["--trace", "truncated or corrupt", "re-export"]),
+    ((), {"model": "nope"}, ["--model", "no such folder"]),
+    ((), {"model": "empty"}, ["--model", "config.json: missing"]),
+    (("--gate", "/nope"), {}, ["--gate", "no such folder"]),
+    (("--device", "gpu"), {}, ["--device", "invalid choice: 'gpu'"]),
+    (("--dtype", "float8"), {}, ["--dtype", "invalid choice: 'float8'"]),
+    (("--train-tokens", "-5"), {}, ["--train-tokens", "-5: must be at least 0"]),
+    (("--depth", "99"), {}, ["--depth 99", "2 layers", "use --depth 1..1"]),
+    (("--depth", "2"), {}, ["--depth 2", "use --depth 1..1"]),
+    (("--depth", "0"), {}, ["--depth", "must be at least 1"]),
+    (("--affinity-trace", "/nope.npz"), {}, ["--affinity-trace", "no such file"]),
+    (("--train-tokens", "5", "--corpus", "/nope"), {}, ["--corpus /nope", "no such folder"]),
+])
+def test_make_tracks_refuses_bad_arguments_before_loading_the_model(world, tmp_path, capsys, extra, kwargs, words):
+    refused(capsys, _tracks(world, tmp_path, *extra, **kwargs), *words)
+    assert not (tmp_path / "t.npz").exists()
+
+
+def test_make_tracks_refuses_outputs_it_cannot_write(world, tmp_path, capsys):
+    from experiments import make_tracks
+    base = ["--trace", str(world / "recorded.npz"), "--model", str(world / "ckpt"), "--depth", "1", *CPU]
+    refused(capsys, lambda: make_tracks.main([*base, "--out", str(tmp_path)]), "--out", "is a folder")
+    refused(capsys, lambda: make_tracks.main([*base, "--out", str(world / "a-file" / "t.npz")]),
+            "--out", "is a file, not a folder")
+    refused(capsys, lambda: make_tracks.main([*base, "--out", str(tmp_path / "t.npz"), "--recall-csv",
+                                              str(tmp_path)]), "--recall-csv", "is a folder")
+
+
+def test_make_tracks_names_a_gate_folder_without_a_gate_and_the_weights(world, tmp_path, capsys):
+    refused(capsys, _tracks(world, tmp_path, "--gate", str(tmp_path)), "--gate", "missing", "train_gate")
+    refused(capsys, _tracks(world, tmp_path, model="noweights"), "--model", "neither model.safetensors")
+
+
+def test_make_tracks_runs_at_the_largest_depth(world, tmp_path, capsys):
+    from traces import load_trace
+    _tracks(world, tmp_path)()
+    traced = load_trace(tmp_path / "t.npz")
+    assert traced.predictions["pregate"].shape == (12, 2, 1, 4)
+    assert "nan" not in capsys.readouterr().out.lower()
+
+
+# -- bench_sim ------------------------------------------------------------------------------------------
+@pytest.fixture
+def bench_sim(monkeypatch):
+    """bench_sim's main with no benchmark cases (the checks and --profile only)."""
+    from experiments import bench_sim as module
+    monkeypatch.setattr(module, "CASES", [])
+    monkeypatch.setattr(module, "PREDICTIVE_TRACE", Path("/nonexistent"))
+    monkeypatch.setattr(module, "_fast_cold_start", lambda *args: None)
+    return module.main
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--profile", "lru:1"], ["--profile lru:1", "smaller than top_k=2", "cache_slots >= 2"]),
+    (["--profile", "lru:0"], ["--profile lru:0", "cache_slots=0 is out of range"]),
+    (["--profile", "lru:100"], ["--profile lru:100", "exceeds the 4 experts", "cache_slots <= 4"]),
+    (["--profile", "lru"], ["--profile lru", "give POLICY:SLOTS"]),
+    (["--profile", "nope:2"], ["--profile nope:2", "unknown policy 'nope'"]),
+    (["--repeat", "0"], ["--repeat 0", "at least 1"]),
+    (["--repeat", "-1"], ["--repeat -1", "at least 1"]),
+])
+def test_bench_sim_refuses_bad_arguments_in_one_line(bench_sim, tmp_path, capsys, args, words):
+    trace = tmp_path / "t.npz"
+    save_trace(synthetic_trace(num_tokens=16, num_layers=2, num_experts=4, top_k=2, num_requests=4, seed=1), trace)
+    line = refused(capsys, lambda: bench_sim(["--trace", str(trace), *args]), *words)
+    assert line.startswith("error: ")
+
+
+def test_bench_sim_profiles_a_policy_file_of_ones_own(bench_sim, tmp_path, capsys):
+    """POLICY:SLOTS split on the last colon: FILE.py:Class:SLOTS, as the sweep's policy=FILE.py:Class."""
+    trace = tmp_path / "t.npz"
+    save_trace(synthetic_trace(num_tokens=16, num_layers=2, num_experts=4, top_k=2, num_requests=4, seed=1), trace)
+    policy = tmp_path / "my_policy.py"
+    policy.write_text("from policies.lru import LRU\n\n\nclass MyPolicy(LRU):\n    pass\n")
+    bench_sim(["--trace", str(trace), "--repeat", "1", "--profile", f"{policy}:MyPolicy:3"])
+    assert "time by file, profiled" in capsys.readouterr().out
+    refused(capsys, lambda: bench_sim(["--trace", str(trace), "--profile", f"{policy}:MyPolicy:1"]),
+            f"--profile {policy}:MyPolicy:1", "cache_slots >= 2")
+
+
+# -- traces.import_gpt_oss ------------------------------------------------------------------------------
+def test_import_gpt_oss_refuses_outputs_it_cannot_write_and_repeated_generations(world, tmp_path, capsys):
+    from traces.import_gpt_oss import main as import_main
+    src = tmp_path / "src.npz"
+    np.savez(src, gen_start=np.arange(4, dtype=np.int64))
+    base = ["--src", str(src), "--sample-tokens", "100"]
+    refused(capsys, lambda: import_main([*base, "--out", str(tmp_path)]), "--out", "is a folder")
+    refused(capsys, lambda: import_main([*base, "--out", str(world / "a-file" / "x.npz")]),
+            "--out", "is a file, not a folder")
+    refused(capsys, lambda: import_main(["--src", str(src), "--generations", "0,2,0", "--out",
+                                         str(tmp_path / "x.npz")]), "--generations 0,2,0", "0 given more than once")
+    assert not (tmp_path / "x.npz").exists()
