@@ -198,7 +198,7 @@ class OffloadController:
             raise RuntimeError("prefetch_layer: no begin_layer to prefetch for")
         requests = self.policy.prefetch(access)
         if requests is not None:
-            self._apply_prefetch(requests, now_ns)
+            self._apply_prefetch(requests, now_ns, access.step)
 
     def end_layer(self, needs: list[Need]) -> None:
         in_use = self.cache.in_use                    # cache.release, inlined: once per routed expert
@@ -319,19 +319,25 @@ class OffloadController:
                               "not in use by the layer computing; choose from cache.evictable(scope)")
         return victim
 
-    def _apply_prefetch(self, requests: list[PrefetchRequest], now_ns: int) -> None:
+    def _apply_prefetch(self, requests: list[PrefetchRequest], now_ns: int, step: int) -> None:
+        """Queue ``requests`` (the policy's answer at decode step ``step``): each a valid key needed at a step
+        no earlier than ``step``."""
         queue, cache = self.queue, self.cache
         wanted: dict[int, int] = {}
         n = self.num_layers * self.num_experts
         try:
             for key, need_step in requests:
-                if not (type(key) is int and 0 <= key < n and type(need_step) is int):
+                if not (type(key) is int and 0 <= key < n and type(need_step) is int and need_step >= step):
                     key = self._checked_key(key, "prefetch")
                     try:
                         need_step = _as_int(need_step)
                     except TypeError:
                         raise PolicyError(self.policy, "prefetch", (key, need_step), "need_step must be an "
                                           "integer decode step (token * num_layers + layer)") from None
+                    if need_step < step:
+                        raise PolicyError(self.policy, "prefetch", (key, need_step), f"need_step {need_step} is in "
+                                          f"the past: the layer asking is at step {step} (token * num_layers + "
+                                          f"layer); request the step that will route to the expert")
                 if key not in wanted:                    # a key's first request counts
                     wanted[key] = need_step
         except (TypeError, ValueError) as err:

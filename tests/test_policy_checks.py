@@ -156,6 +156,23 @@ def test_an_out_of_range_key_hints_the_last_layer_only_for_a_prefetch_past_it_an
     assert err.value.site == f"{__file__}:{line} in {hook}"
 
 
+class PrefetchForThePast(LRU):
+    def prefetch(self, access):
+        return [PrefetchRequest(((access.layer + 1) % self.ctx.num_layers) * self.ctx.num_experts, access.step - 100)]
+
+
+@pytest.mark.parametrize("clock", ["replay", "reference"])
+def test_a_prefetch_needed_in_the_past_is_refused_naming_the_step(clock):
+    """A need step before the asking layer's own (a slip in token * num_layers + layer) would be queued as the
+    most urgent prefetch of all: refused, naming both steps."""
+    with pytest.raises(PolicyError, match=r"need_step -?\d+ is in the past: the layer asking is at step \d+") as err:
+        if clock == "replay":
+            replay_untimed(TRACE, PrefetchForThePast, RunSettings(cache_slots=4))
+        else:
+            simulate(TRACE, PrefetchForThePast, H100, RunSettings(cache_slots=4), path="reference")
+    assert err.value.site == f"{__file__}:{PrefetchForThePast.prefetch.__code__.co_firstlineno} in prefetch"
+
+
 def test_numpy_integer_keys_are_accepted_and_counted_as_their_ints():
     settings = RunSettings(cache_slots=3)
     stats = replay_untimed(TRACE, NumpyKeys, settings)

@@ -293,10 +293,11 @@ def test_make_tracks_and_train_gate_commands(world, tmp_path):
     np.testing.assert_allclose(got, want)
 
 
-def test_make_tracks_refuses_a_trace_without_hidden_states(world, tmp_path):
+def test_make_tracks_refuses_a_trace_without_hidden_states(world, tmp_path, capsys):
     _, ckpt, _, trace, _ = world
     bare = tmp_path / "bare.npz"
     save_trace(type(trace)(trace.meta, trace.experts, trace.weights, trace.request_starts), bare)
-    with pytest.raises(ValueError, match="hidden_states: none recorded"):
+    with pytest.raises(SystemExit) as exit_:        # one line, before the model loads
         make_tracks.main(["--trace", str(bare), "--model", str(ckpt), "--out", str(tmp_path / "x.npz"),
                           "--device", "cpu"])
+    assert exit_.value.code == 2 and "hidden_states: none recorded" in capsys.readouterr().err
