@@ -47,7 +47,7 @@ import torch
 
 from hardware.profile import load_hardware
 from real.bench.args import (add_device_arg, cpu_threads, device_default, add_measurement_args, host_memory_error, DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
-                             existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_int, resolved, slot_list)
+                             check_checkpoint, check_out, existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_int, resolved, slot_list)
 from offload.predictors import predictor_name
 from policies.registry import resolve_policy
 from real.bench.engine_runs import error_files, exit_message
@@ -57,9 +57,8 @@ from real.bench.recording import record_slices
 from real.bench.references import accelerate_offload, hf_parity, measure_fully_resident
 from real.bench.replay import replay_slices, shape_replay
 from real.bench.table import engine_table, write_resolved_config
-from real.bench.text import held_out_prompts, load_text, score_sequences, train_prompts
-from real.checkpoint import (CONFIG_NAME, CheckpointError, MoEConfig, load_checkpoint, read_config,
-                             weight_quantization)
+from real.bench.text import held_out_prompts, score_sequences, train_prompts
+from real.checkpoint import (CheckpointError, load_checkpoint)
 from real.lookahead_gate import VAL_TOKENS
 from real.model import MoEModel
 from real.profile_hw import (profile_name,
@@ -179,33 +178,6 @@ def _check_live(p: argparse.ArgumentParser, args) -> None:
         depth=args.depth, gate_train_tokens=args.gate_train_tokens, gate_val_tokens=args.gate_val_tokens,
         vector_tokens=args.vector_tokens, recall_tokens=args.recall_tokens, gate_steps=args.gate_steps,
         gate_rank=args.gate_rank, gate_lr=args.gate_lr, gate_batch=args.gate_batch, seed=args.seed)
-
-
-def check_out(p: argparse.ArgumentParser, out: Path) -> None:
-    """``p.error`` when --out ``out``, or the first of its parents that exists, is a file, not a folder."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                p.error(f"--out {out}: {path} is a file, not a folder; give a folder (a new one is created)")
-            return
-
-
-def check_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> MoEConfig:
-    """The checkpoint's config.json, its tokenizer and the corpus, before anything loads or is written:
-    ``p.error`` naming the argument and the fix. Returns the config; sets ``args.text`` (tokenizer, domains)."""
-    try:
-        config, config_dict = read_config(args.model)
-        weight_quantization(config_dict, args.model / CONFIG_NAME)
-    except CheckpointError as err:
-        p.error(f"--model {' '.join(str(err).split())}")
-    try:
-        args.text = load_text(args.model, args.corpus)
-    except FileNotFoundError as err:        # load_corpus: the files the folder lacks, and --corpus
-        p.error(" ".join(str(err).split()))
-    except (OSError, ValueError) as err:    # transformers: no tokenizer files in the checkpoint folder
-        p.error(f"--model {args.model}: no tokenizer loads from it ({type(err).__name__}); save the model's "
-                f"tokenizer into the folder (tokenizer.save_pretrained)")
-    return config
 
 
 def live_predictor_error(policies) -> str | None:

@@ -21,17 +21,16 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from real.bench.args import add_measurement_args, add_model_args, add_prompt_args, check_model_args, resolved
+from real.bench.args import (add_measurement_args, add_model_args, add_prompt_args, check_checkpoint, check_model_args,
+                             check_out, resolved)
 from real.bench.engine_runs import exit_message
 from real.bench.references import accelerate_offload, hf_parity, measure_fully_resident
 from real.bench.table import engine_table, write_resolved_config
-from real.bench.text import held_out_prompts, load_text
-from real.checkpoint import (CONFIG_NAME, CheckpointError, MoEConfig, load_checkpoint, read_config,
-                             weight_quantization)
+from real.bench.text import held_out_prompts
+from real.checkpoint import (CheckpointError, load_checkpoint)
 from real.model import MoEModel
 from traces.io import atomic_write
 
@@ -50,33 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_out(p, args.out)
     check_checkpoint(p, args)
     return args
-
-
-def check_out(p: argparse.ArgumentParser, out: Path) -> None:
-    """``p.error`` when --out ``out``, or the first of its parents that exists, is a file, not a folder."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                p.error(f"--out {out}: {path} is a file, not a folder; give a folder (a new one is created)")
-            return
-
-
-def check_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> MoEConfig:
-    """The checkpoint's config.json, its tokenizer and the corpus, before anything loads or is written:
-    ``p.error`` naming the argument and the fix. Returns the config; sets ``args.text`` (tokenizer, domains)."""
-    try:
-        config, config_dict = read_config(args.model)
-        weight_quantization(config_dict, args.model / CONFIG_NAME)
-    except CheckpointError as err:
-        p.error(f"--model {' '.join(str(err).split())}")
-    try:
-        args.text = load_text(args.model, args.corpus)
-    except FileNotFoundError as err:        # load_corpus: the files the folder lacks, and --corpus
-        p.error(" ".join(str(err).split()))
-    except (OSError, ValueError) as err:    # transformers: no tokenizer files in the checkpoint folder
-        p.error(f"--model {args.model}: no tokenizer loads from it ({type(err).__name__}); save the model's "
-                f"tokenizer into the folder (tokenizer.save_pretrained)")
-    return config
 
 
 def main(argv=None) -> dict:

@@ -10,6 +10,13 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# transformers' logging binds its handler to whatever sys.stderr is when it first logs: inside a test using
+# capsys that is a stream closed when the test ends, and every later warning then prints a "Logging error"
+# traceback into another test's output. Bind it now, to the session's stream.
+from transformers.utils import logging as _transformers_logging  # noqa: E402
+
+_transformers_logging.get_logger("transformers")
+
 # CI has 2 cores and a time cap: a moderate number of examples, no deadline (shared machines jitter).
 settings.register_profile("ci", max_examples=40, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

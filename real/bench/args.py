@@ -7,10 +7,14 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hardware.profile import HardwareProfileError, load_hardware
 from offload.session import RunSettings, SettingsError
 from policies.registry import resolve_policy
+
+if TYPE_CHECKING:
+    from real.checkpoint import MoEConfig
 
 
 def positive_int(text: str) -> int:
@@ -217,3 +221,32 @@ def resolved(args: argparse.Namespace) -> dict:
             return [plain(x) for x in v]
         return v
     return {k: plain(v) for k, v in vars(args).items() if k != "func"}
+
+
+def check_out(p: argparse.ArgumentParser, out: Path) -> None:
+    """``p.error`` when --out ``out``, or the first of its parents that exists, is a file, not a folder."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                p.error(f"--out {out}: {path} is a file, not a folder; give a folder (a new one is created)")
+            return
+
+
+def check_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> MoEConfig:
+    """The checkpoint's config.json, its tokenizer and the corpus, before anything loads or is written:
+    ``p.error`` naming the argument and the fix. Returns the config; sets ``args.text`` (tokenizer, domains)."""
+    from real.bench.text import load_text
+    from real.checkpoint import CONFIG_NAME, CheckpointError, read_config, weight_quantization
+    try:
+        config, config_dict = read_config(args.model)
+        weight_quantization(config_dict, args.model / CONFIG_NAME)
+    except CheckpointError as err:
+        p.error(f"--model {' '.join(str(err).split())}")
+    try:
+        args.text = load_text(args.model, args.corpus)
+    except FileNotFoundError as err:        # load_corpus: the files the folder lacks, and --corpus
+        p.error(" ".join(str(err).split()))
+    except (OSError, ValueError) as err:    # transformers: no tokenizer files in the checkpoint folder
+        p.error(f"--model {args.model}: no tokenizer loads from it ({type(err).__name__}); save the model's "
+                f"tokenizer into the folder (tokenizer.save_pretrained)")
+    return config
