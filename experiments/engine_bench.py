@@ -47,7 +47,7 @@ import torch
 
 from hardware.profile import load_hardware
 from real.bench.args import (add_device_arg, cpu_threads, device_default, add_measurement_args, host_memory_error, DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
-                             check_checkpoint, check_out, existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_int, resolved, slot_list)
+                             check_out, check_text, existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_int, resolved, slot_list)
 from offload.predictors import predictor_name
 from policies.registry import resolve_policy
 from real.bench.engine_runs import error_files, exit_message
@@ -167,8 +167,8 @@ def replay(args) -> list[str]:
 
 def _check_live(p: argparse.ArgumentParser, args) -> None:
     check_model_args(p, args)
-    check_out(p, args.out)
-    config = check_checkpoint(p, args)
+    check_text(p, args)
+    config = args.config
     error = check_slots(args.slots, config.top_k, config.num_experts, args.model)
     if error:
         p.error(error)
@@ -285,7 +285,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.settings = {k: v for k, v in resolved(args).items()
-                     if k not in ("check", "predictor_settings", "shape_obj", "train", "replayed", "longest", "text")}
+                     if k not in ("check", "predictor_settings", "shape_obj", "train", "replayed", "longest")}
     write_resolved_config(args.out, f"engine_bench-{args.mode}", args.settings)
     args.started = started
     problems = args.func(args)

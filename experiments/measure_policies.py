@@ -33,7 +33,7 @@ import torch
 from hardware.profile import load_hardware
 from offload.predictors import predictor_name
 from policies.registry import resolve_policy
-from real.bench.args import (add_measurement_args, add_model_args, check_model_args, check_slots, existing_dir, existing_file,
+from real.bench.args import (add_measurement_args, add_model_args, check_model_args, check_slots, check_text, existing_dir, existing_file,
                              hardware_profile, non_negative_int, policy_list, positive_int, resolved,
                              slot_list)
 from real.bench.engine_runs import exit_message
@@ -41,8 +41,8 @@ from real.bench.policies import PolicyRuns, measure_policies
 from real.bench.predictor_suite import consulted, live_predictors
 from real.bench.recording import recording_prompts
 from real.bench.table import write_resolved_config
-from real.bench.text import load_text, score_sequences
-from real.checkpoint import load_checkpoint, read_config
+from real.bench.text import score_sequences
+from real.checkpoint import load_checkpoint
 from real.corpus import DEFAULT_CORPUS_DIR
 from real.hidden_capture import capture_hidden_states
 from real.lookahead_gate import LookaheadGate
@@ -77,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_measurement_args(p)
     args = p.parse_args(argv)
     check_model_args(p, args)
-    config, _ = read_config(args.model)
+    check_text(p, args)
+    config = args.config
     error = check_slots(args.slots, config.top_k, config.num_experts, args.model)
     if error:
         p.error(error)
@@ -125,7 +126,7 @@ def main(argv=None) -> list[str]:
     predictors_at = live_predictors(host, vectors, gate, args.depth, names)
     tracked, _ = compute_tracks(args.recorded, predictors_at(args.depth), args.depth, str(args.trace))
     hardware = load_hardware(args.hardware)
-    tok, domains = load_text(args.model, args.corpus)
+    tok, domains = args.text
     runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy, args.repeats)
     problems = measure_policies(host, shape, args.name, tracked, args.train, reference_tokens, runs, hardware,
                                 predictors_at, score_sequences(tok, domains, args.score_seqs, args.score_len),

@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from real.bench.args import (add_model_args, add_prompt_args, check_checkpoint, check_model_args, check_out,
-                             positive_int, resolved)
+from real.bench.args import (add_model_args, add_prompt_args, check_model_args, check_text, positive_int,
+                             resolved)
 from real.bench.recording import record_slices
 from real.bench.references import fully_resident
 from real.bench.table import write_resolved_config
@@ -37,8 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training-split prompts recorded as the slice static and affinity learn from")
     args = p.parse_args(argv)
     check_model_args(p, args)
-    check_out(p, args.out)
-    check_checkpoint(p, args)
+    check_text(p, args)
     return args
 
 
@@ -52,7 +51,7 @@ def main(argv=None) -> dict:
         print(f"error: --model {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     args.out.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(args.out, "record", {k: v for k, v in resolved(args).items() if k != "text"})
+    write_resolved_config(args.out, "record", resolved(args))
     prompts = held_out_prompts(tok, domains, args.prompts, args.prompt_len)
     train_text = train_prompts(tok, domains, args.train_prompts, args.prompt_len)
     shape = config.to_model_shape(args.name)

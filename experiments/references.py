@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from real.bench.args import (add_measurement_args, add_model_args, add_prompt_args, check_checkpoint, check_model_args,
-                             check_out, resolved)
+from real.bench.args import (add_measurement_args, add_model_args, add_prompt_args, check_model_args, check_text,
+                             resolved)
 from real.bench.engine_runs import exit_message
 from real.bench.references import accelerate_offload, hf_parity, measure_fully_resident
 from real.bench.table import engine_table, write_resolved_config
@@ -46,8 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_model_args(p, args)
     if args.accelerate_gpu_GiB < 0:
         p.error(f"--accelerate-gpu-GiB {args.accelerate_gpu_GiB}: must be at least 0")
-    check_out(p, args.out)
-    check_checkpoint(p, args)
+    check_text(p, args)
     return args
 
 
@@ -62,7 +61,7 @@ def main(argv=None) -> dict:
         print(f"error: --model {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in resolved(args).items() if k != "text"}
+    settings = resolved(args)
     write_resolved_config(args.out, "references", settings)
     prompts = held_out_prompts(tok, domains, args.prompts, args.prompt_len)
     resident = MoEModel(config, tensors, device=device, dtype=dtype)

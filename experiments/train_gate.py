@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from real.bench.args import check_out, checked_config
 from real.corpus import DEFAULT_CORPUS_DIR
 from real.hidden_capture import capture_hidden_states
 from real.lookahead_gate import LookaheadGate, train_lookahead_gate, true_router_probs
@@ -51,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--holdout {args.holdout}: must be in (0, 1)")
     if args.depth < 1 or args.rank < 1 or args.steps < 0 or args.train_tokens < 0:
         p.error("--depth and --rank must be at least 1, --steps and --train-tokens at least 0")
+    if not args.model.is_dir():
+        p.error(f"--model {args.model}: no such folder")
+    checked_config(p, args.model)
+    check_out(p, args.out)
     return args
 
 

@@ -1,6 +1,7 @@
 """The engine and trace tools refuse bad arguments and files with one line naming the argument and the fix,
 exit code 2, no traceback, before any expensive work (and before anything is written): ``experiments.record``,
-``references``, ``engine_bench live``, ``make_tracks``, ``bench_sim`` and ``traces.import_gpt_oss``. CPU only, a
+``references``, ``engine_bench live``, ``profile``, ``measure_policies``, ``train_gate``, ``make_tracks``,
+``bench_sim`` and ``traces.import_gpt_oss``. CPU only, a
 2-layer random checkpoint with a small tokenizer, synthetic traces."""
 from __future__ import annotations
 
@@ -127,6 +128,25 @@ def test_engine_bench_live_checks_the_checkpoint_first(world, tmp_path, capsys, 
     refused(capsys, lambda: bench(["live", "--model", str(world / folder), "--out", str(out), "--corpus",
                                    str(world / "corpus"), *CPU]), "--model", *words)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["profile", "measure_policies", "train_gate"])
+@pytest.mark.parametrize("folder", ["empty", "badjson"])
+def test_the_other_model_commands_check_the_config_and_out_first(world, tmp_path, capsys, command, folder):
+    """profile, measure_policies and train_gate read the checkpoint's config.json through the same check (it was
+    an unguarded read in each), and refuse an --out below a file, before anything loads."""
+    import importlib
+    main = importlib.import_module(f"experiments.{command}").main
+    extra = {"profile": CPU,
+             "measure_policies": ["--trace", str(world / "recorded.npz"), "--train-trace", str(world / "recorded.npz"),
+                                  "--corpus", str(world / "corpus"), *CPU],
+             "train_gate": ["--trace", str(world / "recorded.npz"), "--device", "cpu"]}[command]
+    out = tmp_path / "out"
+    refused(capsys, lambda: main(["--model", str(world / folder), "--out", str(out), *extra]), "--model",
+            *MODEL_CASES[folder])
+    assert not out.exists()
+    refused(capsys, lambda: main(["--model", str(world / "ckpt"), "--out", str(world / "a-file" / "out"), *extra]),
+            "--out", "is a file, not a folder")
 
 
 def test_engine_bench_refuses_an_out_that_is_a_file(world, capsys):

@@ -189,7 +189,9 @@ PRECISION_OF_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 def check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Fills ``args.name``, ``args.dtype`` (default: bfloat16 on CUDA, float32 on a CPU) and ``args.precision``
     (the simulator's expert format for ``args.dtype``: bf16, fp16 or fp32); ``p.error`` for a CUDA device that
-    is not there; ``cpu_threads`` on a CPU."""
+    is not there, an ``--out`` that is (or lies below) a file, and a checkpoint whose config.json is missing,
+    malformed or of an unsupported quantization; ``cpu_threads`` on a CPU. Sets ``args.config`` (its
+    ``MoEConfig``), before anything loads or is written."""
     import torch
     device_default(args)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -198,6 +200,8 @@ def check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.precision = PRECISION_OF_DTYPE[args.dtype]
     cpu_threads(args.device)
+    check_out(p, args.out)
+    args.config = checked_config(p, args.model)
 
 
 def cpu_threads(device: str) -> None:
@@ -220,7 +224,8 @@ def resolved(args: argparse.Namespace) -> dict:
         if isinstance(v, tuple):
             return [plain(x) for x in v]
         return v
-    return {k: plain(v) for k, v in vars(args).items() if k != "func"}
+    # not arguments: the subcommand's function, and what the checks derived (the checkpoint's config, its text)
+    return {k: plain(v) for k, v in vars(args).items() if k not in ("func", "config", "text")}
 
 
 def check_out(p: argparse.ArgumentParser, out: Path) -> None:
@@ -232,16 +237,21 @@ def check_out(p: argparse.ArgumentParser, out: Path) -> None:
             return
 
 
-def check_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> MoEConfig:
-    """The checkpoint's config.json, its tokenizer and the corpus, before anything loads or is written:
-    ``p.error`` naming the argument and the fix. Returns the config; sets ``args.text`` (tokenizer, domains)."""
-    from real.bench.text import load_text
+def checked_config(p: argparse.ArgumentParser, model: Path) -> MoEConfig:
+    """The checkpoint's config, read and checked as loading it will (``p.error`` naming --model and the fix)."""
     from real.checkpoint import CONFIG_NAME, CheckpointError, read_config, weight_quantization
     try:
-        config, config_dict = read_config(args.model)
-        weight_quantization(config_dict, args.model / CONFIG_NAME)
+        config, config_dict = read_config(model)
+        weight_quantization(config_dict, model / CONFIG_NAME)
     except CheckpointError as err:
         p.error(f"--model {' '.join(str(err).split())}")
+    return config
+
+
+def check_text(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checkpoint's tokenizer and the corpus (``args.corpus``), before anything loads or is written: sets
+    ``args.text`` (tokenizer, domains); ``p.error`` naming the argument and the fix."""
+    from real.bench.text import load_text
     try:
         args.text = load_text(args.model, args.corpus)
     except FileNotFoundError as err:        # load_corpus: the files the folder lacks, and --corpus
@@ -249,4 +259,3 @@ def check_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> Mo
     except (OSError, ValueError) as err:    # transformers: no tokenizer files in the checkpoint folder
         p.error(f"--model {args.model}: no tokenizer loads from it ({type(err).__name__}); save the model's "
                 f"tokenizer into the folder (tokenizer.save_pretrained)")
-    return config
