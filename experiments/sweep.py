@@ -195,8 +195,10 @@ def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> tuple[str | None,
     start = time.perf_counter()
     try:
         row, perf = run_config(cfg)
-    except RUN_FAILURES as err:  # reported by name; the other configs go on
-        # A SystemExit can come only from the policy's code (a worker ends by os._exit): a failure like any other.
+    except (*RUN_FAILURES, KeyboardInterrupt) as err:  # reported by name; the other configs go on
+        # A SystemExit can come only from the policy's code (a worker ends by os._exit), and so can a
+        # KeyboardInterrupt (workers ignore SIGINT; the sweep's own process turns it into Interrupted while it
+        # runs a configuration): failures like any other.
         # A value the controller refused left the policy by returning: the hook's site names the user's code.
         site = failure_site(resolve_policy(cfg.policy), err)
         what = f"{type(err).__name__}: {' '.join(str(err).split())}"

@@ -51,21 +51,25 @@ class Exit(LRU):
     def on_access(self, access, index, key, hit):
         super().on_access(access, index, key, hit)
         if access.step > 5:
-            raise SystemExit(3)
+            raise {raises}
 '''
 
 
+@pytest.mark.parametrize("raises, what", [("SystemExit(3)", "SystemExit: 3"),
+                                          ("KeyboardInterrupt('x')", "KeyboardInterrupt: x")])
 @pytest.mark.parametrize("slots, workers", [("2", 1), ("2,3", 2)], ids=["one-config", "pool"])
 def test_system_exit_in_a_hook_is_a_policy_failure_with_file_line_and_hook(trace_path, tmp_path, capsys, slots,
-                                                                           workers):
+                                                                           workers, raises, what):
+    """A sys.exit() or a KeyboardInterrupt raised by a policy's code (a real Ctrl-C reaches the sweep as a signal:
+    tests/test_sweep_robustness.py) fails that configuration, in the sweep's process as in a worker."""
     policy = tmp_path / "exiting.py"
-    policy.write_text(EXITING)
+    policy.write_text(EXITING.format(raises=raises))
     out = tmp_path / "out"
     assert _sweep(trace_path, out, f"policy=lru,{policy}:Exit", f"cache_slots={slots}", workers=workers) == 1
     captured = capsys.readouterr()
     n = len(slots.split(","))
     assert f"{n} of {2 * n} configurations failed" in captured.err
-    assert captured.err.count(f"SystemExit: 3 at {policy}:8 in on_access") == 2 * n   # as it happens, and at the end
+    assert captured.err.count(f"{what} at {policy}:8 in on_access") == 2 * n   # as it happens, and at the end
     assert len(list((out / "errors").glob("*.txt"))) == n and len(list((out / "rows").glob("*.json"))) == n
 
 
