@@ -16,7 +16,7 @@ import dataclasses
 from experiments.config import SWEEP_KEYS, ConfigError, RunConfig, policy_label
 from experiments.results import config_hash, row_inputs, trace_sha256
 from offload.cache import ExpertCache
-from offload.policy import PolicyContext, check_params
+from offload.policy import Policy, PolicyContext, check_params
 from offload.predictors import predictor_for, predictor_name
 from policies.registry import crash_site, resolve_policy
 from hardware.profile import HardwareProfile, load_hardware
@@ -188,10 +188,23 @@ def record_timeline(cfg: RunConfig, tokens: int = 20) -> Timeline:
 
 def compute_notes(configs: list[RunConfig]) -> list[str]:
     """One line per (hardware, model, precision) whose profile measures compute for other models only
-    (``HardwareProfile.unmatched_measurement_note``)."""
+    (``HardwareProfile.unmatched_measurement_note``), and per policy whose host decision time a measured entry
+    leaves out while it holds other policies' (a prefetching class renamed or misspelt in ``decision_us`` is charged
+    none)."""
     notes = []
     for cfg in configs:
-        note = hardware_for(cfg).unmatched_measurement_note(trace_slices(cfg)[1].model, cfg.precision)
+        hardware, shape = hardware_for(cfg), trace_slices(cfg)[1].model
+        note = hardware.unmatched_measurement_note(shape, cfg.precision)
+        cost = hardware.compute_cost(shape, cfg.precision)
+        measured = dict(cost.decision_ns_by_policy)
+        policy_cls = resolve_policy(cfg.policy)
+        name = policy_cls.__name__
+        # (the calibration measures decisions beside LRU's, the baseline; an on-demand policy's is about LRU's)
+        prefetches = policy_cls.prefetch is not Policy.prefetch
+        if note is None and measured and prefetches and name not in measured:
+            note = (f"hardware {hardware.name} measures the host's decision time per layer of {', '.join(sorted(measured))} "
+                    f"on {shape.name} at {cfg.precision}, not of {name}: its runs charge none; calibrate it with python -m "
+                    f"experiments.profile (or experiments.validate), which measure every policy they are given")
         if note is not None and note not in notes:
             notes.append(note)
     return notes

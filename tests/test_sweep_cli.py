@@ -298,3 +298,17 @@ def test_a_configuration_is_described_with_the_parameters_given_to_its_policy():
     assert describe(cfg, []) == "policy=oracle policy.cross_tokens=false policy.depth=null cache_slots=5"
     assert describe(RunConfig(policy="lru", cache_slots=4, pcie_GBps=25.0), ["policy", "pcie_GBps"]) == \
         "policy=lru cache_slots=4 pcie_GBps=25.0"
+
+
+def test_a_prefetching_policy_without_a_measured_decision_time_is_named(tmp_path):
+    """A profile's decision_us is keyed by class name: a user's subclass of a measured policy (or a renamed one)
+    would be charged no host decision time without a word. On-demand policies and LRU, the calibration's
+    baseline, are not named."""
+    from experiments.runner import compute_notes
+    mine = tmp_path / "mine.py"
+    mine.write_text("from policies.oracle_prefetch import OraclePrefetch\n\n\nclass MyOracle(OraclePrefetch):\n    pass\n")
+    profile = REPO / "experiments" / "results" / "h200" / "validation" / "h200-measured.yaml"
+    grid = [RunConfig(policy=p, trace=str(REPO / "traces" / "moe-lm-h100.npz"), hardware=str(profile), cache_slots=4)
+            for p in ("lru", "fifo", "oracle", f"{mine}:MyOracle")]
+    [note] = compute_notes(grid)
+    assert "decision time per layer of" in note and "OraclePrefetch" in note and "not of MyOracle" in note
