@@ -41,7 +41,7 @@ from real.predictors import LookaheadGatePredictor, PreGate, QuasiHiddenPreGate,
 from real.tracks import (AFFINITY_TRAIN_FRACTION, RECALL_COLUMNS, affinity_recall, check_model_matches,
                          compute_tracks, load_model, recorded_tokens)
 from traces import TraceError, load_trace, save_trace
-from traces.io import atomic_write
+from traces.io import atomic_write, output_problem
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,7 +71,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible (use --device cpu)")
     for flag, path in (("--out", args.out), ("--recall-csv", args.recall_csv)):
-        if path is not None and (problem := _not_writable(path)):
+        if path is not None and (problem := output_problem(path, "file")):
             p.error(f"{flag} {path}: {problem}")
     try:
         args.config, config_dict = read_config(args.model)
@@ -112,16 +112,6 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         except (OSError, ValueError) as err:    # transformers: no tokenizer files in the checkpoint folder
             p.error(f"--model {args.model}: no tokenizer loads from it ({type(err).__name__}), and --train-tokens "
                     f"needs one; save the model's tokenizer into the folder, or drop --train-tokens")
-
-
-def _not_writable(path: Path) -> str | None:
-    """Why a file cannot be written at ``path`` (a folder there, or a file where a parent folder would be)."""
-    if path.is_dir():
-        return "is a folder; give a file name (one in that folder, say)"
-    for parent in path.parents:
-        if parent.exists():
-            return None if parent.is_dir() else f"{parent} is a file, not a folder; give a path in a folder"
-    return None
 
 
 def _refuse(message: str):

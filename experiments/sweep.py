@@ -50,6 +50,7 @@ from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, compute
                                 validate_grid)
 from hardware.profile import hardware_to_dict
 from policies.registry import RUN_FAILURES, failure_site, resolve_policy
+from traces.io import output_problem
 
 DEFAULT_CONFIG = DEFAULT_SCENARIO
 TIMELINE_TOKENS = 20
@@ -475,15 +476,6 @@ def _plan(args) -> tuple[SweepSpec, list[RunConfig], list[dict[str, str]], list[
     return spec, grid, inputs, [config_hash(cfg, i) for cfg, i in zip(grid, inputs)]
 
 
-def _file_in_the_way(out: Path) -> Path | None:
-    """``out`` or the first of its parents that exists, when that is not a folder (the results could not
-    be written there, which would be found only after every configuration ran)."""
-    for path in (out, *out.parents):
-        if path.exists():
-            return None if path.is_dir() else path
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = _parser().parse_intermixed_args(argv)
@@ -502,9 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 128 + stop.signum
         out = args.out if args.out is not None else Path("runs") / f"sweep-{spec.short_hash()}"
-        if (blocking := _file_in_the_way(out)) is not None:
-            print(f"error: --out {out}: {blocking} is a file, not a folder; give a folder (a new one is "
-                  f"created), or move the file away", file=sys.stderr)
+        if (problem := output_problem(out)) is not None:
+            print(f"error: --out {out}: {problem}", file=sys.stderr)
             return 2
         store = ResultStore(out)
         try:

@@ -44,7 +44,7 @@ from real.bench.args import cpu_threads
 from real.bench.engine_runs import exit_message, run_problems
 from real.profile_hw import profile_name
 from traces import load_trace, save_trace
-from traces.io import atomic_write
+from traces.io import atomic_write, output_problem
 from traces.yaml_unique import safe_load_unique
 from validation import report
 from validation.engine_side import (OtherMachineError, SliceInputs, SliceMeasurement, measure_copy_table, replay_inputs,
@@ -292,8 +292,8 @@ def main(argv=None) -> int:
         if name is not None:
             print(f"validate: {args.out} holds results of scenario {name} (no --scenario given)", flush=True)
     name = name or ("validate-h200" if torch.cuda.is_available() else "validate-smoke")
-    if args.out.exists() and not args.out.is_dir():
-        print(f"error: --out {args.out} is a file; give a folder (new, or one a previous call wrote)", file=sys.stderr)
+    if (problem := output_problem(args.out)) is not None:     # a file in the way, or nowhere to write
+        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
         return 2
     previous = signal.signal(signal.SIGTERM, _interrupted)
     try:

@@ -258,3 +258,36 @@ def test_import_gpt_oss_refuses_outputs_it_cannot_write_and_repeated_generations
     refused(capsys, lambda: import_main(["--src", str(src), "--generations", "0,2,0", "--out",
                                          str(tmp_path / "x.npz")]), "--generations 0,2,0", "0 given more than once")
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_an_out_nothing_can_be_created_in_is_one_line_for_every_command(world, tmp_path, capsys, monkeypatch):
+    """An --out whose nearest existing folder takes no new entry (a read-only or special file system; here the
+    creation is made to fail, since tests may run as root) is refused before anything runs, not an OSError
+    traceback when the first result is written: the sweep, validate, the engine commands, import_gpt_oss."""
+    import tempfile
+    from experiments.sweep import main as sweep
+    from experiments.validate import main as validate
+    from traces import import_gpt_oss
+    from traces.io import output_problem
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    out = locked / "results"
+    assert output_problem(out) == f"nothing can be created in {locked} (Permission denied); give a folder you can write to"
+    assert output_problem(tmp_path / "fine" / "deeper") is None and not (tmp_path / "fine").exists()
+    for run in (lambda: sweep(["policy=lru", "cache_slots=4", "--no-plots", "--out", str(out)]),
+                lambda: validate(["--out", str(out)])):
+        assert run() == 2
+        assert capsys.readouterr().err == f"error: --out {out}: {output_problem(out)}\n"
+    refused(capsys, lambda: import_gpt_oss.main(["--sample-tokens", "100", "--out", str(out / "x.npz")]),
+            f"--out {out / 'x.npz'}", "nothing can be created in")
+    from experiments import record
+    refused(capsys, lambda: record.main(["--model", str(world / "ckpt"), "--out", str(out), "--corpus",
+                                         str(world / "corpus"), *CPU]), f"--out {out}", "nothing can be created in")
+    assert list(locked.iterdir()) == []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from traces.io import save_trace
+from traces.io import output_problem, save_trace
 from traces.model_shape import load_shape
 from traces.trace import SCHEMA_VERSION, Trace, TraceMeta
 
@@ -103,11 +103,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="evenly spaced generations over the whole file until at least N tokens")
     parser.add_argument("--no-text", action="store_true", help="leave out the token text")
     args = parser.parse_args(argv)
-    if args.out.is_dir():
-        parser.error(f"--out {args.out}: is a folder; give the trace file to write (a .npz in that folder, say)")
-    blocking = next((p for p in args.out.parents if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        parser.error(f"--out {args.out}: {blocking} is a file, not a folder; give a path in a folder")
+    if (problem := output_problem(args.out, "file")) is not None:
+        parser.error(f"--out {args.out}: {problem}")
     if not args.src.is_file():
         parser.error(f"{args.src}: no such file: the importer reads gpt-oss-20b-dev.npz, the project's shared "
                      f"routing data (../shared/data/routing/ beside the checkout); give its path with --src")

@@ -81,6 +81,28 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()
 
 
+def output_problem(path, kind: str = "folder") -> str | None:
+    """Why a command could not write its output at ``path``, found before any work starts and without creating
+    anything; None when it can. ``kind``: ``folder`` (a results folder, created if missing) or ``file``. The
+    message (``--out`` goes before it) names the path in the way and the fix: a file where a folder must be (or
+    a folder where the file must be), or a nearest existing folder in which nothing can be created (a read-only
+    or special file system, no permission), found by creating and removing an empty folder there."""
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        return "is a folder; give a file name (one in that folder, say)"
+    start = path if kind == "folder" else path.parent
+    existing = next((p for p in (start, *start.parents) if p.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder; give a folder (a new one is created), or move the file away"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=existing))
+    except OSError as e:
+        return f"nothing can be created in {existing} ({e.strerror or e}); give a folder you can write to"
+    return None
+
+
 def atomic_write(path, write, binary: bool = False) -> None:
     """``write(f)`` into a temp file beside ``path``, fsync, then rename over ``path``: a reader
     never sees half a file, and a crash leaves the old one."""

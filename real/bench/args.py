@@ -229,12 +229,12 @@ def resolved(args: argparse.Namespace) -> dict:
 
 
 def check_out(p: argparse.ArgumentParser, out: Path) -> None:
-    """``p.error`` when --out ``out``, or the first of its parents that exists, is a file, not a folder."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                p.error(f"--out {out}: {path} is a file, not a folder; give a folder (a new one is created)")
-            return
+    """``p.error`` when no results folder can be made at --out ``out`` (``traces.io.output_problem``: a file in
+    the way, or a nearest existing folder nothing can be created in)."""
+    from traces.io import output_problem
+    problem = output_problem(out)
+    if problem is not None:
+        p.error(f"--out {out}: {problem}")
 
 
 def checked_config(p: argparse.ArgumentParser, model: Path) -> MoEConfig:
