@@ -39,14 +39,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from hardware.profile import load_hardware
-from real.bench.args import (add_device_arg, cpu_threads, device_default, add_measurement_args, host_memory_error, DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
+from real.bench.args import (add_device_arg, load_model_checkpoint, cpu_threads, device_default, add_measurement_args, host_memory_error, DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
                              check_out, check_text, existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_int, resolved, slot_list)
 from offload.predictors import predictor_name
 from policies.registry import resolve_policy
@@ -58,7 +57,6 @@ from real.bench.references import accelerate_offload, hf_parity, measure_fully_r
 from real.bench.replay import replay_slices, shape_replay
 from real.bench.table import engine_table, write_resolved_config
 from real.bench.text import held_out_prompts, score_sequences, train_prompts
-from real.checkpoint import (CheckpointError, load_checkpoint)
 from real.lookahead_gate import VAL_TOKENS
 from real.model import MoEModel
 from real.profile_hw import (profile_name,
@@ -82,11 +80,7 @@ def live(args) -> list[str]:
     tok, domains = args.text
     prompts = held_out_prompts(tok, domains, args.prompts, args.prompt_len)
     train_text = train_prompts(tok, domains, args.train_prompts, args.prompt_len)
-    try:
-        config, tensors = load_checkpoint(args.model, dtype)
-    except CheckpointError as err:          # the weights (config.json was checked with the arguments)
-        print(f"error: --model {' '.join(str(err).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
+    config, tensors = load_model_checkpoint(args, dtype)
     shape = config.to_model_shape(name)
 
     # 1. References: the model fully resident, every expert on the device (upper bound), and its logits

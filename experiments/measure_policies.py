@@ -33,7 +33,7 @@ import torch
 from hardware.profile import load_hardware
 from offload.predictors import predictor_name
 from policies.registry import resolve_policy
-from real.bench.args import (add_measurement_args, add_model_args, check_model_args, check_slots, check_text, existing_dir, existing_file,
+from real.bench.args import (add_measurement_args, load_model_checkpoint, add_model_args, check_model_args, check_slots, check_text, existing_dir, existing_file,
                              hardware_profile, non_negative_int, policy_list, positive_int, resolved,
                              slot_list)
 from real.bench.engine_runs import exit_message
@@ -42,7 +42,6 @@ from real.bench.predictor_suite import consulted, live_predictors
 from real.bench.recording import recording_prompts
 from real.bench.table import write_resolved_config
 from real.bench.text import score_sequences
-from real.checkpoint import load_checkpoint
 from real.corpus import DEFAULT_CORPUS_DIR
 from real.hidden_capture import capture_hidden_states
 from real.lookahead_gate import LookaheadGate
@@ -111,7 +110,7 @@ def main(argv=None) -> list[str]:
     write_resolved_config(args.out, "measure_policies", config_out)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     reference_tokens = recording_prompts(args.recorded, args.trace)[2]
-    config, tensors = load_checkpoint(args.model, dtype)
+    config, tensors = load_model_checkpoint(args, dtype)
     shape = config.to_model_shape(args.name)
     host = MoEModel(config, tensors, device=device, dtype=dtype, experts_device="cpu")
     del tensors

@@ -25,10 +25,9 @@ import torch
 
 from hardware.profile import load_hardware
 from offload.session import RunSettings
-from real.bench.args import add_model_args, check_model_args, file_name, hardware_profile, resolved
+from real.bench.args import add_model_args, load_model_checkpoint, check_model_args, file_name, hardware_profile, resolved
 from real.bench.recording import record_run
 from real.bench.table import write_resolved_config
-from real.checkpoint import load_checkpoint
 from real.model import MoEModel
 from real.profile_hw import profile_name, write_profile
 from traces.io import atomic_write
@@ -57,7 +56,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(args.out, "profile", resolved(args))
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    config, tensors = load_checkpoint(args.model, dtype)
+    config, tensors = load_model_checkpoint(args, dtype)
     shape = config.to_model_shape(args.name)
     host = MoEModel(config, tensors, device=device, dtype=dtype, experts_device="cpu")
     del tensors

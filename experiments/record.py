@@ -14,17 +14,15 @@ OUT/resolved_config-record.yaml.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
-from real.bench.args import (add_model_args, add_prompt_args, check_model_args, check_text, positive_int,
+from real.bench.args import (add_model_args, load_model_checkpoint, add_prompt_args, check_model_args, check_text, positive_int,
                              resolved)
 from real.bench.recording import record_slices
 from real.bench.references import fully_resident
 from real.bench.table import write_resolved_config
 from real.bench.text import held_out_prompts, train_prompts
-from real.checkpoint import (CheckpointError, load_checkpoint)
 from real.model import MoEModel
 from traces import save_trace
 
@@ -45,11 +43,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     tok, domains = args.text
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    try:
-        config, tensors = load_checkpoint(args.model, dtype)
-    except CheckpointError as err:          # the weights (config.json was checked with the arguments)
-        print(f"error: --model {' '.join(str(err).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
+    config, tensors = load_model_checkpoint(args, dtype)
     args.out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(args.out, "record", resolved(args))
     prompts = held_out_prompts(tok, domains, args.prompts, args.prompt_len)

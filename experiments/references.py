@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import torch
 
-from real.bench.args import (add_measurement_args, add_model_args, add_prompt_args, check_model_args, check_text,
+from real.bench.args import (add_measurement_args, load_model_checkpoint, add_model_args, add_prompt_args, check_model_args, check_text,
                              resolved)
 from real.bench.engine_runs import exit_message
 from real.bench.references import accelerate_offload, hf_parity, measure_fully_resident
 from real.bench.table import engine_table, write_resolved_config
 from real.bench.text import held_out_prompts
-from real.checkpoint import (CheckpointError, load_checkpoint)
 from real.model import MoEModel
 from traces.io import atomic_write
 
@@ -55,11 +53,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     tok, domains = args.text
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    try:
-        config, tensors = load_checkpoint(args.model, dtype)
-    except CheckpointError as err:          # the weights (config.json was checked with the arguments)
-        print(f"error: --model {' '.join(str(err).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
+    config, tensors = load_model_checkpoint(args, dtype)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = resolved(args)
     write_resolved_config(args.out, "references", settings)

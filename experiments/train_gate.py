@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from real.bench.args import check_out, checked_config
+from real.bench.args import check_out, checked_config, checkpoint_errors_exit
 from real.corpus import DEFAULT_CORPUS_DIR
 from real.hidden_capture import capture_hidden_states
 from real.lookahead_gate import LookaheadGate, train_lookahead_gate, true_router_probs
@@ -71,7 +71,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     t0 = time.perf_counter()
     trace = recorded_tokens(load_trace(args.trace), args.trace)
-    model = load_model(args.model, args.device, args.dtype)
+    with checkpoint_errors_exit():         # the weights (config.json was checked with the arguments)
+        model = load_model(args.model, args.device, args.dtype)
     check_model_matches(trace, model, args.trace, args.model)
     hidden, experts = trace.hidden_states, trace.experts
     if args.train_tokens:

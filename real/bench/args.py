@@ -5,6 +5,7 @@ exit code 2."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -259,3 +260,24 @@ def check_text(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     except (OSError, ValueError) as err:    # transformers: no tokenizer files in the checkpoint folder
         p.error(f"--model {args.model}: no tokenizer loads from it ({type(err).__name__}); save the model's "
                 f"tokenizer into the folder (tokenizer.save_pretrained)")
+
+
+@contextlib.contextmanager
+def checkpoint_errors_exit():
+    """Around loading a checkpoint whose config.json was checked with the arguments (``check_model_args``):
+    damaged or missing weights (a ``CheckpointError``) are one ``error: --model ...`` line and exit code 2, not
+    a traceback."""
+    import sys
+    from real.checkpoint import CheckpointError
+    try:
+        yield
+    except CheckpointError as err:
+        print(f"error: --model {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def load_model_checkpoint(args: argparse.Namespace, dtype):
+    """``real.checkpoint.load_checkpoint(args.model, dtype)`` under ``checkpoint_errors_exit``: (config, tensors)."""
+    from real.checkpoint import load_checkpoint
+    with checkpoint_errors_exit():
+        return load_checkpoint(args.model, dtype)
