@@ -49,7 +49,7 @@ from traces.yaml_unique import safe_load_unique
 from validation import report
 from validation.engine_side import (OtherMachineError, SliceInputs, SliceMeasurement, measure_copy_table, replay_inputs,
                                     stored_result)
-from validation.profile_fit import fit_profile
+from validation.profile_fit import fit_profile, pattern_check
 from validation.scenario import SCENARIOS_DIR, Scenario, ScenarioError, load_scenario
 from validation.sim_side import fallback_note, predict
 from validation.store import Store
@@ -214,6 +214,15 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
         if note:
             print(note, flush=True)
             notes.append(f"{sl.name}: {note}")
+        calibration = store.read(store.calibration_path(sl.name))
+        checked = pattern_check(calibration, profile) if calibration is not None and not note else {}
+        if checked:
+            notes.append(f"{sl.name}: calibration patterns' median step, simulator against engine: " + ", ".join(
+                f"{name} {predicted:.3f} / {measured:.3f} ms ({100 * (predicted / measured - 1):+.1f} %)"
+                for name, (predicted, measured) in checked.items()) + (
+                "; alternate (a hit layer after each miss layer) is held out of the fit" if "alternate" in checked
+                else "") + ("; a live slice's layer overhead comes from its own decode, not from these forced "
+                            "patterns" if sl.mode == "live" else ""))
         earlier = 0
         for policy in sl.policies:
             for slots in sl.cache_slots:

@@ -4,6 +4,7 @@ is stored, refusing bad scenarios; and the pieces it rests on: the profile fit r
 given, the report's comparison and ranking."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -51,7 +52,9 @@ def test_smoke_run_writes_the_whole_bundle(smoke):
     assert set(entries) == {"tiny-moe", "tiny-moe-4l"}
     assert "OraclePrefetch" in dict(entries["tiny-moe"].decision_us)
     calibration = json.loads((smoke / "calibration" / "tiny-live.json").read_text())
-    assert {"hits", "misses", "resident-live"} <= set(calibration["patterns"])     # a live model's own overhead
+    assert {"hits", "misses", "alternate", "resident-live"} <= set(calibration["patterns"])     # a live model's own overhead
+    assert "tiny-replay: calibration patterns' median step, simulator against engine: hits" in text
+    assert "alternate (a hit layer after each miss layer) is held out of the fit" in text
 
 
 def test_a_second_run_resumes_and_measures_nothing(smoke, tmp_path):
@@ -226,6 +229,54 @@ def test_the_fit_recovers_the_constants_that_made_the_patterns():
     assert entry["layer_overhead_us"] == pytest.approx(70.0, abs=0.01)
     assert entry["copy_wait_us"] == pytest.approx(25.0, abs=0.01)
     assert entry["decision_us"] == {"OraclePrefetch": 9.5}
+
+
+@pytest.mark.parametrize("shape_name", ["mixtral-8x7b", "gpt-oss-20b"])
+def test_the_calibration_patterns_hit_and_miss_where_they_say(shape_name):
+    """LRU at top-k slots per layer (as the engine runs them): ``hits`` misses only its first step, ``misses``
+    every access, ``alternate`` hits at even layers and misses at odd ones after its first step."""
+    from offload.session import RunSettings
+    from policies.lru import LRU
+    from sim.replay import replay_untimed
+    from traces import load_shape
+    from traces.synthetic import pattern_trace
+    shape = load_shape(shape_name)
+    L, K, T = shape.num_layers, shape.top_k, 6
+    counts = {p: replay_untimed(pattern_trace(shape, T, p), LRU, RunSettings(cache_slots=K)) for p in
+              ("hits", "misses", "alternate")}
+    assert (counts["hits"].hits, counts["misses"].hits) == ((T - 1) * L * K, 0)
+    assert counts["alternate"].hits == (T - 1) * ((L + 1) // 2) * K
+    assert counts["alternate"].misses == L * K + (T - 1) * (L // 2) * K
+    narrow = dataclasses.replace(shape, num_experts=2 * K - 1)
+    with pytest.raises(ValueError, match="'alternate' needs at least 2 \\* top_k experts"):
+        pattern_trace(narrow, T, "alternate")
+
+
+def test_the_held_out_alternate_pattern_shows_a_cost_the_fitted_constants_lack():
+    """``pattern_check``: the alternating pattern (a hit layer after every miss layer), held out of the fit, is
+    predicted exactly when the engine behaves as the model does, and an extra cost of hit layers after a miss
+    (here 15 us each) shows as the simulator's shortfall on it, by that much."""
+    from hardware.profile import hardware_from_dict
+    from offload.session import RunSettings
+    from policies.lru import LRU
+    from sim.simulator import simulate
+    from traces import load_shape
+    from traces.synthetic import pattern_trace
+    from validation.profile_fit import SKIP_STEPS, pattern_check
+    _, _, fitted = calibration_timed_by_the_simulator({"layer_overhead_us": 70.0, "copy_wait_us": 25.0})
+    profile = hardware_from_dict(fitted, "fitted")
+    shape = load_shape(str(ROOT / "tests" / "data" / "tiny-moe.yaml"))
+    run = simulate(pattern_trace(shape, 24, "alternate"), LRU, profile, RunSettings(cache_slots=shape.top_k))
+    step_ms = np.asarray(run.token_ns) / 1e6
+    calibration = {"shape": shape.to_dict(), "patterns": {"alternate": {"step_ms": step_ms.tolist()}}}
+    predicted, measured = pattern_check(calibration, profile)["alternate"]
+    assert predicted == pytest.approx(measured, rel=1e-9)
+    after_a_miss = (shape.num_layers - 1) // 2          # even layers from 2 on follow an odd (missing) layer
+    slower = step_ms + 15e-3 * after_a_miss
+    calibration["patterns"]["alternate"]["step_ms"] = slower.tolist()
+    predicted, measured = pattern_check(calibration, profile)["alternate"]
+    assert measured - predicted == pytest.approx(15e-3 * after_a_miss, rel=1e-6)
+    assert measured == pytest.approx(float(np.median(slower[SKIP_STEPS:])))
 
 
 def _pair(policy, slots, measured, predicted, shape="s", floor_runs=(1.0, 1.0, 1.0)):

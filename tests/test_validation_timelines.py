@@ -85,7 +85,7 @@ def test_the_command_writes_a_long_csv_and_a_table(stored, capsys):
     table = pd.read_csv(out / "timelines_tiny-replay.csv")
     assert list(table.columns) == ["slice", "config", "policy", "cache_slots", "clock", "missing", "quantity", "value"]
     assert set(table["config"]) == {f"tiny-replay:{p}:{s}" for p in ("lru", "static", "oracle") for s in (2, 6)} | {
-        "tiny-replay:calibration:hits:2", "tiny-replay:calibration:misses:2"}
+        "tiny-replay:calibration:hits:2", "tiny-replay:calibration:misses:2", "tiny-replay:calibration:alternate:2"}
     assert set(table["clock"]) == {"engine", "sim", "sim-engine"}
     shares = table[(table["quantity"] == "share_pct") & (table["config"] == "tiny-replay:lru:2")]
     assert shares["value"].sum() == pytest.approx(100.0)

@@ -147,22 +147,27 @@ def _resolve_reuse(base: np.ndarray, reuse: np.ndarray) -> np.ndarray:
 
 
 # Calibration patterns (real.calibration runs them on the engine, validation.profile_fit in the simulator).
-PATTERNS = ("hits", "misses")
+PATTERNS = ("hits", "misses", "alternate")
 
 
 def pattern_trace(shape: ModelShape, steps: int, pattern: str) -> Trace:
     """Synthetic routing of ``steps`` tokens, one request. ``hits``: experts 0..k-1 at every layer and step.
     ``misses``: step t routes experts (t*k .. t*k+k-1) mod E, so consecutive steps share none (E >= 2k)
-    and with k slots per layer every access misses. Weights are 1/k. Raises ValueError for an unknown
-    pattern, or ``misses`` on a shape with fewer than 2k experts."""
+    and with k slots per layer every access misses. ``alternate``: even layers as ``hits``, odd layers as
+    ``misses``, so that with k slots a hit layer follows every miss layer (held out of the profile's fit, it
+    checks what the fitted constants predict there). Weights are 1/k. Raises ValueError for an unknown
+    pattern, or ``misses``/``alternate`` on a shape with fewer than 2k experts."""
     L, E, K = shape.num_layers, shape.num_experts, shape.top_k
+    if pattern != "hits" and E < 2 * K:
+        raise ValueError(f"pattern {pattern!r} needs at least 2 * top_k experts; {shape.name} has {E} for top-{K}")
+    rotating = (np.arange(steps)[:, None, None] * K + np.arange(K)[None, None, :]) % E
     if pattern == "hits":
         ids = np.broadcast_to(np.arange(K), (steps, L, K))
     elif pattern == "misses":
-        if E < 2 * K:
-            raise ValueError(f"pattern 'misses' needs at least 2 * top_k experts; {shape.name} has {E} for top-{K}")
-        ids = (np.arange(steps)[:, None, None] * K + np.arange(K)[None, None, :]) % E
-        ids = np.broadcast_to(ids, (steps, L, K))
+        ids = np.broadcast_to(rotating, (steps, L, K))
+    elif pattern == "alternate":
+        odd = (np.arange(L) % 2 == 1)[None, :, None]
+        ids = np.where(odd, rotating, np.arange(K)[None, None, :])
     else:
         raise ValueError(f"unknown pattern {pattern!r}; use one of {list(PATTERNS)}")
     meta = TraceMeta(SCHEMA_VERSION, shape, "traces.synthetic.pattern_trace", "Apache-2.0", "synthetic",

@@ -30,7 +30,7 @@ import numpy as np
 from hardware.profile import HardwareProfile, hardware_from_dict, hardware_to_dict
 from policies.registry import resolve_policy
 from traces import ModelShape
-from traces.synthetic import pattern_trace
+from traces.synthetic import PATTERNS, pattern_trace
 
 SKIP_STEPS = 1      # a pattern run's first step fills the cache (hits) or carries first-touch costs
 
@@ -133,6 +133,23 @@ def _predict_pattern(profile: HardwareProfile, shape: ModelShape, pattern: str, 
     trace = pattern_trace(shape, steps, pattern)
     result = simulate(trace, LRU, profile, RunSettings(cache_slots=shape.top_k))
     return np.asarray(result.token_ns, dtype=np.float64) / 1e3
+
+
+def pattern_check(calibration: dict, profile: HardwareProfile) -> dict[str, tuple[float, float]]:
+    """Each calibration pattern's median step (ms; its first step left out, as the fit leaves it out), as the
+    simulator predicts it with ``profile`` and as the engine measured it (unmarked): {pattern: (predicted,
+    measured)}. ``hits`` and ``misses`` are what the constants were fitted on; ``alternate`` (a hit layer after
+    every miss layer) is held out of the fit, so its error tests the model where the two meet. A live model's
+    profile takes its per-layer overhead from its own decode, not the forced patterns: there all three move
+    together."""
+    shape = ModelShape.from_dict(calibration["shape"])
+    out = {}
+    for name, pattern in calibration.get("patterns", {}).items():
+        if name not in PATTERNS or not pattern.get("step_ms"):
+            continue
+        predicted = _predict_pattern(profile, shape, name, len(pattern["step_ms"]))[SKIP_STEPS:]
+        out[name] = (float(np.median(predicted)) / 1e3, float(np.median(_median_steps_us(pattern))) / 1e3)
+    return out
 
 
 def fit_profile(base: HardwareProfile, name: str, device: str, copies: dict, calibrations: list[dict],

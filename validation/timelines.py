@@ -308,14 +308,14 @@ def calibration_configs(sl: Slice, store: Store, profile: HardwareProfile) -> tu
 
     from offload.session import RunSettings
     from traces import ModelShape
-    from traces.synthetic import pattern_trace
+    from traces.synthetic import PATTERNS, pattern_trace
     from validation.profile_fit import SKIP_STEPS
     calibration = store.read(store.calibration_path(sl.name))
     if calibration is None:
         return [], {}
     shape = ModelShape.from_dict(calibration["shape"])
     configs = []
-    for name in ("hits", "misses"):
+    for name in PATTERNS:
         pattern = calibration.get("patterns", {}).get(name)
         if not pattern or not pattern.get("layer_timings"):
             continue
