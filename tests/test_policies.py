@@ -10,7 +10,6 @@ from hypothesis import given, strategies as st
 from offload.cache import ExpertCache
 from policies import CacheMode, PolicyContext
 from policies.affinity import AffinityPredictor
-from offload.copy_queue import CopyQueue
 from policies.lru import LRU
 from policies.registry import BASELINES, BUILTIN, available_policies, resolve_policy
 from hardware.profile import load_hardware
@@ -67,31 +66,6 @@ def test_cache_rejects_fewer_slots_than_top_k_and_more_than_experts():
     with pytest.raises(ValueError, match="exceeds the 8 experts"):
         ExpertCache(num_layers=2, num_experts=8, cache_slots=9, mode="per_layer", top_k=2)
     ExpertCache(num_layers=2, num_experts=8, cache_slots=9, mode="global", top_k=2)  # 18 of 16 is fine
-
-
-@given(st.lists(st.tuples(st.sampled_from(["push", "promote", "move", "cancel", "pop"]),
-                          st.integers(0, 15), st.integers(0, 50)), max_size=60))
-def test_copy_queue_pops_demand_first_then_by_need_step(ops):
-    """Against a reference: the live jobs, re-sorted from scratch at every pop."""
-    q = CopyQueue()
-    for op, key, step in ops:
-        job = q.queued.get(key)
-        if op == "push" and job is None:
-            q.push(key, demand=step % 3 == 0, need_step=step, now_ns=0)
-        elif op == "promote" and job is not None:
-            q.reprioritise(job, True, job.need_step, 0)
-        elif op == "move" and job is not None and not job.demand:
-            q.reprioritise(job, False, step, 0)
-        elif op == "cancel" and job is not None:
-            q.cancel(job)
-        elif op == "pop":
-            expected = min(q.queued.values(), key=lambda j: j.sort_key(), default=None)
-            got = q.peek()
-            assert got is expected
-            if got is not None:
-                q.pop(got)
-                got.state = "running"
-    assert len(q) == len(q.queued)
 
 
 def test_static_pins_the_most_frequent_experts_and_fills_every_slot():
