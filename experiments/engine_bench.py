@@ -49,7 +49,7 @@ from real.bench.args import (add_device_arg, load_model_checkpoint, cpu_threads,
                              check_out, check_text, existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_int, resolved, slot_list)
 from offload.predictors import predictor_name
 from policies.registry import resolve_policy
-from real.bench.engine_runs import error_files, exit_message
+from real.bench.engine_runs import error_files, exit_message, interrupt_exits
 from real.bench.policies import PolicyRuns, measure_policies
 from real.bench.predictor_suite import LIVE_PREDICTORS, PredictorSettings, consulted, train_predictors
 from real.bench.recording import record_slices
@@ -282,7 +282,8 @@ def main(argv=None) -> None:
                      if k not in ("check", "predictor_settings", "shape_obj", "train", "replayed", "longest")}
     write_resolved_config(args.out, f"engine_bench-{args.mode}", args.settings)
     args.started = started
-    problems = args.func(args)
+    with interrupt_exits(args.out):
+        problems = args.func(args)
     if problems:
         raise SystemExit(exit_message(problems, args.out))
 

@@ -36,7 +36,7 @@ from policies.registry import resolve_policy
 from real.bench.args import (add_measurement_args, load_model_checkpoint, add_model_args, check_model_args, check_slots, check_text, existing_dir, existing_file,
                              hardware_profile, non_negative_int, policy_list, positive_int, resolved,
                              slot_list)
-from real.bench.engine_runs import exit_message
+from real.bench.engine_runs import exit_message, interrupt_exits
 from real.bench.policies import PolicyRuns, measure_policies
 from real.bench.predictor_suite import consulted, live_predictors
 from real.bench.recording import recording_prompts
@@ -105,6 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[str]:
     started = time.monotonic()
     args = parse_args(argv)
+    with interrupt_exits(args.out):
+        return _measure(args, started)
+
+
+def _measure(args, started: float) -> list[str]:
     args.out.mkdir(parents=True, exist_ok=True)
     config_out = {k: v for k, v in resolved(args).items() if k not in ("recorded", "train")}
     write_resolved_config(args.out, "measure_policies", config_out)

@@ -25,7 +25,7 @@ import torch
 
 from real.bench.args import (add_measurement_args, load_model_checkpoint, add_model_args, add_prompt_args, check_model_args, check_text,
                              resolved)
-from real.bench.engine_runs import exit_message
+from real.bench.engine_runs import exit_message, interrupt_exits
 from real.bench.references import accelerate_offload, hf_parity, measure_fully_resident
 from real.bench.table import engine_table, write_resolved_config
 from real.bench.text import held_out_prompts
@@ -51,6 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     started = time.monotonic()
     args = parse_args(argv)
+    with interrupt_exits(args.out):
+        return _measure(args, started)
+
+
+def _measure(args, started: float) -> dict:
     tok, domains = args.text
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     config, tensors = load_model_checkpoint(args, dtype)

@@ -26,11 +26,14 @@ in % where the name ends in ``_pct``.
 """
 from __future__ import annotations
 
+import _thread
 import argparse
+import contextlib
 import gc
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -319,10 +322,47 @@ class GcWatch:
 
     def __enter__(self) -> GcWatch:
         gc.callbacks.append(self)
+        self._handlers = _signals_outside(GcWatch.__call__.__code__)
+        self._handlers.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._handlers.__exit__(*exc)
         gc.callbacks.remove(self)
+
+
+@contextlib.contextmanager
+def _signals_outside(code):
+    """SIGINT and SIGTERM, while the block runs, are handled by their previous handlers, except when they land in
+    a frame running ``code`` (a gc callback: Python discards what one raises, so a Ctrl-C there was lost and the
+    command ran on): then they are delivered again 10 ms later, from another thread. Only the main thread can
+    install handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if frame is not None and frame.f_code is code:
+            again = threading.Timer(0.01, _thread.interrupt_main, args=(signum,))
+            again.daemon = True
+            again.start()
+            return
+        before = previous[signum]
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:          # the default action: end (SIGTERM), or KeyboardInterrupt (SIGINT)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 # -- the GPU's clocks --------------------------------------------------------------------------------------

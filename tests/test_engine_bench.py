@@ -290,3 +290,12 @@ def test_results_of_either_naming_are_read_under_the_current_names(tmp_path):
     table.add({"mode": "live", "policy": "lru", "cache_slots": 2, "lossless": True, "identical_to_fully_resident": False})
     merged = pd.read_csv(old)
     assert "identical_to_fully_on_gpu" not in merged and merged["identical_to_fully_resident"].tolist() == [True, False]
+
+
+def test_ctrl_c_ends_an_engine_command_in_one_line(tmp_path, capsys):
+    from real.bench.engine_runs import interrupt_exits
+    with pytest.raises(SystemExit) as exit_:
+        with interrupt_exits(tmp_path):
+            raise KeyboardInterrupt
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == f"interrupted: the tables in {tmp_path} hold every run that finished\n"

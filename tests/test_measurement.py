@@ -327,3 +327,26 @@ def test_engine_runs_tell_where_each_request_begins_among_the_timed_steps():
     assert len(replay.step_ms) == 20
     ends = trace.request_starts.tolist()
     assert replay.request_starts == [s for s in ends if s < 20]
+
+
+def test_a_ctrl_c_landing_in_the_gc_callback_still_stops_the_command():
+    """Python discards what a gc callback raises: a Ctrl-C landing while GcWatch's callback ran was lost and
+    validate / engine_bench ran on to exit 0. While the watch is on, a signal landing in that callback is
+    delivered again 10 ms later; anywhere else it acts at once, as before; afterwards the handlers are back."""
+    import signal
+    import sys
+    from types import SimpleNamespace
+
+    from real.measurement import GcWatch
+    before = signal.getsignal(signal.SIGINT)
+    with GcWatch():
+        handler = signal.getsignal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, sys._getframe())                  # an ordinary frame: at once
+        in_callback = SimpleNamespace(f_code=GcWatch.__call__.__code__)
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, in_callback)                      # deferred, not raised in the callback...
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:                       # ...and delivered again
+                time.sleep(0.001)
+    assert signal.getsignal(signal.SIGINT) is before

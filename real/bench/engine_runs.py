@@ -6,7 +6,9 @@ after every run), the lossless check beside it (``TokenCheck``) and the figures 
 their causes)."""
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -236,6 +238,18 @@ def run_problems(report: Report) -> list[str]:
         if failed:
             lines.append(f"{label}: {len(failed)} of {len(runs)} runs failed ({failed[0]['error']})")
     return lines
+
+
+@contextlib.contextmanager
+def interrupt_exits(out):
+    """Around an engine command's measuring: Ctrl-C (KeyboardInterrupt) ends it with one line saying that the
+    tables in ``out`` hold every run that finished (each is written as it ends), and exit code 130, instead
+    of a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"interrupted: the tables in {out} hold every run that finished", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 def exit_message(problems: list[str], out) -> str:
