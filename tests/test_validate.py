@@ -206,6 +206,20 @@ def test_a_failing_policy_is_one_line_naming_its_hook_and_the_call_fails(tmp_pat
     assert set(table["policy"]) == {"lru"}
 
 
+def test_a_grid_of_prefetching_policies_only_is_reported(tmp_path, capsys):
+    """No on-demand configuration: the report leaves the hit/miss agreement line out instead of failing after
+    every run was measured; a group of one configuration counts its 'within' as 0 or 1."""
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(f"repeats: 1\nslices:\n  tiny:\n    mode: replay\n    shape: {ROOT}/tests/data/tiny-moe.yaml\n"
+                        f"    trace: {ROOT}/tests/data/tiny-moe-trace.npz\n    max_tokens: 6\n    warmup_tokens: 2\n"
+                        f"    policies: [oracle]\n    cache_slots: [2]\n    precision: fp32\n")
+    out = tmp_path / "out"
+    assert main(["--scenario", str(scenario), "--out", str(out)]) == 0
+    summary = (out / "summary.txt").read_text()
+    assert "tokens/s: 1 configurations" in summary and "hits and misses identical" not in summary
+    assert "True" not in summary and "False" not in summary
+
+
 def test_out_that_is_a_file_exits_2(tmp_path, capsys):
     path = tmp_path / "afile"
     path.write_text("")

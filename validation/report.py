@@ -124,15 +124,17 @@ def summary(table: pd.DataFrame, notes: list[str]) -> str:
              f"{t['noise_floor_pct'].max():.1f} %" + (f" (not known for {single} configurations of one run)" if single else "")
              + f"; errors within the floor: {int(t['within_noise'].sum())}/{len(t)}",
              f"signed error (simulator - engine): median {t['signed_err_pct'].median():+.1f} %", ""]
+    t = t.assign(within_noise=t["within_noise"].astype(int))     # a count per group, also of one configuration
     for by in ("shape", "family"):
         g = t.groupby(by).agg(configs=("abs_err_pct", "size"), err_median=("abs_err_pct", "median"),
                               err_max=("abs_err_pct", "max"), signed_median=("signed_err_pct", "median"),
                               floor_median=("noise_floor_pct", "median"), within=("within_noise", "sum"))
         lines += [f"by {by}:", g.to_string(float_format=lambda x: f"{x:.1f}"), ""]
     h = table[(table["metric"].isin(["hit_rate", "misses"])) & (table["family"] == "on-demand")]
-    same = h.groupby("config").apply(lambda g: bool((g["predicted"] == g["measured"]).all()), include_groups=False)
-    lines.append(f"hits and misses identical in both clocks (on-demand policies): {int(same.sum())}/{len(same)}"
-                 + ("" if same.all() else f"; differ: {', '.join(same.index[~same.values])}"))
+    if len(h):          # (a grid of prefetching policies only has none)
+        same = h.groupby("config").apply(lambda g: bool((g["predicted"] == g["measured"]).all()), include_groups=False)
+        lines.append(f"hits and misses identical in both clocks (on-demand policies): {int(same.sum())}/{len(same)}"
+                     + ("" if same.all() else f"; differ: {', '.join(same.index[~same.values])}"))
     other = table[(table["metric"] == "hit_rate") & (table["family"] != "on-demand")]
     if len(other):
         lines.append(f"hit rate, timing-dependent policies: |error| median {other['abs_err_pct'].median():.2f} %, "
