@@ -72,10 +72,17 @@ def main(argv: list[str] | None = None) -> None:
 
     steps = trace.num_tokens * trace.num_layers
     print(f"trace {args.trace}: {trace.num_tokens} tokens x {trace.num_layers} layers = {steps} layer-steps")
-    fast_simulate = _fast_cold_start(trace, hardware, train, settings_for(8))
+    # the cases are sized for the default trace's 32 experts (top-4): a trace of another model runs those
+    # its layers can hold, from top-k to every expert
+    fits = range(trace.model.top_k, trace.model.num_experts + 1)
+    fast_simulate = _fast_cold_start(trace, hardware, train, settings_for(min(max(8, fits[0]), fits[-1])))
     print(f"{'policy':>10} {'slots':>5} {'depth':>5} {'hit_rate':>8} {'copies/step':>11} {'wall_s':>7} "
           f"{'layer-steps/s':>14} {'(range)':>19} {'per CPU s':>10}  path")
     for policy, slots, depth in CASES:
+        if slots not in fits:
+            print(f"{policy:>10} {slots:>5} {depth:>5}  skipped: {trace.model.name} routes to {trace.model.top_k} "
+                  f"of {trace.model.num_experts} experts per layer")
+            continue
         settings = settings_for(slots, depth)
         ref = _reference(trace, policy, hardware, settings, train, args.repeat)
         print(_reference_line(policy, slots, depth, ref, steps))

@@ -29,3 +29,16 @@ def test_time_by_file_names_the_clock_the_core_and_the_policy_and_sums_to_the_wh
     assert abs(sum(shares) - 100.0) < 0.5, lines
     assert all(line.startswith("  ") == ("/" in line.split()[0] and not line.split()[0].endswith("/"))
                for line in lines[1:] if not line.startswith(_OUTSIDE))
+
+
+def test_a_trace_of_fewer_experts_runs_the_cases_its_layers_can_hold(capsys, monkeypatch):
+    """The cases are sized for the default trace (32 experts): on a 6-expert trace the larger ones are
+    skipped with a line saying why, instead of a SettingsError traceback before anything ran."""
+    import experiments.bench_sim as bench
+    monkeypatch.setattr(bench, "_MIN_TIMED_S", 0.01)
+    monkeypatch.setattr(bench, "PREDICTIVE_CASES", [])
+    from pathlib import Path
+    bench.main(["--trace", str(Path(__file__).parent / "data" / "tiny-moe-trace.npz"), "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert "lru     8     1  skipped: tiny-moe routes to 2 of 6 experts per layer" in out
+    assert "lru     4     1" in out and out.count("reference") >= 1
