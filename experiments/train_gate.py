@@ -54,7 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--depth and --rank must be at least 1, --steps and --train-tokens at least 0")
     if not args.model.is_dir():
         p.error(f"--model {args.model}: no such folder")
-    checked_config(p, args.model)
+    config = checked_config(p, args.model)
+    if args.depth > config.num_layers - 1:      # as make_tracks: a deeper row would predict no layer (NaN recall)
+        p.error(f"--depth {args.depth}: {args.model} has {config.num_layers} layers, so a gate looks at most "
+                f"{config.num_layers - 1} layer(s) ahead; use --depth 1..{config.num_layers - 1}")
     check_out(p, args.out)
     return args
 

@@ -18,6 +18,7 @@ import torch
 
 from real.corpus import DEFAULT_CORPUS_DIR
 from real.train_lm import SIZES, TrainSettings, is_replaceable, train_and_save
+from traces.io import output_problem
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--device cuda: no CUDA device is visible (use --device cpu)")
     if not args.corpus.is_dir():
         ap.error(f"--corpus {args.corpus}: no such folder (the corpus is ../shared/data/corpus)")
+    if (problem := output_problem(args.out.parent, "folder")) is not None:   # the model is written beside --out
+        ap.error(f"--out {args.out}: {problem}")
     if args.out.exists() and not is_replaceable(args.out):
         ap.error(f"--out {args.out} exists and is not an earlier output of this command "
                  f"(no train_report.json in it): choose another folder or remove it")

@@ -294,3 +294,30 @@ def test_an_out_nothing_can_be_created_in_is_one_line_for_every_command(world, t
     refused(capsys, lambda: record.main(["--model", str(world / "ckpt"), "--out", str(out), "--corpus",
                                          str(world / "corpus"), *CPU]), f"--out {out}", "nothing can be created in")
     assert list(locked.iterdir()) == []
+
+
+def test_train_gate_refuses_a_depth_the_model_has_no_layers_for(world, tmp_path, capsys):
+    from experiments import train_gate
+    out = tmp_path / "gate"
+    refused(capsys, lambda: train_gate.main(["--trace", str(world / "recorded.npz"), "--model", str(world / "ckpt"),
+                                             "--out", str(out), "--device", "cpu", "--depth", "3"]),
+            "--depth 3", "has 2 layers", "use --depth 1..1")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["a-file/sub", "locked"])
+def test_train_lm_refuses_an_out_it_cannot_write(world, tmp_path, capsys, monkeypatch, where):
+    import tempfile
+    from experiments import train_lm
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    out = (world / where) if where.startswith("a-file") else locked / "model"
+    refused(capsys, lambda: train_lm.main(["--out", str(out), "--device", "cpu", "--corpus", str(world / "corpus")]),
+            f"--out {out}")
