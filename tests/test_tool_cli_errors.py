@@ -142,7 +142,7 @@ def test_the_other_model_commands_check_the_config_and_out_first(world, tmp_path
     extra = {"profile": CPU,
              "measure_policies": ["--trace", str(world / "recorded.npz"), "--train-trace", str(world / "recorded.npz"),
                                   "--corpus", str(world / "corpus"), "--slots", "2", "--policies", "lru", *CPU],
-             "train_gate": ["--trace", str(world / "recorded.npz"), "--device", "cpu"]}[command]
+             "train_gate": ["--trace", str(world / "recorded.npz"), "--device", "cpu", "--depth", "1"]}[command]
     out = tmp_path / "out"
     refused(capsys, lambda: main(["--model", str(world / folder), "--out", str(out), *extra]), "--model",
             *MODEL_CASES[folder])
