@@ -435,7 +435,9 @@ def format_table(df, varying: list[str]) -> str:
     slots = sorted(df["cache_slots"].unique())
     labels, cells = [], []
     for values, group in df.groupby(row_keys, sort=False, dropna=False):
-        labels.append(" ".join([policy_label(values[0], json.loads(values[1])),
+        # a lossy policy ran other experts than the routed ones: its hits are not a lossless policy's
+        lossy = ["(lossy)"] if "replaced" in group.columns and group["replaced"].fillna(0).sum() > 0 else []
+        labels.append(" ".join([policy_label(values[0], json.loads(values[1])), *lossy,
                                 *(f"{k}={_value_text(v)}" for k, v in zip(row_keys[2:], values[2:]))]))
         by_slots = group.set_index("cache_slots")
         row = []
@@ -457,6 +459,10 @@ def format_table(df, varying: list[str]) -> str:
     modes = list(dict.fromkeys(df["cache_mode"]))
     meanings = [_SLOTS_MEANING[m] + (f" (cache_mode={m})" if len(modes) > 1 else "") for m in modes]
     lines.append(f"slots = {'; '.join(meanings)}")
+    if any("(lossy)" in label for label in labels):
+        lines.append("(lossy): the policy ran other experts than the routed ones where it chose to (`replaced`), so "
+                     "its hit rate and %Belady count hits of its own choices; its accuracy cost is measured by the "
+                     "engine (experiments.engine_bench live, measure_policies: held-out perplexity, top-1 agreement)")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -23,14 +24,21 @@ _SERIES_KEYS = ("cache_mode", "precision", "hardware", "pcie_GBps", "copy_latenc
                 "prefetch_depth", "train_fraction", "max_tokens", "prompt_tokens", "policy_params", "trace")
 
 
-def _series(df: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
-    """(label, rows sorted by cache_slots) per policy and per combination of the other varying keys."""
+def _series(df: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame, dict]]:
+    """(label, rows sorted by cache_slots, line style) per policy and per combination of the other varying
+    keys. A lossy policy's label says so (it ran other experts than the routed ones: its hits are not
+    comparable with a lossless policy's). Styles differ for every series: ten colours, then other markers
+    and dashes."""
     varying = [k for k in _SERIES_KEYS if k in df.columns and df[k].astype(str).nunique() > 1]
     keys = ["policy", *varying]
-    for values, group in df.groupby(keys, sort=False, dropna=False):
+    colours = matplotlib.colormaps["tab10"].colors
+    for i, (values, group) in enumerate(df.groupby(keys, sort=False, dropna=False)):
         values = values if isinstance(values, tuple) else (values,)
         label = values[0] + "".join(f" {k}={v}" for k, v in zip(varying, values[1:]))
-        yield label, group.sort_values("cache_slots")
+        if "replaced" in group.columns and group["replaced"].fillna(0).sum() > 0:
+            label += " (lossy)"
+        style = {"color": colours[i % 10], "marker": "osD^v"[i // 10 % 5], "linestyle": ("-", "--", ":")[i // 10 % 3]}
+        yield label, group.sort_values("cache_slots"), style
 
 
 def _slots_label(df: pd.DataFrame) -> str:
@@ -66,8 +74,8 @@ def _save(fig: Figure, path: str | Path) -> None:
 def plot_tokens_vs_slots(df: pd.DataFrame, path: str | Path) -> None:
     fig = _figure(figsize=(7.5, 4.8))
     ax = fig.subplots()
-    for label, rows in _series(df):
-        ax.plot(rows["cache_slots"], rows["tokens_per_s"], marker="o", label=label)
+    for label, rows, style in _series(df):
+        ax.plot(rows["cache_slots"], rows["tokens_per_s"], label=label, **style)
     ax.set_xlabel(_slots_label(df))
     ax.set_ylabel("decode tokens/s (simulated)")
     ax.set_xticks(sorted(df["cache_slots"].unique()))
@@ -82,10 +90,9 @@ def plot_hit_rate_vs_belady(df: pd.DataFrame, path: str | Path) -> None:
     """Left: hit rate per policy with Belady's MIN as a dashed reference. Right: hits as % of Belady's."""
     fig = _figure(figsize=(12, 4.8))
     left, right = fig.subplots(1, 2)
-    for label, rows in _series(df):
-        line, = left.plot(rows["cache_slots"], rows["hit_rate"], marker="o", label=label)
-        right.plot(rows["cache_slots"], 100 * rows["belady_hit_fraction"].astype(float), marker="o",
-                   color=line.get_color(), label=label)
+    for label, rows, style in _series(df):
+        left.plot(rows["cache_slots"], rows["hit_rate"], label=label, **style)
+        right.plot(rows["cache_slots"], 100 * rows["belady_hit_fraction"].astype(float), label=label, **style)
     bound = (df.assign(belady_rate=df["belady_hits"] / df["accesses"])
                .groupby("cache_slots")["belady_rate"].first())
     left.plot(bound.index, bound.values, "k--", linewidth=2, label="Belady MIN (optimal eviction)")

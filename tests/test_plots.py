@@ -113,3 +113,16 @@ def test_busy_share_is_the_covered_fraction(timeline):
     assert 0 < busy_share(spans, end) < 1
     assert busy_share([(0, 10), (20, 30)], 25) == pytest.approx(15 / 25)
     assert busy_share(spans, 0) == 0.0
+
+
+def test_every_series_has_its_own_style_and_a_lossy_policy_is_named_so():
+    """Eleven policies: no two lines look alike (tab10 alone repeats its first colour at the eleventh); a policy
+    that ran other experts than the routed ones (replaced > 0) is labelled lossy."""
+    import pandas as pd
+    from plots.figures import _series
+    rows = [{"policy": f"p{i}", "cache_slots": s, "tokens_per_s": 1.0, "replaced": 5 if i == 3 else 0}
+            for i in range(11) for s in (2, 4)]
+    series = list(_series(pd.DataFrame(rows)))
+    styles = [tuple(sorted(style.items())) for _, _, style in series]
+    assert len(set(styles)) == 11
+    assert [label for label, _, _ in series][3] == "p3 (lossy)"

@@ -284,6 +284,11 @@ def test_table_has_policy_rows_and_slot_columns():
                         ["policy", "cache_slots", "cache_mode"]).splitlines()
     assert "(cache_mode=per_layer)" in both[-1] and "shared globally" in both[-1] and "(cache_mode=global)" in both[-1]
 
+    # A lossy policy (it ran other experts: replaced > 0) is named so, and a line says what its hits count.
+    lossy = format_table(df.assign(replaced=[0, 0, 3, 0]), ["policy", "cache_slots"]).splitlines()
+    assert lossy[3].startswith("lru ") and "(lossy)" not in lossy[3] and lossy[4].startswith("belady (lossy) ")
+    assert lossy[-1].startswith("(lossy): the policy ran other experts")
+
 
 def test_figure_axis_says_what_a_slot_count_means():
     from plots.figures import _slots_label
