@@ -100,11 +100,11 @@ def test_record_references_gate_and_policies_commands(tiny_lm, tmp_path, capsys)
 
     gate = tmp_path / "gate"
     train_gate.main(["--trace", str(out / "tiny-lm-trace.npz"), "--model", str(tiny_lm), "--out", str(gate),
-                     "--train-tokens", "512", "--steps", "5", "--rank", "4", "--device", "cpu"])
+                     "--train-tokens", "512", "--steps", "5", "--rank", "4", "--device", "cpu", "--depth", "1"])
     policies = ["lru", "static", "lookahead"]
     args = ["--model", str(tiny_lm), "--out", str(out), "--trace", str(out / "tiny-lm-trace.npz"),
             "--train-trace", str(out / "tiny-lm-train-trace.npz"), "--slots", "2,3", "--vector-tokens", "256",
-            "--score-seqs", "1", "--score-len", "8", *CPU]
+            "--score-seqs", "1", "--score-len", "8", "--depth", "1", *CPU]
     with pytest.raises(SystemExit) as exit_:        # lookahead without a gate: refused before measuring
         measure_policies.main([*args, "--policies", ",".join(policies)])
     assert exit_.value.code == 2 and "pass --gate" in capsys.readouterr().err

@@ -201,11 +201,12 @@ def test_replay_on_cpu_publishes_the_median_of_interleaved_repeats(tmp_path, cap
     noise(["--report", str(out)])
     assert "session replay-synthetic-L2-E4-k2: 4 configurations" in capsys.readouterr().out
 
-    # the smoke fast path: one cold run each, no warm-up; the rows are added after the others
+    # the smoke fast path: one cold run each, no warm-up; a configuration measured again replaces its row
     bench(["replay", "--trace", str(trace), "--device", "cpu", "--policies", "lru", "--slots", "2",
            "--max-tokens", "4", "--repeats", "1", "--out", str(out)])
     engine = pd.read_csv(out / "engine.csv")
-    assert len(engine) == 5 and engine["runs"].iloc[-1] == 1 and pd.isna(engine["spread_pct"].iloc[-1])
+    assert engine[["policy", "cache_slots"]].values.tolist() == [["lru", 3], ["oracle", 2], ["oracle", 3], ["lru", 2]]
+    assert engine["runs"].iloc[-1] == 1 and pd.isna(engine["spread_pct"].iloc[-1])
     assert json.loads((out / "noise_sessions.json").read_text())["replay-synthetic-L2-E4-k2"]["warmups"] == {}
     with pytest.raises(SystemExit) as exit_:     # checked before anything is built
         bench(["replay", "--trace", str(trace), "--device", "cpu", "--shape", "gpt-oss-20b", "--out", str(out)])
@@ -299,3 +300,22 @@ def test_ctrl_c_ends_an_engine_command_in_one_line(tmp_path, capsys):
             raise KeyboardInterrupt
     assert exit_.value.code == 130
     assert capsys.readouterr().err == f"interrupted: the tables in {tmp_path} hold every run that finished\n"
+
+
+def test_a_configuration_measured_again_replaces_its_row(tmp_path):
+    """engine.csv and correctness.csv keep what other commands wrote, but a configuration this command measures
+    again replaces its earlier row (a command run twice into one OUT left two rows with nothing to tell them
+    apart), whatever types the CSV gave back."""
+    from real.bench.table import CONFIG_KEY, CsvTable
+    path = tmp_path / "engine.csv"
+    first = CsvTable(path, key=CONFIG_KEY)
+    first.add({"model": "m", "mode": "shape-replay", "policy": "lru", "cache_slots": 2, "tokens_per_s": 10.0})
+    first.add({"model": "m", "mode": "shape-replay", "policy": "lru", "cache_slots": 4, "tokens_per_s": 20.0})
+    other = CsvTable(path, key=CONFIG_KEY)       # another command's row stays
+    other.add({"model": "m", "mode": "live", "policy": "lru", "cache_slots": 2, "tokens_per_s": 30.0})
+    again = CsvTable(path, key=CONFIG_KEY)
+    again.replace([{"model": "m", "mode": "shape-replay", "policy": "lru", "cache_slots": 2, "tokens_per_s": 11.0}])
+    table = pd.read_csv(path)
+    assert len(table) == 3 and sorted(table["tokens_per_s"]) == [11.0, 20.0, 30.0]
+    assert again.rows[len(again.kept):] == [{"model": "m", "mode": "shape-replay", "policy": "lru", "cache_slots": 2,
+                                             "tokens_per_s": 11.0}]

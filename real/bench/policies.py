@@ -20,7 +20,7 @@ from policies.registry import RUN_FAILURES, resolve_policy
 from real.bench.engine_runs import (FIGURE_COLUMNS, EngineRuns, TokenCheck, error_files, figures, generated_steps,
                                     measure_session, run_problems)
 from real.bench.recording import recorded_on, warm_engine
-from real.bench.table import IDENTICAL_COLUMN, CsvTable, NoiseFiles, engine_row, engine_table, print_rows
+from real.bench.table import CONFIG_KEY, IDENTICAL_COLUMN, CsvTable, NoiseFiles, engine_row, engine_table, print_rows
 from real.bench.text import decode_mask
 from real.engine import OffloadEngine
 from real.measurement import Config, Report
@@ -132,7 +132,7 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
                      decode=lambda e, warmup: e.generate(prompts[:1] if warmup else prompts, new_tokens),
                      timed=generated_steps(prompts, new_tokens), check=check)
     engines, summary = engine_table(out), CsvTable(out / "policies.csv", keep=False)
-    correctness = CsvTable(out / "correctness.csv", keep=True)
+    correctness = CsvTable(out / "correctness.csv", keep=True, key=CONFIG_KEY)
     files = NoiseFiles(out, f"live-{name}", settings or {})
 
     def progress(report: Report) -> None:

@@ -39,6 +39,8 @@ def read_table(path: Path) -> pd.DataFrame:
     return upgrade_names(pd.read_csv(path))
 
 
+# What identifies a configuration's row in engine.csv and correctness.csv (a re-measured one replaces it).
+CONFIG_KEY = ("model", "mode", "policy", "cache_slots")
 ENGINE_COLUMNS = ["model", "mode", "policy", "cache_slots", "tokens_per_s", *FIGURE_COLUMNS, "tpot_ms_mean",
                   "hit_rate", "bytes_moved", "copy_GBps", "gpu_mem_GB", "tokens", "tpot_ms_p50", "tpot_ms_p99",
                   "misses"]
@@ -50,15 +52,33 @@ class CsvTable:
     (``read_table``: a file of an earlier version keeps one column per quantity); without it the file starts empty.
     ``columns`` come first, in that order, then any others in the order they appear."""
 
-    def __init__(self, path: Path, keep: bool = True, columns: list[str] | None = None, echo: bool = False):
+    def __init__(self, path: Path, keep: bool = True, columns: list[str] | None = None, echo: bool = False,
+                 key: tuple[str, ...] = ()):
         self.path = Path(path)
         self.columns = columns or []
         self.echo = echo
-        self.kept = read_table(self.path).to_dict("records") if keep and self.path.exists() else []
-        self.rows = list(self.kept)
+        self.key = key
+        self._found = read_table(self.path).to_dict("records") if keep and self.path.exists() else []
+        self._new: list[dict] = []
+        self._merge()
+
+    def _identity(self, row: dict) -> tuple[str, ...]:
+        def text(v) -> str:
+            if v is None or (isinstance(v, float) and v != v):
+                return ""
+            return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+        return tuple(text(row.get(c)) for c in self.key)
+
+    def _merge(self) -> None:
+        # With a ``key``, a row kept from the file that this command measures again is replaced, not repeated
+        # (a command run twice into one OUT left two rows of the same configuration, with nothing to tell them apart)
+        again = {self._identity(r) for r in self._new} if self.key else set()
+        self.kept = [r for r in self._found if not self.key or self._identity(r) not in again]
+        self.rows = self.kept + self._new
 
     def add(self, row: dict) -> None:
-        self.rows.append(row)
+        self._new.append(row)
+        self._merge()
         self._write()
         if self.echo:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
@@ -67,7 +87,8 @@ class CsvTable:
     def replace(self, rows: list[dict]) -> None:
         """The file becomes the rows kept from it, then ``rows``: this table's rows so far, rewritten whole
         as a measurement session goes on (not echoed)."""
-        self.rows = self.kept + list(rows)
+        self._new = list(rows)
+        self._merge()
         self._write()
 
     def _write(self) -> None:
@@ -79,8 +100,8 @@ class CsvTable:
 def engine_table(out: Path) -> CsvTable:
     """OUT/engine.csv: one row per measured configuration (mode, policy, cache size, the median of its runs
     with their spread, runs and outliers, ``offload.metrics`` names), appended to what earlier commands
-    wrote there; each row ``add``ed is also printed."""
-    return CsvTable(Path(out) / "engine.csv", keep=True, columns=ENGINE_COLUMNS, echo=True)
+    wrote there (a configuration measured again replaces its row); each row ``add``ed is also printed."""
+    return CsvTable(Path(out) / "engine.csv", keep=True, columns=ENGINE_COLUMNS, echo=True, key=CONFIG_KEY)
 
 
 def engine_row(model: str, mode: str, policy: str, slots: int, figures: dict) -> dict:
