@@ -526,13 +526,15 @@ class Measurement:
     (``time.monotonic``; default: when ``run_all`` starts). ``clocks``: a ClockSampler (default: started and
     stopped by ``run_all``); ``calibrate``: the host calibration (ms) (replaceable in tests); ``on_error(config,
     err)``: what a run (or warm-up pass) that raised ``err`` records as its error, one line (default: the
-    traceback printed, then the exception's type and message)."""
+    traceback printed, then the exception's type and message); ``runs_wanted``: per configuration label, how many
+    rounds it takes part in, when fewer than the discipline's repeats (a resumed measurement)."""
 
     def __init__(self, run: RunFunction, configs: Sequence[Config], discipline: Discipline = Discipline(),
                  on_progress: Callable[[Report], None] | None = None, deadline_s: float | None = None,
                  started: float | None = None, clocks: ClockSampler | None = None,
                  calibrate: Callable[[int], float] = calibration_ms,
-                 on_error: Callable[[Config, BaseException], str] | None = None):
+                 on_error: Callable[[Config, BaseException], str] | None = None,
+                 runs_wanted: Mapping[str, int] | None = None):
         labels = [c.label for c in configs]
         if len(set(labels)) != len(labels):
             raise ValueError(f"configurations must differ: {labels}")
@@ -547,6 +549,9 @@ class Measurement:
         self.deadline_s, self.started = deadline_s, started
         self.clocks, self.calibrate = clocks, calibrate
         self.on_error = on_error or print_error
+        # per configuration label, the rounds it takes part in (fewer than ``discipline.repeats``: a resumed
+        # measurement that already holds some of its runs); absent: every round
+        self.runs_wanted = dict(runs_wanted or {})
         self.report = Report(configs={c.label: {**c.fields, "decode_core": c.decode_core} for c in configs})
         self.steps: list[np.ndarray | None] = []     # each row's timed step times (None: it failed)
 
@@ -583,7 +588,8 @@ class Measurement:
                 break
             begun = time.monotonic()
             shift = r % len(self.configs) if d.rotate else 0
-            for position, config in enumerate(self.configs[shift:] + self.configs[:shift]):
+            rotated = self.configs[shift:] + self.configs[:shift]
+            for position, config in enumerate(c for c in rotated if r < self.runs_wanted.get(c.label, d.repeats)):
                 cold = not d.warmup and config.label not in seen
                 seen.add(config.label)
                 row, steps = self._one(config, r, position, cold, clocks, watch, others)

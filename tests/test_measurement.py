@@ -350,3 +350,18 @@ def test_a_ctrl_c_landing_in_the_gc_callback_still_stops_the_command():
             while time.monotonic() < deadline:                       # ...and delivered again
                 time.sleep(0.001)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_resumed_measurement_runs_only_the_repeats_each_configuration_lacks():
+    """``runs_wanted``: a configuration that already holds some of its runs takes part in fewer rounds (a resumed
+    validate gave every configuration the full count again, so some ended with more runs than asked)."""
+    ran = []
+
+    def run(config, warmup):
+        if not warmup:
+            ran.append(config.label)
+        return RunOutput(step_ms=[1.0] * 8)
+    a, b, c = CONFIGS
+    Measurement(run, CONFIGS, Discipline(repeats=3, warmup=False), clocks=FakeClocks(), calibrate=lambda n: 1.0,
+                runs_wanted={a.label: 1, b.label: 0}).run_all()
+    assert ran.count(a.label) == 1 and ran.count(b.label) == 0 and ran.count(c.label) == 3

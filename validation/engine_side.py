@@ -197,8 +197,10 @@ class SliceMeasurement:
         todo = [(p, s) for (p, s), n in missing.items() if n > 0]
         keys = self.keys()
         done = len(missing) - len(todo)
-        if done:
-            print(f"{self.sl.name}: resumed: {done} of {len(missing)} configurations already measured", flush=True)
+        held = sum(self.repeats - n for n in missing.values())
+        if held:
+            print(f"{self.sl.name}: resumed: {held} runs already measured, {done} of {len(missing)} configurations "
+                  f"complete", flush=True)
         report = None
         if todo:
             self.build_model()
@@ -222,8 +224,11 @@ class SliceMeasurement:
                         "session": report.info})
 
             # a run that raises: one line naming the policy's file, line and hook; its traceback in OUT/errors
+            # each configuration runs only the repeats it lacks (a resumed slice holds some of them already)
+            wanted = {Config({"slice": self.sl.name, "policy": p, "cache_slots": s}).label: missing[p, s] for p, s in todo}
             report = Measurement(runs, configs, Discipline(repeats=repeats), on_progress=save,
-                                 deadline_s=deadline_s, started=started, on_error=error_files(self.store.out)).run_all()
+                                 deadline_s=deadline_s, started=started, on_error=error_files(self.store.out),
+                                 runs_wanted=wanted).run_all()
             save(report)
         for (p, s), key in keys.items():
             timed_path = self.store.path("engine", self.sl.name, key, "-timed.npz")
