@@ -187,7 +187,7 @@ def print_report(out: Path, only: str | None = None) -> None:
         return
     floor = pd.read_csv(path)
     floor["decode_core"] = floor["decode_core"].map(lambda v: "-" if pd.isna(v) else str(int(v)))
-    floor["outlier_causes"] = floor["outlier_causes"].fillna("")
+    floor["outlier_causes"] = floor["outlier_causes"].astype(object).fillna("")   # all empty: read as float
     floor["warmup_steady"] = floor["warmup_steady"].map(lambda v: "-" if pd.isna(v) else "yes" if v else "no")
     for session, table in floor.groupby("session", sort=False):
         if only is not None and session != only:
@@ -197,7 +197,10 @@ def print_report(out: Path, only: str | None = None) -> None:
               f"{table['spread_pct'].median():.1f} %, max {table['spread_pct'].max():.1f} % "
               f"(runs without outside perturbation: median {table['spread_clean_pct'].median():.1f} %)"
               + (f"; stopped {stopped}" if stopped else ""))
-        cols = ["policy", "cache_slots", *ARMS, "n", "median_tokens_per_s", "spread_pct", "spread_clean_pct",
+        # the mode says what ran (live, shape-replay, the all-resident engine, the fully-resident model), where the
+        # session has one: the all-resident engine runs as policy static at every slot
+        modes = ["mode"] if "mode" in table.columns and table["mode"].notna().any() else []
+        cols = [*modes, "policy", "cache_slots", *ARMS, "n", "median_tokens_per_s", "spread_pct", "spread_clean_pct",
                 "warmup_steady", "long_enough", "outliers", "outlier_causes"]
         print(table[cols].rename(columns={"median_tokens_per_s": "tok/s", "spread_pct": "spread%",
                                           "spread_clean_pct": "clean%", "warmup_steady": "warm",

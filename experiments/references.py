@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -79,6 +80,9 @@ def _measure(args, started: float) -> dict:
             "model": args.name, "mode": f"hf-accelerate-offload-{args.accelerate_gpu_GiB}GiB", "policy": "device_map",
             "cache_slots": -1, "runs": 1,
             **accelerate_offload(args.model, prompts[0], args.new_tokens, args.accelerate_gpu_GiB)})
+    elif args.accelerate_gpu_GiB:
+        print("note: accelerate's offload reference needs a CUDA device (it offloads to the GPU's memory): skipped "
+              "on the CPU", file=sys.stderr, flush=True)
     if problems:
         raise SystemExit(exit_message(problems, args.out))
     return parity
