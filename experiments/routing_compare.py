@@ -47,16 +47,23 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
     ours = json.loads(args.model_stats.read_text())
-    if "routing_summary" in ours:        # a train_report.json: its summary, random reuse K / E
-        shape = ours["model_shape"]
+    # the model's shape, from its train_report.json (the file given, or the one beside routing_stats.json)
+    beside = args.model_stats.parent / "train_report.json"
+    report = ours if "routing_summary" in ours else json.loads(beside.read_text()) if beside.is_file() else None
+    label = args.model_stats.parent.name or "model"
+    if report is not None:
+        shape = report["model_shape"]
         # ModelShape's field names; the H100 report (history) spelled the experts' count "experts"
         experts = shape["num_experts"] if "num_experts" in shape else shape["experts"]
-        ours = {"summary": ours["routing_summary"], "random_reuse": shape["top_k"] / experts}
+        layers = shape["num_layers"] if "num_layers" in shape else shape.get("layers", "?")
+        label = f"{shape.get('name', label)} ({layers}L, top-{shape['top_k']} of {experts})"
+        if "routing_summary" in ours:    # a train_report.json: its summary, random reuse K / E
+            ours = {"summary": ours["routing_summary"], "random_reuse": shape["top_k"] / experts}
     theirs = gpt_oss_stats(args.gpt_oss)
     rows = []
     for key, meaning in ROWS:
         pick = (lambda s: s[key]) if key == "random_reuse" else (lambda s: s["summary"][key])
-        rows.append({"statistic": key, "meaning": meaning, "moe-lm (16L, top-2 of 8)": pick(ours),
+        rows.append({"statistic": key, "meaning": meaning, label: pick(ours),
                      "gpt-oss-20b (24L, top-4 of 32)": pick(theirs)})
     table = pd.DataFrame(rows)
     atomic_write(args.out, lambda f: table.to_csv(f, index=False, float_format="%.4g"))

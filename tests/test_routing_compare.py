@@ -27,3 +27,10 @@ def test_comparison_table(tmp_path):
     # random routing: reuse near K/E, almost no domain information
     assert abs(table.loc["reuse_mean", theirs] - 0.125) < 0.03
     assert table.loc["domain_jsd_bits_mean", theirs] < 0.1
+    assert ours == f"{tmp_path.name} (?L, top-2 of 8)"          # the model's own shape, not a fixed label
+    report["model_shape"] = {"name": "tiny", "num_layers": 2, "top_k": 2, "num_experts": 4}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    table = main(["--model-stats", str(tmp_path / "r.json"), "--gpt-oss", str(tmp_path / "g.npz"),
+                  "--out", str(tmp_path / "c.csv")])
+    assert table.columns[2] == "tiny (2L, top-2 of 4)"
+    assert table.set_index("statistic").loc["random_reuse", "tiny (2L, top-2 of 4)"] == 0.5
