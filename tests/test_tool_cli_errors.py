@@ -263,24 +263,31 @@ def test_import_gpt_oss_refuses_outputs_it_cannot_write_and_repeated_generations
     assert not (tmp_path / "x.npz").exists()
 
 
-def test_an_out_nothing_can_be_created_in_is_one_line_for_every_command(world, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def locked(tmp_path, monkeypatch):
+    """A folder in which nothing can be created (a read-only or special file system; made so by failing the
+    creation, since tests may run as root)."""
+    import tempfile
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise PermissionError(13, "Permission denied")
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    return folder
+
+
+def test_an_out_nothing_can_be_created_in_is_one_line_for_every_command(world, tmp_path, capsys, locked):
     """An --out whose nearest existing folder takes no new entry (a read-only or special file system; here the
     creation is made to fail, since tests may run as root) is refused before anything runs, not an OSError
     traceback when the first result is written: the sweep, validate, the engine commands, import_gpt_oss."""
-    import tempfile
     from experiments.sweep import main as sweep
     from experiments.validate import main as validate
     from traces import import_gpt_oss
     from traces.io import output_problem
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    real_mkdtemp = tempfile.mkdtemp
-
-    def mkdtemp(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir) == locked:
-            raise PermissionError(13, "Permission denied")
-        return real_mkdtemp(*args, dir=dir, **kwargs)
-    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     out = locked / "results"
     assert output_problem(out) == f"nothing can be created in {locked} (Permission denied); give a folder you can write to"
     assert output_problem(tmp_path / "fine" / "deeper") is None and not (tmp_path / "fine").exists()
@@ -306,18 +313,8 @@ def test_train_gate_refuses_a_depth_the_model_has_no_layers_for(world, tmp_path,
 
 
 @pytest.mark.parametrize("where", ["a-file/sub", "locked"])
-def test_train_lm_refuses_an_out_it_cannot_write(world, tmp_path, capsys, monkeypatch, where):
-    import tempfile
+def test_train_lm_refuses_an_out_it_cannot_write(world, capsys, locked, where):
     from experiments import train_lm
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    real_mkdtemp = tempfile.mkdtemp
-
-    def mkdtemp(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir) == locked:
-            raise PermissionError(13, "Permission denied")
-        return real_mkdtemp(*args, dir=dir, **kwargs)
-    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     out = (world / where) if where.startswith("a-file") else locked / "model"
     refused(capsys, lambda: train_lm.main(["--out", str(out), "--device", "cpu", "--corpus", str(world / "corpus")]),
             f"--out {out}")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import calibration_timed_by_the_simulator
 
 from experiments.validate import main
@@ -179,6 +180,16 @@ def test_the_builtin_scenario_runs_from_any_directory(monkeypatch, tmp_path):
     assert all(Path(s.trace or s.shape).is_file() for s in scenario.slices)
 
 
+def _tiny_replay_scenario(tmp_path: Path, policies: list[str]) -> Path:
+    """A one-slice scenario file: the tiny shape's committed trace replayed, one run each, at 2 slots."""
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump({"repeats": 1, "slices": {"tiny": {
+        "mode": "replay", "shape": str(ROOT / "tests" / "data" / "tiny-moe.yaml"),
+        "trace": str(ROOT / "tests" / "data" / "tiny-moe-trace.npz"), "max_tokens": 6, "warmup_tokens": 2,
+        "policies": policies, "cache_slots": [2], "precision": "fp32"}}}))
+    return path
+
+
 @pytest.mark.parametrize("raises, what", [("RuntimeError('boom')", "RuntimeError: boom"),
                                           ("SystemExit(3)", "SystemExit: 3")])
 def test_a_failing_policy_is_one_line_naming_its_hook_and_the_call_fails(tmp_path, capfd, raises, what):
@@ -188,10 +199,7 @@ def test_a_failing_policy_is_one_line_naming_its_hook_and_the_call_fails(tmp_pat
     policy = tmp_path / "mine.py"
     policy.write_text("from policies.lru import LRU\n\n\nclass Raises(LRU):\n    def on_access(self, *args):\n"
                       f"        raise {raises}\n")
-    scenario = tmp_path / "scenario.yaml"
-    scenario.write_text(f"repeats: 1\nslices:\n  tiny:\n    mode: replay\n    shape: {ROOT}/tests/data/tiny-moe.yaml\n"
-                        f"    trace: {ROOT}/tests/data/tiny-moe-trace.npz\n    max_tokens: 6\n    warmup_tokens: 2\n"
-                        f"    policies: [lru, '{policy}:Raises']\n    cache_slots: [2]\n    precision: fp32\n")
+    scenario = _tiny_replay_scenario(tmp_path, ["lru", f"{policy}:Raises"])
     out = tmp_path / "out"
     assert main(["--scenario", str(scenario), "--out", str(out)]) == 1
     printed = capfd.readouterr()
@@ -209,10 +217,7 @@ def test_a_failing_policy_is_one_line_naming_its_hook_and_the_call_fails(tmp_pat
 def test_a_grid_of_prefetching_policies_only_is_reported(tmp_path, capsys):
     """No on-demand configuration: the report leaves the hit/miss agreement line out instead of failing after
     every run was measured; a group of one configuration counts its 'within' as 0 or 1."""
-    scenario = tmp_path / "scenario.yaml"
-    scenario.write_text(f"repeats: 1\nslices:\n  tiny:\n    mode: replay\n    shape: {ROOT}/tests/data/tiny-moe.yaml\n"
-                        f"    trace: {ROOT}/tests/data/tiny-moe-trace.npz\n    max_tokens: 6\n    warmup_tokens: 2\n"
-                        f"    policies: [oracle]\n    cache_slots: [2]\n    precision: fp32\n")
+    scenario = _tiny_replay_scenario(tmp_path, ["oracle"])
     out = tmp_path / "out"
     assert main(["--scenario", str(scenario), "--out", str(out)]) == 0
     summary = (out / "summary.txt").read_text()
