@@ -65,7 +65,7 @@ def main(argv=None):
                           description="a short greedy decode: the calibration's training slice")
     data, calibration, notes = calibrate_and_fit(
         host, shape, load_hardware(args.hardware), args.profile_name, args.precision, device, [],
-        lambda slots: RunSettings(cache_slots=slots, precision=args.precision), shape.top_k, train, 1,
+        lambda slots, policy=None: RunSettings(cache_slots=slots, precision=args.precision), shape.top_k, train, 1,
         train_prompts=LIVE_PROMPTS, new_tokens=LIVE_TOKENS, command="python -m experiments.profile")
     atomic_write(args.out / "calibration.json", lambda f: json.dump(calibration, f, default=str))
     atomic_write(args.out / "profile_fit_notes.json", lambda f: json.dump(notes, f, indent=1, default=str))

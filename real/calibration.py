@@ -172,14 +172,14 @@ def calibrate_model(model, shape: ModelShape, steps: int = 48, hardware=None,
     return {"compute": compute, "patterns": patterns}
 
 
-def calibrate_policies(model, shape: ModelShape, policies: Iterable[str], settings: Callable[[int], RunSettings],
+def calibrate_policies(model, shape: ModelShape, policies: Iterable[str], settings: Callable[[int, str], RunSettings],
                        slots: int, train: Trace, prefetch_depth: int, predictors_at=None,
                        train_prompts: list[list[int]] | None = None, new_tokens: int = 0,
                        on_error: Callable[[Config, BaseException], str] | None = None) -> tuple[dict, dict]:
     """(``decisions``, ``failed``) of the module docstring for ``policies`` (LRU, the baseline, first):
     per policy ``decision_costs`` at ``slots`` on the training slice ``train`` (at most 64 of its tokens) and
     ``resident_step_ms``, its all-resident decode beside LRU's (``train_prompts`` generated ``new_tokens``
-    each for a live model, else ``train`` replayed). ``settings(slots)``: the runs' settings; ``predictors_at
+    each for a live model, else ``train`` replayed). ``settings(slots, policy)``: the policy's runs' settings; ``predictors_at
     (depth)``: the live predictors at a depth (None: none). A policy whose calibration raises is left out
     with its error in ``failed``, so that the others are still calibrated: ``on_error(config, err)`` says
     what its error is, one line, as ``Measurement``'s does (``config``: ``step`` calibration and the
@@ -195,14 +195,14 @@ def calibrate_policies(model, shape: ModelShape, policies: Iterable[str], settin
         cls = resolve_policy(policy)
         predictors = predictors_at(policy_depth(cls, prefetch_depth)) if predictors_at else None
         try:
-            decisions[policy] = decision_costs(model, shape, cls, settings(slots), train, predictors=predictors,
+            decisions[policy] = decision_costs(model, shape, cls, settings(slots, policy), train, predictors=predictors,
                                                max_tokens=tokens)
         except RUN_FAILURES as err:     # one policy's failure must not stop the others' calibration
             failed[policy] = one_line(policy, err)
             print(f"calibration of {policy} failed ({failed[policy]}); its runs will say why", flush=True)
             continue
-        resident[policy] = (lambda cls=cls, predictors=predictors: OffloadEngine(
-            model, shape, cls, settings(shape.num_experts), future=twice, train_trace=train, predictors=predictors))
+        resident[policy] = (lambda cls=cls, predictors=predictors, policy=policy: OffloadEngine(
+            model, shape, cls, settings(shape.num_experts, policy), future=twice, train_trace=train, predictors=predictors))
     if train_prompts is not None:      # a live model decodes its training text; a replay, its trace
         decode = lambda engine: engine.generate(train_prompts, new_tokens)   # noqa: E731
     else:

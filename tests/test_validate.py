@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -180,13 +181,14 @@ def test_the_builtin_scenario_runs_from_any_directory(monkeypatch, tmp_path):
     assert all(Path(s.trace or s.shape).is_file() for s in scenario.slices)
 
 
-def _tiny_replay_scenario(tmp_path: Path, policies: list[str]) -> Path:
-    """A one-slice scenario file: the tiny shape's committed trace replayed, one run each, at 2 slots."""
+def _tiny_replay_scenario(tmp_path: Path, policies: list[str], **fields) -> Path:
+    """A one-slice scenario file: the tiny shape's committed trace replayed, one run each, at 2 slots (and
+    ``fields``)."""
     path = tmp_path / "scenario.yaml"
     path.write_text(yaml.safe_dump({"repeats": 1, "slices": {"tiny": {
         "mode": "replay", "shape": str(ROOT / "tests" / "data" / "tiny-moe.yaml"),
         "trace": str(ROOT / "tests" / "data" / "tiny-moe-trace.npz"), "max_tokens": 6, "warmup_tokens": 2,
-        "policies": policies, "cache_slots": [2], "precision": "fp32"}}}))
+        "policies": policies, "cache_slots": [2], "precision": "fp32", **fields}}}))
     return path
 
 
@@ -212,6 +214,35 @@ def test_a_failing_policy_is_one_line_naming_its_hook_and_the_call_fails(tmp_pat
     assert f"{policy}:Raises at 2 slots failed in all 1 runs ({site}" in summary
     table = pd.read_csv(out / "validation.csv")
     assert set(table["policy"]) == {"lru"}
+
+
+def test_a_slice_gives_a_policy_its_parameters_in_both_clocks(tmp_path, monkeypatch):
+    """``policy_params``: the sweep's policy.NAME for validate. Checked when the scenario loads (a policy not in
+    the slice, a parameter the policy does not declare), passed to the engine's and the simulator's settings
+    of that policy only, and part of its results' key (a result measured at other parameters is not reused);
+    a policy without parameters keeps the key it had."""
+    from validation.engine_side import engine_key, replay_inputs
+    monkeypatch.chdir(ROOT)
+    body = {"mode": "replay", "trace": "tests/data/tiny-moe-trace.npz", "shape": "tests/data/tiny-moe.yaml",
+            "policies": ["lru", "oracle"], "cache_slots": [2]}
+    plain = scenario_from_dict({"slices": {"a": body}}, "scenario.yaml").slices[0]
+    given = scenario_from_dict({"slices": {"a": {**body, "policy_params": {"oracle": {"cross_tokens": False}}}}},
+                               "scenario.yaml").slices[0]
+    assert given.settings(2, "oracle").policy_params == {"cross_tokens": False}
+    assert given.settings(2, "lru").policy_params == {} and given.settings(2).policy_params == {}
+    inputs = replay_inputs(plain)
+    assert engine_key(plain, inputs, "lru", 2) == engine_key(given, inputs, "lru", 2)
+    assert engine_key(plain, inputs, "oracle", 2) != engine_key(given, inputs, "oracle", 2)
+    for params, words in (({"belady": {"x": 1}}, "names ['belady'], not among its policies"),
+                          ({"oracle": {"crosstokens": False}}, "policy_params of oracle: policy OraclePrefetch has no "
+                                                                "parameter 'crosstokens'"),
+                          ({"oracle": 3}, "policy_params maps a policy")):
+        with pytest.raises(ScenarioError, match=re.escape(words)):
+            scenario_from_dict({"slices": {"a": {**body, "policy_params": params}}}, "scenario.yaml")
+    # the whole call: calibration (each policy's all-resident engine with its own parameters), runs, report
+    scenario = _tiny_replay_scenario(tmp_path, ["lru", "oracle"], policy_params={"oracle": {"cross_tokens": False}})
+    assert main(["--scenario", str(scenario), "--out", str(tmp_path / "out")]) == 0
+    assert set(pd.read_csv(tmp_path / "out" / "validation.csv")["policy"]) == {"lru", "oracle"}
 
 
 def test_a_grid_of_prefetching_policies_only_is_reported(tmp_path, capsys):

@@ -67,7 +67,10 @@ def engine_key(sl: Slice, inputs: SliceInputs, policy: str, slots: int) -> str:
     content, the policy's source and the engine's code."""
     # paths enter by their content only (the same files found from another directory are the same inputs)
     paths = ("trace", "shape", "model", "corpus", "gate")
-    fields = {k: v for k, v in dataclasses.asdict(sl).items() if k not in ("policies", "cache_slots", "name", *paths)}
+    fields = {k: v for k, v in dataclasses.asdict(sl).items()
+              if k not in ("policies", "cache_slots", "name", "policy_params", *paths)}
+    if sl.params_of(policy):     # (only where given: the keys of results measured before parameters existed hold)
+        fields["policy_params"] = sorted(sl.params_of(policy).items())
     trace = file_sha256(sl.trace) if sl.trace else None
     gate = None
     if sl.gate:
@@ -174,7 +177,7 @@ class SliceMeasurement:
         predictors = inputs.predictors_at(policy_depth(cls, sl.prefetch_depth)) if inputs.predictors_at else None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        return OffloadEngine(self.model, inputs.shape, cls, sl.settings(config.fields["cache_slots"]),
+        return OffloadEngine(self.model, inputs.shape, cls, sl.settings(config.fields["cache_slots"], config.fields["policy"]),
                              hardware=hardware, future=inputs.timed, train_trace=inputs.train,
                              predictors=predictors, record_layer_timings=record)
 

@@ -36,6 +36,7 @@ import yaml
 from hardware.profile import HardwareProfileError, load_hardware
 from offload.predictors import predictor_name
 from offload.session import RunSettings, SettingsError
+from offload.policy import check_params
 from policies.registry import PolicyLoadError, resolve_policy
 from traces import ModelShape, load_shape
 from traces.model_shape import PRECISION_BITS
@@ -96,6 +97,11 @@ class Slice:
     prefetch_depth: int = 1
     gate: str | None = None
     shape_name: str | None = None
+    # per policy of ``policies``, the parameters it is given (``Policy.parameters``; as the sweep's policy.NAME)
+    policy_params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def params_of(self, policy: str | None) -> dict[str, Any]:
+        return dict(dict(self.policy_params).get(policy, ()))
 
     def model_shape(self) -> ModelShape:
         """The slice's shape (a replay's or a random live model's; a replay without one: its trace's own),
@@ -111,8 +117,10 @@ class Slice:
             shape = dataclasses.replace(shape, name=self.shape_name)
         return shape
 
-    def settings(self, slots: int) -> RunSettings:
-        return RunSettings(cache_slots=slots, precision=self.precision, prefetch_depth=self.prefetch_depth)
+    def settings(self, slots: int, policy: str | None = None) -> RunSettings:
+        """The runs' settings at ``slots``, with ``policy``'s parameters (``policy_params``) when it is given."""
+        return RunSettings(cache_slots=slots, precision=self.precision, prefetch_depth=self.prefetch_depth,
+                           policy_params=self.params_of(policy))
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,12 @@ def _slice(name: Any, body: Any, fail, base: Path = Path(".")) -> Slice:
             value = _resolve(value, base)
         if key == "policies":
             value = tuple(_resolve(v, base) if isinstance(v, str) and ".py:" in v else v for v in value)
+        if key == "policy_params":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise fail(f"{where}: policy_params maps a policy of 'policies' to its parameters, e.g. "
+                           f"{{oracle: {{cross_tokens: false}}}}; got {value!r}")
+            value = tuple((_resolve(k, base) if isinstance(k, str) and ".py:" in k else str(k),
+                           tuple(sorted((str(n), v) for n, v in params.items()))) for k, params in value.items())
         values[key] = value
     for key in ("mode", "policies", "cache_slots"):
         if key not in values:
@@ -235,18 +249,28 @@ def _slice(name: Any, body: Any, fail, base: Path = Path(".")) -> Slice:
             raise fail(f"{where}: shape: {e}") from e
         if s.layers is not None and s.layers > full.num_layers:
             raise fail(f"{where}: layers {s.layers} > the shape's {full.num_layers}")
+    strays = sorted(set(dict(s.policy_params)) - set(s.policies))
+    if strays:
+        raise fail(f"{where}: policy_params names {strays}, not among its policies {list(s.policies)}")
     for policy in s.policies:
         try:
             cls = resolve_policy(str(policy))
         except PolicyLoadError as e:
             raise fail(f"{where}: {e}") from e
-        needs = predictor_name(cls, {})
+        params = s.params_of(policy)
+        try:
+            check_params(cls, params)
+        except ValueError as e:
+            raise fail(f"{where}: policy_params of {policy}: {e}") from e
+        needs = predictor_name(cls, params)
         if s.mode == "replay" and needs is not None:
             raise fail(f"{where}: policy {policy} consults the live predictor '{needs}', which a replay of forced "
                        f"routing does not have (no hidden states); measure it in a live slice")
     for slots in s.cache_slots:
         try:
             settings = s.settings(slots)
+            for policy in s.policies:
+                s.settings(slots, policy)
         except SettingsError as e:
             raise fail(f"{where}: cache_slots {slots!r}: {e}") from e
         if shape is not None and not shape.top_k <= settings.cache_slots <= shape.num_experts:

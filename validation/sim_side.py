@@ -37,7 +37,7 @@ def predict(sl: Slice, inputs, result: dict, profile: HardwareProfile, store: St
     if found is not None and found.get("key") == key:
         return found
     cls = resolve_policy(result["policy"])
-    run = simulate(inputs.timed, cls, profile, sl.settings(result["cache_slots"]), train_trace=inputs.train)
+    run = simulate(inputs.timed, cls, profile, sl.settings(result["cache_slots"], result["policy"]), train_trace=inputs.train)
     token_ns = np.asarray(run.token_ns, dtype=np.int64)[inputs.mask[:len(run.token_ns)]]
     timing = tpot_summary(token_ns)
     m = run.metrics

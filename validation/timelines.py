@@ -287,7 +287,7 @@ def compare_config(sl: Slice, inputs: SliceInputs, result: dict, profile: Hardwa
     policy, slots = result["policy"], int(result["cache_slots"])
     timed = load_trace(store.path("engine", sl.name, result["key"], "-timed.npz"))
     eng = engine_layers(timed)
-    sim, run = sim_layers(inputs, policy, sl.settings(slots), profile)
+    sim, run = sim_layers(inputs, policy, sl.settings(slots, policy), profile)
     notes = []
     stored = store.read(store.path("sim", sl.name, result["key"]))
     if stored and stored.get("token_ns") is not None:

@@ -46,7 +46,9 @@ class PolicyRuns:
     timed_policy: str = "lru"
     repeats: int = 5
 
-    def settings(self, slots: int) -> RunSettings:
+    def settings(self, slots: int, policy: str | None = None) -> RunSettings:
+        """The runs' settings at ``slots`` (every policy at its default parameters: ``policy`` is accepted for
+        ``real.calibration.calibrate_policies``, which names the policy it asks for)."""
         return RunSettings(cache_slots=slots, precision=self.precision, prefetch_depth=self.prefetch_depth)
 
 
