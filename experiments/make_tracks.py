@@ -30,10 +30,9 @@ from types import SimpleNamespace
 import pandas as pd
 import torch
 
-from real.bench.args import (DTYPES, add_device_arg, device_default, existing_dir, existing_file, non_negative_int,
-                             positive_int)
+from real.bench.args import (DTYPES, add_device_arg, checked_config, checkpoint_errors_exit, device_default,
+                             existing_dir, existing_file, non_negative_int, positive_int)
 from real.bench.text import load_text
-from real.checkpoint import CONFIG_NAME, CheckpointError, read_config, weight_quantization
 from real.corpus import DEFAULT_CORPUS_DIR
 from real.hidden_capture import capture_hidden_states
 from real.lookahead_gate import LookaheadGate
@@ -73,11 +72,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag, path in (("--out", args.out), ("--recall-csv", args.recall_csv)):
         if path is not None and (problem := output_problem(path, "file")):
             p.error(f"{flag} {path}: {problem}")
-    try:
-        args.config, config_dict = read_config(args.model)
-        weight_quantization(config_dict, args.model / CONFIG_NAME)
-    except CheckpointError as err:
-        p.error(f"--model {' '.join(str(err).split())}")
+    args.config = checked_config(p, args.model)
     layers = args.config.num_layers
     if layers < 2:
         p.error(f"--model {args.model}: has {layers} layer, so no later layer to predict; tracks need a model of "
@@ -123,10 +118,8 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     t0 = time.perf_counter()
     trace = args.trace_obj
-    try:
+    with checkpoint_errors_exit():          # the weights (config.json was checked with the arguments)
         model = load_model(args.model, args.device, args.dtype)
-    except CheckpointError as err:          # the weights (config.json was checked with the arguments)
-        _refuse(f"--model {err}")
     gate = None
     if args.gate:
         try:

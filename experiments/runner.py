@@ -7,11 +7,11 @@ process memory-maps the same pages instead of decompressing a copy of its own.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
-import dataclasses
 
 from experiments.config import SWEEP_KEYS, ConfigError, RunConfig, policy_label
 from experiments.results import config_hash, row_inputs, trace_sha256

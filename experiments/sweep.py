@@ -215,6 +215,10 @@ def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> tuple[str | None,
     return None, time.perf_counter() - start
 
 
+def _layer_steps(run) -> int:
+    return run.num_tokens * run.num_layers
+
+
 class _Progress:
     """What the sweep says while it runs. On a terminal: one line, updated in place, with the
     configurations done of all, configurations per second and the time left (on stderr). In a log
@@ -228,7 +232,7 @@ class _Progress:
 
     def __init__(self, pending: list[tuple[RunConfig, str]], varying: list[str], workers: int):
         self.expected = {h: expected_seconds(cfg) for cfg, h in pending}
-        self.layer_steps = {h: trace_slices(cfg)[1].num_tokens * trace_slices(cfg)[1].num_layers for cfg, h in pending}
+        self.layer_steps = {h: _layer_steps(trace_slices(cfg)[1]) for cfg, h in pending}
         self.running: dict[object, tuple[float, float]] = {}    # key -> (when it was first seen running, next report)
         self.varying = varying
         self.workers = workers
