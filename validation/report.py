@@ -6,7 +6,11 @@ predicted-against-measured plot (``plots.validation``).
 precision), ``predicted`` (the simulator), ``measured`` (the engine: median of its runs), ``abs_err_pct``
 (|predicted - measured| / measured, %), and for tokens/s the engine's noise floor ``noise_floor_pct``
 (max - min over median of the runs, ``real.measurement``), ``runs``, ``measured_min``/``measured_max`` and
-``within_noise`` (the error is no larger than the floor).
+``within_noise`` (the error is no larger than the floor), and beside them, never instead, the same figure over
+the runs that saw no outside perturbation (``measured_clean``: median tokens/s of the runs whose ``causes`` hold
+none of ``host_slow``, ``clock_low``, ``gc``, ``steal``, as ``real.measurement.floor_table`` counts them;
+``runs_clean``; ``signed_err_clean_pct``): on a host that switches speed, how much of an error is the host's
+state during the runs rather than the model.
 
 Policy families: ``on-demand`` (no prefetch: the built-in LRU, LFU, FIFO, static, Belady; their hits do
 not depend on timing, so both clocks must count them identically), ``bound`` (the oracle),
@@ -18,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from policies.registry import resolve_policy
+from real.measurement import _PERTURBATIONS as PERTURBATIONS     # the causes from outside the engine's own work
 from sim.fast_path import kernel_for
 
 METRICS = ("tokens_per_s", "hit_rate", "misses")
@@ -49,9 +54,11 @@ def measured(engine: dict) -> dict:
             summary["floor"] = float("nan")      # one run has no floor
         return summary
     tps = [r["tokens_per_s"] for r in runs]
+    clean = [r["tokens_per_s"] for r in runs if not PERTURBATIONS & set((r.get("causes") or "").split(";"))]
     return {"tokens_per_s": float(np.median(tps)), "hit_rate": float(np.median([r["hit_rate"] for r in runs])),
             "misses": float(np.median([r["misses"] for r in runs])), "min": min(tps), "max": max(tps),
-            "runs": len(tps), "floor": _spread_pct(tps)}
+            "runs": len(tps), "floor": _spread_pct(tps),
+            "clean": float(np.median(clean)) if clean else float("nan"), "clean_runs": len(clean)}
 
 
 def import_summary(table: pd.DataFrame, note: str) -> list[dict]:
@@ -87,7 +94,9 @@ def rows(pairs: list[tuple[dict, dict]]) -> pd.DataFrame:
                    "signed_err_pct": 100 * (p - v) / v if v else float("nan")}
             if metric == "tokens_per_s":
                 row.update(noise_floor_pct=m["floor"], runs=m["runs"], measured_min=m["min"], measured_max=m["max"],
-                           within_noise=bool(err <= m["floor"]), raw_runs=bool(engine["runs"]))
+                           within_noise=bool(err <= m["floor"]), raw_runs=bool(engine["runs"]),
+                           measured_clean=m.get("clean", float("nan")), runs_clean=m.get("clean_runs", 0),
+                           signed_err_clean_pct=100 * (p - m["clean"]) / m["clean"] if m.get("clean") else float("nan"))
             out.append(row)
     return pd.DataFrame(out)
 
@@ -123,12 +132,20 @@ def summary(table: pd.DataFrame, notes: list[str]) -> str:
              f"(goal 3 % / 8 %); engine noise floor median {t['noise_floor_pct'].median():.1f} %, max "
              f"{t['noise_floor_pct'].max():.1f} %" + (f" (not known for {single} configurations of one run)" if single else "")
              + f"; errors within the floor: {int(t['within_noise'].sum())}/{len(t)}",
-             f"signed error (simulator - engine): median {t['signed_err_pct'].median():+.1f} %", ""]
+             f"signed error (simulator - engine): median {t['signed_err_pct'].median():+.1f} %"]
+    clean = t.dropna(subset=["signed_err_clean_pct"])
+    if len(clean):      # a diagnostic beside the figures above, never instead of them
+        lines.append(f"against each configuration's runs without an outside perturbation (no host_slow, clock_low, gc "
+                     f"or steal), at the {len(clean)} of {len(t)} configurations that have any: |error| median "
+                     f"{clean['signed_err_clean_pct'].abs().median():.1f} %, max {clean['signed_err_clean_pct'].abs().max():.1f} %, "
+                     f"signed median {clean['signed_err_clean_pct'].median():+.1f} %")
+    lines.append("")
     t = t.assign(within_noise=t["within_noise"].astype(int))     # a count per group, also of one configuration
     for by in ("shape", "family"):
         g = t.groupby(by).agg(configs=("abs_err_pct", "size"), err_median=("abs_err_pct", "median"),
                               err_max=("abs_err_pct", "max"), signed_median=("signed_err_pct", "median"),
-                              floor_median=("noise_floor_pct", "median"), within=("within_noise", "sum"))
+                              floor_median=("noise_floor_pct", "median"), within=("within_noise", "sum"),
+                              clean_signed_median=("signed_err_clean_pct", "median"))
         lines += [f"by {by}:", g.to_string(float_format=lambda x: f"{x:.1f}"), ""]
     h = table[(table["metric"].isin(["hit_rate", "misses"])) & (table["family"] == "on-demand")]
     if len(h):          # (a grid of prefetching policies only has none)

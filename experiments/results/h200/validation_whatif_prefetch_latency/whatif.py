@@ -6,7 +6,7 @@ import json, shutil, subprocess, sys
 import numpy as np
 from pathlib import Path
 mode, out = sys.argv[1], Path(sys.argv[2])
-src = Path("experiments/results/h200/validation")
+src = Path("experiments/results/h200/validation_history/session5-bundle")   # the bundle it was run on
 shutil.rmtree(out, ignore_errors=True); shutil.copytree(src, out)
 for s in ["moe-lm-replay", "moe-lm-random"]:
     new = json.load(open(f"experiments/results/h200/validation_whatif_prefetch_latency/calibration_callE/{s}.json"))
