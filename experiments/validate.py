@@ -65,8 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where every result goes, and where a later call resumes from (default: runs/validate)")
     p.add_argument("--predict-only", action="store_true",
                    help="no engine: predict and report what OUT holds (any machine)")
-    p.add_argument("--deadline-s", type=float, help="start no measurement round that would end later "
-                                                    "(default: the scenario's deadline_s)")
+    p.add_argument("--deadline-s", type=float, help="start no measurement round that would end later than this "
+                                                    "many seconds into the call; the slices measured share the "
+                                                    "time left equally (default: the scenario's deadline_s)")
     p.add_argument("--calibration-steps", type=int, default=48, help="tokens per calibration pattern run")
     p.add_argument("--corpus", help="the text corpus live slices take their prompts from (replaces the scenario's)")
     p.add_argument("--timelines", metavar="SLICE[,SLICE]",
@@ -130,9 +131,45 @@ def calibrated_profile(store: Store, scenario: Scenario, device_name: str, write
     return hardware_from_dict(data, origin=str(store.out / f"{name}.yaml")), notes
 
 
-def measure(scenario: Scenario, slices, store: Store, args, started: float) -> list[str]:
-    """Calibrate and measure ``slices`` into ``store``; returns one line per failure of this call (a policy's
-    calibration, a configuration's runs), each naming where it left the policy and its traceback's file."""
+def slice_deadline(deadline: float, elapsed: float, slices_left: int) -> float:
+    """The deadline (s after the call started) of the slice starting ``elapsed`` s into a call with ``deadline``
+    and ``slices_left`` slices to measure, this one included: an equal share of the time left, so the last
+    slice gets all of it and time a slice leaves unused goes to the ones after it (each share is taken as its
+    slice starts); ``deadline`` itself once that has passed."""
+    return min(deadline, elapsed + (deadline - elapsed) / slices_left)
+
+
+def untimed(m: SliceMeasurement) -> int:
+    """Configurations of ``m``'s slice with measured runs in OUT but no timed run yet (for its inputs, prepared
+    or set)."""
+    missing = m.missing()
+    return sum(missing[c] < m.repeats and not m.store.path("engine", m.sl.name, key, "-timed.npz").is_file()
+               for c, key in m.keys().items())
+
+
+def to_measure(slices, store: Store, repeats: int) -> set[str]:
+    """The names of ``slices`` that still lack runs or timed runs in ``store``, judged without building anything
+    on the inputs a report finds (``slice_inputs``: a live slice's as stored, since preparing them decodes its
+    model). A live slice whose checkpoint or corpus changed since its inputs were stored counts as done here: it
+    is measured all the same, in the time the slices before it leave."""
+    pending = set()
+    for sl in slices:
+        inputs = slice_inputs(sl, store)
+        if inputs is None:
+            pending.add(sl.name)
+            continue
+        m = SliceMeasurement(sl, store, repeats, torch.device("cpu"), torch.float32)
+        m.inputs = inputs
+        if any(m.missing().values()) or untimed(m):
+            pending.add(sl.name)
+    return pending
+
+
+def measure(scenario: Scenario, slices, store: Store, args, started: float) -> tuple[list[str], list[str]]:
+    """Calibrate and measure ``slices`` into ``store``; returns (one line per failure of this call (a policy's
+    calibration, a configuration's runs), each naming where it left the policy and its traceback's file; one
+    line per slice the deadline left incomplete, saying why). Under a deadline the slices with something left
+    to measure share the time left equally (``slice_deadline``), calibration included."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -142,25 +179,40 @@ def measure(scenario: Scenario, slices, store: Store, args, started: float) -> l
     recorded = path.stem if path.parent == SCENARIOS_DIR.resolve() else str(path)
     atomic_write(store.out / SCENARIO_FILE, lambda f: f.write(f"{recorded}\n"))
     deadline = args.deadline_s or scenario.deadline_s
-    problems = []
-    for sl in slices:
+    pending = to_measure(slices, store, scenario.repeats) if deadline is not None else set()
+    problems, incomplete = [], []
+    for i, sl in enumerate(slices):
         if not cuda:
             print(f"{sl.name}: on a CPU the engine copies synchronously, which the simulator does not model: "
                   f"this run checks the path, its errors mean nothing", flush=True)
-        if deadline is not None and time.monotonic() - started > deadline:
-            print(f"{sl.name}: not started, past the deadline of {deadline:.0f} s (run again to resume)", flush=True)
-            continue
+        share = deadline
+        if deadline is not None:
+            elapsed = time.monotonic() - started
+            if elapsed > deadline:
+                print(f"{sl.name}: not started, past the deadline of {deadline:.0f} s (run again to resume)",
+                      flush=True)
+                if sl.name in pending:
+                    incomplete.append(f"{sl.name}: not started, past the deadline of {deadline:.0f} s")
+                continue
+            n_left = 1 + sum(later.name in pending for later in slices[i + 1:])
+            share = slice_deadline(deadline, elapsed, n_left)
+            print(f"{sl.name}: this call's share of the deadline: until {share:.0f} s (of {deadline:.0f} s; "
+                  f"{n_left} slices left)", flush=True)
         m = SliceMeasurement(sl, store, scenario.repeats, device, dtype)
         Inputs(store, sl.name).save(m.prepare())
         calibration = m.calibrate(args.calibration_steps)
         problems += [f"{sl.name}: calibration of {what} failed ({line})" for what, line in calibration["failed"].items()]
         profile, _ = calibrated_profile(store, scenario, torch.cuda.get_device_name(device) if cuda else "cpu")
-        measured = m.measure(profile, deadline, started)
+        measured = m.measure(profile, share, started)
         problems += run_problems(measured) if measured is not None else []
+        if measured is not None and "stopped" in measured.info:
+            incomplete.append(f"{sl.name}: measurement stopped {measured.info['stopped']}")
+        elif share is not None and time.monotonic() - started > share and (n := untimed(m)):
+            incomplete.append(f"{sl.name}: {n} timed runs not made, past its share of the deadline ({share:.0f} s)")
         del m
         if cuda:
             torch.cuda.empty_cache()
-    return problems
+    return problems, incomplete
 
 
 def slice_inputs(sl, store: Store) -> SliceInputs | None:
@@ -340,10 +392,10 @@ def _main(args, name: str, started: float) -> int:
             return 2
     print(f"validate: scenario {scenario.path} ({', '.join(s.name for s in slices)}) -> {args.out}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    problems = []
+    problems, incomplete = [], []
     if not args.predict_only:
         try:
-            problems = measure(scenario, slices, store, args, started)
+            problems, incomplete = measure(scenario, slices, store, args, started)
         except OtherMachineError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -353,6 +405,8 @@ def _main(args, name: str, started: float) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"-> {args.out}/validation.csv, summary.txt, validation.png ({time.monotonic() - started:.0f} s)", flush=True)
+    for line in incomplete:
+        print(f"validate: incomplete: {line}; run the same command again to resume it", flush=True)
     if problems:        # the report holds what did run; the call still fails, naming what did not
         print(exit_message(problems, args.out), file=sys.stderr)
         return 1

@@ -245,6 +245,55 @@ def test_a_slice_gives_a_policy_its_parameters_in_both_clocks(tmp_path, monkeypa
     assert set(pd.read_csv(tmp_path / "out" / "validation.csv")["policy"]) == {"lru", "oracle"}
 
 
+def test_a_slice_deadline_is_an_equal_share_of_the_time_left():
+    from experiments.validate import slice_deadline
+    assert slice_deadline(300.0, 0.0, 3) == 100.0
+    assert slice_deadline(300.0, 40.0, 2) == 170.0      # the first slice left 60 s unused: the next two share them
+    assert slice_deadline(300.0, 100.0, 1) == 300.0     # the last slice gets all that is left
+    assert slice_deadline(300.0, 290.0, 4) == 292.5
+    assert slice_deadline(300.0, 330.0, 2) == 300.0     # past the deadline: no share beyond it
+
+
+def test_slices_share_the_deadline_and_an_early_stop_is_named_and_resumed(tmp_path, capsys, monkeypatch):
+    """Two slices under one deadline: the first gets half the time left (its calibration included), the second
+    all that is left after it, and both are measured; a slice whose measurement stopped early is named at the
+    end with how to resume it, and the same command resumes it, the complete slice taking no share then."""
+    import validation.engine_side as engine_side
+    body = {"mode": "replay", "shape": str(ROOT / "tests" / "data" / "tiny-moe.yaml"),
+            "trace": str(ROOT / "tests" / "data" / "tiny-moe-trace.npz"), "max_tokens": 6, "warmup_tokens": 2,
+            "cache_slots": [2], "precision": "fp32"}
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(yaml.safe_dump({"repeats": 2, "slices": {"a": {**body, "policies": ["lru"]},
+                                                                 "b": {**body, "policies": ["belady"]}}}))
+    out = tmp_path / "out"
+    command = ["--scenario", str(scenario), "--out", str(out), "--deadline-s", "1000"]
+    deadlines, measurement = [], engine_side.Measurement
+
+    def first_stops_after_one_round(*args, deadline_s=None, **kwargs):
+        deadlines.append(deadline_s)
+        return measurement(*args, deadline_s=0.0 if len(deadlines) == 1 else deadline_s, **kwargs)
+
+    monkeypatch.setattr(engine_side, "Measurement", first_stops_after_one_round)
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^a: this call's share of the deadline: until 50[01] s \(of 1000 s; 2 slices left\)$", printed,
+                     re.MULTILINE)
+    assert "b: this call's share of the deadline: until 1000 s (of 1000 s; 1 slices left)" in printed
+    assert 500 <= deadlines[0] < 502 and deadlines[1] == 1000
+    runs = pd.read_csv(out / "noise_floor.csv").set_index("slice")["runs"].to_dict()
+    assert runs == {"a": 1, "b": 2}
+    end = printed[printed.index("-> "):]
+    assert "validate: incomplete: a: measurement stopped after 1 of 2 rounds" in end
+    assert "run the same command again to resume it" in end and "incomplete: b" not in end
+
+    monkeypatch.setattr(engine_side, "Measurement", measurement)
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "a: this call's share of the deadline: until 1000 s (of 1000 s; 1 slices left)" in printed
+    assert "incomplete" not in printed
+    assert pd.read_csv(out / "noise_floor.csv").set_index("slice")["runs"].to_dict() == {"a": 2, "b": 2}
+
+
 def test_a_grid_of_prefetching_policies_only_is_reported(tmp_path, capsys):
     """No on-demand configuration: the report leaves the hit/miss agreement line out instead of failing after
     every run was measured; a group of one configuration counts its 'within' as 0 or 1."""
