@@ -256,7 +256,7 @@ def comparison_profile(store: Store, scenario: Scenario, profile_path: Path | No
 
 def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None = None) -> pd.DataFrame:
     profile, device = comparison_profile(store, scenario, profile_path)
-    pairs, notes = [], []
+    pairs, notes, host_ms = [], [], {}
     for sl in slices:
         inputs = slice_inputs(sl, store)
         if inputs is None:
@@ -267,6 +267,7 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
             print(note, flush=True)
             notes.append(f"{sl.name}: {note}")
         calibration = store.read(store.calibration_path(sl.name))
+        host_ms[sl.name] = report.calibration_host_ms(calibration)
         checked = pattern_check(calibration, profile) if calibration is not None and not note else {}
         if checked:
             notes.append(f"{sl.name}: calibration patterns' median step, simulator against engine: " + ", ".join(
@@ -289,7 +290,7 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
         if earlier:
             notes.append(f"{sl.name}: {earlier} configurations whose key this checkout does not reproduce (engine "
                          f"code in offload/ policies/ real/ traces/ changed since, or a gate absent here)" + (f"; {result['note']}" if result.get("note") else ""))
-    table = report.rows(pairs)
+    table = report.rows(pairs, host_ms)
     out = store.out
     atomic_write(out / "validation.csv", lambda f: table.to_csv(f, index=False))
     floor_rows = []

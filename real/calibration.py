@@ -22,6 +22,11 @@ For one model (a checkpoint, or random weights of a shape) this measures, and re
   its all-resident step time beside LRU's (``resident_step_ms``): what the policy adds to every layer
   whatever the cache holds.
 
+Each timed part also records the host's speed just before and after it (``host_cal_ms``: the fixed
+calibration loop every engine run records, ``real.measurement.calibration_ms``): a host that switches speed
+gives constants of the state it was in, and the validation reads each run against the calibration of its own
+host state (``validation.report``).
+
 The numbers become profile constants in ``validation.profile_fit``; nothing here is fitted.
 Units: ms for times unless a name says us.
 """
@@ -40,7 +45,7 @@ from offload.session import RunSettings
 from policies.lru import LRU
 from policies.registry import RUN_FAILURES, resolve_policy
 from real.engine import OffloadEngine
-from real.measurement import Config, print_error
+from real.measurement import Config, calibration_ms, print_error
 from real.profile_hw import measure_compute
 from traces import ModelShape, Trace
 from traces.synthetic import PATTERNS, pattern_trace
@@ -59,11 +64,13 @@ class PatternRun:
     # per layer without a demand copy, in order, from the same run: the routing read-back to the start of the
     # prefetch decision, host clock (``OffloadEngine.decide_ns``); the fit's ``prefetch_latency_us``
     decide_us: list[float] = field(default_factory=list)
+    # the host calibration loop just before and just after the run that records nothing (ms)
+    host_cal_ms: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"slots": self.slots, "step_ms": self.step_ms, "layer_timings": self.layer_timings,
                 "marked_step_ms": self.marked_step_ms, "copy_ms": self.copy_ms, "hit_rate": self.hit_rate,
-                "miss_issue_us": self.miss_issue_us, "decide_us": self.decide_us}
+                "miss_issue_us": self.miss_issue_us, "decide_us": self.decide_us, "host_cal_ms": self.host_cal_ms}
 
 
 def run_pattern(model, shape: ModelShape, pattern: str, steps: int, hardware=None) -> PatternRun:
@@ -77,12 +84,15 @@ def run_pattern(model, shape: ModelShape, pattern: str, steps: int, hardware=Non
     settings = RunSettings(cache_slots=shape.top_k)
     OffloadEngine(model, shape, LRU, settings, hardware=hardware).replay(trace, max(steps // 4, 2))
     engine = OffloadEngine(model, shape, LRU, settings, hardware=hardware, record_host_stamps=True)
+    before = calibration_ms()
     result = engine.replay(trace)
+    after = calibration_ms()
     marked = OffloadEngine(model, shape, LRU, settings, hardware=hardware, record_layer_timings=True).replay(trace)
     timings = {name: np.stack(values).tolist() for name, values in marked.routing.layer_timings.items() if values}
     return PatternRun(shape.top_k, list(result.routing.step_ms), timings, list(marked.routing.step_ms),
                       [c.duration_ms for c in result.copies if c.demand], float(result.metrics["hit_rate"]),
-                      [ns / 1e3 for ns in engine.miss_issue_ns], [ns / 1e3 for ns in engine.decide_ns])
+                      [ns / 1e3 for ns in engine.miss_issue_ns], [ns / 1e3 for ns in engine.decide_ns],
+                      [before, after])
 
 
 def decision_costs(model, shape: ModelShape, policy_cls: type[Policy], settings: RunSettings, trace: Trace,
@@ -107,12 +117,14 @@ def decision_costs(model, shape: ModelShape, policy_cls: type[Policy], settings:
                 spent[_name] += time.perf_counter_ns() - start
                 calls[_name] += 1
         setattr(ctrl, name, timed)
+    before = calibration_ms()
     result = engine.replay(trace, max_tokens)
+    after = calibration_ms()
     layers = max(calls["begin_layer"], 1)
     return {"begin_layer_us": spent["begin_layer"] / 1e3 / layers,
             "prefetch_layer_us": spent["prefetch_layer"] / 1e3 / max(calls["prefetch_layer"], 1),
             "layer_ms": float(np.sum(result.routing.step_ms)) / layers, "hit_rate": float(result.metrics["hit_rate"]),
-            "cache_slots": settings.cache_slots, "steps": len(result.routing.step_ms)}
+            "cache_slots": settings.cache_slots, "steps": len(result.routing.step_ms), "host_cal_ms": [before, after]}
 
 
 def resident_step_ms(model, shape: ModelShape, engines: dict, decode, passes: int = 3) -> dict[str, float]:
@@ -145,10 +157,13 @@ def resident_live(model, shape: ModelShape, prompts: list[list[int]], new_tokens
     OffloadEngine(model, shape, Static, settings, train_trace=_any_trace(shape)).generate(
         prompts[:1], max(new_tokens // 4, 2))
     engine = OffloadEngine(model, shape, Static, settings, train_trace=_any_trace(shape))
+    before = calibration_ms()
     result = engine.generate(prompts, new_tokens)
+    after = calibration_ms()
     starts = result.routing.request_starts
     positions = np.concatenate([np.arange(b - a) for a, b in zip(starts[:-1], starts[1:])])
-    return {"slots": shape.num_experts, "step_ms": list(result.routing.step_ms), "positions": positions.tolist()}
+    return {"slots": shape.num_experts, "step_ms": list(result.routing.step_ms), "positions": positions.tolist(),
+            "host_cal_ms": [before, after]}
 
 
 def _any_trace(shape: ModelShape) -> Trace:

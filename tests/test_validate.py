@@ -73,14 +73,14 @@ def test_a_second_run_resumes_and_measures_nothing(smoke, tmp_path):
 
 
 def test_an_engine_change_recalibrates(smoke, tmp_path, monkeypatch):
-    """The calibration measures the engine: other engine code makes a stored calibration stale (as it makes
-    stored engine results stale), so a resumed call calibrates again."""
+    """The calibration measures the engine: other engine or calibration code (``calibration_code``, the engine's
+    modules and the calibration's own) makes a stored calibration stale, so a resumed call calibrates again."""
     import validation.engine_side as engine_side
     out = tmp_path / "changed"
     shutil.copytree(smoke, out)
     path = out / "calibration" / "tiny-replay.json"
     before = json.loads(path.read_text())["key"]
-    monkeypatch.setattr(engine_side, "engine_code", lambda: "other engine code")
+    monkeypatch.setattr(engine_side, "calibration_code", lambda: "other engine code")
     assert main(["--scenario", str(SMOKE), "--out", str(out), "--slices", "tiny-replay"]) == 0
     assert json.loads(path.read_text())["key"] != before
 

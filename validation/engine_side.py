@@ -31,7 +31,7 @@ from traces import Trace, load_trace, save_trace
 from traces.digest import digest_files, file_sha256
 from validation.profile_fit import copy_table
 from validation.scenario import Slice
-from validation.store import Store, digest, engine_code
+from validation.store import Store, calibration_code, digest, engine_code
 
 
 @dataclass
@@ -143,10 +143,11 @@ class SliceMeasurement:
         """The slice's micro-benchmarks (``real.calibration``), measured once and stored."""
         path = self.store.calibration_path(self.sl.name)
         inputs = self.prepare()
-        # the engine's code too: the calibration measures the engine (an engine change re-calibrates)
+        # the engine's code and the calibration's own: the calibration measures the engine (an engine change
+        # re-calibrates)
         fields = {"shape": inputs.shape.to_dict(), "model": inputs.model_id, "steps": steps,
                   "policies": list(self.sl.policies), "precision": self.sl.precision,
-                  "device": _device_name(self.device), "code": engine_code()}
+                  "device": _device_name(self.device), "code": calibration_code()}
         # a user's policy file is in no package's digest: its source too (a fixed policy re-calibrates)
         users = {p: policy_sha256(p) for p in self.sl.policies if ".py:" in p}
         key = digest({**fields, "user_policies": users} if users else fields)

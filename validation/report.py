@@ -10,7 +10,10 @@ precision), ``predicted`` (the simulator), ``measured`` (the engine: median of i
 the runs that saw no outside perturbation (``measured_clean``: median tokens/s of the runs whose ``causes`` hold
 none of ``host_slow``, ``clock_low``, ``gc``, ``steal``, as ``real.measurement.floor_table`` counts them;
 ``runs_clean``; ``signed_err_clean_pct``): on a host that switches speed, how much of an error is the host's
-state during the runs rather than the model.
+state during the runs rather than the model. Where the slice's calibration recorded the host's speed
+(``real.calibration``'s ``host_cal_ms``), also over the runs in the calibration's own host state
+(``measured_same_host``: both of a run's host calibration loops within ``SAME_HOST_PCT`` of the calibration's
+median; ``runs_same_host``, ``signed_err_same_host_pct``): what the profile's host constants were measured in.
 
 Policy families: ``on-demand`` (no prefetch: the built-in LRU, LFU, FIFO, static, Belady; their hits do
 not depend on timing, so both clocks must count them identically), ``bound`` (the oracle),
@@ -26,6 +29,21 @@ from real.measurement import _PERTURBATIONS as PERTURBATIONS     # the causes fr
 from sim.fast_path import kernel_for
 
 METRICS = ("tokens_per_s", "hit_rate", "misses")
+# a run is in the calibration's host state when both its host calibration loops are within this of the
+# calibration's median (the same band as real.measurement.Discipline.host_slow_pct: the two speeds seen on the
+# H200's host are ~1 : 2 apart, its jitter within a state a few %)
+SAME_HOST_PCT = 20.0
+
+
+def calibration_host_ms(calibration: dict | None) -> float | None:
+    """The median of the host calibration loop (ms) over every part of a slice's calibration that recorded it
+    (the patterns, a live model's resident decode, each policy's decision costs); None if none did (a
+    calibration from before the loop was recorded)."""
+    if not calibration:
+        return None
+    parts = [*calibration.get("patterns", {}).values(), *calibration.get("decisions", {}).values()]
+    values = [v for part in parts if isinstance(part, dict) for v in part.get("host_cal_ms", [])]
+    return float(np.median(values)) if values else None
 
 
 def family(policy: str) -> str:
@@ -43,10 +61,17 @@ def _spread_pct(values: list[float]) -> float:
     return float(100 * (v.max() - v.min()) / np.median(v)) if len(v) > 1 else float("nan")
 
 
-def measured(engine: dict) -> dict:
+def _same_host(run: dict, host_ms: float) -> bool:
+    band = host_ms * SAME_HOST_PCT / 100
+    return all(abs(run.get(k, float("nan")) - host_ms) <= band for k in ("host_cal_before_ms", "host_cal_after_ms"))
+
+
+def measured(engine: dict, host_ms: float | None = None) -> dict:
     """The engine's figures of one configuration: median tokens/s, hit rate and misses over its runs, their
-    min and max, the run count and the noise floor (spread). A result whose runs were not kept carries
-    these in ``summary`` (``import_summary``)."""
+    min and max, the run count and the noise floor (spread); the same median over the runs without an outside
+    perturbation (``clean``) and, given the calibration's host loop ``host_ms``, over the runs in its host
+    state (``same_host``). A result whose runs were not kept carries these in ``summary``
+    (``import_summary``)."""
     runs = [r for r in engine["runs"] if not r.get("error")]
     if not runs:
         summary = dict(engine["summary"])
@@ -55,10 +80,12 @@ def measured(engine: dict) -> dict:
         return summary
     tps = [r["tokens_per_s"] for r in runs]
     clean = [r["tokens_per_s"] for r in runs if not PERTURBATIONS & set((r.get("causes") or "").split(";"))]
+    same = [r["tokens_per_s"] for r in runs if host_ms is not None and _same_host(r, host_ms)]
     return {"tokens_per_s": float(np.median(tps)), "hit_rate": float(np.median([r["hit_rate"] for r in runs])),
             "misses": float(np.median([r["misses"] for r in runs])), "min": min(tps), "max": max(tps),
             "runs": len(tps), "floor": _spread_pct(tps),
-            "clean": float(np.median(clean)) if clean else float("nan"), "clean_runs": len(clean)}
+            "clean": float(np.median(clean)) if clean else float("nan"), "clean_runs": len(clean),
+            "same_host": float(np.median(same)) if same else float("nan"), "same_host_runs": len(same)}
 
 
 def import_summary(table: pd.DataFrame, note: str) -> list[dict]:
@@ -77,11 +104,13 @@ def import_summary(table: pd.DataFrame, note: str) -> list[dict]:
     return out
 
 
-def rows(pairs: list[tuple[dict, dict]]) -> pd.DataFrame:
-    """The long table from (engine result, prediction) pairs."""
+def rows(pairs: list[tuple[dict, dict]], host_ms: dict[str, float | None] | None = None) -> pd.DataFrame:
+    """The long table from (engine result, prediction) pairs; ``host_ms``: per slice, its calibration's host
+    loop (``calibration_host_ms``), for the runs in the calibration's host state."""
     out = []
     for engine, sim in pairs:
-        m = measured(engine)
+        cal_host = (host_ms or {}).get(engine["slice"])
+        m = measured(engine, cal_host)
         columns = {"slice": engine["slice"], "shape": engine["shape"], "mode": engine["mode"],
                    "policy": engine["policy"], "family": family(engine["policy"]),
                    "cache_slots": engine["cache_slots"], "precision": engine["precision"],
@@ -96,7 +125,11 @@ def rows(pairs: list[tuple[dict, dict]]) -> pd.DataFrame:
                 row.update(noise_floor_pct=m["floor"], runs=m["runs"], measured_min=m["min"], measured_max=m["max"],
                            within_noise=bool(err <= m["floor"]), raw_runs=bool(engine["runs"]),
                            measured_clean=m.get("clean", float("nan")), runs_clean=m.get("clean_runs", 0),
-                           signed_err_clean_pct=100 * (p - m["clean"]) / m["clean"] if m.get("clean") else float("nan"))
+                           signed_err_clean_pct=100 * (p - m["clean"]) / m["clean"] if m.get("clean") else float("nan"),
+                           calibration_host_ms=float("nan") if cal_host is None else cal_host,
+                           measured_same_host=m.get("same_host", float("nan")), runs_same_host=m.get("same_host_runs", 0),
+                           signed_err_same_host_pct=(100 * (p - m["same_host"]) / m["same_host"] if m.get("same_host")
+                                                     else float("nan")))
             out.append(row)
     return pd.DataFrame(out)
 
@@ -139,6 +172,16 @@ def summary(table: pd.DataFrame, notes: list[str]) -> str:
                      f"or steal), at the {len(clean)} of {len(t)} configurations that have any: |error| median "
                      f"{clean['signed_err_clean_pct'].abs().median():.1f} %, max {clean['signed_err_clean_pct'].abs().max():.1f} %, "
                      f"signed median {clean['signed_err_clean_pct'].median():+.1f} %")
+    same = t.dropna(subset=["signed_err_same_host_pct"])
+    if len(same):
+        lines.append(f"against each configuration's runs in its calibration's host state (host loop within "
+                     f"{SAME_HOST_PCT:.0f} % of the calibration's), at the {len(same)} of {len(t)} configurations that "
+                     f"have any: |error| median {same['signed_err_same_host_pct'].abs().median():.1f} %, max "
+                     f"{same['signed_err_same_host_pct'].abs().max():.1f} %, signed median "
+                     f"{same['signed_err_same_host_pct'].median():+.1f} %")
+    for name, g in t.dropna(subset=["calibration_host_ms"]).groupby("slice", sort=True):
+        lines.append(f"  {name}: the calibration's host loop {g['calibration_host_ms'].iloc[0]:.2f} ms; "
+                     f"{int(g['runs_same_host'].sum())} of {int(g['runs'].sum())} runs in that state")
     lines.append("")
     t = t.assign(within_noise=t["within_noise"].astype(int))     # a count per group, also of one configuration
     for by in ("shape", "family"):

@@ -8,7 +8,10 @@ across device calls and never reuses a stale result.
     OUT/sim/<slice>/<key>.json           the simulator's prediction of the same runs
 
 An engine result's key covers the slice's settings, the trace's or checkpoint's content, the policy's
-source and the code of the engine's packages; a prediction's key adds the profile's content and the
+source and the engine's code: every module of the engine's packages that the validation's engine side imports,
+directly or through one another (``engine_code``), so a change to a module no engine run executes (the
+calibration's micro-benchmarks, a training script) keeps the runs; a calibration's key covers the same and the
+calibration's own modules (``calibration_code``). A prediction's key adds the profile's content and the
 simulator's code. So a change to the simulator re-predicts without re-measuring, and a change to the
 engine re-measures. Files are written atomically (``traces.io.atomic_write``): a killed call leaves whole
 files or none.
@@ -20,11 +23,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from traces.digest import bytes_sha256, source_sha256
+from policies.registry import _imported_names as imported_names    # the project's one AST import walker
+from traces.digest import ROOT, bytes_sha256, source_sha256
 from traces.io import atomic_write
 
 ENGINE_PACKAGES = ("offload", "policies", "real", "traces")
 SIM_PACKAGES = ("offload", "hardware", "policies", "sim", "traces", "validation")
+# the modules that run the engine for the validation: what they import from ENGINE_PACKAGES is the engine's code
+ENGINE_SIDE = ("validation/engine_side.py", "validation/live.py")
+# imported by the engine side but run only by a calibration: a change re-calibrates, it does not re-measure
+CALIBRATION_ONLY = ("real.calibration",)
 
 
 def digest(obj: Any) -> str:
@@ -32,8 +40,52 @@ def digest(obj: Any) -> str:
     return bytes_sha256(json.dumps(obj, sort_keys=True, default=str))[:16]
 
 
+def _module_path(name: str) -> Path | None:
+    """The file of module ``name`` of the engine's packages (a module or a package's ``__init__``), or None."""
+    if name.split(".")[0] not in ENGINE_PACKAGES:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def engine_modules(exclude: tuple[str, ...] | None = None) -> list[Path]:
+    """The engine's code as files, sorted: every module of ENGINE_PACKAGES that ENGINE_SIDE imports (in functions
+    too, with their parent packages), then transitively what those import, except the modules ``exclude``
+    names (default: CALIBRATION_ONLY; not followed either, unless another module imports what they import); and
+    every module of ``policies/`` (the registry imports built-in policies by name, which no import statement
+    shows)."""
+    exclude = CALIBRATION_ONLY if exclude is None else exclude
+    todo = [(name, None) for side in ENGINE_SIDE for name in imported_names(ROOT / side, "validation")]
+    todo += [(f"policies.{p.stem}", None) for p in (ROOT / "policies").glob("*.py")]
+    found: dict[str, Path] = {}
+    while todo:
+        name, _ = todo.pop()
+        if name in found or name in exclude:
+            continue
+        path = _module_path(name)
+        if path is None:
+            continue
+        found[name] = path
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        todo += [(n, None) for n in imported_names(path, package or None)]
+    return sorted(set(found.values()))
+
+
+def _files_sha256(paths: list[Path]) -> str:
+    return bytes_sha256("".join(f"{p.relative_to(ROOT).as_posix()}\0{bytes_sha256(p.read_bytes())}\n" for p in paths))
+
+
 def engine_code() -> str:
-    return source_sha256(ENGINE_PACKAGES)
+    """The digest of the engine's code (``engine_modules``: paths and contents)."""
+    return _files_sha256(engine_modules())
+
+
+def calibration_code() -> str:
+    """The digest of the engine's code and the calibration's own modules."""
+    return _files_sha256(engine_modules(exclude=()))
 
 
 def sim_code() -> str:
