@@ -34,7 +34,7 @@ from pathlib import Path
 
 from experiments.config import RunConfig
 from experiments.runner import validate_grid
-from policies.registry import resolve_policy
+from policies.registry import _user_file, resolve_policy
 from hardware.profile import load_hardware
 from offload.session import RunSettings
 from sim.simulator import simulate
@@ -47,6 +47,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 PREDICTIVE_TRACE = _ROOT / "traces" / "moe-lm-h100.npz"
 PREDICTIVE_CASES = [("lookahead", 2, 2)]
 _OUTSIDE = "other: numpy, stdlib, builtins"   # code outside the repository, in time_by_file
+_USER = "your code"                              # a user's policy file and its own modules, in time_by_file
 _MIN_TIMED_S = 0.5    # a short trace's case is run this long per repeat (back to back) so timing is meaningful
 
 
@@ -187,13 +188,21 @@ def time_by_file(stats: pstats.Stats, steps: int) -> str:
     """A profile's own time (tottime) and calls per layer-step, summed by the file of this repository that
     holds the code (``sim/simulator.py``, ``offload/controller.py``, ...), with a subtotal per package; code
     outside the repository (numpy, the standard library, builtins) as one line. cProfile adds a cost to
-    every call, so call-heavy code weighs more here than in an unprofiled run."""
+    every call, so call-heavy code weighs more here than in an unprofiled run. A policy of one's own and the
+    modules of one's own it imports (``policies.registry``'s rule: outside the repository, the standard library
+    and site-packages) are their own group, ``your code``, by absolute path."""
     seconds: dict[str, float] = {}
     calls: dict[str, int] = {}
+    users: set[str] = set()
     for (filename, _, _), (_, ncalls, tottime, _, _) in stats.stats.items():
         path = Path(filename).resolve() if filename.endswith(".py") else None
-        name = (path.relative_to(_ROOT).as_posix() if path is not None and path.is_relative_to(_ROOT)
-                else _OUTSIDE)
+        if path is not None and path.is_relative_to(_ROOT):
+            name = path.relative_to(_ROOT).as_posix()
+        elif path is not None and _user_file(filename) is not None:     # a policy of one's own and its helpers
+            name = str(path)
+            users.add(name)
+        else:
+            name = _OUTSIDE
         seconds[name] = seconds.get(name, 0.0) + tottime
         calls[name] = calls.get(name, 0) + ncalls
     total = sum(seconds.values()) or 1.0
@@ -204,7 +213,7 @@ def time_by_file(stats: pstats.Stats, steps: int) -> str:
     by_package: dict[str, list[str]] = {}        # files, most time first
     for name in sorted(seconds, key=seconds.get, reverse=True):
         if name != _OUTSIDE and seconds[name] >= 0.001 * total:
-            by_package.setdefault(name.split("/")[0], []).append(name)
+            by_package.setdefault(_USER if name in users else name.split("/")[0], []).append(name)
     lines = [f"{f'time by file, profiled ({steps} layer-steps)':<44} {'share':>6} {'seconds':>8} {'calls/step':>10}"]
     for package, files in sorted(by_package.items(), key=lambda item: -sum(seconds[f] for f in item[1])):
         lines.append(line(package + "/", sum(seconds[f] for f in files), sum(calls[f] for f in files)))

@@ -42,3 +42,19 @@ def test_a_trace_of_fewer_experts_runs_the_cases_its_layers_can_hold(capsys, mon
     out = capsys.readouterr().out
     assert "lru     8     1  skipped: tiny-moe routes to 2 of 6 experts per layer" in out
     assert "lru     4     1" in out and out.count("reference") >= 1
+
+
+def test_a_policy_of_ones_own_has_its_own_group_not_other(tmp_path):
+    policy_file = tmp_path / "my_policy.py"
+    policy_file.write_text("from policies.lru import LRU\n\n\nclass MyPolicy(LRU):\n"
+                           "    def choose_victim(self, *args, **kwargs):\n"
+                           "        sum(range(200))\n        return super().choose_victim(*args, **kwargs)\n")
+    trace = synthetic_trace(num_tokens=40, num_layers=3, num_experts=8, top_k=2, num_requests=2, seed=3)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    simulate(trace, resolve_policy(f"{policy_file}:MyPolicy"), load_hardware("h100-pcie5"), RunSettings(cache_slots=3),
+             path="reference")
+    profiler.disable()
+    lines = time_by_file(pstats.Stats(profiler), trace.num_tokens * trace.num_layers).splitlines()
+    assert any(line.startswith("your code/") for line in lines), lines
+    assert any(line.strip().startswith(str(policy_file.resolve())) for line in lines), lines
