@@ -69,3 +69,19 @@ def test_the_real_engine_side_reaches_the_engine_and_not_the_training_script():
             "policies/lru.py", "policies/lookahead.py", "traces/trace.py"} <= set(names)
     assert "real/calibration.py" not in names and "real/train_lm.py" not in names
     assert "real/calibration.py" in _names(store.engine_modules(exclude=()), store.ROOT)
+
+
+def test_stored_results_are_ordered_by_the_time_they_record_not_the_files_mtime(tmp_path):
+    """A git checkout gives every file the checkout's time: the fallback to an earlier measurement must not
+    depend on it."""
+    import json
+    import os
+    s = store.Store(tmp_path)
+    folder = tmp_path / "engine" / "s"
+    folder.mkdir(parents=True)
+    for name, written, mtime in (("a", "2026-12-01T10:00:00+00:00", 300), ("b", "2026-12-01T11:00:00+00:00", 100),
+                                 ("c", None, 500)):
+        path = folder / f"{name}.json"
+        path.write_text(json.dumps({"name": name, **({"written_at": written} if written else {})}))
+        os.utime(path, ns=(mtime, mtime))
+    assert [r["name"] for r in s.engine_results("s")] == ["b", "a", "c"]

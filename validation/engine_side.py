@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,7 +226,8 @@ class SliceMeasurement:
                         "model_id": self.inputs.model_id, "settings": {"copies_in_flight": self.sl.settings(c[1]).copies_in_flight},
                         "device": _device_name(self.device), "runs": old + new,
                         "warmups": before[c].get("warmups", []) + [report.warmups.get(label, {})],
-                        "session": report.info})
+                        "session": report.info,
+                        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
             # a run that raises: one line naming the policy's file, line and hook; its traceback in OUT/errors
             # each configuration runs only the repeats it lacks (a resumed slice holds some of them already)

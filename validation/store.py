@@ -125,7 +125,11 @@ class Store:
         return self.out / "calibration" / f"{slice_name}.json"
 
     def engine_results(self, slice_name: str) -> list[dict]:
-        """Every engine result stored for the slice, the most recently written first."""
+        """Every engine result stored for the slice, the most recently written first: by the time each records
+        (``written_at``, UTC ISO 8601), which a copy or a git checkout keeps, then by the file's modification
+        time (results from before the field existed, older than every result that has it)."""
         folder = self.out / "engine" / slice_name
-        files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True) if folder.is_dir() else []
-        return [json.loads(p.read_text()) for p in files]
+        results = [(json.loads(p.read_text()), p.stat().st_mtime_ns) for p in folder.glob("*.json")] \
+            if folder.is_dir() else []
+        results.sort(key=lambda r: (r[0].get("written_at") or "", r[1]), reverse=True)
+        return [r for r, _ in results]
