@@ -2,10 +2,12 @@
 collected from them.
 
 A row's file name is its ``config_hash``: the resolved configuration plus a digest of every input the
-row depends on (``row_inputs``): the trace file's content (which holds the model shape), the
-hardware profile as resolved, the policy's source (a user's file included) and the code of the
-packages the simulation runs. A sweep started again over the same out dir skips what is done, and a
-changed input never reuses an old row. Every file is written to a temp file in the same directory,
+row depends on that the sweep can see (``row_inputs``): the trace file's content (which holds the model
+shape), the hardware profile as resolved, the policy's source (a user's file included, with the user's
+modules it imports) and the code that computes a row: the packages the simulation runs and the sweep's
+own modules that compute and key a row. A sweep started again over the same out dir skips what is done,
+and a changed input never reuses an old row. What a policy reads at run time (a data file beside it) is
+no input the sweep sees: editing it does not recompute the rows it gave. Every file is written to a temp file in the same directory,
 fsynced, then renamed, so a sweep killed at any moment leaves whole rows or none.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import yaml
 from experiments.config import RunConfig
 from hardware.profile import hardware_to_dict, load_hardware
 from policies.registry import policy_sha256
-from traces.digest import bytes_sha256, file_sha256, source_sha256
+from traces.digest import ROOT, bytes_sha256, file_sha256, source_sha256
 from traces.io import atomic_write
 
 if TYPE_CHECKING:
@@ -39,12 +41,18 @@ def trace_sha256(path: str | Path) -> str:
 # The packages whose code decides a row's numbers: the shared core, the hardware and trace formats,
 # the policies and the simulator.
 _MODEL_PACKAGES = ("offload", "hardware", "policies", "sim", "traces")
+# The sweep's own modules that compute a row (runner: the train/eval slices, the Belady bound, the row's
+# columns) or shape and key it (config: the configuration and its defaults; this module: the row's inputs,
+# its key, its file). The command line (sweep, overrides: their values are in the configuration) and the
+# figures are not: a change there leaves every row as it was.
+_ROW_MODULES = ("experiments/config.py", "experiments/results.py", "experiments/runner.py")
 
 
 def model_code_sha256() -> str:
-    """Digest of the source of every package a row depends on: a row computed by other code is
+    """Digest of the source of every package and module a row depends on: a row computed by other code is
     stale, so a resumed sweep after a change recomputes instead of mixing old and new numbers."""
-    return source_sha256(_MODEL_PACKAGES)
+    modules = "".join(f"{m}\0{file_sha256(ROOT / m)}\n" for m in _ROW_MODULES)
+    return bytes_sha256(source_sha256(_MODEL_PACKAGES) + modules)
 
 
 def hardware_sha256(cfg: RunConfig) -> str:
@@ -58,7 +66,7 @@ ROW_INPUTS = {
     "trace_sha256": "trace file changed",
     "hardware_sha256": "hardware profile changed",
     "policy_sha256": "policy source changed",
-    "code_sha256": f"code of {'/'.join(_MODEL_PACKAGES)} changed",
+    "code_sha256": f"code of {'/'.join(_MODEL_PACKAGES)}, {', '.join(_ROW_MODULES)} changed",
 }
 
 

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from experiments.config import RunConfig
-from experiments.results import _MODEL_PACKAGES, ResultStore, config_hash, row_inputs
+import experiments.results as results
+from experiments.results import _MODEL_PACKAGES, _ROW_MODULES, ResultStore, config_hash, row_inputs
 from experiments.runner import ROW_COLUMNS, run_config
 from hardware.profile import PROFILES_DIR
 from traces import save_trace, synthetic_trace
@@ -184,17 +185,39 @@ def test_config_hash_follows_the_hardware_profile_and_policy_source(trace_path, 
 
 
 def test_code_digest_covers_every_package_a_row_is_computed_by(trace_path):
-    """Every project module that running a configuration imports lives in a digested package."""
+    """Every project module that running a configuration imports lives in a digested package, or is one of
+    the sweep's own modules that compute a row (``_ROW_MODULES``)."""
     code = subprocess.run(
         [sys.executable, "-c",
          "import sys; from experiments.config import RunConfig; from experiments.runner import run_config; "
          f"run_config(RunConfig(trace={str(trace_path)!r}, policy='oracle', cache_slots=3, max_tokens=100)); "
-         "print(' '.join(sorted({m.split('.')[0] for m, mod in list(sys.modules.items()) "
+         "print('\\n'.join(sorted({mod.__file__ for mod in list(sys.modules.values()) "
          f"if (getattr(mod, '__file__', None) or '').startswith({str(REPO)!r})}})))"],
         cwd=REPO, env=sweep_env(), capture_output=True, text=True, timeout=120)
     assert code.returncode == 0, code.stderr
-    used = set(code.stdout.split()) - {"experiments"}     # the command itself: row layout, not numbers
+    files = {Path(f).relative_to(REPO).as_posix() for f in code.stdout.split()}
+    used = {f.split("/")[0] for f in files} - {"experiments"}
     assert used and used <= set(_MODEL_PACKAGES), used - set(_MODEL_PACKAGES)
+    commands = {f for f in files if f.startswith("experiments/")} - {"experiments/__init__.py"}
+    assert commands and commands <= set(_ROW_MODULES), commands - set(_ROW_MODULES)
+
+
+def test_editing_the_sweeps_row_code_changes_the_code_digest_and_its_command_line_does_not(tmp_path, monkeypatch):
+    """A change of the sweep's own computation (runner.py's Belady fraction, say) recomputes the rows;
+    a change of the command line's printing (sweep.py) keeps them."""
+    for name in ("config.py", "results.py", "runner.py", "sweep.py"):
+        (tmp_path / "experiments").mkdir(exist_ok=True)
+        (tmp_path / "experiments" / name).write_bytes((REPO / "experiments" / name).read_bytes())
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    before = results.model_code_sha256()
+    sweep = tmp_path / "experiments" / "sweep.py"
+    sweep.write_text(sweep.read_text().replace("resumed: ", "resumed now: "))
+    assert results.model_code_sha256() == before
+    runner = tmp_path / "experiments" / "runner.py"
+    formula = 'result.metrics["hits"] / bound'
+    assert formula in runner.read_text()
+    runner.write_text(runner.read_text().replace(formula, f"2 * {formula}"))
+    assert results.model_code_sha256() != before
 
 
 def _sweep_once(*args):
@@ -268,5 +291,6 @@ def test_stale_rows_are_counted_with_the_input_that_changed(trace_path, tmp_path
                  if k not in ("hardware_sha256", "policy_sha256", "code_sha256")}, perf)
     count, reasons = store.stale([(cfg, current), (other, row_inputs(other))])
     assert count == 2
-    assert reasons == {"code of offload/hardware/policies/sim/traces changed": 1,
+    assert reasons == {"code of offload/hardware/policies/sim/traces, experiments/config.py, experiments/results.py, "
+                       "experiments/runner.py changed": 1,
                        "written by another version of the sweep": 1}
