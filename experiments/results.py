@@ -7,8 +7,9 @@ shape), the hardware profile as resolved, the policy's source (a user's file inc
 modules it imports) and the code that computes a row: the packages the simulation runs and the sweep's
 own modules that compute and key a row. A sweep started again over the same out dir skips what is done,
 and a changed input never reuses an old row. What a policy reads at run time (a data file beside it) is
-no input the sweep sees: editing it does not recompute the rows it gave. Every file is written to a temp file in the same directory,
-fsynced, then renamed, so a sweep killed at any moment leaves whole rows or none.
+no input the sweep sees: editing it does not recompute the rows it gave. Every file is written to a temp
+file in the same directory, fsynced, then renamed, so a sweep killed at any moment leaves whole rows or
+none.
 """
 from __future__ import annotations
 
@@ -107,10 +108,13 @@ class ResultStore:
     def row_path(self, config_hash: str) -> Path:
         return self.rows_dir / f"{config_hash}.json"
 
-    def error_path(self, cfg: RunConfig) -> Path:
+    def error_path(self, cfg: RunConfig, kind: str = "run") -> Path:
+        """Where the report of ``cfg``'s latest failed ``kind`` of attempt lies: ``run`` (its row), or ``timeline``
+        (the sweep's --timeline, recorded from a finished configuration)."""
         # Named by the configuration alone, not its inputs: the report is of its latest attempt,
-        # and the row that a fixed policy or profile then gives removes it.
-        return self.errors_dir / f"{_sha256(json.dumps(cfg.to_dict(), sort_keys=True))[:16]}.txt"
+        # and the row that a fixed policy or profile then gives removes it (the timeline written, its).
+        name = _sha256(json.dumps(cfg.to_dict(), sort_keys=True))[:16]
+        return self.errors_dir / (f"{name}.txt" if kind == "run" else f"{name}.{kind}.txt")
 
     def done(self, config_hash: str) -> bool:
         return self.row_path(config_hash).is_file()
@@ -122,9 +126,9 @@ class ResultStore:
         atomic_write(self.row_path(h), lambda f: f.write(_dump_json(row)))
         self.error_path(row_config(row)).unlink(missing_ok=True)
 
-    def write_error(self, cfg: RunConfig, text: str) -> Path:
+    def write_error(self, cfg: RunConfig, text: str, kind: str = "run") -> Path:
         """Keep a failed configuration's report (its traceback); the row stays missing, so a re-run retries it."""
-        path = self.error_path(cfg)
+        path = self.error_path(cfg, kind)
         atomic_write(path, lambda f: f.write(text))
         return path
 

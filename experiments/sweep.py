@@ -75,8 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="worker processes (default: the CPU count; 1 runs in this process)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--timeline", action="store_true",
-                   help=f"also write the first configuration's first ~{TIMELINE_TOKENS} tokens as "
-                        "timeline.json (Chrome trace, opens in ui.perfetto.dev) and timeline.png")
+                   help=f"also write the first ~{TIMELINE_TOKENS} tokens of the first configuration that finished "
+                        "as timeline.json (Chrome trace, opens in ui.perfetto.dev) and timeline.png")
     return p
 
 
@@ -200,19 +200,53 @@ def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> tuple[str | None,
         # A SystemExit can come only from the policy's code (a worker ends by os._exit), and so can a
         # KeyboardInterrupt (workers ignore SIGINT; the sweep's own process turns it into Interrupted while it
         # runs a configuration): failures like any other.
-        # A value the controller refused left the policy by returning: the hook's site names the user's code.
-        site = failure_site(resolve_policy(cfg.policy), err)
-        what = f"{type(err).__name__}: {' '.join(str(err).split())}"
         # One hash on the console: the report's file, named by the configuration alone (it keeps the latest
         # attempt); the row's hash (the configuration and its inputs) is in the report, labelled.
-        report = (f"config ({label}) failed at {site}: {what}\nits row, once it runs: {store.row_path(h)}\n\n"
-                  f"{''.join(traceback.format_exception(err))}")
-        with _whole_write():
-            path = store.write_error(cfg, report)
-        return f"{what} at {site} (traceback: {path})", time.perf_counter() - start
+        return _failed(store, cfg, f"config ({label})", err, f"its row, once it runs: {store.row_path(h)}",
+                       "run"), time.perf_counter() - start
     with _whole_write():
         store.write(row, perf)
     return None, time.perf_counter() - start
+
+
+def _failed(store: ResultStore, cfg: RunConfig, what: str, err: BaseException, note: str, kind: str) -> str:
+    """Keep the report of ``cfg``'s failure ``err`` (``kind``: its run or its timeline) with its traceback in
+    OUT/errors/; the failure as one line: the error, the file and line in the policy where it raised, the
+    report's path."""
+    # A value the controller refused left the policy by returning: the hook's site names the user's code.
+    site = failure_site(resolve_policy(cfg.policy), err)
+    error = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    report = f"{what} failed at {site}: {error}\n{note}\n\n{''.join(traceback.format_exception(err))}"
+    with _whole_write():
+        path = store.write_error(cfg, report, kind)
+    return f"{error} at {site} (traceback: {path})"
+
+
+def _write_timeline(grid: list[RunConfig], hashes: list[str], store: ResultStore, varying: list[str]
+                    ) -> tuple[list[str], str | None]:
+    """``--timeline``: the first ~TIMELINE_TOKENS tokens of the first configuration that finished, as
+    timeline.json and timeline.png. (The files written; the failure as one line where the policy raised while
+    the timeline was recorded, reported like a failed configuration.) With no configuration finished, one line
+    says there is none to record."""
+    first, h = next(((cfg, h) for cfg, h in zip(grid, hashes) if store.done(h)), (None, None))
+    if first is None:
+        print("timeline: not recorded: no configuration finished")
+        return [], None
+    label = describe(first, varying)
+    if first != grid[0]:
+        print(f"timeline: of {label}, the first configuration that finished")
+    try:
+        timeline = record_timeline(first, TIMELINE_TOKENS)
+    except (*RUN_FAILURES, KeyboardInterrupt) as err:    # as in _run_one: a failure of the policy's code
+        what = f"timeline of config ({label})"
+        return [], f"{what} failed: {_failed(store, first, what, err, f'its row: {store.row_path(h)}', 'timeline')}"
+    store.error_path(first, "timeline").unlink(missing_ok=True)
+    from plots.figures import plot_timeline
+    from sim.chrome_trace import write_chrome_trace
+    experts = cached_trace(first.trace).model.num_experts
+    write_chrome_trace(timeline, store.out / "timeline.json", lambda k: f"L{k // experts} E{k % experts}", experts)
+    plot_timeline(timeline, store.out / "timeline.png", config=label)
+    return ["timeline.json", "timeline.png"], None
 
 
 def _layer_steps(run) -> int:
@@ -549,15 +583,10 @@ def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, 
         plot_tokens_vs_slots(df, out / "tokens_vs_slots.png")
         plot_hit_rate_vs_belady(df, out / "hit_rate_vs_belady.png")
         written += ["tokens_vs_slots.png", "hit_rate_vs_belady.png"]
+    timeline_failure = None
     if args.timeline:
-        from plots.figures import plot_timeline
-        from sim.chrome_trace import write_chrome_trace
-        first = grid[0]
-        timeline = record_timeline(first, TIMELINE_TOKENS)
-        experts = cached_trace(first.trace).model.num_experts
-        write_chrome_trace(timeline, out / "timeline.json", lambda k: f"L{k // experts} E{k % experts}", experts)
-        plot_timeline(timeline, out / "timeline.png", config=describe(first, varying))
-        written += ["timeline.json", "timeline.png"]
+        timeline_files, timeline_failure = _write_timeline(grid, hashes, store, varying)
+        written += timeline_files
 
     # A figure an earlier call wrote here that this one did not (--no-plots, no --timeline, no row) would show
     # another grid's results beside this one's tables.
@@ -577,8 +606,9 @@ def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, 
         print(f"error: {len(failures)} of {unique} configurations failed:", file=sys.stderr)
         for line in failures:
             print(f"  {line}", file=sys.stderr)
-        return 1
-    return 0
+    if timeline_failure is not None:
+        print(f"error: {timeline_failure}", file=sys.stderr)
+    return 1 if failures or timeline_failure is not None else 0
 
 
 if __name__ == "__main__":

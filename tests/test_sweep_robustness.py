@@ -373,3 +373,75 @@ def test_a_prefetching_run_past_the_clock_fails_instead_of_wrapping():
 def test_an_integer_past_int64_is_refused(trace_path):
     with pytest.raises(ConfigError, match="max_tokens=99999999999999999999999 does not fit a 64-bit integer"):
         validate_grid([RunConfig(policy="lru", trace=str(trace_path), cache_slots=4, max_tokens=99999999999999999999999)])
+
+
+# -- --timeline beside failing configurations ------------------------------------------------------------
+
+RAISING = '''from policies.lru import LRU
+
+
+class Raising(LRU):
+    def on_access(self, access, index, key, hit):
+        super().on_access(access, index, key, hit)
+        if {when}:
+            raise {raises}
+'''
+
+
+def _timeline_sweep(trace_path, out, *tokens):
+    return main([f"trace={trace_path}", *tokens, "cache_slots=2", "max_tokens=300", "--timeline", "--no-plots",
+                 "--out", out, "--workers", "1"])
+
+
+@pytest.mark.parametrize("raises, what", [("RuntimeError('boom')", "RuntimeError: boom"),
+                                          ("SystemExit(3)", "SystemExit: 3"),
+                                          ("KeyboardInterrupt('x')", "KeyboardInterrupt: x")])
+def test_timeline_is_of_the_first_configuration_that_finished(trace_path, tmp_path, capsys, raises, what):
+    """A failing configuration first in the grid: reported as without --timeline (one line, exit code 1, the
+    others finish, the table and summary print); the timeline is the next configuration's."""
+    policy = tmp_path / "bad.py"
+    policy.write_text(RAISING.format(when="True", raises=raises))
+    out = tmp_path / "out"
+    assert _timeline_sweep(trace_path, out, f"policy={policy}:Raising,lru") == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert captured.err.count(f"{what} at {policy}:8 in on_access") == 2     # as it happens, and at the end
+    assert "1 of 2 configurations failed" in captured.err
+    assert "timeline: of policy=lru cache_slots=2, the first configuration that finished" in captured.out
+    assert "tok/s | hit | %Belady" in captured.out and "timeline.json, timeline.png" in captured.out
+    assert json.loads((out / "timeline.json").read_text()) and (out / "timeline.png").is_file()
+
+
+def test_timeline_with_no_configuration_finished_is_one_line(trace_path, tmp_path, capsys):
+    policy = tmp_path / "bad.py"
+    policy.write_text(RAISING.format(when="True", raises="RuntimeError('boom')"))
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "timeline.json").write_text("{}")      # an earlier call's: not this grid's
+    assert _timeline_sweep(trace_path, out, f"policy={policy}:Raising") == 1
+    captured = capsys.readouterr()
+    assert "timeline: not recorded: no configuration finished" in captured.out
+    assert "Traceback" not in captured.err and "1 of 1 configurations failed" in captured.err
+    assert not (out / "timeline.json").exists() and not (out / "timeline.png").exists()
+
+
+def test_a_policy_failing_while_the_timeline_is_recorded_is_a_failure_like_any_other(trace_path, tmp_path, capsys):
+    """The policy finishes its run (300 tokens) but raises on the timeline's shorter replay: one line with
+    file, line and hook, its traceback in OUT/errors/, the table still printed, exit code 1; fixed, the
+    timeline is written and the report removed."""
+    policy = tmp_path / "short.py"
+    policy.write_text(RAISING.format(when="self.ctx.trace.num_tokens < 300", raises="SystemExit(3)"))
+    out = tmp_path / "out"
+    assert _timeline_sweep(trace_path, out, f"policy={policy}:Raising") == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "tok/s | hit | %Belady" in captured.out
+    (line,) = [x for x in captured.err.splitlines() if "SystemExit" in x]
+    assert line.startswith(f"error: timeline of config (policy={policy}:Raising cache_slots=2) failed: SystemExit: 3 "
+                           f"at {policy}:8 in on_access (traceback: {out / 'errors'}"), line
+    (report,) = (out / "errors").glob("*.timeline.txt")
+    assert "Traceback (most recent call last)" in report.read_text()
+    assert not (out / "timeline.json").exists()
+
+    policy.write_text(RAISING.format(when="False", raises="SystemExit(3)"))
+    assert _timeline_sweep(trace_path, out, f"policy={policy}:Raising") == 0, capsys.readouterr().err
+    assert (out / "timeline.json").is_file() and not list((out / "errors").glob("*.txt"))
