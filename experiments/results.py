@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -91,19 +92,47 @@ def row_config(row: dict) -> RunConfig:
     return RunConfig(**fields)
 
 
+def config_hash_of(row: dict) -> str:
+    """The key of the row's own configuration and inputs: its file's name, when the row is what the sweep wrote."""
+    return config_hash(row_config(row), {k: row[k] for k in ROW_INPUTS})
+
+
 def _dump_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=1) + "\n"
 
 
+def _json_object(path: Path) -> tuple[dict | None, str | None]:
+    """The JSON object in the file ``path``, or why it holds none (None and the problem in words)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as err:
+        return None, f"cannot be read ({err.strerror or err})"
+    except ValueError as err:       # JSONDecodeError (a truncated file), UnicodeDecodeError
+        return None, f"not valid JSON ({err})"
+    if not isinstance(data, dict):
+        return None, f"not a JSON object (a {type(data).__name__})"
+    return data, None
+
+
+def _lacking(columns: list[str]) -> str:
+    return f"it lacks {', '.join(columns[:3])}{f' and {len(columns) - 3} more' if len(columns) > 3 else ''}"
+
+
 class ResultStore:
     """``out/rows/<hash>.json`` (the row), ``out/perf/<hash>.json`` (the simulator's speed) and
-    ``out/errors/<hash of the config>.txt`` (why its latest attempt failed, with the traceback)."""
+    ``out/errors/<hash of the config>.txt`` (why its latest attempt failed, with the traceback).
 
-    def __init__(self, out_dir: str | Path):
+    A configuration is done when its row file holds a whole row of it (``row_columns``, keyed by its name) and
+    its perf file, if any, a perf record of it (``perf_columns``). A file there that does not (a truncated
+    file, a foreign one) is ``damaged``: the configuration is not done, and its run rewrites the file."""
+
+    def __init__(self, out_dir: str | Path, row_columns: Sequence[str] = (), perf_columns: Sequence[str] = ()):
         self.out = Path(out_dir)
         self.rows_dir = self.out / "rows"
         self.perf_dir = self.out / "perf"
         self.errors_dir = self.out / "errors"
+        self.row_columns = list(row_columns)
+        self.perf_columns = list(perf_columns)
 
     def row_path(self, config_hash: str) -> Path:
         return self.rows_dir / f"{config_hash}.json"
@@ -116,13 +145,72 @@ class ResultStore:
         name = _sha256(json.dumps(cfg.to_dict(), sort_keys=True))[:16]
         return self.errors_dir / (f"{name}.txt" if kind == "run" else f"{name}.{kind}.txt")
 
+    def perf_path(self, config_hash: str) -> Path:
+        return self.perf_dir / f"{config_hash}.json"
+
     def done(self, config_hash: str) -> bool:
-        return self.row_path(config_hash).is_file()
+        return self.row_path(config_hash).is_file() and self.damaged(config_hash) is None
+
+    def damaged(self, config_hash: str) -> tuple[Path, str] | None:
+        """The file of ``config_hash`` (its row, or the perf record beside a row) that is there but is not what
+        the sweep writes, and what is wrong with it; None when there is none such."""
+        path = self.row_path(config_hash)
+        if not path.exists():
+            return None
+        row, problem = _json_object(path)
+        if problem is None:
+            problem = self._row_problem(row, config_hash)
+        if problem is not None:
+            return path, problem
+        path = self.perf_path(config_hash)
+        if not path.exists():       # a row without one is whole: perf.csv leaves it out
+            return None
+        perf, problem = _json_object(path)
+        if problem is None:
+            missing = [c for c in self.perf_columns if c not in perf]
+            if missing:
+                problem = f"not a whole perf record: {_lacking(missing)}"
+            elif perf.get("config_hash") != config_hash:
+                problem = f"the perf record of another configuration (config_hash {perf.get('config_hash')!r})"
+        return None if problem is None else (path, problem)
+
+    def _row_problem(self, row: dict, config_hash: str) -> str | None:
+        missing = [c for c in self.row_columns if c not in row]
+        if missing:
+            return f"not a whole row: {_lacking(missing)}"
+        try:
+            key = config_hash_of(row)
+        except (KeyError, TypeError, ValueError) as err:
+            return f"not a row: its configuration does not read ({type(err).__name__}: {err})"
+        if key != config_hash or row.get("config_hash") != config_hash:
+            return f"the row of another configuration or of other inputs (its content is keyed {key})"
+        return None
+
+    def foreign(self, hashes: list[str]) -> list[tuple[Path, str]]:
+        """The files in ``rows/`` named by none of ``hashes`` that are no row of any configuration (not JSON, a
+        JSON object without a configuration's columns), with what is wrong: a sweep ignores them. (The rows of
+        other configurations or inputs, there to be found by ``stale``, are not among them.)"""
+        names = set(hashes)
+        found = []
+        for path in sorted(self.rows_dir.glob("*.json")) if self.rows_dir.is_dir() else ():
+            if path.stem in names:
+                continue
+            row, problem = _json_object(path)
+            if problem is None and (missing := [f.name for f in dataclasses.fields(RunConfig) if f.name not in row]):
+                problem = f"not a row: {_lacking(missing)}"
+            if problem is None:
+                try:
+                    hash(row_config(row))
+                except (TypeError, ValueError) as err:
+                    problem = f"not a row: its configuration does not read ({type(err).__name__}: {err})"
+            if problem is not None:
+                found.append((path, problem))
+        return found
 
     def write(self, row: dict, perf: dict) -> None:
         # The row goes last: its presence is what marks the configuration done.
         h = row["config_hash"]
-        atomic_write(self.perf_dir / f"{h}.json", lambda f: f.write(_dump_json(perf)))
+        atomic_write(self.perf_path(h), lambda f: f.write(_dump_json(perf)))
         atomic_write(self.row_path(h), lambda f: f.write(_dump_json(row)))
         self.error_path(row_config(row)).unlink(missing_ok=True)
 
@@ -136,12 +224,17 @@ class ResultStore:
         """How many of ``pending`` (configuration, its inputs) have a row on disk computed from other
         inputs, and why: ``ROW_INPUTS`` label -> number of those configurations."""
         wanted = dict(pending)
+        # A file named by a pending configuration's own key is no row of other inputs: it is damaged.
+        own = {config_hash(cfg, inputs) for cfg, inputs in pending}
         latest: dict[RunConfig, tuple[int, dict]] = {}
         for path in self.rows_dir.glob("*.json") if self.rows_dir.is_dir() else ():
-            row = json.loads(path.read_text())
+            row, problem = _json_object(path)
+            if problem is not None or path.stem in own:    # damaged or foreign: said where it is found
+                continue
             try:
                 cfg = row_config(row)
-            except KeyError:        # not a row of this layout: it can match no configuration
+                hash(cfg)
+            except (KeyError, TypeError, ValueError):  # not a row of this layout: it can match no configuration
                 continue
             mtime = path.stat().st_mtime_ns
             if cfg in wanted and (cfg not in latest or mtime > latest[cfg][0]):
@@ -161,7 +254,7 @@ class ResultStore:
         """The simulator-speed records of the done configurations among ``hashes``."""
         import pandas as pd
 
-        paths = (self.perf_dir / f"{h}.json" for h in dict.fromkeys(hashes) if self.done(h))
+        paths = (self.perf_path(h) for h in dict.fromkeys(hashes) if self.done(h))
         return pd.DataFrame([json.loads(p.read_text()) for p in paths if p.is_file()])
 
     def collect(self, hashes: list[str], columns: list[str], resolved: dict | None = None,

@@ -11,8 +11,11 @@ the scenario's keys: ``cache_slots=4..8``, ``policy=lru,belady``, ``cache_slots=
 Each finished configuration is written at once as ``OUT/rows/<config_hash>.json``; running the same
 command again skips the configurations already done, so a killed sweep resumes where it stopped.
 The default OUT is ``runs/sweep-<hash of the spec>/``. A row is keyed by its configuration and
-every input it depends on (trace, hardware profile, policy source, the simulator's code): a row
-computed from other inputs is recomputed, and the sweep says how many and why.
+every input it depends on that the sweep can see (trace, hardware profile, policy source, the code that
+computes a row; not a data file a policy reads at run time): a row
+computed from other inputs is recomputed, and the sweep says how many and why. A damaged file there (a
+truncated row, one holding no whole row of its name) is named in one line: its configuration is
+recomputed, which rewrites it; one that is no configuration's row is left alone.
 
 Bad input (an ``--out`` that is a file included, and whatever a policy's constructor raises) exits with
 code 2 and one line on stderr. A configuration that fails at run time (SystemExit from a policy too) is
@@ -541,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         if (problem := output_problem(out)) is not None:
             print(f"error: --out {out}: {problem}", file=sys.stderr)
             return 2
-        store = ResultStore(out)
+        store = ResultStore(out, ROW_COLUMNS, PERF_COLUMNS)
         try:
             return _sweep(args, spec, grid, inputs, hashes, store)
         except Interrupted as stop:
@@ -562,6 +565,13 @@ def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, 
     varying = spec.varying()
     for note in compute_notes(grid):
         print(f"note: {note}")
+    # A damaged file is left where it is until its configuration's run replaces it: never removed unsaid.
+    for h, cfg in dict(zip(hashes, grid)).items():
+        if (damaged := store.damaged(h)) is not None:
+            print(f"damaged: {damaged[0]}: {damaged[1]}; recomputing its configuration ({describe(cfg, varying)}), "
+                  f"whose run rewrites the file")
+    for path, problem in store.foreign(hashes):
+        print(f"damaged: {path}: {problem}; it is no configuration's row: ignored, left in place")
     pending = [(cfg, h) for cfg, h in zip(grid, hashes) if not store.done(h)]
     unique = len(dict.fromkeys(hashes))
     already = unique - len(dict.fromkeys(h for _, h in pending))

@@ -17,6 +17,7 @@ from experiments.config import RunConfig
 import experiments.results as results
 from experiments.results import _MODEL_PACKAGES, _ROW_MODULES, ResultStore, config_hash, row_inputs
 from experiments.runner import ROW_COLUMNS, run_config
+from experiments.sweep import main as sweep_main
 from hardware.profile import PROFILES_DIR
 from traces import save_trace, synthetic_trace
 
@@ -294,3 +295,46 @@ def test_stale_rows_are_counted_with_the_input_that_changed(trace_path, tmp_path
     assert reasons == {"code of offload/hardware/policies/sim/traces, experiments/config.py, experiments/results.py, "
                        "experiments/runner.py changed": 1,
                        "written by another version of the sweep": 1}
+
+
+def test_damaged_or_foreign_row_files_are_recomputed_or_ignored_with_one_line_each(trace_path, tmp_path, capsys):
+    """A truncated row, a row file holding no whole row, a truncated perf record: their configurations are
+    recomputed and the files rewritten; a stray file in rows/ that is no row is ignored and left in place.
+    One line each, naming the file and what is wrong; the sweep does not stop."""
+    out = tmp_path / "o"
+    args = [f"trace={trace_path}", "policy=lru,fifo,lfu,belady", "cache_slots=2", "max_tokens=100", "--out", out,
+            "--no-plots", "--workers", "1"]
+    assert sweep_main(args) == 0
+    capsys.readouterr()
+    df = pd.read_csv(out / "results.csv")
+    h = dict(zip(df["policy"], df["config_hash"]))
+    store = ResultStore(out)
+    whole = {p: store.row_path(h[p]).read_bytes() for p in ("lru", "fifo")}
+    store.row_path(h["lru"]).write_bytes(whole["lru"][: len(whole["lru"]) // 2])
+    store.row_path(h["fifo"]).write_text('{"policy": "lru"}')
+    (out / "perf" / f"{h['lfu']}.json").write_text('{"config_hash": ')
+    stray = out / "rows" / "notahash.json"
+    stray.write_text("not json at all")
+    (out / "rows" / "mine.json").write_text('{"policy": "lru"}')
+
+    assert sweep_main(args) == 0
+    said = capsys.readouterr().out
+    lines = [line for line in said.splitlines() if line.startswith("damaged: ")]
+    assert len(lines) == 5, said
+    assert f"damaged: {store.row_path(h['lru'])}: not valid JSON (" in said
+    assert f"damaged: {store.row_path(h['fifo'])}: not a whole row: it lacks " in said
+    assert f"damaged: {out / 'perf' / h['lfu']}.json: not valid JSON (" in said
+    assert "recomputing its configuration (policy=lru cache_slots=2), whose run rewrites the file" in said
+    assert f"damaged: {stray}: not valid JSON (" in said and "ignored, left in place" in said
+    assert "resumed: 1 of 4 already done" in said and "stale" not in said
+    assert {p: store.row_path(h[p]).read_bytes() for p in whole} == whole
+    assert f"damaged: {out / 'rows' / 'mine.json'}: not a row: it lacks trace, cache_slots, cache_mode and " in said
+    assert stray.read_text() == "not json at all" and (out / "rows" / "mine.json").is_file()
+    assert len(pd.read_csv(out / "results.csv")) == 4 and len(pd.read_csv(out / "perf.csv")) == 4
+
+    assert sweep_main(args) == 0
+    said = capsys.readouterr().out
+    assert "resumed: 4 of 4 already done" in said
+    assert [line for line in said.splitlines() if line.startswith("damaged: ")][1:] == [
+        f"damaged: {stray}: not valid JSON (Expecting value: line 1 column 1 (char 0)); it is no configuration's row: "
+        f"ignored, left in place"]
