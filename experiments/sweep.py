@@ -541,10 +541,12 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 128 + stop.signum
         out = args.out if args.out is not None else Path("runs") / f"sweep-{spec.short_hash()}"
-        if (problem := output_problem(out)) is not None:
-            print(f"error: --out {out}: {problem}", file=sys.stderr)
-            return 2
         store = ResultStore(out, ROW_COLUMNS, PERF_COLUMNS)
+        # Every folder the sweep writes in, before anything runs: not a row computed, then lost at its write.
+        for folder in (out, store.rows_dir, store.perf_dir, store.errors_dir, out / SHARED_TRACES):
+            if (problem := output_problem(folder)) is not None:
+                print(f"error: --out {out}: {problem}", file=sys.stderr)
+                return 2
         try:
             return _sweep(args, spec, grid, inputs, hashes, store)
         except Interrupted as stop:

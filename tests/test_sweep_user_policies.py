@@ -144,6 +144,29 @@ def test_out_that_is_a_file_is_refused_before_anything_runs(trace_path, tmp_path
     assert captured.out == "" and blocking.read_text() == "keep me\n"
 
 
+@pytest.mark.parametrize("sub", ["rows", "perf", "errors"])
+def test_out_whose_subfolder_takes_no_file_is_refused_before_anything_runs(trace_path, tmp_path, capsys,
+                                                                           monkeypatch, sub):
+    """OUT is writable but a folder the sweep writes in below it is not (read-only; made so by failing the
+    creation, since tests may run as root): one line, exit code 2, nothing computed."""
+    import tempfile
+    out = tmp_path / "out"
+    (out / sub).mkdir(parents=True)
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == out / sub:
+            raise PermissionError(13, "Permission denied")
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    assert _sweep(trace_path, out, "policy=lru", "cache_slots=2") == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"error: --out {out}: nothing can be created in {out / sub} (Permission denied); give a folder you can "
+        f"write to"]
+    assert captured.out == "" and [p.name for p in out.iterdir()] == [sub]
+
+
 # -- modules beside a policy file ----------------------------------------------------------------------
 
 HELPED = '''from helper import MRU
