@@ -257,11 +257,16 @@ _TRACKS_FIX = ("use a trace with prediction tracks (e.g. traces/moe-lm-h100.npz:
 def _check_policies_build(configs: list[RunConfig]) -> None:
     """Each policy built as its runs will build it, once per distinct context (policy, parameters, trace
     slices, depth, slots, mode, the hardware's estimates): the prediction track it reads must be in the
-    trace, and its constructor must not raise. Whatever it raises (a ValueError by which it refuses its
-    inputs: no training slice, a parameter of the wrong type or value; any other exception, SystemExit
-    included) would fail every run of that configuration at its start: it is one ConfigError here, naming
-    the file and line in the policy's code."""
+    trace, and its constructor must not raise at every context of the grid. Whatever it raises there (a
+    ValueError by which it refuses its inputs: no training slice, a parameter of the wrong type or value; any
+    other exception, SystemExit included) would fail every run of that policy at its start, the grid's
+    results for it all lost after the whole sweep's time: it is one ConfigError here, naming the file and line
+    in the policy's code. A constructor that raises at some contexts only (one slot count) is left to fail
+    those configurations' runs, each reported like any failing configuration while the others finish."""
     seen = set()
+    built: dict[tuple, int] = {}               # (policy, parameters) -> distinct contexts built
+    refused: dict[tuple, ConfigError] = {}     # (policy, parameters) -> the first context's refusal
+    failed: dict[tuple, int] = {}              # (policy, parameters) -> contexts whose constructor raised
     for cfg in configs:
         # The context from the configuration alone (the hardware's estimates follow from its profile, overrides,
         # precision and the trace), so a repeat is skipped before any work.
@@ -286,16 +291,22 @@ def _check_policies_build(configs: list[RunConfig]) -> None:
             predictor = predictor_for(policy_cls, params, cfg.prefetch_depth, trace=run)
         except ValueError as err:
             raise ConfigError(f"policy={label}{slice_note}: {err}") from None
+        group = (cfg.policy, cfg.policy_params)
+        built[group] = built.get(group, 0) + 1
         try:
             policy_cls(PolicyContext(run.model, cfg.cache_slots, mode, cfg.prefetch_depth, run, train, params,
                                      predictor=predictor, expert_copy_ns=copy_ns, layer_compute_ns=layer_ns))
-        except (Exception, SystemExit) as err:  # noqa: BLE001  (whatever the constructor raises fails every run)
+        except (Exception, SystemExit) as err:  # noqa: BLE001  (whatever the constructor raises fails its runs)
+            failed[group] = failed.get(group, 0) + 1
             site = crash_site(policy_cls, err)
-            if isinstance(err, ValueError):     # the policy refuses its inputs, in its own words with the fix
-                raise ConfigError(f"policy={label}{slice_note}: {' '.join(str(err).split())} (at {site})") from None
-            raise ConfigError(f"policy={label}{slice_note} cache_slots={cfg.cache_slots}: building the policy raised "
-                              f"{type(err).__name__}: {' '.join(str(err).split())} at {site}; fix its __init__"
-                              ) from None
+            refused.setdefault(group, ConfigError(
+                # the policy refuses its inputs, in its own words with the fix
+                f"policy={label}{slice_note}: {' '.join(str(err).split())} (at {site})" if isinstance(err, ValueError)
+                else f"policy={label}{slice_note} cache_slots={cfg.cache_slots}: building the policy raised "
+                     f"{type(err).__name__}: {' '.join(str(err).split())} at {site}; fix its __init__"))
+    for group, refusal in refused.items():
+        if failed[group] == built[group]:
+            raise refusal
 
 
 def _check_clock_range(cfg: RunConfig, run: Trace) -> None:

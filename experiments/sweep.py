@@ -17,8 +17,9 @@ computed from other inputs is recomputed, and the sweep says how many and why. A
 truncated row, one holding no whole row of its name) is named in one line: its configuration is
 recomputed, which rewrites it; one that is no configuration's row is left alone.
 
-Bad input (an ``--out`` that is a file included, and whatever a policy's constructor raises) exits with
-code 2 and one line on stderr. A configuration that fails at run time (SystemExit from a policy too) is
+Bad input (an ``--out`` that is a file included, and whatever a policy's constructor raises at every
+configuration of that policy in the grid) exits with code 2 and one line on stderr. A configuration that
+fails at run time (SystemExit from a policy too, or its constructor at some configurations only) is
 reported by name with the file and line where it raised, its traceback is kept in
 ``OUT/errors/``, the others are still written, and the exit code is 1. SIGINT
 (Ctrl-C) or SIGTERM stops the workers at once, keeps every finished row, says how to resume, and

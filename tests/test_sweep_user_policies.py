@@ -104,6 +104,13 @@ class Exits(LRU):
         super().__init__(ctx)
         if ctx.cache_slots == 3:
             raise SystemExit(5)
+
+
+class Picky(LRU):
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        if ctx.cache_slots == 3:
+            raise ValueError("I hate 3 slots")
 '''
 
 
@@ -113,11 +120,12 @@ class Exits(LRU):
     (["policy={p}:Keyed", "cache_slots=2"],
      "error: policy={p}:Keyed cache_slots=2: building the policy raised KeyError: 'missing' at {p}:15 in __init__; "
      "fix its __init__"),
-    # Only the second slot count fails: each distinct context is built.
-    (["policy={p}:Exits", "cache_slots=2,3"],
+    # The grid's one slot count: every run of the policy would fail.
+    (["policy={p}:Exits", "cache_slots=3"],
      "error: policy={p}:Exits cache_slots=3: building the policy raised SystemExit: 5 at {p}:22 in __init__"),
-], ids=["value-error", "key-error", "system-exit-at-one-size"])
-def test_whatever_a_constructor_raises_is_refused_before_anything_runs_with_file_and_line(
+    (["policy={p}:Picky", "cache_slots=3"], "error: policy={p}:Picky: I hate 3 slots (at {p}:29 in __init__)"),
+], ids=["value-error", "key-error", "system-exit-at-every-size", "value-error-at-every-size"])
+def test_whatever_a_constructor_raises_at_every_configuration_is_refused_before_anything_runs_with_file_and_line(
         trace_path, tmp_path, capsys, tokens, line):
     policy = tmp_path / "ctors.py"
     policy.write_text(CONSTRUCTORS)
@@ -127,6 +135,23 @@ def test_whatever_a_constructor_raises_is_refused_before_anything_runs_with_file
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(line.format(p=policy)), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("cls, what, line", [("Picky", "ValueError: I hate 3 slots", 29),
+                                             ("Exits", "SystemExit: 5", 22)])
+def test_a_constructor_raising_at_one_slot_count_fails_that_configuration_only(trace_path, tmp_path, capsys, cls,
+                                                                               what, line):
+    """Built at each distinct context, the policy raises at cache_slots=3 only: that configuration fails like
+    any other (one line naming it, with the file and line; its traceback kept), the others finish."""
+    policy = tmp_path / "ctors.py"
+    policy.write_text(CONSTRUCTORS)
+    out = tmp_path / "out"
+    assert _sweep(trace_path, out, f"policy={policy}:{cls},lru", "cache_slots=2,3") == 1
+    captured = capsys.readouterr()
+    assert "1 of 4 configurations failed" in captured.err and "Traceback" not in captured.err
+    assert captured.err.count(f"error: config (policy={policy}:{cls} cache_slots=3) failed: {what} at "
+                              f"{policy}:{line} in __init__ (traceback: {out / 'errors'}") == 1
+    assert len(list((out / "rows").glob("*.json"))) == 3 and len(list((out / "errors").glob("*.txt"))) == 1
 
 
 # -- --out that is a file ------------------------------------------------------------------------------
