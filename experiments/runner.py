@@ -15,7 +15,7 @@ from typing import Any
 
 from experiments.config import SWEEP_KEYS, ConfigError, RunConfig, policy_label
 from experiments.results import config_hash, row_inputs, trace_sha256
-from offload.cache import ExpertCache
+from offload.cache import CacheMode, ExpertCache
 from offload.policy import Policy, PolicyContext, check_params
 from offload.predictors import predictor_for, predictor_name
 from policies.registry import crash_site, resolve_policy
@@ -229,7 +229,7 @@ def validate_grid(configs: list[RunConfig]) -> None:
         try:
             _settings(cfg)     # the run's own settings check: slots, mode, depth, prompt length
         except SettingsError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(_slots_below_top_k(cfg) or str(err)) from None
         try:
             train, run = trace_slices(cfg)
         except (ConfigError, TraceError):
@@ -247,6 +247,23 @@ def validate_grid(configs: list[RunConfig]) -> None:
         except ValueError as err:
             raise ConfigError(f"model {shape.name}: {err}") from None
     _check_policies_build(configs)
+
+
+def _slots_below_top_k(cfg: RunConfig) -> str | None:
+    """For ``cache_slots`` below 1: the cache's own refusal on the trace's model, which names the real minimum
+    (its top-k), as for any slot count below that; None where the trace does not load here (its error comes
+    once the settings pass), or the slots or mode are not what is wrong."""
+    if cfg.cache_slots >= 1 or cfg.cache_mode not in {m.value for m in CacheMode}:
+        return None
+    try:
+        shape = trace_slices(cfg)[1].model
+    except ValueError:      # ConfigError, TraceError
+        return None
+    try:
+        ExpertCache(shape.num_layers, shape.num_experts, cfg.cache_slots, cfg.cache_mode, shape.top_k)
+    except ValueError as err:
+        return f"model {shape.name}: {err}"
+    return None
 
 
 # Default tracks to point a user at: the committed trace that holds them, and the command that adds them.

@@ -167,6 +167,17 @@ def test_cli_refuses_cache_slots_below_top_k_per_layer_not_in_a_pool_that_holds_
     assert len(table) == 2 and table["cache_slots"].eq(1).all() and table["hit_rate"].between(0, 1).all()
 
 
+@pytest.mark.parametrize("mode, fix", [("per_layer", "use cache_slots >= 2"), ("global", "use cache_slots >= 1")])
+def test_cache_slots_zero_names_the_traces_top_k_as_any_count_below_it(trace_path, tmp_path, mode, fix):
+    from experiments.runner import validate_grid
+    with pytest.raises(ConfigError) as err:
+        validate_grid([RunConfig(trace=str(trace_path), cache_slots=0, cache_mode=mode)])
+    assert str(err.value).startswith("model synthetic-L4-E8-k2: cache_slots=0 ") and str(err.value).endswith(fix), err.value
+    # A trace that does not load says so once the settings pass: until then, the settings' own bound.
+    with pytest.raises(ConfigError, match=r"^cache_slots=0 is out of range; use a value >= 1$"):
+        validate_grid([RunConfig(trace=str(tmp_path / "missing.npz"), cache_slots=0, cache_mode=mode)])
+
+
 def test_cli_refuses_cache_slots_above_experts(trace_path, tmp_path):
     r = sweep_cli(f"trace={trace_path}", "cache_slots=9", "--out", tmp_path / "out")
     _refused(r, "cache_slots=9", "use cache_slots <= 8")
