@@ -6,23 +6,52 @@ order under both clocks; a policy never touches slots itself, it only answers qu
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
+import numpy as np
+
 from offload.access import LayerAccess, PrefetchRequest
 from offload.cache import CacheMode, CacheView
 from offload.next_use import NextUse
-from offload.predictors import Predictor
+from offload.predictors import Predictor, TrackPredictor
 
 if TYPE_CHECKING:
     from offload.copy_queue import CopyJob
     from traces import ModelShape, Trace
 
 
+def read_only(array: np.ndarray) -> np.ndarray:
+    """A view of ``array`` that refuses writes (numpy's ``ValueError: ... read-only``); ``array`` itself
+    stays writable for its owner, and nothing is copied."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+def read_only_trace(trace: "Trace") -> "Trace":
+    """``trace`` as a policy sees it: every array a read-only view (those in its dicts of tracks too), the
+    dicts and the meta's free-form ``extra`` its own. One trace serves every configuration a process runs
+    (the sweep's, the engine commands'), so a policy that wrote to it would change the others' results."""
+    def guarded(value):
+        if isinstance(value, np.ndarray):
+            return read_only(value)
+        if isinstance(value, dict):
+            return {k: guarded(v) for k, v in value.items()}
+        return value
+    changes = {f.name: guarded(getattr(trace, f.name)) for f in dataclasses.fields(trace)}
+    changes["meta"] = dataclasses.replace(trace.meta, extra=copy.deepcopy(trace.meta.extra))
+    return dataclasses.replace(trace, **changes)
+
+
 @dataclass(frozen=True)
 class PolicyContext:
-    """Everything a policy may consult, fixed for one run."""
+    """Everything a policy may consult, fixed for one run. The traces it holds, and a recorded prediction
+    track its predictor reads, are read-only for the policy (``read_only_trace``): a policy that needs to
+    change one copies it first (``np.array(ctx.trace.experts)``)."""
     shape: "ModelShape"
     cache_slots: int
     cache_mode: CacheMode
@@ -36,6 +65,16 @@ class PolicyContext:
     predictor: "Predictor | None" = None
     expert_copy_ns: int | None = None
     layer_compute_ns: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("trace", "train_trace"):
+            trace = getattr(self, name)
+            if trace is not None:
+                object.__setattr__(self, name, read_only_trace(trace))
+        if isinstance(self.predictor, TrackPredictor):
+            predictor = copy.copy(self.predictor)
+            predictor.track = read_only(predictor.track)
+            object.__setattr__(self, "predictor", predictor)
 
     @property
     def num_layers(self) -> int:

@@ -98,8 +98,10 @@ def open_session(shape: "ModelShape", policy_cls: type[Policy], settings: RunSet
     ``expert_bytes``: bytes one expert copy moves (counted in ``OffloadStats.bytes_moved``).
     ``trace``: the decode being run (its future for Belady and the oracle). ``train_trace``: a
     separate slice that ``static`` and ``affinity`` learn from. ``predictor``: what a predictive
-    policy consults (``offload.predictors.predictor_for``). ``hardware``: its estimates of one
-    expert copy and one layer's compute limit prefetch depth; None means no limit (the untimed replay).
+    policy consults (``offload.predictors.predictor_for``). The policy sees the traces and a recorded
+    prediction track read-only (``PolicyContext``): the caller's trace serves its next runs unchanged.
+    ``hardware``: its estimates of one expert copy and one layer's compute limit prefetch depth; None
+    means no limit (the untimed replay).
     Raises ``ValueError`` from the cache (slots out of range), the parameter check (a parameter the
     policy does not declare, ``offload.policy.check_params``) or the policy (missing trace, slice or
     predictor), naming the fix.

@@ -157,14 +157,29 @@ def resolve_policy(spec: str) -> type[Policy]:
     return cls
 
 
+# The fix for an error whose cause is how a policy runs, not what its code says: added to the message of such
+# an error raised in the policy's code (``crash_site``), since the one-line report names no cause.
+_RUN_FIXES = (
+    (lambda err: type(err) is ValueError and "read-only" in str(err),
+     "the run's traces are read-only for policies (one trace serves every configuration): copy what you "
+     "change, e.g. np.array(ctx.trace.experts)"),
+)
+
+
 def crash_site(policy_cls: type[Policy], err: BaseException) -> str:
     """``file:line in function`` where ``err`` left the policy's code: the deepest frame in the
     class's own file, else in its base classes' files (so a user's file is named before the
-    package's), else the deepest frame of all."""
+    package's), else the deepest frame of all. An error of the policy's code that ``_RUN_FIXES`` knows
+    gains its fix in its message (once), which the reports that call this read after it."""
     for c in policy_cls.__mro__:
         source = getattr(sys.modules.get(c.__module__), "__file__", None)
         frame = _innermost(err.__traceback__, Path(source)) if source else None
         if frame is not None:
+            fix = next((fix for applies, fix in _RUN_FIXES if applies(err)), None)
+            if fix is not None and fix not in str(err):
+                err.args = (f"{err}; {fix}",)
+                if isinstance(err, ImportError):
+                    err.msg = err.args[0]
             break
     else:
         frames = traceback.extract_tb(err.__traceback__)
