@@ -2,7 +2,9 @@
 
 The sweep, the simulator and the engine look policies up here. A user's own policy needs no edit
 of the package: ``my_policy.py:MyPolicy`` (a file path) or ``my_package.module:MyPolicy``. A policy
-file imports modules beside it as a script does: its folder is first on ``sys.path`` while it loads.
+file imports modules beside it as a script does: its folder is first on ``sys.path`` while it loads. One
+process holds one module of a name, so a module beside it that it imports is refused when it bears the name
+of one of the project's packages or of a module already loaded from another file (another policy's helper).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import ast
 import contextlib
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import site
 import sys
@@ -101,25 +104,97 @@ def _load_file(path: Path):
                     del sys.modules[name]
             module = None
     if module is None:
+        clashes = _clashes(path.resolve().parent)
+        # Another policy's modules of a clashing name step aside while this file loads, so that importing the
+        # name, however (importlib included), loads this folder's module and shows in what the load imported.
+        others = {name for name, (_, _, project) in clashes.items() if not project}
+        hidden = {n: m for n, m in sys.modules.items() if n.partition(".")[0] in others}
+        for name in hidden:
+            del sys.modules[name]
         spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
         before = set(sys.modules)
+        failure = None
         try:
             with _beside(path):
                 spec.loader.exec_module(module)
         except (Exception, SystemExit) as err:  # noqa: BLE001  (whatever the file raises is reported as one line)
+            failure = err
+        imported = set(sys.modules) - before
+        clash = _clash_used(path, clashes, imported) if clashes else None
+        if clash is not None or failure is not None:
+            # Undone: the file, and the user's modules it imported (a project package they shadowed among them).
+            for name in imported:
+                if _user_file(getattr(sys.modules[name], "__file__", None)) is not None:
+                    del sys.modules[name]
             del sys.modules[mod_name]
+        sys.modules.update(hidden)
+        if clash is not None:
+            raise PolicyLoadError(clash)
+        if failure is not None:
             fix = ("fix the file's import, or put the module beside the file, install it or add its folder to "
                    "PYTHONPATH"
-                   if isinstance(err, ModuleNotFoundError) else "fix the file")
-            raise PolicyLoadError(f"{_load_site(err, path)}: policy file {path} does not load: "
-                                  f"{_one_line(err)}; {fix}") from None
+                   if isinstance(failure, ModuleNotFoundError) else "fix the file")
+            raise PolicyLoadError(f"{_load_site(failure, path)}: policy file {path} does not load: "
+                                  f"{_one_line(failure)}; {fix}") from None
         # Imported while it loaded, however (importlib included): the user's modules among them count too.
-        module._user_modules_imported = sorted(set(sys.modules) - before)
+        module._user_modules_imported = sorted(imported)
         module._user_sources = user_sources(module)
         module._user_sources_loaded = _digests(module._user_sources)
     return module
+
+
+def _clashes(folder: Path) -> dict[str, tuple[Path, Path, bool]]:
+    """The modules in ``folder`` (a policy file's, first on ``sys.path`` while the file loads) whose name means
+    another module in this process: name -> (the folder's module, the other, whether the other is one of the
+    project's packages). A module's name is global in a process: the folder's ``plots.py`` would stand for the
+    project's ``plots`` package wherever it is imported, and a second policy's ``helper.py`` would be ignored
+    for the first's ``helper``, already loaded. A folder without ``__init__.py`` shadows nothing."""
+    tops = {n for n in sys.modules if "." not in n}
+    try:
+        names = {entry.name.partition(".")[0] for entry in folder.iterdir()}
+    except OSError:
+        return {}
+    found = {}
+    for name in sorted(names & (tops | set(_PROJECT_PACKAGES))):
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(name, [str(folder)])
+        except (ImportError, ValueError):
+            continue
+        if spec is None or not spec.has_location:
+            continue
+        ours = Path(spec.origin).resolve()
+        if name in _PROJECT_PACKAGES:
+            theirs = _PROJECT / name
+            if not ours.is_relative_to(theirs):          # the policy file in the project's root: its own
+                found[name] = (ours, theirs, True)
+            continue
+        theirs = _user_file(getattr(sys.modules[name], "__file__", None))
+        if theirs is not None and theirs != ours:
+            found[name] = (ours, theirs, False)
+    return found
+
+
+def _clash_used(path: Path, clashes: dict[str, tuple[Path, Path, bool]], imported: set[str]) -> str | None:
+    """The message refusing the policy file ``path`` when it uses one of the ``clashes`` of its folder (imports
+    it while loading, or names it in an import statement of its own or of a user's module it loaded), or None."""
+    sources = [path, *(p for p in (_user_file(getattr(sys.modules.get(n), "__file__", None)) for n in imported)
+                       if p is not None)]
+    used = {n.partition(".")[0] for n in imported}
+    for source in sources:
+        used.update(n.partition(".")[0] for n in _imported_names(source, None))
+    name = next((n for n in clashes if n in used), None)
+    if name is None:
+        return None
+    ours, theirs, project = clashes[name]
+    if project:
+        return (f"policy file {path} imports {name}, and {ours} beside it has the name of the project's package "
+                f"{name} ({theirs}): one process holds one module of a name, so one would stand for the other; "
+                f"rename {ours.name} (and the imports of it)")
+    return (f"policy file {path} imports {name}, which is {ours} beside it, but a module {name} from {theirs} "
+            f"is already loaded (another policy's, or from PYTHONPATH), and one process holds one module of a "
+            f"name: rename one of them")
 
 
 def _import_module(spec: str, where: str):

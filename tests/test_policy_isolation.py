@@ -1,10 +1,11 @@
 """What a user's policy can reach of the rest of the process is not its to change (a fresh user's break
 test): the traces its context holds are read-only for it, so one configuration cannot change another's
-numbers."""
+numbers; its helper modules cannot stand in for another policy's or for one of the project's packages."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,11 +19,12 @@ from offload.session import RunSettings, open_session
 from policies.belady import Belady
 from policies.lru import LRU
 from policies.mixtral_offloading import MixtralOffloading
-from policies.registry import failure_site
+from policies.registry import PolicyLoadError, failure_site, resolve_policy
 from policies.static import Static
 from sim.simulator import simulate
 from traces import save_trace, synthetic_trace
 
+REPO = Path(__file__).resolve().parents[1]
 H100 = load_hardware("h100-pcie5")
 
 
@@ -201,3 +203,136 @@ def test_a_policy_writing_the_trace_in_its_constructor_is_refused_before_anythin
     assert len(err.strip().splitlines()) == 1, err
     assert "sort array is read-only; the run's traces are read-only for policies" in err
     assert f"at {policy}:8 in __init__" in err
+
+
+# -- 2. helper modules of one name, beside two policies -----------------------------------------------------------
+
+HELPED = '''import helper
+from policies.lru import LRU
+
+
+class Pol(LRU):
+    name = helper.NAME
+'''
+
+
+def _policy(folder: Path, text: str = HELPED, helper: str | None = "helper") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if helper is not None:
+        (folder / f"{helper}.py").write_text(f"NAME = {str(folder)!r}\n")
+    (folder / "pol.py").write_text(text)
+    return folder / "pol.py"
+
+
+def test_two_policies_whose_helpers_share_a_name_are_refused_naming_both_files(tmp_path):
+    first, second = _policy(tmp_path / "a"), _policy(tmp_path / "b")
+    assert resolve_policy(f"{first}:Pol").name == str(tmp_path / "a")
+    with pytest.raises(PolicyLoadError) as err:
+        resolve_policy(f"{second}:Pol")
+    message = str(err.value)
+    assert f"policy file {second} imports helper, which is {tmp_path / 'b' / 'helper.py'} beside it" in message
+    assert f"a module helper from {tmp_path / 'a' / 'helper.py'} is already loaded" in message
+    assert message.endswith("rename one of them")
+    # The first is as it was: its helper still the one loaded, the policy still resolving.
+    assert sys.modules["helper"].__file__ == str(tmp_path / "a" / "helper.py")
+    assert resolve_policy(f"{first}:Pol").name == str(tmp_path / "a")
+
+
+@pytest.mark.parametrize("how", [
+    "import importlib\nimportlib.import_module('helper')\n",                      # found while it loads
+    "def later():\n    import helper\n",                                          # named by an import statement
+    "import second_helper\n",                                                     # by a module of its own
+])
+def test_a_second_helper_of_the_name_is_found_however_it_is_imported(tmp_path, how):
+    resolve_policy(f"{_policy(tmp_path / 'a')}:Pol")
+    second = _policy(tmp_path / "b", how + "from policies.lru import LRU\n\n\nclass Pol(LRU):\n    pass\n")
+    (tmp_path / "b" / "second_helper.py").write_text("import helper\n")
+    with pytest.raises(PolicyLoadError, match="already loaded"):
+        resolve_policy(f"{second}:Pol")
+    assert "second_helper" not in sys.modules        # what the refused load imported of the user's is gone
+
+
+def test_a_helper_of_the_name_that_the_policy_does_not_import_is_no_clash(tmp_path):
+    resolve_policy(f"{_policy(tmp_path / 'a')}:Pol")
+    other = _policy(tmp_path / "b", "from policies.lru import LRU\n\n\nclass Pol(LRU):\n    pass\n")
+    assert resolve_policy(f"{other}:Pol").__name__ == "Pol"
+    assert sys.modules["helper"].__file__ == str(tmp_path / "a" / "helper.py")
+
+
+LAZY = '''from policies.lru import LRU
+
+
+class Lazy(LRU):
+    def choose_victim(self, scope, cache, job):
+        import {module}
+        return {module}.first(cache.evictable(scope))
+'''
+
+
+def test_a_helper_imported_inside_a_hook_from_pythonpath_still_works(tmp_path, monkeypatch):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "lazyhelp.py").write_text("def first(keys):\n    return min(keys)\n")
+    monkeypatch.syspath_prepend(str(lib))
+    policy = _policy(tmp_path / "p", LAZY.format(module="lazyhelp"), helper=None)
+    trace = _trace()
+    assert simulate(trace, resolve_policy(f"{policy}:Lazy"), H100, RunSettings(cache_slots=4)).stats.evictions > 0
+
+
+def test_one_sweep_of_two_policies_whose_helpers_share_a_name_stops_before_anything_runs(trace_path, tmp_path,
+                                                                                          capsys):
+    first, second = _policy(tmp_path / "a"), _policy(tmp_path / "b")
+    out = tmp_path / "out"
+    assert _sweep(trace_path, out, f"policy={first}:Pol,{second}:Pol") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "rename one of them" in err, err
+    assert not (out / "rows").exists()
+
+
+# -- 3. a helper named like one of the project's packages ---------------------------------------------------------
+
+def _shadowing(folder: Path, name: str) -> Path:
+    return _policy(folder, f"import {name}\nfrom policies.lru import LRU\n\n\nclass Pol(LRU):\n    pass\n", helper=name)
+
+
+@pytest.mark.parametrize("name", ["sim", "validation", "real", "plots", "offload"])
+def test_a_helper_named_like_a_project_package_is_refused_naming_it_and_the_package(tmp_path, name):
+    before = dict(sys.modules)
+    policy = _shadowing(tmp_path, name)
+    with pytest.raises(PolicyLoadError) as err:
+        resolve_policy(f"{policy}:Pol")
+    assert str(err.value) == (
+        f"policy file {policy} imports {name}, and {tmp_path / (name + '.py')} beside it has the name of the project's "
+        f"package {name} ({REPO / name}): one process holds one module of a name, so one would stand for the other; "
+        f"rename {name}.py (and the imports of it)")
+    assert all(sys.modules.get(n) is m for n, m in before.items())
+    assert not any(str(getattr(m, "__file__", None)).startswith(str(tmp_path)) for m in sys.modules.values())
+
+
+def test_a_helper_shadowing_a_package_not_yet_imported_leaves_the_package_importable(tmp_path):
+    """The break test's sweep: plots.py beside the policy, and the project's plots imported only at the end."""
+    policy = _shadowing(tmp_path, "plots")
+    script = (f"import sys\nfrom policies.registry import PolicyLoadError, resolve_policy\n"
+              f"assert 'plots' not in sys.modules\n"
+              f"try:\n    resolve_policy({str(policy)!r} + ':Pol')\nexcept PolicyLoadError as err:\n    print(err)\n"
+              f"import plots.figures\nprint(plots.__file__)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    refused, imported = done.stdout.strip().splitlines()
+    assert f"{tmp_path / 'plots.py'} beside it has the name of the project's package plots" in refused
+    assert imported == str(REPO / "plots" / "__init__.py")
+
+
+def test_a_file_or_data_folder_named_like_a_package_that_the_policy_does_not_import_is_no_clash(tmp_path):
+    policy = _policy(tmp_path, "from policies.lru import LRU\n\n\nclass Pol(LRU):\n    pass\n", helper="sim")
+    (tmp_path / "traces").mkdir()                   # a folder of data: no __init__.py, it shadows nothing
+    (tmp_path / "traces" / "run.npz").write_bytes(b"")
+    assert resolve_policy(f"{policy}:Pol").__name__ == "Pol"
+    assert sys.modules["sim"].__file__ == str(REPO / "sim" / "__init__.py")
+
+
+def test_a_folder_whose_package_is_the_projects_own_is_no_clash(tmp_path):
+    """A policy file in the project's root imports the project's packages beside it (here: a link to one)."""
+    policy = _policy(tmp_path, "import sim\nfrom policies.lru import LRU\n\n\nclass Pol(LRU):\n    pass\n", helper=None)
+    (tmp_path / "sim").symlink_to(REPO / "sim")
+    assert resolve_policy(f"{policy}:Pol").__name__ == "Pol"
