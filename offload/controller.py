@@ -46,15 +46,30 @@ class PolicyError(ValueError):
     """A policy answered a hook with something the cache cannot do (a key out of range or not an
     integer, a victim of another scope or one in use, no victim for a demand fetch while one is
     evictable, a preload larger than the cache or pins that leave a layer no slot, an ``execute`` that
-    is not top-k distinct expert ids). The message names the policy class, the hook, the value and the
-    rule it broke. ``site``: ``file:line in hook`` where the policy's class defines the hook (the
-    value left the policy there; no frame of the policy is on the stack any more), or None."""
+    is not top-k distinct expert ids). The message names the policy class, the hook, the value (a long one
+    by its length and first entries; ``value`` keeps it whole) and the rule it broke. ``site``:
+    ``file:line in hook`` where the policy's class defines the hook (the value left the policy there; no
+    frame of the policy is on the stack any more), or None."""
 
     def __init__(self, policy: Policy, hook: str, value, rule: str):
-        super().__init__(f"policy {type(policy).__name__}.{hook} returned {value!r}: {rule}")
+        super().__init__(f"policy {type(policy).__name__}.{hook} returned {_shown(value)}: {rule}")
         self.policy, self.hook, self.value = type(policy).__name__, hook, value
         code = getattr(getattr(type(policy), hook, None), "__code__", None)
         self.site = None if code is None else f"{code.co_filename}:{code.co_firstlineno} in {hook}"
+
+
+_SHOWN = 120     # characters of a returned value that a PolicyError's message shows (``value`` keeps it whole)
+
+
+def _shown(value) -> str:
+    """``value``'s repr, or, when long (a preload of every key), its length and first entries: the rule after
+    it must stay in sight."""
+    text = repr(value)
+    if len(text) <= _SHOWN:
+        return text
+    if isinstance(value, (list, tuple)):
+        text = f"{len(value)} entries [{', '.join(map(repr, value[:4]))}, ...]"
+    return text if len(text) <= _SHOWN else text[:_SHOWN - 3] + "..."
 
 
 class OffloadController:
@@ -300,10 +315,10 @@ class OffloadController:
                               "(layer * num_experts + expert)") from None
         n = self.num_layers * self.num_experts
         if not 0 <= key < n:
-            # Past the end from a prefetch is, nearly always, a request for the layer after the last.
+            # Within one layer past the end, a prefetch is nearly always asking for the layer after the last.
             hint = ("; a prefetch past the last layer: request layer + 1 only while it is < num_layers"
-                    if hook == "prefetch" and key >= n else "")
-            raise PolicyError(self.policy, hook, key, f"expert keys are in [0, {n}) "
+                    if hook == "prefetch" and n <= key < n + self.num_experts else "")
+            raise PolicyError(self.policy, hook, key, f"out of range: expert keys are in [0, {n}) "
                               f"({self.num_layers} layers x {self.num_experts} experts){hint}")
         return key
 

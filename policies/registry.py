@@ -235,6 +235,10 @@ def resolve_policy(spec: str) -> type[Policy]:
 # The fix for an error whose cause is how a policy runs, not what its code says: added to the message of such
 # an error raised in the policy's code (``crash_site``), since the one-line report names no cause.
 _RUN_FIXES = (
+    (lambda err: isinstance(err, ModuleNotFoundError),
+     "a module imported inside a hook is looked up when the hook runs, and the policy file's folder is on "
+     "sys.path only while the file loads: import it at the top of the file, install it or add its folder to "
+     "PYTHONPATH"),
     (lambda err: type(err) is ValueError and "read-only" in str(err),
      "the run's traces are read-only for policies (one trace serves every configuration): copy what you "
      "change, e.g. np.array(ctx.trace.experts)"),

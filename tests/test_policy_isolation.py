@@ -1,6 +1,7 @@
 """What a user's policy can reach of the rest of the process is not its to change (a fresh user's break
 test): the traces its context holds are read-only for it, so one configuration cannot change another's
-numbers; its helper modules cannot stand in for another policy's or for one of the project's packages."""
+numbers; its helper modules cannot stand in for another policy's or for one of the project's packages;
+and its failures say what to do."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +15,8 @@ import pytest
 
 from experiments.sweep import main
 from hardware import load_hardware
+from offload.access import PrefetchRequest
+from offload.controller import PolicyError
 from offload.predictors import TrackPredictor
 from offload.session import RunSettings, open_session
 from policies.belady import Belady
@@ -336,3 +339,49 @@ def test_a_folder_whose_package_is_the_projects_own_is_no_clash(tmp_path):
     policy = _policy(tmp_path, "import sim\nfrom policies.lru import LRU\n\n\nclass Pol(LRU):\n    pass\n", helper=None)
     (tmp_path / "sim").symlink_to(REPO / "sim")
     assert resolve_policy(f"{policy}:Pol").__name__ == "Pol"
+
+
+# -- 4. messages ---------------------------------------------------------------------------------------------------
+
+class PreloadsEverything(LRU):
+    def preload(self):
+        return [(k, False) for k in range(self.ctx.num_layers * self.ctx.num_experts)]
+
+
+def test_an_oversized_preload_gives_the_rule_first_and_a_short_key_list():
+    shape = synthetic_trace(num_tokens=4, num_layers=24, num_experts=32, top_k=4).model
+    with pytest.raises(PolicyError) as err:
+        open_session(shape, PreloadsEverything, RunSettings(cache_slots=4), expert_bytes=1)
+    message = str(err.value)
+    assert message == ("policy PreloadsEverything.preload returned 768 entries [(0, False), (1, False), (2, False), "
+                       "(3, False), ...]: 32 experts of scope 0 for its 4 slots: no free slot left; preload at most "
+                       "the cache's slots")
+    assert len(err.value.value) == 768          # the value itself is kept whole
+
+
+class PrefetchesFarPastTheEnd(LRU):
+    def prefetch(self, access):
+        return [PrefetchRequest(10 ** 9, access.step + 1)]
+
+
+class PrefetchesTheLastKeyOfTheLayerPastTheEnd(LRU):
+    def prefetch(self, access):
+        return [PrefetchRequest(self.ctx.num_layers * self.ctx.num_experts + self.ctx.num_experts - 1, access.step + 1)]
+
+
+@pytest.mark.parametrize("policy, hinted", [(PrefetchesFarPastTheEnd, False),
+                                            (PrefetchesTheLastKeyOfTheLayerPastTheEnd, True)])
+def test_the_last_layer_hint_is_only_for_a_key_within_one_layer_past_the_end(policy, hinted):
+    rule = r"out of range: expert keys are in \[0, 24\) \(3 layers x 8 experts\)"
+    with pytest.raises(PolicyError, match=rule) as err:
+        simulate(_trace(), policy, H100, RunSettings(cache_slots=4))
+    assert ("a prefetch past the last layer" in str(err.value)) == hinted
+
+
+def test_a_module_missing_for_an_import_inside_a_hook_gets_the_pythonpath_fix(trace_path, tmp_path, capsys):
+    policy = _policy(tmp_path, LAZY.format(module="lazyhelp"), helper=None)
+    assert _sweep(trace_path, tmp_path / "out", f"policy={policy}:Lazy") == 1
+    err = capsys.readouterr().err
+    assert (f"ModuleNotFoundError: No module named 'lazyhelp'; a module imported inside a hook is looked up when the "
+            f"hook runs, and the policy file's folder is on sys.path only while the file loads: import it at the top "
+            f"of the file, install it or add its folder to PYTHONPATH at {policy}:6 in choose_victim") in err
