@@ -44,14 +44,16 @@ from pathlib import Path
 
 import torch
 
+from experiments.config import policy_label
 from hardware.profile import load_hardware
+from offload.session import RunSettings
 from real.bench.args import (add_device_arg, load_model_checkpoint, cpu_threads, device_default, add_measurement_args, host_memory_error, DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
-                             check_out, check_text, existing_file, file_name, hardware_profile, non_negative_int, policy_list, positive_int, resolved, slot_list)
-from offload.predictors import predictor_name
-from policies.registry import resolve_policy
+                             add_policy_param_arg, check_out, check_policy_params, check_text, existing_file, file_name,
+                             hardware_profile, non_negative_int, policy_list, positive_int, PolicyParams, resolved,
+                             slot_list)
 from real.bench.engine_runs import error_files, exit_message, interrupt_exits
 from real.bench.policies import PolicyRuns, measure_policies
-from real.bench.predictor_suite import LIVE_PREDICTORS, PredictorSettings, consulted, train_predictors
+from real.bench.predictor_suite import LIVE_PREDICTORS, PredictorSettings, train_predictors
 from real.bench.recording import record_slices
 from real.bench.references import accelerate_offload, hf_parity, measure_fully_resident
 from real.bench.replay import replay_slices, shape_replay
@@ -106,7 +108,7 @@ def live(args) -> list[str]:
     # 3. Predictors, those the asked policies consult (all of them with --recall): default vectors and the
     #    lookahead gate learn from training-split text; tracks of the recorded (held-out) run let the
     #    simulator replay exactly what the live predictors say.
-    names = sorted(LIVE_PREDICTORS if args.recall else consulted(args.policies))
+    names = sorted(LIVE_PREDICTORS if args.recall else args.policy_params.consulted(args.policies))
     if names or args.recall:
         print(f"predictors: {', '.join(names)}" + (" and the offline context gate (--recall)" if args.recall else
                                                    " (those the asked policies consult)"), flush=True)
@@ -119,7 +121,8 @@ def live(args) -> list[str]:
     # 4. The hardware profile the simulator uses: this machine calibrated as experiments.validate calibrates
     #    (copies, kernels, hit/miss patterns, a live decode of training text, and each policy's own host work
     #    and per-layer cost beside LRU's, its predictors included), never from the runs it will predict.
-    runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy, args.repeats)
+    runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy, args.repeats,
+                      args.policy_params)
     profile, calibration, notes = calibrate_and_fit(
         host, shape, load_hardware(args.hardware), args.profile_name, args.precision, device, args.policies,
         runs.settings, min(args.slots), train, args.depth, predictors_at, train_text, args.new_tokens,
@@ -155,7 +158,7 @@ def replay(args) -> list[str]:
     model = random_model(args.shape_obj, device, dtype, max_len=args.longest + 1)
     _, problems = shape_replay(model, args.shape_obj, args.train, args.replayed, list(args.policies),
                                list(args.slots), args.max_tokens, args.out, args.repeats, args.warmup_tokens,
-                               args.deadline_s, args.started, args.settings)
+                               args.deadline_s, args.started, args.settings, args.policy_params)
     return problems
 
 
@@ -166,6 +169,8 @@ def _check_live(p: argparse.ArgumentParser, args) -> None:
     error = check_slots(args.slots, config.top_k, config.num_experts, args.model)
     if error:
         p.error(error)
+    check_policy_params(p, args, args.policies, policy_label, config.to_model_shape(args.name), min(args.slots),
+                        args.depth)
     args.profile_name = args.profile_name or (profile_name(torch.cuda.get_device_name()) if args.device == "cuda"
                                               else "cpu-measured")
     args.predictor_settings = PredictorSettings(
@@ -174,11 +179,11 @@ def _check_live(p: argparse.ArgumentParser, args) -> None:
         gate_rank=args.gate_rank, gate_lr=args.gate_lr, gate_batch=args.gate_batch, seed=args.seed)
 
 
-def live_predictor_error(policies) -> str | None:
-    """Why a shape replay cannot run ``policies`` (those that consult a live predictor: the engine runs its
-    predictors on the model's hidden states, which forced routing over random weights does not give, and it
-    reads no prediction track), or None."""
-    needs = {p: predictor_name(resolve_policy(p), {}) for p in policies}
+def live_predictor_error(policies, params: PolicyParams) -> str | None:
+    """Why a shape replay cannot run ``policies`` (those that consult a live predictor with their ``params``: the
+    engine runs its predictors on the model's hidden states, which forced routing over random weights does not
+    give, and it reads no prediction track), or None."""
+    needs = {p: params.predictor(p) for p in policies}
     needs = {p: name for p, name in needs.items() if name is not None}
     if not needs:
         return None
@@ -206,7 +211,9 @@ def _check_replay(p: argparse.ArgumentParser, args) -> None:
     error = check_slots(args.slots, args.shape_obj.top_k, args.shape_obj.num_experts, args.shape_obj.name)
     if error:
         p.error(error)
-    error = live_predictor_error(args.policies)
+    check_policy_params(p, args, args.policies, policy_label, args.shape_obj, min(args.slots),
+                        RunSettings.prefetch_depth, args.replayed, args.train)
+    error = live_predictor_error(args.policies, args.policy_params)
     if error:
         p.error(error)
     dtype_bytes = getattr(torch, args.dtype).itemsize if args.dtype else (2 if args.device == "cuda" else 4)
@@ -227,6 +234,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training-split prompts recorded as the slice static and affinity learn from")
     p.add_argument("--policies", type=policy_list, default="lru,lfu,belady,oracle,mixtral-offloading,"
                                                          "speculating-experts,speculating-experts-lossy,lookahead")
+    add_policy_param_arg(p)
     p.add_argument("--slots", type=slot_list, default="2,3,4,6")
     p.add_argument("--depth", type=positive_int, default=3, help="predictors look this many layers ahead")
     p.add_argument("--gate-train-tokens", type=positive_int, default=131072, help="training-split tokens for the gate")
@@ -263,6 +271,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--max-tokens", type=positive_int, default=48, help="replayed tokens per measured run")
     r.add_argument("--warmup-tokens", type=positive_int, help="tokens per warm-up pass (default: --max-tokens)")
     r.add_argument("--policies", type=policy_list, default="lru,lfu,belady,oracle")
+    add_policy_param_arg(r)
     r.add_argument("--slots", type=slot_list, default="4,8,16")
     add_device_arg(r)
     r.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")

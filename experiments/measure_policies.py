@@ -3,8 +3,8 @@ recorded decode (``python -m experiments.record``) with this machine's hardware 
 
     python -m experiments.measure_policies --model DIR --trace OUT/<name>-trace.npz \
         --train-trace OUT/<name>-train-trace.npz --hardware OUT/h200-measured.yaml --out OUT \
-        [--gate GATE_DIR] [--policies lru,belady,...] [--slots 2,4,6] [--depth 3] [--vector-tokens 4096] \
-        [--repeats 5] [--deadline-s S]
+        [--gate GATE_DIR] [--policies lru,belady,...] [--policy-param oracle.cross_tokens=false ...] \
+        [--slots 2,4,6] [--depth 3] [--vector-tokens 4096] [--repeats 5] [--deadline-s S]
 
 The engine decodes the recording's prompts; the bounds read the recording as their future; ``static``
 and ``affinity`` learn from the training slice in both clocks. Live predictors, those the asked policies
@@ -30,15 +30,14 @@ import time
 
 import torch
 
+from experiments.config import policy_label
 from hardware.profile import load_hardware
-from offload.predictors import predictor_name
-from policies.registry import resolve_policy
 from real.bench.args import (add_measurement_args, load_model_checkpoint, add_model_args, check_model_args, check_slots, check_text, existing_dir, existing_file,
-                             hardware_profile, non_negative_int, policy_list, positive_int, resolved,
-                             slot_list)
+                             add_policy_param_arg, check_policy_params, hardware_profile, non_negative_int, policy_list,
+                             positive_int, resolved, slot_list)
 from real.bench.engine_runs import exit_message, interrupt_exits
 from real.bench.policies import PolicyRuns, measure_policies
-from real.bench.predictor_suite import consulted, live_predictors
+from real.bench.predictor_suite import live_predictors
 from real.bench.recording import recording_prompts
 from real.bench.table import write_resolved_config
 from real.bench.text import score_sequences
@@ -63,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hardware", type=hardware_profile, default="h100-pcie5",
                    help="profile name or YAML (experiments.profile measures this GPU's)")
     p.add_argument("--policies", type=policy_list, default=DEFAULT_POLICIES)
+    add_policy_param_arg(p)
     p.add_argument("--slots", type=slot_list, default="2,3,4,6")
     p.add_argument("--depth", type=positive_int, default=3, help="predictors look this many layers ahead")
     p.add_argument("--vector-tokens", type=positive_int, default=4096,
@@ -95,7 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if (s.num_layers, s.num_experts, s.top_k) != (config.num_layers, config.num_experts, config.top_k):
             p.error(f"{path}: recorded with {s.num_layers} layers, top-{s.top_k} of {s.num_experts} experts, "
                     f"not {args.model}'s; record it with that checkpoint")
-    needs_gate = [n for n in args.policies if predictor_name(resolve_policy(n), {}) == "lookahead"]
+    check_policy_params(p, args, args.policies, policy_label, config.to_model_shape(args.name), min(args.slots),
+                        args.depth, args.recorded, args.train)
+    needs_gate = [n for n in args.policies if args.policy_params.predictor(n) == "lookahead"]
     if needs_gate and args.gate is None:
         p.error(f"--policies {','.join(needs_gate)}: consults the lookahead gate; pass --gate GATE_DIR "
                 f"(python -m experiments.train_gate)")
@@ -123,7 +125,7 @@ def _measure(args, started: float) -> list[str]:
     if gate is not None and gate.depth < args.depth:
         raise SystemExit(f"error: {args.gate}: the gate looks {gate.depth} layers ahead, not --depth {args.depth}; "
                          f"retrain it with --depth {args.depth}")
-    names = consulted(args.policies)        # only what the asked policies consult is built
+    names = args.policy_params.consulted(args.policies)        # only what the asked policies consult is built
     vectors = default_vectors(host, capture_hidden_states(args.model, args.vector_tokens, args.corpus,
                                                           device=str(device), dtype=dtype, seed=args.seed)
                               ) if "quasi" in names else None
@@ -131,7 +133,8 @@ def _measure(args, started: float) -> list[str]:
     tracked, _ = compute_tracks(args.recorded, predictors_at(args.depth), args.depth, str(args.trace))
     hardware = load_hardware(args.hardware)
     tok, domains = args.text
-    runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy, args.repeats)
+    runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy, args.repeats,
+                      args.policy_params)
     problems = measure_policies(host, shape, args.name, tracked, args.train, reference_tokens, runs, hardware,
                                 predictors_at, score_sequences(tok, domains, args.score_seqs, args.score_len),
                                 args.out, lambda cls, settings: simulate(tracked, cls, hardware, settings,

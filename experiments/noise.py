@@ -39,12 +39,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from experiments.config import policy_label
 import real.engine as engine_module
 from policies.registry import resolve_policy
 from offload.session import RunSettings
 from real.engine import OffloadEngine
 from real.measurement import (CALIBRATION_ITERATIONS, ClockSampler, Config, Discipline, Measurement, Report, calibration_ms,
                               place_threads, steal_ms)
+from real.bench.args import PolicyParams, add_policy_param_arg, check_policy_params
 from real.bench.engine_runs import EngineRuns
 from real.bench.table import NoiseFiles, update_sessions
 from real.shape_model import random_model
@@ -55,10 +57,13 @@ TRAIN_FRACTION = 0.25       # as experiments.engine_bench replay: the leading qu
 ARMS = ("decode_core", "quiet_gc")      # the configuration columns an A/B varies
 
 
-def make_engine(model, shape, policy: str, slots: int, trace) -> OffloadEngine:
-    """The one place this command builds an engine: ``policy`` at ``slots`` per layer, ``trace`` as the
-    future the bounds read (as experiments.engine_bench replay builds it)."""
-    return OffloadEngine(model, shape, resolve_policy(policy), RunSettings(cache_slots=slots), future=trace,
+def make_engine(model, shape, label: str, slots: int, trace, params: PolicyParams = PolicyParams()) -> OffloadEngine:
+    """The one place this command builds an engine: the policy ``label`` names (``PolicyParams.label``: its name,
+    with the parameters ``params`` give it) at ``slots`` per layer, ``trace`` as the future the bounds read (as
+    experiments.engine_bench replay builds it)."""
+    policy = params.policy(label)
+    return OffloadEngine(model, shape, resolve_policy(policy),
+                         RunSettings(cache_slots=slots, policy_params=params.of(policy)), future=trace,
                          train_trace=trace)
 
 
@@ -88,24 +93,29 @@ def engine_quiet_gc(enabled: bool):
                            "the A/B needs a switch in the engine")
 
 
-def replay_runs(model, shape, trace, max_tokens: int, warmup_tokens: int) -> EngineRuns:
-    """The run function of a shape-replay session: a fresh engine (``make_engine``) replays the first
-    ``max_tokens`` tokens of ``trace`` (a warm-up pass: ``warmup_tokens``), inside ``engine_quiet_gc`` as
-    the configuration's ``quiet_gc`` arm says."""
+def replay_runs(model, shape, trace, max_tokens: int, warmup_tokens: int,
+                params: PolicyParams = PolicyParams()) -> EngineRuns:
+    """The run function of a shape-replay session: a fresh engine (``make_engine``, the policies given ``params``)
+    replays the first ``max_tokens`` tokens of ``trace`` (a warm-up pass: ``warmup_tokens``), inside
+    ``engine_quiet_gc`` as the configuration's ``quiet_gc`` arm says."""
     return EngineRuns(model, shape,
-                      engine_for=lambda c: make_engine(model, shape, c.fields["policy"], c.fields["cache_slots"], trace),
+                      engine_for=lambda c: make_engine(model, shape, c.fields["policy"], c.fields["cache_slots"], trace,
+                                                       params),
                       decode=lambda engine, warmup: engine.replay(trace, warmup_tokens if warmup else max_tokens),
                       around=lambda c: engine_quiet_gc(c.fields["quiet_gc"]))
 
 
-def configurations(pairs: list[tuple[str, int]], decode_core: int | None, quiet_gc: bool, ab: str | None) -> list[Config]:
-    """Each (policy, slots) pair, in both arms of ``ab`` (adjacent, so every round interleaves them)."""
+def configurations(pairs: list[tuple[str, int]], decode_core: int | None, quiet_gc: bool, ab: str | None,
+                   params: PolicyParams = PolicyParams()) -> list[Config]:
+    """Each (policy, slots) pair, in both arms of ``ab`` (adjacent, so every round interleaves them); the
+    policy column is its label (``PolicyParams.label``: with the parameters ``params`` give it)."""
     arms = [(decode_core, quiet_gc)]
     if ab == "decode-core":
         arms = [(None, quiet_gc), (decode_core, quiet_gc)]
     elif ab == "quiet-gc":
         arms = [(decode_core, True), (decode_core, False)]
-    return [Config({"policy": p, "cache_slots": s, "quiet_gc": gc_on}, core) for p, s in pairs for core, gc_on in arms]
+    return [Config({"policy": params.label(p), "cache_slots": s, "quiet_gc": gc_on}, core)
+            for p, s in pairs for core, gc_on in arms]
 
 
 def host_probe(seconds: float, per_core_s: float, out: Path, period_s: float = 0.05) -> dict:
@@ -241,7 +251,7 @@ def _pairs(args, shape) -> list[tuple[str, int]]:
     return pairs
 
 
-def measure(args, started: float) -> Report:
+def measure(args, started: float, parser: argparse.ArgumentParser) -> Report:
     out = Path(args.out)
     trace = load_trace(args.trace)
     shape = trace.model if args.shape is None else load_shape(args.shape)
@@ -251,9 +261,12 @@ def measure(args, started: float) -> Report:
     if args.ab == "decode-core" and args.decode_core is None:
         raise SystemExit("error: --ab decode-core needs --decode-core N (the core the decode thread gets)")
     pairs = _pairs(args, shape)
-    configs = configurations(pairs, args.decode_core, not args.no_quiet_gc, args.ab)
     _, replayed = trace.split(TRAIN_FRACTION)
     replayed = replayed.head_tokens(args.max_tokens)
+    # the runs learn from the replayed slice itself (make_engine), at RunSettings' prefetch depth
+    check_policy_params(parser, args, dict.fromkeys(p for p, _ in pairs), policy_label, shape,
+                        min(s for _, s in pairs), RunSettings.prefetch_depth, replayed, replayed)
+    configs = configurations(pairs, args.decode_core, not args.no_quiet_gc, args.ab, args.policy_params)
     max_tokens = min(args.max_tokens, replayed.num_tokens)
     warmup_tokens = min(args.warmup_tokens or max_tokens, max_tokens)
     device = torch.device(args.device)
@@ -261,7 +274,8 @@ def measure(args, started: float) -> Report:
     longest = int(np.diff(replayed.request_starts).max())
     build = time.monotonic()
     model = random_model(shape, device, dtype, max_len=longest + 1)
-    settings = {"args": vars(args), "shape": shape.name, "trace": str(args.trace), "tokens": max_tokens,
+    arguments = {k: v for k, v in vars(args).items() if k != "policy_params"}  # derived from --policy-param's texts
+    settings = {"args": arguments, "shape": shape.name, "trace": str(args.trace), "tokens": max_tokens,
                 "warmup_tokens": warmup_tokens, "device": str(device), "dtype": str(dtype),
                 "model_build_s": round(time.monotonic() - build, 2),
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -270,7 +284,7 @@ def measure(args, started: float) -> Report:
           f"{args.repeats} repeats of {max_tokens} tokens", flush=True)
     discipline = Discipline(repeats=args.repeats, warmup=not args.no_warmup, rotate=not args.no_rotate)
     outputs = NoiseFiles(out, args.session, settings, floor_columns={})
-    runs = replay_runs(model, shape, replayed, max_tokens, warmup_tokens)
+    runs = replay_runs(model, shape, replayed, max_tokens, warmup_tokens, args.policy_params)
     measurement = Measurement(runs, configs, discipline,
                               on_progress=outputs.write, deadline_s=args.deadline_s, started=started)
     report = measurement.run_all()
@@ -292,6 +306,7 @@ def main(argv=None):
     parser.add_argument("--policies", default="lru,belady,oracle")
     parser.add_argument("--slots", default="2,4,6", help="expert slots per layer")
     parser.add_argument("--configs", help="POLICY:SLOTS,... instead of every --policies x --slots pair")
+    add_policy_param_arg(parser)
     parser.add_argument("--repeats", type=int, default=5, help="measured runs per configuration (the discipline: >= 5)")
     parser.add_argument("--max-tokens", type=int, default=144, help="replayed tokens per run")
     parser.add_argument("--warmup-tokens", type=int, help="tokens per warm-up pass (default: --max-tokens)")
@@ -326,7 +341,7 @@ def main(argv=None):
         return summary
     if not args.trace:
         parser.error("--trace is needed (or --host-probe / --report)")
-    return measure(args, started)
+    return measure(args, started, parser)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from experiments.config import FIELD_TYPES, POLICY_PARAM_PREFIX, ConfigError, SweepSpec, check_key, coerce
+from real.bench.args import scalar_value  # the one reader of a value, shared with the engine's --policy-param
 from traces.yaml_unique import safe_load_unique
 
 _RANGE_DOTS = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
@@ -26,28 +27,11 @@ _RANGE_CALL = re.compile(r"^\s*range\((.*)\)\s*$")
 _INT = re.compile(r"^\s*-?\d+\s*$")
 
 
-def _scalar(text: str) -> Any:
-    """YAML-like scalar: null, booleans, ints, floats (``1e9`` included), else the string itself."""
-    stripped = text.strip()
-    try:
-        value = yaml.safe_load(stripped) if stripped else ""
-    except yaml.YAMLError:
-        return stripped
-    if isinstance(value, str):
-        try:
-            return float(value)          # YAML 1.1 reads 1e9 as a string
-        except ValueError:
-            return value
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    return stripped                     # a YAML list/mapping inside a token is kept as text
-
-
 def _typed_scalar(key: str, text: str) -> Any:
     if key in FIELD_TYPES and FIELD_TYPES[key][0] is str:
         stripped = text.strip()
         return None if stripped in ("null", "~") and FIELD_TYPES[key][1] else stripped
-    return coerce(key, _scalar(text))
+    return coerce(key, scalar_value(text))
 
 
 def _int_range(key: str, text: str) -> list[int] | None:

@@ -319,3 +319,94 @@ def test_a_configuration_measured_again_replaces_its_row(tmp_path):
     assert len(table) == 3 and sorted(table["tokens_per_s"]) == [11.0, 20.0, 30.0]
     assert again.rows[len(again.kept):] == [{"model": "m", "mode": "shape-replay", "policy": "lru", "cache_slots": 2,
                                              "tokens_per_s": 11.0}]
+
+
+# A policy of one's own that declares parameters and notes, each time it is built, what it was given and what built
+# it: the check before anything runs (real/bench/args.py), the calibration, the simulator or an engine.
+RECORDER = '''import inspect
+import json
+from pathlib import Path
+
+from policies.lru import LRU
+
+BUILDERS = (("calibration", "real/calibration.py"), ("simulator", "sim/simulator.py"), ("check", "real/bench/args.py"),
+            ("engine", "real/engine.py"))
+
+
+class Recorder(LRU):
+    parameters = {"mark": "any value", "flag": "any value"}
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        files = [frame.filename.replace("\\\\", "/") for frame in inspect.stack()]
+        by = next((name for name, part in BUILDERS if any(f.endswith(part) for f in files)), "other")
+        with open(Path(__file__).with_name("received.jsonl"), "a") as f:
+            f.write(json.dumps({"by": by, "params": dict(ctx.params)}) + "\\n")
+'''
+
+
+def recorder(tmp_path) -> tuple[str, Path]:
+    """(the policy's spec, the file its notes go to)."""
+    path = tmp_path / "recorder.py"
+    path.write_text(RECORDER)
+    return f"{path}:Recorder", tmp_path / "received.jsonl"
+
+
+def received(notes: Path) -> list[dict]:
+    return [json.loads(line) for line in notes.read_text().splitlines()]
+
+
+def test_replay_gives_a_policy_its_policy_param_and_names_it_with_them(tmp_path, monkeypatch):
+    """--policy-param NAME.KEY=VALUE reaches every engine the command builds for that policy (warm-ups and measured
+    runs), its value read as the sweep reads one (7 an integer, false a boolean), and the tables name the
+    configuration as the sweep's table does; a policy given none keeps its plain name."""
+    from experiments.engine_bench import main as bench
+    mine, notes = recorder(tmp_path)
+    trace = tmp_path / "tiny.npz"
+    save_trace(synthetic_trace(num_tokens=32, num_layers=2, num_experts=4, top_k=2, num_requests=4, seed=2), trace)
+    out = tmp_path / "replay"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    bench(["replay", "--trace", str(trace), "--policies", f"lru,{mine},oracle", "--slots", "2",
+           "--policy-param", f"{mine}.mark=7", "--policy-param", f"{mine}.flag=false",
+           "--policy-param", "oracle.cross_tokens=false", "--max-tokens", "4", "--warmup-tokens", "2",
+           "--repeats", "2", "--out", str(out)])
+    notes = received(notes)
+    assert all(n["params"] == {"mark": 7, "flag": False} for n in notes), notes
+    runs = pd.read_csv(out / "noise_runs.csv")
+    label = f"{mine} policy.flag=false policy.mark=7"       # as the sweep labels it: parameters sorted by name
+    assert (runs["policy"] == label).sum() == 2
+    assert [n["by"] for n in notes].count("engine") >= 2 + 1      # every run, and the warm-up
+    assert [n["by"] for n in notes].count("check") == 1                 # built once before anything runs
+    engine = pd.read_csv(out / "engine.csv")
+    assert engine["policy"].tolist() == ["lru", label, "oracle policy.cross_tokens=false"]
+    assert pd.read_csv(out / "correctness.csv")["policy"].tolist() == engine["policy"].tolist()
+    assert set(runs["config"]) == {f"mode=shape-replay policy={p} cache_slots=2"
+                                   for p in ("lru", label, "oracle policy.cross_tokens=false")}
+    assert yaml.safe_load((out / "resolved_config-engine_bench-replay.yaml").read_text())["policy_param"] == [
+        f"{mine}.mark=7", f"{mine}.flag=false", "oracle.cross_tokens=false"]
+
+
+
+@needs_corpus
+def test_live_gives_a_policy_its_policy_param_in_every_engine_and_the_simulator(tmp_path, tiny_lm):
+    """engine_bench live builds the policy in its calibration, the simulator's column and the measured runs:
+    each gets the parameters, and policies.csv (and the timed run's trace) name the policy with them."""
+    from experiments.engine_bench import main as bench
+    mine, notes = recorder(tmp_path)
+    out = tmp_path / "bench"
+    bench(["live", "--model", str(tiny_lm), "--out", str(out), "--device", "cpu", "--dtype", "float32",
+           "--repeats", "1", "--prompts", "1", "--prompt-len", "4", "--new-tokens", "3", "--slots", "2",
+           "--train-prompts", "1", "--policies", f"lru,{mine},oracle", "--policy-param", f"{mine}.mark=0.5",
+           "--policy-param", "oracle.cross_tokens=false", "--timed-policy", "oracle", "--score-seqs", "1",
+           "--score-len", "8"])
+    notes = received(notes)
+    assert all(n["params"] == {"mark": 0.5} for n in notes), notes
+    assert {"check", "calibration", "simulator", "engine"} <= {n["by"] for n in notes}, notes
+    label = f"{mine} policy.mark=0.5"
+    policies = pd.read_csv(out / "policies.csv")
+    assert sorted(policies["policy"]) == sorted(["lru", label, "oracle policy.cross_tokens=false"])
+    mine_row = policies[policies["policy"] == label].iloc[0]       # an on-demand policy: both clocks count alike
+    assert mine_row["hit_rate"] == pytest.approx(mine_row["sim_hit_rate"]) and mine_row["sim_tokens_per_s"] > 0
+    assert label in set(pd.read_csv(out / "engine.csv")["policy"])
+    timed = load_trace(out / "tiny-lm-oracle-2-timed.npz")     # the timed run: the policy with its parameters
+    assert "policy oracle policy.cross_tokens=false, 2 slots" in timed.meta.description

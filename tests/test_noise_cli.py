@@ -61,3 +61,25 @@ def test_arguments_are_checked_before_the_model_is_built(tiny_trace, tmp_path):
     with pytest.raises(ValueError, match="unknown policy"):
         noise(out + ["--policies", "lru,no-such-policy", "--slots", "2"])
     assert not (tmp_path / "noise_runs.csv").exists()
+
+
+def test_a_policy_param_reaches_its_policy_runs_and_names_its_rows(tiny_trace, tmp_path, monkeypatch):
+    """--policy-param NAME.KEY=VALUE, as engine_bench takes it: every engine of that policy gets it, the others
+    none, and the tables name the policy with it as the sweep's table does."""
+    import experiments.noise as command
+    given = []
+    engine = command.OffloadEngine
+
+    def spy(model, shape, policy_cls, settings, **kwargs):
+        given.append((policy_cls.__name__, dict(settings.policy_params)))
+        return engine(model, shape, policy_cls, settings, **kwargs)
+
+    monkeypatch.setattr(command, "OffloadEngine", spy)
+    out = tmp_path / "out"
+    noise(["--trace", str(tiny_trace), "--max-tokens", "4", "--out", str(out), "--configs", "lru:2,oracle:3",
+           "--policy-param", "oracle.cross_tokens=false", "--repeats", "2", "--no-warmup"])
+    assert sorted(given) == [("LRU", {})] * 2 + [("OraclePrefetch", {"cross_tokens": False})] * 2
+    floor = pd.read_csv(out / "noise_floor.csv")
+    assert floor["policy"].tolist() == ["lru", "oracle policy.cross_tokens=false"]
+    sessions = json.loads((out / "noise_sessions.json").read_text())
+    assert sessions["noise"]["settings"]["args"]["policy_param"] == ["oracle.cross_tokens=false"]

@@ -318,3 +318,60 @@ def test_train_lm_refuses_an_out_it_cannot_write(world, capsys, locked, where):
     out = (world / where) if where.startswith("a-file") else locked / "model"
     refused(capsys, lambda: train_lm.main(["--out", str(out), "--device", "cpu", "--corpus", str(world / "corpus")]),
             f"--out {out}")
+
+
+# -- --policy-param: the engine commands that take --policies -------------------------------------------------
+POLICY_PARAM_CASES = {
+    "malformed": (["oraclecross_tokens=false"], ["--policy-param", "expected NAME.KEY=VALUE", "oracle.cross_tokens=false"]),
+    "no value": (["oracle.cross_tokens"], ["--policy-param", "expected NAME.KEY=VALUE"]),
+    "a list": (["oracle.cross_tokens=true,false"], ["--policy-param", "one value per parameter", "experiments.sweep"]),
+    "not asked": (["belady.cross_tokens=false"], ["--policy-param belady.cross_tokens=false", "belady is not among",
+                                                  "lru, oracle", "add it to --policies"]),
+    "undeclared": (["oracle.cross_token=false"], ["--policy-param oracle.cross_token=false",
+                                                  "policy OraclePrefetch has no parameter 'cross_token' (it declares: "
+                                                  "cross_tokens); fix the name"]),
+    "wrong type": (["oracle.cross_tokens=maybe"], ["--policy-param for oracle policy.cross_tokens=maybe: "
+                                                   "policy oracle: cross_tokens='maybe' must be true or false",
+                                                   "oracle_prefetch.py:"]),
+    "twice": (["oracle.cross_tokens=false", "oracle.cross_tokens=true"], ["oracle.cross_tokens is given twice"]),
+}
+
+
+def _policy_param_command(command: str, world, tmp_path):
+    """``command``'s argv (but --policy-param) running lru,oracle on the world's checkpoint or tiny trace, and its main."""
+    import importlib
+    tiny = str(Path(__file__).parent / "data" / "tiny-moe-trace.npz")
+    out = ["--out", str(tmp_path / "out")]
+    if command == "measure_policies":        # a recording: prompts, tokens and hidden states at every step
+        from traces import load_trace
+        base = load_trace(world / "recorded.npz")
+        extra = {"prompts": [[1, 2, 3]], "new_tokens": 3, "reference_tokens": [[4, 5, 6]]}
+        save_trace(dataclasses.replace(base, meta=dataclasses.replace(base.meta, extra=extra)), tmp_path / "rec.npz")
+    argv = {"replay": ["replay", "--trace", tiny, "--slots", "2", *CPU],
+            "live": ["live", "--model", str(world / "ckpt"), "--corpus", str(world / "corpus"), "--slots", "2", *CPU],
+            "measure_policies": ["--model", str(world / "ckpt"), "--corpus", str(world / "corpus"), "--trace",
+                                 str(tmp_path / "rec.npz"), "--train-trace", str(tmp_path / "rec.npz"), "--slots", "2",
+                                 *CPU],
+            "noise": ["--trace", tiny, "--slots", "2", "--device", "cpu"]}[command]
+    module = "engine_bench" if command in ("replay", "live") else command
+    return importlib.import_module(f"experiments.{module}").main, [*argv, *out, "--policies", "lru,oracle"]
+
+
+@pytest.mark.parametrize("case", sorted(POLICY_PARAM_CASES))
+@pytest.mark.parametrize("command", ["replay", "live", "measure_policies", "noise"])
+def test_a_bad_policy_param_is_one_line_before_anything_runs(world, tmp_path, capsys, command, case):
+    """--policy-param NAME.KEY=VALUE: malformed, a list, a policy the command does not run, a parameter the policy
+    does not declare (``check_params``' words, as the sweep and validate say it), a value the policy refuses (built
+    once, as the sweep builds it: the policy's own words, file and line), or given twice; exit code 2, nothing
+    written."""
+    main, argv = _policy_param_command(command, world, tmp_path)
+    given, words = POLICY_PARAM_CASES[case]
+    refused(capsys, lambda: main([*argv, *(a for text in given for a in ("--policy-param", text))]), *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_policy_param_naming_a_predictor_the_engine_lacks_is_refused(world, tmp_path, capsys):
+    main, argv = _policy_param_command("live", world, tmp_path)
+    refused(capsys, lambda: main([*argv, "--policies", "lru,lookahead", "--policy-param", "lookahead.predictor=nope"]),
+            "--policy-param for lookahead policy.predictor=nope", "the engine's live predictors are pregate, quasi, "
+            "lookahead")

@@ -1,21 +1,29 @@
 """Typed values for the engine commands' arguments (argparse ``type=`` functions) and the checks that
 need the model: every value is checked where it enters, before anything is measured. A bad value
 raises ``argparse.ArgumentTypeError`` naming it and the fix; argparse turns that into one line and
-exit code 2."""
+exit code 2. The sweep reads its ``key=value`` tokens' values with ``scalar_value``, which --policy-param
+shares."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from hardware.profile import HardwareProfileError, load_hardware
+from offload.policy import check_params
+from offload.predictors import predictor_name
 from offload.session import RunSettings, SettingsError
 from policies.registry import resolve_policy
 
 if TYPE_CHECKING:
     from real.checkpoint import MoEConfig
+    from traces import ModelShape, Trace
 
 
 def positive_int(text: str) -> int:
@@ -65,6 +73,176 @@ def policy_list(text: str) -> tuple[str, ...]:
         except ValueError as e:       # the registry's error: names the policy and the fix
             raise argparse.ArgumentTypeError(str(e)) from None
     return names
+
+
+def scalar_value(text: str) -> Any:
+    """A value as the sweep reads one (``experiments.overrides``, for its ``key=value`` tokens) and --policy-param
+    too: YAML-like, null, booleans, ints, floats (``1e9`` included), else the string itself."""
+    stripped = text.strip()
+    try:
+        value = yaml.safe_load(stripped) if stripped else ""
+    except yaml.YAMLError:
+        return stripped
+    if isinstance(value, str):
+        try:
+            return float(value)          # YAML 1.1 reads 1e9 as a string
+        except ValueError:
+            return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return stripped                     # a YAML list/mapping inside a token is kept as text
+
+
+def policy_param(text: str) -> str:
+    """--policy-param "oracle.cross_tokens=false": checked (``parse_policy_param``) and kept as written, for the
+    resolved config; ``check_policy_params`` groups them once the command's --policies are known."""
+    parse_policy_param(text)
+    return text
+
+
+def parse_policy_param(text: str) -> tuple[str, str, Any]:
+    """"NAME.KEY=VALUE" as (policy, parameter, value): NAME one of the command's --policies (a file's
+    ``my.py:Mine`` too, its last dot taken as the separator), KEY a name, VALUE read as the sweep reads a
+    ``policy.KEY=VALUE`` override (``scalar_value``); one value, since an engine command runs each policy at one
+    setting (a list sweeps in the sweep)."""
+    spec, equals, value = text.partition("=")
+    policy, dot, key = spec.strip().rpartition(".")
+    if not equals or not dot or not policy or not key.isidentifier() or not value.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME.KEY=VALUE, a policy of --policies, its parameter "
+                                         f"and the value (e.g. oracle.cross_tokens=false)")
+    if "," in value:
+        raise argparse.ArgumentTypeError(f"{text}: one value per parameter (an engine command runs each policy at "
+                                         f"one setting; sweep a list with python -m experiments.sweep "
+                                         f"policy.{key}=a,b)")
+    return policy, key, scalar_value(value)
+
+
+def add_policy_param_arg(p: argparse.ArgumentParser) -> None:
+    """--policy-param NAME.KEY=VALUE, repeatable: a parameter a policy of --policies declares (checked by
+    ``check_policy_params`` once the arguments are parsed)."""
+    p.add_argument("--policy-param", type=policy_param, action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="a parameter for the policy NAME of --policies (as the sweep's policy.KEY=VALUE: "
+                        "e.g. oracle.cross_tokens=false); repeat it for more; the tables name the policy with its "
+                        "parameters")
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    """The parameters --policy-param gives each policy of a command's --policies, as policy -> ((name, value), ...)
+    sorted by name, and the label each such policy goes by in every table and configuration (the sweep's:
+    ``oracle policy.cross_tokens=false``); a policy given none runs at its defaults under its plain name."""
+    given: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def of(self, policy: str | None) -> dict[str, Any]:
+        """``policy``'s parameters (``RunSettings.policy_params``); none for None or a policy given none."""
+        return dict(dict(self.given).get(policy, ()))
+
+    def label(self, policy: str) -> str:
+        """``policy`` as the tables name it: with its parameters, or its name alone when it is given none."""
+        return dict(self.labels).get(policy, policy)
+
+    def policy(self, label: str) -> str:
+        """The policy ``label`` (``PolicyParams.label``) names."""
+        return {lab: p for p, lab in self.labels}.get(label, label)
+
+    def predictor(self, policy: str) -> str | None:
+        """The live predictor ``policy`` consults with its parameters (``offload.predictors.predictor_name``: a
+        ``predictor`` parameter names another), or None."""
+        return predictor_name(resolve_policy(policy), self.of(policy))
+
+    def consulted(self, policies: Iterable[str]) -> set[str]:
+        """The live predictors ``policies`` consult with their parameters (``predictor``): those an engine command
+        builds; empty when none is predictive (LRU, Belady, ...)."""
+        return {n for n in map(self.predictor, policies) if n is not None}
+
+
+# How a policy given parameters is named: ``experiments.config.policy_label`` (policy, sorted (name, value) pairs)
+# -> label, passed in by the commands, as the sweep's table names it (real/ never imports experiments/).
+Label = Callable[[str, list], str]
+
+
+def policy_params(texts: Iterable[str], policies: Iterable[str], label: Label) -> PolicyParams:
+    """--policy-param ``texts`` grouped per policy, each policy given some named by ``label``. Raises ValueError,
+    one line naming the --policy-param and the fix, for a NAME not among ``policies``, a parameter given twice, or
+    one its policy does not declare (``offload.policy.check_params``'s words, as the sweep and
+    ``experiments.validate`` say it)."""
+    policies = list(policies)
+    grouped: dict[str, dict[str, Any]] = {}
+    for text in texts:
+        policy, key, value = parse_policy_param(text)
+        if policy not in policies:
+            raise ValueError(f"--policy-param {text}: {policy} is not among the policies this command runs "
+                             f"({', '.join(policies)}); add it to --policies, or name one of them")
+        if key in grouped.setdefault(policy, {}):
+            raise ValueError(f"--policy-param {text}: {policy}.{key} is given twice; give it once")
+        try:
+            check_params(resolve_policy(policy), {key: value})
+        except ValueError as err:
+            raise ValueError(f"--policy-param {text}: {err}") from None
+        grouped[policy][key] = value
+    given = tuple((p, tuple(sorted(grouped[p].items()))) for p in policies if p in grouped)
+    return PolicyParams(given, tuple((p, label(p, list(items))) for p, items in given))
+
+
+def policy_build_error(params: PolicyParams, shape: ModelShape, slots: int, prefetch_depth: int,
+                       trace: Trace | None = None, train: Trace | None = None) -> str | None:
+    """Why a policy given parameters refuses them (a value of the wrong type or out of its range), or None: each
+    such policy's run assembled once (``offload.session.open_session``) at ``slots`` per layer, as the sweep builds
+    every policy before its runs, on ``trace`` and the training slice ``train`` (where the command has them before
+    it runs; else two steps of ``shape``'s routing, ``traces.synthetic.pattern_trace``); a policy that consults a
+    predictor reads one of that name that predicts nothing, and must name one of the engine's live predictors.
+    The message is the policy's refusal in its own words, with its file and line."""
+    import dataclasses
+
+    import numpy as np
+
+    from offload.predictors import policy_depth, predictor_for
+    from offload.session import open_session
+    from policies.registry import crash_site
+    from real.bench.predictor_suite import LIVE_PREDICTORS
+    from traces.synthetic import pattern_trace
+    for policy, given in params.given:
+        cls = resolve_policy(policy)
+        what = f"--policy-param for {params.label(policy)}"
+        name = params.predictor(policy)
+        if name is not None and name not in LIVE_PREDICTORS:
+            return (f"{what}: {policy} would consult the predictor {name!r}; the engine's live predictors are "
+                    f"{', '.join(LIVE_PREDICTORS)}")
+        run, learn = trace, train
+        if run is None or name is not None:     # the engine's predictors exist only once the model runs
+            run = pattern_trace(shape, 2, "hits")
+            learn = run
+        if name is not None:
+            depth = policy_depth(cls, prefetch_depth)
+            silent = np.zeros((run.num_tokens, shape.num_layers, depth, shape.num_experts), dtype=np.float32)
+            run = dataclasses.replace(run, predictions={name: silent})
+        settings = RunSettings(cache_slots=slots, prefetch_depth=prefetch_depth, policy_params=dict(given))
+        try:
+            open_session(shape, cls, settings, expert_bytes=1, trace=run, train_trace=learn,
+                         predictor=predictor_for(cls, settings.policy_params, prefetch_depth, trace=run))
+        except (Exception, SystemExit) as err:  # noqa: BLE001  (whatever building raises would fail every run)
+            site = crash_site(cls, err)
+            if isinstance(err, ValueError):     # the policy refuses its inputs, in its own words with the fix
+                return f"{what}: {' '.join(str(err).split())} (at {site})"
+            return (f"{what}: building the policy raised {type(err).__name__}: {' '.join(str(err).split())} at "
+                    f"{site}; fix its __init__")
+    return None
+
+
+def check_policy_params(p: argparse.ArgumentParser, args: argparse.Namespace, policies: Iterable[str], label: Label,
+                        shape: ModelShape, slots: int, prefetch_depth: int, trace: Trace | None = None,
+                        train: Trace | None = None) -> None:
+    """Sets ``args.policy_params`` (``policy_params``: ``args.policy_param`` for the command's ``policies``, named
+    by ``label``), each policy given some built once (``policy_build_error``); ``p.error`` naming the
+    --policy-param and the fix, before anything is measured."""
+    try:
+        args.policy_params = policy_params(args.policy_param, policies, label)
+    except ValueError as err:
+        p.error(str(err))
+    error = policy_build_error(args.policy_params, shape, slots, prefetch_depth, trace, train)
+    if error:
+        p.error(error)
 
 
 def existing_dir(text: str) -> Path:
@@ -225,8 +403,9 @@ def resolved(args: argparse.Namespace) -> dict:
         if isinstance(v, tuple):
             return [plain(x) for x in v]
         return v
-    # not arguments: the subcommand's function, and what the checks derived (the checkpoint's config, its text)
-    return {k: plain(v) for k, v in vars(args).items() if k not in ("func", "config", "text")}
+    # not arguments: the subcommand's function, and what the checks derived (the checkpoint's config, its text, the
+    # --policy-param grouped per policy: the texts are there)
+    return {k: plain(v) for k, v in vars(args).items() if k not in ("func", "config", "text", "policy_params")}
 
 
 def check_out(p: argparse.ArgumentParser, out: Path) -> None:

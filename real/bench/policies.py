@@ -17,6 +17,7 @@ from offload.predictors import policy_depth
 from offload.session import RunSettings
 from policies.lru import LRU
 from policies.registry import RUN_FAILURES, resolve_policy
+from real.bench.args import PolicyParams
 from real.bench.engine_runs import (FIGURE_COLUMNS, EngineRuns, TokenCheck, error_files, figures, generated_steps,
                                     measure_session, run_problems)
 from real.bench.recording import recorded_on, warm_engine
@@ -38,18 +39,21 @@ class PolicyRuns:
     ``cache_slots`` (expert slots per layer), ``repeats`` interleaved runs each (1: the smoke fast path,
     ``real.bench.engine_runs.discipline``); ``precision`` of the experts and ``prefetch_depth`` (layers
     ahead) as ``offload.session.RunSettings`` takes them; ``timed_policy`` at the smallest size also runs
-    once more, untimed by the figures, recording layer timings and copy start/end."""
+    once more, untimed by the figures, recording layer timings and copy start/end; ``policy_params``: the
+    parameters given to a policy (--policy-param; the others run at their defaults), which every engine and
+    simulation of that policy gets and its rows name (``PolicyParams.label``)."""
     policies: tuple[str, ...]
     cache_slots: tuple[int, ...]
     precision: str = "bf16"
     prefetch_depth: int = 1
     timed_policy: str = "lru"
     repeats: int = 5
+    policy_params: PolicyParams = PolicyParams()
 
     def settings(self, slots: int, policy: str | None = None) -> RunSettings:
-        """The runs' settings at ``slots`` (every policy at its default parameters: ``policy`` is accepted for
-        ``real.calibration.calibrate_policies``, which names the policy it asks for)."""
-        return RunSettings(cache_slots=slots, precision=self.precision, prefetch_depth=self.prefetch_depth)
+        """The runs' settings at ``slots``, with ``policy``'s parameters (none without a policy)."""
+        return RunSettings(cache_slots=slots, precision=self.precision, prefetch_depth=self.prefetch_depth,
+                           policy_params=self.policy_params.of(policy))
 
 
 # The simulator's prediction of one run: ``simulate(policy_cls, settings)`` returns an object with
@@ -86,16 +90,19 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
     mask = decode_mask(recorded, prompts)
     smallest = min(runs.cache_slots)
 
-    def engine(policy_cls, slots: int, predictors=None, future=None, timed: bool = False) -> OffloadEngine:
+    def engine(policy: str, policy_cls, slots: int, predictors=None, future=None,
+               timed: bool = False) -> OffloadEngine:
         if host.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(host.device)
-        return OffloadEngine(host, shape, policy_cls, runs.settings(slots), hardware=hardware, future=future,
-                             train_trace=train, predictors=predictors, record_layer_timings=timed)
+        return OffloadEngine(host, shape, policy_cls, runs.settings(slots, policy), hardware=hardware,
+                             future=future, train_trace=train, predictors=predictors, record_layer_timings=timed)
 
     reference = OffloadEngine(host, shape, LRU, RunSettings(cache_slots=shape.num_experts)).score(scored)
     lossless_accuracy = {"perplexity": reference["perplexity"], "top1_agreement": 1.0}
 
-    # Before anything is timed: each policy's class, predictors, accuracy and the simulator's predictions.
+    # Before anything is timed: each policy's class, predictors, accuracy and the simulator's predictions, keyed
+    # by the policy's label (its name, with the parameters given to it), the name its rows carry.
+    label = runs.policy_params.label
     prepared: dict[str, tuple[type, dict | None, dict]] = {}
     predicted: dict[tuple[str, int], tuple[dict, float]] = {}
     problems = []
@@ -105,17 +112,17 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
             predictors = predictors_at(policy_depth(policy_cls, runs.prefetch_depth))
             accuracy = lossless_accuracy
             if not policy_cls.lossless:   # the accuracy cost: the cache does not change what runs
-                lossy = engine(policy_cls, shape.num_experts, predictors).score(scored)
+                lossy = engine(policy, policy_cls, shape.num_experts, predictors).score(scored)
                 accuracy = {"perplexity": lossy["perplexity"], "top1_agreement": float(np.mean(
                     np.asarray(lossy["argmax"]) == np.asarray(reference["argmax"])))}
             for slots in runs.cache_slots:
-                sim = simulate(policy_cls, runs.settings(slots))
-                predicted[policy, slots] = (tpot_summary(np.asarray(sim.token_ns)[mask]),   # the steps the engine times
-                                            sim.metrics["hit_rate"])
-            prepared[policy] = policy_cls, predictors, accuracy
+                sim = simulate(policy_cls, runs.settings(slots, policy))
+                predicted[label(policy), slots] = (tpot_summary(np.asarray(sim.token_ns)[mask]),  # the steps timed
+                                                   sim.metrics["hit_rate"])
+            prepared[label(policy)] = policy_cls, predictors, accuracy
         except RUN_FAILURES as err:    # one policy's failure must not lose the others' measurements
             line = error_files(out)(Config({"step": "prepare", "policy": policy}), err)
-            problems.append(f"{policy} failed before its runs ({line})")
+            problems.append(f"{label(policy)} failed before its runs ({line})")
             print(f"error: {problems[-1]}", flush=True)
 
     configs = [Config({"mode": ALL_RESIDENT, "policy": "static", "cache_slots": shape.num_experts})] + [
@@ -125,7 +132,8 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
         if config.fields["mode"] == ALL_RESIDENT:
             return warm_engine(host, shape, train, future=recorded)
         policy_cls, predictors, _ = prepared[config.fields["policy"]]
-        return engine(policy_cls, config.fields["cache_slots"], predictors, future=recorded)
+        return engine(runs.policy_params.policy(config.fields["policy"]), policy_cls, config.fields["cache_slots"],
+                      predictors, future=recorded)
 
     lossless = {c.label: c.fields["mode"] == ALL_RESIDENT or prepared[c.fields["policy"]][0].lossless
                 for c in configs}
@@ -155,19 +163,21 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
                           "outlier_causes"])
     print_rows(summary.rows, SUMMARY_COLUMNS)
 
-    if runs.timed_policy in prepared:       # an offloaded run's copies, stalls and layer times, as a trace
-        policy_cls, predictors, _ = prepared[runs.timed_policy]
+    timed = label(runs.timed_policy)
+    if timed in prepared:       # an offloaded run's copies, stalls and layer times, as a trace
+        policy_cls, predictors, _ = prepared[timed]
         try:
-            r = engine(policy_cls, smallest, predictors, future=recorded, timed=True).generate(prompts, new_tokens)
+            r = engine(runs.timed_policy, policy_cls, smallest, predictors, future=recorded, timed=True
+                       ).generate(prompts, new_tokens)
             save_trace(routing_trace(r, shape, source=f"real.bench.policies, model {name}",
                                      recorded_on=recorded_on(host.device),
-                                     description=f"greedy decode, policy {runs.timed_policy}, {smallest} slots per "
+                                     description=f"greedy decode, policy {timed}, {smallest} slots per "
                                                  "layer, layer timings and copy start/end recorded"),
                        out / f"{name}-{runs.timed_policy}-{smallest}-timed.npz")
         except RUN_FAILURES as err:
             failed = Config({"step": "timed", "policy": runs.timed_policy, "cache_slots": smallest})
             line = error_files(out)(failed, err)
-            problems.append(f"the timed run of {runs.timed_policy} at {smallest} slots failed ({line})")
+            problems.append(f"the timed run of {timed} at {smallest} slots failed ({line})")
             print(f"error: {problems[-1]}", flush=True)
     return problems
 

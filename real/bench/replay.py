@@ -7,6 +7,7 @@ from pathlib import Path
 
 from offload.session import RunSettings
 from policies.registry import resolve_policy
+from real.bench.args import PolicyParams
 from real.bench.engine_runs import EngineRuns, TokenCheck, figures, measure_session, run_problems
 from real.bench.table import CONFIG_KEY, CsvTable, NoiseFiles, engine_row, engine_table, print_rows
 from real.engine import OffloadEngine
@@ -34,23 +35,31 @@ def replay_slices(trace: Trace, shape: ModelShape, max_tokens: int, path) -> tup
 def shape_replay(model, shape: ModelShape, train: Trace, trace: Trace, policies: list[str], slots: list[int],
                  max_tokens: int, out: Path, repeats: int = 5, warmup_tokens: int | None = None,
                  deadline_s: float | None = None, started: float | None = None,
-                 settings: dict | None = None) -> tuple[Report, list[str]]:
+                 settings: dict | None = None,
+                 policy_params: PolicyParams = PolicyParams()) -> tuple[Report, list[str]]:
     """Every policy at every cache size replays the first ``max_tokens`` steps of ``trace`` on ``model``
     (``warmup_tokens`` per warm-up pass, default the same), ``train`` being the slice ``static`` and
-    ``affinity`` learn from; ``repeats`` interleaved runs each (``measure_session``). Writes, after every
-    run, one OUT/engine.csv row per configuration (mode ``shape-replay``: the median and its spread, runs
-    and outliers) after the rows already there, one OUT/correctness.csv row (its runs checked, identical to the
-    reference, the first lossless run's tokens), and the session ``replay-<shape>`` of OUT's noise files
-    (``settings`` recorded there). Every measured run's tokens are checked: a lossless policy's must equal
+    ``affinity`` learn from; ``repeats`` interleaved runs each (``measure_session``). A policy given
+    ``policy_params`` (--policy-param) runs with them, its rows named with them (``PolicyParams.label``); the
+    others at their defaults, under their names. Writes, after every run, one OUT/engine.csv row per
+    configuration (mode ``shape-replay``: the median and its spread, runs and outliers) after the rows already
+    there, one OUT/correctness.csv row (its runs checked, identical to the reference, the first lossless run's
+    tokens), and the session ``replay-<shape>`` of OUT's noise files (``settings`` recorded there). Every measured run's tokens are checked: a lossless policy's must equal
     the first lossless run's (the routing is forced, so every lossless run decodes the same tokens).
     Returns (the report, one line per failed run or lossless mismatch)."""
     classes = {p: resolve_policy(p) for p in policies}
-    configs = [Config({"mode": "shape-replay", "policy": p, "cache_slots": s}) for p in policies for s in slots]
-    check = TokenCheck({c.label: classes[c.fields["policy"]].lossless for c in configs})
-    runs = EngineRuns(model, shape,
-                      engine_for=lambda c: OffloadEngine(model, shape, classes[c.fields["policy"]],
-                                                         RunSettings(cache_slots=c.fields["cache_slots"]),
-                                                         future=trace, train_trace=train),
+    # a configuration's policy column: the policy's label, its name where it is given no parameters
+    configs = [Config({"mode": "shape-replay", "policy": policy_params.label(p), "cache_slots": s})
+               for p in policies for s in slots]
+    check = TokenCheck({c.label: classes[policy_params.policy(c.fields["policy"])].lossless for c in configs})
+
+    def engine_for(c: Config) -> OffloadEngine:
+        policy = policy_params.policy(c.fields["policy"])
+        return OffloadEngine(model, shape, classes[policy],
+                             RunSettings(cache_slots=c.fields["cache_slots"], policy_params=policy_params.of(policy)),
+                             future=trace, train_trace=train)
+
+    runs = EngineRuns(model, shape, engine_for=engine_for,
                       decode=lambda engine, warmup: engine.replay(trace, (warmup_tokens or max_tokens) if warmup
                                                                   else max_tokens),
                       check=check)
