@@ -101,6 +101,10 @@ def check_key(key: str) -> None:
     raise ConfigError(f"unknown key {key!r}; valid keys: {valid_keys_text()}")
 
 
+# A field's type as the value to give it is named in a message.
+_KIND_TEXT = {int: "an integer", float: "a number", str: "a string"}
+
+
 def coerce(key: str, value: Any) -> Any:
     """A Python value (from YAML or a parsed token) as the type of field ``key``."""
     if key.startswith(POLICY_PARAM_PREFIX):
@@ -111,7 +115,7 @@ def coerce(key: str, value: Any) -> Any:
     if value is None:
         if nullable:
             return None
-        raise ConfigError(f"{key}: null is not allowed; give a {kind.__name__}")
+        raise ConfigError(f"{key}: null is not allowed; give {_KIND_TEXT[kind]}")
     if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -4,11 +4,12 @@ Value forms (each typed by the ``RunConfig`` field it sets):
 
 - ``cache_slots=4..8``        inclusive integer range: 4, 5, 6, 7, 8
 - ``cache_slots=range(4,9)``  Hydra-style, stop exclusive; ``range(4,12,2)`` with a step
-- ``policy=lru,lfu,belady``   a list
+- ``policy=lru,lfu,belady``   a list; its items may be ranges: ``cache_slots=4..5,7`` is 4, 5, 7
 - ``pcie_GBps=25`` / ``pcie_GBps=null``   a scalar (YAML-like: null, true/false, numbers, strings)
 
 A scenario file maps keys to a scalar or a list; a string given for a numeric key is read like a
-token, so ``cache_slots: 4..8`` works there too. Command-line tokens replace the file's keys.
+token, so ``cache_slots: 4..8`` works there too, while a string key's value is one value, commas and
+all (a path that holds a comma is given there). Command-line tokens replace the file's keys.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from real.bench.args import scalar_value  # the one reader of a value, shared wi
 from traces.yaml_unique import safe_load_unique
 
 _RANGE_DOTS = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
-_RANGE_CALL = re.compile(r"^\s*range\((.*)\)\s*$")
+_RANGE_CALL = re.compile(r"^\s*range\(([^()]*)\)\s*$")
+_LIST_COMMA = re.compile(r",(?![^(]*\))")     # a comma that separates values: not one inside range(...)
+_FILE_CLASS = re.compile(r"^(.+\.py):[A-Za-z_]\w*$")     # a policy given as FILE.py:Class
 _INT = re.compile(r"^\s*-?\d+\s*$")
 
 
@@ -62,11 +65,34 @@ def parse_value(key: str, text: str) -> list[Any]:
     if values is not None:
         return [coerce(key, v) for v in values]
     if "," in text:
-        items = text.split(",")
+        items = _LIST_COMMA.split(text)
         if any(not item.strip() for item in items):
             raise ConfigError(f"{key}={text}: empty item in a list; write key=a,b,c")
-        return [_typed_scalar(key, item) for item in items]
+        _check_no_comma_path(key, text, items)
+        values = []
+        for item in items:
+            ranged = _int_range(key, item)
+            values += [coerce(key, v) for v in ranged] if ranged is not None else [_typed_scalar(key, item)]
+        return values
     return [_typed_scalar(key, text)]
+
+
+def _names_file(text: str) -> bool:
+    """``text`` is an existing file's path, or ``FILE.py:Class`` with an existing file."""
+    text = text.strip()
+    m = _FILE_CLASS.match(text)
+    return Path(m.group(1) if m else text).is_file()
+
+
+def _check_no_comma_path(key: str, text: str, items: list[str]) -> None:
+    """Refuse a value split at its commas into items that name no file where the whole of it names one: a path
+    that holds a comma, which a token cannot give (commas separate values)."""
+    missing = [item.strip() for item in items if not _names_file(item)]
+    if missing and _names_file(text):
+        raise ConfigError(f"{key}={text.strip()}: commas separate values, and {missing[0]} is no file; "
+                          f"{text.strip()} as a whole is one: to give a path that holds a comma, put it in a "
+                          f"YAML scenario, where a string is one value (--config FILE.yaml holding the line "
+                          f"{key}: \"{text.strip()}\")")
 
 
 def parse_override(token: str) -> tuple[str, list[Any]]:

@@ -69,8 +69,8 @@ _SLOW_POLL_S = 1.0
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"keys: {valid_keys_text()}\nvalues: a..b (inclusive), a,b,c, "
-                                       "range(a,b[,step]) (stop exclusive), null, or a scalar; "
+                                epilog=f"keys: {valid_keys_text()}\nvalues: a..b (inclusive), a,b,c (items may be "
+                                       "ranges: 4..5,7), range(a,b[,step]) (stop exclusive), null, or a scalar; "
                                        "see experiments/configs/default.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. cache_slots=4..8 policy=lru,belady")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="scenario YAML (default: %(default)s)")

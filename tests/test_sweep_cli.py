@@ -31,6 +31,8 @@ def trace_path(tmp_path_factory):
     ("cache_slots=range(4,8)", "cache_slots", [4, 5, 6, 7]),
     ("cache_slots=range(4, 12, 3)", "cache_slots", [4, 7, 10]),
     ("cache_slots=4,6", "cache_slots", [4, 6]),
+    ("cache_slots=4..5,7", "cache_slots", [4, 5, 7]),
+    ("cache_slots=range(4,6),8..9", "cache_slots", [4, 5, 8, 9]),
     ("cache_slots=5", "cache_slots", [5]),
     ("policy=lru,lfu,belady", "policy", ["lru", "lfu", "belady"]),
     ("policy=my/file.py:Mine", "policy", ["my/file.py:Mine"]),
@@ -58,7 +60,9 @@ def test_override_values_are_typed_by_field(token, key, values):
     ("cache_slots=", "expected key=value"),
     ("cache_slots=4.5", "cache_slots: expected an integer, got 4.5"),
     ("cache_slots=four", "cache_slots: expected an integer"),
-    ("cache_slots=null", "cache_slots: null is not allowed"),
+    ("cache_slots=null", "cache_slots: null is not allowed; give an integer"),
+    ("train_fraction=null", "train_fraction: null is not allowed; give a number"),
+    ("cache_slots=4,8..6", "cache_slots=8..6: empty range"),
     ("cache_slots=8..4", "empty range"),
     ("cache_slots=range(4)", "range(start,stop)"),
     ("cache_slots=range(4,8,0)", "step must not be 0"),
@@ -69,6 +73,31 @@ def test_malformed_tokens_are_refused_clearly(token, fragment):
     with pytest.raises(ConfigError, match=None) as err:
         parse_override(token)
     assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["{d}/t.npz", "{d}/p.py:Mine"])
+def test_a_path_holding_a_comma_says_commas_separate_values_and_how_to_give_it(tmp_path, value):
+    folder = tmp_path / "a,b"
+    folder.mkdir()
+    (folder / "t.npz").write_bytes(b"")
+    (folder / "p.py").write_text("")
+    key = "policy" if value.endswith(":Mine") else "trace"
+    value = value.format(d=folder)
+    with pytest.raises(ConfigError) as err:
+        parse_override(f"{key}={value}")
+    assert str(err.value) == (
+        f"{key}={value}: commas separate values, and {tmp_path / 'a'} is no file; {value} as a whole is one: to give "
+        f"a path that holds a comma, put it in a YAML scenario, where a string is one value (--config FILE.yaml "
+        f'holding the line {key}: "{value}")')
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(f'{key}: "{value}"\n')
+    assert load_scenario(scenario) == {key: [value]}
+    # Paths without a comma, given as a list, stay a list (a missing one is named by the trace check).
+    (tmp_path / "one.npz").write_bytes(b"")
+    assert parse_override(f"trace={tmp_path / 'one.npz'},{tmp_path / 'two.npz'}")[1] == [
+        str(tmp_path / "one.npz"), str(tmp_path / "two.npz")]
+    (tmp_path / "mine.py").write_text("")
+    assert parse_override(f"policy={tmp_path / 'mine.py'}:Mine,lru")[1] == [f"{tmp_path / 'mine.py'}:Mine", "lru"]
 
 
 def test_unknown_key_lists_the_valid_keys():
