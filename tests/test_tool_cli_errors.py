@@ -223,7 +223,7 @@ def bench_sim(monkeypatch):
 
 @pytest.mark.parametrize("args, words", [
     (["--profile", "lru:1"], ["--profile lru:1", "smaller than top_k=2", "cache_slots >= 2"]),
-    (["--profile", "lru:0"], ["--profile lru:0", "cache_slots=0 is out of range"]),
+    (["--profile", "lru:0"], ["--profile lru:0", "cache_slots=0 is smaller than top_k=2", "cache_slots >= 2"]),
     (["--profile", "lru:100"], ["--profile lru:100", "exceeds the 4 experts", "cache_slots <= 4"]),
     (["--profile", "lru"], ["--profile lru", "give POLICY:SLOTS"]),
     (["--profile", "nope:2"], ["--profile nope:2", "unknown policy 'nope'"]),
