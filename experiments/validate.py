@@ -52,7 +52,7 @@ from validation.engine_side import (OtherMachineError, SliceInputs, SliceMeasure
 from validation.profile_fit import fit_profile, pattern_check
 from validation.scenario import SCENARIOS_DIR, Scenario, ScenarioError, load_scenario
 from validation.sim_side import fallback_note, predict
-from validation.store import Store
+from validation.store import Store, changed_files, engine_files
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -257,6 +257,7 @@ def comparison_profile(store: Store, scenario: Scenario, profile_path: Path | No
 def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None = None) -> pd.DataFrame:
     profile, device = comparison_profile(store, scenario, profile_path)
     pairs, notes, host_ms = [], [], {}
+    now_files = engine_files()
     for sl in slices:
         inputs = slice_inputs(sl, store)
         if inputs is None:
@@ -276,11 +277,15 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
                 "; alternate (a hit layer after each miss layer) is held out of the fit" if "alternate" in checked
                 else "") + ("; a live slice's layer overhead comes from its own decode, not from these forced "
                             "patterns" if sl.mode == "live" else ""))
-        earlier = 0
+        earlier, changed = 0, set()
         for policy in sl.policies:
             for slots in sl.cache_slots:
                 result, other_code = stored_result(sl, inputs, store, policy, slots)
                 earlier += other_code
+                if other_code:
+                    files = changed_files((result or {}).get("engine_files"), now_files)
+                    changed |= {"(files not recorded: measured before the record existed)"} if files is None \
+                        else set(files) or {"(none: the slice's inputs or a gate differ)"}
                 if result is None or not (result.get("summary") or any(not r.get("error") for r in result["runs"])):
                     errors = [r["error"] for r in (result or {}).get("runs", []) if r.get("error")]
                     notes.append(f"{sl.name}: {policy} at {slots} slots " + (
@@ -288,8 +293,11 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
                     continue
                 pairs.append((result, predict(sl, inputs, result, profile, store)))
         if earlier:
-            notes.append(f"{sl.name}: {earlier} configurations whose key this checkout does not reproduce (engine "
-                         f"code in offload/ policies/ real/ traces/ changed since, or a gate absent here)" + (f"; {result['note']}" if result.get("note") else ""))
+            shown = sorted(changed)
+            notes.append(f"{sl.name}: {earlier} configurations whose key this checkout does not reproduce (the engine's "
+                         f"code changed since, or a gate absent here); engine files changed since their runs: "
+                         + ", ".join(shown[:8]) + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")
+                         + (f"; {result['note']}" if result.get("note") else ""))
     table = report.rows(pairs, host_ms)
     out = store.out
     atomic_write(out / "validation.csv", lambda f: table.to_csv(f, index=False))

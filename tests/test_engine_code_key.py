@@ -85,3 +85,12 @@ def test_stored_results_are_ordered_by_the_time_they_record_not_the_files_mtime(
         path.write_text(json.dumps({"name": name, **({"written_at": written} if written else {})}))
         os.utime(path, ns=(mtime, mtime))
     assert [r["name"] for r in s.engine_results("s")] == ["b", "a", "c"]
+
+
+def test_changed_files_names_what_differs_and_none_without_a_record():
+    now = {"real/engine.py": "b", "offload/cache.py": "c", "real/new.py": "n"}
+    assert store.changed_files(None, now) is None and store.changed_files({}, now) is None
+    recorded = {"real/engine.py": "a", "offload/cache.py": "c", "real/gone.py": "g"}
+    assert store.changed_files(recorded, now) == ["real/engine.py", "real/gone.py", "real/new.py"]
+    assert store.changed_files(now, now) == []
+    assert set(store.engine_files()) == {p.relative_to(store.ROOT).as_posix() for p in store.engine_modules()}

@@ -394,3 +394,23 @@ def test_ranking_agrees_only_within_the_noise_floor():
     assert ranked.loc[8, "same_or_within_noise"] and not ranked.loc[8, "same_policy"]   # inside lru's 20 % spread
     text = report.summary(report.rows(pairs), [])
     assert "the same policy at 0, the same or within the engine's noise floor of it at 1" in text
+
+
+def test_results_of_other_engine_code_are_reported_with_the_files_changed_since(smoke, tmp_path, monkeypatch, capsys):
+    """Each engine result records its engine files' digests; a checkout whose engine code differs still reports
+    the stored measurement, and its note names the files changed since the runs."""
+    import experiments.validate as validate
+    import validation.engine_side as engine_side
+    out = tmp_path / "other"
+    shutil.copytree(smoke, out)
+    stored = json.loads(next((out / "engine" / "tiny-replay").glob("*.json")).read_text())
+    assert stored["engine_files"] and "real/engine.py" in stored["engine_files"]
+    monkeypatch.setattr(engine_side, "engine_code", lambda: "other engine code")
+    changed = {**stored["engine_files"], "real/engine.py": "0" * 16}
+    monkeypatch.setattr(validate, "engine_files", lambda: changed)
+    assert main(["--scenario", str(SMOKE), "--out", str(out), "--predict-only"]) == 0
+    summary = (out / "summary.txt").read_text()
+    assert "tiny-replay: 8 configurations whose key this checkout does not reproduce" in summary
+    assert "engine files changed since their runs: real/engine.py" in summary
+    assert pd.read_csv(out / "validation.csv")["measured"].tolist() == \
+        pd.read_csv(smoke / "validation.csv")["measured"].tolist()

@@ -32,7 +32,7 @@ from traces import Trace, load_trace, save_trace
 from traces.digest import digest_files, file_sha256
 from validation.profile_fit import copy_table
 from validation.scenario import Slice
-from validation.store import Store, calibration_code, digest, engine_code
+from validation.store import Store, calibration_code, digest, engine_code, engine_files
 
 
 @dataclass
@@ -212,6 +212,7 @@ class SliceMeasurement:
             configs = [Config({"slice": self.sl.name, "policy": p, "cache_slots": s}) for p, s in todo]
             repeats = max(missing[c] for c in todo)
             before = {c: self.store.read(self.store.path("engine", self.sl.name, keys[c])) or {} for c in todo}
+            code_files = engine_files()
             runs = EngineRuns(self.model, self.inputs.shape, lambda c: self.engine_for(c, hardware), self.decode,
                               timed=self.timed_steps)
 
@@ -227,7 +228,8 @@ class SliceMeasurement:
                         "device": _device_name(self.device), "runs": old + new,
                         "warmups": before[c].get("warmups", []) + [report.warmups.get(label, {})],
                         "session": report.info,
-                        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "engine_files": code_files})
 
             # a run that raises: one line naming the policy's file, line and hook; its traceback in OUT/errors
             # each configuration runs only the repeats it lacks (a resumed slice holds some of them already)

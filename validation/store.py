@@ -83,6 +83,20 @@ def engine_code() -> str:
     return _files_sha256(engine_modules())
 
 
+def engine_files() -> dict[str, str]:
+    """{path: content digest (16 hex)} of the engine's code, as an engine result records it, so that a later
+    checkout can say which files changed since (``changed_files``)."""
+    return {p.relative_to(ROOT).as_posix(): bytes_sha256(p.read_bytes())[:16] for p in engine_modules()}
+
+
+def changed_files(recorded: dict[str, str] | None, now: dict[str, str]) -> list[str] | None:
+    """The engine files that differ between a result's record and ``now`` (changed, added or removed, sorted);
+    None when the result recorded none (measured before the record existed)."""
+    if not recorded:
+        return None
+    return sorted(path for path in set(recorded) | set(now) if recorded.get(path) != now.get(path))
+
+
 def calibration_code() -> str:
     """The digest of the engine's code and the calibration's own modules."""
     return _files_sha256(engine_modules(exclude=()))
