@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deadline-s", type=float, help="start no measurement round that would end later than this "
                                                     "many seconds into the call; the slices measured share the "
                                                     "time left equally (default: the scenario's deadline_s)")
-    p.add_argument("--calibration-steps", type=int, default=48, help="tokens per calibration pattern run")
+    p.add_argument("--calibration-steps", type=_calibration_steps, default=48,
+                   help="tokens per calibration pattern run (at least 2: the first step is left out of every fit)")
     p.add_argument("--corpus", help="the text corpus live slices take their prompts from (replaces the scenario's)")
     p.add_argument("--timelines", metavar="SLICE[,SLICE]",
                    help="no engine, no report: compare the per-layer timelines of both clocks for these slices "
@@ -163,6 +164,18 @@ def to_measure(slices, store: Store, repeats: int) -> set[str]:
         if any(m.missing().values()) or untimed(m):
             pending.add(sl.name)
     return pending
+
+
+def _calibration_steps(text: str) -> int:
+    """--calibration-steps: an integer >= 2 (the fit leaves out each pattern's first step)."""
+    try:
+        steps = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if steps < 2:
+        raise argparse.ArgumentTypeError(f"{steps}: the fit leaves out each pattern's first step, so a pattern "
+                                         f"needs at least 2; use the default 48 or more")
+    return steps
 
 
 def measure(scenario: Scenario, slices, store: Store, args, started: float) -> tuple[list[str], list[str]]:

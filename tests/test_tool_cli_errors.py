@@ -159,6 +159,17 @@ def test_engine_bench_refuses_an_out_that_is_a_file(world, capsys):
             "--out", "is a file, not a folder")
 
 
+@pytest.mark.parametrize("option, value, words", [("--slots", "2,3,2", "2 given more than once"),
+                                                  ("--policies", "lru,belady,lru", "lru given more than once")])
+def test_engine_bench_refuses_a_configuration_given_twice(world, capsys, tmp_path, option, value, words):
+    """A repeat would be the same configuration twice, which the measurement refuses only after the model is built."""
+    from experiments.engine_bench import main as bench
+    args = {"--slots": "2", "--policies": "lru", option: value}
+    refused(capsys, lambda: bench(["replay", "--trace", str(Path(__file__).parent / "data" / "tiny-moe-trace.npz"),
+                                   "--out", str(tmp_path / "o"), *(x for kv in args.items() for x in kv), *CPU]),
+            option, words)
+
+
 # -- make_tracks ------------------------------------------------------------------------------------------
 def _tracks(world, tmp_path, *extra, trace="recorded.npz", model="ckpt"):
     from experiments import make_tracks

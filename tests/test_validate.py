@@ -147,6 +147,10 @@ def test_a_folder_of_another_machine_or_scenario_is_refused_untouched(smoke, tmp
     ({"repeats": 0}, "repeats"),
     ({"slices": {"a": {"mode": "replay", "trace": "tests/data/tiny-moe-trace.npz", "policies": [],
                        "cache_slots": [2]}}}, "at least one entry"),
+    ({"slices": {"a": {"mode": "replay", "trace": "tests/data/tiny-moe-trace.npz", "policies": ["lru"],
+                       "cache_slots": [2, 2]}}}, "cache_slots lists 2 more than once"),
+    ({"slices": {"a": {"mode": "replay", "trace": "tests/data/tiny-moe-trace.npz", "policies": ["lru", "lru"],
+                       "cache_slots": [2]}}}, "policies lists lru more than once"),
 ])
 def test_a_bad_scenario_is_refused_naming_the_field(change, words, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -414,3 +418,24 @@ def test_results_of_other_engine_code_are_reported_with_the_files_changed_since(
     assert "engine files changed since their runs: real/engine.py" in summary
     assert pd.read_csv(out / "validation.csv")["measured"].tolist() == \
         pd.read_csv(smoke / "validation.csv")["measured"].tolist()
+
+
+def test_the_fitted_patterns_are_predicted_at_the_calibrations_precision(smoke):
+    """hits and misses are what the replay slice's constants were fitted on: the simulator gives them back
+    (within rounding) only at the calibration's own precision (float32 on a CPU; its measured compute is keyed
+    by it), where a bf16 default fell back to the analytic model (-79 %)."""
+    import re
+    line = next(x for x in (smoke / "summary.txt").read_text().splitlines()
+                if x.startswith("tiny-replay: calibration patterns"))
+    for pattern in ("hits", "misses"):
+        predicted, measured = map(float, re.search(rf"{pattern} ([\d.]+) / ([\d.]+) ms", line).groups())
+        assert abs(predicted / measured - 1) < 0.01, line
+
+
+@pytest.mark.parametrize("steps", ["1", "0", "-3", "x"])
+def test_calibration_steps_below_two_are_refused_in_one_line(steps, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--scenario", str(SMOKE), "--out", str(tmp_path / "o"), "--calibration-steps", steps])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--calibration-steps" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -118,7 +119,9 @@ def atomic_write(path, write, binary: bool = False) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        # a signal may land after the rename, when tmp is gone: the interrupt, not a FileNotFoundError, goes on
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 

@@ -105,7 +105,8 @@ def measured_entry(calibration: dict, profile_so_far: HardwareProfile | None = N
         misses = calibration["patterns"]["misses"]
         measured = _median_steps_us(misses)
         partial = _with_entry(profile_so_far, shape.name, calibration["precision"], entry)
-        predicted = _predict_pattern(partial, shape, "misses", len(misses["step_ms"]))[SKIP_STEPS:]
+        predicted = _predict_pattern(partial, shape, "misses", len(misses["step_ms"]),
+                                     calibration["precision"])[SKIP_STEPS:]
         wait = float(np.median((measured - predicted) / shape.num_layers))
         notes["copy_wait_us_raw"] = wait
         copy_ms = [c for c in misses.get("copy_ms", []) if c > 0]
@@ -125,13 +126,15 @@ def _with_entry(profile: HardwareProfile, model: str, precision: str, entry: dic
     return hardware_from_dict(data, origin=f"{profile.name} + {model}")
 
 
-def _predict_pattern(profile: HardwareProfile, shape: ModelShape, pattern: str, steps: int) -> np.ndarray:
-    """The simulator's step times (us) of a calibration pattern, as the engine ran it (LRU, top-k slots)."""
+def _predict_pattern(profile: HardwareProfile, shape: ModelShape, pattern: str, steps: int,
+                     precision: str) -> np.ndarray:
+    """The simulator's step times (us) of a calibration pattern, as the engine ran it (LRU, top-k slots, the
+    calibration's precision: its measured compute is keyed by it)."""
     from offload.session import RunSettings
     from policies.lru import LRU
     from sim.simulator import simulate
     trace = pattern_trace(shape, steps, pattern)
-    result = simulate(trace, LRU, profile, RunSettings(cache_slots=shape.top_k))
+    result = simulate(trace, LRU, profile, RunSettings(cache_slots=shape.top_k, precision=precision))
     return np.asarray(result.token_ns, dtype=np.float64) / 1e3
 
 
@@ -147,7 +150,8 @@ def pattern_check(calibration: dict, profile: HardwareProfile) -> dict[str, tupl
     for name, pattern in calibration.get("patterns", {}).items():
         if name not in PATTERNS or not pattern.get("step_ms"):
             continue
-        predicted = _predict_pattern(profile, shape, name, len(pattern["step_ms"]))[SKIP_STEPS:]
+        predicted = _predict_pattern(profile, shape, name, len(pattern["step_ms"]),
+                                     calibration.get("precision", "bf16"))[SKIP_STEPS:]
         out[name] = (float(np.median(predicted)) / 1e3, float(np.median(_median_steps_us(pattern))) / 1e3)
     return out
 

@@ -219,6 +219,10 @@ def _slice(name: Any, body: Any, fail, base: Path = Path(".")) -> Slice:
     s = Slice(name=name, **values)
     if not s.policies or not s.cache_slots:
         raise fail(f"{where}: 'policies' and 'cache_slots' need at least one entry each")
+    for key in ("policies", "cache_slots"):      # a repeat would be measured and counted twice
+        repeated = sorted({str(v) for v in getattr(s, key) if getattr(s, key).count(v) > 1})
+        if repeated:
+            raise fail(f"{where}: {key} lists {', '.join(repeated)} more than once; give each once")
     if s.mode not in MODES:
         raise fail(f"{where}: mode {s.mode!r}; use one of {list(MODES)}")
     for key in ("prompts", "prompt_len", "new_tokens", "train_prompts", "max_tokens", "warmup_tokens",

@@ -326,7 +326,8 @@ def calibration_configs(sl: Slice, store: Store, profile: HardwareProfile) -> tu
         eng = engine_layers(SimpleNamespace(timings=timings))
         trace = pattern_trace(shape, len(pattern["step_ms"]), name)
         sim, _ = sim_layers(SimpleNamespace(timed=trace, train=None), "lru",
-                            RunSettings(cache_slots=int(pattern.get("slots", shape.top_k))), profile)
+                            RunSettings(cache_slots=int(pattern.get("slots", shape.top_k)),
+                                        precision=calibration.get("precision", sl.precision)), profile)
         mask = np.arange(len(pattern["step_ms"])) >= SKIP_STEPS
         configs.append(_pair(sl.name, f"calibration:{name}", int(pattern.get("slots", shape.top_k)), eng, sim, mask,
                              trace.experts, trace.experts))

@@ -50,10 +50,18 @@ def positive_float(text: str) -> float:
     return value
 
 
+def _once(values: tuple) -> None:
+    """A list option's values, each given once: a repeat would be the same configuration twice."""
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{', '.join(repeated)} given more than once; give each once")
+
+
 def slot_list(text: str) -> tuple[int, ...]:
     """"2,4,6": expert slots per layer, each a valid ``RunSettings.cache_slots`` (the model's range is
     checked later, by ``check_slots``)."""
     slots = tuple(_int(s) for s in text.split(","))
+    _once(slots)
     for s in slots:
         try:
             RunSettings(cache_slots=s)
@@ -67,6 +75,7 @@ def policy_list(text: str) -> tuple[str, ...]:
     names = tuple(p for p in text.split(",") if p)
     if not names:
         raise argparse.ArgumentTypeError("no policy given")
+    _once(names)
     for name in names:
         try:
             resolve_policy(name)

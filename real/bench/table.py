@@ -35,8 +35,12 @@ def upgrade_names(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """A result CSV written by any version of these commands, under the current names (``upgrade_names``)."""
-    return upgrade_names(pd.read_csv(path))
+    """A result CSV written by any version of these commands, under the current names (``upgrade_names``); an
+    empty file (a table that had no row yet) is an empty table."""
+    try:
+        return upgrade_names(pd.read_csv(path))
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
 
 
 # What identifies a configuration's row in engine.csv and correctness.csv (a re-measured one replaces it).
