@@ -26,6 +26,7 @@ each, after every table is written.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -49,6 +50,7 @@ from real.predictors import default_vectors
 from real.tracks import compute_tracks, recorded_tokens
 from sim.simulator import simulate
 from traces import TraceError, load_trace
+from validation.sim_side import fallback_note
 
 DEFAULT_POLICIES = "lru,lfu,belady,oracle,mixtral-offloading,speculating-experts,speculating-experts-lossy"
 
@@ -132,6 +134,10 @@ def _measure(args, started: float) -> list[str]:
     predictors_at = live_predictors(host, vectors, gate, args.depth, names)
     tracked, _ = compute_tracks(args.recorded, predictors_at(args.depth), args.depth, str(args.trace))
     hardware = load_hardware(args.hardware)
+    note = fallback_note(hardware, shape, args.precision)
+    if note:        # its simulator column: say which model it is, as the sweep and validate do
+        print(f"note: sim_tokens_per_s: {note}; or pass --hardware OUT/<gpu>-measured.yaml", file=sys.stderr,
+              flush=True)
     tok, domains = args.text
     runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy, args.repeats,
                       args.policy_params)
