@@ -40,7 +40,7 @@ import torch
 
 from hardware.profile import HardwareProfileError, hardware_from_dict, load_hardware
 from plots.figures import plot_validation
-from real.bench.args import cpu_threads
+from real.bench.args import cpu_threads, positive_int
 from real.bench.engine_runs import exit_message, run_problems
 from real.profile_hw import profile_name
 from traces import load_trace, save_trace
@@ -168,10 +168,7 @@ def to_measure(slices, store: Store, repeats: int) -> set[str]:
 
 def _calibration_steps(text: str) -> int:
     """--calibration-steps: an integer >= 2 (the fit leaves out each pattern's first step)."""
-    try:
-        steps = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    steps = positive_int(text)          # the engine commands' integer check and its words
     if steps < 2:
         raise argparse.ArgumentTypeError(f"{steps}: the fit leaves out each pattern's first step, so a pattern "
                                          f"needs at least 2; use the default 48 or more")
