@@ -15,7 +15,9 @@ every input it depends on that the sweep can see (trace, hardware profile, polic
 computes a row; not a data file a policy reads at run time): a row
 computed from other inputs is recomputed, and the sweep says how many and why. A damaged file there (a
 truncated row, one holding no whole row of its name) is named in one line: its configuration is
-recomputed, which rewrites it; one that is no configuration's row is left alone.
+recomputed, which rewrites it; one that is no configuration's row is left alone. A call that draws no
+figure (``--no-plots``) keeps an earlier call's figures while they show its table (``OUT/figures.json`` records
+what each was drawn from) and removes, saying why, those that show other results.
 
 Bad input (an ``--out`` that is a file included, and whatever a policy's constructor raises at every
 configuration of that policy in the grid) exits with code 2 and one line on stderr. A configuration that
@@ -47,6 +49,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from experiments.config import param_text, RunConfig, SweepSpec, policy_label, valid_keys_text
+from experiments.figure_sources import row_source, settle, table_source
 from experiments.overrides import DEFAULT_SCENARIO, build_spec
 from experiments.results import ResultStore, config_hash, row_inputs
 from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, compute_notes, expected_seconds, hardware_for,
@@ -227,15 +230,16 @@ def _failed(store: ResultStore, cfg: RunConfig, what: str, err: BaseException, n
 
 
 def _write_timeline(grid: list[RunConfig], hashes: list[str], store: ResultStore, varying: list[str]
-                    ) -> tuple[list[str], str | None]:
+                    ) -> tuple[list[str], str | None, str | None]:
     """``--timeline``: the first ~TIMELINE_TOKENS tokens of the first configuration that finished, as
-    timeline.json and timeline.png. (The files written; the failure as one line where the policy raised while
-    the timeline was recorded, reported like a failed configuration.) With no configuration finished, one line
+    timeline.json and timeline.png. (The files written; the row hash of the configuration they show; the
+    failure as one line where the policy raised while the timeline was recorded, reported like a failed
+    configuration.) With no configuration finished, one line
     says there is none to record."""
     first, h = next(((cfg, h) for cfg, h in zip(grid, hashes) if store.done(h)), (None, None))
     if first is None:
         print("timeline: not recorded: no configuration finished")
-        return [], None
+        return [], None, None
     label = describe(first, varying)
     if first != grid[0]:
         print(f"timeline: of {label}, the first configuration that finished")
@@ -243,14 +247,14 @@ def _write_timeline(grid: list[RunConfig], hashes: list[str], store: ResultStore
         timeline = record_timeline(first, TIMELINE_TOKENS)
     except (*RUN_FAILURES, KeyboardInterrupt) as err:    # as in _run_one: a failure of the policy's code
         what = f"timeline of config ({label})"
-        return [], f"{what} failed: {_failed(store, first, what, err, f'its row: {store.row_path(h)}', 'timeline')}"
+        return [], None, f"{what} failed: {_failed(store, first, what, err, f'its row: {store.row_path(h)}', 'timeline')}"
     store.error_path(first, "timeline").unlink(missing_ok=True)
     from plots.figures import plot_timeline
     from sim.chrome_trace import write_chrome_trace
     experts = cached_trace(first.trace).model.num_experts
     write_chrome_trace(timeline, store.out / "timeline.json", lambda k: f"L{k // experts} E{k % experts}", experts)
     plot_timeline(timeline, store.out / "timeline.png", config=label)
-    return ["timeline.json", "timeline.png"], None
+    return ["timeline.json", "timeline.png"], h, None
 
 
 def _layer_steps(run) -> int:
@@ -591,25 +595,29 @@ def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, 
     df = store.collect(hashes, ROW_COLUMNS, _resolved(spec, grid, done), PERF_COLUMNS)
     tables = "results.csv, results.parquet, perf.csv" + ("" if len(df) else " (headers only: no configuration finished)")
     written = [tables, "resolved_config.yaml"]
+    drawn: dict[str, dict[str, str]] = {}
     if len(df) and not args.no_plots:
         from plots.figures import plot_hit_rate_vs_belady, plot_tokens_vs_slots
         plot_tokens_vs_slots(df, out / "tokens_vs_slots.png")
         plot_hit_rate_vs_belady(df, out / "hit_rate_vs_belady.png")
-        written += ["tokens_vs_slots.png", "hit_rate_vs_belady.png"]
+        drawn.update(dict.fromkeys(["tokens_vs_slots.png", "hit_rate_vs_belady.png"], table_source(out)))
     timeline_failure = None
     if args.timeline:
-        timeline_files, timeline_failure = _write_timeline(grid, hashes, store, varying)
-        written += timeline_files
+        timeline_files, timeline_row, timeline_failure = _write_timeline(grid, hashes, store, varying)
+        drawn.update(dict.fromkeys(timeline_files, row_source(timeline_row)))
+    written += drawn
 
-    # A figure an earlier call wrote here that this one did not (--no-plots, no --timeline, no row) would show
-    # another grid's results beside this one's tables.
-    stale_figures = [name for name in _FIGURES if name not in written and (out / name).is_file()]
-    for name in stale_figures:
-        (out / name).unlink()
+    # An earlier call's figure that this one did not draw (--no-plots, no --timeline, no row) is kept while it
+    # shows this call's results, else removed: it would show other results beside this call's tables.
+    figures = settle(out, drawn, list(_FIGURES), set(df["config_hash"]) if len(df) else set())
     if len(df):
         print(format_table(df, varying))
-    print(f"{len(df)} of {unique} configurations in {out}/: {', '.join(written)}"
-          + (f" (removed an earlier call's {', '.join(stale_figures)})" if stale_figures else ""))
+    for name, why in figures.removed:
+        redraw = ("with --timeline" if name.startswith("timeline") else "without --no-plots" if args.no_plots else None)
+        print(f"removed {name}, an earlier call's: {why}"
+              + (f" (to draw it for this table: the same command {redraw})" if redraw and len(df) else ""))
+    kept = f" (kept from an earlier call, still this table's: {', '.join(figures.kept)})" if figures.kept else ""
+    print(f"{len(df)} of {unique} configurations in {out}/: {', '.join(written)}{kept}")
     perf = store.read_perf(hashes)
     if len(perf):
         speed = statistics.median(perf["sim_layer_steps_per_wall_s"])

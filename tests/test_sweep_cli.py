@@ -260,9 +260,56 @@ def test_figures_of_an_earlier_call_are_not_left_beside_new_tables(trace_path, t
     assert sweep_cli(f"trace={trace_path}", "policy=lru", "cache_slots=2,3", "--out", out, "--timeline").returncode == 0
     assert all((out / f).is_file() for f in ("tokens_vs_slots.png", "timeline.json"))
     r = sweep_cli(f"trace={trace_path}", "policy=fifo", "cache_slots=4", "--out", out, "--no-plots")
-    assert r.returncode == 0 and "removed an earlier call's tokens_vs_slots.png" in r.stdout
+    assert r.returncode == 0
+    assert ("removed tokens_vs_slots.png, an earlier call's: drawn from another results.csv than this call's "
+            "(to draw it for this table: the same command without --no-plots)") in r.stdout
+    assert ("removed timeline.json, an earlier call's: drawn from a configuration's row that is not in this call's "
+            "results.csv (to draw it for this table: the same command with --timeline)") in r.stdout
     assert not any((out / f).exists() for f in ("tokens_vs_slots.png", "hit_rate_vs_belady.png", "timeline.json",
                                                 "timeline.png"))
+
+
+def _sweep_here(trace_path, out, *tokens):
+    from experiments.sweep import main
+    return main([f"trace={trace_path}", "policy=lru,fifo", "max_tokens=100", *tokens, "--out", out, "--workers", "1"])
+
+
+def test_a_resumed_call_without_figures_keeps_those_that_still_show_its_table(trace_path, tmp_path, capsys):
+    """--no-plots over a folder whose figures were drawn from the same table used to delete them: kept, said so;
+    the timeline is kept while its configuration's row is in the table."""
+    out = tmp_path / "out"
+    assert _sweep_here(trace_path, out, "cache_slots=2,3", "--timeline") == 0
+    figures = {f: (out / f).read_bytes() for f in ("tokens_vs_slots.png", "hit_rate_vs_belady.png", "timeline.json",
+                                                   "timeline.png")}
+    capsys.readouterr()
+    assert _sweep_here(trace_path, out, "cache_slots=2,3", "--no-plots") == 0
+    stdout = capsys.readouterr().out
+    assert "removed" not in stdout
+    assert ("(kept from an earlier call, still this table's: tokens_vs_slots.png, hit_rate_vs_belady.png, "
+            "timeline.json, timeline.png)") in stdout
+    assert {f: (out / f).read_bytes() for f in figures} == figures
+    # A grid that keeps the timeline's configuration (the first, lru at 2 slots) but not the table.
+    assert _sweep_here(trace_path, out, "cache_slots=2", "--no-plots") == 0
+    stdout = capsys.readouterr().out
+    assert "removed tokens_vs_slots.png, an earlier call's: drawn from another results.csv" in stdout
+    assert "(kept from an earlier call, still this table's: timeline.json, timeline.png)" in stdout
+    assert (out / "timeline.json").read_bytes() == figures["timeline.json"]
+    assert not (out / "tokens_vs_slots.png").exists()
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda out: (out / "figures.json").unlink(), "no record of what it was drawn from"),
+    (lambda out: (out / "figures.json").write_text("{not json"), "no record of what it was drawn from"),
+    (lambda out: (out / "tokens_vs_slots.png").write_bytes(b"another figure"), "the file changed since it was drawn"),
+])
+def test_a_figure_that_cannot_be_shown_to_be_of_this_table_is_removed(trace_path, tmp_path, capsys, damage, why):
+    out = tmp_path / "out"
+    assert _sweep_here(trace_path, out, "cache_slots=2") == 0
+    damage(out)
+    capsys.readouterr()
+    assert _sweep_here(trace_path, out, "cache_slots=2", "--no-plots") == 0
+    assert f"removed tokens_vs_slots.png, an earlier call's: {why}" in capsys.readouterr().out
+    assert not (out / "tokens_vs_slots.png").exists()
 
 
 # -- a user's own policy -----------------------------------------------------------------------
