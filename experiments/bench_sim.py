@@ -34,7 +34,7 @@ from pathlib import Path
 
 from experiments.config import RunConfig
 from experiments.runner import validate_grid
-from policies.registry import _user_file, resolve_policy
+from policies.registry import resolve_policy, user_module_file
 from hardware.profile import load_hardware
 from offload.session import RunSettings
 from sim.simulator import simulate
@@ -46,7 +46,7 @@ CASES = [("lru", 4, 1), ("lru", 8, 1), ("lru", 16, 1), ("lru", 32, 1), ("lfu", 8
 _ROOT = Path(__file__).resolve().parents[1]
 PREDICTIVE_TRACE = _ROOT / "traces" / "moe-lm-h100.npz"
 PREDICTIVE_CASES = [("lookahead", 2, 2)]
-_OUTSIDE = "other: numpy, stdlib, builtins"   # code outside the repository, in time_by_file
+OUTSIDE = "other: numpy, stdlib, builtins"   # code outside the repository, in time_by_file
 _USER = "your code"                              # a user's policy file and its own modules, in time_by_file
 _MIN_TIMED_S = 0.5    # a short trace's case is run this long per repeat (back to back) so timing is meaningful
 
@@ -198,11 +198,11 @@ def time_by_file(stats: pstats.Stats, steps: int) -> str:
         path = Path(filename).resolve() if filename.endswith(".py") else None
         if path is not None and path.is_relative_to(_ROOT):
             name = path.relative_to(_ROOT).as_posix()
-        elif path is not None and _user_file(filename) is not None:     # a policy of one's own and its helpers
+        elif path is not None and user_module_file(filename) is not None:     # a policy of one's own and its helpers
             name = str(path)
             users.add(name)
         else:
-            name = _OUTSIDE
+            name = OUTSIDE
         seconds[name] = seconds.get(name, 0.0) + tottime
         calls[name] = calls.get(name, 0) + ncalls
     total = sum(seconds.values()) or 1.0
@@ -212,14 +212,14 @@ def time_by_file(stats: pstats.Stats, steps: int) -> str:
 
     by_package: dict[str, list[str]] = {}        # files, most time first
     for name in sorted(seconds, key=seconds.get, reverse=True):
-        if name != _OUTSIDE and seconds[name] >= 0.001 * total:
+        if name != OUTSIDE and seconds[name] >= 0.001 * total:
             by_package.setdefault(_USER if name in users else name.split("/")[0], []).append(name)
     lines = [f"{f'time by file, profiled ({steps} layer-steps)':<44} {'share':>6} {'seconds':>8} {'calls/step':>10}"]
     for package, files in sorted(by_package.items(), key=lambda item: -sum(seconds[f] for f in item[1])):
         lines.append(line(package + "/", sum(seconds[f] for f in files), sum(calls[f] for f in files)))
         lines += [line(f, seconds[f], calls[f], "  ") for f in files]
-    if _OUTSIDE in seconds:
-        lines.append(line(_OUTSIDE, seconds[_OUTSIDE], calls[_OUTSIDE]))
+    if OUTSIDE in seconds:
+        lines.append(line(OUTSIDE, seconds[OUTSIDE], calls[OUTSIDE]))
     return "\n".join(lines)
 
 
@@ -239,8 +239,7 @@ def _fast_cold_start(trace, hardware, train, settings: RunSettings):
     for policy in ("lru", "belady"):       # the replay kernel, then Belady (which builds the next-use table)
         first_s = _seconds(fast_path.fast_simulate, trace, policy, hardware, settings, train)
         lines.append(f"first {policy} run {first_s:.2f} s")
-    compiled = sum(kernels._replay.stats.cache_misses.values())
-    loaded = sum(kernels._replay.stats.cache_hits.values())
+    compiled, loaded = kernels.compile_counts()
     print(f"fast path cold start: import {import_s:.2f} s, {', '.join(lines)} "
           f"({compiled} kernel(s) compiled, {loaded} loaded from numba's disk cache; "
           f"warm: {steps} layer-steps in the rows below)")

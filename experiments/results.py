@@ -42,19 +42,19 @@ def trace_sha256(path: str | Path) -> str:
 
 # The packages whose code decides a row's numbers: the shared core, the hardware and trace formats,
 # the policies and the simulator.
-_MODEL_PACKAGES = ("offload", "hardware", "policies", "sim", "traces")
+MODEL_PACKAGES = ("offload", "hardware", "policies", "sim", "traces")
 # The sweep's own modules that compute a row (runner: the train/eval slices, the Belady bound, the row's
 # columns) or shape and key it (config: the configuration and its defaults; this module: the row's inputs,
 # its key, its file). The command line (sweep, overrides: their values are in the configuration) and the
 # figures are not: a change there leaves every row as it was.
-_ROW_MODULES = ("experiments/config.py", "experiments/results.py", "experiments/runner.py")
+ROW_MODULES = ("experiments/config.py", "experiments/results.py", "experiments/runner.py")
 
 
 def model_code_sha256() -> str:
     """Digest of the source of every package and module a row depends on: a row computed by other code is
     stale, so a resumed sweep after a change recomputes instead of mixing old and new numbers."""
-    modules = "".join(f"{m}\0{file_sha256(ROOT / m)}\n" for m in _ROW_MODULES)
-    return bytes_sha256(source_sha256(_MODEL_PACKAGES) + modules)
+    modules = "".join(f"{m}\0{file_sha256(ROOT / m)}\n" for m in ROW_MODULES)
+    return bytes_sha256(source_sha256(MODEL_PACKAGES) + modules)
 
 
 def hardware_sha256(cfg: RunConfig) -> str:
@@ -68,7 +68,7 @@ ROW_INPUTS = {
     "trace_sha256": "trace file changed",
     "hardware_sha256": "hardware profile changed",
     "policy_sha256": "policy source changed",
-    "code_sha256": f"code of {'/'.join(_MODEL_PACKAGES)}, {', '.join(_ROW_MODULES)} changed",
+    "code_sha256": f"code of {'/'.join(MODEL_PACKAGES)}, {', '.join(ROW_MODULES)} changed",
 }
 
 

@@ -100,7 +100,7 @@ def _load_file(path: Path):
         sources = module._user_sources
         if module._user_sources_loaded != _digests(p for p in sources if p.is_file()):
             for name, loaded in list(sys.modules.items()):
-                if _user_file(getattr(loaded, "__file__", None)) in sources:
+                if user_module_file(getattr(loaded, "__file__", None)) in sources:
                     del sys.modules[name]
             module = None
     if module is None:
@@ -126,7 +126,7 @@ def _load_file(path: Path):
         if clash is not None or failure is not None:
             # Undone: the file, and the user's modules it imported (a project package they shadowed among them).
             for name in imported:
-                if _user_file(getattr(sys.modules[name], "__file__", None)) is not None:
+                if user_module_file(getattr(sys.modules[name], "__file__", None)) is not None:
                     del sys.modules[name]
             del sys.modules[mod_name]
         sys.modules.update(hidden)
@@ -170,7 +170,7 @@ def _clashes(folder: Path) -> dict[str, tuple[Path, Path, bool]]:
             if not ours.is_relative_to(theirs):          # the policy file in the project's root: its own
                 found[name] = (ours, theirs, True)
             continue
-        theirs = _user_file(getattr(sys.modules[name], "__file__", None))
+        theirs = user_module_file(getattr(sys.modules[name], "__file__", None))
         if theirs is not None and theirs != ours:
             found[name] = (ours, theirs, False)
     return found
@@ -179,11 +179,11 @@ def _clashes(folder: Path) -> dict[str, tuple[Path, Path, bool]]:
 def _clash_used(path: Path, clashes: dict[str, tuple[Path, Path, bool]], imported: set[str]) -> str | None:
     """The message refusing the policy file ``path`` when it uses one of the ``clashes`` of its folder (imports
     it while loading, or names it in an import statement of its own or of a user's module it loaded), or None."""
-    sources = [path, *(p for p in (_user_file(getattr(sys.modules.get(n), "__file__", None)) for n in imported)
+    sources = [path, *(p for p in (user_module_file(getattr(sys.modules.get(n), "__file__", None)) for n in imported)
                        if p is not None)]
     used = {n.partition(".")[0] for n in imported}
     for source in sources:
-        used.update(n.partition(".")[0] for n in _imported_names(source, None))
+        used.update(n.partition(".")[0] for n in imported_module_names(source, None))
     name = next((n for n in clashes if n in used), None)
     if name is None:
         return None
@@ -292,9 +292,11 @@ _LIBRARIES = {Path(p).resolve() for p in (*(sysconfig.get_paths()[k] for k in ("
                                            sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
 
 
-def _user_file(filename: str | None) -> Path | None:
-    """``filename`` resolved when it is a user's module: a file outside the project's packages and outside
-    the standard library, site-packages and the Python installation; else None."""
+def user_module_file(filename: str | None) -> Path | None:
+    """``filename`` (a module's ``__file__``, a profiled code object's file) resolved when it is a user's own
+    module: an existing file outside the project's packages and outside the standard library, site-packages
+    and the Python installation; else None. The rule that decides which modules' source a policy's key
+    (``policy_sha256``) holds; ``experiments.bench_sim`` groups a profile's time by it."""
     if not filename:
         return None
     path = Path(filename).resolve()
@@ -305,8 +307,13 @@ def _user_file(filename: str | None) -> Path | None:
     return None if any(path.is_relative_to(lib) for lib in _LIBRARIES) else path
 
 
-def _imported_names(source: Path, package: str | None) -> list[str]:
-    """Every module name ``source``'s import statements name (in functions too), with their parents."""
+def imported_module_names(source: Path, package: str | None) -> list[str]:
+    """Every module name the import statements of the Python file ``source`` name, at module level or in a
+    function, each with its parent packages (``a.b.c`` gives ``a``, ``a.b``, ``a.b.c``; ``from a import b`` gives
+    ``a`` and ``a.b``, which may be a module or a name in ``a``), in order of first appearance. Relative imports
+    are resolved against ``package`` (the package ``source`` is in; None for a top-level module: they are
+    skipped). A file that does not parse names none. Read from the source, nothing is imported: the project's
+    one import walker (a policy's own modules here, the engine's code key in ``validation.store``)."""
     try:
         tree = ast.parse(source.read_bytes(), filename=str(source))
     except (SyntaxError, ValueError):
@@ -345,14 +352,14 @@ def user_sources(module) -> set[Path]:
     """The user's own module files ``module`` depends on: its file (when a user's), and, transitively, every
     user's module that it or they import (by import statement, at module level or in a function) or that was
     imported while a policy file loaded. A user's module is any file outside the project's packages, the
-    standard library, site-packages and the Python installation (``_user_file``)."""
-    start = _user_file(getattr(module, "__file__", None))
+    standard library, site-packages and the Python installation (``user_module_file``)."""
+    start = user_module_file(getattr(module, "__file__", None))
     if start is None:
         return set()
     found, todo = set(), [(start, getattr(module, "__package__", None) or None)]
     for name in getattr(module, "_user_modules_imported", ()):
         loaded = sys.modules.get(name)
-        path = _user_file(getattr(loaded, "__file__", None))
+        path = user_module_file(getattr(loaded, "__file__", None))
         if path is not None:
             todo.append((path, getattr(loaded, "__package__", None) or None))
     # Names are looked up as the policy file's import saw them: its folder first on sys.path.
@@ -362,8 +369,8 @@ def user_sources(module) -> set[Path]:
             if path in found:
                 continue
             found.add(path)
-            for name in _imported_names(path, package):
-                dep = _user_file(_module_file(name))
+            for name in imported_module_names(path, package):
+                dep = user_module_file(_module_file(name))
                 if dep is not None and dep not in found:
                     todo.append((dep, name if dep.name == "__init__.py" else name.rpartition(".")[0] or None))
     return found

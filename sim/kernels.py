@@ -52,6 +52,12 @@ def replay(experts: np.ndarray, num_experts: int, cache_slots: int, global_mode:
     return misses, int(hits), int(evictions)
 
 
+def compile_counts() -> tuple[int, int]:
+    """(the replay kernel's signatures compiled by this process, those it loaded from numba's disk cache):
+    how a cold start spent its time (``experiments.bench_sim``)."""
+    return sum(_replay.stats.cache_misses.values()), sum(_replay.stats.cache_hits.values())
+
+
 @numba.njit(cache=True, inline="always")
 def _unlink(key, prv, nxt, head, tail, scope):
     p, n = prv[key], nxt[key]

@@ -15,7 +15,7 @@ import yaml
 
 from experiments.config import RunConfig
 import experiments.results as results
-from experiments.results import _MODEL_PACKAGES, _ROW_MODULES, ResultStore, config_hash, row_inputs
+from experiments.results import MODEL_PACKAGES, ROW_MODULES, ResultStore, config_hash, row_inputs
 from experiments.runner import ROW_COLUMNS, run_config
 from experiments.sweep import main as sweep_main
 from hardware.profile import PROFILES_DIR
@@ -187,7 +187,7 @@ def test_config_hash_follows_the_hardware_profile_and_policy_source(trace_path, 
 
 def test_code_digest_covers_every_package_a_row_is_computed_by(trace_path):
     """Every project module that running a configuration imports lives in a digested package, or is one of
-    the sweep's own modules that compute a row (``_ROW_MODULES``)."""
+    the sweep's own modules that compute a row (``ROW_MODULES``)."""
     code = subprocess.run(
         [sys.executable, "-c",
          "import sys; from experiments.config import RunConfig; from experiments.runner import run_config; "
@@ -198,9 +198,9 @@ def test_code_digest_covers_every_package_a_row_is_computed_by(trace_path):
     assert code.returncode == 0, code.stderr
     files = {Path(f).relative_to(REPO).as_posix() for f in code.stdout.split()}
     used = {f.split("/")[0] for f in files} - {"experiments"}
-    assert used and used <= set(_MODEL_PACKAGES), used - set(_MODEL_PACKAGES)
+    assert used and used <= set(MODEL_PACKAGES), used - set(MODEL_PACKAGES)
     commands = {f for f in files if f.startswith("experiments/")} - {"experiments/__init__.py"}
-    assert commands and commands <= set(_ROW_MODULES), commands - set(_ROW_MODULES)
+    assert commands and commands <= set(ROW_MODULES), commands - set(ROW_MODULES)
 
 
 def test_editing_the_sweeps_row_code_changes_the_code_digest_and_its_command_line_does_not(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from policies.registry import _imported_names as imported_names    # the project's one AST import walker
+from policies.registry import imported_module_names
 from traces.digest import ROOT, bytes_sha256, source_sha256
 from traces.io import atomic_write
 
@@ -58,7 +58,7 @@ def engine_modules(exclude: tuple[str, ...] | None = None) -> list[Path]:
     every module of ``policies/`` (the registry imports built-in policies by name, which no import statement
     shows)."""
     exclude = CALIBRATION_ONLY if exclude is None else exclude
-    todo = [(name, None) for side in ENGINE_SIDE for name in imported_names(ROOT / side, "validation")]
+    todo = [(name, None) for side in ENGINE_SIDE for name in imported_module_names(ROOT / side, "validation")]
     todo += [(f"policies.{p.stem}", None) for p in (ROOT / "policies").glob("*.py")]
     found: dict[str, Path] = {}
     while todo:
@@ -70,7 +70,7 @@ def engine_modules(exclude: tuple[str, ...] | None = None) -> list[Path]:
             continue
         found[name] = path
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        todo += [(n, None) for n in imported_names(path, package or None)]
+        todo += [(n, None) for n in imported_module_names(path, package or None)]
     return sorted(set(found.values()))
 
 
