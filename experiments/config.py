@@ -24,7 +24,14 @@ class ConfigError(ValueError):
     """A configuration the sweep refuses before running anything; the message names the key and the fix."""
 
 
-@dataclass(frozen=True)
+def typed_params(params) -> tuple[tuple[str, type, Any], ...]:
+    """Policy parameters ((name, value) pairs) as a key that tells values of different types apart: Python
+    holds ``True == 1`` and ``1 == 1.0``, but a policy may not (it may refuse 1 for a flag), and a row's key
+    (its JSON: true, 1, 1.0) does not."""
+    return tuple((name, type(value), value) for name, value in params)
+
+
+@dataclass(frozen=True, eq=False)
 class RunConfig:
     trace: str = str(DEFAULT_TRACE)
     policy: str = "lru"
@@ -48,6 +55,17 @@ class RunConfig:
         out = dataclasses.asdict(self)
         out["policy_params"] = dict(self.policy_params)
         return out
+
+    def _identity(self) -> tuple:
+        return (*(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "policy_params"),
+                typed_params(self.policy_params))
+
+    # Equal when the rows' keys are: policy parameters compare with their types (``typed_params``).
+    def __eq__(self, other: object) -> bool:
+        return self._identity() == other._identity() if isinstance(other, RunConfig) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
 
     def hardware_overrides(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in HARDWARE_OVERRIDES if getattr(self, k) is not None}
@@ -147,7 +165,8 @@ class SweepSpec:
             typed = [coerce(key, v) for v in values]
             if not typed:
                 raise ConfigError(f"{key}: an empty list of values; give at least one")
-            unique = list(dict.fromkeys(typed))   # a repeated value would repeat configurations
+            # A repeated value would repeat configurations; true and 1 are two values (typed_params).
+            unique = [v for _, v in dict.fromkeys((type(v), v) for v in typed)]
             axes.append((key, tuple(unique)))
         rank = {k: i for i, k in enumerate((*_AXIS_ORDER, *SWEEP_KEYS))}
         axes.sort(key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from experiments.config import SWEEP_KEYS, ConfigError, RunConfig, policy_label
+from experiments.config import SWEEP_KEYS, ConfigError, RunConfig, policy_label, typed_params
 from experiments.results import config_hash, row_inputs, trace_sha256
 from offload.cache import CacheMode, ExpertCache
 from offload.policy import Policy, PolicyContext, check_params
@@ -212,7 +212,8 @@ def compute_notes(configs: list[RunConfig]) -> list[str]:
 
 def validate_grid(configs: list[RunConfig]) -> None:
     """Raise ConfigError / TraceError / ValueError naming the first bad value, before any run starts."""
-    for policy, params in dict.fromkeys((c.policy, c.policy_params) for c in configs):
+    for policy, params in {(c.policy, typed_params(c.policy_params)): (c.policy, c.policy_params)
+                           for c in configs}.values():
         policy_cls = resolve_policy(policy)
         try:
             check_params(policy_cls, dict(params))
@@ -287,8 +288,8 @@ def _check_policies_build(configs: list[RunConfig]) -> None:
     for cfg in configs:
         # The context from the configuration alone (the hardware's estimates follow from its profile, overrides,
         # precision and the trace), so a repeat is skipped before any work.
-        key = (cfg.policy, cfg.policy_params, *_slice_key(cfg), cfg.prefetch_depth, cfg.cache_slots, cfg.cache_mode,
-               cfg.hardware, tuple(sorted(cfg.hardware_overrides().items())), cfg.precision)
+        key = (cfg.policy, typed_params(cfg.policy_params), *_slice_key(cfg), cfg.prefetch_depth, cfg.cache_slots,
+               cfg.cache_mode, cfg.hardware, tuple(sorted(cfg.hardware_overrides().items())), cfg.precision)
         if key in seen:
             continue
         seen.add(key)
@@ -308,7 +309,7 @@ def _check_policies_build(configs: list[RunConfig]) -> None:
             predictor = predictor_for(policy_cls, params, cfg.prefetch_depth, trace=run)
         except ValueError as err:
             raise ConfigError(f"policy={label}{slice_note}: {err}") from None
-        group = (cfg.policy, cfg.policy_params)
+        group = (cfg.policy, typed_params(cfg.policy_params))
         built[group] = built.get(group, 0) + 1
         try:
             policy_cls(PolicyContext(run.model, cfg.cache_slots, mode, cfg.prefetch_depth, run, train, params,

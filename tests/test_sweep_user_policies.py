@@ -286,3 +286,29 @@ def test_editing_a_helper_module_recomputes_the_row_in_a_fresh_process(trace_pat
     second = run()
     assert second.returncode == 0, second.stderr
     assert "resumed" not in second.stdout and "(policy source changed: 1)" in second.stdout
+
+
+# -- parameter values equal in Python but not to a policy -----------------------------------------------
+
+def test_true_and_1_are_two_values_of_a_policy_parameter(trace_path, tmp_path, capsys):
+    """``policy.cross_tokens=true,1`` used to run one configuration: Python's True == 1 merged the values, so
+    the 1 that oracle refuses was neither refused nor run. Both are kept, and the 1 is refused before
+    anything runs; a policy that takes both runs one row of each."""
+    from experiments.config import RunConfig
+    from experiments.overrides import build_spec
+    grid = build_spec(["policy=oracle", "policy.cross_tokens=true,1", "policy.x=1,1.0"]).grid()
+    assert [c.to_dict()["policy_params"] for c in grid] == [
+        {"cross_tokens": True, "x": 1}, {"cross_tokens": True, "x": 1.0}, {"cross_tokens": 1, "x": 1},
+        {"cross_tokens": 1, "x": 1.0}]
+    assert len(set(grid)) == 4 and RunConfig(policy_params=(("a", True),)) != RunConfig(policy_params=(("a", 1),))
+    assert RunConfig(policy_params=(("a", 1),)) == RunConfig(policy_params=(("a", 1),))
+
+    assert _sweep(trace_path, tmp_path / "oracle", "policy=oracle", "policy.cross_tokens=true,1", "cache_slots=2") == 2
+    assert "policy=oracle policy.cross_tokens=1: policy oracle: cross_tokens=1 must be true or false" in \
+        capsys.readouterr().err
+    policy = tmp_path / "takes.py"
+    policy.write_text("from policies.lru import LRU\n\n\nclass Takes(LRU):\n    parameters = {'flag': 'anything'}\n")
+    out = tmp_path / "out"
+    assert _sweep(trace_path, out, f"policy={policy}:Takes", "policy.flag=true,1", "cache_slots=2") == 0
+    import pandas as pd
+    assert sorted(pd.read_csv(out / "results.csv")["policy_params"]) == ['{"flag": 1}', '{"flag": true}']
