@@ -34,6 +34,31 @@ all-resident engine in the same rounds (session ``live-<name>``; OUT/engine.csv,
 in the simulator (OUT/policies.csv). ``replay`` replays a trace's requests after its leading quarter, which
 is the training slice, as the sweep does (session ``replay-<shape>``; OUT/engine.csv). Both write
 OUT/resolved_config-engine_bench-<mode>.yaml and check every value before measuring anything.
+
+Settings: every row of OUT/engine.csv, correctness.csv and policies.csv records the settings it was measured
+under: ``settings`` (JSON of every setting but where results go, which configurations, --deadline-s and
+--fresh), ``engine_code`` (a digest of the engine's code and real/bench), and columns of their own for device,
+dtype, repeats, checkpoint, prompts, prompt_len_tokens, new_tokens, max_tokens, warmup_tokens, trace,
+trace_sha256 and shape (those the command has). A row is replaced only by its configuration re-measured under
+the same settings; rows of other settings stay beside it; rows written before settings were recorded read
+``unrecorded`` there and are kept. ``hit_rate`` and ``misses`` count the steps tokens/s counts (a live run's
+generated tokens), ``prompt_hit_rate`` a live run's prompt steps, ``hit_rate_all_steps`` every step (what the
+simulator counts on the recorded trace).
+
+Resume: a configuration whose engine.csv row was finished (every --repeats run, none failed) under the same
+settings and engine code is skipped, one line each (--fresh measures it again); anything else is measured.
+``live`` still records, trains the predictors and calibrates (a skipped fully-resident reference decodes once,
+untimed, for its tokens).
+Tables are rewritten atomically after every run. The runs of one session are interleaved, so an interrupt
+loses the unfinished configurations of the session under way (with --repeats 1, the one in progress).
+
+--deadline-s S (seconds from the command's start) is checked before every configuration's warm-up (none
+starts that would end past S at the pace of the warm-up before it; the configurations not warmed up are not
+measured), before the first round (none starts once S has passed), before every later round (none starts that
+would end past S at the last round's pace) and, in ``live``, before the calibration (past S, the calibration
+and every policy are skipped). A warm-up pass or round under way, and live's recording, HF parity and
+predictor training, are not cut short. What was skipped is said in one line; what finished is kept; the exit
+code stays 0 unless a run failed.
 """
 from __future__ import annotations
 
@@ -57,7 +82,7 @@ from real.bench.predictor_suite import LIVE_PREDICTORS, PredictorSettings, train
 from real.bench.recording import record_slices
 from real.bench.references import accelerate_offload, hf_parity, measure_fully_resident
 from real.bench.replay import replay_slices, shape_replay
-from real.bench.table import engine_table, write_resolved_config
+from real.bench.table import engine_table, measured_under, write_resolved_config
 from real.bench.text import held_out_prompts, score_sequences, train_prompts
 from real.lookahead_gate import VAL_TOKENS
 from real.model import MoEModel
@@ -67,6 +92,7 @@ from real.shape_model import random_model
 from sim.simulator import simulate
 from validation.profile_fit import calibrate_and_fit
 from traces import DEFAULT_TRACE, TraceError, load_shape, load_trace, save_trace
+from traces.digest import bytes_sha256
 from traces.io import atomic_write
 
 
@@ -88,8 +114,13 @@ def live(args) -> list[str]:
     # 1. References: the model fully resident, every expert on the device (upper bound), and its logits
     #    against HF's forward.
     resident = MoEModel(config, tensors, device=device, dtype=dtype)
-    resident_tokens, _, problems = measure_fully_resident(resident, name, prompts, args.new_tokens, out, args.repeats,
-                                                          args.deadline_s, args.started, args.settings)
+    resident_tokens, report, problems = measure_fully_resident(resident, name, prompts, args.new_tokens, out,
+                                                               args.repeats, args.deadline_s, args.started,
+                                                               args.settings)
+    if resident_tokens is None and "stopped" in report.info:
+        print(f"deadline: stopped before the fully-resident reference's first run; not done: HF parity, the "
+              f"recording, the predictors, the calibration and every policy ({out} holds what finished)", flush=True)
+        return problems
     if resident_tokens is None:
         raise SystemExit(f"error: the fully-resident reference failed: {'; '.join(problems)}")
     parity = hf_parity(args.model, resident, prompts[0], resident_tokens[0])
@@ -123,6 +154,10 @@ def live(args) -> list[str]:
     #    and per-layer cost beside LRU's, its predictors included), never from the runs it will predict.
     runs = PolicyRuns(args.policies, args.slots, args.precision, args.depth, args.timed_policy, args.repeats,
                       args.policy_params)
+    if deadline_passed(args):
+        print(f"deadline: {args.deadline_s:.0f} s passed before the calibration; not done: the calibration and every "
+              f"policy's runs ({out} holds what finished)", flush=True)
+        return problems
     profile, calibration, notes = calibrate_and_fit(
         host, shape, load_hardware(args.hardware), args.profile_name, args.precision, device, args.policies,
         runs.settings, min(args.slots), train, args.depth, predictors_at, train_text, args.new_tokens,
@@ -138,7 +173,7 @@ def live(args) -> list[str]:
     if not cuda:
         print(CPU_NOTE, flush=True)
     if cuda and args.accelerate_gpu_GiB:       # one run: seconds per token
-        engine_table(out).add({
+        engine_table(out, args.settings).add({
             "model": name, "mode": f"hf-accelerate-offload-{args.accelerate_gpu_GiB}GiB", "policy": "device_map",
             "cache_slots": -1, "runs": 1,
             **accelerate_offload(args.model, prompts[0], args.new_tokens, args.accelerate_gpu_GiB)})
@@ -152,14 +187,28 @@ def live(args) -> list[str]:
     return problems
 
 
+def deadline_passed(args) -> bool:
+    """Whether ``args.deadline_s`` (seconds after ``args.started``, ``time.monotonic``) has passed."""
+    return args.deadline_s is not None and time.monotonic() - args.started > args.deadline_s
+
+
 def replay(args) -> list[str]:
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = random_model(args.shape_obj, device, dtype, max_len=args.longest + 1)
-    _, problems = shape_replay(model, args.shape_obj, args.train, args.replayed, list(args.policies),
-                               list(args.slots), args.max_tokens, args.out, args.repeats, args.warmup_tokens,
-                               args.deadline_s, args.started, args.settings, args.policy_params)
+    model = random_model(args.shape_obj, device, getattr(torch, args.dtype), max_len=args.longest + 1)
+    with measured_under(args.settings):     # engine.csv's rows carry the settings; finished ones are skipped
+        _, problems = shape_replay(model, args.shape_obj, args.train, args.replayed, list(args.policies),
+                                   list(args.slots), args.max_tokens, args.out, args.repeats, args.warmup_tokens,
+                                   args.deadline_s, args.started, args.settings, args.policy_params)
     return problems
+
+
+def code_digest() -> str:
+    """The engine code a row is measured with (16 hex): the engine's modules as ``validation.store.engine_code``
+    names them, and the measuring functions of ``real/bench``."""
+    import hashlib
+    from traces.digest import source_sha256
+    from validation.store import engine_code
+    return hashlib.sha256((engine_code() + source_sha256(("real/bench",))).encode()).hexdigest()[:16]
 
 
 def _check_live(p: argparse.ArgumentParser, args) -> None:
@@ -216,12 +265,22 @@ def _check_replay(p: argparse.ArgumentParser, args) -> None:
     error = live_predictor_error(args.policies, args.policy_params)
     if error:
         p.error(error)
-    dtype_bytes = getattr(torch, args.dtype).itemsize if args.dtype else (2 if args.device == "cuda" else 4)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.warmup_tokens = args.warmup_tokens or args.max_tokens
+    args.shape = args.shape or args.shape_obj.name
+    args.trace_sha256 = bytes_sha256(Path(args.trace).read_bytes())[:16]
+    dtype_bytes = getattr(torch, args.dtype).itemsize
     error = host_memory_error(args.shape_obj, dtype_bytes, args.device)
     if error:
         p.error(error)
     starts = args.replayed.request_starts
     args.longest = int(max(b - a for a, b in zip(starts[:-1], starts[1:])))
+
+
+def add_fresh_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fresh", action="store_true",
+                   help="measure every configuration, also those whose OUT/engine.csv row was finished under the same "
+                        "settings and engine code (default: skip them, one line each)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -264,6 +323,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the calibrated profile's name (default: <gpu>-measured, or cpu-measured on a CPU)")
     p.add_argument("--accelerate-gpu-GiB", type=float, default=2.0)
     add_measurement_args(p)
+    add_fresh_arg(p)
     p.set_defaults(check=_check_live, func=live)
     r = sub.add_parser("replay")
     r.add_argument("--trace", type=existing_file, default=str(DEFAULT_TRACE))
@@ -277,6 +337,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")
     r.add_argument("--out", required=True, type=Path)
     add_measurement_args(r)
+    add_fresh_arg(r)
     r.set_defaults(check=_check_replay, func=replay)
     args = parser.parse_args(argv)
     args.check(sub.choices[args.mode], args)
@@ -287,6 +348,7 @@ def main(argv=None) -> None:
     started = time.monotonic()
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.engine_code = code_digest()
     args.settings = {k: v for k, v in resolved(args).items()
                      if k not in ("check", "predictor_settings", "shape_obj", "train", "replayed", "longest")}
     write_resolved_config(args.out, f"engine_bench-{args.mode}", args.settings)

@@ -521,9 +521,13 @@ def print_error(config: Config, err: BaseException) -> str:
 class Measurement:
     """Measures ``configs`` with ``run`` under ``discipline``. ``run_all`` must be called from the decode
     thread (the one that runs the engine). ``on_progress(report)`` is called after every run (and after the
-    warm-up), so a caller can write what was measured before anything else can fail. ``deadline_s``: no
-    round starts that would, at the last round's pace, end later than this many seconds after ``started``
-    (``time.monotonic``; default: when ``run_all`` starts). ``clocks``: a ClockSampler (default: started and
+    warm-up), so a caller can write what was measured before anything else can fail. ``deadline_s`` (seconds
+    after ``started``, ``time.monotonic``; default: when ``run_all`` starts) is checked before every
+    configuration's warm-up (none starts that would end past it at the pace of the warm-up before it; the
+    configurations not warmed up are not measured at all), before the first round (none starts once it has
+    passed) and before every later round (none starts that would end past it at the last round's pace); a
+    warm-up or round under way is finished. ``report.info["stopped"]`` and one printed line say where it
+    stopped and what was not measured. ``clocks``: a ClockSampler (default: started and
     stopped by ``run_all``); ``calibrate``: the host calibration (ms) (replaceable in tests); ``on_error(config,
     err)``: what a run (or warm-up pass) that raised ``err`` records as its error, one line (default: the
     traceback printed, then the exception's type and message); ``runs_wanted``: per configuration label, how many
@@ -572,23 +576,33 @@ class Measurement:
         report.info.update(discipline=asdict(d), allowed_cpus=_cpus(self.allowed), clocks=clocks.info,
                            python=sys.version.split()[0], calibration_iterations=CALIBRATION_ITERATIONS)
         others = [clocks.pid] if clocks.pid else []
+        configs = self.configs
         if d.warmup:
-            for config in self.configs:
+            warmup_s = 0.0          # the last warm-up's wall time: the next one's estimate
+            for i, config in enumerate(self.configs):
+                elapsed = time.monotonic() - started
+                if self._past_deadline(elapsed + warmup_s):
+                    configs = self.configs[:i]
+                    self._stop(f"before the warm-up of {config.label}: it would end at ~{elapsed + warmup_s:.0f} s, past "
+                               f"the deadline of {self.deadline_s:.0f} s; not measured: "
+                               f"{', '.join(c.label for c in self.configs[i:])}")
+                    break
                 place_threads(config.decode_core, self.allowed, others)
                 report.warmups[config.label] = self._warm_up(config)
+                warmup_s = report.warmups[config.label]["wall_s"]
                 self.on_progress(report)
         seen: set[str] = set()
         round_s = 0.0
-        for r in range(d.repeats):
+        for r in range(d.repeats if configs else 0):
             elapsed = time.monotonic() - started
-            if r and self.deadline_s is not None and elapsed + round_s > self.deadline_s:
-                report.info["stopped"] = (f"after {r} of {d.repeats} rounds: another would end at ~{elapsed + round_s:.0f} s, "
-                                          f"past the deadline of {self.deadline_s:.0f} s")
-                print(f"measurement: stopped {report.info['stopped']}", flush=True)
+            if self._past_deadline(elapsed + round_s):
+                self._stop(f"after {r} of {d.repeats} rounds: " + (
+                    f"another would end at ~{elapsed + round_s:.0f} s" if r else f"{elapsed:.0f} s had passed") +
+                    f", past the deadline of {self.deadline_s:.0f} s")
                 break
             begun = time.monotonic()
-            shift = r % len(self.configs) if d.rotate else 0
-            rotated = self.configs[shift:] + self.configs[:shift]
+            shift = r % len(configs) if d.rotate else 0
+            rotated = configs[shift:] + configs[:shift]
             for position, config in enumerate(c for c in rotated if r < self.runs_wanted.get(c.label, d.repeats)):
                 cold = not d.warmup and config.label not in seen
                 seen.add(config.label)
@@ -600,6 +614,14 @@ class Measurement:
                 self.on_progress(report)
             round_s = time.monotonic() - begun
         return report
+
+    def _past_deadline(self, end_s: float) -> bool:
+        return self.deadline_s is not None and end_s > self.deadline_s
+
+    def _stop(self, why: str) -> None:
+        before = self.report.info.get("stopped")
+        self.report.info["stopped"] = f"{before}; then {why}" if before else why
+        print(f"measurement: stopped {why}", flush=True)
 
     def _warm_up(self, config: Config) -> dict:
         """Untimed passes until two consecutive ones' median step times agree within the tolerance (at
@@ -721,7 +743,8 @@ def floor_table(report: Report) -> list[dict]:
     """The noise floor per configuration (in the order first measured): successful runs ``n``, median
     tokens/s and spread over them (engine figure and median-step figure), the same over the runs without
     an outside perturbation (``clean``: no host_slow, clock_low, gc or steal; reported beside, never
-    instead), the warm-up, how many runs were long enough, and the outliers with their causes."""
+    instead), the warm-up, how many runs were long enough, and the outliers with their causes; ``failed``
+    (no run succeeded, so the figures are NaN) and ``error`` (the first failed run's, '' without one)."""
     out = []
     for label in dict.fromkeys(r["config"] for r in report.rows):
         runs = [r for r in report.rows if r["config"] == label]
@@ -737,6 +760,7 @@ def floor_table(report: Report) -> list[dict]:
         sm = [r["sm_mhz_min"] for r in runs if not math.isnan(r["sm_mhz_min"])]
         out.append({
             "config": label, **report.configs[label], "n": len(ok), "errors": len(runs) - len(ok),
+            "failed": not ok, "error": next((r["error"] for r in runs if r["error"]), ""),
             "median_tokens_per_s": _median([r["tokens_per_s"] for r in ok]),
             "spread_pct": spread_pct([r["tokens_per_s"] for r in ok]),
             "median_tokens_per_s_median_step": _median([r["tokens_per_s_median_step"] for r in ok]),

@@ -117,7 +117,7 @@ def test_record_references_gate_and_policies_commands(tiny_lm, tmp_path, capsys)
     assert {"spread_pct", "runs", "outliers", "outlier_causes", "long_enough"} <= set(table.columns)
     assert (table["runs"] == 2).all() and table["spread_pct"].notna().all()
     on_demand = table[table["policy"].isin(["lru", "static"])]      # same slice, same routing: same hits
-    assert (on_demand["hit_rate"] - on_demand["sim_hit_rate"]).abs().max() < 1e-9
+    assert (on_demand["hit_rate_all_steps"] - on_demand["sim_hit_rate_all_steps"]).abs().max() < 1e-9
     engine = pd.read_csv(out / "engine.csv")
     assert engine["mode"].tolist() == ["fully-resident", "engine-all-resident"] + ["live"] * 6
     assert engine["runs"].tolist() == [2] * 8

@@ -88,7 +88,11 @@ def test_live_flow_on_cpu(tmp_path, capsys, tiny_lm):
     # engine and simulator drive the same controller on the same routing, static learning from the same
     # training slice in both: on-demand hit rates agree (timing cannot change them)
     lossless = policies[policies["policy"].isin(["lru", "static", "belady"])]
-    assert (lossless["hit_rate"] - lossless["sim_hit_rate"]).abs().max() < 1e-9
+    assert (lossless["hit_rate_all_steps"] - lossless["sim_hit_rate_all_steps"]).abs().max() < 1e-9
+    # hit_rate counts the steps tokens/s counts (the generated tokens'), prompt_hit_rate the prompts'
+    live_rows = rows[rows["mode"] == "live"]
+    assert live_rows["hit_rate"].notna().all() and live_rows["prompt_hit_rate"].notna().all()
+    assert (live_rows["hit_rate"] != live_rows["hit_rate_all_steps"]).any()
     assert policies.loc[policies["lossy"], "top1_agreement"].between(0, 1).all()
     # the simulator's profile is this machine's, calibrated as experiments.validate calibrates: every asked
     # policy's own host work beside LRU's (the broken one's failure recorded, not fatal)
@@ -201,11 +205,13 @@ def test_replay_on_cpu_publishes_the_median_of_interleaved_repeats(tmp_path, cap
     noise(["--report", str(out)])
     assert "session replay-synthetic-L2-E4-k2: 4 configurations" in capsys.readouterr().out
 
-    # the smoke fast path: one cold run each, no warm-up; a configuration measured again replaces its row
+    # the smoke fast path: one cold run each, no warm-up; measured under other settings (--repeats 1, no
+    # --warmup-tokens), the configuration gets a row of its own beside the first, told apart by its settings
     bench(["replay", "--trace", str(trace), "--device", "cpu", "--policies", "lru", "--slots", "2",
            "--max-tokens", "4", "--repeats", "1", "--out", str(out)])
     engine = pd.read_csv(out / "engine.csv")
-    assert engine[["policy", "cache_slots"]].values.tolist() == [["lru", 3], ["oracle", 2], ["oracle", 3], ["lru", 2]]
+    assert engine[["policy", "cache_slots", "repeats", "warmup_tokens"]].values.tolist() == [
+        ["lru", 2, 3, 2], ["lru", 3, 3, 2], ["oracle", 2, 3, 2], ["oracle", 3, 3, 2], ["lru", 2, 1, 4]]
     assert engine["runs"].iloc[-1] == 1 and pd.isna(engine["spread_pct"].iloc[-1])
     assert json.loads((out / "noise_sessions.json").read_text())["replay-synthetic-L2-E4-k2"]["warmups"] == {}
     with pytest.raises(SystemExit) as exit_:     # checked before anything is built
@@ -406,7 +412,8 @@ def test_live_gives_a_policy_its_policy_param_in_every_engine_and_the_simulator(
     policies = pd.read_csv(out / "policies.csv")
     assert sorted(policies["policy"]) == sorted(["lru", label, "oracle policy.cross_tokens=false"])
     mine_row = policies[policies["policy"] == label].iloc[0]       # an on-demand policy: both clocks count alike
-    assert mine_row["hit_rate"] == pytest.approx(mine_row["sim_hit_rate"]) and mine_row["sim_tokens_per_s"] > 0
+    assert mine_row["hit_rate_all_steps"] == pytest.approx(mine_row["sim_hit_rate_all_steps"])
+    assert mine_row["sim_tokens_per_s"] > 0
     assert label in set(pd.read_csv(out / "engine.csv")["policy"])
     timed = load_trace(out / "tiny-lm-oracle-2-timed.npz")     # the timed run: the policy with its parameters
     assert "policy oracle policy.cross_tokens=false, 2 slots" in timed.meta.description

@@ -32,8 +32,13 @@ class EngineRuns:
     ``generated_steps``); ``check(config, result)``: more columns of a measured (not warm-up) run's row,
     from its result (the lossless check, ``TokenCheck``).
 
-    Besides the engine's counts (hit rate, misses, bytes moved, the copies' bandwidth, the GPU's peak
-    memory), a run reports how long the host waited in each layer's routing read-back (the one
+    Besides the engine's counts (``hit_rate`` and ``misses`` over every step the engine ran, prompt steps
+    included, as the simulator counts a replay of the recorded trace and ``experiments.validate`` compares
+    them; bytes moved, the copies' bandwidth, the GPU's peak memory), a run reports the hit rate and misses
+    over the steps its tokens/s counts (``decode_hit_rate``, ``decode_misses``: the ``timed`` steps) and over
+    the others (``prompt_hit_rate``: a live run's prompt steps; NaN where every step is timed), from the
+    controller's counts read at each step's first routing read-back (NaN where they cannot be told apart);
+    and how long the host waited in each layer's routing read-back (the one
     synchronisation per layer; timed by wrapping the model's ``read_routing``, two clock reads per layer)
     and the rest of the step's wall time per layer: the host's own work plus the waits the read-back does
     not see (a copy slot's wait in make_ready, the final logits' read); and where each request's timed
@@ -54,11 +59,16 @@ class EngineRuns:
     def __call__(self, config: Config, warmup: bool) -> RunOutput:
         waits: list[float] = []
         first_ns: list[int] = []        # when the first step reads its first layer's routing
+        counts: list[tuple[int, int, int]] = []     # the controller's counts before each step
+        engines: list[OffloadEngine] = []
         read = self.model.read_routing
+        L = self.shape.num_layers
 
         def timed_read(*args):
             if not waits:
                 first_ns.append(time.monotonic_ns())
+            if engines and len(waits) % L == 0:      # a step's first layer: every earlier step is counted
+                counts.append(_counts(engines[0].ctrl.stats))
             start = time.perf_counter()
             try:
                 return read(*args)
@@ -71,13 +81,14 @@ class EngineRuns:
                 engine = self.engine_for(config)
                 waits.clear()
                 first_ns.clear()
+                engines.append(engine)
                 result = self.decode(engine, warmup)
         finally:
             del self.model.read_routing
         step_ms = np.asarray(result.routing.step_ms, dtype=np.float64)
         timed_ms = np.asarray(self.timed(result), dtype=np.float64)
-        L = self.shape.num_layers
         columns = {k: result.metrics[k] for k in ("hit_rate", "misses", "bytes_moved", "copy_GBps", "gpu_mem_GB")}
+        columns.update(self.split_hits(result, counts))
         nan = float("nan")
         columns.update(routing_wait_ms_per_layer=nan, host_ms_per_layer=nan, host_ms_per_layer_p90=nan)
         if len(waits) == len(step_ms) * L and len(step_ms):    # else the engine no longer reads routing per layer
@@ -91,10 +102,9 @@ class EngineRuns:
         return RunOutput(timed_ms.tolist(), columns, first_ns[0] if first_ns else None,
                          self.timed_request_starts(result))
 
-    def timed_request_starts(self, result: EngineResult) -> list[int] | None:
-        """Where each request's steps begin among the timed steps (``RunOutput.request_starts``, for the
-        halves check), from the engine's ``routing.request_starts``: ``timed`` applied to the step indices
-        says which steps it keeps. None when that cannot be told (``timed`` kept no step, or not in order)."""
+    def timed_indices(self, result: EngineResult) -> np.ndarray | None:
+        """The indices of the steps ``timed`` keeps (``timed`` applied to the step indices), ascending; None
+        when that cannot be told (``timed`` kept no step, read more than the steps, or not in order)."""
         routing = result.routing
         probe = replace(result, routing=replace(routing, step_ms=[float(i) for i in range(len(routing.step_ms))]))
         try:
@@ -103,8 +113,41 @@ class EngineRuns:
             return None
         if not len(kept) or np.any(kept != np.round(kept)) or np.any(np.diff(kept) <= 0):
             return None
+        return kept.astype(np.int64)
+
+    def split_hits(self, result: EngineResult, counts: list[tuple[int, int, int]]) -> dict:
+        """``decode_hit_rate``, ``decode_misses`` (over the ``timed`` steps) and ``prompt_hit_rate`` (over the
+        rest; NaN without any), from ``counts``: the controller's (hits, accesses, misses) before each step.
+        All NaN when there is not one count per step or the timed steps cannot be told."""
+        nan = float("nan")
+        steps = len(result.routing.step_ms)
+        kept = self.timed_indices(result)
+        if len(counts) != steps or kept is None:
+            return {"decode_hit_rate": nan, "decode_misses": nan, "prompt_hit_rate": nan}
+        per_step = np.diff(np.asarray(counts + [_counts(result.stats)], dtype=np.int64), axis=0)   # [steps, 3]
+        timed = np.zeros(steps, dtype=bool)
+        timed[kept] = True
+
+        def rate(rows: np.ndarray) -> float:
+            hits, accesses = rows[:, 0].sum(), rows[:, 1].sum()
+            return float(hits / accesses) if accesses else nan
+        return {"decode_hit_rate": rate(per_step[timed]), "decode_misses": int(per_step[timed, 2].sum()),
+                "prompt_hit_rate": rate(per_step[~timed])}
+
+    def timed_request_starts(self, result: EngineResult) -> list[int] | None:
+        """Where each request's steps begin among the timed steps (``RunOutput.request_starts``, for the
+        halves check), from the engine's ``routing.request_starts`` and ``timed_indices``. None when that
+        cannot be told."""
+        routing = result.routing
+        kept = self.timed_indices(result)
+        if kept is None:
+            return None
         request = np.searchsorted(np.asarray(routing.request_starts), kept, side="right") - 1
         return [0] + (np.flatnonzero(np.diff(request)) + 1).tolist()
+
+
+def _counts(stats) -> tuple[int, int, int]:
+    return stats.hits, stats.accesses, stats.misses
 
 
 def generated_steps(prompts: Sequence[Sequence[int]], new_tokens: int) -> Callable[[EngineResult], list[float]]:
@@ -190,15 +233,60 @@ def measure_session(run: RunFunction, configs: Sequence[Config], repeats: int, o
                     deadline_s: float | None = None, started: float | None = None,
                     errors_to: Path | None = None) -> Report:
     """``configs`` measured by ``run`` under ``discipline(repeats)``; ``on_progress(report)`` after the warm-up,
-    after every run and at the end (the callers write their tables and noise files there). ``deadline_s``:
-    no round starts that would end later than this many seconds after ``started`` (``time.monotonic``).
-    ``errors_to``: a run that raises is reported as the sweep reports it (``error_files``): its traceback
-    goes to ``errors_to/errors/<hash>.txt``, its row's error and the console say the policy's file, line and
-    hook; None: the traceback on stderr."""
-    report = Measurement(run, configs, discipline(repeats), on_progress=on_progress, deadline_s=deadline_s,
-                         started=started, on_error=error_files(errors_to) if errors_to is not None else None).run_all()
+    after every run and at the end (the callers write their tables and noise files there). ``deadline_s``
+    seconds after ``started`` (``time.monotonic``): checked before every warm-up and round
+    (``real.measurement.Measurement``). ``errors_to``: a run that raises is reported as the sweep reports it
+    (``error_files``): its traceback goes to ``errors_to/errors/<hash>.txt``, its row's error and the console
+    say the policy's file, line and hook; None: the traceback on stderr.
+
+    Resume: inside ``real.bench.table.measured_under(settings)`` (without ``settings["fresh"]``), a
+    configuration whose row in ``errors_to``/engine.csv was finished (``finished``) under the same settings
+    and engine code is not measured again: one line says so, its rows stay as they are, and its label is in
+    ``report.info["resumed"]`` (the noise files keep its runs)."""
+    from real.bench.table import current_settings
+    settings = current_settings()
+    if settings is not None and errors_to is not None and not settings.get("fresh"):
+        done = finished(errors_to, settings, configs)
+        for c in configs:
+            if c.label in done:
+                print(f"resumed: {c.label} skipped, measured already under these settings and this engine code "
+                      f"({Path(errors_to) / 'engine.csv'}; --fresh measures it again)", flush=True)
+        skipped = [c.label for c in configs if c.label in done]
+        configs = [c for c in configs if c.label not in done]
+    else:
+        skipped = []
+    if not configs:
+        report = Report(info={"resumed": skipped})
+        on_progress(report)
+        return report
+    measurement = Measurement(run, configs, discipline(repeats), on_progress=on_progress, deadline_s=deadline_s,
+                              started=started, on_error=error_files(errors_to) if errors_to is not None else None)
+    measurement.report.info["resumed"] = skipped
+    report = measurement.run_all()
     on_progress(report)
     return report
+
+
+def finished(out: Path, settings: dict, configs: Sequence[Config]) -> set[str]:
+    """The labels of ``configs`` whose OUT/engine.csv row was measured under ``settings`` with the same engine
+    code (``real.bench.table.measured_rows``) and finished: all ``settings["repeats"]`` runs done (not cut
+    short by a deadline or an interrupt), none failed. A configuration matches a row when each of its fields
+    (mode, policy, cache size) equals the row's column of that name."""
+    from real.bench.table import measured_rows
+
+    def same(a, b) -> bool:
+        def text(v) -> str:
+            return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+        return text(a) == text(b)
+    repeats = settings.get("repeats")
+    rows = [r for r in measured_rows(out, settings)
+            if same(r.get("runs"), repeats) and same(r.get("errors"), 0) and not _truthy(r.get("failed"))]
+    return {c.label for c in configs
+            if any(all(same(r.get(k), v) for k, v in c.fields.items()) for r in rows)}
+
+
+def _truthy(value) -> bool:
+    return value is True or str(value).strip().lower() == "true"
 
 
 def error_files(out: Path) -> Callable[[Config, BaseException], str]:
@@ -259,9 +347,13 @@ def exit_message(problems: list[str], out) -> str:
     return "\n  ".join([head, *problems])
 
 
-_MEDIANS = {"tpot_ms_p50": "step_ms_p50", "tpot_ms_p99": "step_ms_p99", "tokens": "steps", "hit_rate": "hit_rate",
-            "misses": "misses", "bytes_moved": "bytes_moved", "copy_GBps": "copy_GBps", "gpu_mem_GB": "gpu_mem_GB",
-            "host_ms_per_layer": "host_ms_per_layer"}
+# A table's column -> the run column it is the median of. ``hit_rate`` and ``misses`` count the steps the
+# tokens/s counts (a live run's generated tokens); ``hit_rate_all_steps`` every step, prompt steps included (what
+# the simulator's replay of the recorded trace counts, and experiments.validate compares).
+_MEDIANS = {"tpot_ms_p50": "step_ms_p50", "tpot_ms_p99": "step_ms_p99", "tokens": "steps",
+            "hit_rate": "decode_hit_rate", "misses": "decode_misses", "prompt_hit_rate": "prompt_hit_rate",
+            "hit_rate_all_steps": "hit_rate", "bytes_moved": "bytes_moved", "copy_GBps": "copy_GBps",
+            "gpu_mem_GB": "gpu_mem_GB", "host_ms_per_layer": "host_ms_per_layer"}
 
 
 def figures(report: Report) -> dict[str, dict]:
@@ -270,12 +362,17 @@ def figures(report: Report) -> dict[str, dict]:
     ``spread_pct`` ((max - min) / median of those runs; NaN below two runs); ``runs`` and ``errors``
     (runs that raised); ``outliers`` (runs more than the discipline's outlier threshold from the median)
     and ``outlier_causes`` (``cause:count``, 'unexplained' where no disturbance was seen); ``long_enough``
-    (runs whose halves' median steps agree, of the runs); and the median over the runs of the other
-    engine columns (step percentiles, counts, bandwidth, peak memory, host time per layer)."""
+    (runs whose halves' median steps agree, of the runs); ``failed`` (no run succeeded: the figures are NaN
+    because of it) and ``error`` (the first failed run's error line, '' without one); and the median over the
+    runs of the other engine columns (step percentiles, counts over the timed steps and over all steps
+    (``_MEDIANS``), bandwidth, peak memory, host time per layer)."""
     out = {}
     for floor in report.floor():
-        ok = [r for r in report.rows if r["config"] == floor["config"] and not r["error"]]
-        row = {"tokens_per_s": floor["median_tokens_per_s"],
+        runs = [r for r in report.rows if r["config"] == floor["config"]]
+        ok = [r for r in runs if not r["error"]]
+        failed = [r["error"] for r in runs if r["error"]]
+        row = {"failed": not ok, "error": failed[0] if failed else "",
+               "tokens_per_s": floor["median_tokens_per_s"],
                "tpot_ms_mean": 1e3 / floor["median_tokens_per_s"] if floor["n"] else float("nan"),
                "spread_pct": floor["spread_pct"] if floor["n"] > 1 else float("nan"),
                "runs": floor["n"], "errors": floor["errors"], "outliers": floor["outliers"],

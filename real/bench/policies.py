@@ -4,6 +4,7 @@ accuracy cost on held-out text. Every engine figure is the median of interleaved
 (``real.bench.engine_runs``), the all-resident engine measured in the same rounds as the reference."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +22,8 @@ from real.bench.args import PolicyParams
 from real.bench.engine_runs import (FIGURE_COLUMNS, EngineRuns, TokenCheck, error_files, figures, generated_steps,
                                     measure_session, run_problems)
 from real.bench.recording import recorded_on, warm_engine
-from real.bench.table import CONFIG_KEY, IDENTICAL_COLUMN, CsvTable, NoiseFiles, engine_row, engine_table, print_rows
+from real.bench.table import (IDENTICAL_COLUMN, NoiseFiles, correctness_table, engine_row, engine_table, measured_under,
+                              policies_table, print_rows)
 from real.bench.text import decode_mask
 from real.engine import OffloadEngine
 from real.measurement import Config, Report
@@ -29,7 +31,7 @@ from real.record import routing_trace
 from traces import ModelShape, Trace, save_trace
 
 SUMMARY_COLUMNS = ["policy", "cache_slots", "tokens_per_s", "spread_pct", "runs", "outliers", "sim_tokens_per_s",
-                   "hit_rate", "sim_hit_rate", "lossy", "identical_tokens", "held_out_perplexity", "top1_agreement"]
+                   "hit_rate", "hit_rate_all_steps", "sim_hit_rate_all_steps", "lossy", "identical_tokens", "held_out_perplexity", "top1_agreement"]
 ALL_RESIDENT = "engine-all-resident"
 
 
@@ -84,8 +86,24 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
     policies' perplexity and top-1 agreement. A policy that fails is reported in one line with its file, line
     and hook, its traceback in OUT/errors (``error_files``), and the others still run. Returns one line per
     problem: a policy that failed before its runs, a configuration whose runs raised, a lossless configuration
-    whose tokens differ from the reference."""
-    out = Path(out)
+    whose tokens differ from the reference.
+
+    Every row of engine.csv, correctness.csv and policies.csv carries the columns of ``settings`` (the command's
+    resolved config; ``real.bench.table.measured_under``): a row is replaced only by its configuration measured
+    under the same settings, and one finished under them with the same engine code is not measured again
+    (``measure_session``'s resume). ``hit_rate`` counts the generated tokens' steps (those tokens/s counts),
+    ``hit_rate_all_steps`` and ``sim_hit_rate_all_steps`` every step (the simulator replays the prompt steps
+    too)."""
+    with measured_under(settings) if settings is not None else nullcontext():
+        return _measure_policies(host, shape, name, recorded, train, reference_tokens, runs, hardware, predictors_at,
+                                 scored, Path(out), simulate, deadline_s, started, settings)
+
+
+def _measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train: Trace,
+                      reference_tokens: list[list[int]], runs: PolicyRuns, hardware: HardwareProfile,
+                      predictors_at: Callable[[int], dict], scored: list[list[int]], out: Path,
+                      simulate: Simulate, deadline_s: float | None, started: float | None,
+                      settings: dict | None) -> list[str]:
     prompts, new_tokens = recorded.meta.extra["prompts"], recorded.meta.extra["new_tokens"]
     mask = decode_mask(recorded, prompts)
     smallest = min(runs.cache_slots)
@@ -141,8 +159,7 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
     run = EngineRuns(host, shape, engine_for,
                      decode=lambda e, warmup: e.generate(prompts[:1] if warmup else prompts, new_tokens),
                      timed=generated_steps(prompts, new_tokens), check=check)
-    engines, summary = engine_table(out), CsvTable(out / "policies.csv", keep=False)
-    correctness = CsvTable(out / "correctness.csv", keep=True, key=CONFIG_KEY)
+    engines, summary, correctness = engine_table(out), policies_table(out), correctness_table(out)
     files = NoiseFiles(out, f"live-{name}", settings or {})
 
     def progress(report: Report) -> None:
@@ -161,7 +178,7 @@ def measure_policies(host, shape: ModelShape, name: str, recorded: Trace, train:
     resident = [r for r in engines.rows[len(engines.kept):] if r["mode"] == ALL_RESIDENT]
     print_rows(resident, ["model", "mode", "cache_slots", "tokens_per_s", "spread_pct", "runs", "outliers",
                           "outlier_causes"])
-    print_rows(summary.rows, SUMMARY_COLUMNS)
+    print_rows(summary.rows[len(summary.kept):], SUMMARY_COLUMNS)
 
     timed = label(runs.timed_policy)
     if timed in prepared:       # an offloaded run's copies, stalls and layer times, as a trace
@@ -195,7 +212,9 @@ def _summary(config: Config, found: dict, report: Report, predicted: dict, prepa
     checked = _checked(config.label, report)
     return {"policy": policy, "cache_slots": slots, "tokens_per_s": found["tokens_per_s"],
             **{k: found[k] for k in FIGURE_COLUMNS},
-            "sim_tokens_per_s": sim_decode["tokens_per_s"], "hit_rate": found["hit_rate"], "sim_hit_rate": sim_hit_rate,
+            "sim_tokens_per_s": sim_decode["tokens_per_s"], "hit_rate": found["hit_rate"],
+            "hit_rate_all_steps": found["hit_rate_all_steps"], "sim_hit_rate_all_steps": sim_hit_rate,
+            "failed": found["failed"], "error": found["error"],
             "lossy": not policy_cls.lossless,
             "identical_tokens": all(r["identical_tokens"] for r in checked) if checked else None,
             "held_out_perplexity": accuracy["perplexity"], "top1_agreement": accuracy["top1_agreement"],

@@ -8,12 +8,13 @@ tool would run; one run: seconds per token)."""
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from real.bench.engine_runs import figures, generated_of, measure_session, run_problems
-from real.bench.table import FULLY_RESIDENT, NoiseFiles, engine_row, engine_table, print_rows
+from real.bench.table import FULLY_RESIDENT, NoiseFiles, engine_row, engine_table, measured_under, print_rows
 from real.measurement import Config, Report, RunOutput
 from real.model import MoEModel, quiet_gc
 
@@ -84,9 +85,21 @@ def measure_fully_resident(resident: MoEModel, name: str, prompts: list[list[int
                            settings: dict | None = None) -> tuple[list[list[int]] | None, Report, list[str]]:
     """The fully-resident reference's figure (every expert on ``resident``'s device): ``repeats`` runs of
     ``ResidentRuns`` (``measure_session``). Writes, after every run, its OUT/engine.csv row (mode
-    ``fully-resident``: the median, spread, runs, outliers) after the rows already there, and the session
-    ``references-<name>`` of OUT's noise files. Returns (the first measured run's tokens, None if every run
-    failed; the report; one line per failed run, or per run whose tokens differ from the first's)."""
+    ``fully-resident``: the median, spread, runs, outliers; the columns of ``settings``, the command's
+    resolved config: ``real.bench.table.measured_under``) after the rows already there, and the session
+    ``references-<name>`` of OUT's noise files. A row finished under the same settings and engine code is not
+    measured again (``measure_session``'s resume): one untimed decode gives the tokens. Returns (the first
+    measured run's tokens, None if every run failed or the deadline stopped the session before its first run,
+    ``report.info["stopped"]`` saying so; the report; one line per failed run, or per run whose
+    tokens differ from the first's)."""
+    with measured_under(settings) if settings is not None else nullcontext():
+        return _measure_fully_resident(resident, name, prompts, new_tokens, out, repeats, deadline_s, started,
+                                       settings)
+
+
+def _measure_fully_resident(resident: MoEModel, name: str, prompts: list[list[int]], new_tokens: int, out: Path,
+                            repeats: int, deadline_s: float | None, started: float | None,
+                            settings: dict | None) -> tuple[list[list[int]] | None, Report, list[str]]:
     resident.capture_graphs()
     config = Config({"mode": FULLY_RESIDENT, "policy": "none", "cache_slots": resident.config.num_experts})
     runs = ResidentRuns(resident, prompts, new_tokens)
@@ -103,6 +116,8 @@ def measure_fully_resident(resident: MoEModel, name: str, prompts: list[list[int
         table.replace(rows(report))
 
     report = measure_session(runs, [config], repeats, progress, deadline_s, started, errors_to=out)
+    if not report.rows and "stopped" not in report.info:     # resumed (not stopped by the deadline): its row stays
+        return fully_resident(resident, prompts, new_tokens)[0], report, []
     print_rows(rows(report), ["model", "mode", "tokens_per_s", "spread_pct", "runs", "outliers", "outlier_causes",
                               "gpu_mem_GB"])
     problems = run_problems(report) + [
