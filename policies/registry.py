@@ -61,17 +61,25 @@ def _innermost(tb, source: Path) -> traceback.FrameSummary | None:
     return frames[-1] if frames else None
 
 
-def _load_site(err: BaseException, source: Path | None) -> str:
+def _load_site(err: BaseException, source: Path | None, module_file: str | None = None) -> str:
     """Where loading a policy's module failed: the file and line of a syntax error, else the deepest
-    frame in ``source`` (the policy file) or, without one, the deepest frame of all."""
+    frame in ``source`` (the policy file) or, without one, the deepest frame outside the standard library and
+    site-packages; with no such frame (a
+    file that does not compile as Python text, its null bytes, say) the file alone: ``source`` or
+    ``module_file`` (the module's, given as module:Class)."""
     if isinstance(err, SyntaxError) and err.filename:
         return f"{err.filename}:{err.lineno}"
     if source is not None:
         frame = _innermost(err.__traceback__, source)
     else:
         frames = traceback.extract_tb(err.__traceback__)
-        frame = next((f for f in reversed(frames) if not f.filename.startswith("<frozen")), None)
-    return f"{frame.filename}:{frame.lineno}" if frame is not None else "?"
+        # not the import machinery's frames (a module that does not compile raises in importlib) nor this one's
+        frame = next((f for f in reversed(frames) if not f.filename.startswith("<frozen")
+                      and Path(f.filename).resolve() != Path(__file__).resolve()
+                      and not any(Path(f.filename).resolve().is_relative_to(lib) for lib in _LIBRARIES)), None)
+    if frame is not None:
+        return f"{frame.filename}:{frame.lineno}"
+    return str(source or module_file or "?")
 
 
 @contextlib.contextmanager
@@ -207,8 +215,8 @@ def _import_module(spec: str, where: str):
         raise PolicyLoadError(f"{_load_site(err, None)}: policy module {where!r} does not load: "
                               f"{_one_line(err)}; install the missing module or fix the import") from None
     except (Exception, SystemExit) as err:  # noqa: BLE001  (whatever the module raises is reported as one line)
-        raise PolicyLoadError(f"{_load_site(err, None)}: policy module {where!r} does not load: "
-                              f"{_one_line(err)}; fix the module") from None
+        raise PolicyLoadError(f"{_load_site(err, None, _module_file(where))}: policy module {where!r} does not "
+                              f"load: {_one_line(err)}; fix the module") from None
 
 
 def resolve_policy(spec: str) -> type[Policy]:

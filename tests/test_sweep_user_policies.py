@@ -80,6 +80,24 @@ def test_system_exit_while_a_policy_file_loads_is_one_line(tmp_path):
         resolve_policy(f"{policy}:Mine")
 
 
+def test_a_policy_file_that_is_not_python_text_is_named(tmp_path, monkeypatch):
+    """A file with null bytes (a binary saved as .py) fails to compile before any of its lines runs: the line
+    named it "?" (a file given as FILE.py:Class) or importlib's own file (as module:Class); it names the file."""
+    policy = tmp_path / "nulls.py"
+    policy.write_bytes(b"class Mine:\n    pass\n\x00\x01\n")
+    with pytest.raises(PolicyLoadError, match=rf"^{policy}: policy file {policy} does not load: SyntaxError: .*null"):
+        resolve_policy(f"{policy}:Mine")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PolicyLoadError, match=rf"^{policy}: policy module 'nulls' does not load: SyntaxError: .*null"):
+        resolve_policy("nulls:Mine")
+    # A module that raises while it loads is still named at the line that raised, in the module it imported.
+    (tmp_path / "raises_helper.py").write_text("x = 1\nraise RuntimeError('boom')\n")
+    (tmp_path / "imports_raising.py").write_text("import raises_helper\n")
+    with pytest.raises(PolicyLoadError, match=rf"^{tmp_path / 'raises_helper.py'}:2: policy module 'imports_raising' "
+                                              r"does not load: RuntimeError: boom"):
+        resolve_policy("imports_raising:Mine")
+
+
 # -- exceptions from the constructor: found before anything runs --------------------------------------
 
 CONSTRUCTORS = '''from policies.lru import LRU
