@@ -75,3 +75,64 @@ def test_without_a_calibration_host_loop_there_is_no_same_host_figure():
     t = report.rows([(_engine(runs), SIM)]).iloc[0]
     assert t["runs_same_host"] == 0 and math.isnan(t["measured_same_host"]) and math.isnan(t["calibration_host_ms"])
     assert "host state" not in report.summary(report.rows([(_engine(runs), SIM)]), [])
+
+
+def test_a_policy_is_filed_by_the_hooks_its_class_overrides_whoever_wrote_it(tmp_path):
+    """``family`` reads the class: a user's policy file that only chooses victims is on-demand like LRU (it was
+    filed under prefetching for not being a built-in), one that overrides ``prefetch`` is prefetching, one that is
+    not lossless is lossy; the built-ins keep their families, the oracle under any spelling of it."""
+    mine = tmp_path / "my_policy.py"
+    mine.write_text(
+        "from offload.policy import Policy\nfrom policies.lru import LRU\n\n\n"
+        "class Victims(Policy):\n    def choose_victim(self, scope, cache, job):\n"
+        "        return next(iter(cache.evictable(scope)), None)\n\n\n"
+        "class MyLRU(LRU):\n    pass\n\n\n"
+        "class Ahead(LRU):\n    def prefetch(self, access):\n        return []\n\n\n"
+        "class Skips(LRU):\n    lossless = False\n")
+    families = {name: report.family(f"{mine}:{name}") for name in ("Victims", "MyLRU", "Ahead", "Skips")}
+    assert families == {"Victims": "on-demand", "MyLRU": "on-demand", "Ahead": "prefetching", "Skips": "lossy"}
+    builtin = {p: report.family(p) for p in ("lru", "lfu", "fifo", "static", "belady", "oracle", "affinity",
+                                             "mixtral-offloading", "lookahead", "speculating-experts",
+                                             "speculating-experts-lossy", "policies.oracle_prefetch:OraclePrefetch")}
+    assert builtin == {"lru": "on-demand", "lfu": "on-demand", "fifo": "on-demand", "static": "on-demand",
+                       "belady": "on-demand", "oracle": "bound", "affinity": "prefetching",
+                       "mixtral-offloading": "prefetching", "lookahead": "prefetching",
+                       "speculating-experts": "prefetching", "speculating-experts-lossy": "lossy",
+                       "policies.oracle_prefetch:OraclePrefetch": "bound"}
+
+
+def test_a_configurations_label_names_its_policy_parameters_in_a_stable_order():
+    """Two configurations of one policy at other parameters (two slices of one shape) get two labels, the sweep's
+    ``oracle policy.cross_tokens=false`` in each, parameters sorted by name; the ranking tells them apart; a policy
+    without parameters keeps its plain label (stored bundles' labels unchanged)."""
+    plain, _ = _pair_of("a", "oracle", {}, 100.0, 100.0)
+    given, _ = _pair_of("b", "oracle", {"lookahead": 2, "cross_tokens": False}, 90.0, 120.0)
+    table = report.rows([(plain, SIM), (given, SIM)])
+    assert sorted(set(table["config"])) == ["a:oracle:4", "b:oracle policy.cross_tokens=false policy.lookahead=2:4"]
+    t = table[table["metric"] == "tokens_per_s"].set_index("slice")
+    assert t.loc["b", "policy_label"] == "oracle policy.cross_tokens=false policy.lookahead=2"
+    assert t.loc["a", "policy_label"] == "oracle" and t.loc["a", "policy_params"] == ""
+    pairs = [_pair_of("a", "lru", {}, 100.0, 90.0), _pair_of("a", "mixtral-offloading", {}, 80.0, 100.0),
+             _pair_of("b", "mixtral-offloading", {"min_score": 0.5}, 120.0, 95.0)]
+    ranked = report.ranking(report.rows(pairs)).iloc[0]
+    assert ranked["sim_fastest"] == "mixtral-offloading"
+    assert ranked["engine_fastest"] == "mixtral-offloading policy.min_score=0.5"
+    assert not ranked["same_policy"]
+
+
+def test_summary_only_results_keep_their_keys_and_their_parameters():
+    """``import_summary`` keys a result by its configuration's fields, as before for a policy without parameters,
+    and gives a parameterised one its parameters back (its label) and a key of its own."""
+    table = report.rows([_pair_of("s", "oracle", {}, 100.0, 100.0),
+                         _pair_of("s", "oracle", {"cross_tokens": False}, 90.0, 100.0, slots=4)])
+    imported = report.import_summary(table, "runs lost")
+    assert imported[0]["key"] == "summary-s-oracle-4" and imported[0]["policy_params"] == {}
+    assert imported[1]["key"].startswith("summary-s-oracle-4-") and imported[1]["policy_params"] == {"cross_tokens": False}
+    again = report.rows([(engine, SIM) for engine in imported])
+    assert again["config"].tolist() == table["config"].tolist()
+
+
+def _pair_of(slice_name, policy, params, measured, predicted, slots=4):
+    engine = {**_engine([_run(measured), _run(measured)], policy=policy, slots=slots), "slice": slice_name,
+              "policy_params": params}
+    return engine, {**SIM, "tokens_per_s": predicted}

@@ -2,8 +2,9 @@
 predicted-against-measured plot (``plots.validation``).
 
 ``validation.csv`` has one row per configuration and metric (``tokens_per_s``, ``hit_rate``, ``misses``):
-``config`` (its label), every configuration column (slice, shape, mode, policy, family, cache_slots,
-precision), ``predicted`` (the simulator), ``measured`` (the engine: median of its runs), ``abs_err_pct``
+``config`` (its label, ``config_label``: slice, policy with the parameters the slice gives it, cache size), every
+configuration column (slice, shape, mode, policy, ``policy_label`` (the policy with its parameters, as the sweep
+names it), ``policy_params`` (those parameters as JSON, empty for none), family, cache_slots, precision), ``predicted`` (the simulator), ``measured`` (the engine: median of its runs), ``abs_err_pct``
 (|predicted - measured| / measured, %), and for tokens/s the engine's noise floor ``noise_floor_pct``
 (max - min over median of the runs, ``real.measurement``), ``runs``, ``measured_min``/``measured_max`` and
 ``within_noise`` (the error is no larger than the floor), and beside them, never instead, the same figure over
@@ -15,18 +16,24 @@ state during the runs rather than the model. Where the slice's calibration recor
 (``measured_same_host``: both of a run's host calibration loops within ``SAME_HOST_PCT`` of the calibration's
 median; ``runs_same_host``, ``signed_err_same_host_pct``): what the profile's host constants were measured in.
 
-Policy families: ``on-demand`` (no prefetch: the built-in LRU, LFU, FIFO, static, Belady; their hits do
-not depend on timing, so both clocks must count them identically), ``bound`` (the oracle),
-``prefetching`` (trace-based or predictive prefetch), ``lossy`` (runs other experts than routed).
+Policy families (``family``), from what the policy's class is, whoever wrote it: ``lossy`` (``lossless`` False: runs
+other experts than routed), ``bound`` (the oracle, ``policies.oracle_prefetch.OraclePrefetch``), ``prefetching``
+(overrides the ``prefetch`` hook: trace-based or predictive prefetch), ``on-demand`` (keeps the base class's
+``prefetch``, which never prefetches: LRU, LFU, FIFO, static, Belady, and a user's policy that only chooses victims;
+their hits do not depend on timing, so both clocks must count them identically).
 """
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
 
+from experiments.config import policy_label as sweep_policy_label
+from offload.policy import Policy
 from policies.registry import resolve_policy
 from real.measurement import _PERTURBATIONS as PERTURBATIONS     # the causes from outside the engine's own work
-from sim.fast_path import kernel_for
+from validation.store import digest
 
 METRICS = ("tokens_per_s", "hit_rate", "misses")
 # a run is in the calibration's host state when both its host calibration loops are within this of the
@@ -47,12 +54,26 @@ def calibration_host_ms(calibration: dict | None) -> float | None:
 
 
 def family(policy: str) -> str:
+    """The policy's family (module docstring), from its class: a user's policy file is filed by what it overrides,
+    as a built-in one is, not by its name."""
     cls = resolve_policy(policy)
     if not cls.lossless:
         return "lossy"
-    if kernel_for(cls) is not None:
-        return "on-demand"
-    return "bound" if policy == "oracle" else "prefetching"
+    if cls is resolve_policy("oracle"):
+        return "bound"
+    return "on-demand" if cls.prefetch is Policy.prefetch else "prefetching"
+
+
+def policy_label(policy: str, params: dict | None = None) -> str:
+    """``policy`` with the parameters given to it, sorted by name, as the sweep and the engine commands name it
+    (``oracle policy.cross_tokens=false``); its name alone when it is given none."""
+    return sweep_policy_label(policy, sorted((params or {}).items()))
+
+
+def config_label(slice_name: str, policy: str, params: dict | None, slots: int) -> str:
+    """A configuration's label: ``slice:policy:slots``, the policy with its parameters (``policy_label``), so two
+    configurations of one policy at other parameters are told apart."""
+    return f"{slice_name}:{policy_label(policy, params)}:{slots}"
 
 
 def _spread_pct(values: list[float]) -> float:
@@ -92,10 +113,14 @@ def import_summary(table: pd.DataFrame, note: str) -> list[dict]:
     """Engine results holding only the figures of an earlier ``validation.csv`` (its measured columns), for
     configurations whose runs did not survive: ``note`` says why. Predictions are recomputed from them."""
     out = []
-    for config, g in table.groupby("config", sort=False):
+    for _, g in table.groupby("config", sort=False):
         by = {r.metric: r for r in g.itertuples()}
         t = by["tokens_per_s"]
-        out.append({"key": f"summary-{config.replace(':', '-')}", "slice": t.slice, "policy": t.policy,
+        params = _params_of(getattr(t, "policy_params", None))
+        # keyed by the configuration's fields, not its label: the keys of tables without parameters stay as they were
+        key = f"summary-{t.slice}-{t.policy}-{int(t.cache_slots)}".replace(":", "-") + (
+            f"-{digest(params)[:8]}" if params else "")
+        out.append({"key": key, "slice": t.slice, "policy": t.policy, "policy_params": params,
                     "cache_slots": int(t.cache_slots), "mode": t.mode, "shape": t.shape, "precision": t.precision,
                     "runs": [], "note": note,
                     "summary": {"tokens_per_s": t.measured, "hit_rate": by["hit_rate"].measured,
@@ -104,18 +129,27 @@ def import_summary(table: pd.DataFrame, note: str) -> list[dict]:
     return out
 
 
+def _params_of(text) -> dict:
+    """A ``policy_params`` cell of ``validation.csv`` (JSON) as a dict; {} for an empty cell or a table from before
+    the column."""
+    return json.loads(text) if isinstance(text, str) and text else {}
+
+
 def rows(pairs: list[tuple[dict, dict]], host_ms: dict[str, float | None] | None = None) -> pd.DataFrame:
     """The long table from (engine result, prediction) pairs; ``host_ms``: per slice, its calibration's host
-    loop (``calibration_host_ms``), for the runs in the calibration's host state."""
+    loop (``calibration_host_ms``), for the runs in the calibration's host state. An engine result's
+    ``policy_params`` (the parameters its slice gave the policy) enter its label."""
     out = []
     for engine, sim in pairs:
         cal_host = (host_ms or {}).get(engine["slice"])
         m = measured(engine, cal_host)
+        params = engine.get("policy_params") or {}
         columns = {"slice": engine["slice"], "shape": engine["shape"], "mode": engine["mode"],
-                   "policy": engine["policy"], "family": family(engine["policy"]),
-                   "cache_slots": engine["cache_slots"], "precision": engine["precision"],
-                   "compute_basis": sim.get("compute_basis")}
-        label = f"{engine['slice']}:{engine['policy']}:{engine['cache_slots']}"
+                   "policy": engine["policy"], "policy_label": policy_label(engine["policy"], params),
+                   "policy_params": json.dumps(params, sort_keys=True) if params else "",
+                   "family": family(engine["policy"]), "cache_slots": engine["cache_slots"],
+                   "precision": engine["precision"], "compute_basis": sim.get("compute_basis")}
+        label = config_label(engine["slice"], engine["policy"], params, engine["cache_slots"])
         for metric in METRICS:
             v, p = m[metric], float(sim[metric])
             err = 100 * abs(p - v) / v if v else (0.0 if p == v else float("inf"))
@@ -146,9 +180,9 @@ def ranking(table: pd.DataFrame) -> pd.DataFrame:
         eng_pick = g.loc[g["measured"].idxmax()]
         gap = 100 * (eng_pick["measured"] - sim_pick["measured"]) / eng_pick["measured"]
         floor = np.nanmax([sim_pick["noise_floor_pct"], eng_pick["noise_floor_pct"], 0.0])   # no floor: 0
-        same = sim_pick["policy"] == eng_pick["policy"]
-        out.append({"shape": shape, "cache_slots": slots, "sim_fastest": sim_pick["policy"],
-                    "engine_fastest": eng_pick["policy"], "gap_pct": gap, "noise_floor_pct": floor,
+        same = sim_pick["policy_label"] == eng_pick["policy_label"]      # one policy at other parameters is another
+        out.append({"shape": shape, "cache_slots": slots, "sim_fastest": sim_pick["policy_label"],
+                    "engine_fastest": eng_pick["policy_label"], "gap_pct": gap, "noise_floor_pct": floor,
                     "same_policy": same, "same_or_within_noise": same or gap <= floor})
     return pd.DataFrame(out)
 

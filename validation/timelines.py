@@ -86,6 +86,7 @@ from hardware.profile import HardwareProfile
 from policies.registry import resolve_policy
 from traces import load_trace
 from validation.engine_side import SliceInputs, stored_result
+from validation.report import config_label, policy_label
 from validation.scenario import Slice
 from validation.store import Store
 
@@ -246,10 +247,11 @@ class Config:
     miss_layers_differ: int
     routing_differs: int
     note: str = ""
+    policy_params: dict = dataclasses.field(default_factory=dict)    # what the slice gives the policy
 
     @property
     def label(self) -> str:
-        return f"{self.slice}:{self.policy}:{self.cache_slots}"
+        return config_label(self.slice, self.policy, self.policy_params, self.cache_slots)
 
     @property
     def marks_us_per_layer(self) -> float:
@@ -295,8 +297,9 @@ def compare_config(sl: Slice, inputs: SliceInputs, result: dict, profile: Hardwa
         if np.asarray(stored["token_ns"], np.int64).tolist() != np.asarray(run.token_ns, np.int64)[mask].tolist():
             notes.append("this replay differs from the stored prediction (profile or simulator changed since: "
                          "run --predict-only)")
-    return _pair(sl.name, policy, slots, eng, sim, inputs.mask, timed.experts, inputs.timed.experts,
+    pair = _pair(sl.name, policy, slots, eng, sim, inputs.mask, timed.experts, inputs.timed.experts,
                  measured(result)["tokens_per_s"], float(stored["tokens_per_s"]) if stored else float("nan"), notes)
+    return dataclasses.replace(pair, policy_params=sl.params_of(policy))
 
 
 def calibration_configs(sl: Slice, store: Store, profile: HardwareProfile) -> tuple[list[Config], dict]:
@@ -435,7 +438,7 @@ def compact(configs: list[Config], extra: dict | None = None) -> str:
     miss layers' parts, the per-step parts) and a line splitting the difference, with the measured repeats."""
     rows, spans = [], []
     for c in configs:
-        name = f"{c.policy}@{c.cache_slots}"
+        name = f"{policy_label(c.policy, c.policy_params)}@{c.cache_slots}"
         rows += [_row(name, "engine", c.engine), _row(name, "sim", c.sim)]
         spans.append(c)
     if not rows:
