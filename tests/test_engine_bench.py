@@ -417,3 +417,30 @@ def test_live_gives_a_policy_its_policy_param_in_every_engine_and_the_simulator(
     assert label in set(pd.read_csv(out / "engine.csv")["policy"])
     timed = load_trace(out / "tiny-lm-oracle-2-timed.npz")     # the timed run: the policy with its parameters
     assert "policy oracle policy.cross_tokens=false, 2 slots" in timed.meta.description
+
+
+@needs_corpus
+def test_live_resumes_what_finished_and_stops_at_the_deadline_before_the_calibration(tmp_path, capsys, monkeypatch,
+                                                                                     tiny_lm):
+    """Run again with the same settings and code, live skips the configurations finished (the reference decodes
+    once, untimed, for its tokens); a deadline passed before the calibration stops it there, cleanly, keeping
+    what finished."""
+    import experiments.engine_bench as engine_bench
+    out = tmp_path / "bench"
+    argv = ["live", "--model", str(tiny_lm), "--out", str(out), "--device", "cpu", "--repeats", "1", "--prompts", "1",
+            "--prompt-len", "4", "--new-tokens", "3", "--slots", "2", "--policies", "lru", "--train-prompts", "1",
+            "--score-seqs", "1", "--score-len", "8", *GATE_ARGS]
+    engine_bench.main(argv)
+    first = pd.read_csv(out / "engine.csv")
+    capsys.readouterr()
+    engine_bench.main(argv)
+    printed = capsys.readouterr().out
+    assert printed.count("resumed: ") == 3 and " round 0" not in printed
+    assert pd.read_csv(out / "engine.csv")["tokens_per_s"].tolist() == first["tokens_per_s"].tolist()
+    monkeypatch.setattr(engine_bench, "deadline_passed", lambda args: True)
+    engine_bench.main([*argv, "--fresh", "--prompt-len", "5", "--deadline-s", "600"])   # other settings: own rows
+    printed = capsys.readouterr().out
+    assert "passed before the calibration; not done: the calibration and every policy's runs" in printed
+    engine = pd.read_csv(out / "engine.csv")
+    assert engine[["mode", "prompt_len_tokens"]].values.tolist() == [
+        ["fully-resident", 4], ["engine-all-resident", 4], ["live", 4], ["fully-resident", 5]]
