@@ -197,3 +197,13 @@ def test_a_live_runs_hit_rate_counts_the_generated_steps_and_the_prompts_apart()
     assert whole.columns["decode_hit_rate"] == whole.columns["hit_rate"]
     assert whole.columns["decode_misses"] == whole.columns["misses"]
     assert whole.columns["prompt_hit_rate"] != whole.columns["prompt_hit_rate"]       # NaN: no untimed step
+
+
+@pytest.mark.parametrize("mode", ["live", "replay"])
+def test_the_help_says_what_the_deadline_bounds_and_offers_fresh(mode, capsys):
+    from experiments.engine_bench import main as bench
+    with pytest.raises(SystemExit):
+        bench([mode, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "before every configuration's warm-up" in text and "before the first round" in text
+    assert "--fresh" in text
