@@ -207,3 +207,21 @@ def test_the_help_says_what_the_deadline_bounds_and_offers_fresh(mode, capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "before every configuration's warm-up" in text and "before the first round" in text
     assert "--fresh" in text
+
+
+def test_rows_of_a_command_that_records_no_engine_code_are_never_taken_as_measured(tmp_path):
+    """experiments.references and measure_policies pass their settings but no engine code: their rows carry the
+    settings (told apart, replaced under the same ones) and read 'unrecorded' as their code, so a resumed command
+    measures them again."""
+    from real.bench.table import engine_table, measured_rows
+    settings = {"device": "cpu", "dtype": "float32", "repeats": 1, "prompt_len": 4, "out": "x"}
+    engine_table(tmp_path, settings).add({"model": "m", "mode": "fully-resident", "policy": "none", "cache_slots": 4,
+                                          "tokens_per_s": 1.0, "runs": 1, "errors": 0})
+    row = pd.read_csv(tmp_path / "engine.csv").iloc[0]
+    assert row["engine_code"] == "unrecorded" and row["prompt_len_tokens"] == 4 and '"out"' not in row["settings"]
+    assert measured_rows(tmp_path, settings) == []
+    assert len(measured_rows(tmp_path, {**settings, "engine_code": "abc"})) == 0
+    engine_table(tmp_path, {**settings, "engine_code": "abc"}).add({"model": "m", "mode": "fully-resident",
+                                                                     "policy": "none", "cache_slots": 4, "runs": 1})
+    assert len(pd.read_csv(tmp_path / "engine.csv")) == 1       # same settings: replaced, now with its code
+    assert len(measured_rows(tmp_path, {**settings, "engine_code": "abc"})) == 1

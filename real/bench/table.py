@@ -76,12 +76,12 @@ _UNDER: ContextVar[dict | None] = ContextVar("measured_under", default=None)
 def setting_columns(settings: dict) -> dict:
     """The columns a row measured under a command's ``settings`` (its resolved config, plain values) carries:
     ``settings``, the JSON (sorted keys) of every setting but the ``UNMEASURED`` ones; ``engine_code``, the
-    digest of the engine's code the command measured with (``settings["engine_code"]``, '' where the command
-    did not record one: such a row is never taken as already measured); and ``READABLE_SETTINGS``' columns
+    digest of the engine's code the command measured with (``settings["engine_code"]``; ``UNRECORDED`` where
+    the command did not record one: such a row is never taken as already measured); and ``READABLE_SETTINGS``' columns
     for the settings the command has."""
     measured = {k: v for k, v in sorted(settings.items()) if k not in UNMEASURED}
     return {SETTINGS_COLUMN: json.dumps(measured, sort_keys=True, default=str),
-            CODE_COLUMN: settings.get("engine_code") or "",
+            CODE_COLUMN: settings.get("engine_code") or UNRECORDED,
             **{column: settings[k] for k, column in READABLE_SETTINGS.items() if k in settings}}
 
 
@@ -211,11 +211,11 @@ def engine_row(model: str, mode: str, policy: str, slots: int, figures: dict) ->
 
 def measured_rows(out: Path, settings: dict) -> list[dict]:
     """The rows of OUT/engine.csv measured under ``settings`` (the same ``settings`` column) with the same
-    engine code (a non-empty ``settings["engine_code"]``): what a resumed command need not measure again. No
-    file, or no code recorded: none."""
+    engine code (``settings["engine_code"]``): what a resumed command need not measure again. No file, or no
+    code recorded: none."""
     path = Path(out) / "engine.csv"
     stamp = setting_columns(settings)
-    if not stamp[CODE_COLUMN] or not path.exists():
+    if stamp[CODE_COLUMN] == UNRECORDED or not path.exists():
         return []
     rows = read_table(path).to_dict("records")
     return [r for r in rows if r.get(SETTINGS_COLUMN) == stamp[SETTINGS_COLUMN]
