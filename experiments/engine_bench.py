@@ -35,8 +35,8 @@ in the simulator (OUT/policies.csv). ``replay`` replays a trace's requests after
 is the training slice, as the sweep does (session ``replay-<shape>``; OUT/engine.csv). Both write
 OUT/resolved_config-engine_bench-<mode>.yaml and check every value before measuring anything.
 
-Settings: every row of OUT/engine.csv, correctness.csv and policies.csv records the settings it was measured
-under: ``settings`` (JSON of every setting but where results go, which configurations, --deadline-s and
+Settings: every row of OUT/engine.csv and policies.csv (and live's rows of correctness.csv) records the settings
+it was measured under: ``settings`` (JSON of every setting but where results go, which configurations, --deadline-s and
 --fresh), ``engine_code`` (a digest of the engine's code and real/bench), and columns of their own for device,
 dtype, repeats, checkpoint, prompts, prompt_len_tokens, new_tokens, max_tokens, warmup_tokens, trace,
 trace_sha256 and shape (those the command has). A row is replaced only by its configuration re-measured under
