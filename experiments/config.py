@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -119,6 +120,8 @@ def check_key(key: str) -> None:
     raise ConfigError(f"unknown key {key!r}; valid keys: {valid_keys_text()}")
 
 
+# Keys whose value may be a path (a policy's FILE.py:Class, a hardware profile's YAML): ~ is the home folder.
+_PATH_KEYS = ("trace", "policy", "hardware")
 # A field's type as the value to give it is named in a message.
 _KIND_TEXT = {int: "an integer", float: "a number", str: "a string"}
 
@@ -143,7 +146,8 @@ def coerce(key: str, value: Any) -> Any:
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if isinstance(value, str):
-        return value
+        # A shell expands ~ in a word's start only: zsh and sh leave trace=~/t.npz as it is, and so does YAML.
+        return os.path.expanduser(value) if key in _PATH_KEYS else value
     raise ConfigError(f"{key}: expected a string, got {value!r}")
 
 

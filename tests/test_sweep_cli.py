@@ -404,3 +404,19 @@ def test_a_prefetching_policy_without_a_measured_decision_time_is_named(tmp_path
             for p in ("lru", "fifo", "oracle", f"{mine}:MyOracle")]
     [note] = compute_notes(grid)
     assert "decision time per layer of" in note and "OraclePrefetch" in note and "not of MyOracle" in note
+
+
+def test_a_path_under_the_home_folder_may_be_given_with_a_tilde(trace_path, tmp_path, monkeypatch):
+    """zsh and sh leave trace=~/t.npz unexpanded (a shell expands ~ at a word's start), and so does a YAML
+    scenario: the sweep said there was no such trace file."""
+    import shutil
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(trace_path, tmp_path / "t.npz")
+    (tmp_path / "mine.py").write_text("from policies.lru import LRU\n\n\nclass Mine(LRU):\n    pass\n")
+    (tmp_path / "s.yaml").write_text("trace: ~/t.npz\n")
+    spec = build_spec(["policy=~/mine.py:Mine,lru", "hardware=h100-pcie5"], tmp_path / "s.yaml")
+    assert spec.to_dict()["trace"] == [str(tmp_path / "t.npz")]
+    assert spec.to_dict()["policy"] == [f"{tmp_path / 'mine.py'}:Mine", "lru"]
+    from experiments.sweep import main
+    assert main(["trace=~/t.npz", "policy=~/mine.py:Mine", "cache_slots=2", "max_tokens=50", "--out",
+                 tmp_path / "out", "--no-plots", "--workers", "1"]) == 0
