@@ -24,7 +24,7 @@ HF_CONFIG = {"model_type": "mixtral", "vocab_size": SHAPE.vocab_size, "hidden_si
              "intermediate_size": SHAPE.expert_intermediate_size, "num_hidden_layers": SHAPE.num_layers,
              "num_attention_heads": SHAPE.num_attention_heads, "num_key_value_heads": SHAPE.num_kv_heads,
              "head_dim": SHAPE.head_dim, "num_local_experts": SHAPE.num_experts,
-             "num_experts_per_tok": SHAPE.top_k, "max_position_embeddings": 64}
+             "num_experts_per_tok": SHAPE.top_k, "max_position_embeddings": 256}
 CPU = ["--device", "cpu"]
 
 
@@ -386,3 +386,115 @@ def test_a_policy_param_naming_a_predictor_the_engine_lacks_is_refused(world, tm
     refused(capsys, lambda: main([*argv, "--policies", "lru,lookahead", "--policy-param", "lookahead.predictor=nope"]),
             "--policy-param for lookahead policy.predictor=nope", "the engine's live predictors are pregate, quasi, "
             "lookahead")
+
+
+# -- --name, sequence lengths, --timed-policy, results in the way, a replay --shape of another top-k ------------
+@pytest.mark.parametrize("name", ["runs/moe-lm", "../up", "..", "", "a\\b"])
+def test_a_name_that_is_a_path_is_refused(world, tmp_path, capsys, name):
+    """--name becomes file names (OUT/<name>-trace.npz): a path in it wrote elsewhere or failed after the decode."""
+    from experiments import record
+    out = tmp_path / "out"
+    refused(capsys, lambda: record.main(["--model", str(world / "ckpt"), "--out", str(out), "--corpus",
+                                         str(world / "corpus"), "--name", name, *CPU]),
+            "--name", "give a plain name")
+    assert not out.exists()
+
+
+def test_the_model_folder_dot_names_the_folder(world, tmp_path, monkeypatch):
+    """`--model .` (no --name): the results are named after the folder, not '' (OUT/-trace.npz)."""
+    import argparse
+    from real.bench.args import check_model_args
+    monkeypatch.chdir(world / "ckpt")
+    args = argparse.Namespace(model=Path("."), name=None, device="cpu", dtype=None, out=tmp_path / "out")
+    check_model_args(argparse.ArgumentParser(), args)
+    assert args.name == "ckpt"
+
+
+@pytest.mark.parametrize("command, extra, words", [
+    ("record", ["--prompt-len", "200", "--new-tokens", "64"],
+     ["--prompt-len 200 + --new-tokens 64 = 264 positions", "holds 256 positions", "max_position_embeddings 256",
+      "lower them to 256 in all"]),
+    ("references", ["--prompt-len", "250", "--new-tokens", "7"], ["--prompt-len 250 + --new-tokens 7 = 257"]),
+    ("live", ["--prompt-len", "8", "--new-tokens", "8", "--score-len", "300"],
+     ["--score-len 300", "holds 256 positions", "use --score-len 256 or less"]),
+])
+def test_a_decode_past_the_kv_cache_is_refused_before_the_model_loads(world, tmp_path, capsys, command, extra, words):
+    """A prompt plus its new tokens (or a scored window) longer than the model's positions failed inside the
+    decode, after the model was loaded and the references measured."""
+    import importlib
+    out = tmp_path / "out"
+    module = importlib.import_module(f"experiments.{'engine_bench' if command == 'live' else command}")
+    argv = [*(["live"] if command == "live" else []), "--model", str(world / "ckpt"), "--out", str(out), "--corpus",
+            str(world / "corpus"), *(["--slots", "2", "--policies", "lru"] if command == "live" else []), *CPU, *extra]
+    refused(capsys, lambda: module.main(argv), *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["live", "measure_policies"])
+@pytest.mark.parametrize("timed, words", [("belady", ["--timed-policy belady", "not among the policies this command "
+                                                       "runs (lru, oracle)", "add it to --policies"]),
+                                           ("nope", ["--timed-policy nope", "unknown policy 'nope'"])])
+def test_a_timed_policy_outside_the_run_is_refused(world, tmp_path, capsys, command, timed, words):
+    """--timed-policy names the policy whose extra run records layer timings: one the command does not run was
+    silently no timed run at all."""
+    main, argv = _policy_param_command(command, world, tmp_path)
+    refused(capsys, lambda: main([*argv, "--timed-policy", timed]), *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_default_timed_policy_among_none_of_the_policies_is_no_timed_run(world, tmp_path):
+    """--timed-policy left at its default (lru) with --policies without lru: accepted, as before (no timed run)."""
+    import argparse
+    from experiments.config import policy_label
+    from real.bench.args import check_policy_params
+    args = argparse.Namespace(policy_param=[], timed_policy="lru")
+    check_policy_params(argparse.ArgumentParser(), args, ("belady", "oracle"), policy_label, SHAPE, 2, 1)
+    args.timed_policy = "oracle"
+    check_policy_params(argparse.ArgumentParser(), args, ("belady", "oracle"), policy_label, SHAPE, 2, 1)
+
+
+TINY = str(Path(__file__).parent / "data" / "tiny-moe-trace.npz")
+
+
+@pytest.mark.parametrize("where", ["engine.csv", "correctness.csv", "resolved_config-engine_bench-replay.yaml",
+                                   "errors"])
+def test_engine_bench_refuses_results_it_could_not_write(tmp_path, capsys, where):
+    """A folder where engine.csv (or another result file) goes, or a file where OUT/errors goes: found before
+    measuring, not by the first write after the runs."""
+    from experiments.engine_bench import main as bench
+    out = tmp_path / "out"
+    out.mkdir()
+    if where == "errors":
+        (out / "errors").write_text("not a folder")
+        words = [f"{out / 'errors'} is a file where the command keeps a folder", "move it away"]
+    else:
+        (out / where).mkdir()
+        words = [f"{out / where} is a folder where the command writes a file", "move it away"]
+    refused(capsys, lambda: bench(["replay", "--trace", TINY, "--out", str(out), "--slots", "2", "--policies", "lru",
+                                   *CPU]), f"--out {out}", *words)
+    assert sorted(p.name for p in out.iterdir()) == [where]
+
+
+def test_record_refuses_results_it_could_not_write(world, tmp_path, capsys):
+    from experiments import record
+    out = tmp_path / "out"
+    (out / "correctness.csv").mkdir(parents=True)
+    refused(capsys, lambda: record.main(["--model", str(world / "ckpt"), "--out", str(out), "--corpus",
+                                         str(world / "corpus"), *CPU]), "correctness.csv is a folder")
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_engine_bench_replay_refuses_a_shape_of_another_top_k(tmp_path, capsys, top_k):
+    """--shape with the trace's layers and experts but another top-k: every run failed inside the model (a size
+    mismatch or an index out of range), the command exited 0 beside NaN rows."""
+    from experiments.engine_bench import main as bench
+    shape = tmp_path / "shape.yaml"
+    shape.write_text(f"name: tiny-k{top_k}\nnum_layers: 3\nnum_experts: 6\ntop_k: {top_k}\nhidden_size: 32\n"
+                     "expert_intermediate_size: 64\nnum_attention_heads: 4\nnum_kv_heads: 2\nhead_dim: 8\n"
+                     "vocab_size: 64\n")
+    out = tmp_path / "out"
+    refused(capsys, lambda: bench(["replay", "--trace", TINY, "--shape", str(shape), "--out", str(out), "--slots", "3",
+                                   "--policies", "lru", *CPU]),
+            "recorded for tiny-moe (3 layers, top-2 of 6 experts)", f"not tiny-k{top_k} (3 layers, top-{top_k} of 6",
+            "drop --shape")
+    assert not (out / "engine.csv").exists()

@@ -84,6 +84,20 @@ def policy_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def config_list(text: str) -> tuple[tuple[str, int], ...]:
+    """"lru:2,oracle:6,my.py:Mine:4": (policy, slots) pairs, each split on its last colon, the policy resolved
+    (``policy_list``) and the size a valid ``RunSettings.cache_slots`` (``slot_list``; the model's range is checked
+    later, by ``check_slots``), each pair once."""
+    pairs = []
+    for spec in text.split(","):
+        policy, colon, slots = spec.rpartition(":")
+        if not colon or not policy:
+            raise argparse.ArgumentTypeError(f"{spec!r}: expected POLICY:SLOTS (e.g. lru:4), comma-separated")
+        pairs.append((policy_list(policy)[0], slot_list(slots)[0]))
+    _once(tuple(f"{p}:{s}" for p, s in pairs))
+    return tuple(pairs)
+
+
 def scalar_value(text: str) -> Any:
     """A value as the sweep reads one (``experiments.overrides``, for its ``key=value`` tokens) and --policy-param
     too: YAML-like, null, booleans, ints, floats (``1e9`` included), else the string itself."""
@@ -239,16 +253,39 @@ def policy_build_error(params: PolicyParams, shape: ModelShape, slots: int, pref
     return None
 
 
+TIMED_POLICY = "lru"     # the default --timed-policy (engine_bench live, measure_policies)
+
+
+def timed_policy_error(timed: str | None, policies: Iterable[str]) -> str | None:
+    """Why --timed-policy ``timed`` names no run of the command's ``policies`` (the timed run would silently not
+    happen), or None. The default (``TIMED_POLICY``) among none of them is no timed run, as before; a name given
+    must be one of them."""
+    policies = list(policies)
+    if timed is None or timed in policies or timed == TIMED_POLICY:
+        return None
+    try:
+        resolve_policy(timed)
+    except ValueError as err:
+        return f"--timed-policy {timed}: {' '.join(str(err).split())}"
+    return (f"--timed-policy {timed}: not among the policies this command runs ({', '.join(policies)}); name one of "
+            f"them, or add it to --policies")
+
+
 def check_policy_params(p: argparse.ArgumentParser, args: argparse.Namespace, policies: Iterable[str], label: Label,
                         shape: ModelShape, slots: int, prefetch_depth: int, trace: Trace | None = None,
                         train: Trace | None = None) -> None:
     """Sets ``args.policy_params`` (``policy_params``: ``args.policy_param`` for the command's ``policies``, named
-    by ``label``), each policy given some built once (``policy_build_error``); ``p.error`` naming the
-    --policy-param and the fix, before anything is measured."""
+    by ``label``), each policy given some built once (``policy_build_error``), and ``args.timed_policy`` (where the
+    command has one) one of ``policies`` (``timed_policy_error``); ``p.error`` naming the option and the fix, before
+    anything is measured."""
+    policies = list(policies)
     try:
         args.policy_params = policy_params(args.policy_param, policies, label)
     except ValueError as err:
         p.error(str(err))
+    error = timed_policy_error(getattr(args, "timed_policy", None), policies)
+    if error:
+        p.error(error)
     error = policy_build_error(args.policy_params, shape, slots, prefetch_depth, trace, train)
     if error:
         p.error(error)
@@ -281,6 +318,15 @@ def file_name(text: str) -> str:
     """A name that becomes a file name (a profile's): letters, digits, ``.``, ``_`` and ``-``."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text):
         raise argparse.ArgumentTypeError(f"{text!r}: use letters, digits, '.', '_' and '-' only")
+    return text
+
+
+def result_name(text: str) -> str:
+    """--name: the model's name in the tables and in the files named after it (OUT/<name>-trace.npz): not empty,
+    no folder (no '/', no '\\'), not '.' or '..'."""
+    if not text.strip() or text.strip() in (".", "..") or any(c in text for c in "/\\\0"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the name goes into file names (OUT/<name>-trace.npz); give a plain "
+                                         f"name, without '/' or '\\', not '.' or '..' (e.g. my-model)")
     return text
 
 
@@ -324,7 +370,7 @@ def device_default(args: argparse.Namespace) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model, --name, --device, --dtype, --out: the checkpoint and where results go."""
     p.add_argument("--model", required=True, type=existing_dir, help="a checkpoint folder (HF Mixtral/Qwen-MoE/OLMoE)")
-    p.add_argument("--name", help="the model's name in results (default: the folder's name)")
+    p.add_argument("--name", type=result_name, help="the model's name in results (default: the folder's name)")
     add_device_arg(p)
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on a CPU")
     p.add_argument("--out", required=True, type=Path)
@@ -384,12 +430,34 @@ def check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
     device_default(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible (use --device cpu)")
-    args.name = args.name or args.model.name
+    args.name = args.name or args.model.resolve().name     # (`--model .` names the folder it is)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.precision = PRECISION_OF_DTYPE[args.dtype]
     cpu_threads(args.device)
     check_out(p, args.out)
     args.config = checked_config(p, args.model)
+    error = sequence_length_error(args, args.config)
+    if error:
+        p.error(error)
+
+
+def sequence_length_error(args: argparse.Namespace, config: MoEConfig) -> str | None:
+    """Why the decodes ``args`` asks for do not fit the engine's KV cache, or None: a prompt (``--prompt-len``)
+    plus its ``--new-tokens``, or a scored window (``--score-len``), past the positions a ``real.model.MoEModel``
+    of ``config`` holds (its ``max_position_embeddings``, at most ``real.model.DEFAULT_MAX_LEN``)."""
+    from real.model import DEFAULT_MAX_LEN
+    limit = min(config.max_position_embeddings, DEFAULT_MAX_LEN)
+    where = (f"the model holds {limit} positions (config.json's max_position_embeddings "
+             f"{config.max_position_embeddings}" + (f", the engine's cap {DEFAULT_MAX_LEN}"
+                                                     if limit < config.max_position_embeddings else "") + ")")
+    prompt_len, new_tokens = getattr(args, "prompt_len", None), getattr(args, "new_tokens", None)
+    if prompt_len is not None and new_tokens is not None and prompt_len + new_tokens > limit:
+        return (f"--prompt-len {prompt_len} + --new-tokens {new_tokens} = {prompt_len + new_tokens} positions: "
+                f"{where}; lower them to {limit} in all")
+    score_len = getattr(args, "score_len", None)
+    if score_len is not None and score_len > limit:
+        return f"--score-len {score_len}: {where}; use --score-len {limit} or less"
+    return None
 
 
 def cpu_threads(device: str) -> None:
@@ -417,11 +485,37 @@ def resolved(args: argparse.Namespace) -> dict:
     return {k: plain(v) for k, v in vars(args).items() if k not in ("func", "config", "text", "policy_params")}
 
 
+# What the engine commands write into --out under fixed names (``real.bench.table``, ``real.bench.engine_runs``, the
+# commands), files and folders: one of the wrong kind already there would fail the first write after measuring.
+RESULT_FILES = ("engine.csv", "policies.csv", "correctness.csv", "noise_runs.csv", "noise_floor.csv",
+                "noise_sessions.json", "host_probe.csv", "hf_parity.json", "calibration.json",
+                "profile_fit_notes.json", "gate_recall.csv")
+RESULT_FOLDERS = ("errors",)        # a failed run's traceback: OUT/errors/<hash>.txt
+
+
+def results_in_the_way(out: Path) -> str | None:
+    """Why a command could not write its results into the folder ``out``, or None: a folder where one of the
+    ``RESULT_FILES`` (or a ``resolved_config-*.yaml``) goes, or a file where one of the ``RESULT_FOLDERS`` goes."""
+    out = Path(out)
+    if not out.is_dir():
+        return None
+    folders = [out / n for n in RESULT_FILES if (out / n).is_dir()] + sorted(
+        f for f in out.glob("resolved_config-*.yaml") if f.is_dir())
+    if folders:
+        return f"{folders[0]} is a folder where the command writes a file; move it away, or give another --out"
+    files = [out / n for n in RESULT_FOLDERS if (out / n).exists() and not (out / n).is_dir()]
+    if files:
+        return (f"{files[0]} is a file where the command keeps a folder (failed runs' tracebacks); move it away, or "
+                f"give another --out")
+    return None
+
+
 def check_out(p: argparse.ArgumentParser, out: Path) -> None:
     """``p.error`` when no results folder can be made at --out ``out`` (``traces.io.output_problem``: a file in
-    the way, or a nearest existing folder nothing can be created in)."""
+    the way, or a nearest existing folder nothing can be created in), or one of its results could not be written
+    there (``results_in_the_way``)."""
     from traces.io import output_problem
-    problem = output_problem(out)
+    problem = output_problem(out) or results_in_the_way(out)
     if problem is not None:
         p.error(f"--out {out}: {problem}")
 

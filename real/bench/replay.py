@@ -21,10 +21,14 @@ PRINTED = ["policy", "cache_slots", "tokens_per_s", "spread_pct", "runs", "outli
 def replay_slices(trace: Trace, shape: ModelShape, max_tokens: int, path) -> tuple[Trace, Trace]:
     """(train, replayed): the leading ``TRAIN_FRACTION`` of ``trace``'s requests, then the rest up to
     ``max_tokens`` tokens (whole requests). Raises ValueError naming ``path`` when the trace is for another
-    shape or has fewer than two requests."""
-    if trace.model.num_experts != shape.num_experts or trace.model.num_layers != shape.num_layers:
-        raise ValueError(f"{path}: recorded for {trace.model.name} ({trace.model.num_layers} layers, "
-                         f"{trace.model.num_experts} experts), not {shape.name}; pass a trace of that shape")
+    shape (layers, experts or top-k: the forced routing gives each step the trace's top-k experts, and the
+    model's graphs combine its own top-k) or has fewer than two requests."""
+    recorded = (trace.model.num_layers, trace.model.num_experts, trace.model.top_k)
+    if recorded != (shape.num_layers, shape.num_experts, shape.top_k):
+        raise ValueError(f"{path}: recorded for {trace.model.name} ({trace.model.num_layers} layers, top-"
+                         f"{trace.model.top_k} of {trace.model.num_experts} experts), not {shape.name} "
+                         f"({shape.num_layers} layers, top-{shape.top_k} of {shape.num_experts} experts); pass a "
+                         f"trace of that shape, or drop --shape to replay the trace's own")
     if trace.num_requests < 2:
         raise ValueError(f"{path}: {trace.num_requests} request; replay needs two or more (a training slice "
                          f"and the replayed rest)")
