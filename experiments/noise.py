@@ -46,14 +46,16 @@ from offload.session import RunSettings
 from real.engine import OffloadEngine
 from real.measurement import (CALIBRATION_ITERATIONS, ClockSampler, Config, Discipline, Measurement, Report, calibration_ms,
                               place_threads, steal_ms)
-from real.bench.args import PolicyParams, add_policy_param_arg, check_policy_params
-from real.bench.engine_runs import EngineRuns
+from real.bench.args import (DTYPES, PolicyParams, add_device_arg, add_policy_param_arg, check_out, check_policy_params,
+                             check_slots, config_list, cpu_threads, device_default, existing_dir, existing_file,
+                             host_memory_error, non_negative_int, policy_list, positive_float, positive_int, slot_list)
+from real.bench.engine_runs import EngineRuns, error_files, exit_message, run_problems
+from real.bench.replay import replay_slices
 from real.bench.table import NoiseFiles, update_sessions
 from real.shape_model import random_model
-from traces import load_shape, load_trace
+from traces import TraceError, load_shape, load_trace
 from traces.io import atomic_write
 
-TRAIN_FRACTION = 0.25       # as experiments.engine_bench replay: the leading quarter of requests is not replayed
 ARMS = ("decode_core", "quiet_gc")      # the configuration columns an A/B varies
 
 
@@ -238,43 +240,72 @@ def _print_ab(table: pd.DataFrame) -> None:
                   f"{'' if abs(diff) > floor else ' (within the noise)'}")
 
 
-def _pairs(args, shape) -> list[tuple[str, int]]:
-    if args.configs:
-        pairs = [(spec.rsplit(":", 1)[0], int(spec.rsplit(":", 1)[1])) for spec in args.configs.split(",")]
-    else:
-        pairs = [(p, int(s)) for p in args.policies.split(",") for s in args.slots.split(",")]
-    for policy, slots in pairs:
-        resolve_policy(policy)          # a misspelt name fails now, not after the model is built
-        if not shape.top_k <= slots <= shape.num_experts:
-            raise SystemExit(f"error: {slots} slots for {policy}: use {shape.top_k}..{shape.num_experts} "
-                             f"({shape.name}: top-{shape.top_k} of {shape.num_experts} experts)")
-    return pairs
+def session_name(text: str) -> str:
+    """--session: a session's name in OUT's files; not empty, and not 'host-probe' (the host probe's entry)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: give the session a name (e.g. noise, before, pin)")
+    if text == "host-probe":
+        raise argparse.ArgumentTypeError("host-probe is the host probe's entry in noise_sessions.json; give the "
+                                         "session another name")
+    return text
 
 
-def measure(args, started: float, parser: argparse.ArgumentParser) -> Report:
-    out = Path(args.out)
-    trace = load_trace(args.trace)
-    shape = trace.model if args.shape is None else load_shape(args.shape)
-    if (trace.model.num_experts, trace.model.num_layers, trace.model.top_k) != (shape.num_experts, shape.num_layers, shape.top_k):
-        raise SystemExit(f"error: trace {args.trace} is for {trace.model.name}, not {shape.name}: drop --shape "
-                         "to use the trace's own")
+def check_replay(p: argparse.ArgumentParser, args) -> None:
+    """Every value a replay session reads, before the model is built (``p.error``: one line naming the option and
+    the fix): the device, --out, the trace and --shape (the same layers, experts and top-k), the cache sizes, the
+    decode core, the policies' parameters and the host memory the shape needs. Sets ``args.shape_obj``,
+    ``args.replayed`` (the requests after the trace's training quarter, up to --max-tokens) and ``args.pairs``."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible (use --device cpu for a small shape)")
+    check_out(p, Path(args.out))
+    try:
+        trace = load_trace(args.trace)
+        args.shape_obj = trace.model if args.shape is None else load_shape(args.shape)
+        _, args.replayed = replay_slices(trace, args.shape_obj, args.max_tokens, args.trace)
+    except (TraceError, ValueError) as e:
+        p.error(" ".join(str(e).split()))
+    shape = args.shape_obj
+    args.pairs = list(args.configs) if args.configs else [(q, s) for q in args.policies for s in args.slots]
+    error = check_slots(sorted({s for _, s in args.pairs}), shape.top_k, shape.num_experts, shape.name)
+    if error and args.configs:
+        bad = [f"{q}:{s}" for q, s in args.pairs if not shape.top_k <= s <= shape.num_experts]
+        error = f"--configs {','.join(bad)}: {error.split(': ', 1)[1]}"
+    if error:
+        p.error(error)
     if args.ab == "decode-core" and args.decode_core is None:
-        raise SystemExit("error: --ab decode-core needs --decode-core N (the core the decode thread gets)")
-    pairs = _pairs(args, shape)
-    _, replayed = trace.split(TRAIN_FRACTION)
-    replayed = replayed.head_tokens(args.max_tokens)
+        p.error("--ab decode-core needs --decode-core N (the core the decode thread gets)")
+    if args.decode_core is not None:
+        allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        if args.decode_core not in allowed or len(allowed) < 2:
+            p.error(f"--decode-core {args.decode_core}: not one of this process's CPUs "
+                    f"({', '.join(map(str, sorted(allowed))) or 'unknown'}) with another left for the other threads; "
+                    f"give one of them (two or more needed), or drop --decode-core")
     # the runs learn from the replayed slice itself (make_engine), at RunSettings' prefetch depth
-    check_policy_params(parser, args, dict.fromkeys(p for p, _ in pairs), policy_label, shape,
-                        min(s for _, s in pairs), RunSettings.prefetch_depth, replayed, replayed)
+    check_policy_params(p, args, dict.fromkeys(q for q, _ in args.pairs), policy_label, shape,
+                        min(s for _, s in args.pairs), RunSettings.prefetch_depth, args.replayed, args.replayed)
+    error = host_memory_error(shape, getattr(torch, args.dtype).itemsize, args.device)
+    if error:
+        p.error(error)
+
+
+def measure(args, started: float) -> Report:
+    """The replay session ``args`` describes (checked by ``check_replay``); exits with code 1 naming each failed
+    configuration (``real.bench.engine_runs.run_problems``) once the tables are written."""
+    out = Path(args.out)
+    shape, replayed, pairs = args.shape_obj, args.replayed, args.pairs
     configs = configurations(pairs, args.decode_core, not args.no_quiet_gc, args.ab, args.policy_params)
     max_tokens = min(args.max_tokens, replayed.num_tokens)
     warmup_tokens = min(args.warmup_tokens or max_tokens, max_tokens)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = getattr(torch, args.dtype)
     longest = int(np.diff(replayed.request_starts).max())
     build = time.monotonic()
     model = random_model(shape, device, dtype, max_len=longest + 1)
-    arguments = {k: v for k, v in vars(args).items() if k != "policy_params"}  # derived from --policy-param's texts
+    # not arguments: what the checks derived (--policy-param's texts, --configs' pairs are there)
+    arguments = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
+                 if k not in ("policy_params", "shape_obj", "replayed", "pairs")}
+    if args.configs:
+        arguments["configs"] = [f"{q}:{s}" for q, s in args.configs]
     settings = {"args": arguments, "shape": shape.name, "trace": str(args.trace), "tokens": max_tokens,
                 "warmup_tokens": warmup_tokens, "device": str(device), "dtype": str(dtype),
                 "model_build_s": round(time.monotonic() - build, 2),
@@ -285,11 +316,14 @@ def measure(args, started: float, parser: argparse.ArgumentParser) -> Report:
     discipline = Discipline(repeats=args.repeats, warmup=not args.no_warmup, rotate=not args.no_rotate)
     outputs = NoiseFiles(out, args.session, settings, floor_columns={})
     runs = replay_runs(model, shape, replayed, max_tokens, warmup_tokens, args.policy_params)
-    measurement = Measurement(runs, configs, discipline,
-                              on_progress=outputs.write, deadline_s=args.deadline_s, started=started)
+    measurement = Measurement(runs, configs, discipline, on_progress=outputs.write, deadline_s=args.deadline_s,
+                              started=started, on_error=error_files(out))
     report = measurement.run_all()
     outputs.write(report)
     print_report(out, only=args.session)
+    problems = run_problems(report)
+    if problems:
+        raise SystemExit(exit_message(problems, out))
     return report
 
 
@@ -301,47 +335,55 @@ def _terminate(signum, frame):
 def main(argv=None):
     started = time.monotonic()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", help="the routing to replay (its model shape is the default --shape)")
+    parser.add_argument("--trace", type=existing_file,
+                        help="the routing to replay (its model shape is the default --shape)")
     parser.add_argument("--shape", help="a shape name (traces/shapes) or YAML path; default: the trace's own")
-    parser.add_argument("--policies", default="lru,belady,oracle")
-    parser.add_argument("--slots", default="2,4,6", help="expert slots per layer")
-    parser.add_argument("--configs", help="POLICY:SLOTS,... instead of every --policies x --slots pair")
+    parser.add_argument("--policies", type=policy_list, default="lru,belady,oracle")
+    parser.add_argument("--slots", type=slot_list, default="2,4,6", help="expert slots per layer")
+    parser.add_argument("--configs", type=config_list,
+                        help="POLICY:SLOTS,... instead of every --policies x --slots pair")
     add_policy_param_arg(parser)
-    parser.add_argument("--repeats", type=int, default=5, help="measured runs per configuration (the discipline: >= 5)")
-    parser.add_argument("--max-tokens", type=int, default=144, help="replayed tokens per run")
-    parser.add_argument("--warmup-tokens", type=int, help="tokens per warm-up pass (default: --max-tokens)")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="measured runs per configuration (the discipline: >= 5)")
+    parser.add_argument("--max-tokens", type=positive_int, default=144, help="replayed tokens per run")
+    parser.add_argument("--warmup-tokens", type=positive_int, help="tokens per warm-up pass (default: --max-tokens)")
     parser.add_argument("--no-warmup", action="store_true", help="no untimed warm-up (as before issue 11)")
     parser.add_argument("--no-rotate", action="store_true", help="the same order every round (as before issue 11)")
-    parser.add_argument("--decode-core", type=int, help="the core the decode thread gets to itself")
+    parser.add_argument("--decode-core", type=non_negative_int, help="the core the decode thread gets to itself")
     parser.add_argument("--no-quiet-gc", action="store_true", help="decode without the engine's frozen collector")
     parser.add_argument("--ab", choices=["decode-core", "quiet-gc"],
                         help="measure every configuration in both arms of this cause, interleaved")
-    parser.add_argument("--session", default="noise", help="this session's name in OUT's files")
-    parser.add_argument("--deadline-s", type=float,
+    parser.add_argument("--session", type=session_name, default="noise", help="this session's name in OUT's files")
+    parser.add_argument("--deadline-s", type=positive_float,
                         help="start no round that would end later than this many seconds after the command started")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on the CPU")
-    parser.add_argument("--host-probe", type=float, metavar="SECONDS",
+    add_device_arg(parser)
+    parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--host-probe", type=positive_float, metavar="SECONDS",
                         help="instead of replaying: the host probe, SECONDS unpinned, then each core in turn")
-    parser.add_argument("--probe-per-core", type=float, default=0.5, help="seconds of the host probe per core")
-    parser.add_argument("--report", metavar="OUT", help="print the tables of every session in OUT and exit")
+    parser.add_argument("--probe-per-core", type=positive_float, default=0.5, help="seconds of the host probe per core")
+    parser.add_argument("--report", metavar="OUT", type=existing_dir,
+                        help="print the tables of every session in OUT and exit")
     parser.add_argument("--out", help="where the files go")
     args = parser.parse_args(argv)
     if args.report:
-        print_report(Path(args.report))
+        print_report(args.report)
         return None
     if not args.out:
         parser.error("--out is needed")
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    signal.signal(signal.SIGTERM, _terminate)
     if args.host_probe is not None:
+        check_out(parser, Path(args.out))
+        signal.signal(signal.SIGTERM, _terminate)
         summary = host_probe(args.host_probe, args.probe_per_core, Path(args.out))
         print(_probe_line(summary), flush=True)
         return summary
     if not args.trace:
         parser.error("--trace is needed (or --host-probe / --report)")
-    return measure(args, started, parser)
+    device_default(args)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    cpu_threads(args.device)
+    check_replay(parser, args)
+    signal.signal(signal.SIGTERM, _terminate)
+    return measure(args, started)
 
 
 if __name__ == "__main__":

@@ -50,17 +50,121 @@ def test_sessions_share_the_files_and_the_report_reads_them(tiny_trace, tmp_path
     assert "host probe: calibration" in printed and "session before" in printed and "session gc" in printed
 
 
-def test_arguments_are_checked_before_the_model_is_built(tiny_trace, tmp_path):
-    out = ["--trace", str(tiny_trace), "--out", str(tmp_path)]
-    with pytest.raises(SystemExit, match="not mixtral-8x7b"):
-        noise(out + ["--shape", "mixtral-8x7b"])
-    with pytest.raises(SystemExit, match="use 2..4"):
-        noise(out + ["--slots", "5"])
-    with pytest.raises(SystemExit, match="needs --decode-core"):
-        noise(out + ["--ab", "decode-core"])
-    with pytest.raises(ValueError, match="unknown policy"):
-        noise(out + ["--policies", "lru,no-such-policy", "--slots", "2"])
-    assert not (tmp_path / "noise_runs.csv").exists()
+def refused(capsys, run, *words: str) -> str:
+    """``run()`` exits with code 2 and one ``error:`` line (after argparse's usage block) holding every one of
+    ``words``, no traceback; returns the line."""
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.rstrip("\n").splitlines()
+    assert [line for line in lines if "error: " in line] == lines[-1:], err
+    assert all(line.startswith(("usage: ", " ", "note: ")) for line in lines[:-1]), err
+    assert all(w in lines[-1] for w in words), (words, lines[-1])
+    return lines[-1]
+
+
+BAD_ARGUMENTS = [
+    (["--shape", "mixtral-8x7b"], ["not mixtral-8x7b", "drop --shape"]),
+    (["--slots", "5"], ["--slots 5", "use cache sizes in 2..4"]),
+    (["--configs", "lru:2,oracle:5"], ["--configs oracle:5", "use cache sizes in 2..4"]),
+    (["--ab", "decode-core"], ["--ab decode-core needs --decode-core"]),
+    (["--policies", "lru,no-such-policy", "--slots", "2"], ["--policies", "unknown policy 'no-such-policy'"]),
+    (["--policies", ""], ["--policies", "no policy given"]),
+    (["--policies", "lru,lru"], ["--policies", "lru given more than once"]),
+    (["--slots", ""], ["--slots", "'' is not an integer"]),
+    (["--slots", "2,x"], ["--slots", "'x' is not an integer"]),
+    (["--slots", "2,3,2"], ["--slots", "2 given more than once"]),
+    (["--configs", "lru"], ["--configs", "'lru': expected POLICY:SLOTS"]),
+    (["--configs", "lru:x"], ["--configs", "'x' is not an integer"]),
+    (["--configs", "lru:2,lru:2"], ["--configs", "lru:2 given more than once"]),
+    (["--configs", "nope:2"], ["--configs", "unknown policy 'nope'"]),
+    (["--repeats", "0"], ["--repeats", "0: must be at least 1"]),
+    (["--repeats", "-2"], ["--repeats", "-2: must be at least 1"]),
+    (["--max-tokens", "0"], ["--max-tokens", "0: must be at least 1"]),
+    (["--max-tokens", "-3"], ["--max-tokens", "-3: must be at least 1"]),
+    (["--warmup-tokens", "0"], ["--warmup-tokens", "0: must be at least 1"]),
+    (["--decode-core", "-1"], ["--decode-core", "-1: must be at least 0"]),
+    (["--decode-core", "4096"], ["--decode-core 4096", "not one of this process's CPUs"]),
+    (["--deadline-s", "-1"], ["--deadline-s", "-1: must be positive"]),
+    (["--deadline-s", "0"], ["--deadline-s", "0: must be positive"]),
+    (["--session", ""], ["--session", "give the session a name"]),
+    (["--session", "host-probe"], ["--session", "host probe's entry", "another name"]),
+    (["--dtype", "float8"], ["--dtype", "invalid choice: 'float8'"]),
+    (["--device", "gpu"], ["--device", "invalid choice: 'gpu'"]),
+    (["--trace", "/nonexistent.npz"], ["--trace", "/nonexistent.npz: no such file"]),
+]
+
+
+@pytest.mark.parametrize("extra, words", BAD_ARGUMENTS, ids=[" ".join(e) for e, _ in BAD_ARGUMENTS])
+def test_arguments_are_checked_before_the_model_is_built(tiny_trace, tmp_path, capsys, extra, words):
+    """Each bad value is one line naming the option and the fix, exit code 2, before the model is built and
+    before anything is written (they were tracebacks, an IndexError, or silently measured: a repeated
+    configuration, a non-positive token count or deadline)."""
+    out = tmp_path / "out"
+    refused(capsys, lambda: noise(["--trace", str(tiny_trace), "--out", str(out), "--device", "cpu", "--slots", "2,3",
+                                   *extra]), *words)
+    assert not out.exists()
+
+
+def test_a_replay_shape_of_another_top_k_is_refused(tiny_trace, tmp_path, capsys):
+    """A --shape with the trace's layers and experts but another top-k (the runs failed inside the model's
+    combine, every configuration NaN)."""
+    shape = tmp_path / "k3.yaml"
+    shape.write_text("name: tiny-k3\nnum_layers: 2\nnum_experts: 4\ntop_k: 3\nhidden_size: 16\n"
+                     "expert_intermediate_size: 16\nnum_attention_heads: 2\nnum_kv_heads: 1\nhead_dim: 8\n"
+                     "vocab_size: 64\n")
+    refused(capsys, lambda: noise(["--trace", str(tiny_trace), "--shape", str(shape), "--slots", "3", "--device", "cpu",
+                                   "--out", str(tmp_path / "out")]), "top-2 of 4 experts", "top-3 of 4 experts",
+            "drop --shape")
+
+
+@pytest.mark.parametrize("where", ["a-file", "engine-dir", "errors-file"])
+def test_an_out_it_cannot_write_is_refused(tiny_trace, tmp_path, capsys, where):
+    """--out a file, or a folder holding a folder named like a result file, or a file named like the errors
+    folder: found before anything is measured (the first write failed after the runs)."""
+    out = tmp_path / "out"
+    if where == "a-file":
+        out.write_text("x")
+        words = ["is a file, not a folder"]
+    elif where == "engine-dir":
+        (out / "noise_floor.csv").mkdir(parents=True)
+        words = ["noise_floor.csv is a folder where the command writes a file"]
+    else:
+        out.mkdir()
+        (out / "errors").write_text("x")
+        words = ["errors is a file where the command keeps a folder"]
+    refused(capsys, lambda: noise(["--trace", str(tiny_trace), "--slots", "2", "--device", "cpu", "--out", str(out)]),
+            f"--out {out}", *words)
+    assert not (out / "noise_runs.csv").exists()
+
+
+@pytest.mark.parametrize("extra, words", [(["--host-probe", "0"], ["--host-probe", "0: must be positive"]),
+                                          (["--host-probe", "0.1", "--probe-per-core", "-1"],
+                                           ["--probe-per-core", "-1: must be positive"]),
+                                          (["--report", "/nonexistent"], ["--report", "no such folder"])])
+def test_the_probe_and_report_options_are_checked(tmp_path, capsys, extra, words):
+    refused(capsys, lambda: noise([*extra, "--out", str(tmp_path / "out")]), *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_policy_exits_non_zero_naming_its_configuration(tiny_trace, tmp_path, capsys):
+    """A policy that raises at every run: the others are measured, the tables written, the traceback filed under
+    OUT/errors, and the command exits 1 naming the failed configuration (it exited 0 beside a NaN row)."""
+    policy = tmp_path / "broken.py"
+    policy.write_text("from policies.lru import LRU\n\n\nclass Broken(LRU):\n"
+                      "    def choose_victim(self, *args, **kwargs):\n        raise RuntimeError('broken on purpose')\n")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        noise(["--trace", str(tiny_trace), "--max-tokens", "8", "--out", str(out), "--device", "cpu", "--repeats", "1",
+               "--configs", f"lru:2,{policy}:Broken:2"])
+    message = str(exit_.value.code)
+    assert f"policy={policy}:Broken cache_slots=2" in message and "1 of 1 runs failed" in message
+    assert "broken on purpose" in message and "lru" not in message.split("\n", 1)[1].replace(str(policy), "")
+    floor = pd.read_csv(out / "noise_floor.csv")
+    assert floor["n"].tolist() == [1, 0]
+    assert len(list((out / "errors").glob("*.txt"))) == 1
 
 
 def test_a_policy_param_reaches_its_policy_runs_and_names_its_rows(tiny_trace, tmp_path, monkeypatch):
