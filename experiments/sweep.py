@@ -69,6 +69,10 @@ _SLOW_S = 10.0
 _SLOW_POLL_S = 1.0
 
 
+def _user_path(text: str) -> Path:
+    return Path(text).expanduser()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -76,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "ranges: 4..5,7), range(a,b[,step]) (stop exclusive), null, or a scalar; "
                                        "see experiments/configs/default.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. cache_slots=4..8 policy=lru,belady")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="scenario YAML (default: %(default)s)")
-    p.add_argument("--out", type=Path, help="output dir (default: runs/sweep-<hash of the spec>)")
+    # --out=~/x is one word whose ~ no shell expands: the sweep made a folder named ~ in the current one.
+    p.add_argument("--config", type=_user_path, default=DEFAULT_CONFIG, help="scenario YAML (default: %(default)s)")
+    p.add_argument("--out", type=_user_path, help="output dir (default: runs/sweep-<hash of the spec>)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="worker processes (default: the CPU count; 1 runs in this process)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")

@@ -408,7 +408,8 @@ def test_a_prefetching_policy_without_a_measured_decision_time_is_named(tmp_path
 
 def test_a_path_under_the_home_folder_may_be_given_with_a_tilde(trace_path, tmp_path, monkeypatch):
     """zsh and sh leave trace=~/t.npz unexpanded (a shell expands ~ at a word's start), and so does a YAML
-    scenario: the sweep said there was no such trace file."""
+    scenario: the sweep said there was no such trace file. No shell expands --out=~/o: the sweep made a folder
+    named ~ in the current one."""
     import shutil
     monkeypatch.setenv("HOME", str(tmp_path))
     shutil.copy(trace_path, tmp_path / "t.npz")
@@ -418,5 +419,9 @@ def test_a_path_under_the_home_folder_may_be_given_with_a_tilde(trace_path, tmp_
     assert spec.to_dict()["trace"] == [str(tmp_path / "t.npz")]
     assert spec.to_dict()["policy"] == [f"{tmp_path / 'mine.py'}:Mine", "lru"]
     from experiments.sweep import main
-    assert main(["trace=~/t.npz", "policy=~/mine.py:Mine", "cache_slots=2", "max_tokens=50", "--out",
-                 tmp_path / "out", "--no-plots", "--workers", "1"]) == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["trace=~/t.npz", "policy=~/mine.py:Mine", "cache_slots=2", "max_tokens=50", "--out=~/o",
+                 "--config=~/s.yaml", "--no-plots", "--workers", "1"]) == 0
+    assert (tmp_path / "o" / "results.csv").is_file() and not (work / "~").exists()
