@@ -66,7 +66,11 @@ def world(tmp_path_factory):
     corpus.mkdir()
     for files in DOMAIN_FILES.values():
         for name in files:
-            (corpus / name).write_text("the quick brown fox jumps over the lazy dog. " * 40)
+            (corpus / name).write_text("".join(f"the quick brown fox {i} jumps over the lazy dog.\n" for i in range(40)))
+    (root / "flat-corpus").mkdir()     # one line per file: the held-out split is empty
+    for files in DOMAIN_FILES.values():
+        for name in files:
+            (root / "flat-corpus" / name).write_text("the quick brown fox jumps over the lazy dog. " * 40)
     # a recording of the checkpoint's shape with hidden states at every step (values need not be real here)
     base = synthetic_trace(num_tokens=12, num_layers=2, num_experts=4, top_k=2, num_requests=2, seed=1)
     recorded = dataclasses.replace(
@@ -498,3 +502,29 @@ def test_engine_bench_replay_refuses_a_shape_of_another_top_k(tmp_path, capsys, 
             "recorded for tiny-moe (3 layers, top-2 of 6 experts)", f"not tiny-k{top_k} (3 layers, top-{top_k} of 6",
             "drop --shape")
     assert not (out / "engine.csv").exists()
+
+
+@pytest.mark.parametrize("command", ["record", "references", "live"])
+@pytest.mark.parametrize("extra, corpus, words", [
+    (["--prompts", "8"], "corpus", ["--prompts 8: the corpus has 7 domains", "use --prompts 7 or fewer"]),
+    (["--prompts", "2"], "flat-corpus", ["--corpus", "flat-corpus", "arxiv text has an empty held-out split",
+                                         "text on both sides of the split"]),
+])
+def test_prompts_the_corpus_cannot_give_are_refused(world, tmp_path, capsys, command, extra, corpus, words):
+    """More prompts than the corpus has domains gave fewer prompts silently; a domain with an empty held-out split
+    gave an empty prompt, which failed in the decode (UnboundLocalError) after the model was loaded."""
+    import importlib
+    module = importlib.import_module(f"experiments.{'engine_bench' if command == 'live' else command}")
+    out = tmp_path / "out"
+    argv = [*(["live", "--slots", "2", "--policies", "lru"] if command == "live" else []), "--model",
+            str(world / "ckpt"), "--out", str(out), "--corpus", str(world / corpus), "--prompt-len", "8",
+            "--new-tokens", "4", *CPU, *extra]
+    refused(capsys, lambda: module.main(argv), *words)
+    assert not out.exists()
+
+
+def test_train_prompts_past_the_domains_are_refused(world, tmp_path, capsys):
+    from experiments import record
+    refused(capsys, lambda: record.main(["--model", str(world / "ckpt"), "--out", str(tmp_path / "out"), "--corpus",
+                                         str(world / "corpus"), "--prompts", "2", "--train-prompts", "9", *CPU]),
+            "--train-prompts 9: the corpus has 7 domains", "use --train-prompts 7 or fewer")

@@ -533,7 +533,8 @@ def checked_config(p: argparse.ArgumentParser, model: Path) -> MoEConfig:
 
 def check_text(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The checkpoint's tokenizer and the corpus (``args.corpus``), before anything loads or is written: sets
-    ``args.text`` (tokenizer, domains); ``p.error`` naming the argument and the fix."""
+    ``args.text`` (tokenizer, domains); ``p.error`` naming the argument and the fix, also for prompts the corpus
+    cannot give (``real.bench.text.prompt_problem``: more than its domains, or an empty split)."""
     from real.bench.text import load_text
     try:
         args.text = load_text(args.model, args.corpus)
@@ -542,6 +543,11 @@ def check_text(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     except (OSError, ValueError) as err:    # transformers: no tokenizer files in the checkpoint folder
         p.error(f"--model {args.model}: no tokenizer loads from it ({type(err).__name__}); save the model's "
                 f"tokenizer into the folder (tokenizer.save_pretrained)")
+    if getattr(args, "prompts", None) is not None:
+        from real.bench.text import prompt_problem
+        problem = prompt_problem(*args.text, args.prompts, getattr(args, "train_prompts", 0), args.prompt_len)
+        if problem:
+            p.error(problem if problem.startswith("--") else f"--corpus {args.corpus}: {problem}")
 
 
 @contextlib.contextmanager

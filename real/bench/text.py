@@ -28,6 +28,24 @@ def train_prompts(tok, domains, count: int, length: int) -> list[list[int]]:
     return [tok(domains[d].train[0][:4000])["input_ids"][:length] for d in sorted(domains)[:count]]
 
 
+def prompt_problem(tok, domains, prompts: int, train: int, length: int) -> str | None:
+    """Why ``held_out_prompts(tok, domains, prompts, length)`` or ``train_prompts(..., train, ...)`` would not give
+    as many prompts as asked, each of at least one token, or None: more prompts than the corpus has domains (one
+    prompt each), or a domain whose split gives no token (a small file without line breaks puts everything in the
+    training split: ``real.corpus.split_bytes`` cuts at a line start)."""
+    if max(prompts, train) > len(domains):
+        option = "--prompts" if prompts >= train else "--train-prompts"
+        return (f"{option} {max(prompts, train)}: the corpus has {len(domains)} domains ({', '.join(sorted(domains))}), "
+                f"one prompt from each; use {option} {len(domains)} or fewer")
+    for name, count, split in (("held-out", prompts, held_out_prompts), ("training", train, train_prompts)):
+        for domain, prompt in zip(sorted(domains), split(tok, domains, count, length)):
+            if not prompt:
+                return (f"the corpus's {domain} text has an empty {name} split, so its prompt would have no token; "
+                        f"give a corpus whose files have text on both sides of the split (whole lines: the held-out "
+                        f"part starts at a line break)")
+    return None
+
+
 def score_sequences(tok, domains, count: int, length: int) -> list[list[int]]:
     """Held-out text for accuracy: ``count`` windows of ``length`` tokens, later in each domain's held-out
     split than the prompts, one domain after another."""
