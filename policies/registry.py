@@ -18,6 +18,7 @@ import site
 import sys
 import sysconfig
 import traceback
+import types
 from pathlib import Path
 
 from offload.policy import Policy
@@ -219,14 +220,19 @@ def _import_module(spec: str, where: str):
                               f"load: {_one_line(err)}; fix the module") from None
 
 
-def resolve_policy(spec: str) -> type[Policy]:
-    """A registered name, ``path/to/file.py:Class`` or ``package.module:Class``."""
+def _named_module(spec: str) -> tuple[types.ModuleType, str, str]:
+    """(the module that ``spec`` names, loaded; its file or module name as given; the class's name)."""
     target = BUILTIN.get(spec, spec)
     if ":" not in target:
         raise PolicyLoadError(f"unknown policy {spec!r}; registered: {', '.join(available_policies())}; "
                               f"or give your own as FILE.py:Class or module:Class")
     where, cls_name = target.rsplit(":", 1)
-    module = _load_file(Path(where)) if where.endswith(".py") else _import_module(spec, where)
+    return (_load_file(Path(where)) if where.endswith(".py") else _import_module(spec, where)), where, cls_name
+
+
+def resolve_policy(spec: str) -> type[Policy]:
+    """A registered name, ``path/to/file.py:Class`` or ``package.module:Class``."""
+    module, where, cls_name = _named_module(spec)
     cls = getattr(module, cls_name, None)
     if cls is None:
         raise PolicyLoadError(f"policy {spec!r}: {where} has no class {cls_name!r}")
@@ -394,7 +400,10 @@ def policy_sha256(spec: str) -> str:
     a user's code is in no package's digest, and editing any of it must recompute the results it produced.
     The project's packages are in the rows' code digest; the standard library and installed packages are
     in neither."""
-    modules = {sys.modules.get(c.__module__) for c in resolve_policy(spec).__mro__} - {None}
+    # The module the spec names too: its class may be defined elsewhere (``Mine = A`` of a helper module, whose
+    # classes' files are the same whichever of them it picks).
+    modules = {sys.modules.get(c.__module__) for c in resolve_policy(spec).__mro__} | {_named_module(spec)[0]}
+    modules.discard(None)
     sources = {Path(m.__file__).resolve() for m in modules if getattr(m, "__file__", None)}
     for m in modules:      # a policy file's set was found when it loaded (and checked by resolve_policy)
         stored = getattr(m, "_user_sources", None)

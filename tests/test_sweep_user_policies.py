@@ -274,6 +274,26 @@ def _hits(out: Path) -> int:
     return row["hits"]
 
 
+def test_a_file_that_picks_its_class_from_a_helper_is_in_the_rows_key(trace_path, tmp_path, capsys):
+    """``pick.py`` holds ``Mine = A`` of a helper module beside it; ``Mine = B`` (a class of the same module and
+    bases) gave the same key, so the resumed sweep kept A's row for B without a word: the named file is in it."""
+    (tmp_path / "pick_helpers.py").write_text(
+        "from policies.lru import LRU\n\n\nclass A(LRU):\n    pass\n\n\nclass B(LRU):\n"
+        "    def choose_victim(self, scope, cache, job):\n        return max(cache.evictable(scope), default=None)\n")
+    pick = tmp_path / "pick.py"
+    pick.write_text("from pick_helpers import A, B\n\nMine = A\n")
+    out = tmp_path / "out"
+    assert _sweep(trace_path, out, f"policy={pick}:Mine", "cache_slots=3") == 0
+    picked_a = _hits(out)
+    pick.write_text("from pick_helpers import A, B\n\nMine = B\n")
+    assert _sweep(trace_path, out, f"policy={pick}:Mine", "cache_slots=3") == 0
+    assert "recomputing them (policy source changed: 1)" in capsys.readouterr().out
+    assert _sweep(trace_path, tmp_path / "fresh", f"policy={pick}:Mine", "cache_slots=3") == 0
+    assert _hits(tmp_path / "fresh") != picked_a
+    assert len(list((out / "rows").glob("*.json"))) == 2 and _hits(tmp_path / "fresh") in {
+        json.loads(p.read_text())["hits"] for p in (out / "rows").glob("*.json")}
+
+
 def test_editing_a_helper_module_recomputes_the_row_in_process(trace_path, tmp_path, capsys):
     policy = _helped(tmp_path, False)
     out = tmp_path / "out"
