@@ -22,7 +22,13 @@ OUT/timelines_<slice>.csv and a table on screen.
 
 The grid is a scenario file (``validation.scenario``; experiments/configs/validate-*.yaml): slices of
 shape replay (random weights of a named shape, routing forced from a real trace) and live models. On a
-CPU the smoke scenario runs the same path with a tiny model (CI runs it). Exit 2 for a bad scenario.
+CPU the smoke scenario runs the same path with a tiny model (CI runs it). Exit 2 for a bad scenario, or for a
+slice's input a measurement could not use (``validation.preflight``: a live slice's checkpoint, tokenizer, corpus or
+gate, weights larger than the host memory), every one found before anything runs.
+
+Under a deadline (``--deadline-s`` or the scenario's ``deadline_s``) a slice whose calibration would end past it is
+not started (nor its runs), and the end of the call names it: a calibration is taken to last as long as the slice's
+previous one recorded, ``UNKNOWN_CALIBRATION_S`` when OUT holds none.
 """
 from __future__ import annotations
 
@@ -49,10 +55,16 @@ from traces.yaml_unique import safe_load_unique
 from validation import report
 from validation.engine_side import (OtherMachineError, SliceInputs, SliceMeasurement, measure_copy_table, replay_inputs,
                                     stored_result)
+from validation.preflight import input_problems
 from validation.profile_fit import fit_profile, pattern_check
 from validation.scenario import SCENARIOS_DIR, Scenario, ScenarioError, load_scenario
 from validation.sim_side import fallback_note, predict
 from validation.store import Store, changed_files, engine_files
+
+
+# A slice's calibration time when OUT holds none of it to go by: on the H200 they took 21-87 s, after 10-54 s of
+# building the model; twice the longest, since a slice too large for what is left is better left to the next call.
+UNKNOWN_CALIBRATION_S = 180.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,9 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where every result goes, and where a later call resumes from (default: runs/validate)")
     p.add_argument("--predict-only", action="store_true",
                    help="no engine: predict and report what OUT holds (any machine)")
-    p.add_argument("--deadline-s", type=float, help="start no measurement round that would end later than this "
-                                                    "many seconds into the call; the slices measured share the "
-                                                    "time left equally (default: the scenario's deadline_s)")
+    p.add_argument("--deadline-s", type=float, help="start no measurement round, and no slice's calibration, that "
+                                                    "would end later than this many seconds into the call (a "
+                                                    "calibration is taken to last as long as the slice's previous "
+                                                    f"one, {UNKNOWN_CALIBRATION_S:.0f} s without one); the slices "
+                                                    "measured share the time left equally (default: the scenario's "
+                                                    "deadline_s)")
     p.add_argument("--calibration-steps", type=_calibration_steps, default=48,
                    help="tokens per calibration pattern run (at least 2: the first step is left out of every fit)")
     p.add_argument("--corpus", help="the text corpus live slices take their prompts from (replaces the scenario's)")
@@ -140,6 +155,16 @@ def slice_deadline(deadline: float, elapsed: float, slices_left: int) -> float:
     return min(deadline, elapsed + (deadline - elapsed) / slices_left)
 
 
+def calibration_estimate(previous: dict | None) -> tuple[float, str]:
+    """(the seconds a slice's calibration is taken to need, why): the duration its previous calibration recorded
+    (``previous``, one of other code or inputs), else ``UNKNOWN_CALIBRATION_S``, saying so."""
+    if previous is not None and previous.get("wall_s") is not None:
+        return float(previous["wall_s"]), f"its previous calibration took {previous['wall_s']:.0f} s"
+    return UNKNOWN_CALIBRATION_S, (f"it has no calibration in OUT to go by, so it is taken to need "
+                                   f"{UNKNOWN_CALIBRATION_S:.0f} s (a conservative guess: the H200's took 21-87 s; "
+                                   f"a --deadline-s above it lets its first calibration start)")
+
+
 def untimed(m: SliceMeasurement) -> int:
     """Configurations of ``m``'s slice with measured runs in OUT but no timed run yet (for its inputs, prepared
     or set)."""
@@ -210,6 +235,15 @@ def measure(scenario: Scenario, slices, store: Store, args, started: float) -> t
                   f"{n_left} slices left)", flush=True)
         m = SliceMeasurement(sl, store, scenario.repeats, device, dtype)
         Inputs(store, sl.name).save(m.prepare())
+        if deadline is not None and m.stored_calibration(args.calibration_steps) is None:
+            need, basis = calibration_estimate(store.read(store.calibration_path(sl.name)))
+            left = deadline - (time.monotonic() - started)
+            if need > left:     # a calibration is not cut by the deadline: it is not started
+                skipped = (f"{sl.name}: calibration not started (nor its runs): {basis}, and {max(left, 0):.0f} s are "
+                           f"left of the deadline of {deadline:.0f} s")
+                print(f"{skipped} (run again to resume)", flush=True)
+                incomplete.append(skipped)
+                continue
         calibration = m.calibrate(args.calibration_steps)
         problems += [f"{sl.name}: calibration of {what} failed ({line})" for what, line in calibration["failed"].items()]
         profile, _ = calibrated_profile(store, scenario, torch.cuda.get_device_name(device) if cuda else "cpu")
@@ -301,7 +335,10 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
                     notes.append(f"{sl.name}: {policy} at {slots} slots " + (
                         f"failed in all {len(errors)} runs ({errors[-1]})" if errors else "not measured yet"))
                     continue
-                pairs.append((result, predict(sl, inputs, result, profile, store)))
+                # its parameters as the slice gives them (a result from before they were recorded, or of another
+                # checkout, is one measured at them: stored_result takes no result recorded at others)
+                labelled = {**result, "policy_params": sl.params_of(policy)}
+                pairs.append((labelled, predict(sl, inputs, result, profile, store)))
         if earlier:
             shown = sorted(changed)
             notes.append(f"{sl.name}: {earlier} configurations whose key this checkout does not reproduce (the engine's "
@@ -315,7 +352,9 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
     for result, _ in pairs:
         m = report.measured(result)
         causes = [r.get("causes", "") for r in result["runs"] if r.get("causes")]
-        floor_rows.append({"slice": result["slice"], "policy": result["policy"], "cache_slots": result["cache_slots"],
+        floor_rows.append({"slice": result["slice"], "policy": result["policy"],
+                           "policy_label": report.policy_label(result["policy"], result.get("policy_params")),
+                           "cache_slots": result["cache_slots"],
                            "runs": m["runs"], "median_tokens_per_s": m["tokens_per_s"], "spread_pct": m["floor"],
                            "run_causes": " ".join(causes), "raw_runs": bool(result["runs"])})
     atomic_write(out / "noise_floor.csv", lambda f: pd.DataFrame(floor_rows).to_csv(f, index=False))
@@ -335,6 +374,11 @@ def _interrupted(signum, frame):
 
 
 SCENARIO_FILE = "scenario.txt"      # in OUT: the scenario its results were measured under
+
+
+def held_calibrations(out: Path) -> bool:
+    """Whether ``out`` holds a slice's calibration (a report needs one to fit its profile)."""
+    return any(p.stem != "copies" for p in (out / "calibration").glob("*.json"))
 
 
 def held_slices(out: Path) -> set[str]:
@@ -409,6 +453,13 @@ def _main(args, name: str, started: float) -> int:
         except (ScenarioError, HardwareProfileError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if not args.predict_only:
+        # every slice's checkpoint, corpus, gate and host memory, before a device spends minutes on the first slice
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        found = input_problems(slices, device_type, scenario.path)
+        if found:
+            print("\n".join(f"error: {line}" for line in found), file=sys.stderr)
+            return 2
     print(f"validate: scenario {scenario.path} ({', '.join(s.name for s in slices)}) -> {args.out}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     problems, incomplete = [], []
@@ -418,12 +469,17 @@ def _main(args, name: str, started: float) -> int:
         except OtherMachineError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    try:        # the report covers every slice OUT holds results of, whichever were measured now
-        compare(scenario, scenario.slices, store, args.profile)
-    except HardwareProfileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"-> {args.out}/validation.csv, summary.txt, validation.png ({time.monotonic() - started:.0f} s)", flush=True)
+    if args.predict_only or args.profile is not None or held_calibrations(args.out):
+        try:        # the report covers every slice OUT holds results of, whichever were measured now
+            compare(scenario, scenario.slices, store, args.profile)
+        except HardwareProfileError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"-> {args.out}/validation.csv, summary.txt, validation.png ({time.monotonic() - started:.0f} s)",
+              flush=True)
+    else:       # the deadline left every slice uncalibrated: nothing to predict with yet
+        print(f"validate: no slice calibrated in {args.out} yet, so no report ({time.monotonic() - started:.0f} s)",
+              flush=True)
     for line in incomplete:
         print(f"validate: incomplete: {line}; run the same command again to resume it", flush=True)
     if problems:        # the report holds what did run; the call still fails, naming what did not

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -243,10 +244,53 @@ def test_a_slice_gives_a_policy_its_parameters_in_both_clocks(tmp_path, monkeypa
                           ({"oracle": 3}, "policy_params maps a policy")):
         with pytest.raises(ScenarioError, match=re.escape(words)):
             scenario_from_dict({"slices": {"a": {**body, "policy_params": params}}}, "scenario.yaml")
-    # the whole call: calibration (each policy's all-resident engine with its own parameters), runs, report
-    scenario = _tiny_replay_scenario(tmp_path, ["lru", "oracle"], policy_params={"oracle": {"cross_tokens": False}})
+    # the whole call: calibration (each policy's all-resident engine with its own parameters), runs, report; a
+    # user's on-demand policy file (it only chooses victims) beside them
+    mine = tmp_path / "my_policy.py"
+    mine.write_text("from offload.policy import Policy\n\n\nclass Victims(Policy):\n"
+                    "    def choose_victim(self, scope, cache, job):\n"
+                    "        return next(iter(cache.evictable(scope)), None)\n")
+    scenario = _tiny_replay_scenario(tmp_path, ["lru", "oracle", f"{mine}:Victims"],
+                                     policy_params={"oracle": {"cross_tokens": False}})
     assert main(["--scenario", str(scenario), "--out", str(tmp_path / "out")]) == 0
-    assert set(pd.read_csv(tmp_path / "out" / "validation.csv")["policy"]) == {"lru", "oracle"}
+    table = pd.read_csv(tmp_path / "out" / "validation.csv")
+    assert set(table["policy"]) == {"lru", "oracle", f"{mine}:Victims"}
+    # the configuration's label names its parameters (in the csv, the summary and the timelines)
+    assert set(table["config"]) == {"tiny:lru:2", "tiny:oracle policy.cross_tokens=false:2", f"tiny:{mine}:Victims:2"}
+    # the user's policy is filed by what it is: on-demand, and both clocks count its hits alike
+    assert dict(zip(table["policy"], table["family"])) == {"lru": "on-demand", "oracle": "bound",
+                                                          f"{mine}:Victims": "on-demand"}
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "hits and misses identical in both clocks (on-demand policies): 2/2" in summary
+    assert "prefetching" not in summary
+    from experiments.validate import timelines
+    from validation.scenario import load_scenario
+    from validation.store import Store
+    loaded = load_scenario(scenario)
+    assert timelines(loaded, loaded.slices, Store(tmp_path / "out")) == 0
+    lines = pd.read_csv(tmp_path / "out" / "timelines_tiny.csv")
+    assert "tiny:oracle policy.cross_tokens=false:2" in set(lines["config"])
+
+
+def test_a_stored_result_of_other_policy_parameters_is_not_taken_for_the_slices(tmp_path, monkeypatch):
+    """When no result has this checkout's key (the engine's code changed since), the report takes the last one of
+    the same inputs, but never one recorded at other parameters of the policy; one from before parameters were
+    recorded is taken, as before."""
+    from validation.engine_side import replay_inputs, stored_result
+    from validation.store import Store
+    monkeypatch.chdir(ROOT)
+    body = {"mode": "replay", "trace": "tests/data/tiny-moe-trace.npz", "shape": "tests/data/tiny-moe.yaml",
+            "policies": ["oracle"], "cache_slots": [2], "policy_params": {"oracle": {"cross_tokens": False}}}
+    sl = scenario_from_dict({"slices": {"a": body}}, "scenario.yaml").slices[0]
+    inputs, store = replay_inputs(sl), Store(tmp_path)
+    result = {"key": "old", "policy": "oracle", "cache_slots": 2, "model_id": inputs.model_id, "runs": [],
+              "written_at": "2026-01-01T00:00:00+00:00"}
+    store.write(store.path("engine", "a", "old"), {**result, "policy_params": {}})
+    assert stored_result(sl, inputs, store, "oracle", 2) == (None, False)
+    store.write(store.path("engine", "a", "old"), {**result, "policy_params": {"cross_tokens": False}})
+    assert stored_result(sl, inputs, store, "oracle", 2)[0]["key"] == "old"
+    store.write(store.path("engine", "a", "old"), result)       # recorded before the parameters were
+    assert stored_result(sl, inputs, store, "oracle", 2) == (store.read(store.path("engine", "a", "old")), True)
 
 
 def test_a_slice_deadline_is_an_equal_share_of_the_time_left():
@@ -273,11 +317,23 @@ def test_slices_share_the_deadline_and_an_early_stop_is_named_and_resumed(tmp_pa
     command = ["--scenario", str(scenario), "--out", str(out), "--deadline-s", "1000"]
     deadlines, measurement = [], engine_side.Measurement
 
-    def first_stops_after_one_round(*args, deadline_s=None, **kwargs):
-        deadlines.append(deadline_s)
-        return measurement(*args, deadline_s=0.0 if len(deadlines) == 1 else deadline_s, **kwargs)
+    class FirstStopsAfterOneRound(measurement):
+        """The first slice's measurement stops after one round, as a deadline stops it (what validate does with a
+        stopped slice is under test here, not how real.measurement decides to stop)."""
+        def __init__(self, *args, deadline_s=None, **kwargs):
+            deadlines.append(deadline_s)
+            self.first = len(deadlines) == 1
+            if self.first:
+                kwargs["runs_wanted"] = {label: 1 for label in kwargs["runs_wanted"]}
+            super().__init__(*args, deadline_s=deadline_s, **kwargs)
 
-    monkeypatch.setattr(engine_side, "Measurement", first_stops_after_one_round)
+        def run_all(self):
+            report = super().run_all()
+            if self.first:
+                report.info["stopped"] = "after 1 of 2 rounds (the test's deadline)"
+            return report
+
+    monkeypatch.setattr(engine_side, "Measurement", FirstStopsAfterOneRound)
     assert main(command) == 0
     printed = capsys.readouterr().out
     assert re.search(r"^a: this call's share of the deadline: until 50[01] s \(of 1000 s; 2 slices left\)$", printed,
@@ -439,3 +495,96 @@ def test_calibration_steps_below_two_are_refused_in_one_line(steps, tmp_path, ca
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--calibration-steps" in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_every_slices_inputs_are_checked_before_anything_runs(tmp_path, capsys):
+    """A live slice's checkpoint (missing, or a weight file cut short), tokenizer, corpus and gate, and a slice
+    whose weights exceed the host memory, are found before the first slice starts: one line each naming the slice,
+    the path and the fix, exit 2, nothing measured or written (they were found when each slice started, after the
+    slices before it had run)."""
+    from safetensors.torch import save_file
+    tiny = yaml.safe_load((ROOT / "tests" / "data" / "tiny-moe.yaml").read_text())
+    hf = {"model_type": "mixtral", "vocab_size": tiny["vocab_size"], "hidden_size": tiny["hidden_size"],
+          "intermediate_size": tiny["expert_intermediate_size"], "num_hidden_layers": tiny["num_layers"],
+          "num_attention_heads": tiny["num_attention_heads"], "num_key_value_heads": tiny["num_kv_heads"],
+          "head_dim": tiny["head_dim"], "num_local_experts": tiny["num_experts"],
+          "num_experts_per_tok": tiny["top_k"], "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+          "tie_word_embeddings": False, "max_position_embeddings": 128}
+    broken, untokenized = tmp_path / "broken", tmp_path / "untokenized"
+    for folder in (broken, untokenized):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(hf))
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00cut short")
+    import torch
+    save_file({"x": torch.zeros(1)}, str(untokenized / "model.safetensors"))
+    (tmp_path / "corpus").mkdir()
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(yaml.safe_dump({**tiny, "name": "huge", "hidden_size": 1 << 16, "expert_intermediate_size": 1 << 16}))
+    live = {"mode": "live", "policies": ["lru"], "cache_slots": [2], "prompts": 1, "prompt_len": 4, "new_tokens": 2}
+    replay = {"mode": "replay", "trace": str(ROOT / "tests" / "data" / "tiny-moe-trace.npz"), "policies": ["lru"],
+              "cache_slots": [2], "precision": "fp32"}
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(yaml.safe_dump({"repeats": 1, "slices": {
+        "fine": {**replay, "shape": str(ROOT / "tests" / "data" / "tiny-moe.yaml")},
+        "gone": {**live, "model": str(tmp_path / "nope")},
+        "broken": {**live, "model": str(broken), "corpus": str(tmp_path / "no-corpus")},
+        "notext": {**live, "model": str(untokenized), "corpus": str(tmp_path / "corpus"), "gate": str(tmp_path / "g")},
+        "huge": {**replay, "shape": str(huge)}}}, sort_keys=False))
+    out = tmp_path / "out"
+    assert main(["--scenario", str(scenario), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    where = f"of {scenario}: "
+    assert err[0] == f"error: slice gone {where}model: {tmp_path / 'nope'}: checkpoint directory does not exist; pass " \
+                     f"the folder that holds config.json and model.safetensors (or give the slice another 'model')"
+    assert err[1].startswith(f"error: slice broken {where}model: {broken / 'model.safetensors'}: not a readable "
+                             f"safetensors file") and err[1].endswith("download this file again (or give the slice "
+                                                                      "another 'model')")
+    assert err[2] == f"error: slice broken {where}corpus {tmp_path / 'no-corpus'} is not a directory; pass the text " \
+                     f"corpus (../shared/data/corpus) with --corpus, or fix the slice's 'corpus'"
+    assert err[3] == f"error: slice notext {where}model {untokenized}: no tokenizer loads from it (ValueError); save " \
+                     f"the model's tokenizer into the folder (tokenizer.save_pretrained)"
+    assert err[4] == f"error: slice notext {where}gate {tmp_path / 'g'} is not a directory; train one with python -m " \
+                     f"experiments.train_gate (after experiments.record), or drop the slice's 'gate'"
+    assert err[5].startswith(f"error: slice huge {where}shape huge: its weights need ") and \
+        err[5].endswith("(in the scenario: give the slice fewer 'layers' or a smaller 'shape')")
+    assert len(err) == 6 and not out.exists()
+
+
+def test_a_calibration_the_deadline_cannot_fit_is_not_started(smoke, tmp_path, capsys):
+    """Under a deadline a slice whose calibration would run past it is not started (a calibration is not cut
+    midway): the time its previous calibration took is the estimate, what is left is said, the calibration
+    and the runs already stored are kept, the slices that fit are measured, and the end names the slice."""
+    out = tmp_path / "stale"
+    shutil.copytree(smoke, out)
+    live = out / "calibration" / "tiny-live.json"
+    stale = {**json.loads(live.read_text()), "key": "of other engine code", "wall_s": 5000.0}
+    live.write_text(json.dumps(stale))
+    lost = next((out / "engine" / "tiny-replay").glob("*.json"))        # the replay slice has a run to measure
+    config = (lambda r: (r["policy"], r["cache_slots"]))(json.loads(lost.read_text()))
+    lost.unlink()
+    began = time.time()
+    assert main(["--scenario", str(SMOKE), "--out", str(out), "--deadline-s", "1000"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^tiny-live: calibration not started \(nor its runs\): its previous calibration took 5000 s, "
+                     r"and \d+ s are left of the deadline of 1000 s \(run again to resume\)$", printed, re.MULTILINE)
+    assert "validate: incomplete: tiny-live: calibration not started" in printed[printed.index("-> "):]
+    assert json.loads(live.read_text()) == stale
+    remeasured = [p for p in (out / "engine" / "tiny-replay").glob("*.json") if p.stat().st_mtime >= began and
+                  (lambda r: (r["policy"], r["cache_slots"]))(json.loads(p.read_text())) == config]
+    assert remeasured and "tiny-replay: calibration not started" not in printed
+
+
+def test_without_an_earlier_calibration_the_estimate_is_conservative_and_said(tmp_path, capsys):
+    """No calibration of the slice in OUT to go by: it is taken to need ``UNKNOWN_CALIBRATION_S``, so a deadline
+    shorter than that starts nothing, says why, and writes no report (nothing to fit a profile from)."""
+    from experiments.validate import UNKNOWN_CALIBRATION_S
+    scenario = _tiny_replay_scenario(tmp_path, ["lru"])
+    out = tmp_path / "out"
+    deadline = f"{UNKNOWN_CALIBRATION_S - 60:.0f}"
+    assert main(["--scenario", str(scenario), "--out", str(out), "--deadline-s", deadline]) == 0
+    printed = capsys.readouterr().out
+    assert (f"tiny: calibration not started (nor its runs): it has no calibration in OUT to go by, so it is taken to "
+            f"need {UNKNOWN_CALIBRATION_S:.0f} s (a conservative guess") in printed
+    assert "no slice calibrated" in printed and "validate: incomplete: tiny: calibration not started" in printed
+    assert not (out / "calibration" / "tiny.json").exists() and not list((out / "engine").glob("*/*.json"))
+    assert not (out / "summary.txt").exists()

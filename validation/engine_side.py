@@ -83,14 +83,17 @@ def engine_key(sl: Slice, inputs: SliceInputs, policy: str, slots: int) -> str:
 
 def stored_result(sl: Slice, inputs: SliceInputs, store: Store, policy: str, slots: int) -> tuple[dict | None, bool]:
     """(the engine result a report takes for one configuration, whether it came from other engine code): the one
-    keyed by this checkout, else the most recently written one of the same inputs (its key differs when the
-    engine's code changed since: still the measurement of these inputs); (None, False) when there is none."""
+    keyed by this checkout, else the most recently written one of the same inputs and policy parameters (its key
+    differs when the engine's code changed since: still the measurement of these inputs; a result from before the
+    parameters were recorded is taken as measured at the slice's); (None, False) when there is none."""
     found = store.read(store.path("engine", sl.name, engine_key(sl, inputs, policy, slots)))
     if found is not None:
         return found, False
+    params = sl.params_of(policy)
     for result in store.engine_results(sl.name):     # the last written first
         if (result.get("policy"), result.get("cache_slots")) == (policy, slots) and \
-                result.get("model_id", inputs.model_id) == inputs.model_id:
+                result.get("model_id", inputs.model_id) == inputs.model_id and \
+                result.get("policy_params", params) == params:
             return result, True
     return None, False
 
@@ -140,9 +143,8 @@ class SliceMeasurement:
                 for c, key in self.keys().items()}
 
     # -- calibration ---------------------------------------------------------------------------------------
-    def calibrate(self, steps: int) -> dict:
-        """The slice's micro-benchmarks (``real.calibration``), measured once and stored."""
-        path = self.store.calibration_path(self.sl.name)
+    def calibration_key(self, steps: int) -> str:
+        """What the slice's calibration depends on: its inputs, settings, device and code."""
         inputs = self.prepare()
         # the engine's code and the calibration's own: the calibration measures the engine (an engine change
         # re-calibrates)
@@ -151,10 +153,21 @@ class SliceMeasurement:
                   "device": _device_name(self.device), "code": calibration_code()}
         # a user's policy file is in no package's digest: its source too (a fixed policy re-calibrates)
         users = {p: policy_sha256(p) for p in self.sl.policies if ".py:" in p}
-        key = digest({**fields, "user_policies": users} if users else fields)
-        found = self.store.read(path)
-        if found is not None and found.get("key") == key:
+        return digest({**fields, "user_policies": users} if users else fields)
+
+    def stored_calibration(self, steps: int) -> dict | None:
+        """The slice's calibration in OUT when it is this one's (same key), else None: one must be made."""
+        found = self.store.read(self.store.calibration_path(self.sl.name))
+        return found if found is not None and found.get("key") == self.calibration_key(steps) else None
+
+    def calibrate(self, steps: int) -> dict:
+        """The slice's micro-benchmarks (``real.calibration``), measured once and stored."""
+        path = self.store.calibration_path(self.sl.name)
+        inputs = self.prepare()
+        found = self.stored_calibration(steps)
+        if found is not None:
             return found
+        key = self.calibration_key(steps)
         model = self.build_model()
         began = time.monotonic()
         raw = calibrate_model(model, inputs.shape, steps=steps, live_prompts=inputs.train_prompts,
@@ -222,7 +235,8 @@ class SliceMeasurement:
                     new = [r for r in report.rows if r["config"] == label]
                     old = before[c].get("runs", [])
                     self.store.write(self.store.path("engine", self.sl.name, keys[c]), {
-                        "key": keys[c], "slice": self.sl.name, "policy": c[0], "cache_slots": c[1],
+                        "key": keys[c], "slice": self.sl.name, "policy": c[0],
+                        "policy_params": self.sl.params_of(c[0]), "cache_slots": c[1],
                         "mode": self.sl.mode, "shape": self.inputs.shape.name, "precision": self.sl.precision,
                         "model_id": self.inputs.model_id, "settings": {"copies_in_flight": self.sl.settings(c[1]).copies_in_flight},
                         "device": _device_name(self.device), "runs": old + new,

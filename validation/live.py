@@ -24,7 +24,7 @@ from real.shape_model import random_model
 from real.tracks import compute_tracks
 from traces.digest import digest_files
 from validation.engine_side import SliceInputs
-from validation.scenario import ScenarioError, Slice
+from validation.scenario import Slice
 
 
 def _random_prompts(vocab: int, count: int, length: int, seed: int) -> list[list[int]]:
@@ -33,14 +33,8 @@ def _random_prompts(vocab: int, count: int, length: int, seed: int) -> list[list
 
 
 def live_inputs(sl: Slice, device: torch.device, dtype: torch.dtype) -> tuple[MoEModel, SliceInputs]:
-    """(the model with its experts on the host, the slice's inputs). Raises ``CheckpointError`` for a
-    checkpoint that cannot be read."""
-    if sl.corpus and not Path(sl.corpus).is_dir():
-        raise ScenarioError(f"slice {sl.name}: corpus {sl.corpus} is not a directory; pass the text corpus "
-                            f"(../shared/data/corpus) with --corpus")
-    if sl.gate is not None and not Path(sl.gate).is_dir():      # checked here: --predict-only needs no gate
-        raise ScenarioError(f"slice {sl.name}: gate {sl.gate} is not a directory (train one with python -m "
-                            f"experiments.train_gate)")
+    """(the model with its experts on the host, the slice's inputs). The checkpoint, corpus and gate were checked
+    before the call measured anything (``validation.preflight``)."""
     max_len = sl.prompt_len + sl.new_tokens + 1
     if sl.model == "random":
         shape = sl.model_shape()

@@ -1,0 +1,84 @@
+"""What a measuring call needs of each slice, checked before anything runs: a live slice's checkpoint (its
+config.json and the headers of its weight files), its tokenizer and corpus, its lookahead gate, and whether the
+slice's weights fit in the host memory available. A slice's inputs are otherwise read only when the slice
+starts, after the slices before it have run for minutes on a device.
+
+The scenario's own checks (``validation.scenario``) cover what every call needs; these are the inputs only a
+measurement reads (``--predict-only`` and ``--timelines`` need no checkpoint, corpus or gate).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from real.bench.args import host_memory_error
+from real.bench.text import load_text
+from real.checkpoint import (CONFIG_NAME, SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, CheckpointError, read_config,
+                             weight_quantization)
+from validation.scenario import Slice
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def weights_readable(path: Path) -> None:
+    """Raise ``CheckpointError`` when the checkpoint folder ``path`` has no weights to load, or a weight file whose
+    header cannot be read (cut short, as an interrupted download leaves it). Only headers are read: the tensors
+    themselves are checked when the slice loads them (``real.checkpoint.load_checkpoint``)."""
+    if not (path / SAFE_WEIGHTS_NAME).is_file() and not (path / SAFE_INDEX_NAME).is_file():
+        raise CheckpointError(f"{path}: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME} found; save the model "
+                              f"with save_pretrained(safe_serialization=True)")
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({err}); it is truncated or damaged, "
+                                  f"as an interrupted download leaves it: download this file again") from err
+
+
+def slice_problems(sl: Slice, device_type: str, scenario: str) -> list[str]:
+    """One line per input of ``sl`` a measurement on ``device_type`` ('cuda' or 'cpu') could not use, each naming
+    the slice, the path and the fix; [] when there is none."""
+    where = f"slice {sl.name} of {scenario}"
+    problems, shape, checkpoint = [], None, None
+    if sl.mode == "live" and sl.model != "random":
+        path = Path(sl.model)
+        try:
+            config, config_dict = read_config(path)
+            weight_quantization(config_dict, path / CONFIG_NAME)
+            weights_readable(path)
+            shape, checkpoint = config.to_model_shape(path.name), path
+        except CheckpointError as err:
+            problems.append(f"{where}: model: {_one_line(err)} (or give the slice another 'model')")
+    if sl.mode == "live" and sl.corpus:
+        if not Path(sl.corpus).is_dir():
+            problems.append(f"{where}: corpus {sl.corpus} is not a directory; pass the text corpus "
+                            f"(../shared/data/corpus) with --corpus, or fix the slice's 'corpus'")
+        elif checkpoint is not None:        # a random-weight model's prompts are random token ids
+            try:
+                load_text(checkpoint, Path(sl.corpus))
+            except FileNotFoundError as err:        # the corpus lacks files
+                problems.append(f"{where}: corpus: {_one_line(err)}")
+            except (OSError, ValueError) as err:    # no tokenizer in the checkpoint folder
+                problems.append(f"{where}: model {checkpoint}: no tokenizer loads from it ({type(err).__name__}); "
+                                f"save the model's tokenizer into the folder (tokenizer.save_pretrained)")
+    if sl.mode == "live" and sl.gate is not None and not Path(sl.gate).is_dir():
+        problems.append(f"{where}: gate {sl.gate} is not a directory; train one with python -m experiments.train_gate "
+                        f"(after experiments.record), or drop the slice's 'gate'")
+    if shape is None and not (sl.mode == "live" and sl.model != "random"):
+        shape = sl.model_shape()
+    if shape is not None:
+        # the engine runs bfloat16 on a GPU (experts on the host), float32 on a CPU (every weight on the host)
+        memory = host_memory_error(shape, 2 if device_type == "cuda" else 4, device_type)
+        if memory is not None:
+            problems.append(f"{where}: {memory} (in the scenario: give the slice fewer 'layers' or a smaller "
+                            f"'shape')")
+    return problems
+
+
+def input_problems(slices, device_type: str, scenario: str) -> list[str]:
+    """``slice_problems`` of every slice, in order."""
+    return [line for sl in slices for line in slice_problems(sl, device_type, scenario)]
