@@ -16,9 +16,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Union
 
+# param_text and policy_label are defined below validation/, which labels configurations as the sweep does;
+# the commands import them from here too.
+from policies.registry import POLICY_PARAM_PREFIX, param_text, policy_label  # noqa: F401
 from traces import DEFAULT_TRACE
-
-POLICY_PARAM_PREFIX = "policy."
 
 
 class ConfigError(ValueError):
@@ -73,19 +74,6 @@ class RunConfig:
 
 
 HARDWARE_OVERRIDES = ("pcie_GBps", "copy_latency_us", "copy_engines")
-
-
-def param_text(value: Any) -> str:
-    """A policy parameter's value as it is written on the command line (true, null, 0.5, text)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "null" if value is None else str(value)
-
-
-def policy_label(policy: str, params) -> str:
-    """The policy with the parameters given to it: ``oracle policy.cross_tokens=false``."""
-    items = params.items() if isinstance(params, dict) else params
-    return " ".join([policy, *(f"{POLICY_PARAM_PREFIX}{k}={param_text(v)}" for k, v in items)])
 
 
 def _field_types() -> dict[str, tuple[type, bool]]:

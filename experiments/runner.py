@@ -13,15 +13,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from experiments.config import SWEEP_KEYS, ConfigError, RunConfig, policy_label, typed_params
+from experiments.config import SWEEP_KEYS, ConfigError, RunConfig, typed_params
 from experiments.results import config_hash, row_inputs, trace_sha256
+from hardware.profile import HardwareProfile, load_hardware
 from offload.cache import CacheMode, ExpertCache
 from offload.policy import Policy, PolicyContext, check_params
 from offload.predictors import predictor_for, predictor_name
-from policies.registry import crash_site, resolve_policy
-from hardware.profile import HardwareProfile, load_hardware
-from sim.replay import replay_untimed
 from offload.session import RunSettings, SettingsError
+from policies.registry import crash_site, policy_label, resolve_policy
+from sim.replay import replay_untimed
 from sim.simulator import CLOCK_LIMIT_NS, Timeline, simulate
 from traces import Trace, TraceError, load_trace
 from traces.io import load_mapped, write_mapped

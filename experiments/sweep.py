@@ -48,7 +48,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from experiments.config import param_text, RunConfig, SweepSpec, policy_label, valid_keys_text
+from experiments.config import RunConfig, SweepSpec, valid_keys_text
 from experiments.figure_sources import row_source, settle, table_source
 from experiments.overrides import DEFAULT_SCENARIO, build_spec
 from experiments.results import ResultStore, config_hash, row_inputs
@@ -56,7 +56,7 @@ from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, compute
                                 record_timeline, run_config, share_traces, trace_slices, use_shared_traces,
                                 validate_grid)
 from hardware.profile import hardware_to_dict
-from policies.registry import RUN_FAILURES, failure_site, resolve_policy
+from policies.registry import RUN_FAILURES, failure_site, param_text, policy_label, resolve_policy
 from traces.io import output_problem
 
 DEFAULT_CONFIG = DEFAULT_SCENARIO

@@ -220,6 +220,24 @@ def _import_module(spec: str, where: str):
                               f"load: {_one_line(err)}; fix the module") from None
 
 
+# How a policy parameter is written for the sweep (policy.NAME=value) and in every label of a policy given some.
+POLICY_PARAM_PREFIX = "policy."
+
+
+def param_text(value) -> str:
+    """A policy parameter's value as it is written on the command line (true, null, 0.5, text)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
+def policy_label(policy: str, params) -> str:
+    """The policy with the parameters given to it (a dict or (name, value) pairs), as every command labels a
+    configuration: ``oracle policy.cross_tokens=false``; a policy given none keeps its plain name."""
+    items = params.items() if isinstance(params, dict) else params
+    return " ".join([policy, *(f"{POLICY_PARAM_PREFIX}{k}={param_text(v)}" for k, v in items)])
+
+
 def _named_module(spec: str) -> tuple[types.ModuleType, str, str]:
     """(the module that ``spec`` names, loaded; its file or module name as given; the class's name)."""
     target = BUILTIN.get(spec, spec)
