@@ -29,7 +29,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from experiments.config import policy_label as sweep_policy_label
+from policies.registry import policy_label as sweep_policy_label
 from offload.policy import Policy
 from policies.registry import resolve_policy
 from real.measurement import _PERTURBATIONS as PERTURBATIONS     # the causes from outside the engine's own work
