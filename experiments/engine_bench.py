@@ -277,17 +277,8 @@ def _check_replay(p: argparse.ArgumentParser, args) -> None:
     args.longest = int(max(b - a for a, b in zip(starts[:-1], starts[1:])))
 
 
-DEADLINE_HELP = ("seconds after the command started; checked before every configuration's warm-up (none starts that "
-                 "would end past it at the previous warm-up's pace; configurations not warmed up are not measured), "
-                 "before the first round (none once it has passed), before every later round (none that would end past "
-                 "it at the last round's pace) and, in live, before the calibration (past it: no calibration, no policy "
-                 "runs); a warm-up or round under way, the recording and predictor training are not cut short; one "
-                 "line says what was skipped, what finished is kept")
-
-
 def add_fresh_arg(p: argparse.ArgumentParser) -> None:
-    """--fresh; and --deadline-s's help saying exactly what it bounds (``DEADLINE_HELP``)."""
-    p._option_string_actions["--deadline-s"].help = DEADLINE_HELP
+    """--fresh: re-measure configurations this OUT already holds."""
     p.add_argument("--fresh", action="store_true",
                    help="measure every configuration, also those whose OUT/engine.csv row was finished under the same "
                         "settings and engine code (default: skip them, one line each)")

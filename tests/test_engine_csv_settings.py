@@ -39,6 +39,8 @@ def test_rows_carry_their_settings_and_other_settings_keep_their_rows(tmp_path, 
     assert settings[0] == settings[1] and settings[0]["max_tokens"] == 4 and settings[2]["max_tokens"] == 3
     assert "out" not in settings[0] and "slots" not in settings[0] and "deadline_s" not in settings[0]
     assert engine["engine_code"].str.fullmatch(r"[0-9a-f]{16}").all()
+    correctness = pd.read_csv(out / "correctness.csv")    # replay's correctness rows: stamped and kept alike
+    assert correctness[["cache_slots", "max_tokens"]].values.tolist() == [[2, 4], [3, 4], [2, 3]]
     # the same settings again, forced: the row is replaced, not repeated
     replay(trace, out, "--policies", "lru", "--slots", "3", "--fresh")
     again = pd.read_csv(out / "engine.csv")

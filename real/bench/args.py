@@ -386,14 +386,21 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=positive_int, default=64)
 
 
+DEADLINE_HELP = ("seconds after the command started; checked before every configuration's warm-up (none starts that "
+                 "would end past it at the previous warm-up's pace; configurations not warmed up are not measured), "
+                 "before the first round (none once it has passed), before every later round (none that would end past "
+                 "it at the last round's pace) and, in live, before the calibration (past it: no calibration, no policy "
+                 "runs); a warm-up or round under way, the recording and predictor training are not cut short; one "
+                 "line says what was skipped, what finished is kept")
+
+
 def add_measurement_args(p: argparse.ArgumentParser) -> None:
     """--repeats, --deadline-s: how the engine figures are measured (``real.measurement``)."""
     p.add_argument("--repeats", type=positive_int, default=5,
                    help="measured runs per configuration, interleaved; each figure is their median (1: one cold run "
                         "each, no warm-up, for smoke use)")
     p.add_argument("--deadline-s", type=positive_float,
-                   help="start no measurement round that would end later than this many seconds after the command "
-                        "started (the rounds done are the figures)")
+                   help=DEADLINE_HELP)
 
 
 def host_memory_error(shape, dtype_bytes: int, device: str) -> str | None:

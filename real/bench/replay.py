@@ -9,7 +9,7 @@ from offload.session import RunSettings
 from policies.registry import resolve_policy
 from real.bench.args import PolicyParams
 from real.bench.engine_runs import EngineRuns, TokenCheck, figures, measure_session, run_problems
-from real.bench.table import CONFIG_KEY, CsvTable, NoiseFiles, engine_row, engine_table, print_rows
+from real.bench.table import NoiseFiles, correctness_table, engine_row, engine_table, print_rows
 from real.engine import OffloadEngine
 from real.measurement import Config, Report
 from traces import ModelShape, Trace
@@ -75,7 +75,7 @@ def shape_replay(model, shape: ModelShape, train: Trace, trace: Trace, policies:
         return [engine_row(shape.name, "shape-replay", c.fields["policy"], c.fields["cache_slots"], found[c.label])
                 for c in configs if c.label in found]
 
-    correctness = CsvTable(out / "correctness.csv", keep=True, key=CONFIG_KEY)
+    correctness = correctness_table(out)
 
     def checked(report: Report) -> list[dict]:
         """correctness.csv's rows: per configuration measured so far, its runs checked against the first
