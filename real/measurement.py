@@ -736,7 +736,7 @@ def flag_runs(rows: list[dict], discipline: Discipline, sm_mhz_max: float | None
         r["outlier"] = bool(abs(r["deviation_pct"]) > d.outlier_pct)
 
 
-_PERTURBATIONS = {"host_slow", "clock_low", "gc", "steal"}    # from outside the engine's own work
+PERTURBATIONS = {"host_slow", "clock_low", "gc", "steal"}    # from outside the engine's own work
 
 
 def floor_table(report: Report) -> list[dict]:
@@ -749,7 +749,7 @@ def floor_table(report: Report) -> list[dict]:
     for label in dict.fromkeys(r["config"] for r in report.rows):
         runs = [r for r in report.rows if r["config"] == label]
         ok = [r for r in runs if not r["error"]]
-        clean = [r for r in ok if not _PERTURBATIONS & set(r["causes"].split(";"))]
+        clean = [r for r in ok if not PERTURBATIONS & set(r["causes"].split(";"))]
         outliers = [r for r in ok if r["outlier"]]
         causes: dict[str, int] = {}
         for r in outliers:

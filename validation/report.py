@@ -32,7 +32,7 @@ import pandas as pd
 from policies.registry import policy_label as sweep_policy_label
 from offload.policy import Policy
 from policies.registry import resolve_policy
-from real.measurement import _PERTURBATIONS as PERTURBATIONS     # the causes from outside the engine's own work
+from real.measurement import PERTURBATIONS     # the causes from outside the engine's own work
 from validation.store import digest
 
 METRICS = ("tokens_per_s", "hit_rate", "misses")
