@@ -113,9 +113,10 @@ RunFunction = Callable[[Config, bool], RunOutput]   # (config, warm-up pass?) ->
 
 # -- the figures -----------------------------------------------------------------------------------------
 def spread_pct(values: Iterable[float]) -> float:
-    """(max - min) / median of ``values``, in %; NaN for no values."""
+    """(max - min) / median of ``values`` (NaN ones left out), in %: the noise floor; NaN below two values
+    (one run has no spread, and reporting 0 % would claim a perfectly steady configuration)."""
     v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
-    if not len(v):
+    if len(v) < 2:
         return float("nan")
     return float(100.0 * (v.max() - v.min()) / np.median(v))
 

@@ -90,7 +90,7 @@ def test_before_mode_runs_back_to_back_in_a_fixed_order_and_marks_cold_runs():
 
 def test_spread_and_halves():
     assert spread_pct([10.0, 11.0, 9.0, 10.0]) == pytest.approx(20.0)
-    assert spread_pct([5.0]) == 0.0 and np.isnan(spread_pct([]))
+    assert np.isnan(spread_pct([5.0])) and np.isnan(spread_pct([])) and np.isnan(spread_pct([5.0, float("nan")]))   # one run: no spread
     assert halves_drift_pct([1.0] * 10 + [1.1] * 10) == pytest.approx(100 * 0.1 / 1.05)
     assert halves_drift_pct([3.0, 1.0, 2.0, 3.0, 1.0, 2.0]) == 0.0
     assert np.isnan(halves_drift_pct([1.0]))

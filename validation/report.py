@@ -32,7 +32,7 @@ import pandas as pd
 from policies.registry import policy_label as sweep_policy_label
 from offload.policy import Policy
 from policies.registry import resolve_policy
-from real.measurement import PERTURBATIONS     # the causes from outside the engine's own work
+from real.measurement import PERTURBATIONS, spread_pct     # the causes from outside the engine's own work
 from validation.store import digest
 
 METRICS = ("tokens_per_s", "hit_rate", "misses")
@@ -76,12 +76,6 @@ def config_label(slice_name: str, policy: str, params: dict | None, slots: int) 
     return f"{slice_name}:{policy_label(policy, params)}:{slots}"
 
 
-def _spread_pct(values: list[float]) -> float:
-    """(max - min) / median in %: the noise floor; NaN below two runs (one run has no floor)."""
-    v = np.asarray(values, dtype=np.float64)
-    return float(100 * (v.max() - v.min()) / np.median(v)) if len(v) > 1 else float("nan")
-
-
 def _same_host(run: dict, host_ms: float) -> bool:
     band = host_ms * SAME_HOST_PCT / 100
     return all(abs(run.get(k, float("nan")) - host_ms) <= band for k in ("host_cal_before_ms", "host_cal_after_ms"))
@@ -104,7 +98,7 @@ def measured(engine: dict, host_ms: float | None = None) -> dict:
     same = [r["tokens_per_s"] for r in runs if host_ms is not None and _same_host(r, host_ms)]
     return {"tokens_per_s": float(np.median(tps)), "hit_rate": float(np.median([r["hit_rate"] for r in runs])),
             "misses": float(np.median([r["misses"] for r in runs])), "min": min(tps), "max": max(tps),
-            "runs": len(tps), "floor": _spread_pct(tps),
+            "runs": len(tps), "floor": spread_pct(tps),
             "clean": float(np.median(clean)) if clean else float("nan"), "clean_runs": len(clean),
             "same_host": float(np.median(same)) if same else float("nan"), "same_host_runs": len(same)}
 
