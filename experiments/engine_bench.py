@@ -254,7 +254,10 @@ def _check_replay(p: argparse.ArgumentParser, args) -> None:
     try:
         trace = load_trace(args.trace)
         args.shape_obj = trace.model if args.shape is None else load_shape(args.shape)
-        args.train, args.replayed = replay_slices(trace, args.shape_obj, args.max_tokens, args.trace)
+        args.train, args.replayed = replay_slices(trace, args.shape_obj, args.max_tokens, args.trace,
+                                                    args.warmup_tokens)
+        if args.max_tokens is None:
+            args.max_tokens = min(REPLAY_TOKENS, args.replayed.num_tokens)
     except (TraceError, ValueError) as e:
         p.error(str(e))
     error = check_slots(args.slots, args.shape_obj.top_k, args.shape_obj.num_experts, args.shape_obj.name)
@@ -275,6 +278,9 @@ def _check_replay(p: argparse.ArgumentParser, args) -> None:
         p.error(error)
     starts = args.replayed.request_starts
     args.longest = int(max(b - a for a, b in zip(starts[:-1], starts[1:])))
+
+
+REPLAY_TOKENS = 48     # replay's default timed tokens per run
 
 
 def add_fresh_arg(p: argparse.ArgumentParser) -> None:
@@ -329,7 +335,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     r = sub.add_parser("replay")
     r.add_argument("--trace", type=existing_file, default=str(DEFAULT_TRACE))
     r.add_argument("--shape", help="a shape name (traces/shapes) or YAML path; default: the trace's own")
-    r.add_argument("--max-tokens", type=positive_int, default=48, help="replayed tokens per measured run")
+    r.add_argument("--max-tokens", type=positive_int,
+                   help=f"replayed tokens per measured run (default {REPLAY_TOKENS}, or all the trace holds after its "
+                        f"training slice when fewer; a value past that is refused)")
     r.add_argument("--warmup-tokens", type=positive_int, help="tokens per warm-up pass (default: --max-tokens)")
     r.add_argument("--policies", type=policy_list, default="lru,lfu,belady,oracle")
     add_policy_param_arg(r)

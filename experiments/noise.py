@@ -57,6 +57,7 @@ from traces import TraceError, load_shape, load_trace
 from traces.io import atomic_write
 
 ARMS = ("decode_core", "quiet_gc")      # the configuration columns an A/B varies
+REPLAY_TOKENS = 144     # default timed tokens per run: the committed moe-lm trace's replayed slice
 
 
 def make_engine(model, shape, label: str, slots: int, trace, params: PolicyParams = PolicyParams()) -> OffloadEngine:
@@ -261,7 +262,10 @@ def check_replay(p: argparse.ArgumentParser, args) -> None:
     try:
         trace = load_trace(args.trace)
         args.shape_obj = trace.model if args.shape is None else load_shape(args.shape)
-        _, args.replayed = replay_slices(trace, args.shape_obj, args.max_tokens, args.trace)
+        _, args.replayed = replay_slices(trace, args.shape_obj, args.max_tokens, args.trace,
+                                      args.warmup_tokens)
+        if args.max_tokens is None:
+            args.max_tokens = min(REPLAY_TOKENS, args.replayed.num_tokens)
     except (TraceError, ValueError) as e:
         p.error(" ".join(str(e).split()))
     shape = args.shape_obj
@@ -294,7 +298,7 @@ def measure(args, started: float) -> Report:
     out = Path(args.out)
     shape, replayed, pairs = args.shape_obj, args.replayed, args.pairs
     configs = configurations(pairs, args.decode_core, not args.no_quiet_gc, args.ab, args.policy_params)
-    max_tokens = min(args.max_tokens, replayed.num_tokens)
+    max_tokens = args.max_tokens          # checked against the trace (check_replay)
     warmup_tokens = min(args.warmup_tokens or max_tokens, max_tokens)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -345,7 +349,9 @@ def main(argv=None):
     add_policy_param_arg(parser)
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="measured runs per configuration (the discipline: >= 5)")
-    parser.add_argument("--max-tokens", type=positive_int, default=144, help="replayed tokens per run")
+    parser.add_argument("--max-tokens", type=positive_int,
+                        help=f"replayed tokens per run (default {REPLAY_TOKENS}, or all the trace holds after its "
+                             f"training slice when fewer; a value past that is refused)")
     parser.add_argument("--warmup-tokens", type=positive_int, help="tokens per warm-up pass (default: --max-tokens)")
     parser.add_argument("--no-warmup", action="store_true", help="no untimed warm-up (as before issue 11)")
     parser.add_argument("--no-rotate", action="store_true", help="the same order every round (as before issue 11)")

@@ -104,7 +104,7 @@ def test_arguments_are_checked_before_the_model_is_built(tiny_trace, tmp_path, c
     configuration, a non-positive token count or deadline)."""
     out = tmp_path / "out"
     refused(capsys, lambda: noise(["--trace", str(tiny_trace), "--out", str(out), "--device", "cpu", "--slots", "2,3",
-                                   *extra]), *words)
+                                   "--max-tokens", "4", *extra]), *words)
     assert not out.exists()
 
 
@@ -116,7 +116,7 @@ def test_a_replay_shape_of_another_top_k_is_refused(tiny_trace, tmp_path, capsys
                      "expert_intermediate_size: 16\nnum_attention_heads: 2\nnum_kv_heads: 1\nhead_dim: 8\n"
                      "vocab_size: 64\n")
     refused(capsys, lambda: noise(["--trace", str(tiny_trace), "--shape", str(shape), "--slots", "3", "--device", "cpu",
-                                   "--out", str(tmp_path / "out")]), "top-2 of 4 experts", "top-3 of 4 experts",
+                                   "--max-tokens", "4", "--out", str(tmp_path / "out")]), "top-2 of 4 experts", "top-3 of 4 experts",
             "drop --shape")
 
 

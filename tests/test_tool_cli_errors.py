@@ -528,3 +528,20 @@ def test_train_prompts_past_the_domains_are_refused(world, tmp_path, capsys):
     refused(capsys, lambda: record.main(["--model", str(world / "ckpt"), "--out", str(tmp_path / "out"), "--corpus",
                                          str(world / "corpus"), "--prompts", "2", "--train-prompts", "9", *CPU]),
             "--train-prompts 9: the corpus has 7 domains", "use --train-prompts 7 or fewer")
+
+
+@pytest.mark.parametrize("option", ["--max-tokens", "--warmup-tokens"])
+def test_engine_bench_replay_refuses_more_tokens_than_the_trace_holds(tmp_path, capsys, option):
+    """--max-tokens past what the trace holds after its training slice was cut silently to what it holds, and
+    the row recorded the number asked for (README: replay times exactly N tokens)."""
+    from experiments.engine_bench import main as bench
+    from traces import load_trace
+    trace = load_trace(TINY)
+    _, rest = trace.split(0.25)
+    out = tmp_path / "out"
+    asked = ["--max-tokens", str(rest.num_tokens)] if option == "--warmup-tokens" else []
+    refused(capsys, lambda: bench(["replay", "--trace", TINY, "--out", str(out), "--slots", "3", "--policies", "lru",
+                                   *asked, option, str(rest.num_tokens + 1), *CPU]),
+            f"holds {rest.num_tokens} tokens after its training slice", f"fewer than {option} {rest.num_tokens + 1}",
+            f"at most {rest.num_tokens}")
+    assert not (out / "engine.csv").exists()

@@ -18,11 +18,14 @@ TRAIN_FRACTION = 0.25       # as the sweep: the leading quarter of requests trai
 PRINTED = ["policy", "cache_slots", "tokens_per_s", "spread_pct", "runs", "outliers", "outlier_causes", "hit_rate"]
 
 
-def replay_slices(trace: Trace, shape: ModelShape, max_tokens: int, path) -> tuple[Trace, Trace]:
+def replay_slices(trace: Trace, shape: ModelShape, max_tokens: int | None, path,
+                  warmup_tokens: int | None = None) -> tuple[Trace, Trace]:
     """(train, replayed): the leading ``TRAIN_FRACTION`` of ``trace``'s requests, then the rest up to
-    ``max_tokens`` tokens (whole requests). Raises ValueError naming ``path`` when the trace is for another
+    ``max_tokens`` tokens (whole requests; None: all of it). Raises ValueError naming ``path`` when the trace is for another
     shape (layers, experts or top-k: the forced routing gives each step the trace's top-k experts, and the
-    model's graphs combine its own top-k) or has fewer than two requests."""
+    model's graphs combine its own top-k), has fewer than two requests, or holds fewer tokens after its
+    training slice than ``max_tokens`` (or ``warmup_tokens``) asks to time: a run would time fewer tokens than
+    its row records."""
     recorded = (trace.model.num_layers, trace.model.num_experts, trace.model.top_k)
     if recorded != (shape.num_layers, shape.num_experts, shape.top_k):
         raise ValueError(f"{path}: recorded for {trace.model.name} ({trace.model.num_layers} layers, top-"
@@ -33,7 +36,12 @@ def replay_slices(trace: Trace, shape: ModelShape, max_tokens: int, path) -> tup
         raise ValueError(f"{path}: {trace.num_requests} request; replay needs two or more (a training slice "
                          f"and the replayed rest)")
     train, rest = trace.split(TRAIN_FRACTION)
-    return train, rest.head_tokens(max_tokens)
+    for option, wanted in (("--max-tokens", max_tokens), ("--warmup-tokens", warmup_tokens)):
+        if wanted is not None and wanted > rest.num_tokens:
+            raise ValueError(f"{path}: holds {rest.num_tokens} tokens after its training slice (the first "
+                             f"{train.num_requests} of {trace.num_requests} requests), fewer than {option} "
+                             f"{wanted}; ask for at most {rest.num_tokens}, or record a longer trace")
+    return train, rest if max_tokens is None else rest.head_tokens(max_tokens)
 
 
 def shape_replay(model, shape: ModelShape, train: Trace, trace: Trace, policies: list[str], slots: list[int],
