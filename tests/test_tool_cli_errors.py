@@ -66,11 +66,15 @@ def world(tmp_path_factory):
     corpus.mkdir()
     for files in DOMAIN_FILES.values():
         for name in files:
-            (corpus / name).write_text("".join(f"the quick brown fox {i} jumps over the lazy dog.\n" for i in range(40)))
+            (corpus / name).write_text("".join(f"the quick brown fox {i} jumps over the lazy dog.\n" for i in range(400)))
     (root / "flat-corpus").mkdir()     # one line per file: the held-out split is empty
     for files in DOMAIN_FILES.values():
         for name in files:
             (root / "flat-corpus" / name).write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    (root / "short-corpus").mkdir()    # a held-out split of a few dozen tokens
+    for files in DOMAIN_FILES.values():
+        for name in files:
+            (root / "short-corpus" / name).write_text("".join(f"the quick brown fox {i} jumps.\n" for i in range(40)))
     # a recording of the checkpoint's shape with hidden states at every step (values need not be real here)
     base = synthetic_trace(num_tokens=12, num_layers=2, num_experts=4, top_k=2, num_requests=2, seed=1)
     recorded = dataclasses.replace(
@@ -509,6 +513,9 @@ def test_engine_bench_replay_refuses_a_shape_of_another_top_k(tmp_path, capsys, 
     (["--prompts", "8"], "corpus", ["--prompts 8: the corpus has 7 domains", "use --prompts 7 or fewer"]),
     (["--prompts", "2"], "flat-corpus", ["--corpus", "flat-corpus", "arxiv text has an empty held-out split",
                                          "text on both sides of the split"]),
+    # a prompt shorter than --prompt-len was decoded silently, the recorded settings saying the length asked
+    (["--prompts", "2", "--prompt-len", "200"], "short-corpus", ["--prompt-len 200: the corpus's arxiv held-out text "
+                                                                 "gives", "tokens", "or less"]),
 ])
 def test_prompts_the_corpus_cannot_give_are_refused(world, tmp_path, capsys, command, extra, corpus, words):
     """More prompts than the corpus has domains gave fewer prompts silently; a domain with an empty held-out split

@@ -17,20 +17,28 @@ def load_text(tokenizer_dir: Path, corpus: Path):
     return AutoTokenizer.from_pretrained(tokenizer_dir), load_corpus(corpus)
 
 
+def _prompt(tok, text: str, length: int) -> list[int]:
+    """The first ``length`` tokens of ``text`` (fewer when it holds fewer). It tokenizes a head of the text, at
+    least 4,000 characters (what a prompt of the usual lengths needs; the same tokens as before longer prompts
+    were allowed) and 16 per token asked; ``verbose=False``: that head may be longer than the tokenizer's
+    ``model_max_length``, which warns though nothing here feeds it to a model whole."""
+    return tok(text[:max(4000, 16 * length)], verbose=False)["input_ids"][:length]
+
+
 def held_out_prompts(tok, domains, count: int, length: int) -> list[list[int]]:
     """The start of the held-out text of ``count`` corpus domains (sorted by name), ``length`` tokens each."""
-    return [tok(domains[d].held_out[0][:4000])["input_ids"][:length] for d in sorted(domains)[:count]]
+    return [_prompt(tok, domains[d].held_out[0], length) for d in sorted(domains)[:count]]
 
 
 def train_prompts(tok, domains, count: int, length: int) -> list[list[int]]:
     """The same from the training split: text the measured prompts never share, so a policy that learns
     from its decode (``static``, ``affinity``) is measured on routing it did not see."""
-    return [tok(domains[d].train[0][:4000])["input_ids"][:length] for d in sorted(domains)[:count]]
+    return [_prompt(tok, domains[d].train[0], length) for d in sorted(domains)[:count]]
 
 
 def prompt_problem(tok, domains, prompts: int, train: int, length: int) -> str | None:
     """Why ``held_out_prompts(tok, domains, prompts, length)`` or ``train_prompts(..., train, ...)`` would not give
-    as many prompts as asked, each of at least one token, or None: more prompts than the corpus has domains (one
+    as many prompts as asked, each of ``length`` tokens, or None: more prompts than the corpus has domains (one
     prompt each), or a domain whose split gives no token (a small file without line breaks puts everything in the
     training split: ``real.corpus.split_bytes`` cuts at a line start)."""
     if max(prompts, train) > len(domains):
@@ -43,6 +51,9 @@ def prompt_problem(tok, domains, prompts: int, train: int, length: int) -> str |
                 return (f"the corpus's {domain} text has an empty {name} split, so its prompt would have no token; "
                         f"give a corpus whose files have text on both sides of the split (whole lines: the held-out "
                         f"part starts at a line break)")
+            if len(prompt) < length:
+                return (f"--prompt-len {length}: the corpus's {domain} {name} text gives {len(prompt)} tokens, so its "
+                        f"prompt would be shorter than asked; use --prompt-len {len(prompt)} or less")
     return None
 
 
@@ -50,7 +61,8 @@ def score_sequences(tok, domains, count: int, length: int) -> list[list[int]]:
     """Held-out text for accuracy: ``count`` windows of ``length`` tokens, later in each domain's held-out
     split than the prompts, one domain after another."""
     names = sorted(domains)
-    return [tok(domains[names[i % len(names)]].held_out[0][8000:16000])["input_ids"][:length] for i in range(count)]
+    return [tok(domains[names[i % len(names)]].held_out[0][8000:16000], verbose=False)["input_ids"][:length]
+            for i in range(count)]
 
 
 def decode_mask(trace: Trace, prompts: list[list[int]]) -> np.ndarray:
