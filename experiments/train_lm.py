@@ -5,8 +5,8 @@ and save it as a Hugging Face Mixtral checkpoint with its tokenizer, ``train_rep
     python -m experiments.train_lm --out runs/moe-lm [--corpus DIR] [--minutes 7] [--seed 0]
                                    [--size h100|tiny] [--device cuda|cpu] [--max-steps N] [--no-compile]
 
-The output folder is built beside ``--out`` and replaces it as a whole at the end; a folder that is
-not an earlier output of this command is refused.
+The output folder is built beside ``--out`` and replaces it as a whole at the end; a folder that holds
+anything but an earlier output of this command (a file it did not write) is refused, naming the files.
 """
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 
 from real.corpus import DEFAULT_CORPUS_DIR
-from real.train_lm import SIZES, TrainSettings, is_replaceable, train_and_save
+from real.train_lm import SIZES, TrainSettings, replace_problem, train_and_save
 from traces.io import output_problem
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m experiments.train_lm", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=Path, help="output folder (replaced as a whole at the end)")
+    ap.add_argument("--out", required=True, type=Path, help="output folder (replaced as a whole at the end; refused when it holds files this "
+                         "command did not write)")
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR, help="folder holding the corpus text files")
     ap.add_argument("--minutes", type=float, default=7.0,
                     help="wall-time budget from start to the last training step (evaluation and saving follow)")
@@ -57,9 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--corpus {args.corpus}: no such folder (the corpus is ../shared/data/corpus)")
     if (problem := output_problem(args.out.parent, "folder")) is not None:   # the model is written beside --out
         ap.error(f"--out {args.out}: {problem}")
-    if args.out.exists() and not is_replaceable(args.out):
-        ap.error(f"--out {args.out} exists and is not an earlier output of this command "
-                 f"(no train_report.json in it): choose another folder or remove it")
+    if (problem := replace_problem(args.out)) is not None:
+        ap.error(f"--out {args.out} {problem}")
     return args
 
 

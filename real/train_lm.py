@@ -299,10 +299,37 @@ class TrainSettings:
     experts_implementation: str | None = None
 
 
-def is_replaceable(path: Path) -> bool:
-    """Whether ``train_and_save`` may replace ``path``: an empty folder or an earlier output (it holds a
-    train_report.json)."""
-    return path.is_dir() and (not any(path.iterdir()) or (path / "train_report.json").is_file())
+# What ``train_and_save`` writes (save_pretrained's weights and generation config, the tokenizer, the reports): a
+# folder holding these and train_report.json is an earlier output, which a new run may replace whole.
+OUTPUT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                          "tokenizer_config.json", "special_tokens_map.json", "routing_stats.json",
+                          "train_report.json"})
+
+
+def replace_problem(path: Path) -> str | None:
+    """Why ``train_and_save`` may not replace ``path`` (a folder it would delete files of that it did not write),
+    or None: ``path`` is absent, an empty folder or an earlier output (train_report.json and nothing but the
+    files this command writes). The message (``--out PATH`` goes before it) names the entries and the fix."""
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return "is a file, not a folder: choose another --out"
+    entries = sorted(e.name for e in path.iterdir())
+    if not entries:
+        return None
+    if "train_report.json" not in entries:
+        return (f"holds {_listed(entries)} and is not an earlier output of this command (no train_report.json); "
+                f"the output replaces the folder whole: choose another --out, or remove them")
+    foreign = [e for e in entries if e not in OUTPUT_FILES or not (path / e).is_file()]
+    if foreign:
+        return (f"is an earlier output of this command but also holds {_listed(foreign)}, which it did not write "
+                f"and replacing the folder would delete: choose another --out, or move them out")
+    return None
+
+
+def _listed(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _write_json(path: Path, obj) -> None:
@@ -311,7 +338,10 @@ def _write_json(path: Path, obj) -> None:
 
 def _publish(tmp_dir: Path, out: Path) -> None:
     """Move the finished folder into place; an earlier output is swapped out first, then removed. The
-    files in it are each written atomically already; this makes the folder appear as a whole."""
+    files in it are each written atomically already; this makes the folder appear as a whole. A folder
+    that became foreign while the model trained (a file put in it) is left as it is, and so is the model."""
+    if (problem := replace_problem(out)) is not None:
+        raise SystemExit(f"error: --out {out} {problem}; the trained model is kept in {tmp_dir}")
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -394,6 +424,9 @@ def _train_and_save(settings: TrainSettings, command: list[str], corpus, size: M
     saved_cfg = json.loads(cfg_path.read_text())
     saved_cfg.setdefault("rope_theta", ROPE_THETA)      # readers that predate rope_parameters
     _write_json(cfg_path, saved_cfg)
+    # safetensors writes the weights 0600; they should read like the other outputs (the umask's mode)
+    for weights in tmp_dir.glob("*.safetensors"):
+        os.chmod(weights, cfg_path.stat().st_mode & 0o777)
 
     wall_s = time.perf_counter() - t0
     report = {

@@ -177,8 +177,64 @@ def test_same_seed_gives_identical_losses(tiny_run, tmp_path):
     assert again["steps"] == 1 and json.loads((tmp_path / "a" / "train_report.json").read_text())["steps"] == 1
 
 
+def test_weights_read_like_the_other_outputs(tiny_run):
+    """safetensors writes model.safetensors 0600; every output has the mode of the files beside it."""
+    out, _ = tiny_run
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == modes["tokenizer.json"], modes
+
+
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("not ours")
     with pytest.raises(SystemExit):
         main(["--size", "tiny", "--device", "cpu", "--out", str(tmp_path)])
     assert (tmp_path / "keep.txt").read_text() == "not ours"
+
+
+def _earlier_output(folder: Path) -> None:
+    from real.train_lm import OUTPUT_FILES
+    folder.mkdir(parents=True)
+    for name in OUTPUT_FILES:
+        (folder / name).write_text("{}")
+
+
+def test_refuses_an_earlier_output_holding_a_file_it_did_not_write(tmp_path, capsys):
+    """A user's file inside an earlier output would go with the folder: refused up front, the file named."""
+    out = tmp_path / "my_traces"
+    _earlier_output(out)
+    (out / "important.npz").write_bytes(b"keep")
+    (out / "notes").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--size", "tiny", "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "important.npz, notes" in err and "choose another --out" in err, err
+    assert (out / "important.npz").read_bytes() == b"keep" and (out / "train_report.json").is_file()
+
+
+def test_refuses_a_checkpoint_it_did_not_write(tmp_path, capsys):
+    """A downloaded checkpoint holds the same file names but no train_report.json: not ours to delete."""
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--size", "tiny", "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "no train_report.json" in err and "config.json, model.safetensors" in err
+    assert (out / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_file_put_in_the_folder_while_training_keeps_both(tmp_path):
+    """The check runs again where the folder is replaced: a file that appeared meanwhile stays, and so does
+    the trained model (its folder is named)."""
+    from real.train_lm import _publish
+    out, built = tmp_path / "lm", tmp_path / ".lm.partial-1"
+    _earlier_output(out)
+    _earlier_output(built)
+    (out / "important.npz").write_bytes(b"keep")
+    with pytest.raises(SystemExit, match="important.npz.*kept in .*partial-1"):
+        _publish(built, out)
+    assert (out / "important.npz").read_bytes() == b"keep" and (built / "train_report.json").is_file()
+    (out / "important.npz").unlink()
+    _publish(built, out)                      # an earlier output alone is replaced
+    assert not built.exists() and (out / "train_report.json").is_file()
