@@ -5,7 +5,9 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
+from experiments import routing_compare
 from experiments.routing_compare import main
 
 
@@ -34,3 +36,40 @@ def test_comparison_table(tmp_path):
                   "--out", str(tmp_path / "c.csv")])
     assert table.columns[2] == "tiny (2L, top-2 of 4)"
     assert table.set_index("statistic").loc["random_reuse", "tiny (2L, top-2 of 4)"] == 0.5
+
+
+def _refused(capsys, argv, *words):
+    """One error line holding every one of ``words``, exit code 2, no traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert "error: " in line and all(w in line for w in words), (words, line)
+
+
+def test_inputs_are_checked_with_one_line(tmp_path, capsys, monkeypatch):
+    stats = tmp_path / "routing_stats.json"
+    stats.write_text(json.dumps({"summary": {k: 1.0 for k in routing_compare.SUMMARY_KEYS}, "random_reuse": 0.5}))
+    np.savez(tmp_path / "g.npz", experts=np.zeros((4, 3, 4), np.uint8), gen_start=np.array([0, 4]),
+             gen_category=np.array(["math"]))
+    out = ["--out", str(tmp_path / "c.csv")]
+    gpt = ["--gpt-oss", str(tmp_path / "g.npz")]
+    # the default --gpt-oss absent (the shared data lies elsewhere)
+    monkeypatch.setattr(routing_compare, "DEFAULT_GPT_OSS", tmp_path / "shared" / "gpt-oss-20b-dev.npz")
+    _refused(capsys, ["--model-stats", str(stats), *out], "--gpt-oss", "no such file", "pass --gpt-oss PATH")
+    _refused(capsys, ["--model-stats", str(stats), "--gpt-oss", str(stats), *out], "not an .npz")
+    np.savez(tmp_path / "other.npz", experts=np.zeros(3))
+    _refused(capsys, ["--model-stats", str(stats), "--gpt-oss", str(tmp_path / "other.npz"), *out],
+             "lacks the array(s) gen_start, gen_category")
+    _refused(capsys, ["--model-stats", str(tmp_path / "none.json"), *gpt, *out], "--model-stats", "no such file")
+    config = tmp_path / "config.json"                   # the model's config, not its statistics
+    config.write_text(json.dumps({"model_type": "mixtral"}))
+    _refused(capsys, ["--model-stats", str(config), *gpt, *out], "--model-stats", "neither a routing_stats.json",
+             "pass MODEL_DIR/routing_stats.json")
+    config.write_text("{not json")
+    _refused(capsys, ["--model-stats", str(config), *gpt, *out], "not readable as JSON")
+    _refused(capsys, ["--model-stats", str(stats), *gpt, "--out", str(tmp_path)], "--out", "is a folder")
+    assert not (tmp_path / "c.csv").exists()
+    main(["--model-stats", str(stats), *gpt, *out])
+    assert (tmp_path / "c.csv").is_file()
