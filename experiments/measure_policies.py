@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     error = check_slots(args.slots, config.top_k, config.num_experts, args.model)
     if error:
         p.error(error)
+    if args.gate is not None and args.depth > config.num_layers - 1:    # a gate predicts a layer ahead at most L-1
+        p.error(f"--depth {args.depth}: {args.model} has {config.num_layers} layers, so a gate looks at most "
+                f"{config.num_layers - 1} layer(s) ahead; use --depth 1..{config.num_layers - 1}")
     try:
         args.recorded, args.train = load_trace(args.trace), load_trace(args.train_trace)
         recording_prompts(args.recorded, args.trace)
@@ -125,8 +128,8 @@ def _measure(args, started: float) -> list[str]:
     del tensors
     gate = LookaheadGate.load(args.gate, host, device) if args.gate else None
     if gate is not None and gate.depth < args.depth:
-        raise SystemExit(f"error: {args.gate}: the gate looks {gate.depth} layers ahead, not --depth {args.depth}; "
-                         f"retrain it with --depth {args.depth}")
+        raise SystemExit(f"error: {args.gate}: the gate looks {gate.depth} layer(s) ahead, not --depth {args.depth}; "
+                         f"pass --depth {gate.depth}, or retrain it with --depth {args.depth}")
     names = args.policy_params.consulted(args.policies)        # only what the asked policies consult is built
     vectors = default_vectors(host, capture_hidden_states(args.model, args.vector_tokens, args.corpus,
                                                           device=str(device), dtype=dtype, seed=args.seed)
