@@ -15,7 +15,8 @@ decoder layer:
 - ``engine_layer_us``: the all-resident engine's wall time per layer (``OffloadEngine`` with every
   expert in a slot: routing read-back, policy bookkeeping and launches included; the step's
   embedding, head and argmax read-back, timed alone, taken out), and ``host_us`` = that minus
-  ``layer_device_us``: the time the host adds per layer;
+  ``layer_device_us``: the time the host adds per layer (the printed table shows it as n/a on the CPU,
+  where the device times are walls too, and where it comes out negative);
 - ``engine_tok_s`` and ``resident_tok_s`` (the fully-on-GPU model, ``MoEModel.decode_step``), beside
   ``bound_tok_s``: the memory-bound limit, active bytes per token (non-expert weights, top-k experts
   per layer, the KV cache read at this context, the head) over the device bandwidth measured in the
@@ -274,7 +275,7 @@ def main(argv=None) -> pd.DataFrame:
         kernels.to_csv(out / "layer_kernels.csv", index=False)
         print(kernels[["shape", "impl", "front_kernels", "attention_kernels"]].to_string(index=False))
     print(f"wrote {out / 'layer_times.csv'} and {out / 'layer_summary.csv'} in {time.perf_counter() - started:.0f} s")
-    _print_table(summary)
+    _print_table(summary, device_clock=device.type == "cuda")
     return summary
 
 
@@ -286,7 +287,11 @@ def _summary(times: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def _print_table(summary: pd.DataFrame) -> None:
+def _print_table(summary: pd.DataFrame, device_clock: bool = True) -> None:
+    """The medians, one row per shape, context and implementation. ``host`` is ``n/a`` where it measures
+    nothing: without a device clock (the CPU smoke run, whose "device" times are walls too) and where the
+    engine's wall per layer came out below the device time (a negative difference); layer_times.csv and
+    layer_summary.csv keep the difference as computed."""
     wide = summary.pivot_table(index=["shape", "context", "impl"], columns="metric", values="median", sort=False)
     spread = summary.pivot_table(index=["shape", "context", "impl"], columns="metric", values="spread_pct",
                                  sort=False)
@@ -297,12 +302,20 @@ def _print_table(summary: pd.DataFrame) -> None:
     shapes = list(dict.fromkeys(summary["shape"]))
     impls = list(dict.fromkeys(summary["impl"]))
     wide = wide.reindex(sorted(wide.index, key=lambda k: (shapes.index(k[0]), k[1], impls.index(k[2]))))
+    no_host = ~wide["host_us"].ge(0) if device_clock else pd.Series(True, index=wide.index)
+    if not device_clock:
+        print("host: n/a without a device clock (on the CPU the device times are walls too, so engine wall - "
+              "device time is no host cost)")
+    elif no_host.any():
+        print(f"host: n/a in {int(no_host.sum())} row(s) where the engine's wall per layer was below the device time")
     print("per decoder layer, us (median of repeats; worst spread over the row in the last column)")
     header = f"{'shape':<14}{'ctx':>6} {'impl':<14}" + "".join(f"{short[m]:>12}" for m in METRICS) + f"{'spread%':>9}"
     print(header)
-    for (shape, context, impl), row in wide.iterrows():
-        worst = spread.loc[(shape, context, impl)].max()
-        print(f"{shape:<14}{context:>6} {impl:<14}" + "".join(f"{row[m]:>12.1f}" for m in METRICS) + f"{worst:>9.0f}")
+    for key, row in wide.iterrows():
+        shape, context, impl = key
+        worst = spread.loc[key].max()
+        cells = "".join(f"{'n/a':>12}" if m == "host_us" and no_host[key] else f"{row[m]:>12.1f}" for m in METRICS)
+        print(f"{shape:<14}{context:>6} {impl:<14}" + cells + f"{worst:>9.0f}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 implementations at both contexts, written and tabulated; and its memory-bound arithmetic."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,8 +24,13 @@ def test_smoke_run_writes_every_metric_for_both_implementations(tmp_path, capsys
     assert len(summary) == len(times) // 2 and (summary["low"] <= summary["median"]).all()
     saved = pd.read_csv(tmp_path / "layer_summary.csv")
     assert list(saved.columns) == list(summary.columns) and len(saved) == len(summary)
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = capsys.readouterr().out.strip().splitlines()
+    last = printed[-1]
     assert last.startswith("tiny") and "sdpa" in last
+    # no device clock on the CPU: engine wall - "device" time (a wall too) is no host time; said so, not printed
+    table = printed[printed.index(next(line for line in printed if line.startswith("shape"))):]
+    assert all(line.split()[3 + bench_layer.METRICS.index("host_us")] == "n/a" for line in table[1:]), table
+    assert any(line.startswith("host: n/a without a device clock") for line in printed)
 
 
 def test_implementation_names():
@@ -41,3 +48,25 @@ def test_active_bytes_counts_weights_experts_kv_and_head():
     head = 10 * 8 + 2 * 8                               # lm_head, embedding row, final norm
     assert bench_layer.active_bytes(shape, 0) == 2 * (2 * per_layer + head)
     assert bench_layer.active_bytes(shape, 5) - bench_layer.active_bytes(shape, 0) == 2 * 2 * (2 * 5 * 1 * 4)
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results" / "h200" / "bench_layer_compiled"
+
+
+def test_gpu_table_prints_as_committed(capsys):
+    """The H200 run's summary prints exactly the table its log holds (the host column included)."""
+    bench_layer._print_table(pd.read_csv(RESULTS / "layer_summary.csv"), device_clock=True)
+    printed = capsys.readouterr().out.strip().splitlines()
+    log = (RESULTS / "bench_layer.log").read_text().splitlines()
+    assert printed == log[-len(printed):]
+
+
+def test_a_negative_host_time_on_the_gpu_is_flagged(capsys):
+    summary = pd.read_csv(RESULTS / "layer_summary.csv")
+    row = (summary["metric"] == "host_us") & (summary["context"] == 16) & (summary["impl"] == "sdpa")
+    summary.loc[row & (summary["shape"] == "moe-lm"), "median"] = -3.0
+    bench_layer._print_table(summary, device_clock=True)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0] == "host: n/a in 1 row(s) where the engine's wall per layer was below the device time"
+    flagged = [line for line in printed if line.split()[3 + bench_layer.METRICS.index("host_us"):][:1] == ["n/a"]]
+    assert len(flagged) == 1 and flagged[0].startswith("moe-lm") and " 16 sdpa " in flagged[0]
