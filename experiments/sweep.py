@@ -23,7 +23,9 @@ Bad input (an ``--out`` that is a file included, and whatever a policy's constru
 configuration of that policy in the grid) exits with code 2 and one line on stderr. A configuration that
 fails at run time (SystemExit from a policy too, or its constructor at some configurations only) is
 reported by name with the file and line where it raised, its traceback is kept in
-``OUT/errors/``, the others are still written, and the exit code is 1. SIGINT
+``OUT/errors/``, the others are still written, and the exit code is 1. A configuration whose worker process dies
+(a policy's os._exit, a signal, the OOM killer) is run again alone: where it dies again it fails like one that raised
+(its exit code or signal in place of a traceback), while the others finish in a fresh pool. SIGINT
 (Ctrl-C) or SIGTERM stops the workers at once, keeps every finished row, says how to resume, and
 exits with 130 or 143.
 """
@@ -43,6 +45,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable
 
@@ -56,12 +59,13 @@ from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, compute
                                 record_timeline, run_config, share_traces, trace_slices, use_shared_traces,
                                 validate_grid)
 from hardware.profile import hardware_to_dict
-from policies.registry import RUN_FAILURES, failure_site, param_text, policy_label, resolve_policy
+from policies.registry import BUILTIN, RUN_FAILURES, failure_site, param_text, policy_label, resolve_policy
 from traces.io import output_problem
 
 DEFAULT_CONFIG = DEFAULT_SCENARIO
 TIMELINE_TOKENS = 20
 SHARED_TRACES = ".traces"      # in OUT while workers run: the traces they map (runner.share_traces)
+RUNNING = "running"            # in SHARED_TRACES: one file per worker naming the task it runs (_run_task)
 _WORKER_GRACE_S = 2.0
 _PARENT_POLL_S = 1.0
 # A configuration running longer than this is named (and again at twice it, four times...); checked so often.
@@ -84,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=_user_path, default=DEFAULT_CONFIG, help="scenario YAML (default: %(default)s)")
     p.add_argument("--out", type=_user_path, help="output dir (default: runs/sweep-<hash of the spec>)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="worker processes (default: the CPU count; 1 runs in this process)")
+                   help="worker processes (default: the CPU count; 1 runs the project's policies in this process, "
+                        "a policy of your own in one worker)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--timeline", action="store_true",
                    help=f"also write the first ~{TIMELINE_TOKENS} tokens of the first configuration that finished "
@@ -200,6 +205,23 @@ def _init_worker(shared_traces: str, parent: int) -> None:
     use_shared_traces(Path(shared_traces))
 
 
+def _run_task(task: int, cfg: RunConfig, h: str, label: str, out: Path) -> tuple[str | None, float]:
+    """``_run_one`` in a pool's worker, which says meanwhile, in a file of its own, which task it runs: a worker
+    that dies (a policy's os._exit, the OOM killer) takes its task with it, and the pool only says it broke."""
+    marker = out / SHARED_TRACES / RUNNING / str(os.getpid())
+    marker.write_text(str(task))
+    result = _run_one(cfg, h, label, out)
+    marker.unlink()
+    return result
+
+
+def _run_alone(conn, shared_traces: str, parent: int, cfg: RunConfig, h: str, label: str, out: Path) -> None:
+    """A process of its own for one configuration (``_run_isolated``): its result goes back through ``conn``."""
+    _init_worker(shared_traces, parent)
+    conn.send(_run_one(cfg, h, label, out))
+    conn.close()
+
+
 def _run_one(cfg: RunConfig, h: str, label: str, out: Path) -> tuple[str | None, float]:
     """Run one configuration and store what it gives, in whichever process runs it: the row (so a
     finished row survives the sweep being killed) or the failure's report with its traceback.
@@ -232,6 +254,28 @@ def _failed(store: ResultStore, cfg: RunConfig, what: str, err: BaseException, n
     with _whole_write():
         path = store.write_error(cfg, report, kind)
     return f"{error} at {site} (traceback: {path})"
+
+
+def _died(store: ResultStore, cfg: RunConfig, label: str, h: str, exitcode: int) -> str:
+    """Keep the report of ``cfg``'s run that ended its process (``exitcode``: its exit status, or minus the
+    signal that killed it) in OUT/errors/; the failure as one line."""
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else f"signal {-exitcode}"
+        cause = ("the system killed it (the OOM killer sends SIGKILL: memory) or a kill -9, the policy's own included"
+                 if name == "SIGKILL" else f"the policy's code sent it {name} or crashed in compiled code")
+        how = f"killed by {name}"
+    elif exitcode == 128 + signal.SIGTERM:      # a worker's own way to end on SIGTERM (_exit_worker)
+        how, cause = f"SIGTERM, exit code {exitcode}", "something sent it SIGTERM (kill PID), the policy's code included"
+    else:
+        how, cause = f"exit code {exitcode}", "the policy's code ended the process (os._exit)"
+    error = f"its worker process died ({how}) while it ran this configuration alone: {cause}"
+    report = (f"config ({label}) failed: {error}\nits row, once it runs: {store.row_path(h)}\n\nNo traceback: the "
+              f"process ended without raising. Look in the policy ({cfg.policy}) for os._exit, os.kill or memory that "
+              f"grows with the trace; the kernel's log (dmesg, journalctl -k) names a process the OOM killer "
+              f"ended.\n")
+    with _whole_write():
+        path = store.write_error(cfg, report, "run")
+    return f"{error} (report: {path})"
 
 
 def _write_timeline(grid: list[RunConfig], hashes: list[str], store: ResultStore, varying: list[str]
@@ -355,7 +399,9 @@ def _run_all(pending: list[tuple[RunConfig, str]], out: Path, workers: int, vary
         progress.finished(cfg, h, failure, seconds)
 
     try:
-        if workers <= 1:
+        # A policy of the user's runs in a worker process even with one worker: an os._exit in its code, or the
+        # OOM killer, then fails its configuration instead of ending the sweep with no word.
+        if workers <= 1 and all(cfg.policy in BUILTIN for cfg, _ in pending):
             current: list[tuple[object, RunConfig, str]] = []
             with _watching(progress, lambda: list(current)):
                 for i, (cfg, h) in enumerate(pending):
@@ -405,35 +451,115 @@ def _run_pool(pending, out: Path, workers: int, varying: list[str], report, plot
 
 def _run_workers(pending, out: Path, workers: int, varying: list[str], report, shared: str, plots: bool,
                  progress: _Progress) -> None:
+    """Run ``pending`` in a pool of ``workers`` processes. A worker that dies (a policy's os._exit, the OOM killer)
+    breaks the pool, which fails every task it has not finished, naming none: the configurations its workers were
+    running (RUNNING) are the suspects, each run again alone in a process of its own (``_run_isolated``), where
+    one whose process dies again is the culprit, reported failed; the rest, innocent, go on in a fresh pool."""
+    todo = pending
+    on_start: Callable[[], None] | None = lambda: _import_for_results(plots)
+    while todo:
+        broken, started = _pool_round(todo, out, workers, varying, report, shared, progress, on_start)
+        on_start = None
+        if not broken:
+            return
+        # No worker had said what it ran (it died starting): one configuration at a time alone still ends the loop.
+        alone = {i for i, _, _ in broken if i in started} or {broken[0][0]}
+        suspects = [(cfg, h) for i, cfg, h in broken if i in alone]
+        todo = [(cfg, h) for i, cfg, h in broken if i not in alone]
+        progress.note(f"a worker process died; running alone the configuration{'s' * (len(suspects) > 1)} it may have "
+                      f"been running: {'; '.join(describe(cfg, varying) for cfg, _ in suspects)}")
+        _run_isolated(suspects, out, varying, report, shared, progress)
+
+
+def _pool_round(tasks, out: Path, workers: int, varying: list[str], report, shared: str, progress: _Progress,
+                on_start: Callable[[], None] | None) -> tuple[list[tuple[int, RunConfig, str]], set[int]]:
+    """Run ``tasks`` in a fresh pool until each is reported or the pool breaks; ``on_start`` once the workers are
+    started. (The tasks the broken pool did not finish: (index, configuration, hash); the indices its workers
+    said they were running.)"""
+    running = Path(shared) / RUNNING
+    running.mkdir(parents=True, exist_ok=True)
     before = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(shared, os.getpid()))
-    futures = {pool.submit(_run_one, cfg, h, describe(cfg, varying), out): (cfg, h) for cfg, h in pending}
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), initializer=_init_worker,
+                               initargs=(shared, os.getpid()))
+    futures: dict[object, tuple[int, RunConfig, str]] = {}
+    broken = []
 
     def running_now() -> list[tuple[object, RunConfig, str]]:
         # A future is "running" once in the pool's call queue, which holds one more than the workers run;
         # the workers take them in submission order: the first ``workers`` of them are the ones running.
-        return [(f, *futures[f]) for f in futures if f.running()][:workers]
+        return [(f, *futures[f][1:]) for f in futures if f.running()][:workers]
     try:
-        _import_for_results(plots)
+        for i, (cfg, h) in enumerate(tasks):
+            try:
+                futures[pool.submit(_run_task, i, cfg, h, describe(cfg, varying), out)] = (i, cfg, h)
+            except BrokenProcessPool:       # a worker died already: the rest wait for the next pool
+                broken.append((i, cfg, h))
+        if on_start is not None:
+            on_start()
         with _watching(progress, running_now):  # started after the workers are: none is forked with it
             for future in as_completed(futures):
-                cfg, h = futures[future]
-                err = future.exception()    # only a pool failure (a worker died): _run_one reports the rest
+                i, cfg, h = futures[future]
+                err = future.exception()    # only a pool failure: _run_one reports the rest
+                if isinstance(err, BrokenProcessPool):
+                    broken.append((i, cfg, h))
+                    continue
                 report(cfg, h, *(future.result() if err is None else (f"{type(err).__name__}: {err}", 0.0)))
     except BaseException:
         # The executor has no public way to stop running tasks: end its processes ourselves.
         pool.shutdown(wait=False, cancel_futures=True)
-        workers_now = [p for p in multiprocessing.active_children() if p not in before]
-        for p in workers_now:
-            p.terminate()
-        for p in workers_now:
-            # A worker acts on SIGTERM between Python steps; one stuck in a long compiled kernel is killed.
-            p.join(timeout=_WORKER_GRACE_S)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        _end_processes([p for p in multiprocessing.active_children() if p not in before])
         raise
     pool.shutdown()
+    started = set()
+    for marker in running.iterdir():
+        task = marker.read_text()
+        if task.isdigit():      # empty where a worker died writing it
+            started.add(int(task))
+        marker.unlink()
+    return sorted(broken), started
+
+
+def _run_isolated(suspects: list[tuple[RunConfig, str]], out: Path, varying: list[str], report, shared: str,
+                  progress: _Progress) -> None:
+    """Run each of ``suspects`` at once, each alone in a process of its own (there are at most as many as the
+    workers), and report it: its result, or, where its process died, the configuration that killed it."""
+    context = multiprocessing.get_context()
+    store = ResultStore(out)
+    alive: list[tuple[object, RunConfig, str]] = []
+    started = []
+    try:
+        for cfg, h in suspects:
+            receive, send = context.Pipe(duplex=False)
+            proc = context.Process(target=_run_alone, args=(send, shared, os.getpid(), cfg, h, describe(cfg, varying),
+                                                            out), name=f"sweep-alone-{h[:8]}")
+            proc.start()
+            send.close()
+            started.append((proc, receive, cfg, h, time.perf_counter()))
+            alive.append((proc, cfg, h))
+        with _watching(progress, lambda: list(alive)):
+            for proc, receive, cfg, h, start in started:
+                try:
+                    result = receive.recv()
+                except EOFError:        # the process ended before it sent its result
+                    result = None
+                proc.join()
+                alive[:] = [a for a in alive if a[0] is not proc]
+                if result is None:
+                    result = (_died(store, cfg, describe(cfg, varying), h, proc.exitcode), time.perf_counter() - start)
+                report(cfg, h, *result)
+    finally:
+        _end_processes([proc for proc, *_ in started if proc.exitcode is None])
+
+
+def _end_processes(processes) -> None:
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        # A worker acts on SIGTERM between Python steps; one stuck in a long compiled kernel is killed.
+        p.join(timeout=_WORKER_GRACE_S)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _import_for_results(figures: bool) -> None:

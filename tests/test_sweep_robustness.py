@@ -445,3 +445,63 @@ def test_a_policy_failing_while_the_timeline_is_recorded_is_a_failure_like_any_o
     policy.write_text(RAISING.format(when="False", raises="SystemExit(3)"))
     assert _timeline_sweep(trace_path, out, f"policy={policy}:Raising") == 0, capsys.readouterr().err
     assert (out / "timeline.json").is_file() and not list((out / "errors").glob("*.txt"))
+
+
+ENDS_ITS_PROCESS = '''import os
+import signal
+
+from policies.lru import LRU
+
+
+class Ends(LRU):
+    def on_access(self, access, index, key, hit):
+        super().on_access(access, index, key, hit)
+        if access.step > 40:
+            {ends}
+'''
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("ends, how", [("os._exit(7)", "exit code 7"),
+                                       ("os.kill(os.getpid(), signal.SIGKILL)", "killed by SIGKILL")],
+                         ids=["os._exit", "sigkill"])
+def test_a_policy_that_ends_its_process_fails_its_configurations_only(trace_path, tmp_path, ends, how, workers):
+    """A worker that dies breaks the pool, which fails every task it holds without saying whose it was: the
+    configurations the dead worker ran are named, the others finish. With one worker the user's policy runs in a
+    worker process too (in the sweep's own process its os._exit ended the sweep with no word)."""
+    policy = tmp_path / "ends.py"
+    policy.write_text(ENDS_ITS_PROCESS.format(ends=ends))
+    out = tmp_path / "out"
+    done = sweep_cli(f"trace={trace_path}", f"policy=lru,{policy}:Ends,belady", "cache_slots=2,3", "max_tokens=300",
+                     "--out", out, "--no-plots", "--workers", workers)
+    assert done.returncode == 1, done.stderr
+    assert "BrokenProcessPool" not in done.stdout + done.stderr
+    assert "2 of 6 configurations failed" in done.stderr
+    for slots in (2, 3):
+        line = next(x for x in done.stderr.splitlines()
+                    if x.startswith(f"  config (policy={policy}:Ends cache_slots={slots}) failed: "))
+        assert f"its worker process died ({how})" in line and "report: " in line, line
+        report = Path(line.rsplit("report: ", 1)[1].rstrip(")")).read_text()
+        assert how in report and str(policy) in report
+    assert len(list((out / "errors").glob("*.txt"))) == 2
+    assert sorted(pd.read_csv(out / "results.csv")["policy"]) == ["belady", "belady", "lru", "lru"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
+def test_a_worker_killed_outright_loses_no_configuration(trace_path, tmp_path):
+    """``kill -9`` of one worker (what the OOM killer does): what it ran runs again alone, the rest in a fresh
+    pool; every configuration finishes."""
+    out = tmp_path / "out"
+    proc, workers = _start_sweep(trace_path, out, 2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        os.kill(workers[0], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    assert "a worker process died; running alone the configuration" in stdout
+    assert "21 of 21 configurations" in stdout
+    assert len(list((out / "rows").glob("*.json"))) == 21
+    assert not (out / "errors").exists() or not list((out / "errors").iterdir())
