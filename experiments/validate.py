@@ -23,8 +23,10 @@ OUT/timelines_<slice>.csv and a table on screen.
 The grid is a scenario file (``validation.scenario``; experiments/configs/validate-*.yaml): slices of
 shape replay (random weights of a named shape, routing forced from a real trace) and live models. On a
 CPU the smoke scenario runs the same path with a tiny model (CI runs it). Exit 2 for a bad scenario, or for a
-slice's input a measurement could not use (``validation.preflight``: a live slice's checkpoint, tokenizer, corpus or
-gate, weights larger than the host memory), every one found before anything runs.
+slice's input a measurement could not use (``validation.preflight``: a slice's trace cut short or damaged, a live
+slice's checkpoint, tokenizer, corpus or gate, weights larger than the host memory), every one found before anything
+runs. The report names the profile its predictions come from (``profile_record``: the summary's first line,
+validation.csv's ``profile`` columns, each new prediction in OUT/sim/): --predict-only --profile X rewrites them.
 
 Under a deadline (``--deadline-s`` or the scenario's ``deadline_s``) a slice whose calibration would end past it is
 not started (nor its runs), and the end of the call names it: a calibration is taken to last as long as the slice's
@@ -46,10 +48,11 @@ import torch
 
 from hardware.profile import HardwareProfileError, hardware_from_dict, load_hardware
 from plots.figures import plot_validation
-from real.bench.args import cpu_threads, positive_int
+from real.bench.args import cpu_threads, positive_float, positive_int
 from real.bench.engine_runs import exit_message, run_problems
 from real.profile_hw import profile_name
 from traces import load_trace, save_trace
+from traces.digest import file_sha256
 from traces.io import atomic_write, output_problem
 from traces.yaml_unique import safe_load_unique
 from validation import report
@@ -72,17 +75,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scenario", help="a scenario file or a name in experiments/configs "
                                       "(default: the one OUT's results were measured under, else validate-h200 "
                                       "on a GPU, validate-smoke on a CPU)")
-    p.add_argument("--slices", help="comma-separated slice names to run now (default: all)")
+    p.add_argument("--slices", help="comma-separated slice names to measure now (default: all); the report still "
+                                    "covers every slice OUT holds. Not with --predict-only, which re-predicts and "
+                                    "reports the whole bundle (refused: a partial report would replace OUT's "
+                                    "summary; --timelines SLICE compares one slice) nor with --timelines (name the "
+                                    "slices there)")
     p.add_argument("--out", type=Path, default=Path("runs/validate"),
                    help="where every result goes, and where a later call resumes from (default: runs/validate)")
     p.add_argument("--predict-only", action="store_true",
-                   help="no engine: predict and report what OUT holds (any machine)")
-    p.add_argument("--deadline-s", type=float, help="start no measurement round, and no slice's calibration, that "
-                                                    "would end later than this many seconds into the call (a "
-                                                    "calibration is taken to last as long as the slice's previous "
-                                                    f"one, {UNKNOWN_CALIBRATION_S:.0f} s without one); the slices "
-                                                    "measured share the time left equally (default: the scenario's "
-                                                    "deadline_s)")
+                   help="no engine: predict and report everything OUT holds (any machine); rewrites OUT's "
+                        "validation.csv, summary.txt and sim/, which record the profile used")
+    p.add_argument("--deadline-s", type=positive_float,
+                   help="start no measurement round, and no slice's calibration, that would end later than this "
+                        "many seconds (> 0) into the call (a calibration is taken to last as long as the slice's "
+                        f"previous one, {UNKNOWN_CALIBRATION_S:.0f} s without one); the slices measured share the "
+                        "time left equally (default: the scenario's deadline_s)")
     p.add_argument("--calibration-steps", type=_calibration_steps, default=48,
                    help="tokens per calibration pattern run (at least 2: the first step is left out of every fit)")
     p.add_argument("--corpus", help="the text corpus live slices take their prompts from (replaces the scenario's)")
@@ -90,7 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="no engine, no report: compare the per-layer timelines of both clocks for these slices "
                         "(validation.timelines) from what OUT stores -> OUT/timelines_<slice>.csv (any machine)")
     p.add_argument("--profile", type=Path, help="predict with this profile instead of the one fitted from OUT's "
-                                                "calibration (e.g. one merged from several calls' calibrations)")
+                                                "calibration (e.g. one merged from several calls' calibrations); the "
+                                                "report names it (summary's first line, validation.csv's profile "
+                                                "columns)")
     return p.parse_args(argv)
 
 
@@ -213,7 +222,7 @@ def measure(scenario: Scenario, slices, store: Store, args, started: float) -> t
     path = Path(scenario.path).resolve()   # a name where it is one of ours, else the file's absolute path
     recorded = path.stem if path.parent == SCENARIOS_DIR.resolve() else str(path)
     atomic_write(store.out / SCENARIO_FILE, lambda f: f.write(f"{recorded}\n"))
-    deadline = args.deadline_s or scenario.deadline_s
+    deadline = args.deadline_s if args.deadline_s is not None else scenario.deadline_s
     pending = to_measure(slices, store, scenario.repeats) if deadline is not None else set()
     problems, incomplete = [], []
     for i, sl in enumerate(slices):
@@ -271,7 +280,7 @@ def timelines(scenario: Scenario, slices, store: Store, profile_path: Path | Non
     """--timelines: both clocks' per-layer timelines of every configuration with a timed engine run, with the
     profile the comparison uses (``validation.timelines``); OUT/timelines_<slice>.csv and a table per slice."""
     from validation import timelines as tl
-    profile, _ = comparison_profile(store, scenario, profile_path, write=False)
+    profile, _, _ = comparison_profile(store, scenario, profile_path, write=False)
     for sl in slices:
         inputs = slice_inputs(sl, store)
         if inputs is None:
@@ -290,16 +299,37 @@ def timelines(scenario: Scenario, slices, store: Store, profile_path: Path | Non
 
 
 def comparison_profile(store: Store, scenario: Scenario, profile_path: Path | None, write: bool = True):
-    """(the profile a report predicts with, the device OUT measured or None): ``--profile`` when given, else the
-    fit of OUT's calibrations (``calibrated_profile``) for the device its copy table names."""
+    """(the profile a report predicts with, the device OUT measured or None, its file): ``--profile`` when given,
+    else the fit of OUT's calibrations (``calibrated_profile``) for the device its copy table names, in
+    OUT/<name>.yaml (written there unless ``write`` is False)."""
     if profile_path is not None:
-        return load_hardware(profile_path), None
+        return load_hardware(profile_path), None, profile_path
     device = (store.read(store.out / "calibration" / "copies.json") or {}).get("device", "cpu")
-    return calibrated_profile(store, scenario, device, write=write)[0], device
+    profile = calibrated_profile(store, scenario, device, write=write)[0]
+    return profile, device, store.out / f"{profile.name}.yaml"
+
+
+def profile_record(profile, path: Path, out: Path, given: bool) -> dict[str, str]:
+    """What a report records of the profile it predicted with (validation.csv's ``profile`` columns, the summary's
+    first line, each prediction in sim/): its name, its file (relative to OUT when it lies in OUT, so a copied
+    bundle records the same; else absolute), the file's sha256, and whether --profile gave it."""
+    resolved = path.resolve()
+    inside = resolved.is_relative_to(out.resolve())
+    return {"profile": profile.name,
+            "profile_file": resolved.relative_to(out.resolve()).as_posix() if inside else str(resolved),
+            "profile_sha256": file_sha256(resolved), "profile_from": "--profile" if given else "fitted"}
+
+
+def profile_line(record: dict[str, str]) -> str:
+    """The summary's first line: which profile made these predictions."""
+    where = (f"--profile {record['profile_file']}" if record["profile_from"] == "--profile" else
+             f"{record['profile_file']} in OUT, fitted from OUT's calibrations")
+    return f"profile: {record['profile']} ({where}; sha256 {record['profile_sha256']})"
 
 
 def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None = None) -> pd.DataFrame:
-    profile, device = comparison_profile(store, scenario, profile_path)
+    profile, device, path = comparison_profile(store, scenario, profile_path)
+    record = profile_record(profile, path, store.out, given=profile_path is not None)
     pairs, notes, host_ms = [], [], {}
     now_files = engine_files()
     for sl in slices:
@@ -321,7 +351,7 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
                 "; alternate (a hit layer after each miss layer) is held out of the fit" if "alternate" in checked
                 else "") + ("; a live slice's layer overhead comes from its own decode, not from these forced "
                             "patterns" if sl.mode == "live" else ""))
-        earlier, changed = 0, set()
+        earlier, changed, result_notes = 0, set(), set()
         for policy in sl.policies:
             for slots in sl.cache_slots:
                 result, other_code = stored_result(sl, inputs, store, policy, slots)
@@ -329,7 +359,9 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
                 if other_code:
                     files = changed_files((result or {}).get("engine_files"), now_files)
                     changed |= {"(files not recorded: measured before the record existed)"} if files is None \
-                        else set(files) or {"(none: the slice's inputs or a gate differ)"}
+                        else set(files) or {"(none: a policy's source, the slice's inputs or a gate differ)"}
+                    if result.get("note"):
+                        result_notes.add(result["note"])
                 if result is None or not (result.get("summary") or any(not r.get("error") for r in result["runs"])):
                     errors = [r["error"] for r in (result or {}).get("runs", []) if r.get("error")]
                     notes.append(f"{sl.name}: {policy} at {slots} slots " + (
@@ -338,14 +370,17 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
                 # its parameters as the slice gives them (a result from before they were recorded, or of another
                 # checkout, is one measured at them: stored_result takes no result recorded at others)
                 labelled = {**result, "policy_params": sl.params_of(policy)}
-                pairs.append((labelled, predict(sl, inputs, result, profile, store)))
+                pairs.append((labelled, predict(sl, inputs, result, profile, store, record)))
         if earlier:
             shown = sorted(changed)
             notes.append(f"{sl.name}: {earlier} configurations whose key this checkout does not reproduce (the engine's "
-                         f"code changed since, or a gate absent here); engine files changed since their runs: "
+                         f"code, a policy's source, the slice's inputs or a gate differ since their runs; reported as "
+                         f"measured); engine files changed since their runs: "
                          + ", ".join(shown[:8]) + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")
-                         + (f"; {result['note']}" if result.get("note") else ""))
+                         + "".join(f"; {note}" for note in sorted(result_notes)))
     table = report.rows(pairs, host_ms)
+    if not table.empty:
+        table = table.assign(**record)
     out = store.out
     atomic_write(out / "validation.csv", lambda f: table.to_csv(f, index=False))
     floor_rows = []
@@ -361,7 +396,7 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
     if device == "cpu":
         notes.append("measured on a CPU, the smoke path: there the engine copies synchronously, which the simulator "
                      "does not model; these errors check that the path runs and say nothing of the simulator's accuracy")
-    text = report.summary(table, notes)
+    text = report.summary(table, notes, heading=[profile_line(record)])
     atomic_write(out / "summary.txt", lambda f: f.write(text))
     if not table.empty:
         plot_validation(table, out / "validation.png")
@@ -431,6 +466,13 @@ def main(argv=None) -> int:
 
 
 def _main(args, name: str, started: float) -> int:
+    if args.slices and (args.predict_only or args.timelines):
+        # a report covers every slice OUT holds: one of some slices would replace the bundle's summary with a part
+        print(f"error: --slices with --predict-only: a report re-predicts every slice {args.out} holds (one of some "
+              f"slices would replace its summary with a part); drop --slices (one slice's comparison: --timelines "
+              f"SLICE)" if args.predict_only else
+              "error: --slices with --timelines: name the slices in --timelines SLICE[,SLICE]", file=sys.stderr)
+        return 2
     try:
         scenario = load_scenario(name)
         slices = scenario.select(args.slices.split(",") if args.slices else None)

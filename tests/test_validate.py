@@ -588,3 +588,94 @@ def test_without_an_earlier_calibration_the_estimate_is_conservative_and_said(tm
     assert "no slice calibrated" in printed and "validate: incomplete: tiny: calibration not started" in printed
     assert not (out / "calibration" / "tiny.json").exists() and not list((out / "engine").glob("*/*.json"))
     assert not (out / "summary.txt").exists()
+
+
+def test_a_report_names_the_profile_its_predictions_come_from(smoke, tmp_path):
+    """--predict-only --profile X rewrites the report and sim/ in place: the summary's first line, validation.csv's
+    profile columns and each new prediction name the profile (name, file, sha256, fitted or given), so a
+    bundle says which profile made it; the fitted one's file is named relative to OUT (a copied bundle records
+    the same), and the existing columns keep their values."""
+    from traces.digest import file_sha256
+    fitted = pd.read_csv(smoke / "validation.csv")
+    sha = file_sha256(smoke / "cpu-measured.yaml")
+    assert (smoke / "summary.txt").read_text().splitlines()[0] == \
+        f"profile: cpu-measured (cpu-measured.yaml in OUT, fitted from OUT's calibrations; sha256 {sha})"
+    assert fitted[["profile", "profile_file", "profile_sha256", "profile_from"]].drop_duplicates().values.tolist() == \
+        [["cpu-measured", "cpu-measured.yaml", sha, "fitted"]]
+    out = tmp_path / "stored"
+    shutil.copytree(smoke, out)
+    other = tmp_path / "merged.yaml"
+    data = yaml.safe_load((smoke / "cpu-measured.yaml").read_text())
+    other.write_text(yaml.safe_dump({**data, "name": "merged"}, sort_keys=False))
+    assert main(["--scenario", str(SMOKE), "--out", str(out), "--predict-only", "--profile", str(other)]) == 0
+    record = ["merged", str(other.resolve()), file_sha256(other), "--profile"]
+    assert (out / "summary.txt").read_text().splitlines()[0] == \
+        f"profile: merged (--profile {other.resolve()}; sha256 {record[2]})"
+    table = pd.read_csv(out / "validation.csv")
+    assert table[["profile", "profile_file", "profile_sha256", "profile_from"]].drop_duplicates().values.tolist() == \
+        [record]
+    assert table["measured"].tolist() == fitted["measured"].tolist()
+    predictions = [json.loads(p.read_text()) for p in (out / "sim").glob("*/*.json")]
+    assert predictions and all([p[k] for k in ("profile", "profile_file", "profile_sha256", "profile_from")] == record
+                               for p in predictions)
+
+
+@pytest.mark.parametrize("mode", ["--predict-only", "--timelines"])
+def test_slices_with_predict_only_or_timelines_is_refused_untouched(smoke, tmp_path, capsys, mode):
+    """--slices selects what a call measures; --predict-only reports every slice OUT holds (a report of some would
+    replace the whole bundle's summary with a part of it, and it used to re-predict all of them regardless), and
+    --timelines names its own slices: one line, exit 2, nothing written."""
+    out = tmp_path / "stored"
+    shutil.copytree(smoke, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    command = ["--scenario", str(SMOKE), "--out", str(out), "--slices", "tiny-replay"]
+    assert main(command + (["--predict-only"] if mode == "--predict-only" else ["--timelines", "tiny-live"])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --slices with " + mode), err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("seconds", ["0", "-5", "soon"])
+def test_a_deadline_that_is_not_positive_is_refused_in_one_line(seconds, tmp_path, capsys):
+    """--deadline-s 0 meant no deadline (``args.deadline_s or ...``) and -5 measured nothing, then failed with a
+    misleading message: both refused before anything runs."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--scenario", str(SMOKE), "--out", str(tmp_path / "o"), "--deadline-s", seconds])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --deadline-s" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_damaged_trace_is_refused_before_anything_runs(tmp_path, capsys):
+    """A replay slice whose trace is cut short used to raise traces.io.TraceError's traceback when the slice started
+    (after the copy table and the slices before it): one line naming the slice, the file and the fix, exit 2,
+    nothing written."""
+    cut = tmp_path / "cut.npz"
+    whole = (ROOT / "tests" / "data" / "tiny-moe-trace.npz").read_bytes()
+    cut.write_bytes(whole[:len(whole) // 2])
+    scenario = _tiny_replay_scenario(tmp_path, ["lru"], trace=str(cut))
+    out = tmp_path / "out"
+    assert main(["--scenario", str(scenario), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: slice tiny of {scenario}: trace: {cut}: file: file is truncated or corrupt") and \
+        err.rstrip().endswith(f"(a committed trace: git checkout -- {cut}; or give the slice another 'trace')"), err
+    assert err.count("\n") == 1 and "Traceback" not in err and not out.exists()
+
+
+def test_results_of_another_key_with_the_same_engine_files_are_reported_generically(smoke, tmp_path, monkeypatch):
+    """A stored result whose key this checkout does not reproduce while no engine file changed (a policy's source, the
+    slice's inputs or a gate): the note says so rather than naming files; a configuration of the slice with no result
+    at all, last in the grid, is reported as not measured (the note read the last configuration's result, None)."""
+    import validation.engine_side as engine_side
+    out = tmp_path / "other"
+    shutil.copytree(smoke, out)
+    for path in (out / "engine" / "tiny-replay").glob("*.json"):
+        if (lambda r: (r["policy"], r["cache_slots"]))(json.loads(path.read_text())) == ("affinity", 3):
+            path.unlink()
+    monkeypatch.setattr(engine_side, "engine_code", lambda: "other inputs, same files")
+    assert main(["--scenario", str(SMOKE), "--out", str(out), "--predict-only"]) == 0
+    summary = (out / "summary.txt").read_text()
+    assert "tiny-replay: affinity at 3 slots not measured yet" in summary
+    assert ("tiny-replay: 7 configurations whose key this checkout does not reproduce (the engine's code, a policy's "
+            "source, the slice's inputs or a gate differ since their runs; reported as measured); engine files changed "
+            "since their runs: (none: a policy's source, the slice's inputs or a gate differ)") in summary

@@ -136,3 +136,11 @@ def _pair_of(slice_name, policy, params, measured, predicted, slots=4):
     engine = {**_engine([_run(measured), _run(measured)], policy=policy, slots=slots), "slice": slice_name,
               "policy_params": params}
     return engine, {**SIM, "tokens_per_s": predicted}
+
+
+def test_the_summary_heading_comes_first_also_with_nothing_measured():
+    """The profile line (``experiments.validate.profile_line``) heads the summary, also of an empty table, and a
+    summary without heading is as it was."""
+    table = report.rows([(_engine([_run(100.0), _run(100.0)]), SIM)])
+    assert report.summary(table, [], heading=["profile: p"]) == "profile: p\n" + report.summary(table, [])
+    assert report.summary(table.iloc[0:0], [], heading=["profile: p"]) == "profile: p\nno configuration measured yet\n"

@@ -1,7 +1,7 @@
-"""What a measuring call needs of each slice, checked before anything runs: a live slice's checkpoint (its
-config.json and the headers of its weight files), its tokenizer and corpus, its lookahead gate, and whether the
-slice's weights fit in the host memory available. A slice's inputs are otherwise read only when the slice
-starts, after the slices before it have run for minutes on a device.
+"""What a measuring call needs of each slice, checked before anything runs: a slice's trace (read whole: one cut
+short or damaged), a live slice's checkpoint (its config.json and the headers of its weight files), its tokenizer
+and corpus, its lookahead gate, and whether the slice's weights fit in the host memory available. A slice's inputs
+are otherwise read only when the slice starts, after the slices before it have run for minutes on a device.
 
 The scenario's own checks (``validation.scenario``) cover what every call needs; these are the inputs only a
 measurement reads (``--predict-only`` and ``--timelines`` need no checkpoint, corpus or gate).
@@ -16,6 +16,8 @@ from real.bench.args import host_memory_error
 from real.bench.text import load_text
 from real.checkpoint import (CONFIG_NAME, SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, CheckpointError, read_config,
                              weight_quantization)
+from traces import load_trace
+from traces.io import TraceError
 from validation.scenario import Slice
 
 
@@ -44,6 +46,12 @@ def slice_problems(sl: Slice, device_type: str, scenario: str) -> list[str]:
     the slice, the path and the fix; [] when there is none."""
     where = f"slice {sl.name} of {scenario}"
     problems, shape, checkpoint = [], None, None
+    if sl.trace is not None:        # (its existence is the scenario's check) a replay reads it when the slice starts
+        try:
+            load_trace(sl.trace)
+        except TraceError as err:
+            problems.append(f"{where}: trace: {_one_line(err)} (a committed trace: git checkout -- {sl.trace}; or "
+                            f"give the slice another 'trace')")
     if sl.mode == "live" and sl.model != "random":
         path = Path(sl.model)
         try:

@@ -15,6 +15,9 @@ state during the runs rather than the model. Where the slice's calibration recor
 (``real.calibration``'s ``host_cal_ms``), also over the runs in the calibration's own host state
 (``measured_same_host``: both of a run's host calibration loops within ``SAME_HOST_PCT`` of the calibration's
 median; ``runs_same_host``, ``signed_err_same_host_pct``): what the profile's host constants were measured in.
+Last, on every row, the profile the predictions come from (``experiments.validate.profile_record``): ``profile``
+(its name), ``profile_file`` (relative to OUT when it lies there), ``profile_sha256`` and ``profile_from``
+(``fitted`` from OUT's calibrations, or ``--profile``); the summary's first line names the same.
 
 Policy families (``family``), from what the policy's class is, whoever wrote it: ``lossy`` (``lossless`` False: runs
 other experts than routed), ``bound`` (the oracle, ``policies.oracle_prefetch.OraclePrefetch``), ``prefetching``
@@ -181,14 +184,15 @@ def ranking(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def summary(table: pd.DataFrame, notes: list[str]) -> str:
+def summary(table: pd.DataFrame, notes: list[str], heading: list[str] = ()) -> str:
     """One screen: error of tokens/s per shape and per family, the noise floor, hit/miss agreement and the
-    ranking, read against the goals (median <= 3 %, max <= 8 %)."""
+    ranking, read against the goals (median <= 3 %, max <= 8 %); ``heading``'s lines first (the profile the
+    predictions come from)."""
     if table.empty:
-        return "no configuration measured yet\n"
+        return "".join(f"{line}\n" for line in heading) + "no configuration measured yet\n"
     t = table[table["metric"] == "tokens_per_s"]
     single = int((t["runs"] < 2).sum())
-    lines = [f"tokens/s: {len(t)} configurations over {t['shape'].nunique()} shapes and {t['policy'].nunique()} "
+    lines = [*heading, f"tokens/s: {len(t)} configurations over {t['shape'].nunique()} shapes and {t['policy'].nunique()} "
              f"policies; |error| median {t['abs_err_pct'].median():.1f} %, max {t['abs_err_pct'].max():.1f} % "
              f"(goal 3 % / 8 %); engine noise floor median {t['noise_floor_pct'].median():.1f} %, max "
              f"{t['noise_floor_pct'].max():.1f} %" + (f" (not known for {single} configurations of one run)" if single else "")

@@ -28,8 +28,12 @@ def fallback_note(profile: HardwareProfile, shape, precision: str) -> str | None
             f"of random weights needs no checkpoint)")
 
 
-def predict(sl: Slice, inputs, result: dict, profile: HardwareProfile, store: Store) -> dict:
-    """The prediction of one engine result (``validation.engine_side``), computed once per inputs."""
+def predict(sl: Slice, inputs, result: dict, profile: HardwareProfile, store: Store,
+            record: dict[str, str] | None = None) -> dict:
+    """The prediction of one engine result (``validation.engine_side``), computed once per inputs; ``record``
+    (the profile's name, file and sha256, as the report records them) is written into a new prediction, so a
+    prediction in sim/ names the profile that made it (one found by its key was made by a profile of the same
+    content)."""
     key = digest({"engine": result["key"], "profile": json.dumps(hardware_to_dict(profile), sort_keys=True),
                   "code": sim_code()})
     path = store.path("sim", sl.name, result["key"])
@@ -46,6 +50,6 @@ def predict(sl: Slice, inputs, result: dict, profile: HardwareProfile, store: St
              "tpot_ms_mean": timing["tpot_ms_mean"], "hit_rate": m["hit_rate"], "misses": m["misses"],
              "copies": m["copies"], "stall_ms_per_token": m.get("stall_ms_per_token"), "sim_path": run.path,
              "compute_basis": profile.compute_cost(inputs.shape, sl.precision).basis,
-             "token_ns": token_ns.tolist()}
+             **(record or {}), "token_ns": token_ns.tolist()}
     store.write(path, found)
     return found
