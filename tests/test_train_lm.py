@@ -198,6 +198,17 @@ def _earlier_output(folder: Path) -> None:
         (folder / name).write_text("{}")
 
 
+def _stand_in_corpus(root):
+    """A folder holding every corpus file the command looks for (its arguments are checked before --out's
+    contents; CI has no shared corpus)."""
+    from real.corpus import DOMAIN_FILES
+    root.mkdir()
+    for files in DOMAIN_FILES.values():
+        for name in files:
+            (root / name).write_text("".join(f"the quick brown fox {i} jumps over the lazy dog.\n" for i in range(50)))
+    return str(root)
+
+
 def test_refuses_an_earlier_output_holding_a_file_it_did_not_write(tmp_path, capsys):
     """A user's file inside an earlier output would go with the folder: refused up front, the file named."""
     out = tmp_path / "my_traces"
@@ -205,7 +216,7 @@ def test_refuses_an_earlier_output_holding_a_file_it_did_not_write(tmp_path, cap
     (out / "important.npz").write_bytes(b"keep")
     (out / "notes").mkdir()
     with pytest.raises(SystemExit) as exit_:
-        main(["--size", "tiny", "--device", "cpu", "--out", str(out)])
+        main(["--size", "tiny", "--device", "cpu", "--out", str(out), "--corpus", _stand_in_corpus(tmp_path / "c")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_.value.code == 2 and "important.npz, notes" in err and "choose another --out" in err, err
     assert (out / "important.npz").read_bytes() == b"keep" and (out / "train_report.json").is_file()
@@ -218,7 +229,7 @@ def test_refuses_a_checkpoint_it_did_not_write(tmp_path, capsys):
     (out / "config.json").write_text("{}")
     (out / "model.safetensors").write_bytes(b"weights")
     with pytest.raises(SystemExit) as exit_:
-        main(["--size", "tiny", "--device", "cpu", "--out", str(out)])
+        main(["--size", "tiny", "--device", "cpu", "--out", str(out), "--corpus", _stand_in_corpus(tmp_path / "c")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_.value.code == 2 and "no train_report.json" in err and "config.json, model.safetensors" in err
     assert (out / "model.safetensors").read_bytes() == b"weights"
