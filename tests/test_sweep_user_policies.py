@@ -350,3 +350,11 @@ def test_true_and_1_are_two_values_of_a_policy_parameter(trace_path, tmp_path, c
     assert _sweep(trace_path, out, f"policy={policy}:Takes", "policy.flag=true,1", "cache_slots=2") == 0
     import pandas as pd
     assert sorted(pd.read_csv(out / "results.csv")["policy_params"]) == ['{"flag": 1}', '{"flag": true}']
+
+
+def test_a_quoted_value_is_a_string_as_in_a_yaml_scenario():
+    """``policy.flag="1"`` reached the policy as the float 1.0 (and merged with 1.0 in the grid), while the
+    same value in a YAML scenario stays the string "1"."""
+    from experiments.overrides import build_spec
+    grid = build_spec(["policy=lru", 'policy.flag="1",1,1.0,\'x\'']).grid()
+    assert [c.to_dict()["policy_params"]["flag"] for c in grid] == ["1", 1, 1.0, "x"]

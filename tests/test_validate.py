@@ -456,6 +456,16 @@ def test_ranking_agrees_only_within_the_noise_floor():
     assert "the same policy at 0, the same or within the engine's noise floor of it at 1" in text
 
 
+def test_a_ranking_of_single_runs_has_no_floor_and_nothing_within_it():
+    """One run each: the floor is unknown (it was shown as 0.0 %), and no pick counts as within it unless the
+    policies are the same."""
+    pairs = [_pair("lru", 4, 100, 110, floor_runs=(1.0,)), _pair("belady", 4, 105, 100, floor_runs=(1.0,)),
+             _pair("lru", 8, 100, 110, floor_runs=(1.0,)), _pair("belady", 8, 90, 100, floor_runs=(1.0,))]
+    ranked = report.ranking(report.rows(pairs)).set_index("cache_slots")
+    assert np.isnan(ranked.loc[4, "noise_floor_pct"]) and not ranked.loc[4, "same_or_within_noise"]
+    assert np.isnan(ranked.loc[8, "noise_floor_pct"]) and ranked.loc[8, "same_or_within_noise"]   # the same policy
+
+
 def test_results_of_other_engine_code_are_reported_with_the_files_changed_since(smoke, tmp_path, monkeypatch, capsys):
     """Each engine result records its engine files' digests; a checkout whose engine code differs still reports
     the stored measurement, and its note names the files changed since the runs."""

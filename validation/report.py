@@ -176,7 +176,8 @@ def ranking(table: pd.DataFrame) -> pd.DataFrame:
         sim_pick = g.loc[g["predicted"].idxmax()]
         eng_pick = g.loc[g["measured"].idxmax()]
         gap = 100 * (eng_pick["measured"] - sim_pick["measured"]) / eng_pick["measured"]
-        floor = np.nanmax([sim_pick["noise_floor_pct"], eng_pick["noise_floor_pct"], 0.0])   # no floor: 0
+        floors = [f for f in (sim_pick["noise_floor_pct"], eng_pick["noise_floor_pct"]) if not np.isnan(f)]
+        floor = max(floors) if floors else float("nan")     # one run each: no floor, so nothing is within it
         same = sim_pick["policy_label"] == eng_pick["policy_label"]      # one policy at other parameters is another
         out.append({"shape": shape, "cache_slots": slots, "sim_fastest": sim_pick["policy_label"],
                     "engine_fastest": eng_pick["policy_label"], "gap_pct": gap, "noise_floor_pct": floor,

@@ -100,13 +100,16 @@ def config_list(text: str) -> tuple[tuple[str, int], ...]:
 
 def scalar_value(text: str) -> Any:
     """A value as the sweep reads one (``experiments.overrides``, for its ``key=value`` tokens) and --policy-param
-    too: YAML-like, null, booleans, ints, floats (``1e9`` included), else the string itself."""
+    too: YAML-like, null, booleans, ints, floats (``1e9`` included), else the string itself; a quoted value
+    (``"1"``) is the string, as in a YAML scenario."""
     stripped = text.strip()
     try:
         value = yaml.safe_load(stripped) if stripped else ""
     except yaml.YAMLError:
         return stripped
     if isinstance(value, str):
+        if value != stripped:            # quoted: the text between the quotes, never a number
+            return value
         try:
             return float(value)          # YAML 1.1 reads 1e9 as a string
         except ValueError:
