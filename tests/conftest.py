@@ -106,3 +106,28 @@ def lru_engine_counting_copies(device: str):
     engine.ctrl.begin_layer = counting
     engine.generate([[1, 2, 3], [7, 8]], 8)
     return model, shape, engine, layers_with_a_copy
+
+
+def mixtral_config(shape, **more) -> dict:
+    """A Hugging Face Mixtral config.json for a tiny ``traces.ModelShape`` (the CLI tests' checkpoints)."""
+    return {"model_type": "mixtral", "vocab_size": shape.vocab_size, "hidden_size": shape.hidden_size,
+            "intermediate_size": shape.expert_intermediate_size, "num_hidden_layers": shape.num_layers,
+            "num_attention_heads": shape.num_attention_heads, "num_key_value_heads": shape.num_kv_heads,
+            "head_dim": shape.head_dim, "num_local_experts": shape.num_experts,
+            "num_experts_per_tok": shape.top_k, **more}
+
+
+def refused(capsys, run, *words: str) -> str:
+    """``run()`` exits with code 2 and one error line, the last, that holds every one of ``words``; anything else
+    on stderr is argparse's usage block (or a note, such as the CPU fallback's); no traceback. Returns the line."""
+    import pytest
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.rstrip("\n").splitlines()
+    assert [line for line in lines if "error: " in line] == lines[-1:], err
+    assert all(line.startswith(("usage: ", " ", "note: ")) for line in lines[:-1]), err
+    assert all(w in lines[-1] for w in words), (words, lines[-1])
+    return lines[-1]

@@ -12,15 +12,12 @@ from experiments import measure_policies
 from real.checkpoint import save_checkpoint
 from real.corpus import DOMAIN_FILES, save_tokenizer, train_tokenizer
 from real.shape_model import shape_config
+from conftest import mixtral_config
 from traces import ModelShape, save_trace, synthetic_trace
 
 SHAPE = ModelShape("tiny-depth", num_layers=2, num_experts=4, top_k=2, hidden_size=16, expert_intermediate_size=16,
                    num_attention_heads=2, num_kv_heads=1, head_dim=8, vocab_size=300)
-HF_CONFIG = {"model_type": "mixtral", "vocab_size": SHAPE.vocab_size, "hidden_size": SHAPE.hidden_size,
-             "intermediate_size": SHAPE.expert_intermediate_size, "num_hidden_layers": SHAPE.num_layers,
-             "num_attention_heads": SHAPE.num_attention_heads, "num_key_value_heads": SHAPE.num_kv_heads,
-             "head_dim": SHAPE.head_dim, "num_local_experts": SHAPE.num_experts,
-             "num_experts_per_tok": SHAPE.top_k, "max_position_embeddings": 256}
+HF_CONFIG = mixtral_config(SHAPE, max_position_embeddings=256)
 
 
 @pytest.fixture

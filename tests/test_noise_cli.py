@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from experiments.noise import main as noise
+from conftest import refused
 from traces import save_trace, synthetic_trace
 
 
@@ -48,21 +49,6 @@ def test_sessions_share_the_files_and_the_report_reads_them(tiny_trace, tmp_path
     noise(["--report", str(out)])
     printed = capsys.readouterr().out
     assert "host probe: calibration" in printed and "session before" in printed and "session gc" in printed
-
-
-def refused(capsys, run, *words: str) -> str:
-    """``run()`` exits with code 2 and one ``error:`` line (after argparse's usage block) holding every one of
-    ``words``, no traceback; returns the line."""
-    with pytest.raises(SystemExit) as exit_:
-        run()
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2, err
-    assert "Traceback" not in err, err
-    lines = err.rstrip("\n").splitlines()
-    assert [line for line in lines if "error: " in line] == lines[-1:], err
-    assert all(line.startswith(("usage: ", " ", "note: ")) for line in lines[:-1]), err
-    assert all(w in lines[-1] for w in words), (words, lines[-1])
-    return lines[-1]
 
 
 BAD_ARGUMENTS = [

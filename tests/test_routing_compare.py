@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from experiments import routing_compare
 from experiments.routing_compare import main
+from conftest import refused
 
 
 def test_comparison_table(tmp_path):
@@ -39,13 +39,7 @@ def test_comparison_table(tmp_path):
 
 
 def _refused(capsys, argv, *words):
-    """One error line holding every one of ``words``, exit code 2, no traceback."""
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "Traceback" not in err, err
-    line = err.strip().splitlines()[-1]
-    assert "error: " in line and all(w in line for w in words), (words, line)
+    refused(capsys, lambda: main(argv), *words)
 
 
 def test_inputs_are_checked_with_one_line(tmp_path, capsys, monkeypatch):

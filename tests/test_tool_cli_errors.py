@@ -16,33 +16,13 @@ import torch
 from real.checkpoint import save_checkpoint
 from real.corpus import DOMAIN_FILES, save_tokenizer, train_tokenizer
 from real.shape_model import shape_config
+from conftest import mixtral_config, refused
 from traces import ModelShape, save_trace, synthetic_trace
 
 SHAPE = ModelShape("tiny-cli", num_layers=2, num_experts=4, top_k=2, hidden_size=16, expert_intermediate_size=16,
                    num_attention_heads=2, num_kv_heads=1, head_dim=8, vocab_size=300)
-HF_CONFIG = {"model_type": "mixtral", "vocab_size": SHAPE.vocab_size, "hidden_size": SHAPE.hidden_size,
-             "intermediate_size": SHAPE.expert_intermediate_size, "num_hidden_layers": SHAPE.num_layers,
-             "num_attention_heads": SHAPE.num_attention_heads, "num_key_value_heads": SHAPE.num_kv_heads,
-             "head_dim": SHAPE.head_dim, "num_local_experts": SHAPE.num_experts,
-             "num_experts_per_tok": SHAPE.top_k, "max_position_embeddings": 256}
+HF_CONFIG = mixtral_config(SHAPE, max_position_embeddings=256)
 CPU = ["--device", "cpu"]
-
-
-def refused(capsys, run, *words: str) -> str:
-    """``run()`` exits with code 2 and one error line that holds every one of ``words``; anything else on
-    stderr is argparse's usage block (or the CPU fallback note). Returns the line."""
-    with pytest.raises(SystemExit) as exit_:
-        run()
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2, err
-    assert "Traceback" not in err, err
-    lines = err.rstrip("\n").splitlines()
-    errors = [line for line in lines if "error: " in line]
-    assert len(errors) == 1 and errors[0] == lines[-1], err
-    others = [line for line in lines[:-1] if not line.startswith(("usage: ", " ", "note: "))]
-    assert not others, err
-    assert all(w in errors[0] for w in words), (words, errors[0])
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
