@@ -3,8 +3,10 @@
 For each model shape (random weights, ``real.shape_model.random_model``), each implementation
 (``masked_window``: the attention of the graphs before issue 13, every cache position under a mask;
 ``sdpa``: attention over the context bucket; ``sdpa+compiled``: the same with the layer's elementwise
-work as Inductor-compiled kernels, ``real.layer_ops``) and each context length, it measures per
-decoder layer:
+work as Inductor-compiled kernels, ``real.layer_ops``, the products still cuBLAS's, attention SDPA's,
+the top-k ``torch.topk``; ``sdpa+reductions``: compiled, with batch-1 products, top-k and the bucket's
+attention as fused reductions, the engine's default since session 9) and each context length, it
+measures per decoder layer:
 
 - ``front_us``: the graph the engine replays before a layer's experts (the previous layer's
   combine, then attention and router); ``attention_router_us``: attention + router alone (no
@@ -54,7 +56,7 @@ from real.shape_model import random_model
 from traces import ModelShape
 
 SMOKE_SHAPE = ModelShape("tiny", 3, 6, 2, 32, 48, 4, 2, 8, 64)
-IMPLS = ("masked_window", "sdpa", "sdpa+compiled")
+IMPLS = ("masked_window", "sdpa", "sdpa+compiled", "sdpa+reductions")
 SMOKE_IMPLS = ("masked_window", "sdpa")          # compiling on a CPU takes half a minute
 METRICS = ("front_us", "attention_router_us", "attention_us", "router_us", "expert_us", "combine_us", "layer_device_us",
            "engine_layer_us", "host_us", "engine_tok_s", "resident_tok_s", "bound_tok_s")
@@ -88,12 +90,12 @@ class Bench:
                  clock: Clock, steps: int):
         cuda = device.type == "cuda"
         self.shape, self.clock, self.steps, self.cuda = shape, clock, steps, cuda
-        attention_impl, compile_kernels = parse_impl(impl)
+        attention_impl, compile_kernels, reductions = parse_impl(impl)
         self.resident = random_model(shape, device, dtype, max_len=max_len, attention_impl=attention_impl,
-                                     experts_device=device, compile_kernels=compile_kernels)
+                                     experts_device=device, compile_kernels=compile_kernels, reductions=reductions)
         self.resident.capture_graphs()
         host_model = random_model(shape, device, dtype, max_len=max_len, attention_impl=attention_impl,
-                                  compile_kernels=compile_kernels)
+                                  compile_kernels=compile_kernels, reductions=reductions)
         self.engine = OffloadEngine(host_model, shape, resolve_policy("lru"), RunSettings(shape.num_experts))
         self._warm_engine()
         m, L, K = self.resident, shape.num_layers, shape.top_k
@@ -202,12 +204,13 @@ class Bench:
         return (time.perf_counter() - start) * 1e6
 
 
-def parse_impl(impl: str) -> tuple[str, bool]:
-    """"sdpa+compiled" -> ("sdpa", True): the attention implementation and whether the layer compiles."""
+def parse_impl(impl: str) -> tuple[str, bool, bool]:
+    """"sdpa+compiled" -> ("sdpa", True, False): the attention implementation, whether the layer
+    compiles, and whether its batch-1 products run as reductions ("+reductions", compiled too)."""
     attention_impl, _, suffix = impl.partition("+")
-    if suffix not in ("", "compiled"):
-        raise ValueError(f"implementation {impl!r}: an attention implementation, optionally +compiled")
-    return attention_impl, suffix == "compiled"
+    if suffix not in ("", "compiled", "reductions"):
+        raise ValueError(f"implementation {impl!r}: an attention implementation, optionally +compiled or +reductions")
+    return attention_impl, suffix != "", suffix == "reductions"
 
 
 def main(argv=None) -> pd.DataFrame:

@@ -14,11 +14,12 @@ so that the routing read-back is one copy into page-locked memory and one synchr
 combine reads its weights from that same buffer, where an engine that runs other experts than the
 router chose (forced routing, a lossy policy) puts theirs (``LayerGraphs.set_run``).
 
-The kernels: cuBLAS GEMMs (q, k and v in one; gate and up in one), PyTorch's SDPA (cuDNN's flash
-kernel on Hopper), and the elementwise work between them (norms, RoPE, softmax, top-k weighting, the
-weighted sum) as Inductor-compiled kernels (``real.layer_ops``) when the model compiles, else
-PyTorch's eager kernels. The compiled functions take the layer's weights as arguments and leave
-attention outside, so one compilation serves every layer and bucket.
+The kernels, when the model compiles (``real.layer_ops``): Inductor's Triton kernels for the front's
+batch-1 products (q, k and v in one; o_proj with its residual; the router), the top-k, the bucket's
+attention with its RoPE lookup and KV write, and the elementwise work around them (norms, softmax,
+top-k weighting, the weighted sum); the experts' products are cuBLAS GEMMs (gate and up in one). The
+compiled functions take the layer's weights as arguments, so one compilation serves every layer (and,
+for attention, one per bucket). Uncompiled: PyTorch's eager kernels, SDPA for attention.
 
 Routing is data-dependent, so the experts cannot join those graphs; they get graphs of their own
 (``ExpertGraphs``), one per (expert weight blob, top-k position), so that the host picks which to

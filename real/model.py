@@ -32,7 +32,8 @@ Attention, three ways (``attention_impl``):
 - ``"sdpa"`` (default): on CUDA graphs, attention reads only the first ``bucket`` positions of the KV
   cache, the smallest of ``context_buckets`` (powers of two from 64, then ``max_len``) that holds the
   context, under an additive position mask; one graph per (layer, bucket), so its time grows with the
-  context; on the H200 PyTorch picks cuDNN's flash kernel for it. Without graphs
+  context; compiled, it is two Triton reductions and a softmax (``real.layer_ops.attend``), else SDPA
+  (on the H200 PyTorch picks cuDNN's flash kernel for it). Without graphs
   it reads exactly positions ``0..pos`` (or the sliding window).
 - ``"masked_window"``: the graphs before issue 13, kept as the benchmark's baseline
   (``experiments/bench_layer.py``): every position of the cache under a boolean mask built in the
@@ -57,8 +58,8 @@ import torch.nn.functional as F
 from real import resident
 from real.checkpoint import MoEConfig
 from real.graphs import ExpertGraphs, Extra, LayerGraphs
-from real.layer_ops import (Front, LayerOps, can_compile, compile_default, fused_rms_norm, rms_norm, route, swiglu,
-                             weigh)
+from real.layer_ops import (Front, LayerOps, can_compile, compile_default, fused_rms_norm, reductions_default, rms_norm,
+                             route, swiglu, weigh)
 from real.pinned import pinned_empty
 from real.resident import LayerRecord, quiet_gc
 
@@ -106,14 +107,16 @@ class MoEModel:
     def __init__(self, config: MoEConfig, tensors: Mapping[str, torch.Tensor],
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                  experts_device: str | torch.device | None = None, max_len: int | None = None,
-                 attention_impl: str = "sdpa", compile_kernels: bool | None = None):
+                 attention_impl: str = "sdpa", compile_kernels: bool | None = None, reductions: bool | None = None):
         """``tensors``: the internal tensors of ``real.checkpoint.load_checkpoint``. Non-expert weights go
         to ``device``; the experts are packed into ``expert_blobs`` on ``experts_device`` (default:
         ``device``; pinned when it is the CPU and ``device`` is CUDA). The KV cache holds ``max_len``
         positions (default: the model's limit, at most 4096). ``attention_impl``: "sdpa",
         "masked_window" or "eager" (the module docstring). ``compile_kernels``: run the layer's
         elementwise work as Inductor-compiled kernels (``real.layer_ops``); default: on CUDA unless
-        ``MOE_LAB_COMPILE=0``, never with ``attention_impl="eager"``. Raises ValueError for an unknown
+        ``MOE_LAB_COMPILE=0``, never with ``attention_impl="eager"``. ``reductions``: batch-1 products,
+        top-k and the bucket's attention as reductions (``real.layer_ops``); default: when compiling,
+        unless ``MOE_LAB_REDUCTIONS=0``; never with ``attention_impl="eager"``. Raises ValueError for an unknown
         ``attention_impl`` and RuntimeError when compilation is asked for and cannot run here."""
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={attention_impl!r}: use one of {', '.join(ATTENTION_IMPLS)}")
@@ -131,7 +134,9 @@ class MoEModel:
             if why is not None:
                 raise RuntimeError(f"compile_kernels=True cannot run here: {why}; pass compile_kernels=False "
                                    f"(or set MOE_LAB_COMPILE=0)")
-        self.ops = LayerOps(compile_kernels)
+        if reductions is None:
+            reductions = reductions_default(compile_kernels)
+        self.ops = LayerOps(compile_kernels, reductions and attention_impl != "eager")
         self.max_len = min(c.max_position_embeddings, DEFAULT_MAX_LEN) if max_len is None else int(max_len)
         H, I, E, D = c.hidden_size, c.expert_intermediate_size, c.num_experts, c.head_dim
         self._I, self._H = I, H
@@ -314,6 +319,12 @@ class MoEModel:
     def _attention_bucket(self, layer: int, h: torch.Tensor, length: int) -> torch.Tensor:
         """The attention output [1, heads * D] (before o_proj) over the first ``length`` positions."""
         pos = self._pos
+        if self.ops.reductions and self.attention_impl == "sdpa":
+            c, L = self.config, self.layers[layer]
+            return self.ops.attention_bucket(h, L.attn_norm, L.qkv, L.qkv_bias, L.q_norm, L.k_norm, self._rope, pos,
+                                             self.kv_cache[layer], self._mask[:length], c.num_attention_heads,
+                                             c.num_kv_heads, c.head_dim, c.rms_norm_eps, c.qk_norm, c.clip_qkv,
+                                             self._eager_norm, self._scale)
         q, kv = self._qkv(layer, h, self._rope.index_select(0, pos))
         cache = self.kv_cache[layer]
         cache.index_copy_(1, pos, kv.unsqueeze(1))
@@ -362,7 +373,7 @@ class MoEModel:
         c, L = self.config, self.layers[layer]
         return self.ops.attention_input(h, L.attn_norm, L.qkv, L.qkv_bias, L.q_norm, L.k_norm, rope_rows,
                                         c.num_attention_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps,
-                                        c.qk_norm, c.clip_qkv, self._eager_norm)
+                                        c.qk_norm, c.clip_qkv, self._eager_norm, self.ops.reductions)
 
     def _output_route(self, layer: int, h: torch.Tensor, attn: torch.Tensor, x_out: torch.Tensor | None = None,
                       readout: torch.Tensor | None = None) -> Front:
@@ -371,7 +382,7 @@ class MoEModel:
         c, L = self.config, self.layers[layer]
         return Front(*self.ops.attention_output_route(
             h, attn, L.o_proj, L.o_bias, L.moe_norm, L.router, c.rms_norm_eps, c.top_k, c.norm_topk_prob,
-            self.weights_dtype, self._eager_norm, x_out, readout))
+            self.weights_dtype, self._eager_norm, x_out, readout, self.ops.reductions))
 
     def attention_route(self, layer: int, h: torch.Tensor, pos: int) -> Front:
         """Attention over exactly positions ``0..pos`` and the router, eagerly: the front half of a layer
@@ -459,7 +470,7 @@ class MoEModel:
         (``real.layer_ops.route``, eager: predictors call it on batches of recorded states)."""
         c, L = self.config, self.layers[layer]
         return route(h, L.moe_norm, L.router, c.rms_norm_eps, c.top_k, c.norm_topk_prob, self.weights_dtype,
-                     self._eager_norm)
+                     self._eager_norm, self.ops.reductions)
 
     def weights_for(self, probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The weights the model applies to experts ``ids`` [B, K] given router probs [B, E]. For the

@@ -47,11 +47,12 @@ class _RandomTensors(Mapping):
 
 def random_model(shape: ModelShape, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
                  seed: int = 0, max_len: int = 2048, attention_impl: str = "sdpa",
-                 experts_device: str | torch.device = "cpu", compile_kernels: bool | None = None) -> MoEModel:
+                 experts_device: str | torch.device = "cpu", compile_kernels: bool | None = None,
+                 reductions: bool | None = None) -> MoEModel:
     """Non-expert weights on ``device``; experts packed on ``experts_device`` (the host by default,
     pinned when ``device`` is CUDA, as an offloading engine takes them). The same seed gives the same
-    weights whatever the other arguments. ``compile_kernels``: as ``MoEModel``'s."""
+    weights whatever the other arguments. ``compile_kernels``, ``reductions``: as ``MoEModel``'s."""
     config = shape_config(shape, max(max_len, 1))
     return MoEModel(config, _RandomTensors(config, seed, torch.device(device)), device=device, dtype=dtype,
                     experts_device=experts_device, max_len=max_len, attention_impl=attention_impl,
-                    compile_kernels=compile_kernels)
+                    compile_kernels=compile_kernels, reductions=reductions)

@@ -34,9 +34,10 @@ def test_smoke_run_writes_every_metric_for_both_implementations(tmp_path, capsys
 
 
 def test_implementation_names():
-    assert bench_layer.parse_impl("sdpa+compiled") == ("sdpa", True)
-    assert bench_layer.parse_impl("masked_window") == ("masked_window", False)
-    with pytest.raises(ValueError, match="optionally \\+compiled"):
+    assert bench_layer.parse_impl("sdpa+compiled") == ("sdpa", True, False)
+    assert bench_layer.parse_impl("sdpa+reductions") == ("sdpa", True, True)
+    assert bench_layer.parse_impl("masked_window") == ("masked_window", False, False)
+    with pytest.raises(ValueError, match="optionally \\+compiled or \\+reductions"):
         bench_layer.parse_impl("sdpa+fast")
 
 
