@@ -25,7 +25,9 @@ fails at run time (SystemExit from a policy too, or its constructor at some conf
 reported by name with the file and line where it raised, its traceback is kept in
 ``OUT/errors/``, the others are still written, and the exit code is 1. A configuration whose worker process dies
 (a policy's os._exit, a signal, the OOM killer) is run again alone: where it dies again it fails like one that raised
-(its exit code or signal in place of a traceback), while the others finish in a fresh pool. SIGINT
+(its exit code or signal in place of a traceback), while the others finish in a fresh pool. A policy of the user's
+is built before anything runs, and records ``--timeline``, in a process of its own too: a constructor that ends it
+fails its configurations, a timeline that ends it fails the timeline, each in one line. SIGINT
 (Ctrl-C) or SIGTERM stops the workers at once, keeps every finished row, says how to resume, and
 exits with 130 or 143.
 """
@@ -51,7 +53,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from experiments.config import RunConfig, SweepSpec, valid_keys_text
+from experiments.config import ConfigError, RunConfig, SweepSpec, valid_keys_text
 from experiments.figure_sources import row_source, settle, table_source
 from experiments.overrides import DEFAULT_SCENARIO, build_spec
 from experiments.results import ResultStore, config_hash, row_inputs
@@ -195,14 +197,46 @@ def _end_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _init_worker(shared_traces: str, parent: int) -> None:
+def _as_worker(parent: int) -> None:
     # Ctrl-C reaches the whole process group: the sweep stops the workers, they do not stop
     # themselves (each with a traceback). SIGTERM, which the sweep sends them (or the kernel, when the
     # sweep is gone: _end_with_parent), ends them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _deferring(_exit_worker))
     _end_with_parent(parent)
+
+
+def _init_worker(shared_traces: str, parent: int) -> None:
+    _as_worker(parent)
     use_shared_traces(Path(shared_traces))
+
+
+def _call_alone(conn, parent: int, fn: Callable, args: tuple) -> None:
+    """``_in_own_process``'s process: ``fn(*args)``'s value goes back through ``conn``."""
+    _as_worker(parent)
+    conn.send(fn(*args))
+    conn.close()
+
+
+def _in_own_process(fn: Callable, *args) -> tuple[object, int | None]:
+    """``fn(*args)`` in a process of its own, for a policy's code that may end its process (os._exit, a signal,
+    the OOM killer) outside a configuration's run: (its value, None), or (None, the process's exit code, minus
+    the signal that killed it) where the process ended without returning one."""
+    context = multiprocessing.get_context()
+    receive, send = context.Pipe(duplex=False)
+    proc = context.Process(target=_call_alone, args=(send, os.getpid(), fn, args), name="sweep-policy-alone")
+    proc.start()
+    send.close()
+    try:
+        try:
+            value = receive.recv()
+        except EOFError:        # it ended before it sent its value
+            proc.join()
+            return None, proc.exitcode
+        proc.join()
+        return value, None
+    finally:
+        _end_processes([proc] if proc.exitcode is None else [])
 
 
 def _run_task(task: int, cfg: RunConfig, h: str, label: str, out: Path) -> tuple[str | None, float]:
@@ -256,9 +290,23 @@ def _failed(store: ResultStore, cfg: RunConfig, what: str, err: BaseException, n
     return f"{error} at {site} (traceback: {path})"
 
 
-def _died(store: ResultStore, cfg: RunConfig, label: str, h: str, exitcode: int) -> str:
-    """Keep the report of ``cfg``'s run that ended its process (``exitcode``: its exit status, or minus the
-    signal that killed it) in OUT/errors/; the failure as one line."""
+def _died(store: ResultStore, cfg: RunConfig, what: str, exitcode: int, died: str, note: str, kind: str = "run") -> str:
+    """Keep the report of ``what``, ``cfg``'s run (``kind``: or its timeline) that ended its process (``exitcode``: its
+    exit status, or minus the signal that killed it), in OUT/errors/; the failure as one line. ``died``: which process
+    died while it did what, with ``{how}`` for the way it ended."""
+    how, cause = _death_cause(exitcode)
+    error = f"{died.format(how=how)}: {cause}"
+    report = (f"{what} failed: {error}\n{note}\n\nNo traceback: the process ended without raising. Look in the policy "
+              f"({cfg.policy}) for os._exit, os.kill or memory that grows with the trace; the kernel's log (dmesg, "
+              f"journalctl -k) names a process the OOM killer ended.\n")
+    with _whole_write():
+        path = store.write_error(cfg, report, kind)
+    return f"{error} (report: {path})"
+
+
+def _death_cause(exitcode: int) -> tuple[str, str]:
+    """How a process that ran a policy's code ended (``exitcode``: its exit status, or minus the signal that killed
+    it), and the likely cause."""
     if exitcode < 0:
         name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else f"signal {-exitcode}"
         cause = ("the system killed it (the OOM killer sends SIGKILL: memory) or a kill -9, the policy's own included"
@@ -268,14 +316,7 @@ def _died(store: ResultStore, cfg: RunConfig, label: str, h: str, exitcode: int)
         how, cause = f"SIGTERM, exit code {exitcode}", "something sent it SIGTERM (kill PID), the policy's code included"
     else:
         how, cause = f"exit code {exitcode}", "the policy's code ended the process (os._exit)"
-    error = f"its worker process died ({how}) while it ran this configuration alone: {cause}"
-    report = (f"config ({label}) failed: {error}\nits row, once it runs: {store.row_path(h)}\n\nNo traceback: the "
-              f"process ended without raising. Look in the policy ({cfg.policy}) for os._exit, os.kill or memory that "
-              f"grows with the trace; the kernel's log (dmesg, journalctl -k) names a process the OOM killer "
-              f"ended.\n")
-    with _whole_write():
-        path = store.write_error(cfg, report, "run")
-    return f"{error} (report: {path})"
+    return how, cause
 
 
 def _write_timeline(grid: list[RunConfig], hashes: list[str], store: ResultStore, varying: list[str]
@@ -292,11 +333,15 @@ def _write_timeline(grid: list[RunConfig], hashes: list[str], store: ResultStore
     label = describe(first, varying)
     if first != grid[0]:
         print(f"timeline: of {label}, the first configuration that finished")
-    try:
-        timeline = record_timeline(first, TIMELINE_TOKENS)
-    except (*RUN_FAILURES, KeyboardInterrupt) as err:    # as in _run_one: a failure of the policy's code
-        what = f"timeline of config ({label})"
-        return [], None, f"{what} failed: {_failed(store, first, what, err, f'its row: {store.row_path(h)}', 'timeline')}"
+    if first.policy in BUILTIN:
+        timeline, failure = _timeline_or_failure(first, h, label, store.out)
+    else:   # a policy of the user's records in a process of its own: its os._exit fails the timeline, not the sweep
+        result, exitcode = _in_own_process(_timeline_or_failure, first, h, label, store.out)
+        timeline, failure = result if exitcode is None else (None, f"timeline of config ({label}) failed: " + _died(
+            store, first, f"timeline of config ({label})", exitcode,
+            "its process died ({how}) while it recorded the timeline", f"its row: {store.row_path(h)}", "timeline"))
+    if failure is not None:
+        return [], None, failure
     store.error_path(first, "timeline").unlink(missing_ok=True)
     from plots.figures import plot_timeline
     from sim.chrome_trace import write_chrome_trace
@@ -304,6 +349,17 @@ def _write_timeline(grid: list[RunConfig], hashes: list[str], store: ResultStore
     write_chrome_trace(timeline, store.out / "timeline.json", lambda k: f"L{k // experts} E{k % experts}", experts)
     plot_timeline(timeline, store.out / "timeline.png", config=label)
     return ["timeline.json", "timeline.png"], h, None
+
+
+def _timeline_or_failure(cfg: RunConfig, h: str, label: str, out: Path) -> tuple[object, str | None]:
+    """(``cfg``'s timeline, None), or (None, the failure as one line) where the policy raised while it was recorded,
+    its report kept in OUT/errors/ as a failed run's is; in whichever process records it."""
+    try:
+        return record_timeline(cfg, TIMELINE_TOKENS), None
+    except (*RUN_FAILURES, KeyboardInterrupt) as err:    # as in _run_one: a failure of the policy's code
+        what = f"timeline of config ({label})"
+        store = ResultStore(out)
+        return None, f"{what} failed: {_failed(store, cfg, what, err, f'its row: {store.row_path(h)}', 'timeline')}"
 
 
 def _layer_steps(run) -> int:
@@ -545,7 +601,9 @@ def _run_isolated(suspects: list[tuple[RunConfig, str]], out: Path, varying: lis
                 proc.join()
                 alive[:] = [a for a in alive if a[0] is not proc]
                 if result is None:
-                    result = (_died(store, cfg, describe(cfg, varying), h, proc.exitcode), time.perf_counter() - start)
+                    result = (_died(store, cfg, f"config ({describe(cfg, varying)})", proc.exitcode,
+                                    "its worker process died ({how}) while it ran this configuration alone",
+                                    f"its row, once it runs: {store.row_path(h)}"), time.perf_counter() - start)
                 report(cfg, h, *result)
     finally:
         _end_processes([proc for proc, *_ in started if proc.exitcode is None])
@@ -643,11 +701,50 @@ def format_table(df, varying: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _plan(args) -> tuple[SweepSpec, list[RunConfig], list[dict[str, str]], list[str]]:
-    """The spec, its grid, each configuration's row inputs and hash; ValueError for bad input."""
+def _refusal(grid: list[RunConfig]) -> str | None:
+    """What ``validate_grid`` refuses in ``grid``, as its message; None where it passes."""
+    try:
+        validate_grid(grid)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _check_grid(grid: list[RunConfig]) -> dict[RunConfig, int]:
+    """``validate_grid`` (ValueError for bad input), which builds each policy once: a grid holding a policy of the
+    user's is checked in a process of its own, so that a constructor that ends its process (os._exit) fails its
+    configurations instead of ending the sweep with no word. Returns those configurations, each with the exit code
+    (minus the signal) of the process that built its policy; the rest of the grid is checked as before."""
+    if all(cfg.policy in BUILTIN for cfg in grid):
+        validate_grid(grid)
+        return {}
+    refusal, exitcode = _in_own_process(_refusal, grid)
+    ended: dict[RunConfig, int] = {}
+    if exitcode is not None:
+        # Every trace is sound (they are checked before any policy is built): loaded once here, not in each process.
+        for trace in dict.fromkeys(cfg.trace for cfg in grid):
+            cached_trace(trace)
+        for cfg in dict.fromkeys(cfg for cfg in grid if cfg.policy not in BUILTIN):
+            if (code := _in_own_process(_refusal, [cfg])[1]) is not None:
+                ended[cfg] = code
+        refusal, exitcode = _in_own_process(_refusal, [cfg for cfg in grid if cfg not in ended])
+        if exitcode is not None:
+            how, cause = _death_cause(exitcode)
+            yours = ", ".join(dict.fromkeys(cfg.policy for cfg in grid if cfg.policy not in BUILTIN))
+            raise ConfigError(f"building the grid's policies ended the process that built them ({how}), though no "
+                              f"configuration's policy built alone did: {cause}; one of {yours} ends its process "
+                              f"when built after another")
+    if refusal is not None:
+        raise ConfigError(refusal)
+    return ended
+
+
+def _plan(args) -> tuple[SweepSpec, list[RunConfig], list[dict[str, str]], list[str], dict[RunConfig, int]]:
+    """The spec, its grid, each configuration's row inputs and hash, the configurations whose policy's constructor
+    ended its process (``_check_grid``); ValueError for bad input."""
     spec = build_spec(args.overrides, args.config)
     grid = spec.grid()
-    validate_grid(grid)
+    ended = _check_grid(grid)
     # A row's inputs depend on its trace, hardware (with overrides) and policy only: digest each once.
     by_source: dict[tuple, dict[str, str]] = {}
     inputs = []
@@ -656,7 +753,7 @@ def _plan(args) -> tuple[SweepSpec, list[RunConfig], list[dict[str, str]], list[
         if source not in by_source:
             by_source[source] = row_inputs(cfg)
         inputs.append(by_source[source])
-    return spec, grid, inputs, [config_hash(cfg, i) for cfg, i in zip(grid, inputs)]
+    return spec, grid, inputs, [config_hash(cfg, i) for cfg, i in zip(grid, inputs)], ended
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -667,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with _stop_on_signals():
         try:
-            spec, grid, inputs, hashes = _plan(args)
+            spec, grid, inputs, hashes, ended = _plan(args)
         except ValueError as err:   # ConfigError, TraceError and the registry's / profiles' errors
             # One line even where a message quotes a multi-line library error (a YAML parser's).
             print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
@@ -684,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: --out {out}: {problem}", file=sys.stderr)
                 return 2
         try:
-            return _sweep(args, spec, grid, inputs, hashes, store)
+            return _sweep(args, spec, grid, inputs, hashes, store, ended)
         except Interrupted as stop:
             done = sum(store.done(h) for h in dict.fromkeys(hashes))
             print(f"interrupted by {signal.Signals(stop.signum).name}: {done} of {len(dict.fromkeys(hashes))} "
@@ -698,7 +795,7 @@ _FIGURES = ("tokens_vs_slots.png", "hit_rate_vs_belady.png", "timeline.json", "t
 
 
 def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, str]], hashes: list[str],
-           store: ResultStore) -> int:
+           store: ResultStore, ended: dict[RunConfig, int]) -> int:
     out = store.out
     varying = spec.varying()
     for note in compute_notes(grid):
@@ -720,7 +817,16 @@ def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, 
         why = ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common())
         print(f"stale: {stale} of {unique} configurations have rows computed from other inputs; "
               f"recomputing them ({why})")
-    failures = _run_all(pending, out, args.workers, varying, plots=not args.no_plots)
+    # A configuration whose policy's constructor ended its process when it was checked fails without running.
+    failures = []
+    for cfg, h in dict.fromkeys((cfg, h) for cfg, h in pending if cfg in ended):
+        what = f"config ({describe(cfg, varying)})"
+        line = f"{what} failed: " + _died(store, cfg, what, ended[cfg], "the process that built its policy before "
+                                          "the runs died ({how})", f"its row, once it runs: {store.row_path(h)}")
+        print(f"error: {line}", file=sys.stderr)
+        failures.append(line)
+    pending = [(cfg, h) for cfg, h in pending if cfg not in ended]
+    failures += _run_all(pending, out, args.workers, varying, plots=not args.no_plots)
 
     done = sum(store.done(h) for h in dict.fromkeys(hashes))
     df = store.collect(hashes, ROW_COLUMNS, _resolved(spec, grid, done), PERF_COLUMNS)

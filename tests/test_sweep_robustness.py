@@ -505,3 +505,61 @@ def test_a_worker_killed_outright_loses_no_configuration(trace_path, tmp_path):
     assert "21 of 21 configurations" in stdout
     assert len(list((out / "rows").glob("*.json"))) == 21
     assert not (out / "errors").exists() or not list((out / "errors").iterdir())
+
+
+ENDS_WHEN_BUILT = '''import os
+
+from policies.lru import LRU
+
+
+class EndsWhenBuilt(LRU):
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        if {when}:
+            os._exit(7)
+'''
+
+
+@pytest.mark.parametrize("when, failing", [("ctx.cache_slots == 3", [3]), ("True", [2, 3])],
+                         ids=["at-one-slot-count", "at-every-one"])
+def test_a_constructor_that_ends_its_process_fails_its_configurations_only(trace_path, tmp_path, when, failing):
+    """The sweep builds each policy once before anything runs, in its own process: an os._exit there ended the
+    sweep with no word. Now each configuration whose policy's constructor ends its process fails in one line
+    naming the policy's file and the cause, the others finish, and the exit code is 1."""
+    policy = tmp_path / "ends_when_built.py"
+    policy.write_text(ENDS_WHEN_BUILT.format(when=when))
+    out = tmp_path / "out"
+    done = sweep_cli(f"trace={trace_path}", f"policy=lru,{policy}:EndsWhenBuilt", "cache_slots=2,3", "max_tokens=300",
+                     "--out", out, "--no-plots", "--workers", 1)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and f"{len(failing)} of 4 configurations failed" in done.stderr
+    lines = [x for x in done.stderr.splitlines() if x.startswith(f"  config (policy={policy}:EndsWhenBuilt ")]
+    assert len(lines) == len(failing), done.stderr
+    for slots, line in zip(failing, lines):
+        assert line.startswith(f"  config (policy={policy}:EndsWhenBuilt cache_slots={slots}) failed: the process "
+                               f"that built its policy before the runs died (exit code 7): the policy's code ended "
+                               f"the process (os._exit) (report: {out / 'errors'}"), line
+    assert len(list((out / "errors").glob("*.txt"))) == len(failing)
+    assert len(pd.read_csv(out / "results.csv")) == 4 - len(failing)
+
+
+def test_a_policy_that_ends_its_process_while_the_timeline_is_recorded_fails_the_timeline_only(trace_path, tmp_path):
+    """The policy finishes its run (300 tokens) but calls os._exit on the timeline's shorter replay, which ran in
+    the sweep's own process and ended it with no word: now one line naming the policy's file and the cause, the
+    table and summary printed, exit code 1."""
+    policy = tmp_path / "short.py"
+    policy.write_text(ENDS_ITS_PROCESS.replace("access.step > 40", "self.ctx.trace.num_tokens < 300")
+                      .format(ends="os._exit(7)"))
+    out = tmp_path / "out"
+    done = sweep_cli(f"trace={trace_path}", f"policy={policy}:Ends,lru", "cache_slots=2", "max_tokens=300",
+                     "--timeline", "--no-plots", "--out", out, "--workers", 1)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "tok/s | hit | %Belady" in done.stdout
+    assert "2 of 2 configurations in" in done.stdout
+    (line,) = [x for x in done.stderr.splitlines() if "timeline" in x]
+    assert line.startswith(f"error: timeline of config (policy={policy}:Ends cache_slots=2) failed: its process died "
+                           f"(exit code 7) while it recorded the timeline: the policy's code ended the process "
+                           f"(os._exit) (report: {out / 'errors'}"), line
+    (report,) = (out / "errors").glob("*.timeline.txt")
+    assert "exit code 7" in report.read_text() and str(policy) in report.read_text()
+    assert not (out / "timeline.json").exists()
