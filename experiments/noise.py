@@ -318,7 +318,7 @@ def measure(args, started: float) -> Report:
     print(f"{shape.name}: model built in {settings['model_build_s']} s; {len(configs)} configurations x "
           f"{args.repeats} repeats of {max_tokens} tokens", flush=True)
     discipline = Discipline(repeats=args.repeats, warmup=not args.no_warmup, rotate=not args.no_rotate)
-    outputs = NoiseFiles(out, args.session, settings, floor_columns={})
+    outputs = NoiseFiles(out, args.session, settings, floor_columns={}, whole_session=True)
     runs = replay_runs(model, shape, replayed, max_tokens, warmup_tokens, args.policy_params)
     measurement = Measurement(runs, configs, discipline, on_progress=outputs.write, deadline_s=args.deadline_s,
                               started=started, on_error=error_files(out))

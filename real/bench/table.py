@@ -225,45 +225,78 @@ def measured_rows(out: Path, settings: dict) -> list[dict]:
 class NoiseFiles:
     """A measurement session's runs and noise floor, in OUT's files shared by every session (those of
     ``experiments.noise``: OUT/noise_runs.csv, one row per run; OUT/noise_floor.csv, one row per
-    configuration, ``real.measurement.floor_table``; OUT/noise_sessions.json, the settings, the machine's
-    facts and the warm-ups), beside the other sessions' rows; measuring a session name again replaces its
-    rows, except those of the configurations a resumed command skipped. ``write(report)`` rewrites them atomically. ``floor_columns``: columns added to every floor row
-    (default ``quiet_gc``: the benchmark commands' engine decodes inside its frozen collector, the noise
-    command's quiet_gc arm; the noise command's configurations carry their own)."""
+    configuration, ``real.measurement.floor_table``; OUT/noise_sessions.json, per session name the settings,
+    the machine's facts and the warm-ups). ``write(report)`` rewrites them atomically, beside the rows already
+    there. An engine command's rows (the default) carry the ``settings`` and ``engine_code`` columns of
+    ``engine_table``'s (``setting_columns`` of the innermost ``measured_under``) and are keyed as engine.csv's: a row is replaced only by its session's
+    configuration measured again under the same settings; the rows of other configurations, other settings
+    (an earlier call into the same OUT) and other sessions stay, and so do the warm-ups of the session's entry
+    measured under the same settings (a resumed command's). ``whole_session`` (the noise command's sessions,
+    named by the user): measuring a session name again replaces all its rows and its entry.
+    ``floor_columns``: columns added to every floor row (default ``quiet_gc``: the benchmark commands' engine
+    decodes inside its frozen collector, the noise command's quiet_gc arm; the noise command's configurations
+    carry their own)."""
 
-    def __init__(self, out: Path, session: str, settings: dict, floor_columns: dict | None = None):
+    def __init__(self, out: Path, session: str, settings: dict, floor_columns: dict | None = None,
+                 whole_session: bool = False):
         self.out, self.session, self.settings = Path(out), session, settings
         self.floor_columns = {"quiet_gc": True} if floor_columns is None else floor_columns
+        # the settings and engine-code columns only: a run's own columns keep their names
+        self.stamp = None if whole_session else {k: v for k, v in _stamp(None).items()
+                                                 if k in (SETTINGS_COLUMN, CODE_COLUMN)}
         self.out.mkdir(parents=True, exist_ok=True)
 
     def _others(self, name: str, report: Report) -> pd.DataFrame:
-        """The rows of OUT/``name`` that ``report`` does not replace: other sessions', and this session's of
-        the configurations a resumed command skipped (``report.info["resumed"]``, ``measure_session``)."""
+        """The rows of OUT/``name`` that ``report`` does not replace: other sessions', and (unless
+        ``whole_session``) this session's of configurations ``report`` did not measure or measured under other
+        settings (a legacy row without a settings column reads ``UNRECORDED``)."""
         path = self.out / name
         if not path.exists():
             return pd.DataFrame()
-        frame = pd.read_csv(path)
-        return frame[(frame["session"] != self.session) | frame["config"].isin(report.info.get("resumed", []))]
+        try:
+            frame = pd.read_csv(path)
+        except pd.errors.EmptyDataError:
+            return pd.DataFrame()
+        other = frame["session"] != self.session
+        if self.stamp is None:
+            return frame[other]
+        settings = frame[SETTINGS_COLUMN] if SETTINGS_COLUMN in frame else pd.Series(UNRECORDED, index=frame.index)
+        again = frame["config"].isin({r["config"] for r in report.rows})
+        return frame[other | ~again | (settings.fillna(UNRECORDED) != self.stamp[SETTINGS_COLUMN])]
 
     def write(self, report: Report) -> None:
         if not report.configs:      # nothing measured (every configuration resumed): the files stay as they are
             return
+        stamp = self.stamp or {}
         floor = [{**row, **self.floor_columns} for row in report.floor()]
         for name, rows in (("noise_runs.csv", report.rows), ("noise_floor.csv", floor)):
             if not rows:        # only the warm-up so far
                 continue
             frame = pd.concat([self._others(name, report),
-                               pd.DataFrame([{"session": self.session, **r} for r in rows])], ignore_index=True)
+                               pd.DataFrame([{"session": self.session, **r, **stamp} for r in rows])],
+                              ignore_index=True)
             atomic_write(self.out / name, lambda f, frame=frame: frame.to_csv(f, index=False))
-        update_sessions(self.out, self.session, {"settings": self.settings, **report.info, "warmups": report.warmups})
+        warmups = dict(report.warmups)
+        if self.stamp is not None:
+            earlier = _read_sessions(self.out).get(self.session, {})
+            # compared as the file holds them (JSON: tuples read back as lists, paths as text)
+            mine = json.loads(json.dumps(self.settings, default=str))
+            if (isinstance(earlier.get("settings"), dict) and isinstance(earlier.get("warmups"), dict)
+                    and setting_columns(earlier["settings"])[SETTINGS_COLUMN] == setting_columns(mine)[SETTINGS_COLUMN]):
+                warmups = {**earlier["warmups"], **warmups}
+        update_sessions(self.out, self.session, {"settings": self.settings, **report.info, "warmups": warmups})
+
+
+def _read_sessions(out: Path) -> dict:
+    path = Path(out) / "noise_sessions.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def update_sessions(out: Path, key: str, entry: dict) -> None:
     """Set ``key``'s entry of OUT/noise_sessions.json (atomically), keeping the others."""
-    path = Path(out) / "noise_sessions.json"
-    sessions = json.loads(path.read_text()) if path.exists() else {}
+    sessions = _read_sessions(out)
     sessions[key] = entry
-    atomic_write(path, lambda f: json.dump(sessions, f, indent=1, default=str))
+    atomic_write(Path(out) / "noise_sessions.json", lambda f: json.dump(sessions, f, indent=1, default=str))
 
 
 def print_rows(rows: list[dict], columns: list[str]) -> None:
