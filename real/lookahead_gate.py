@@ -36,9 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as safetensors_bytes
 
 from real.predictor_inputs import FrozenRouters, previous_token_states
+from traces.io import atomic_write
 
 WEIGHTS_NAME = "gate.safetensors"
 CONFIG_NAME = "gate.json"
@@ -143,14 +144,17 @@ class LookaheadGate(torch.nn.Module):
 
     # -- persistence: safetensors weights + a small JSON config, never pickle ----------------------
     def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """The gate as ``path``/gate.safetensors and ``path``/gate.json, each written atomically
+        (``traces.io.atomic_write``: a reader never sees half a file; the umask's mode, as every result file,
+        where safetensors' own ``save_file`` leaves its temp file's 0600)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().cpu().contiguous() for name, p in self.named_parameters()}
-        save_file(tensors, str(path / WEIGHTS_NAME))
+        atomic_write(path / WEIGHTS_NAME, lambda f: f.write(safetensors_bytes(tensors)), binary=True)
         meta = {"format": FORMAT, "version": FORMAT_VERSION, **self.config.__dict__,
                 "rms_norm_eps": self.routers.eps, "parameters": self.num_parameters,
                 "flops_per_token": self.flops_per_token(), "extra": dict(extra or {})}
-        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        atomic_write(path / CONFIG_NAME, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
 
     @classmethod
     def load(cls, path: str | Path, model, device: str | torch.device | None = None) -> "LookaheadGate":
