@@ -54,7 +54,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from experiments.config import ConfigError, RunConfig, SweepSpec, valid_keys_text
-from experiments.figure_sources import row_source, settle, table_source
+from experiments.figure_sources import RECORD, row_source, settle, table_source
 from experiments.overrides import DEFAULT_SCENARIO, build_spec
 from experiments.results import ResultStore, config_hash, row_inputs
 from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, compute_notes, expected_seconds, hardware_for,
@@ -849,6 +849,10 @@ def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, 
     figures = settle(out, drawn, list(_FIGURES), set(df["config_hash"]) if len(df) else set())
     if len(df):
         print(format_table(df, varying))
+    if figures.damaged is not None:
+        named = " (each removed is named below)" if figures.removed else ""
+        print(f"damaged: {out / RECORD}: {figures.damaged}; it vouches for no earlier figure{named}, and this call's "
+              f"record replaces it")
     for name, why in figures.removed:
         redraw = ("with --timeline" if name.startswith("timeline") else "without --no-plots" if args.no_plots else None)
         print(f"removed {name}, an earlier call's: {why}"

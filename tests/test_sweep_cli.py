@@ -1,4 +1,5 @@
 """The sweep's front door: key=value parsing, YAML scenarios, and bad input refused with exit code 2."""
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -299,7 +300,6 @@ def test_a_resumed_call_without_figures_keeps_those_that_still_show_its_table(tr
 
 @pytest.mark.parametrize("damage, why", [
     (lambda out: (out / "figures.json").unlink(), "no record of what it was drawn from"),
-    (lambda out: (out / "figures.json").write_text("{not json"), "no record of what it was drawn from"),
     (lambda out: (out / "tokens_vs_slots.png").write_bytes(b"another figure"), "the file changed since it was drawn"),
 ])
 def test_a_figure_that_cannot_be_shown_to_be_of_this_table_is_removed(trace_path, tmp_path, capsys, damage, why):
@@ -310,6 +310,47 @@ def test_a_figure_that_cannot_be_shown_to_be_of_this_table_is_removed(trace_path
     assert _sweep_here(trace_path, out, "cache_slots=2", "--no-plots") == 0
     assert f"removed tokens_vs_slots.png, an earlier call's: {why}" in capsys.readouterr().out
     assert not (out / "tokens_vs_slots.png").exists()
+
+
+def test_figures_drawn_from_the_same_rows_in_another_order_are_kept(trace_path, tmp_path, capsys):
+    """The grid given in another order writes the same rows in another order: the figures drawn from them still
+    show this table, and a later --no-plots call removed them."""
+    from experiments.sweep import main
+    out = tmp_path / "out"
+
+    def sweep(policies, *more):
+        return main([f"trace={trace_path}", f"policy={policies}", "max_tokens=100", "cache_slots=2,3", *more,
+                     "--out", out, "--workers", "1"])
+    assert sweep("lru,fifo") == 0
+    figures = {f: (out / f).read_bytes() for f in ("tokens_vs_slots.png", "hit_rate_vs_belady.png")}
+    before = (out / "results.csv").read_text()
+    capsys.readouterr()
+    assert sweep("fifo,lru", "--no-plots") == 0
+    stdout = capsys.readouterr().out
+    after = (out / "results.csv").read_text()
+    assert after != before and sorted(after.splitlines()) == sorted(before.splitlines())
+    assert "removed" not in stdout and "still this table's: tokens_vs_slots.png, hit_rate_vs_belady.png" in stdout
+    assert {f: (out / f).read_bytes() for f in figures} == figures
+
+
+@pytest.mark.parametrize("record, problem", [("{not json", "not a readable JSON record (JSONDecodeError: "),
+                                             ("[1, 2]", "holds a JSON list, not an object of figure names")])
+def test_a_damaged_figure_record_is_named_in_one_line(trace_path, tmp_path, capsys, record, problem):
+    """A damaged figures.json was read as no record at all: the figures it had vouched for were removed as if an
+    older sweep's, and the damage went unsaid. It is named, each figure removed says why, and a fresh record
+    replaces it."""
+    out = tmp_path / "out"
+    assert _sweep_here(trace_path, out, "cache_slots=2") == 0
+    (out / "figures.json").write_text(record)
+    capsys.readouterr()
+    assert _sweep_here(trace_path, out, "cache_slots=2", "--no-plots") == 0
+    stdout = capsys.readouterr().out
+    (line,) = [x for x in stdout.splitlines() if x.startswith("damaged: ")]
+    assert line.startswith(f"damaged: {out / 'figures.json'}: {problem}"), line
+    assert line.endswith("it vouches for no earlier figure (each removed is named below), and this call's record "
+                         "replaces it"), line
+    assert "removed tokens_vs_slots.png, an earlier call's: its record in figures.json is damaged" in stdout
+    assert json.loads((out / "figures.json").read_text()) == {}
 
 
 # -- a user's own policy -----------------------------------------------------------------------
