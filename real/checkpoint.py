@@ -497,6 +497,26 @@ def _open(file: Path):
                               f"as an interrupted download leaves it: download this file again") from err
 
 
+def _no_weights(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path}: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME} found; save the model "
+                           f"with save_pretrained(safe_serialization=True)")
+
+
+def check_weight_headers(path: Path) -> None:
+    """Check, cheaply and before anything loads, that the checkpoint folder ``path`` has weights to load and that
+    every ``*.safetensors`` file in it has a readable header. Returns None; raises ``CheckpointError`` (with the
+    message ``load_checkpoint`` gives) when the folder has neither model.safetensors nor its index, or when a
+    weight file's header cannot be read (cut short or damaged, as an interrupted download leaves it). Only
+    headers are read: the tensors, the index's entries and the shards it names are checked when
+    ``load_checkpoint`` reads them."""
+    path = Path(path)
+    if not (path / SAFE_WEIGHTS_NAME).is_file() and not (path / SAFE_INDEX_NAME).is_file():
+        raise _no_weights(path)
+    for file in sorted(path.glob("*.safetensors")):
+        with _open(file):
+            pass
+
+
 def _weight_files(path: Path) -> tuple[dict[str, Path], Path, dict[Path, object]]:
     """HF tensor name -> the safetensors file holding it; the file that lists the tensors; and an open
     handle per file. Every file is opened (its header read and checked against its size), and every
@@ -535,8 +555,7 @@ def _weight_files(path: Path) -> tuple[dict[str, Path], Path, dict[Path, object]
             f"{path / pickles[0]}: pickle checkpoints are refused (loading one can run arbitrary code); "
             f"convert it once in a trusted environment: "
             f"`AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, safe_serialization=True)`")
-    raise CheckpointError(f"{path}: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME} found; save the model "
-                          f"with save_pretrained(safe_serialization=True)")
+    raise _no_weights(path)
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple[MoEConfig, dict[str, torch.Tensor]]:

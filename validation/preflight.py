@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
-
 from real.bench.args import host_memory_error
 from real.bench.text import load_text
-from real.checkpoint import (CONFIG_NAME, SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, CheckpointError, read_config,
-                             weight_quantization)
+from real.checkpoint import CONFIG_NAME, CheckpointError, check_weight_headers, read_config, weight_quantization
 from traces import load_trace
 from traces.io import TraceError
 from validation.scenario import Slice
@@ -23,22 +20,6 @@ from validation.scenario import Slice
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
-
-
-def weights_readable(path: Path) -> None:
-    """Raise ``CheckpointError`` when the checkpoint folder ``path`` has no weights to load, or a weight file whose
-    header cannot be read (cut short, as an interrupted download leaves it). Only headers are read: the tensors
-    themselves are checked when the slice loads them (``real.checkpoint.load_checkpoint``)."""
-    if not (path / SAFE_WEIGHTS_NAME).is_file() and not (path / SAFE_INDEX_NAME).is_file():
-        raise CheckpointError(f"{path}: neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME} found; save the model "
-                              f"with save_pretrained(safe_serialization=True)")
-    for file in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(file, framework="pt"):
-                pass
-        except SafetensorError as err:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({err}); it is truncated or damaged, "
-                                  f"as an interrupted download leaves it: download this file again") from err
 
 
 def slice_problems(sl: Slice, device_type: str, scenario: str) -> list[str]:
@@ -57,7 +38,7 @@ def slice_problems(sl: Slice, device_type: str, scenario: str) -> list[str]:
         try:
             config, config_dict = read_config(path)
             weight_quantization(config_dict, path / CONFIG_NAME)
-            weights_readable(path)
+            check_weight_headers(path)
             shape, checkpoint = config.to_model_shape(path.name), path
         except CheckpointError as err:
             problems.append(f"{where}: model: {_one_line(err)} (or give the slice another 'model')")
