@@ -61,7 +61,8 @@ from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, compute
                                 record_timeline, run_config, share_traces, trace_slices, use_shared_traces,
                                 validate_grid)
 from hardware.profile import hardware_to_dict
-from policies.registry import BUILTIN, RUN_FAILURES, failure_site, param_text, policy_label, resolve_policy
+from policies.registry import (BUILTIN, POLICY_PARAM_PREFIX, RUN_FAILURES, failure_site, param_text, policy_label,
+                               resolve_policy)
 from traces.io import output_problem
 
 DEFAULT_CONFIG = DEFAULT_SCENARIO
@@ -739,11 +740,33 @@ def _check_grid(grid: list[RunConfig]) -> dict[RunConfig, int]:
     return ended
 
 
+def _check_labels(grid: list[RunConfig]) -> None:
+    """ConfigError where two values of one policy parameter print as one (YAML's "1" and 1, "true" and true): the
+    sweep labels a configuration by its values as text (``policy_label``: the console, the table, the figures), so
+    their rows could not be told apart."""
+    values: dict[str, dict[tuple[str, str], object]] = {}
+    for cfg in grid:
+        for name, value in cfg.policy_params:
+            values.setdefault(name, {})[(type(value).__name__, repr(value))] = value
+    for name, typed in values.items():
+        by_text: dict[str, list] = {}
+        for value in typed.values():
+            by_text.setdefault(param_text(value), []).append(value)
+        for text, same in by_text.items():
+            if len(same) > 1:
+                shown = " and ".join(f"{v!r} ({type(v).__name__})" for v in same)
+                raise ConfigError(f"{POLICY_PARAM_PREFIX}{name}: the values {shown} are both labelled "
+                                  f"{POLICY_PARAM_PREFIX}{name}={text} in the table, its figures and its lines, so "
+                                  f"their rows could not be told apart; give one of them, or each in a sweep of "
+                                  f"its own (--out apart)")
+
+
 def _plan(args) -> tuple[SweepSpec, list[RunConfig], list[dict[str, str]], list[str], dict[RunConfig, int]]:
     """The spec, its grid, each configuration's row inputs and hash, the configurations whose policy's constructor
     ended its process (``_check_grid``); ValueError for bad input."""
     spec = build_spec(args.overrides, args.config)
     grid = spec.grid()
+    _check_labels(grid)
     ended = _check_grid(grid)
     # A row's inputs depend on its trace, hardware (with overrides) and policy only: digest each once.
     by_source: dict[tuple, dict[str, str]] = {}

@@ -13,6 +13,8 @@ from experiments.sweep import main
 from policies.registry import PolicyLoadError, policy_sha256, resolve_policy
 from traces import save_trace, synthetic_trace
 
+from conftest import refused
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -350,6 +352,26 @@ def test_true_and_1_are_two_values_of_a_policy_parameter(trace_path, tmp_path, c
     assert _sweep(trace_path, out, f"policy={policy}:Takes", "policy.flag=true,1", "cache_slots=2") == 0
     import pandas as pd
     assert sorted(pd.read_csv(out / "results.csv")["policy_params"]) == ['{"flag": 1}', '{"flag": true}']
+
+
+@pytest.mark.parametrize("where", ["yaml", "command-line"])
+def test_two_values_of_one_label_are_refused_before_anything_runs(trace_path, tmp_path, capsys, where):
+    """YAML's "1" and 1 (or a quoted "1" and 1 on the command line) are two configurations that every line, the
+    table and its figures label policy.flag=1: the two rows could not be told apart. Refused in one line."""
+    policy = tmp_path / "takes.py"
+    policy.write_text("from policies.lru import LRU\n\n\nclass Takes(LRU):\n    parameters = {'flag': 'anything'}\n")
+    out = tmp_path / "out"
+    if where == "yaml":
+        scenario = tmp_path / "s.yaml"
+        scenario.write_text(f'trace: {trace_path}\npolicy: {policy}:Takes\ncache_slots: 2\npolicy.flag: ["1", 1]\n')
+        tokens = ["--config", scenario]
+    else:
+        tokens = [f"policy={policy}:Takes", "cache_slots=2", 'policy.flag="1",1']
+    line = refused(capsys, lambda: sys.exit(_sweep(trace_path, out, *tokens)))
+    assert line == ("error: policy.flag: the values '1' (str) and 1 (int) are both labelled policy.flag=1 in the "
+                    "table, its figures and its lines, so their rows could not be told apart; give one of them, or "
+                    "each in a sweep of its own (--out apart)"), line
+    assert not out.exists()
 
 
 def test_a_quoted_value_is_a_string_as_in_a_yaml_scenario():
