@@ -375,9 +375,11 @@ class MoEModel:
                                         c.num_attention_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps,
                                         c.qk_norm, c.clip_qkv, self._eager_norm, self.ops.reductions)
 
-    def _output_route(self, layer: int, h: torch.Tensor, attn: torch.Tensor, x_out: torch.Tensor | None = None,
+    def output_route(self, layer: int, h: torch.Tensor, attn: torch.Tensor, x_out: torch.Tensor | None = None,
                       readout: torch.Tensor | None = None) -> Front:
-        """``real.layer_ops.attention_output_route`` on layer ``layer``'s weights (writing x into ``x_out``
+        """The front's half after attention, on the residual h [1, H] and the attention output attn
+        [1, heads * D] (before o_proj): ``real.layer_ops.attention_output_route`` on layer ``layer``'s
+        weights, as the model runs it (compiled when it compiles) (writing x into ``x_out``
         and ids | weights into ``readout`` when given)."""
         c, L = self.config, self.layers[layer]
         return Front(*self.ops.attention_output_route(
@@ -387,13 +389,13 @@ class MoEModel:
     def attention_route(self, layer: int, h: torch.Tensor, pos: int) -> Front:
         """Attention over exactly positions ``0..pos`` and the router, eagerly: the front half of a layer
         on the input residual h (the decode path without graphs, and the tests' reference)."""
-        return self._output_route(layer, h, self._attention_exact(layer, h, pos))
+        return self.output_route(layer, h, self._attention_exact(layer, h, pos))
 
     def front_at(self, layer: int, h: torch.Tensor, length: int, x_out: torch.Tensor | None = None,
                  readout: torch.Tensor | None = None) -> Front:
         """``attention_route`` over the context bucket ``length`` at the device-side position: what the
         layer graphs capture (``x_out``, ``readout``: their static buffers)."""
-        return self._output_route(layer, h, self._attention_bucket(layer, h, length), x_out, readout)
+        return self.output_route(layer, h, self._attention_bucket(layer, h, length), x_out, readout)
 
     def read_routing(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> tuple[list[int], list[float]]:
         """The routed expert ids and weights of ``layer`` on the host: the one synchronisation a routed

@@ -1,4 +1,4 @@
-"""Session 9, issue 13: where the front graph's 46 us go, kernel by kernel, and candidate rewrites of
+"""Session 9, issue 13 (ran at b14493a; later renamed: MoEModel._output_route is now output_route): where the front graph's 46 us go, kernel by kernel, and candidate rewrites of
 its pieces timed as CUDA graphs on the moe-lm shape (random weights). Exploration, not a benchmark of
 record: prints tables; every candidate is checked against the current code's outputs."""
 import os
