@@ -108,3 +108,45 @@ def test_a_slow_configuration_is_named_while_it_runs(trace_path, tmp_path, capsy
     # What it runs is untouched: an LRU that sleeps gives LRU's numbers.
     df = pd.read_csv(out / "results.csv")
     assert list(df["hits"]) == [df["hits"][0]] * 2 and list(df["tokens_per_s"]) == [df["tokens_per_s"][0]] * 2
+
+
+_KERNEL_LOADS = '''
+import sys
+
+import experiments.sweep
+from experiments.config import RunConfig
+from experiments.runner import run_config
+from sim import kernels
+
+loaded_before_the_run = []
+
+
+def run_config_counting(cfg):
+    loaded_before_the_run.append(sum(kernels.compile_counts()))
+    return run_config(cfg)
+
+
+experiments.sweep.run_config = run_config_counting
+cfg = RunConfig(trace=sys.argv[1], policy="lru", cache_slots=2)
+assert experiments.sweep._run_one(cfg, "h", "lru", sys.argv[2])[0] is None
+print(*loaded_before_the_run, sum(kernels.compile_counts()))
+'''
+
+
+def test_the_speed_of_a_run_does_not_count_loading_the_compiled_kernel(trace_path, tmp_path):
+    """Each process's first fast-path run loaded numba's kernel (0.3-1 s, from its disk cache) inside its timed
+    simulate(): the printed "simulator speed" and perf.csv counted each worker's start-up, ~100 times a run of the
+    committed sample. The sweep's process loads it before the run; the run loads nothing; the line says what it
+    counts."""
+    import subprocess
+    done = subprocess.run([sys.executable, "-c", _KERNEL_LOADS, str(trace_path), str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1"], done.stdout      # loaded (or compiled) once, before the timed run
+    r = sweep_cli(f"trace={trace_path}", "policy=lru,fifo", "cache_slots=2", "--out", tmp_path / "sweep",
+                  "--no-plots", "--workers", 2)
+    assert r.returncode == 0, r.stderr
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("simulator speed: ")]
+    assert line.endswith(" simulated layer-steps per wall second of the runs themselves (median over 2 configurations; "
+                         "counted: each run from its policy's construction to its metrics, not the processes' start-up, "
+                         "the traces' loading, the Belady bound or the row's writing)"), line

@@ -115,7 +115,7 @@ def test_a_sweep_whose_every_configuration_fails_writes_readable_empty_tables(tr
     # A finished run's perf records have those columns.
     main([f"trace={trace_path}", "policy=lru", "cache_slots=2", "max_tokens=300", "--out", out, "--no-plots"])
     assert sorted(pd.read_csv(out / "perf.csv").columns) == sorted(PERF_COLUMNS)
-    assert "layer-steps per wall second (one configuration)" in capsys.readouterr().out
+    assert "layer-steps per wall second of the runs themselves (one configuration; counted: " in capsys.readouterr().out
 
 
 def _children(pid: int) -> list[int]:
