@@ -34,6 +34,11 @@ graphs there: the same calls, launched eagerly; not compiled), as the tests do.
     python -m experiments.bench_layer --out runs/bench-layer          # GPU: about 2-3 minutes
     python -m experiments.bench_layer --out /tmp/bench-layer --smoke  # CPU, seconds
 
+On the GPU the SM and memory clocks are sampled through NVML (read only, a process of its own:
+``real.measurement.ClockSampler``) and each repeat's row carries the clocks seen while it ran
+(``sm_mhz_min``/``median``, ``mem_mhz_min``, ``clock_event_reasons``; NaN on the CPU or without NVML); the
+run ends with one line giving their range.
+
 Writes ``layer_times.csv`` (one row per shape, implementation, context, repeat and metric),
 ``layer_summary.csv`` (medians and spreads) and, on the GPU, ``layer_kernels.csv`` (how many kernels
 a front graph launches, and which attention kernels) under ``--out``; prints the summary table
@@ -42,7 +47,10 @@ last.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,6 +61,7 @@ from offload.session import RunSettings
 from policies.registry import resolve_policy
 from real.bench.kernel_timing import Clock, bench_shape, graphed
 from real.engine import OffloadEngine
+from real.measurement import ClockSampler
 from real.shape_model import random_model
 from traces import ModelShape
 
@@ -248,27 +257,13 @@ def main(argv=None) -> pd.DataFrame:
     clock = Clock(device.type == "cuda")
     bandwidth = bandwidth_GBps(device, clock, 64 if args.smoke else 2048)
     print(f"device-to-device bandwidth: {bandwidth:.0f} GB/s", flush=True)
-    rows, kernel_rows = [], []
-    for shape in shapes:
-        # the KV window: the longest context (the masked-window baseline attends over all of it)
-        max_len = max(contexts + [64])
-        benches = {impl: Bench(shape, impl, device, dtype, max_len, clock, args.steps) for impl in impls}
-        for bench in benches.values():                                  # warm-up, untimed
-            for context in contexts:
-                bench.measure(context, args.replays)
-        for repeat in range(args.repeats):
-            for impl, bench in benches.items():
-                for context in contexts:
-                    measured = bench.measure(context, args.replays)
-                    measured["bound_tok_s"] = bandwidth * 1e9 / active_bytes(shape, context)
-                    rows += [{"shape": shape.name, "impl": impl, "context": context, "repeat": repeat,
-                              "metric": k, "value": v} for k, v in measured.items()]
-        print(f"{shape.name}: measured ({time.perf_counter() - started:.0f} s so far)", flush=True)
+    with contextlib.ExitStack() as stack:
+        clocks = None
         if device.type == "cuda":
-            kernel_rows += [{"shape": shape.name, "impl": impl, **bench.kernels()} for impl, bench in benches.items()]
-        del benches
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-layer-clocks-"))
+            clocks = stack.enter_context(ClockSampler(Path(folder) / "clocks.txt"))
+        rows, kernel_rows = _measure_shapes(shapes, impls, contexts, device, dtype, clock, bandwidth, args, started,
+                                            clocks)
     times = pd.DataFrame(rows)
     times["bandwidth_GBps"] = bandwidth
     summary = _summary(times)
@@ -281,8 +276,55 @@ def main(argv=None) -> pd.DataFrame:
         kernels.to_csv(out / "layer_kernels.csv", index=False)
         print(kernels[["shape", "impl", "front_kernels", "attention_kernels"]].to_string(index=False))
     print(f"wrote {out / 'layer_times.csv'} and {out / 'layer_summary.csv'} in {time.perf_counter() - started:.0f} s")
+    print(_clock_line(times))
     _print_table(summary, device_clock=device.type == "cuda")
     return summary
+
+
+CLOCK_COLUMNS = ("sm_mhz_min", "sm_mhz_median", "mem_mhz_min", "clock_event_reasons")
+
+
+def _measure_shapes(shapes, impls, contexts, device, dtype, clock: Clock, bandwidth: float, args, started: float,
+                    clocks: ClockSampler | None) -> tuple[list[dict], list[dict]]:
+    """Every shape's implementations, warmed up, then ``args.repeats`` interleaved repeats: (long rows of
+    layer_times.csv, each with the NVML clocks seen during its repeat, and the kernel rows)."""
+    rows, kernel_rows = [], []
+    for shape in shapes:
+        # the KV window: the longest context (the masked-window baseline attends over all of it)
+        max_len = max(contexts + [64])
+        benches = {impl: Bench(shape, impl, device, dtype, max_len, clock, args.steps) for impl in impls}
+        for bench in benches.values():                                  # warm-up, untimed
+            for context in contexts:
+                bench.measure(context, args.replays)
+        for repeat in range(args.repeats):
+            for impl, bench in benches.items():
+                for context in contexts:
+                    begin = time.monotonic_ns()
+                    measured = bench.measure(context, args.replays)
+                    seen = clocks.window(begin, time.monotonic_ns()) if clocks is not None else {}
+                    seen = {c: seen.get(c, math.nan) for c in CLOCK_COLUMNS}
+                    measured["bound_tok_s"] = bandwidth * 1e9 / active_bytes(shape, context)
+                    rows += [{"shape": shape.name, "impl": impl, "context": context, "repeat": repeat,
+                              "metric": k, "value": v, **seen} for k, v in measured.items()]
+        print(f"{shape.name}: measured ({time.perf_counter() - started:.0f} s so far)", flush=True)
+        if device.type == "cuda":
+            kernel_rows += [{"shape": shape.name, "impl": impl, **bench.kernels()} for impl, bench in benches.items()]
+        del benches
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, kernel_rows
+
+
+def _clock_line(times: pd.DataFrame) -> str:
+    """One line: the SM clock's range over the timed repeats (NVML, read only), or why there is none."""
+    sm = pd.to_numeric(times["sm_mhz_min"], errors="coerce")
+    if sm.isna().all():
+        return "GPU clocks: not recorded (no NVML here: the CPU, or pynvml missing)"
+    medians = pd.to_numeric(times["sm_mhz_median"], errors="coerce")
+    reasons = sorted(set(times["clock_event_reasons"].dropna().astype(str)) - {"0x0"})
+    return (f"GPU clocks while timed (NVML, read only): SM min {sm.min():.0f} MHz, median {medians.median():.0f} MHz; "
+            f"memory min {pd.to_numeric(times['mem_mhz_min'], errors='coerce').min():.0f} MHz; clock-event reasons "
+            f"{', '.join(reasons) if reasons else 'none'}")
 
 
 def _summary(times: pd.DataFrame) -> pd.DataFrame:

@@ -19,12 +19,15 @@ def test_smoke_run_writes_every_metric_for_both_implementations(tmp_path, capsys
     assert set(times["metric"]) == set(bench_layer.METRICS) and set(times["repeat"]) == {0, 1}
     assert len(times) == len(bench_layer.SMOKE_IMPLS) * 2 * 2 * len(bench_layer.METRICS)
     assert np.isfinite(times["value"]).all()
+    # no NVML on a CPU: the clock columns are there, empty, and the run says so in one line
+    assert times[list(bench_layer.CLOCK_COLUMNS)].isna().all().all()
     positive = times[times["metric"] != "host_us"]        # the host's share is a difference of two times
     assert (positive["value"] > 0).all()
     assert len(summary) == len(times) // 2 and (summary["low"] <= summary["median"]).all()
     saved = pd.read_csv(tmp_path / "layer_summary.csv")
     assert list(saved.columns) == list(summary.columns) and len(saved) == len(summary)
     printed = capsys.readouterr().out.strip().splitlines()
+    assert "GPU clocks: not recorded (no NVML here: the CPU, or pynvml missing)" in printed
     last = printed[-1]
     assert last.startswith("tiny") and "sdpa" in last
     # no device clock on the CPU: engine wall - "device" time (a wall too) is no host time; said so, not printed
@@ -71,3 +74,10 @@ def test_a_negative_host_time_on_the_gpu_is_flagged(capsys):
     assert printed[0] == "host: n/a in 1 row(s) where the engine's wall per layer was below the device time"
     flagged = [line for line in printed if line.split()[3 + bench_layer.METRICS.index("host_us"):][:1] == ["n/a"]]
     assert len(flagged) == 1 and flagged[0].startswith("moe-lm") and " 16 sdpa " in flagged[0]
+
+
+def test_clock_line_gives_the_sm_range_and_the_reasons_seen():
+    times = pd.DataFrame({"sm_mhz_min": [1980.0, 1965.0], "sm_mhz_median": [1980.0, 1980.0],
+                          "mem_mhz_min": [3201.0, 3201.0], "clock_event_reasons": ["0x0", "0x4"]})
+    assert bench_layer._clock_line(times) == ("GPU clocks while timed (NVML, read only): SM min 1965 MHz, median 1980 "
+                                              "MHz; memory min 3201 MHz; clock-event reasons 0x4")
