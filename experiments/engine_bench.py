@@ -74,8 +74,8 @@ from hardware.profile import load_hardware
 from offload.session import RunSettings
 from real.bench.args import (add_device_arg, load_model_checkpoint, cpu_threads, device_default, add_measurement_args, host_memory_error, DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
                              add_policy_param_arg, check_out, check_policy_params, check_text, existing_file, file_name,
-                             hardware_profile, non_negative_int, policy_list, positive_int, PolicyParams, resolved,
-                             slot_list)
+                             hardware_profile, non_negative_int, policy_list, positive_float, positive_int, PolicyParams,
+                             resolved, slot_list)
 from real.bench.engine_runs import error_files, exit_message, interrupt_exits
 from real.bench.policies import PolicyRuns, measure_policies
 from real.bench.predictor_suite import LIVE_PREDICTORS, PredictorSettings, train_predictors
@@ -290,6 +290,17 @@ def add_fresh_arg(p: argparse.ArgumentParser) -> None:
                         "settings and engine code (default: skip them, one line each)")
 
 
+def non_negative_float(text: str) -> float:
+    """A number >= 0 (argparse type): ``--accelerate-gpu-GiB``, where 0 skips accelerate's reference."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 0")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -311,7 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="more training-split tokens, not trained on, that pick the gate's best step")
     p.add_argument("--gate-steps", type=non_negative_int, default=4000)
     p.add_argument("--gate-rank", type=positive_int, default=64)
-    p.add_argument("--gate-lr", type=float, default=1e-3)
+    p.add_argument("--gate-lr", type=positive_float, default=1e-3, help="the gates' learning rate (> 0)")
     p.add_argument("--gate-batch", type=positive_int, default=1024)
     p.add_argument("--score-seqs", type=positive_int, default=4, help="held-out windows for lossy policies' accuracy")
     p.add_argument("--score-len", type=positive_int, default=128)
@@ -328,7 +339,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the profile whose unmeasured constants (the analytic model's) the calibrated one keeps")
     p.add_argument("--profile-name", type=file_name,
                    help="the calibrated profile's name (default: <gpu>-measured, or cpu-measured on a CPU)")
-    p.add_argument("--accelerate-gpu-GiB", type=float, default=2.0)
+    p.add_argument("--accelerate-gpu-GiB", type=non_negative_float, default=2.0,
+                   help="GPU memory accelerate's offload reference may use (0: skip that reference); CUDA only")
     add_measurement_args(p)
     add_fresh_arg(p)
     p.set_defaults(check=_check_live, func=live)

@@ -532,3 +532,19 @@ def test_engine_bench_replay_refuses_more_tokens_than_the_trace_holds(tmp_path, 
             f"holds {rest.num_tokens} tokens after its training slice", f"fewer than {option} {rest.num_tokens + 1}",
             f"at most {rest.num_tokens}")
     assert not (out / "engine.csv").exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--gate-lr", "-0.001"], ["--gate-lr", "-0.001: must be positive"]),
+    (["--gate-lr", "0"], ["--gate-lr", "0: must be positive"]),
+    (["--accelerate-gpu-GiB", "-2"], ["--accelerate-gpu-GiB", "-2: must be at least 0"]),
+])
+def test_live_refuses_a_learning_rate_or_accelerate_budget_of_the_wrong_sign(world, tmp_path, capsys, extra, words):
+    """A negative --gate-lr trained the gate uphill, a negative --accelerate-gpu-GiB reached accelerate; both are
+    refused by argparse before anything loads."""
+    from experiments import engine_bench
+    out = tmp_path / "out"
+    argv = ["live", "--model", str(world / "ckpt"), "--out", str(out), "--corpus", str(world / "corpus"),
+            "--slots", "2", "--policies", "lru", *CPU, *extra]
+    refused(capsys, lambda: engine_bench.main(argv), *words)
+    assert not out.exists()
