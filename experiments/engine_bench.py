@@ -72,7 +72,7 @@ import torch
 from experiments.config import policy_label
 from hardware.profile import load_hardware
 from offload.session import RunSettings
-from real.bench.args import (add_device_arg, load_model_checkpoint, cpu_threads, device_default, add_measurement_args, host_memory_error, DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
+from real.bench.args import (check_kernel_switches, add_device_arg, load_model_checkpoint, cpu_threads, device_default, add_measurement_args, host_memory_error, DTYPES, add_model_args, add_prompt_args, check_model_args, check_slots,
                              add_policy_param_arg, check_out, check_policy_params, check_text, existing_file, file_name,
                              hardware_profile, non_negative_int, policy_list, positive_float, positive_int, PolicyParams,
                              resolved, slot_list)
@@ -250,6 +250,7 @@ def _check_replay(p: argparse.ArgumentParser, args) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible (a production shape's copies and compute need a GPU; "
                 "--device cpu replays a small shape)")
+    check_kernel_switches(p, args)
     check_out(p, args.out)
     try:
         trace = load_trace(args.trace)

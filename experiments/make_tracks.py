@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import pandas as pd
 import torch
 
-from real.bench.args import (DTYPES, add_device_arg, checked_config, checkpoint_errors_exit, device_default,
+from real.bench.args import (check_kernel_switches, DTYPES, add_device_arg, checked_config, checkpoint_errors_exit, device_default,
                              existing_dir, existing_file, non_negative_int, positive_int)
 from real.bench.text import load_text
 from real.corpus import DEFAULT_CORPUS_DIR
@@ -69,6 +69,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     device_default(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible (use --device cpu)")
+    check_kernel_switches(p, args)
     for flag, path in (("--out", args.out), ("--recall-csv", args.recall_csv)):
         if path is not None and (problem := output_problem(path, "file")):
             p.error(f"{flag} {path}: {problem}")

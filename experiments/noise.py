@@ -46,7 +46,7 @@ from offload.session import RunSettings
 from real.engine import OffloadEngine
 from real.measurement import (CALIBRATION_ITERATIONS, ClockSampler, Config, Discipline, Measurement, Report, calibration_ms,
                               place_threads, steal_ms)
-from real.bench.args import (DTYPES, PolicyParams, add_device_arg, add_policy_param_arg, check_out, check_policy_params,
+from real.bench.args import (check_kernel_switches, DTYPES, PolicyParams, add_device_arg, add_policy_param_arg, check_out, check_policy_params,
                              check_slots, config_list, cpu_threads, device_default, existing_dir, existing_file,
                              host_memory_error, non_negative_int, policy_list, positive_float, positive_int, slot_list)
 from real.bench.engine_runs import EngineRuns, error_files, exit_message, run_problems
@@ -385,6 +385,7 @@ def main(argv=None):
     if not args.trace:
         parser.error("--trace is needed (or --host-probe / --report)")
     device_default(args)
+    check_kernel_switches(parser, args)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     cpu_threads(args.device)
     check_replay(parser, args)

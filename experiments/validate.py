@@ -48,7 +48,7 @@ import torch
 
 from hardware.profile import HardwareProfileError, hardware_from_dict, load_hardware
 from plots.figures import plot_validation
-from real.bench.args import cpu_threads, positive_float, positive_int
+from real.bench.args import cpu_threads, kernel_switch_error, positive_float, positive_int, switched_kernel_path
 from real.bench.engine_runs import exit_message, run_problems
 from real.profile_hw import profile_name
 from traces import load_trace, save_trace
@@ -182,6 +182,12 @@ def untimed(m: SliceMeasurement) -> int:
                for c, key in m.keys().items())
 
 
+def _kernel_path() -> dict | None:
+    """The engine's kernel path on this machine's device where the environment switches it from the defaults
+    (``real.bench.args.switched_kernel_path``), in every engine result's and calibration's key; None: the defaults."""
+    return switched_kernel_path("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def to_measure(slices, store: Store, repeats: int) -> set[str]:
     """The names of ``slices`` that still lack runs or timed runs in ``store``, judged without building anything
     on the inputs a report finds (``slice_inputs``: a live slice's as stored, since preparing them decodes its
@@ -193,7 +199,7 @@ def to_measure(slices, store: Store, repeats: int) -> set[str]:
         if inputs is None:
             pending.add(sl.name)
             continue
-        m = SliceMeasurement(sl, store, repeats, torch.device("cpu"), torch.float32)
+        m = SliceMeasurement(sl, store, repeats, torch.device("cpu"), torch.float32, _kernel_path())
         m.inputs = inputs
         if any(m.missing().values()) or untimed(m):
             pending.add(sl.name)
@@ -242,7 +248,7 @@ def measure(scenario: Scenario, slices, store: Store, args, started: float) -> t
             share = slice_deadline(deadline, elapsed, n_left)
             print(f"{sl.name}: this call's share of the deadline: until {share:.0f} s (of {deadline:.0f} s; "
                   f"{n_left} slices left)", flush=True)
-        m = SliceMeasurement(sl, store, scenario.repeats, device, dtype)
+        m = SliceMeasurement(sl, store, scenario.repeats, device, dtype, _kernel_path())
         Inputs(store, sl.name).save(m.prepare())
         if deadline is not None and m.stored_calibration(args.calibration_steps) is None:
             need, basis = calibration_estimate(store.read(store.calibration_path(sl.name)))
@@ -286,7 +292,7 @@ def timelines(scenario: Scenario, slices, store: Store, profile_path: Path | Non
         if inputs is None:
             print(f"{sl.name}: not measured yet in {store.out}", flush=True)
             continue
-        configs, notes = tl.compare_slice(sl, inputs, profile, store)
+        configs, notes = tl.compare_slice(sl, inputs, profile, store, _kernel_path())
         calibration, extra = tl.calibration_configs(sl, store, profile)
         configs += calibration
         if configs:
@@ -354,7 +360,7 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
         earlier, changed, result_notes = 0, set(), set()
         for policy in sl.policies:
             for slots in sl.cache_slots:
-                result, other_code = stored_result(sl, inputs, store, policy, slots)
+                result, other_code = stored_result(sl, inputs, store, policy, slots, _kernel_path())
                 earlier += other_code
                 if other_code:
                     files = changed_files((result or {}).get("engine_files"), now_files)
@@ -499,6 +505,9 @@ def _main(args, name: str, started: float) -> int:
         # every slice's checkpoint, corpus, gate and host memory, before a device spends minutes on the first slice
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         found = input_problems(slices, device_type, scenario.path)
+        switch = kernel_switch_error(device_type)
+        if switch:
+            found = [switch, *found]
         if found:
             print("\n".join(f"error: {line}" for line in found), file=sys.stderr)
             return 2

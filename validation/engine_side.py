@@ -63,15 +63,19 @@ def replay_inputs(sl: Slice) -> SliceInputs:
     return SliceInputs(shape, timed, train, f"random-weights:{shape.name}:seed0", np.ones(timed.num_tokens, bool))
 
 
-def engine_key(sl: Slice, inputs: SliceInputs, policy: str, slots: int) -> str:
+def engine_key(sl: Slice, inputs: SliceInputs, policy: str, slots: int, kernel_path: dict | None = None) -> str:
     """Everything an engine result depends on besides the machine: the slice's settings, the inputs'
-    content, the policy's source and the engine's code."""
+    content, the policy's source, the engine's code and, when the environment switches it from the defaults,
+    the engine's kernel path (``real.bench.args.switched_kernel_path``; None: the defaults, the keys of results
+    measured before it was recorded)."""
     # paths enter by their content only (the same files found from another directory are the same inputs)
     paths = ("trace", "shape", "model", "corpus", "gate")
     fields = {k: v for k, v in dataclasses.asdict(sl).items()
               if k not in ("policies", "cache_slots", "name", "policy_params", *paths)}
     if sl.params_of(policy):     # (only where given: the keys of results measured before parameters existed hold)
         fields["policy_params"] = sorted(sl.params_of(policy).items())
+    if kernel_path:             # (likewise)
+        fields["kernel_path"] = kernel_path
     trace = file_sha256(sl.trace) if sl.trace else None
     gate = None
     if sl.gate:
@@ -81,12 +85,14 @@ def engine_key(sl: Slice, inputs: SliceInputs, policy: str, slots: int) -> str:
                    "policy_source": policy_sha256(policy), "cache_slots": slots, "code": engine_code()})
 
 
-def stored_result(sl: Slice, inputs: SliceInputs, store: Store, policy: str, slots: int) -> tuple[dict | None, bool]:
+def stored_result(sl: Slice, inputs: SliceInputs, store: Store, policy: str, slots: int,
+                  kernel_path: dict | None = None) -> tuple[dict | None, bool]:
     """(the engine result a report takes for one configuration, whether it came from other engine code): the one
     keyed by this checkout, else the most recently written one of the same inputs and policy parameters (its key
     differs when the engine's code changed since: still the measurement of these inputs; a result from before the
-    parameters were recorded is taken as measured at the slice's); (None, False) when there is none."""
-    found = store.read(store.path("engine", sl.name, engine_key(sl, inputs, policy, slots)))
+    parameters were recorded is taken as measured at the slice's); (None, False) when there is none.
+    ``kernel_path``: as ``engine_key``'s (a result of another kernel path counts as other engine code)."""
+    found = store.read(store.path("engine", sl.name, engine_key(sl, inputs, policy, slots, kernel_path)))
     if found is not None:
         return found, False
     params = sl.params_of(policy)
@@ -104,10 +110,14 @@ def _ok_runs(result: dict | None) -> list[dict]:
 
 class SliceMeasurement:
     """Measures one slice (module docstring) into ``store``; ``measure(hardware, ...)`` takes the profile the
-    engine's predictive policies read their copy/compute estimates from (None: no depth limit)."""
+    engine's predictive policies read their copy/compute estimates from (None: no depth limit).
+    ``kernel_path``: the engine's kernel path where the environment switches it (``engine_key``), in the keys of
+    its results and calibration."""
 
-    def __init__(self, sl: Slice, store: Store, repeats: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, sl: Slice, store: Store, repeats: int, device: torch.device, dtype: torch.dtype,
+                 kernel_path: dict | None = None):
         self.sl, self.store, self.repeats = sl, store, repeats
+        self.kernel_path = kernel_path
         self.device, self.dtype = device, dtype
         self.model = None
         self.inputs: SliceInputs | None = None
@@ -135,7 +145,8 @@ class SliceMeasurement:
 
     def keys(self) -> dict[tuple[str, int], str]:
         inputs = self.prepare()
-        return {(p, s): engine_key(self.sl, inputs, p, s) for p in self.sl.policies for s in self.sl.cache_slots}
+        return {(p, s): engine_key(self.sl, inputs, p, s, self.kernel_path) for p in self.sl.policies
+                for s in self.sl.cache_slots}
 
     def missing(self) -> dict[tuple[str, int], int]:
         """Measured runs still missing per configuration (its timed run is checked apart)."""
@@ -151,6 +162,8 @@ class SliceMeasurement:
         fields = {"shape": inputs.shape.to_dict(), "model": inputs.model_id, "steps": steps,
                   "policies": list(self.sl.policies), "precision": self.sl.precision,
                   "device": _device_name(self.device), "code": calibration_code()}
+        if self.kernel_path:        # (only where switched: the keys of earlier calibrations hold)
+            fields["kernel_path"] = self.kernel_path
         # a user's policy file is in no package's digest: its source too (a fixed policy re-calibrates)
         users = {p: policy_sha256(p) for p in self.sl.policies if ".py:" in p}
         return digest({**fields, "user_policies": users} if users else fields)

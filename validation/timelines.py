@@ -342,12 +342,14 @@ def calibration_configs(sl: Slice, store: Store, profile: HardwareProfile) -> tu
     return configs, extra
 
 
-def compare_slice(sl: Slice, inputs: SliceInputs, profile: HardwareProfile, store: Store) -> tuple[list[Config], list[str]]:
-    """Every configuration of ``sl`` with a timed engine run, in the slice's order; and notes on the others."""
+def compare_slice(sl: Slice, inputs: SliceInputs, profile: HardwareProfile, store: Store,
+                  kernel_path: dict | None = None) -> tuple[list[Config], list[str]]:
+    """Every configuration of ``sl`` with a timed engine run, in the slice's order; and notes on the others.
+    ``kernel_path``: as ``validation.engine_side.engine_key``'s."""
     configs, notes = [], []
     for policy in sl.policies:
         for slots in sl.cache_slots:
-            result, _ = stored_result(sl, inputs, store, policy, slots)
+            result, _ = stored_result(sl, inputs, store, policy, slots, kernel_path)
             if result is None:
                 notes.append(f"{sl.name}: {policy} at {slots} slots not measured")
                 continue

@@ -359,6 +359,63 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
                    help="default: cuda where a GPU is visible, else cpu (with a notice)")
 
 
+def _kernel_switch_names() -> tuple[str, str, str]:
+    from real.graphs import DISABLE_ENV
+    from real.layer_ops import COMPILE_ENV, REDUCTIONS_ENV
+    return COMPILE_ENV, REDUCTIONS_ENV, DISABLE_ENV
+
+
+def kernel_path(device_type: str) -> dict[str, bool]:
+    """The kernels an engine model on ``device_type`` ('cuda' or 'cpu') runs, as the environment's switches
+    choose them: ``compile`` (``MOE_LAB_COMPILE``, ``real.layer_ops.compile_default``: the layer's functions
+    compiled by Inductor; default on CUDA), ``reductions`` (``MOE_LAB_REDUCTIONS``,
+    ``real.layer_ops.reductions_default``: compiled batch-1 products as reductions; default when compiling)
+    and ``expert_graphs`` (``MOE_LAB_EXPERT_GRAPHS=0`` turns them off, ``real.graphs``; CUDA only). A
+    measurement records it in its settings, so that runs of one kernel path are never reused for another."""
+    import os
+    import torch
+    from real.layer_ops import compile_default, reductions_default
+    compile_ = compile_default(torch.device(device_type))
+    return {"compile": compile_, "reductions": reductions_default(compile_),
+            "expert_graphs": device_type == "cuda" and os.environ.get(_kernel_switch_names()[2]) != "0"}
+
+
+def switched_kernel_path(device_type: str) -> dict[str, bool] | None:
+    """``kernel_path`` when any of its switches is set in the environment, else None (the defaults): for keys
+    that results measured before the path was recorded must still reproduce."""
+    import os
+    return kernel_path(device_type) if any(n in os.environ for n in _kernel_switch_names()) else None
+
+
+def kernel_switch_error(device_type: str) -> str | None:
+    """Why the engine's kernels cannot be built on ``device_type`` as the environment's switches ask, or None:
+    a switch (``kernel_path``'s three) set to other than 0 or 1, which would silently mean the default, or
+    compiling asked for (``MOE_LAB_COMPILE=1``, or the CUDA default) where Inductor cannot build kernels (no
+    C++ compiler for the CPU, no triton for CUDA). The line names the variable and the fix."""
+    import os
+    import torch
+    from real.layer_ops import COMPILE_ENV, can_compile
+    for name in _kernel_switch_names():
+        if name in os.environ and os.environ[name] not in ("0", "1"):
+            return f"{name}={os.environ[name]!r}: set it to 0 or 1, or unset it for the default"
+    if kernel_path(device_type)["compile"]:
+        why = can_compile(torch.device(device_type))
+        if why is not None:
+            asked = f"{COMPILE_ENV}=1 asks" if device_type == "cpu" else "on CUDA the engine compiles by default and needs"
+            return (f"{asked} to compile the layer's kernels, which cannot run here: {why}; set {COMPILE_ENV}=0 "
+                    f"for PyTorch's eager kernels")
+    return None
+
+
+def check_kernel_switches(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``p.error`` for ``kernel_switch_error`` on ``args.device``; sets ``args.kernel_path`` (``kernel_path``: in
+    the command's settings and resolved config, so a configuration measured on another path is measured again)."""
+    error = kernel_switch_error(args.device)
+    if error:
+        p.error(error)
+    args.kernel_path = kernel_path(args.device)
+
+
 def device_default(args: argparse.Namespace) -> None:
     """Fills ``args.device`` left unset: cuda where a GPU is visible, else cpu, saying so on stderr."""
     import sys
@@ -440,6 +497,7 @@ def check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
     device_default(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible (use --device cpu)")
+    check_kernel_switches(p, args)
     args.name = args.name or args.model.resolve().name     # (`--model .` names the folder it is)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.precision = PRECISION_OF_DTYPE[args.dtype]
