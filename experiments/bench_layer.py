@@ -216,6 +216,26 @@ class Bench:
         return (time.perf_counter() - start) * 1e6
 
 
+def _impls(text: str) -> list[str]:
+    """--impls: comma-separated names of IMPLS (argparse type)."""
+    impls = [i for i in text.split(",") if i]
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown or not impls:
+        raise argparse.ArgumentTypeError(f"{text!r}: name implementations of {', '.join(IMPLS)}")
+    return impls
+
+
+def _contexts(text: str) -> list[int]:
+    """--contexts: comma-separated positions >= 1 (argparse type)."""
+    try:
+        contexts = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated whole numbers, e.g. 16,256,2048") from None
+    if not contexts or min(contexts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every context must be at least 1 position")
+    return contexts
+
+
 def parse_impl(impl: str) -> tuple[str, bool, bool]:
     """"sdpa+compiled" -> ("sdpa", True, False): the attention implementation, whether the layer
     compiles, and whether its batch-1 products run as reductions ("+reductions", compiled too)."""
@@ -228,17 +248,31 @@ def parse_impl(impl: str) -> tuple[str, bool, bool]:
 def main(argv=None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU, in seconds")
-    p.add_argument("--shapes", default="moe-lm,gpt-oss-20b,mixtral-8x7b",
-                   help="moe-lm (the trained model) and/or names in traces/shapes")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny shape on the CPU at contexts 4 and 16, 2 repeats, in seconds (its own shape, contexts "
+                        "and counts: --shapes, --contexts, --repeats, --replays and --steps are refused with it); "
+                        "uncompiled unless --impls names a +compiled or +reductions one, which compile on the CPU")
+    p.add_argument("--shapes", help="moe-lm (the trained model) and/or names in traces/shapes "
+                                    "(default: moe-lm,gpt-oss-20b,mixtral-8x7b)")
     p.add_argument("--layers", type=int, default=2, help="layers kept of the traces/shapes shapes")
-    p.add_argument("--contexts", default="16,256,2048")
-    p.add_argument("--impls", default=None, help=f"comma-separated, of {', '.join(IMPLS)} (default: all; "
+    p.add_argument("--contexts", type=_contexts, help="comma-separated positions (default: 16,256,2048)")
+    p.add_argument("--impls", type=_impls, default=None, help=f"comma-separated, of {', '.join(IMPLS)} (default: all; "
                    f"--smoke: {', '.join(SMOKE_IMPLS)})")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--replays", type=int, default=50, help="back-to-back calls per device timing")
-    p.add_argument("--steps", type=int, default=16, help="decode steps per wall-time sample")
+    p.add_argument("--repeats", type=int, help="interleaved repeats (default 5)")
+    p.add_argument("--replays", type=int, help="back-to-back calls per device timing (default 50)")
+    p.add_argument("--steps", type=int, help="decode steps per wall-time sample (default 16)")
     args = p.parse_args(argv)
+    if args.smoke:
+        given = [f"--{k}" for k in ("shapes", "contexts", "repeats", "replays", "steps") if getattr(args, k) is not None]
+        if given:
+            p.error(f"{', '.join(given)}: --smoke runs its own tiny shape at contexts 4 and 16 with 2 repeats; drop "
+                    f"{'them' if len(given) > 1 else 'it'}, or leave out --smoke")
+    else:
+        args.shapes = args.shapes or "moe-lm,gpt-oss-20b,mixtral-8x7b"
+        args.contexts = args.contexts or [16, 256, 2048]
+        args.repeats = 5 if args.repeats is None else args.repeats
+        args.replays = 50 if args.replays is None else args.replays
+        args.steps = 16 if args.steps is None else args.steps
     started = time.perf_counter()
     if args.smoke:
         torch.set_num_threads(1)        # a tiny shape: intra-op threads only contend for the cores
@@ -250,10 +284,10 @@ def main(argv=None) -> pd.DataFrame:
             raise SystemExit("error: no CUDA device; run with --smoke for the CPU check")
         device, dtype = torch.device("cuda"), torch.bfloat16
         shapes = [bench_shape(name, args.layers) for name in args.shapes.split(",")]
-        contexts = [int(c) for c in args.contexts.split(",")]
+        contexts = args.contexts
         budget = sum(SHAPE_SECONDS.get(s.name, 60) for s in shapes) * args.repeats / 5
         print(f"expected time: about {budget / 60:.1f} min ({len(shapes)} shapes, {args.repeats} repeats)", flush=True)
-    impls = args.impls.split(",") if args.impls else list(SMOKE_IMPLS if args.smoke else IMPLS)
+    impls = args.impls or list(SMOKE_IMPLS if args.smoke else IMPLS)
     clock = Clock(device.type == "cuda")
     bandwidth = bandwidth_GBps(device, clock, 64 if args.smoke else 2048)
     print(f"device-to-device bandwidth: {bandwidth:.0f} GB/s", flush=True)

@@ -81,3 +81,16 @@ def test_clock_line_gives_the_sm_range_and_the_reasons_seen():
                           "mem_mhz_min": [3201.0, 3201.0], "clock_event_reasons": ["0x0", "0x4"]})
     assert bench_layer._clock_line(times) == ("GPU clocks while timed (NVML, read only): SM min 1965 MHz, median 1980 "
                                               "MHz; memory min 3201 MHz; clock-event reasons 0x4")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--smoke", "--shapes", "gpt-oss-20b"], ["--shapes", "--smoke runs its own tiny shape"]),
+    (["--smoke", "--contexts", "5000", "--repeats", "3"], ["--contexts, --repeats", "drop them"]),
+    (["--smoke", "--impls", "sdpa+foo"], ["--impls", "'sdpa+foo'", "sdpa+reductions"]),
+    (["--smoke", "--contexts", "0"], ["--contexts", "at least 1 position"]),
+])
+def test_arguments_the_run_would_ignore_or_fail_on_are_refused(tmp_path, capsys, argv, words):
+    """--smoke replaced --shapes and --contexts silently; an unknown --impls failed with a traceback after set-up."""
+    from conftest import refused
+    refused(capsys, lambda: bench_layer.main(["--out", str(tmp_path / "o"), *argv]), *words)
+    assert not (tmp_path / "o").exists()
