@@ -117,6 +117,9 @@ def load_scenario(path: str | Path) -> dict[str, list[Any]]:
         data = safe_load_unique(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the scenario as UTF-8 "
+                          f"YAML") from None
     if data is None or data == {}:
         raise ConfigError(f"{path}: an empty scenario; give at least one key (keys left out take "
                           f"{DEFAULT_SCENARIO.relative_to(DEFAULT_SCENARIO.parents[2])}'s values), or leave out "

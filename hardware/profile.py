@@ -459,6 +459,9 @@ def load_hardware(name_or_path: str | Path) -> HardwareProfile:
         data = safe_load_unique(path.read_text())
     except yaml.YAMLError as e:
         raise HardwareProfileError(f"{path}: not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise HardwareProfileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the profile as "
+                                   f"UTF-8 YAML") from None
     profile = hardware_from_dict(data, origin=str(path))
     if by_name and profile.name != text:
         raise HardwareProfileError(f"{path}: field 'name' is {profile.name!r}; set it to the file's name {text!r}")

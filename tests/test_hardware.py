@@ -501,3 +501,11 @@ def test_a_damaged_profile_loads_correctly_or_names_the_field(data):
         assert isinstance(ns, int) and ns >= 1
     for ns in (cost.router_ns, cost.layer_overhead_ns, cost.token_overhead_ns, cost.copy_wait_ns):
         assert isinstance(ns, int) and ns >= 0          # a measured zero is a valid measurement
+
+
+def test_a_profile_that_is_not_utf8_names_the_file(tmp_path):
+    """A profile saved in another encoding failed with the codec's bare message, naming no file."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"name: x\n# caf\xe9\n")
+    with pytest.raises(ValueError, match=rf"{path}: not UTF-8 text .* save the profile as UTF-8 YAML"):
+        load_hardware(str(path))

@@ -168,6 +168,14 @@ def test_a_scenario_file_leaves_out_keys_that_take_the_command_lines_defaults(tm
             build_spec([], one)
 
 
+def test_a_scenario_that_is_not_utf8_names_the_file(tmp_path):
+    """A scenario saved in another encoding failed with the codec's bare message, naming no file."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"policy: lru\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=rf"{path}: not UTF-8 text .* save the scenario as UTF-8 YAML"):
+        build_spec([], path)
+
+
 def test_repeated_values_do_not_repeat_configurations():
     spec = SweepSpec.from_mapping({"cache_slots": [4, 4, 5], "policy": ["lru"]})
     assert [c.cache_slots for c in spec.grid()] == [4, 5]
