@@ -337,7 +337,7 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
     profile, device, path = comparison_profile(store, scenario, profile_path)
     record = profile_record(profile, path, store.out, given=profile_path is not None)
     pairs, notes, host_ms = [], [], {}
-    now_files = engine_files()
+    now_files, kernels = engine_files(), _kernel_path()
     for sl in slices:
         inputs = slice_inputs(sl, store)
         if inputs is None:
@@ -360,7 +360,7 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
         earlier, changed, result_notes = 0, set(), set()
         for policy in sl.policies:
             for slots in sl.cache_slots:
-                result, other_code = stored_result(sl, inputs, store, policy, slots, _kernel_path())
+                result, other_code = stored_result(sl, inputs, store, policy, slots, kernels)
                 earlier += other_code
                 if other_code:
                     files = changed_files((result or {}).get("engine_files"), now_files)

@@ -5,6 +5,7 @@ import os
 # subprocesses (the sweep's workers, the commands' CLI tests) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
@@ -131,3 +132,21 @@ def refused(capsys, run, *words: str) -> str:
     assert all(line.startswith(("usage: ", " ", "note: ")) for line in lines[:-1]), err
     assert all(w in lines[-1] for w in words), (words, lines[-1])
     return lines[-1]
+
+
+@pytest.fixture
+def tiny_replay_trace(tmp_path):
+    """A 32-token synthetic trace (2 layers, 4 experts, top-2, 4 requests) saved in tmp_path, for engine replays."""
+    from traces import save_trace, synthetic_trace
+    path = tmp_path / "tiny.npz"
+    save_trace(synthetic_trace(num_tokens=32, num_layers=2, num_experts=4, top_k=2, num_requests=4, seed=2), path)
+    return path
+
+
+def cpu_replay(trace, out, *more):
+    """``engine_bench replay`` of ``trace`` on the CPU, 4 tokens, 1 repeat, into ``out`` (one intra-op thread)."""
+    import torch
+    from experiments.engine_bench import main as bench
+    torch.set_num_threads(1)
+    bench(["replay", "--trace", str(trace), "--device", "cpu", "--max-tokens", "4", "--repeats", "1",
+           "--out", str(out), *more])

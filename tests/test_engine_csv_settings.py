@@ -9,28 +9,15 @@ import json
 import pandas as pd
 import pytest
 import torch
-
-from traces import save_trace, synthetic_trace
-
-
-@pytest.fixture
-def trace(tmp_path):
-    path = tmp_path / "tiny.npz"
-    save_trace(synthetic_trace(num_tokens=32, num_layers=2, num_experts=4, top_k=2, num_requests=4, seed=2), path)
-    return path
+from conftest import cpu_replay as replay
 
 
-def replay(trace, out, *more):
-    from experiments.engine_bench import main as bench
-    torch.set_num_threads(1)
-    bench(["replay", "--trace", str(trace), "--device", "cpu", "--max-tokens", "4", "--repeats", "1",
-           "--out", str(out), *more])
 
 
-def test_rows_carry_their_settings_and_other_settings_keep_their_rows(tmp_path, trace):
+def test_rows_carry_their_settings_and_other_settings_keep_their_rows(tmp_path, tiny_replay_trace):
     out = tmp_path / "out"
-    replay(trace, out, "--policies", "lru", "--slots", "2,3")
-    replay(trace, out, "--policies", "lru", "--slots", "2", "--max-tokens", "3")     # other settings: a row beside
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "2,3")
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "2", "--max-tokens", "3")     # other settings: a row beside
     engine = pd.read_csv(out / "engine.csv")
     assert engine[["cache_slots", "max_tokens", "tokens"]].values.tolist() == [[2, 4, 4], [3, 4, 4], [2, 3, 3]]
     assert {"device", "dtype", "repeats", "warmup_tokens", "trace", "trace_sha256", "shape"} <= set(engine.columns)
@@ -42,30 +29,30 @@ def test_rows_carry_their_settings_and_other_settings_keep_their_rows(tmp_path, 
     correctness = pd.read_csv(out / "correctness.csv")    # replay's correctness rows: stamped and kept alike
     assert correctness[["cache_slots", "max_tokens"]].values.tolist() == [[2, 4], [3, 4], [2, 3]]
     # the same settings again, forced: the row is replaced, not repeated
-    replay(trace, out, "--policies", "lru", "--slots", "3", "--fresh")
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "3", "--fresh")
     again = pd.read_csv(out / "engine.csv")
     assert again[["cache_slots", "max_tokens"]].values.tolist() == [[2, 4], [2, 3], [3, 4]]
 
 
-def test_a_file_without_settings_columns_still_loads_and_its_rows_stay(tmp_path, trace):
+def test_a_file_without_settings_columns_still_loads_and_its_rows_stay(tmp_path, tiny_replay_trace):
     out = tmp_path / "out"
     out.mkdir()
     pd.DataFrame([{"model": "synthetic-L2-E4-k2", "mode": "shape-replay", "policy": "lru", "cache_slots": 2,
                    "tokens_per_s": 1.0, "runs": 1, "errors": 0}]).to_csv(out / "engine.csv", index=False)
-    replay(trace, out, "--policies", "lru", "--slots", "2")
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "2")
     engine = pd.read_csv(out / "engine.csv")
     assert len(engine) == 2 and engine["tokens_per_s"].iloc[0] == 1.0       # measured again: beside, not over it
     assert engine["settings"].iloc[0] == "unrecorded" and engine["engine_code"].iloc[0] == "unrecorded"
     assert engine["settings"].iloc[1].startswith("{")
 
 
-def test_a_finished_configuration_is_skipped_and_fresh_measures_it_again(tmp_path, trace, capsys):
+def test_a_finished_configuration_is_skipped_and_fresh_measures_it_again(tmp_path, tiny_replay_trace, capsys):
     out = tmp_path / "out"
-    replay(trace, out, "--policies", "lru", "--slots", "2")
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "2")
     first = pd.read_csv(out / "engine.csv")
     runs = len(pd.read_csv(out / "noise_runs.csv"))
     capsys.readouterr()
-    replay(trace, out, "--policies", "lru", "--slots", "2,3")
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "2,3")
     printed = capsys.readouterr().out
     assert printed.count("resumed: ") == 1 and "policy=lru cache_slots=2 skipped" in printed
     assert "policy=lru cache_slots=3 round 0" in printed and "policy=lru cache_slots=2 round 0" not in printed
@@ -73,29 +60,29 @@ def test_a_finished_configuration_is_skipped_and_fresh_measures_it_again(tmp_pat
     assert engine["tokens_per_s"].iloc[0] == first["tokens_per_s"].iloc[0] and len(engine) == 2
     noise = pd.read_csv(out / "noise_runs.csv")         # the skipped configuration's runs stay in the noise files
     assert len(noise) == runs + 1 and noise["cache_slots"].tolist() == [2, 3]
-    replay(trace, out, "--policies", "lru", "--slots", "2", "--fresh")
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "2", "--fresh")
     printed = capsys.readouterr().out
     assert "resumed: " not in printed and "policy=lru cache_slots=2 round 0" in printed
 
 
-def test_a_row_of_other_engine_code_or_cut_short_is_measured_again(tmp_path, trace, capsys, monkeypatch):
+def test_a_row_of_other_engine_code_or_cut_short_is_measured_again(tmp_path, tiny_replay_trace, capsys, monkeypatch):
     import experiments.engine_bench as bench
     out = tmp_path / "out"
-    replay(trace, out, "--policies", "lru", "--slots", "2")
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "2")
     monkeypatch.setattr(bench, "code_digest", lambda: "0123456789abcdef")      # the engine's code changed
     capsys.readouterr()
-    replay(trace, out, "--policies", "lru", "--slots", "2")
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "2")
     assert "resumed: " not in capsys.readouterr().out
     engine = pd.read_csv(out / "engine.csv")
     assert engine["engine_code"].tolist() == ["0123456789abcdef"]           # same settings: replaced
     frame = engine.assign(runs=0, errors=1, failed=True)     # a failed (or interrupted) row is not finished
     frame.to_csv(out / "engine.csv", index=False)
-    replay(trace, out, "--policies", "lru", "--slots", "2")
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "2")
     assert "resumed: " not in capsys.readouterr().out
     assert pd.read_csv(out / "engine.csv")["runs"].tolist() == [1]
 
 
-def test_the_deadline_bounds_warm_ups_and_the_first_round(tmp_path, trace, capsys):
+def test_the_deadline_bounds_warm_ups_and_the_first_round(tmp_path, tiny_replay_trace, capsys):
     """A deadline already passed: no warm-up and no round starts, one line says what was not measured, exit 0."""
     from real.measurement import Config, Discipline, Measurement, RunOutput
     import time
@@ -115,7 +102,7 @@ def test_the_deadline_bounds_warm_ups_and_the_first_round(tmp_path, trace, capsy
     assert calls == [] and report.info["stopped"].startswith("after 0 of 1 rounds")
     # the command: stops cleanly, says so, writes no row
     out = tmp_path / "out"
-    replay(trace, out, "--policies", "lru", "--slots", "2", "--deadline-s", "0.001")
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "2", "--deadline-s", "0.001")
     assert "measurement: stopped after 0 of 1 rounds" in capsys.readouterr().out
     from real.bench.table import read_table
     assert not (out / "engine.csv").exists() or read_table(out / "engine.csv").empty
@@ -149,13 +136,13 @@ def test_a_warm_up_past_the_deadline_is_not_started(capsys):
     assert "not measured: policy=b" in report.info["stopped"]
 
 
-def test_a_failed_configuration_is_marked_and_the_command_exits_non_zero(tmp_path, trace):
+def test_a_failed_configuration_is_marked_and_the_command_exits_non_zero(tmp_path, tiny_replay_trace):
     broken = tmp_path / "bad.py"
     broken.write_text("from policies.lru import LRU\n\n\nclass Raises(LRU):\n    def on_access(self, *args):\n"
                       "        raise RuntimeError('broken on purpose')\n")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_:
-        replay(trace, out, "--policies", f"{broken}:Raises,lru", "--slots", "2")
+        replay(tiny_replay_trace, out, "--policies", f"{broken}:Raises,lru", "--slots", "2")
     assert exit_.value.code not in (0, None)
     engine = pd.read_csv(out / "engine.csv").set_index("policy")
     bad = engine.loc[f"{broken}:Raises"]

@@ -6,26 +6,11 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-import pytest
-import torch
-
-from traces import save_trace, synthetic_trace
+from conftest import cpu_replay as replay
 
 SESSION = "replay-synthetic-L2-E4-k2"
 
 
-@pytest.fixture
-def trace(tmp_path):
-    path = tmp_path / "tiny.npz"
-    save_trace(synthetic_trace(num_tokens=32, num_layers=2, num_experts=4, top_k=2, num_requests=4, seed=2), path)
-    return path
-
-
-def replay(trace, out, *more):
-    from experiments.engine_bench import main as bench
-    torch.set_num_threads(1)
-    bench(["replay", "--trace", str(trace), "--device", "cpu", "--max-tokens", "4", "--repeats", "1",
-           "--out", str(out), *more])
 
 
 def keys(frame: pd.DataFrame) -> list[list]:
@@ -33,11 +18,11 @@ def keys(frame: pd.DataFrame) -> list[list]:
         ["cache_slots", "max_tokens"]].values.tolist()
 
 
-def test_a_later_call_keeps_the_noise_rows_of_other_settings_and_configurations(tmp_path, trace):
+def test_a_later_call_keeps_the_noise_rows_of_other_settings_and_configurations(tmp_path, tiny_replay_trace):
     out = tmp_path / "out"
-    replay(trace, out, "--policies", "lru", "--slots", "2,3")
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "2,3")
     first = pd.read_csv(out / "noise_runs.csv")
-    replay(trace, out, "--policies", "lru", "--slots", "2", "--max-tokens", "3")    # other settings: beside
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "2", "--max-tokens", "3")    # other settings: beside
     runs, floor = pd.read_csv(out / "noise_runs.csv"), pd.read_csv(out / "noise_floor.csv")
     assert keys(runs) == [[2, 4], [3, 4], [2, 3]] and keys(floor) == [[2, 4], [3, 4], [2, 3]]
     assert set(runs["session"]) == {SESSION} and runs["steps"].tolist() == [4, 4, 3]
@@ -46,7 +31,7 @@ def test_a_later_call_keeps_the_noise_rows_of_other_settings_and_configurations(
     engine = pd.read_csv(out / "engine.csv")       # the same rows as engine.csv's, told apart the same way
     assert engine["settings"].tolist() == floor["settings"].tolist()
     # the same settings again, forced: that configuration's rows are replaced, the others stay
-    replay(trace, out, "--policies", "lru", "--slots", "3", "--fresh")
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "3", "--fresh")
     runs, floor = pd.read_csv(out / "noise_runs.csv"), pd.read_csv(out / "noise_floor.csv")
     assert keys(runs) == [[2, 4], [2, 3], [3, 4]] and keys(floor) == [[2, 4], [2, 3], [3, 4]]
     assert runs["tokens_per_s"].iloc[0] == first["tokens_per_s"].iloc[0]
@@ -54,18 +39,18 @@ def test_a_later_call_keeps_the_noise_rows_of_other_settings_and_configurations(
     print_report(out)
 
 
-def test_legacy_rows_and_other_sessions_stay_and_a_resumed_call_keeps_its_warm_ups(tmp_path, trace):
+def test_legacy_rows_and_other_sessions_stay_and_a_resumed_call_keeps_its_warm_ups(tmp_path, tiny_replay_trace):
     out = tmp_path / "out"
     out.mkdir()
     legacy = pd.DataFrame([{"session": SESSION, "config": "mode=shape-replay policy=lru cache_slots=2",
                             "cache_slots": 2, "round": 0, "tokens_per_s": 1.0}])       # written before rows carried their settings
     legacy.to_csv(out / "noise_runs.csv", index=False)
     (out / "noise_sessions.json").write_text(json.dumps({"before": {"settings": {}, "warmups": {}}}))
-    replay(trace, out, "--policies", "lru", "--slots", "2", "--repeats", "2", "--warmup-tokens", "2")
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "2", "--repeats", "2", "--warmup-tokens", "2")
     runs = pd.read_csv(out / "noise_runs.csv")
     assert runs["tokens_per_s"].iloc[0] == 1.0 and len(runs) == 3 and pd.isna(runs["settings"].iloc[0])
     # resumed: cache_slots=2 is skipped; its runs and its warm-up stay beside cache_slots=3's
-    replay(trace, out, "--policies", "lru", "--slots", "2,3", "--repeats", "2", "--warmup-tokens", "2")
+    replay(tiny_replay_trace, out, "--policies", "lru", "--slots", "2,3", "--repeats", "2", "--warmup-tokens", "2")
     runs = pd.read_csv(out / "noise_runs.csv")
     assert runs["cache_slots"].tolist() == [2, 2, 2, 3, 3]
     sessions = json.loads((out / "noise_sessions.json").read_text())
