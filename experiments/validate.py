@@ -59,7 +59,7 @@ from validation import report
 from validation.engine_side import (OtherMachineError, SliceInputs, SliceMeasurement, measure_copy_table, replay_inputs,
                                     stored_result)
 from validation.preflight import input_problems
-from validation.profile_fit import fit_profile, pattern_check
+from validation.profile_fit import clamped_constants, fit_profile, pattern_check
 from validation.scenario import SCENARIOS_DIR, Scenario, ScenarioError, load_scenario
 from validation.sim_side import fallback_note, predict
 from validation.store import Store, changed_files, engine_files
@@ -286,7 +286,7 @@ def timelines(scenario: Scenario, slices, store: Store, profile_path: Path | Non
     """--timelines: both clocks' per-layer timelines of every configuration with a timed engine run, with the
     profile the comparison uses (``validation.timelines``); OUT/timelines_<slice>.csv and a table per slice."""
     from validation import timelines as tl
-    profile, _, _ = comparison_profile(store, scenario, profile_path, write=False)
+    profile, *_ = comparison_profile(store, scenario, profile_path, write=False)
     for sl in slices:
         inputs = slice_inputs(sl, store)
         if inputs is None:
@@ -305,14 +305,26 @@ def timelines(scenario: Scenario, slices, store: Store, profile_path: Path | Non
 
 
 def comparison_profile(store: Store, scenario: Scenario, profile_path: Path | None, write: bool = True):
-    """(the profile a report predicts with, the device OUT measured or None, its file): ``--profile`` when given,
-    else the fit of OUT's calibrations (``calibrated_profile``) for the device its copy table names, in
-    OUT/<name>.yaml (written there unless ``write`` is False)."""
+    """(the profile a report predicts with, the device OUT measured or None, its file, the fit's notes per model):
+    ``--profile`` when given (no notes), else the fit of OUT's calibrations (``calibrated_profile``) for the device
+    its copy table names, in OUT/<name>.yaml (written there unless ``write`` is False)."""
     if profile_path is not None:
-        return load_hardware(profile_path), None, profile_path
+        return load_hardware(profile_path), None, profile_path, {}
     device = (store.read(store.out / "calibration" / "copies.json") or {}).get("device", "cpu")
-    profile = calibrated_profile(store, scenario, device, write=write)[0]
-    return profile, device, store.out / f"{profile.name}.yaml"
+    profile, notes = calibrated_profile(store, scenario, device, write=write)
+    return profile, device, store.out / f"{profile.name}.yaml", notes
+
+
+def _clamped_note(model_notes: dict, shape, checked: dict) -> str:
+    """The calibration line's note on the per-layer constants that came out negative and were kept at 0 by
+    enough to show (``clamped_constants``): the patterns they were fitted on are then predicted slower than
+    measured. Kernels timed alone slower than the steps that run them is a machine whose speed changed between
+    the micro-benchmarks (a shared CPU)."""
+    clamped = clamped_constants(model_notes, shape.num_layers,
+                                {name: measured for name, (_, measured) in checked.items()})
+    return (f"; fitted below 0 and kept at 0: {', '.join(clamped)} (the steps ran faster than their parts timed "
+            f"alone: a machine whose speed changed while they ran, or an overlap the model lacks; on a shared "
+            f"machine, re-measure on a quiet one)" if clamped else "")
 
 
 def profile_record(profile, path: Path, out: Path, given: bool) -> dict[str, str]:
@@ -334,7 +346,7 @@ def profile_line(record: dict[str, str]) -> str:
 
 
 def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None = None) -> pd.DataFrame:
-    profile, device, path = comparison_profile(store, scenario, profile_path)
+    profile, device, path, fit_notes = comparison_profile(store, scenario, profile_path)
     record = profile_record(profile, path, store.out, given=profile_path is not None)
     pairs, notes, host_ms = [], [], {}
     now_files, kernels = engine_files(), _kernel_path()
@@ -355,7 +367,7 @@ def compare(scenario: Scenario, slices, store: Store, profile_path: Path | None 
                 f"{name} {predicted:.3f} / {measured:.3f} ms ({100 * (predicted / measured - 1):+.1f} %)"
                 for name, (predicted, measured) in checked.items()) + (
                 "; alternate (a hit layer after each miss layer) is held out of the fit" if "alternate" in checked
-                else "") + ("; a live slice's layer overhead comes from its own decode, not from these forced "
+                else "") + _clamped_note(fit_notes.get(inputs.shape.name, {}), inputs.shape, checked) + ("; a live slice's layer overhead comes from its own decode, not from these forced "
                             "patterns" if sl.mode == "live" else ""))
         earlier, changed, result_notes = 0, set(), set()
         for policy in sl.policies:

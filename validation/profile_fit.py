@@ -120,6 +120,32 @@ def measured_entry(calibration: dict, profile_so_far: HardwareProfile | None = N
     return entry, notes
 
 
+FITTED_ON = {"layer_overhead_us": "hits", "prefetch_latency_us": "hits", "miss_latency_us": "misses",
+             "copy_wait_us": "misses"}     # the per-layer constants fitted on a calibration pattern: which one
+
+
+def clamped_constants(model_notes: dict, num_layers: int, step_ms: dict[str, float],
+                      share: float = 0.01) -> list[str]:
+    """The per-layer constants of one model's fit (``measured_entry``'s notes) that came out negative, were kept
+    at 0 and so move the prediction of the pattern they were fitted on (``FITTED_ON``) by more than ``share`` of
+    its measured median step (``step_ms``: {pattern: ms}), each as "name raw us (ms a step, % of the pattern's
+    step)", e.g. "layer_overhead_us -23.3 us (+0.373 ms a step, 43 % of the hits pattern's)". The hits pattern's
+    overhead is left out where a live decode's own replaces it (then the live one is named)."""
+    out = []
+    for constant, pattern in FITTED_ON.items():
+        raw = model_notes.get(f"{constant}_raw")
+        if constant == "layer_overhead_us" and "layer_overhead_us_live_raw" in model_notes:
+            raw = model_notes["layer_overhead_us_live_raw"]
+        step = step_ms.get(pattern)
+        if raw is None or raw >= 0 or not step:
+            continue
+        effect_ms = -raw * num_layers / 1e3
+        if effect_ms > share * step:
+            out.append(f"{constant} {raw:.1f} us (+{effect_ms:.3f} ms a step, {100 * effect_ms / step:.0f} % of "
+                       f"the {pattern} pattern's)")
+    return out
+
+
 def _with_entry(profile: HardwareProfile, model: str, precision: str, entry: dict) -> HardwareProfile:
     data = hardware_to_dict(profile)
     data["measured_compute"] = {**data.get("measured_compute", {}), model: {precision: entry}}
