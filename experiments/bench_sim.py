@@ -19,6 +19,9 @@ prefetch window, and the lookahead policy on the committed trace with prediction
 Reference rows give the median over ``--repeat`` runs of layer-steps per wall second, its range, and
 per CPU second of this process (which other processes on a shared machine disturb less).
 
+Its first line times a fixed pure-Python loop (``python_loop_ns``): the reference path is pure Python, so its
+figures on two machines (or one shared machine on two days) compare after dividing by that loop's speed.
+
 A benchmark, not a test: it prints its figures and never fails on them.
 """
 from __future__ import annotations
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         return RunSettings(cache_slots=slots, prefetch_depth=depth, copies_in_flight=window)
 
     steps = trace.num_tokens * trace.num_layers
+    print(f"this CPU: {python_loop_ns():.1f} ns per iteration of a pure-Python loop (`s += i`, best of 5; the "
+          f"reference path's speed scales with it)")
     print(f"trace {args.trace}: {trace.num_tokens} tokens x {trace.num_layers} layers = {steps} layer-steps")
     # the cases are sized for the default trace's 32 experts (top-4): a trace of another model runs those
     # its layers can hold, from top-k to every expert
@@ -221,6 +226,20 @@ def time_by_file(stats: pstats.Stats, steps: int) -> str:
     if OUTSIDE in seconds:
         lines.append(line(OUTSIDE, seconds[OUTSIDE], calls[OUTSIDE]))
     return "\n".join(lines)
+
+
+def python_loop_ns(iterations: int = 2_000_000, repeats: int = 5) -> float:
+    """ns per iteration of ``for i in range(n): s += i`` (best of ``repeats``): the CPU's speed at pure-Python
+    work, which is what the reference path runs. Machines, or one shared machine on two days, differ by
+    several times (the reference path ran 3.4x slower in session 10 than in session 9, same code and machine class); figures compare after dividing
+    by it."""
+    best = float("inf")
+    for _ in range(repeats):
+        s, start = 0, time.perf_counter()
+        for i in range(iterations):
+            s += i
+        best = min(best, time.perf_counter() - start)
+    return 1e9 * best / iterations
 
 
 def _seconds(fn, *args) -> float:
