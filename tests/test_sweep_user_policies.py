@@ -44,6 +44,38 @@ def test_a_policy_without_choose_victim_is_refused_naming_the_class_hook_and_fix
     assert not out.exists()
 
 
+HOOKS = {
+    "missing-args": ("def choose_victim(self, scope):\n        return None", r"choose_victim\(self, scope\) \(at .*bad\.py:\d+\) cannot take"),
+    "not-callable": ("choose_victim = 5", r"choose_victim is int 5, not a method"),
+    "on_access-short": ("def on_access(self, access, key):\n        pass", r"on_access\(self, access, key\).*def on_access\(self, access, index, key, hit\)"),
+    "prefetch-keyword-only": ("def prefetch(self, *, access):\n        return None", r"def prefetch\(self, access\)"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOOKS))
+def test_a_hook_that_cannot_take_the_controllers_arguments_is_refused_at_load(name, trace_path, tmp_path, capsys):
+    """Was a TypeError at the first call, deep in the controller, once per configuration."""
+    body, message = HOOKS[name]
+    policy = tmp_path / "bad.py"
+    policy.write_text(f"from policies.lru import LRU\n\n\nclass Bad(LRU):\n    {body}\n")
+    with pytest.raises(PolicyLoadError, match=message):
+        resolve_policy(f"{policy}:Bad")
+    out = tmp_path / "out"
+    assert _sweep(trace_path, out, f"policy={policy}:Bad") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("body", ["@staticmethod\n    def choose_victim(scope, cache, job):\n        return None",
+                                  "def choose_victim(self, *args, **kwargs):\n        return super().choose_victim(*args)",
+                                  "@classmethod\n    def on_insert(cls, key):\n        pass"])
+def test_hooks_of_any_shape_that_take_the_arguments_load(body, tmp_path):
+    policy = tmp_path / "fine.py"
+    policy.write_text(f"from policies.lru import LRU\n\n\nclass Fine(LRU):\n    {body}\n")
+    assert resolve_policy(f"{policy}:Fine").__name__ == "Fine"
+
+
 # -- SystemExit from policy code -----------------------------------------------------------------------
 
 EXITING = '''from policies.lru import LRU
