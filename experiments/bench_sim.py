@@ -6,7 +6,16 @@
 
 ``--profile`` runs one reference case under cProfile: its top functions, then its time and calls per
 layer-step by the file that holds the code, per package (the clocks in ``sim/``, the shared core in
-``offload/``, the policies; the rest as one line: numpy, the standard library, builtins).
+``offload/``, the policies; the rest as one line: numpy, the standard library, builtins). That case runs
+before the benchmark (its report is printed after it): a policy that fails does so in seconds, not after the
+benchmark's minutes, first on the trace's first tokens (untimed: it also keeps first-call costs, lazy imports
+included, out of the profile), then in full. A policy of one's own whose code raises (SystemExit included) or
+whose hook returns a value the cache refuses (``PolicyError``) ends the command with one line on stderr, the
+error, the policy's class, the hook and the file:line where it left the policy (as the sweep reports a
+configuration that fails at run time), and exit code 1; a constructor that raises is bad input, exit code 2, as
+the sweep's. An error in the toolkit's own code keeps its traceback. Running the case first does not move the
+timed figures: every case's first run is an untimed warm-up already, and the reference path imports no numba
+(the fast path's cold start is still timed from its import).
 
 Each case runs on the reference (``sim.simulator.simulate(path="reference")``: the window clock for
 the engine's copy window, the default; SimPy for the ideal link, ``--copies-in-flight null``) and,
@@ -33,11 +42,13 @@ import pstats
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from experiments.config import RunConfig
 from experiments.runner import validate_grid
-from policies.registry import resolve_policy, user_module_file
+from offload.controller import PolicyError
+from policies.registry import RUN_FAILURES, failure_site, resolve_policy, user_module_file
 from hardware.profile import load_hardware
 from offload.session import RunSettings
 from sim.simulator import simulate
@@ -78,6 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"this CPU: {python_loop_ns():.1f} ns per iteration of a pure-Python loop (`s += i`, best of 5; the "
           f"reference path's speed scales with it)")
     print(f"trace {args.trace}: {trace.num_tokens} tokens x {trace.num_layers} layers = {steps} layer-steps")
+    stats = None
+    if profiled is not None:        # before the benchmark: a policy that fails does so in seconds
+        policy, slots = profiled
+        print(f"profiling {policy} with {slots} slots first (its report follows the benchmark)", flush=True)
+        stats = _profile(args.profile, trace, policy, hardware, settings_for(slots), train)
     # the cases are sized for the default trace's 32 experts (top-4): a trace of another model runs those
     # its layers can hold, from top-k to every expert
     fits = range(trace.model.top_k, trace.model.num_experts + 1)
@@ -112,17 +128,61 @@ def main(argv: list[str] | None = None) -> None:
             ref = _reference(p_trace, policy, hardware, settings_for(slots, depth),
                              p_train, args.repeat)
             print(_reference_line(policy, slots, depth, ref, p_steps))
-    if profiled is not None:
-        policy, slots = profiled
-        profiler = cProfile.Profile()
-        profiler.enable()
-        simulate(trace, resolve_policy(policy), hardware, settings_for(slots), train_trace=train, path="reference")
-        profiler.disable()
+    if stats is not None:
         out = io.StringIO()
-        stats = pstats.Stats(profiler, stream=out)
+        stats.stream = out
         stats.sort_stats("tottime").print_stats(15)
         print(out.getvalue())
         print(time_by_file(stats, steps))
+
+
+_CHECK_TOKENS = 32      # the profiled case's untimed first run: the trace's first tokens
+
+
+def _profile(spec: str, trace, policy: str, hardware, settings: RunSettings, train) -> pstats.Stats:
+    """The profiled case's reference run under cProfile, after an untimed run of the trace's first tokens (a
+    policy that fails early does so in a second; first calls' costs stay out of the profile). A policy of one's own
+    that fails (``_policy_failure``) ends the command: one line on stderr, exit code 1."""
+    policy_cls = resolve_policy(policy)
+    profiler = cProfile.Profile()
+    try:
+        simulate(trace.first_tokens(_CHECK_TOKENS), policy_cls, hardware, settings, train_trace=train,
+                 path="reference")
+        profiler.enable()
+        try:
+            simulate(trace, policy_cls, hardware, settings, train_trace=train, path="reference")
+        finally:
+            profiler.disable()
+    except RUN_FAILURES as err:
+        line = _policy_failure(spec, policy_cls, err)
+        if line is None:        # the toolkit's own error: its traceback
+            raise
+        print(line, file=sys.stderr)
+        raise SystemExit(1) from None
+    return pstats.Stats(profiler)
+
+
+def _policy_failure(spec: str, policy_cls: type, err: BaseException) -> str | None:
+    """``err``, raised by a run of the policy ``policy_cls`` (given as ``--profile spec``), as one line when it is the
+    fault of a policy of one's own (its class, or a base class, defined in a file of the user's:
+    ``policies.registry.user_module_file``): a value its hook returned that the cache refused (``PolicyError``), or
+    an error raised while its hook ran (in its code, or in what that calls); None for any other (a built-in
+    policy's, the toolkit's own), whose traceback is the report. The line names the policy's class, the
+    hook, and the file:line where the error left the policy (``failure_site``, as the sweep's report)."""
+    error = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    own = {user_module_file(getattr(sys.modules.get(c.__module__), "__file__", None)) for c in policy_cls.__mro__}
+    own.discard(None)           # the user's files that define the policy's class or its bases
+    if isinstance(err, PolicyError):        # its message names the class and the hook
+        if not own:
+            return None
+        what = error
+    else:       # the outermost frame in the policy's own code: the hook the toolkit called
+        hook = next((frame.name for frame in traceback.extract_tb(err.__traceback__)
+                     if frame.filename.endswith(".py") and Path(frame.filename).resolve() in own), None)
+        if hook is None:
+            return None
+        what = f"policy {policy_cls.__name__}.{hook} raised {error}"
+    return f"error: --profile {spec}: {what} at {failure_site(policy_cls, err)}"
 
 
 class _Timed:

@@ -2,6 +2,8 @@
 import cProfile
 import pstats
 
+import pytest
+
 from experiments.bench_sim import OUTSIDE, time_by_file
 from hardware.profile import load_hardware
 from offload.session import RunSettings
@@ -68,3 +70,68 @@ def test_compile_counts_count_the_replay_kernels_first_call():
     trace = synthetic_trace(num_tokens=10, num_layers=2, num_experts=4, top_k=2, num_requests=1, seed=1)
     kernels.replay(trace.experts, 4, 2, False, kernels.LRU, np.empty(0, np.int64), np.empty(0, bool), None)
     assert sum(kernels.compile_counts()) >= 1
+
+
+_TINY = str(__import__("pathlib").Path(__file__).parent / "data" / "tiny-moe-trace.npz")    # 6 experts, top-2
+_RAISES = "    def choose_victim(self, scope, cache, job):\n        raise RuntimeError('boom')\n"
+_OUT_OF_RANGE = "    def choose_victim(self, scope, cache, job):\n        return 10_000\n"
+
+
+def _policy_file(tmp_path, body: str):
+    path = tmp_path / "my_policy.py"
+    path.write_text(f"from policies.lru import LRU\n\n\nclass MyPolicy(LRU):\n{body}")
+    return path
+
+
+def _profile_only(monkeypatch, profile: str):
+    """bench_sim's main with ``--profile``, its benchmark replaced by a failure: the profiled case must run first."""
+    import experiments.bench_sim as bench
+
+    def benchmark(*args):
+        raise AssertionError("the benchmark ran before the profiled case")
+    monkeypatch.setattr(bench, "_fast_cold_start", benchmark)
+    monkeypatch.setattr(bench, "python_loop_ns", lambda: 1.0)
+    bench.main(["--trace", _TINY, "--repeat", "1", "--profile", profile])
+
+
+@pytest.mark.parametrize("body, said, line", [
+    (_RAISES, "policy MyPolicy.choose_victim raised RuntimeError: boom", 6),        # the line that raised
+    (_OUT_OF_RANGE, "PolicyError: policy MyPolicy.choose_victim returned 10000", 5)])   # the hook that returned it
+def test_a_failing_policy_of_ones_own_is_one_line_before_the_benchmark(tmp_path, monkeypatch, capsys, body, said,
+                                                                       line):
+    path = _policy_file(tmp_path, body)
+    with pytest.raises(SystemExit) as exit_:
+        _profile_only(monkeypatch, f"{path}:MyPolicy:3")
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: --profile {path}:MyPolicy:3: {said}") and "Traceback" not in err, err
+    assert err.rstrip().endswith(f" at {path}:{line} in choose_victim"), err     # file:line, as the sweep's report
+
+
+def test_a_failing_policy_is_one_line_on_the_command_line(tmp_path):
+    import subprocess
+    import sys
+    path = _policy_file(tmp_path, _RAISES)
+    done = subprocess.run([sys.executable, "-m", "experiments.bench_sim", "--trace", _TINY, "--repeat", "1",
+                           "--profile", f"{path}:MyPolicy:3"], capture_output=True, text=True, timeout=120,
+                          cwd=__import__("pathlib").Path(__file__).parents[1])
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == (f"error: --profile {path}:MyPolicy:3: policy MyPolicy.choose_victim raised "
+                                   f"RuntimeError: boom at {path}:6 in choose_victim")
+    assert "layer-steps/s" not in done.stdout       # the benchmark's table never started
+
+
+def test_an_error_of_the_toolkit_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only a policy of one's own is reported in one line: the toolkit's own error (here in the simulator, with
+    a working policy of one's own) is raised as it is."""
+    import experiments.bench_sim as bench
+
+    def simulate(*args, **kwargs):
+        raise ZeroDivisionError("a bug of the toolkit")
+    monkeypatch.setattr(bench, "simulate", simulate)
+    path = _policy_file(tmp_path, "    pass\n")
+    with pytest.raises(ZeroDivisionError, match="a bug of the toolkit"):
+        _profile_only(monkeypatch, f"{path}:MyPolicy:3")
+    with pytest.raises(ZeroDivisionError):      # a built-in policy's run: the toolkit's too
+        _profile_only(monkeypatch, "lru:3")
