@@ -242,6 +242,9 @@ def validate_grid(configs: list[RunConfig]) -> None:
             shape.expert_bytes(cfg.precision)
         except ValueError as err:
             raise ConfigError(f"precision: {err}") from None
+        mismatch = hardware_for(cfg).measured_shape_error(shape, cfg.precision)
+        if mismatch:
+            raise ConfigError(f"{cfg.trace}: {mismatch}")
         _check_clock_range(cfg, run)
         try:
             ExpertCache(shape.num_layers, shape.num_experts, cfg.cache_slots, cfg.cache_mode, shape.top_k)

@@ -213,6 +213,7 @@ class MeasuredCompute:
     layer_extra_us: tuple[tuple[str, float], ...] = ()
     miss_latency_us: float = 0.0
     prefetch_latency_us: float = 0.0
+    shape: tuple[tuple[str, int], ...] = ()   # the measured model's dimensions (MEASURED_DIMS); () if not recorded
 
     _attention: _PiecewiseLinear = field(init=False, repr=False, compare=False)
 
@@ -233,9 +234,27 @@ class MeasuredCompute:
         object.__setattr__(
             self, "_attention", _PiecewiseLinear(tuple(c for c, _ in points), tuple(t for _, t in points))
         )
+        shape = tuple(sorted((str(k), v) for k, v in dict(self.shape).items()))
+        object.__setattr__(self, "shape", shape)
+        for dim, value in shape:
+            _require(dim in MEASURED_DIMS, f"shape: unknown dimension {dim!r}; dimensions are {list(MEASURED_DIMS)}")
+            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                     f"shape.{dim} must be an integer > 0, got {value!r}")
+
+    def shape_differences(self, shape: ModelShape) -> list[str]:
+        """The recorded dimensions in which ``shape`` differs from the model measured, as "name measured/given"
+        (e.g. "hidden_size 1024/2880"); [] when they agree or none were recorded."""
+        return [f"{dim} {value}/{getattr(shape, dim)}" for dim, value in self.shape if getattr(shape, dim) != value]
 
     def attention_us(self, context_len: int) -> float:
         return self._attention(context_len)
+
+
+# The dimensions of a measured model that its per-layer times depend on, recorded with them (``MeasuredCompute.shape``)
+# so that a trace of another model under the same name is refused instead of timed with them. Not the number of
+# layers (times are per layer; a model cut to fewer layers keeps them) nor top-k (times are per expert).
+MEASURED_DIMS = ("num_experts", "hidden_size", "expert_intermediate_size", "num_attention_heads", "num_kv_heads",
+                 "head_dim", "vocab_size")
 
 
 @dataclass(frozen=True)
@@ -334,10 +353,26 @@ class HardwareProfile:
                 f"its runs use the analytic compute model (compute_basis=analytic); if that is a misspelt model name "
                 f"or precision in the profile's measured_compute, correct it")
 
+    def measured_shape_error(self, shape: ModelShape, precision: str) -> str | None:
+        """When the profile measured a model named ``shape.name`` at ``precision`` whose recorded dimensions differ
+        from ``shape``'s (a trace of another model under that name): the message, else None."""
+        for model, m in self.measured_compute:
+            if model == shape.name and m.precision == precision and m.shape_differences(shape):
+                return (f"hardware {self.name} measured compute for a model named {model} at {precision} whose "
+                        f"dimensions differ from this trace's {shape.name} (measured/trace: "
+                        f"{', '.join(m.shape_differences(shape))}): its times would be another model's; give the "
+                        f"trace's model its own name (its __meta__ model), or calibrate this model "
+                        f"(python -m experiments.profile)")
+        return None
+
     def compute_cost(self, shape: ModelShape, precision: str) -> ComputeCost:
-        """Measured times for (shape.name, precision) if the profile has them, else the analytic model."""
+        """Measured times for (shape.name, precision) if the profile has them, else the analytic model.
+        HardwareProfileError when the measured model's recorded dimensions differ from ``shape``'s
+        (``measured_shape_error``)."""
         for model, m in self.measured_compute:
             if model == shape.name and m.precision == precision:
+                if m.shape_differences(shape):
+                    raise HardwareProfileError(self.measured_shape_error(shape, precision))
                 return ComputeCost(
                     attention_base_ns=_to_ns(m.attention_us(0) * 1000.0),
                     attention_per_ctx_ns=_last_slope(m.attention_us_by_ctx) * 1000.0,
@@ -439,7 +474,7 @@ _MEASURED_FIELDS = {
     "token_overhead_us": float,
 }
 _MEASURED_OPTIONAL = {"copy_wait_us": float, "decision_us": dict, "layer_extra_us": dict, "miss_latency_us": float,
-                      "prefetch_latency_us": float}
+                      "prefetch_latency_us": float, "shape": dict}
 
 
 def available_hardware() -> list[str]:
@@ -573,6 +608,9 @@ def _measured_from_dict(data: dict, fail) -> tuple[tuple[str, MeasuredCompute], 
             for by_policy in ("decision_us", "layer_extra_us"):
                 v[by_policy] = tuple((str(policy), _typed(us, float, f"{here}.{by_policy}[{policy}]", fail))
                                      for policy, us in v.get(by_policy, {}).items())
+            if "shape" in v:
+                v["shape"] = tuple((str(dim), _typed(n, int, f"{here}.shape.{dim}", fail))
+                                   for dim, n in v["shape"].items())
             attention = v.pop("attention_us_by_ctx")
             points = sorted(
                 (_ctx_key(ctx, f"{here}.attention_us_by_ctx", fail), _typed(us, float, f"{here}.attention_us_by_ctx[{ctx}]", fail))
@@ -626,6 +664,8 @@ def hardware_to_dict(profile: HardwareProfile) -> dict:
             measured[model][m.precision]["miss_latency_us"] = m.miss_latency_us
         if m.prefetch_latency_us:    # the same
             measured[model][m.precision]["prefetch_latency_us"] = m.prefetch_latency_us
+        if m.shape:                  # the same
+            measured[model][m.precision]["shape"] = dict(m.shape)
     out["measured_compute"] = measured
     return out
 

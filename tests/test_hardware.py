@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -20,6 +21,8 @@ from hardware.profile import (
     load_hardware,
 )
 from traces.model_shape import ModelShape, load_shape
+
+REPO = Path(__file__).resolve().parents[1]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -493,8 +496,9 @@ def test_a_damaged_profile_loads_correctly_or_names_the_field(data):
     except HardwareProfileError as err:
         assert str(err).startswith("fuzzed.yaml"), err
         return
-    shape = ModelShape("moe-lm", num_layers=2, num_experts=8, top_k=2, hidden_size=64, expert_intermediate_size=128,
-                       num_attention_heads=4, num_kv_heads=2, head_dim=16, vocab_size=100)
+    # the measured model's dimensions (its entry records them), cut to 2 layers
+    shape = ModelShape("moe-lm", num_layers=2, num_experts=8, top_k=2, hidden_size=1024, expert_intermediate_size=4096,
+                       num_attention_heads=16, num_kv_heads=4, head_dim=64, vocab_size=8192)
     cost = hardware.compute_cost(shape, "bf16")
     for ns in (hardware.copy.copy_ns(shape.expert_bytes("bf16")), cost.attention_ns(0), cost.attention_ns(5000),
                cost.expert_ns):
@@ -509,3 +513,43 @@ def test_a_profile_that_is_not_utf8_names_the_file(tmp_path):
     path.write_bytes(b"name: x\n# caf\xe9\n")
     with pytest.raises(ValueError, match=rf"{path}: not UTF-8 text .* save the profile as UTF-8 YAML"):
         load_hardware(str(path))
+
+
+def test_measured_times_are_refused_for_a_trace_of_another_model_under_the_same_name(tmp_path, capsys):
+    """A measured entry records its model's dimensions: a trace of another model named like it (a renamed
+    gpt-oss-20b trace called moe-lm) was timed with the 16-layer, 8-expert model's times without a word."""
+    import dataclasses
+    from experiments.sweep import main as sweep
+    from traces import DEFAULT_TRACE, load_trace, save_trace
+    profile = load_hardware("h100-pcie5-measured")
+    own = load_trace(REPO / "traces" / "moe-lm-h100.npz").model
+    assert profile.measured_shape_error(own, "bf16") is None
+    assert profile.compute_cost(own, "bf16").basis == "measured"
+    trace = load_trace(DEFAULT_TRACE)
+    renamed = dataclasses.replace(trace, meta=dataclasses.replace(
+        trace.meta, model=dataclasses.replace(trace.model, name="moe-lm")))
+    message = profile.measured_shape_error(renamed.model, "bf16")
+    assert "hidden_size 1024/2880" in message and "num_experts 8/32" in message and "own name" in message
+    with pytest.raises(HardwareProfileError, match="dimensions differ"):
+        profile.compute_cost(renamed.model, "bf16")
+    assert profile.measured_shape_error(renamed.model, "int4") is None      # no entry at int4: analytic
+    path = tmp_path / "renamed.npz"
+    save_trace(renamed, path)
+    out = tmp_path / "out"
+    assert sweep([f"trace={path}", "hardware=h100-pcie5-measured", "policy=lru", "cache_slots=4", "max_tokens=50",
+                  "--out", str(out), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "dimensions differ" in err and "Traceback" not in err, err
+    assert not (out / "results.csv").exists()
+
+
+def test_a_measured_entrys_shape_is_read_written_and_checked():
+    data = hardware_to_dict(load_hardware("h100-pcie5-measured"))
+    entry = data["measured_compute"]["moe-lm"]["bf16"]
+    assert entry["shape"]["hidden_size"] == 1024
+    assert hardware_to_dict(hardware_from_dict(data, origin="x")) == data        # round trip
+    for bad, words in (({"hidden": 3}, "unknown dimension 'hidden'"), ({"hidden_size": 0}, "shape.hidden_size"),
+                       ({"hidden_size": 1.5}, "must be an integer")):
+        entry["shape"] = bad
+        with pytest.raises(HardwareProfileError, match=words):
+            hardware_from_dict(data, origin="x")

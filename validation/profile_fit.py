@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hardware.profile import HardwareProfile, hardware_from_dict, hardware_to_dict
+from hardware.profile import MEASURED_DIMS, HardwareProfile, hardware_from_dict, hardware_to_dict
 from policies.registry import resolve_policy
 from traces import ModelShape
 from traces.synthetic import PATTERNS, pattern_trace
@@ -71,7 +71,7 @@ def measured_entry(calibration: dict, profile_so_far: HardwareProfile | None = N
              "router_us": float(compute["router_us"]), "expert_us": float(compute["expert_us"]),
              "token_overhead_us": float(compute["token_overhead_us"]),
              "layer_overhead_us": round(max(0.0, overhead), 2), "copy_wait_us": 0.0, "decision_us": {},
-             "layer_extra_us": {}}
+             "layer_extra_us": {}, "shape": {dim: getattr(shape, dim) for dim in MEASURED_DIMS}}
     # host clock stamps, one per layer: the first step carries first-touch costs (the hits pattern's first step,
     # which copies, records none, so there its first recorded step is left out)
     for pattern, stamps, constant in (("misses", "miss_issue_us", "miss_latency_us"),
