@@ -166,7 +166,7 @@ def test_layer_timings_are_recorded_into_the_trace(device, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["pregate", "quasi"])
-def test_graphed_predictor_matches_the_eager_one_and_keeps_tokens(name):
+def test_cuda_graphed_predictor_matches_the_eager_one_and_keeps_tokens(name):
     """On CUDA a live predictor runs inside the layer's graph: same scores as computing it eagerly on
     the same residual, and the lossless policy still gives the resident model's tokens."""
     from real.predictors import GraphedPredictor, PreGate, QuasiHiddenPreGate
