@@ -76,6 +76,7 @@ from real.bench.args import (check_kernel_switches, add_device_arg, load_model_c
                              add_policy_param_arg, check_out, check_policy_params, check_text, existing_file, file_name,
                              hardware_profile, non_negative_int, policy_list, positive_float, positive_int, PolicyParams,
                              resolved, slot_list)
+from experiments.interrupts import sigterm_as_interrupt
 from real.bench.engine_runs import error_files, exit_message, interrupt_exits
 from real.bench.policies import PolicyRuns, measure_policies
 from real.bench.predictor_suite import LIVE_PREDICTORS, PredictorSettings, train_predictors
@@ -375,7 +376,7 @@ def main(argv=None) -> None:
                      if k not in ("check", "predictor_settings", "shape_obj", "train", "replayed", "longest")}
     write_resolved_config(args.out, f"engine_bench-{args.mode}", args.settings)
     args.started = started
-    with interrupt_exits(args.out):
+    with interrupt_exits(args.out), sigterm_as_interrupt():
         problems = args.func(args)
     if problems:
         raise SystemExit(exit_message(problems, args.out))

@@ -36,6 +36,7 @@ from hardware.profile import load_hardware
 from real.bench.args import (add_measurement_args, load_model_checkpoint, add_model_args, check_model_args, check_slots, check_text, existing_dir, existing_file,
                              add_policy_param_arg, check_policy_params, hardware_profile, non_negative_int, policy_list,
                              positive_int, resolved, slot_list)
+from experiments.interrupts import sigterm_as_interrupt
 from real.bench.engine_runs import exit_message, interrupt_exits
 from real.bench.policies import PolicyRuns, measure_policies
 from real.bench.predictor_suite import live_predictors
@@ -112,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[str]:
     started = time.monotonic()
     args = parse_args(argv)
-    with interrupt_exits(args.out):
+    with interrupt_exits(args.out), sigterm_as_interrupt():
         return _measure(args, started)
 
 

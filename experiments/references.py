@@ -26,6 +26,7 @@ import torch
 
 from real.bench.args import (add_measurement_args, load_model_checkpoint, add_model_args, add_prompt_args, check_model_args, check_text,
                              resolved)
+from experiments.interrupts import sigterm_as_interrupt
 from real.bench.engine_runs import exit_message, interrupt_exits
 from real.bench.references import accelerate_offload, hf_parity, measure_fully_resident
 from real.bench.table import engine_table, write_resolved_config
@@ -52,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     started = time.monotonic()
     args = parse_args(argv)
-    with interrupt_exits(args.out):
+    with interrupt_exits(args.out), sigterm_as_interrupt():
         return _measure(args, started)
 
 
