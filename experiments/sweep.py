@@ -10,7 +10,10 @@ the scenario's keys: ``cache_slots=4..8``, ``policy=lru,belady``, ``cache_slots=
 
 Each finished configuration is written at once as ``OUT/rows/<config_hash>.json``; running the same
 command again skips the configurations already done, so a killed sweep resumes where it stopped.
-The default OUT is ``runs/sweep-<hash of the spec>/``. A row is keyed by its configuration and
+The default OUT is ``runs/sweep-<hash of the spec>/``. A file's path (the trace, a hardware profile's YAML, a
+policy's FILE.py) counts as the file's absolute path however it is spelt, in the key, the default OUT and
+results.csv: ``trace=t.npz`` and ``trace=./t.npz`` resume the same rows, and naming the committed sample trace
+is the same as naming no trace. A row is keyed by its configuration and
 every input it depends on that the sweep can see (trace, hardware profile, policy source, the code that
 computes a row; not a data file a policy reads at run time): a row
 computed from other inputs is recomputed, and the sweep says how many and why. A damaged file there (a
@@ -19,7 +22,9 @@ recomputed, which rewrites it; one that is no configuration's row is left alone.
 figure (``--no-plots``) keeps an earlier call's figures while they show its table (``OUT/figures.json`` records
 what each was drawn from) and removes, saying why, those that show other results.
 
-Bad input (an ``--out`` that is a file included, and whatever a policy's constructor raises at every
+One sweep at a time writes in an OUT: it holds a lock there (``OUT/.lock``, which the system drops when the sweep
+ends, even killed outright), and another sweep given that OUT exits with code 2 and one line naming the
+holder's pid. Bad input (an ``--out`` that is a file included, and whatever a policy's constructor raises at every
 configuration of that policy in the grid) exits with code 2 and one line on stderr. A configuration that
 fails at run time (SystemExit from a policy too, or its constructor at some configurations only) is
 reported by name with the file and line where it raised, its traceback is kept in
@@ -35,9 +40,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import multiprocessing
 import os
+import re
 import shlex
 import signal
 import statistics
@@ -70,6 +77,8 @@ DEFAULT_CONFIG = DEFAULT_SCENARIO
 TIMELINE_TOKENS = 20
 SHARED_TRACES = ".traces"      # in OUT while workers run: the traces they map (runner.share_traces)
 RUNNING = "running"            # in SHARED_TRACES: one file per worker naming the task it runs (_run_task)
+LOCK = ".lock"                 # in OUT: locked by the sweep that writes there, naming its pid (_holding_out)
+_lock_fd: int | None = None    # this process's hold on OUT/LOCK while its sweep runs; a forked worker drops its copy
 _WORKER_GRACE_S = 2.0
 _PARENT_POLL_S = 1.0
 # A configuration running longer than this is named (and again at twice it, four times...); checked so often.
@@ -205,6 +214,7 @@ def _as_worker(parent: int) -> None:
     # sweep is gone: _end_with_parent), ends them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _deferring(_exit_worker))
+    _drop_out_lock()
     _end_with_parent(parent)
 
 
@@ -239,6 +249,65 @@ def _in_own_process(fn: Callable, *args) -> tuple[object, int | None]:
         return value, None
     finally:
         _end_processes([proc] if proc.exitcode is None else [])
+
+
+class OutInUse(Exception):
+    """Another process holds OUT's lock (``_holding_out``); ``holder``: its pid as text, or "pid unknown"."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def _holding_out(out: Path):
+    """Hold an exclusive advisory lock (flock) on ``out``/LOCK, creating ``out``, while the block runs: a second
+    sweep on the same OUT is refused (OutInUse) instead of writing beside this one and removing the traces its
+    workers map (SHARED_TRACES). The kernel drops the lock when this process ends, a kill -9 included: a lock is
+    never stale. The file, naming the holder's pid, is left in place: removing it would let a third sweep lock a
+    new file while a second holds the old one. OSError where the file cannot be opened or locked."""
+    global _lock_fd
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise OutInUse(holder) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _lock_fd = fd
+        yield
+    finally:
+        _lock_fd = None
+        os.close(fd)        # the lock goes with the last descriptor of it: workers closed theirs (_drop_out_lock)
+
+
+def _lock_holder(fd: int) -> str:
+    """``pid N`` of the process that holds the lock on ``fd``'s file, as it wrote there; "pid unknown" where it
+    wrote none within a second (it writes it just after it locks)."""
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text.isdigit():
+            return f"pid {text}"
+        time.sleep(0.05)
+    return "pid unknown"
+
+
+def _drop_out_lock() -> None:
+    """In a forked worker: close its inherited copy of the sweep's lock descriptor. Closing a copy leaves the lock
+    held (it goes with the last descriptor, or an explicit unlock, which no worker makes); without this, workers
+    still ending after a kill -9 of the sweep would hold OUT a moment longer."""
+    global _lock_fd
+    if _lock_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(_lock_fd)
+        _lock_fd = None
 
 
 def _run_task(task: int, cfg: RunConfig, h: str, label: str, out: Path) -> tuple[str | None, float]:
@@ -516,6 +585,9 @@ def _run_pool(pending, out: Path, workers: int, varying: list[str], report, plot
     # copies live in OUT, named by the trace's digest: a sweep killed outright leaves them where its resume
     # uses them again and then removes them.
     shared = out / SHARED_TRACES
+    # The markers a sweep killed outright left for its workers would name tasks of its own as this call's: gone.
+    # No other sweep's workers write there (this one holds OUT's lock).
+    shutil.rmtree(shared / RUNNING, ignore_errors=True)
     try:
         share_traces([cfg.trace for cfg, _ in pending], shared)
         _run_workers(pending, out, workers, varying, report, str(shared), plots, progress)
@@ -779,10 +851,53 @@ def _check_labels(grid: list[RunConfig]) -> None:
                                   f"its own (--out apart)")
 
 
+_POLICY_FILE = re.compile(r"^(.+\.py):([A-Za-z_]\w*)$")     # a policy given as FILE.py:Class (policies.registry)
+_DEFAULT_TRACE = RunConfig().trace      # what a sweep given no trace= runs: traces.DEFAULT_TRACE, resolved
+
+
+def _canonical_path(text: str) -> str:
+    """``text``, a file's path, as the absolute path with no symbolic link or ``..`` in it (traces.DEFAULT_TRACE's
+    form): one file, however spelt, gives one value. A path that names no file stays as given, for the error at its
+    load to name it as the user wrote it."""
+    return os.path.realpath(text) if os.path.isfile(text) else text
+
+
+def _canonical_value(key: str, value):
+    """``value`` of ``key`` with the file it names, if it names one, as its canonical path (``_canonical_path``): a
+    trace; a hardware profile given as a path (a YAML name or one with a separator, as hardware.profile.load_hardware
+    tells it from a profile's name, which stays); a policy's FILE.py of FILE.py:Class, made absolute only
+    (module:Class and the registry's names stay)."""
+    if not isinstance(value, str):
+        return value
+    if key == "trace":
+        return _canonical_path(value)
+    if key == "hardware" and (value.endswith((".yaml", ".yml")) or "/" in value or "\\" in value):
+        return _canonical_path(value)
+    if key == "policy" and value not in BUILTIN and (m := _POLICY_FILE.match(value)) and os.path.isfile(m.group(1)):
+        # Absolute, its links kept: a policy file's own modules are found beside the path it is given by (a link's
+        # folder), and its name is the module's.
+        return f"{os.path.abspath(m.group(1))}:{m.group(2)}"
+    return value
+
+
+def canonical_spec(spec: SweepSpec) -> SweepSpec:
+    """``spec`` with every file path in it canonical (``_canonical_value``): a row is keyed by its configuration's
+    values, and so is the default OUT, so ``trace=t.npz``, ``trace=./t.npz`` and ``trace=$PWD/t.npz`` resume the
+    same rows in the same folder, and results.csv names the file the same way whichever spelling computed it."""
+    return SweepSpec.from_mapping({k: [_canonical_value(k, v) for v in values] for k, values in spec.axes})
+
+
+def default_out(spec: SweepSpec) -> Path:
+    """``runs/sweep-<hash of the spec>``, ``spec`` canonical: a trace axis that is the default trace alone is left
+    out of the hash, so ``trace=<the committed sample>`` lands where a sweep given no trace= does."""
+    hashed = SweepSpec(tuple((k, v) for k, v in spec.axes if (k, v) != ("trace", (_DEFAULT_TRACE,))))
+    return Path("runs") / f"sweep-{hashed.short_hash()}"
+
+
 def _plan(args) -> tuple[SweepSpec, list[RunConfig], list[dict[str, str]], list[str], dict[RunConfig, int]]:
-    """The spec, its grid, each configuration's row inputs and hash, the configurations whose policy's constructor
-    ended its process (``_check_grid``); ValueError for bad input."""
-    spec = build_spec(args.overrides, args.config)
+    """The spec (its paths canonical: ``canonical_spec``), its grid, each configuration's row inputs and hash, the
+    configurations whose policy's constructor ended its process (``_check_grid``); ValueError for bad input."""
+    spec = canonical_spec(build_spec(args.overrides, args.config))
     grid = spec.grid()
     _check_labels(grid)
     ended = _check_grid(grid)
@@ -814,21 +929,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"interrupted by {signal.Signals(stop.signum).name} before any configuration ran",
                   file=sys.stderr)
             return 128 + stop.signum
-        out = args.out if args.out is not None else Path("runs") / f"sweep-{spec.short_hash()}"
+        out = args.out if args.out is not None else default_out(spec)
         store = ResultStore(out, ROW_COLUMNS, PERF_COLUMNS)
         # Every folder the sweep writes in, before anything runs: not a row computed, then lost at its write.
         for folder in (out, store.rows_dir, store.perf_dir, store.errors_dir, out / SHARED_TRACES):
             if (problem := output_problem(folder)) is not None:
                 print(f"error: --out {out}: {problem}", file=sys.stderr)
                 return 2
-        try:
-            return _sweep(args, spec, grid, inputs, hashes, store, ended)
-        except Interrupted as stop:
-            done = sum(store.done(h) for h in dict.fromkeys(hashes))
-            print(f"interrupted by {signal.Signals(stop.signum).name}: {done} of {len(dict.fromkeys(hashes))} "
-                  f"configurations are done in {out}/; to resume, run the same command again: "
-                  f"python -m experiments.sweep {shlex.join(argv)}", file=sys.stderr)
-            return 128 + stop.signum
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(_holding_out(out))
+            except OutInUse as busy:
+                print(f"error: {out} is in use by another sweep ({busy.holder}); wait for it, or pass another --out",
+                      file=sys.stderr)
+                return 2
+            except OSError as err:
+                print(f"error: --out {out}: cannot lock {out / LOCK} ({err.strerror or err}); give a folder on a "
+                      f"local file system you can write to", file=sys.stderr)
+                return 2
+            try:
+                return _sweep(args, spec, grid, inputs, hashes, store, ended)
+            except Interrupted as stop:
+                done = sum(store.done(h) for h in dict.fromkeys(hashes))
+                print(f"interrupted by {signal.Signals(stop.signum).name}: {done} of {len(dict.fromkeys(hashes))} "
+                      f"configurations are done in {out}/; to resume, run the same command again: "
+                      f"python -m experiments.sweep {shlex.join(argv)}", file=sys.stderr)
+                return 128 + stop.signum
 
 
 # The figures a sweep writes into its folder (the tables are rewritten by every call).
