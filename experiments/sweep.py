@@ -18,7 +18,9 @@ every input it depends on that the sweep can see (trace, hardware profile, polic
 computes a row; not a data file a policy reads at run time): a row
 computed from other inputs is recomputed, and the sweep says how many and why. A damaged file there (a
 truncated row, one holding no whole row of its name) is named in one line: its configuration is
-recomputed, which rewrites it; one that is no configuration's row is left alone. A call that draws no
+recomputed, which rewrites it; one that is no configuration's row is left alone. A row whose perf record
+(``OUT/perf/<hash>.json``) is missing is kept as it is and named in one line (perf.csv lacks it; deleting the row
+recomputes both). A call that draws no
 figure (``--no-plots``) keeps an earlier call's figures while they show its table (``OUT/figures.json`` records
 what each was drawn from) and removes, saying why, those that show other results.
 
@@ -30,7 +32,9 @@ fails at run time (SystemExit from a policy too, or its constructor at some conf
 reported by name with the file and line where it raised, its traceback is kept in
 ``OUT/errors/``, the others are still written, and the exit code is 1. A configuration whose worker process dies
 (a policy's os._exit, a signal, the OOM killer) is run again alone: where it dies again it fails like one that raised
-(its exit code or signal in place of a traceback), while the others finish in a fresh pool. A policy of the user's
+(its exit code or signal in place of a traceback), while the others finish in a fresh pool. The printed table keeps
+every configuration of the grid, a failed one as a ``failed`` cell; each failure is named as it happens and listed once
+in the final block. A policy of the user's
 is built before anything runs, and records ``--timeline``, in a process of its own too: a constructor that ends it
 fails its configurations, a timeline that ends it fails the timeline, each in one line. SIGINT
 (Ctrl-C) or SIGTERM stops the workers at once, keeps every finished row, says how to resume, and
@@ -527,10 +531,10 @@ class _Progress:
 
 
 def _run_all(pending: list[tuple[RunConfig, str]], out: Path, workers: int, varying: list[str],
-             plots: bool = False) -> list[str]:
-    """Run ``pending``; the failures, as one line each. On Interrupted the workers are ended before
-    it propagates: what they finished is on disk, what they were running is lost. ``plots``: the sweep
-    draws its figures afterwards (worker processes: this process imports what that needs meanwhile)."""
+             plots: bool = False) -> list[tuple[str, str]]:
+    """Run ``pending``; the failures, each as (its configuration's hash, one line). On Interrupted the workers
+    are ended before it propagates: what they finished is on disk, what they were running is lost. ``plots``: the
+    sweep draws its figures afterwards (worker processes: this process imports what that needs meanwhile)."""
     failures = []
     workers = min(workers, len(pending))
     progress = _Progress(pending, varying, workers)
@@ -538,7 +542,7 @@ def _run_all(pending: list[tuple[RunConfig, str]], out: Path, workers: int, vary
     def report(cfg: RunConfig, h: str, failure: str | None, seconds: float) -> None:
         if failure is not None:
             line = f"config ({describe(cfg, varying)}) failed: {failure}"
-            failures.append(line)
+            failures.append((h, line))
             progress.say(f"error: {line}")
         progress.finished(cfg, h, failure, seconds)
 
@@ -745,6 +749,51 @@ def _resolved(spec: SweepSpec, grid: list[RunConfig], done: int) -> dict:
             "hardware": hardware, "traces": traces}
 
 
+def _missing_perf_note(store: ResultStore, done: list[str], others_timed: bool) -> str | None:
+    """One line naming the rows among ``done`` (their hashes) that have no perf record (deleted, or rows copied
+    without OUT/perf/), which perf.csv leaves out and the speed summary does not count; None when every row has
+    one. Such a row is kept, not recomputed as a damaged record's is: it is whole (ResultStore.done), its run may be
+    long, and recomputing it would replace a row the user kept; the line says how to recompute it."""
+    missing = [h for h in dict.fromkeys(done) if not store.perf_path(h).is_file()]
+    if not missing:
+        return None
+    n = len(missing)
+    names = ", ".join(f"{h}.json" for h in missing[:3]) + (f" and {n - 3} more" if n > 3 else "")
+    them, their = ("it", "its") if n == 1 else ("them", "their")
+    above = " (the speed above is the other rows')" if others_timed else ""
+    return (f"note: {n} of {len(dict.fromkeys(done))} rows {'has' if n == 1 else 'have'} no perf record (missing in "
+            f"{store.perf_dir}/: {names}): perf.csv leaves {them} out and {their} simulator speed is unknown{above}; "
+            f"to measure it, delete the row{'s' * (n > 1)} of the same name{'s' * (n > 1)} in {store.rows_dir}/ and "
+            f"run the same command again, which recomputes {them}")
+
+
+FAILED_CELL = "failed"      # the table's cell for a configuration of the grid that failed (it has no row)
+_FAILED = "_failed"         # table_frame's column: True on a failed configuration's stand-in row
+
+
+def table_frame(df, grid: list[RunConfig], hashes: list[str], failed: set[str]):
+    """What ``format_table`` shows: the rows of ``df`` (the done configurations) and, for each configuration of
+    ``grid`` whose hash is in ``failed``, a stand-in of its configuration's columns marked ``_FAILED``; in grid order
+    (policy as the grid first names it, then cache_slots), as results.csv orders its rows."""
+    import pandas as pd
+
+    rows = dict(zip(df["config_hash"], df.to_dict("records")))
+    records = []
+    for h, cfg in dict(zip(hashes, grid)).items():
+        if h in rows:
+            records.append({**rows[h], _FAILED: False})
+        elif h in failed:
+            # policy_params as a row holds it (JSON text, keys sorted: runner.run_config), so that the stand-in
+            # joins its policy's row of the table.
+            values = cfg.to_dict()
+            records.append({**values, "policy_params": json.dumps(values["policy_params"], sort_keys=True),
+                            "config_hash": h, _FAILED: True})
+    frame = pd.DataFrame(records)
+    rank = {p: i for i, p in enumerate(dict.fromkeys(frame["policy"]))}
+    return (frame.assign(_rank=frame["policy"].map(rank)).sort_values(["_rank", "cache_slots"], kind="stable")
+                 .drop(columns="_rank").reset_index(drop=True))
+
+
 # What a slot count means in each cache mode: in global mode the number is still per layer, but the
 # slots form one pool of cache_slots x layers that any layer's experts may take.
 _SLOTS_MEANING = {"per_layer": "expert slots per MoE layer",
@@ -752,8 +801,9 @@ _SLOTS_MEANING = {"per_layer": "expert slots per MoE layer",
 
 
 def format_table(df, varying: list[str]) -> str:
-    """Rows: policy (and any other varying key); columns: cache_slots; cells: tok/s | hit rate | % of Belady.
-    The last line says what the slot counts mean in the table's cache mode(s)."""
+    """Rows: policy (and any other varying key); columns: cache_slots; cells: tok/s | hit rate | % of Belady,
+    or FAILED_CELL for a configuration that failed (``table_frame``'s stand-in rows). The last lines say what
+    the slot counts mean in the table's cache mode(s), and what a failed cell means where there is one."""
     # A row is a policy with the parameters given to it (the one policy_params column, JSON text), and
     # any other varying key.
     others = [k for k in varying if k in df.columns and k not in ("policy", "cache_slots", "policy_params")]
@@ -772,6 +822,9 @@ def format_table(df, varying: list[str]) -> str:
                 row.append("-")
                 continue
             r = by_slots.loc[s]
+            if r.get(_FAILED, False) == True:   # noqa: E712: a NaN there (a frame without the flag) is no failure
+                row.append(FAILED_CELL)
+                continue
             frac = r["belady_hit_fraction"]
             pct = "n/a" if frac is None or frac != frac else f"{100 * frac:.0f}%"
             row.append(f"{r['tokens_per_s']:.1f} | {r['hit_rate']:.3f} | {pct:>4}")
@@ -785,6 +838,9 @@ def format_table(df, varying: list[str]) -> str:
     modes = list(dict.fromkeys(df["cache_mode"]))
     meanings = [_SLOTS_MEANING[m] + (f" (cache_mode={m})" if len(modes) > 1 else "") for m in modes]
     lines.append(f"slots = {'; '.join(meanings)}")
+    if any(c == FAILED_CELL for row in cells for c in row):
+        lines.append(f"{FAILED_CELL}: the configuration failed, so it has no row in results.csv or the figures; the "
+                     f"failures are listed at the end, each with its report")
     if any("(lossy)" in label for label in labels):
         lines.append("(lossy): the policy ran other experts than the routed ones where it chose to (`replaced`), so "
                      "its hit rate and %Belady count hits of its own choices; its accuracy cost is measured by the "
@@ -991,7 +1047,7 @@ def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, 
         line = f"{what} failed: " + _died(store, cfg, what, ended[cfg], "the process that built its policy before "
                                           "the runs died ({how})", f"its row, once it runs: {store.row_path(h)}")
         print(f"error: {line}", file=sys.stderr)
-        failures.append(line)
+        failures.append((h, line))
     pending = [(cfg, h) for cfg, h in pending if cfg not in ended]
     failures += _run_all(pending, out, args.workers, varying, plots=not args.no_plots)
 
@@ -1015,7 +1071,9 @@ def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, 
     # shows this call's results, else removed: it would show other results beside this call's tables.
     figures = settle(out, drawn, list(_FIGURES), set(df["config_hash"]) if len(df) else set())
     if len(df):
-        print(format_table(df, varying))
+        # The table shows the whole grid: a configuration that failed keeps its cell, marked, instead of leaving a
+        # hole (or a whole slots column) that reads as never asked for.
+        print(format_table(table_frame(df, grid, hashes, {h for h, _ in failures}), varying))
     if figures.damaged is not None:
         named = " (each removed is named below)" if figures.removed else ""
         print(f"damaged: {out / RECORD}: {figures.damaged}; it vouches for no earlier figure{named}, and this call's "
@@ -1033,9 +1091,14 @@ def _sweep(args, spec: SweepSpec, grid: list[RunConfig], inputs: list[dict[str, 
         print(f"simulator speed: {speed:,.0f} simulated layer-steps per wall second of the runs themselves ({over}; "
               f"counted: each run from its policy's construction to its metrics, not the processes' start-up, the "
               f"traces' loading, the Belady bound or the row's writing)")
+    if len(df) and (note := _missing_perf_note(store, list(df["config_hash"]), bool(len(perf)))) is not None:
+        print(note)
     if failures:
-        print(f"error: {len(failures)} of {unique} configurations failed:", file=sys.stderr)
-        for line in failures:
+        # Each failure was said once as it happened (progress, for a long sweep); this is the list to act on, at the
+        # end where it is read, each once: the header says so, lest the two mentions read as twice the failures.
+        print(f"error: {len(failures)} of {unique} configurations failed (each was named above as it failed; "
+              f"listed once each here):", file=sys.stderr)
+        for _, line in failures:
             print(f"  {line}", file=sys.stderr)
     if timeline_failure is not None:
         print(f"error: {timeline_failure}", file=sys.stderr)
