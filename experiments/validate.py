@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hardware.profile import HardwareProfileError, hardware_from_dict, load_hardware
+from hardware.profile import PROFILES_DIR, HardwareProfileError, hardware_from_dict, load_hardware
 from plots.figures import plot_validation
 from real.bench.args import cpu_threads, kernel_switch_error, positive_float, positive_int, switched_kernel_path
 from real.bench.engine_runs import exit_message, run_problems
@@ -62,7 +62,7 @@ from validation.preflight import input_problems
 from validation.profile_fit import clamped_constants, fit_profile, pattern_check
 from validation.scenario import SCENARIOS_DIR, Scenario, ScenarioError, load_scenario
 from validation.sim_side import fallback_note, predict
-from validation.store import Store, changed_files, engine_files
+from validation.store import Store, changed_files, damaged_files, engine_files
 
 
 # A slice's calibration time when OUT holds none of it to go by: on the H200 they took 21-87 s, after 10-54 s of
@@ -107,7 +107,10 @@ class Inputs:
     """A slice's inputs kept under OUT/engine/<slice>/inputs, so the simulator can replay a live slice's
     recorded decode on any machine."""
 
+    FILES = ("inputs.json", "timed.npz", "train.npz")
+
     def __init__(self, store: Store, slice_name: str):
+        self.store = store
         self.folder = store.out / "engine" / slice_name / "inputs"
 
     def save(self, inputs: SliceInputs) -> None:
@@ -118,16 +121,29 @@ class Inputs:
         atomic_write(self.folder / "inputs.json", lambda f: json.dump(
             {"model_id": inputs.model_id, "mask": inputs.mask.astype(int).tolist(), "gate_digest": inputs.gate_digest},
             f))
+        self.store.damaged -= {self.folder / name for name in self.FILES}     # rewritten whole
 
     def load(self) -> SliceInputs | None:
-        if not (self.folder / "inputs.json").is_file():
+        """The stored inputs; None when one of their files is missing or damaged (``Store.damaged``): the slice's
+        next measuring call stores them again."""
+        files = [self.folder / name for name in self.FILES]
+        if not all(f.is_file() and f not in self.store.damaged for f in files):
             return None
-        meta = json.loads((self.folder / "inputs.json").read_text())
+        meta = self.store.read(self.folder / "inputs.json")
         timed, train = load_trace(self.folder / "timed.npz"), load_trace(self.folder / "train.npz")
         # a live decode's requests are in its traces' metadata: they key its results as when measured
         return SliceInputs(timed.model, timed, train, meta["model_id"], np.asarray(meta["mask"], dtype=bool),
                            prompts=timed.meta.extra.get("prompts"), new_tokens=timed.meta.extra.get("new_tokens", 0),
                            train_prompts=train.meta.extra.get("prompts"), gate_digest=meta.get("gate_digest"))
+
+
+class NotCalibrated(Exception):
+    """OUT holds no calibration to fit a profile from; the message says what to run."""
+
+
+def fitted_name(device_name: str) -> str:
+    """The name of the profile fitted from calibrations on ``device_name`` (OUT/<name>.yaml)."""
+    return profile_name(device_name) if device_name != "cpu" else "cpu-measured"
 
 
 def calibrated_profile(store: Store, scenario: Scenario, device_name: str, write: bool = True) -> tuple[object, dict]:
@@ -137,11 +153,12 @@ def calibrated_profile(store: Store, scenario: Scenario, device_name: str, write
     import yaml
     folder = store.out / "calibration"
     copies = store.read(folder / "copies.json")
-    calibrations = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.name != "copies.json"]
+    calibrations = [store.read(p) for p in sorted(folder.glob("*.json")) if p.name != "copies.json"]
+    calibrations = [c for c in calibrations if c is not None]       # a damaged one: the slice is calibrated again
     if copies is None or not calibrations:
-        raise SystemExit(f"error: {folder} holds no calibration yet: measure first (python -m experiments.validate "
-                         f"--out {store.out}, without --predict-only or --timelines, on the machine to model)")
-    name = profile_name(device_name) if device_name != "cpu" else "cpu-measured"
+        raise NotCalibrated(f"{folder} holds no calibration yet: measure first (python -m experiments.validate "
+                            f"--out {store.out}, without --predict-only or --timelines, on the machine to model)")
+    name = fitted_name(device_name)
     data, notes = fit_profile(load_hardware(scenario.hardware), name, device_name, copies, calibrations)
     existing = store.out / f"{name}.yaml"
     if existing.is_file():
@@ -309,10 +326,18 @@ def comparison_profile(store: Store, scenario: Scenario, profile_path: Path | No
     ``--profile`` when given (no notes), else the fit of OUT's calibrations (``calibrated_profile``) for the device
     its copy table names, in OUT/<name>.yaml (written there unless ``write`` is False)."""
     if profile_path is not None:
-        return load_hardware(profile_path), None, profile_path, {}
+        return load_hardware(profile_path), None, profile_file(profile_path), {}
     device = (store.read(store.out / "calibration" / "copies.json") or {}).get("device", "cpu")
     profile, notes = calibrated_profile(store, scenario, device, write=write)
     return profile, device, store.out / f"{profile.name}.yaml", notes
+
+
+def profile_file(given: Path) -> Path:
+    """The file ``--profile`` names: a profile's name (no '/' and no .yaml suffix, as ``hardware=`` takes it) is
+    hardware/profiles/<name>.yaml, as ``load_hardware`` reads it; else the path given."""
+    text = str(given)
+    by_name = not (text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text)     # load_hardware's rule
+    return PROFILES_DIR / f"{text}.yaml" if by_name else Path(given)
 
 
 def _clamped_note(model_notes: dict, shape, checked: dict) -> str:
@@ -427,6 +452,61 @@ def _interrupted(signum, frame):
 
 
 SCENARIO_FILE = "scenario.txt"      # in OUT: the scenario its results were measured under
+# what a call writes into OUT under fixed names, besides the fitted profile (``fitted_name``) and --timelines'
+# OUT/timelines_<slice>.csv: one of the wrong kind already there would fail its write after the work
+REPORT_FILES = ("validation.csv", "summary.txt", "validation.png", "noise_floor.csv", "profile_fit_notes.json",
+                SCENARIO_FILE)
+STORE_FOLDERS = ("calibration", "engine", "sim")
+
+
+def outputs_problem(out: Path, files: list[str]) -> str | None:
+    """Why a call could not write one of ``files`` (names in ``out``) or keep its store's folders there, found
+    before any work starts (``traces.io.output_problem``, as the engine commands check their --out): a folder
+    where a file goes, a file where a folder goes; None when there is none."""
+    for name in files:
+        if (out / name).is_dir():
+            return f"{out / name} is a folder where validate writes a file; move it away, or give another --out"
+    for name in STORE_FOLDERS:
+        if (problem := output_problem(out / name)) is not None:
+            return f"{problem.split(';')[0]} where validate keeps its results; move it away, or give another --out"
+    return None
+
+
+def stored_problems(store: Store, slices, timelines: bool, measuring: bool) -> list[str]:
+    """Damaged files in ``store`` (``validation.store.damaged_files``: stored JSON, a live slice's stored inputs,
+    the timed runs of ``slices``: those measured, or compared by --timelines), named before anything runs; returns
+    the error lines of those the call refuses, and takes care of the others, saying so on stdout, one line each.
+    A prediction (sim/) is read as absent: predicted again, which rewrites it. A measuring call reads an engine
+    result, a calibration or a slice's inputs as absent, so it measures them again and rewrites them (as the sweep
+    recomputes a damaged row); a damaged timed run it removes (the run is made again only where none is). A report
+    or a timeline comparison, which cannot measure, refuses them, naming each to delete (nothing is lost: it is
+    unreadable, and the measuring call after that measures it again); --timelines only those of its slices (and
+    the calibrations its profile is fitted from). A damaged copy table is refused by every call: it names the
+    device OUT's results come from."""
+    if not store.out.is_dir():
+        return []
+    out, names = store.out, {sl.name for sl in slices}
+    traces = ("engine/*/inputs/*.npz", *(f"engine/{name}/*-timed.npz" for name in sorted(names)))
+    refused = []
+    for path, problem in damaged_files(out, traces).items():
+        parts = path.relative_to(out).parts
+        if timelines and parts[0] != "calibration" and parts[1] not in names:
+            continue                # not read by this call
+        if parts[0] == "sim" or (measuring and path.name != "copies.json"):
+            if path.name.endswith("-timed.npz"):
+                path.unlink()
+                done = "removed (unreadable: nothing is lost); a measuring call of its slice makes the timed run again"
+            else:
+                store.damaged.add(path)
+                done = ("read as not measured: a measuring call of its slice measures it again, which rewrites it"
+                        if parts[0] != "sim" else "read as not predicted: " + (
+                            "--predict-only predicts it again, which rewrites it" if timelines else
+                            "predicted again, which rewrites it"))
+            print(f"validate: damaged: {path}: {problem}; {done}", flush=True)
+        else:
+            refused.append(f"{path}: {problem}; delete it, then measure it again (python -m experiments.validate "
+                           f"--out {out}, without --predict-only or --timelines: what else OUT holds is kept)")
+    return refused
 
 
 def held_calibrations(out: Path) -> bool:
@@ -484,6 +564,12 @@ def main(argv=None) -> int:
 
 
 def _main(args, name: str, started: float) -> int:
+    if (args.predict_only or args.timelines) and not args.out.is_dir():
+        # nothing to report or compare: a folder made here would only be an empty one
+        what = "--predict-only reports" if args.predict_only else "--timelines compares"
+        print(f"error: --out {args.out}: no such folder; {what} what a measuring call stored there: give that "
+              f"folder, or measure first (python -m experiments.validate --out {args.out})", file=sys.stderr)
+        return 2
     if args.slices and (args.predict_only or args.timelines):
         # a report covers every slice OUT holds: one of some slices would replace the bundle's summary with a part
         print(f"error: --slices with --predict-only: a report re-predicts every slice {args.out} holds (one of some "
@@ -506,22 +592,40 @@ def _main(args, name: str, started: float) -> int:
         print(f"error: {args.out} holds results of slices {sorted(held)}, none of them in scenario {scenario.path}; "
               f"pass the scenario they were measured under (--scenario), or a new --out", file=sys.stderr)
         return 2
-    if args.timelines:
-        try:
-            chosen = scenario.select(args.timelines.split(","))
-            return timelines(scenario, chosen, store, args.profile)
-        except (ScenarioError, HardwareProfileError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    if not args.predict_only:
-        # every slice's checkpoint, corpus, gate and host memory, before a device spends minutes on the first slice
+    try:
+        chosen = scenario.select(args.timelines.split(",")) if args.timelines else None
+    except ScenarioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    measuring = not (args.predict_only or args.timelines)
+    found = []
+    if measuring:
+        # every slice's trace, checkpoint, corpus, gate and host memory, before a device spends minutes on the first
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         found = input_problems(slices, device_type, scenario.path)
         switch = kernel_switch_error(device_type)
         if switch:
             found = [switch, *found]
-        if found:
-            print("\n".join(f"error: {line}" for line in found), file=sys.stderr)
+    # then OUT: its damaged files, and what it writes, before anything is measured or written
+    # (a measuring call with bad inputs stops here: the store's damaged files it would mend are left as they are)
+    refused = [] if found else stored_problems(store, chosen if chosen is not None else slices if measuring else (),
+                                               timelines=chosen is not None, measuring=measuring)
+    found += refused
+    written = [f"timelines_{sl.name}.csv" for sl in chosen] if chosen is not None else list(REPORT_FILES)
+    if chosen is None and args.profile is None and not refused:     # the profile fitted for the device OUT measured
+        device = (store.read(store.out / "calibration" / "copies.json") or {}).get("device", "cpu") \
+            if args.predict_only else torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        written.append(f"{fitted_name(device)}.yaml")
+    if (problem := outputs_problem(args.out, written)) is not None:
+        found.append(f"--out {args.out}: {problem}")
+    if found:
+        print("\n".join(f"error: {line}" for line in found), file=sys.stderr)
+        return 2
+    if chosen is not None:
+        try:
+            return timelines(scenario, chosen, store, args.profile)
+        except (HardwareProfileError, NotCalibrated) as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
     print(f"validate: scenario {scenario.path} ({', '.join(s.name for s in slices)}) -> {args.out}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -535,7 +639,7 @@ def _main(args, name: str, started: float) -> int:
     if args.predict_only or args.profile is not None or held_calibrations(args.out):
         try:        # the report covers every slice OUT holds results of, whichever were measured now
             compare(scenario, scenario.slices, store, args.profile)
-        except HardwareProfileError as e:
+        except (HardwareProfileError, NotCalibrated) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"-> {args.out}/validation.csv, summary.txt, validation.png ({time.monotonic() - started:.0f} s)",

@@ -1,7 +1,7 @@
 """What a measuring call needs of each slice, checked before anything runs: a slice's trace (read whole: one cut
-short or damaged), a live slice's checkpoint (its config.json and the headers of its weight files), its tokenizer
-and corpus, its lookahead gate, and whether the slice's weights fit in the host memory available. A slice's inputs
-are otherwise read only when the slice starts, after the slices before it have run for minutes on a device.
+short or damaged; a replay's, one of another model than its shape, ``Trace.for_shape``), a live slice's checkpoint
+(its config.json and the headers of its weight files), its tokenizer and corpus, its lookahead gate, and whether the
+slice's weights fit in the host memory available. A slice's inputs are otherwise read only when the slice starts, after the slices before it have run for minutes on a device.
 
 The scenario's own checks (``validation.scenario``) cover what every call needs; these are the inputs only a
 measurement reads (``--predict-only`` and ``--timelines`` need no checkpoint, corpus or gate).
@@ -29,10 +29,18 @@ def slice_problems(sl: Slice, device_type: str, scenario: str) -> list[str]:
     problems, shape, checkpoint = [], None, None
     if sl.trace is not None:        # (its existence is the scenario's check) a replay reads it when the slice starts
         try:
-            load_trace(sl.trace)
+            trace = load_trace(sl.trace)
         except TraceError as err:
             problems.append(f"{where}: trace: {_one_line(err)} (a committed trace: git checkout -- {sl.trace}; or "
                             f"give the slice another 'trace')")
+        else:
+            if sl.mode == "replay":     # the routing is cut to the slice's shape (Trace.for_shape) when it starts
+                try:
+                    trace.for_shape(sl.model_shape())
+                except ValueError as err:
+                    problems.append(f"{where}: trace {sl.trace} does not fit shape {sl.shape or 'of the trace'}: "
+                                    f"{_one_line(err)}; give the slice a trace of that shape, or a 'shape' (or "
+                                    f"'layers') its routing covers")
     if sl.mode == "live" and sl.model != "random":
         path = Path(sl.model)
         try:

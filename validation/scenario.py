@@ -173,7 +173,9 @@ def scenario_from_dict(data: Any, origin: str) -> Scenario:
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise fail(f"repeats must be an integer >= 1, got {repeats!r}")
     deadline = data.get("deadline_s")
-    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or deadline <= 0):
+    # as --deadline-s (real.bench.args.positive_float): not > 0 refuses NaN too, which no comparison stops at
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                 or not deadline > 0):
         raise fail(f"deadline_s must be a positive number of seconds, got {deadline!r}")
     raw = data.get("slices")
     if not isinstance(raw, dict) or not raw:

@@ -14,7 +14,8 @@ calibration's micro-benchmarks, a training script) keeps the runs; a calibration
 calibration's own modules (``calibration_code``). A prediction's key adds the profile's content and the
 simulator's code. So a change to the simulator re-predicts without re-measuring, and a change to the
 engine re-measures. Files are written atomically (``traces.io.atomic_write``): a killed call leaves whole
-files or none.
+files or none; one damaged all the same (cut short by a full disk, a copy, an edit) is named by ``damaged_files``
+and read as absent (``Store.read``), so a measuring call measures it again and rewrites it.
 """
 from __future__ import annotations
 
@@ -119,21 +120,67 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def read_json(path: Path) -> tuple[dict | None, str | None]:
+    """The JSON object in the file ``path``, or None and why it holds none, in words."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except OSError as err:
+        return None, f"cannot be read ({err.strerror or err})"
+    except ValueError as err:       # JSONDecodeError (a file cut short), UnicodeDecodeError
+        return None, f"not valid JSON ({err})"
+    if not isinstance(data, dict):
+        return None, f"not a JSON object (a {type(data).__name__})"
+    return data, None
+
+
+# the JSON files a store holds, as globs under OUT
+STORED_JSON = ("calibration/*.json", "engine/*/*.json", "engine/*/inputs/*.json", "sim/*/*.json")
+
+
+def damaged_files(out: Path, traces: tuple[str, ...] = ()) -> dict[Path, str]:
+    """{file: what is wrong with it} of the store's JSON files (``STORED_JSON``) that hold no JSON object, and of
+    the traces under ``out`` matching the globs ``traces`` (``traces.load_trace``: cut short or damaged)."""
+    from traces import load_trace
+    from traces.io import TraceError
+    found = {}
+    for pattern in STORED_JSON:
+        for path in sorted(Path(out).glob(pattern)):
+            _, problem = read_json(path)
+            if problem is not None:
+                found[path] = problem
+    for pattern in traces:
+        for path in sorted(Path(out).glob(pattern)):
+            try:
+                load_trace(path)
+            except TraceError as err:
+                # the loader's words end with a fix for a trace one exports (re-export it), not for a stored result
+                parts = " ".join(str(err).removeprefix(f"{path}: ").split()).split(": ")
+                found[path] = "not a whole trace (" + ": ".join(parts[:-1] if len(parts) > 2 else parts) + ")"
+    return found
+
+
 class Store:
     def __init__(self, out: Path):
         self.out = Path(out)
+        self.damaged: set[Path] = set()     # files named damaged (``damaged_files``): read as absent
 
     def path(self, kind: str, slice_name: str, key: str, suffix: str = ".json") -> Path:
         return self.out / kind / slice_name / f"{key}{suffix}"
 
     def read(self, path: Path) -> dict | None:
-        """The JSON at ``path``, or None when it is absent (a torn file cannot exist: writes are atomic)."""
-        if not path.is_file():
+        """The JSON at ``path``, or None when it is absent or one of ``damaged`` (a torn file cannot come from a
+        write here, which is atomic: a damaged one is named before anything runs, ``damaged_files``). ValueError
+        naming the file and the fix for a damaged file not named so."""
+        if not path.is_file() or Path(path) in self.damaged:
             return None
-        return json.loads(path.read_text())
+        data, problem = read_json(path)
+        if problem is not None:
+            raise ValueError(f"{path}: {problem}; delete it to measure it again")
+        return data
 
     def write(self, path: Path, obj: dict) -> None:
         atomic_write(path, lambda f: json.dump(_plain(obj), f, indent=1))
+        self.damaged.discard(Path(path))        # rewritten whole
 
     def calibration_path(self, slice_name: str) -> Path:
         return self.out / "calibration" / f"{slice_name}.json"
@@ -143,7 +190,7 @@ class Store:
         (``written_at``, UTC ISO 8601), which a copy or a git checkout keeps, then by the file's modification
         time (results from before the field existed, older than every result that has it)."""
         folder = self.out / "engine" / slice_name
-        results = [(json.loads(p.read_text()), p.stat().st_mtime_ns) for p in folder.glob("*.json")] \
-            if folder.is_dir() else []
+        results = [(self.read(p), p.stat().st_mtime_ns) for p in folder.glob("*.json")] if folder.is_dir() else []
+        results = [r for r in results if r[0] is not None]      # a damaged one is no result
         results.sort(key=lambda r: (r[0].get("written_at") or "", r[1]), reverse=True)
         return [r for r, _ in results]
