@@ -490,10 +490,10 @@ def test_the_fitted_patterns_are_predicted_at_the_calibrations_precision(smoke):
     """The simulator gives back the ``hits`` pattern exactly as the fit built it, at the calibration's own
     precision (float32 on a CPU; its measured compute is keyed by it, where a bf16 default fell back to the
     analytic model: -79 %): each step's kernels timed alone plus the fitted per-layer overhead, to the
-    nanosecond. Against the engine's own median it is then within 10 % where that overhead came out >= 0; where
-    a loaded machine made the kernels alone slower than the steps that run them (+43 % seen in CI), the overhead
-    is kept at 0 and the summary line says so. ``misses`` adds a CPU's copies, which a shared machine times
-    loosely (+31 % seen in CI), so it is held to 60 %, still far from the bug's -79 %."""
+    simulator's whole-ns rounding of each constant. Against the engine's own median it is then within 10 % where
+    that overhead came out >= 0; where a loaded machine made the kernels alone slower than the steps that run them
+    (+43 % seen in CI), the overhead is kept at 0 and the summary line says so. ``misses`` adds a CPU's copies,
+    which a shared machine times loosely (+31 % seen in CI), so it is held to 60 %, still far from the bug's -79 %."""
     import re
     import yaml
     from traces import ModelShape
@@ -505,7 +505,8 @@ def test_the_fitted_patterns_are_predicted_at_the_calibrations_precision(smoke):
     positions = np.arange(SKIP_STEPS, len(calibration["patterns"]["hits"]["step_ms"]))
     built = np.median(kernels_us(entry, shape, positions) + shape.num_layers * entry["layer_overhead_us"]) / 1e3
     predicted, measured = pattern_check(calibration, load_hardware(smoke / "cpu-measured.yaml"))["hits"]
-    assert predicted == pytest.approx(built, abs=1e-6)
+    # the simulator keeps each constant in whole ns: up to half a ns off per rounded term, a few per layer
+    assert predicted == pytest.approx(built, abs=1e-6 * (shape.num_layers * (3 + shape.top_k) + 1))
     line = next(x for x in (smoke / "summary.txt").read_text().splitlines()
                 if x.startswith("tiny-replay: calibration patterns"))
     notes = json.loads((smoke / "profile_fit_notes.json").read_text())[shape.name]
