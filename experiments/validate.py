@@ -30,7 +30,9 @@ validation.csv's ``profile`` columns, each new prediction in OUT/sim/): --predic
 
 Under a deadline (``--deadline-s`` or the scenario's ``deadline_s``) a slice whose calibration would end past it is
 not started (nor its runs), and the end of the call names it: a calibration is taken to last as long as the slice's
-previous one recorded, ``UNKNOWN_CALIBRATION_S`` when OUT holds none.
+previous one recorded, ``UNKNOWN_CALIBRATION_S`` when OUT holds none. A call that the deadline leaves incomplete
+(a slice not started, runs not made) exits with ``INCOMPLETE_EXIT`` (3), after its report: a script or CI job calls
+again until it exits 0, and a deadline too short for any progress fails instead of passing (1: runs that failed).
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ from validation.store import Store, changed_files, damaged_files, engine_files
 # A slice's calibration time when OUT holds none of it to go by: on the H200 they took 21-87 s, after 10-54 s of
 # building the model; twice the longest, since a slice too large for what is left is better left to the next call.
 UNKNOWN_CALIBRATION_S = 180.0
+INCOMPLETE_EXIT = 3      # the deadline left work undone: not a failure of what ran (1), not bad input (2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -652,7 +655,7 @@ def _main(args, name: str, started: float) -> int:
     if problems:        # the report holds what did run; the call still fails, naming what did not
         print(exit_message(problems, args.out), file=sys.stderr)
         return 1
-    return 0
+    return INCOMPLETE_EXIT if incomplete else 0
 
 
 if __name__ == "__main__":
