@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.config import SWEEP_KEYS, ConfigError, RunConfig, typed_params
+from experiments.hook_signatures import check_hook_signatures
 from experiments.results import config_hash, row_inputs, trace_sha256
 from hardware.profile import HardwareProfile, load_hardware
 from offload.cache import CacheMode, ExpertCache
@@ -215,6 +216,7 @@ def validate_grid(configs: list[RunConfig]) -> None:
     for policy, params in {(c.policy, typed_params(c.policy_params)): (c.policy, c.policy_params)
                            for c in configs}.values():
         policy_cls = resolve_policy(policy)
+        check_hook_signatures(policy, policy_cls)
         try:
             check_params(policy_cls, dict(params))
         except ValueError as err:

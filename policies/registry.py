@@ -14,7 +14,6 @@ import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
-import inspect
 import site
 import sys
 import sysconfig
@@ -262,48 +261,7 @@ def resolve_policy(spec: str) -> type[Policy]:
                               f"cache, job), which every policy needs to make room for a copy; define it (return "
                               f"an evictable key of `scope`, e.g. from cache.evictable(scope)) or subclass a "
                               f"policy that has one (policies.lru.LRU)")
-    _check_hook_signatures(spec, cls)
     return cls
-
-
-# Every hook the controller calls, with the arguments it passes (after self): a hook that cannot take them fails
-# only when first called, deep in the controller, once per configuration; it is refused at load instead.
-HOOK_ARGUMENTS = {"preload": (), "on_access": ("access", "index", "key", "hit"), "on_insert": ("key",),
-                  "on_evict": ("key",), "choose_victim": ("scope", "cache", "job"), "execute": ("access",),
-                  "prefetch": ("access",)}
-
-
-def _check_hook_signatures(spec: str, cls: type[Policy]) -> None:
-    """PolicyLoadError naming the hook, where it is defined and the signature the controller calls, for a hook
-    ``cls`` overrides with something that is not callable or cannot take the controller's arguments. A
-    signature Python cannot read (a builtin, a C extension's callable) is left to fail at run time."""
-    for hook, args in HOOK_ARGUMENTS.items():
-        raw = inspect.getattr_static(cls, hook)
-        if raw is inspect.getattr_static(Policy, hook):
-            continue
-        wanted = f"def {hook}(self{''.join(', ' + a for a in args)})"
-        attr = getattr(cls, hook)
-        if not callable(attr):
-            raise PolicyLoadError(f"policy {spec!r}: {cls.__name__}.{hook} is {type(attr).__name__} "
-                                  f"{_shown_value(attr)}, not a method; the controller calls it: define {wanted}")
-        try:
-            signature = inspect.signature(attr)
-        except (TypeError, ValueError):
-            continue
-        # a plain function read from the class takes self first; a staticmethod or classmethod does not
-        passed = args if isinstance(raw, (staticmethod, classmethod)) else ("self", *args)
-        try:
-            signature.bind(*passed)
-        except TypeError:
-            code = getattr(inspect.unwrap(attr), "__code__", None)
-            site_ = f" (at {code.co_filename}:{code.co_firstlineno})" if code is not None else ""
-            raise PolicyLoadError(f"policy {spec!r}: {cls.__name__}.{hook}{signature}{site_} cannot take the "
-                                  f"arguments the controller passes; define {wanted}") from None
-
-
-def _shown_value(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # The fix for an error whose cause is how a policy runs, not what its code says: added to the message of such

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from experiments.hook_signatures import check_hook_signatures
 from experiments.sweep import main
 from policies.registry import PolicyLoadError, policy_sha256, resolve_policy
 from traces import save_trace, synthetic_trace
@@ -59,7 +60,7 @@ def test_a_hook_that_cannot_take_the_controllers_arguments_is_refused_at_load(na
     policy = tmp_path / "bad.py"
     policy.write_text(f"from policies.lru import LRU\n\n\nclass Bad(LRU):\n    {body}\n")
     with pytest.raises(PolicyLoadError, match=message):
-        resolve_policy(f"{policy}:Bad")
+        check_hook_signatures(f"{policy}:Bad", resolve_policy(f"{policy}:Bad"))
     out = tmp_path / "out"
     assert _sweep(trace_path, out, f"policy={policy}:Bad") == 2
     err = capsys.readouterr().err
@@ -73,7 +74,7 @@ def test_a_hook_that_cannot_take_the_controllers_arguments_is_refused_at_load(na
 def test_hooks_of_any_shape_that_take_the_arguments_load(body, tmp_path):
     policy = tmp_path / "fine.py"
     policy.write_text(f"from policies.lru import LRU\n\n\nclass Fine(LRU):\n    {body}\n")
-    assert resolve_policy(f"{policy}:Fine").__name__ == "Fine"
+    check_hook_signatures(f"{policy}:Fine", resolve_policy(f"{policy}:Fine"))
 
 
 # -- SystemExit from policy code -----------------------------------------------------------------------
