@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from experiments.config import SWEEP_KEYS, ConfigError, RunConfig, typed_params
-from experiments.hook_signatures import check_hook_signatures
 from experiments.results import config_hash, row_inputs, trace_sha256
 from hardware.profile import HardwareProfile, load_hardware
 from offload.cache import CacheMode, ExpertCache
@@ -213,6 +212,8 @@ def compute_notes(configs: list[RunConfig]) -> list[str]:
 
 def validate_grid(configs: list[RunConfig]) -> None:
     """Raise ConfigError / TraceError / ValueError naming the first bad value, before any run starts."""
+    # imported here: a check before the runs, not code a row is computed by (ROW_MODULES, the rows' key)
+    from experiments.hook_signatures import check_hook_signatures
     for policy, params in {(c.policy, typed_params(c.policy_params)): (c.policy, c.policy_params)
                            for c in configs}.values():
         policy_cls = resolve_policy(policy)
