@@ -40,8 +40,9 @@ def check_hook_signatures(spec: str, cls: type[Policy]) -> None:
             signature = inspect.signature(attr)
         except (TypeError, ValueError):
             continue
-        # a plain function read from the class takes self first; a staticmethod or classmethod does not
-        passed = args if isinstance(raw, (staticmethod, classmethod)) else ("self", *args)
+        # a plain function read from the class takes self first (Python binds it to the policy); a staticmethod,
+        # a classmethod or a callable object (an instance with __call__, a functools.partial) is called as it is
+        passed = ("self", *args) if inspect.isfunction(raw) else args
         try:
             signature.bind(*passed)
         except TypeError:

@@ -70,7 +70,8 @@ def test_a_hook_that_cannot_take_the_controllers_arguments_is_refused_at_load(na
 
 @pytest.mark.parametrize("body", ["@staticmethod\n    def choose_victim(scope, cache, job):\n        return None",
                                   "def choose_victim(self, *args, **kwargs):\n        return super().choose_victim(*args)",
-                                  "@classmethod\n    def on_insert(cls, key):\n        pass"])
+                                  "@classmethod\n    def on_insert(cls, key):\n        pass",
+                                  "on_evict = type('Call', (), {'__call__': lambda self, key: None})()"])
 def test_hooks_of_any_shape_that_take_the_arguments_load(body, tmp_path):
     policy = tmp_path / "fine.py"
     policy.write_text(f"from policies.lru import LRU\n\n\nclass Fine(LRU):\n    {body}\n")
