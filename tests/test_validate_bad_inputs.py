@@ -111,6 +111,22 @@ def test_a_damaged_stored_result_is_refused_by_a_report_naming_it(measured, tmp_
         assert _files(out) == before
 
 
+@pytest.mark.parametrize("content, words", [("{}", "fields key, slice, policy, cache_slots, runs missing"),
+                                             ('{"runs": 5}', "missing or of another type"),
+                                             (None, "a run in 'runs' is not an object")])
+def test_a_stored_result_that_is_json_but_no_result_is_named_too(measured, tmp_path, capsys, content, words):
+    """Valid JSON without a result's fields ({} , runs not a list) passed the check and gave KeyError or
+    TypeError tracebacks in the report."""
+    scenario, out = _copy(measured, tmp_path)
+    damaged = sorted((out / "engine" / "tiny").glob("*.json"))[0]
+    if content is None:
+        content = json.dumps({**json.loads(damaged.read_text()), "runs": [1]})
+    damaged.write_text(content)
+    line = refused(capsys, _exit("--scenario", scenario, "--out", out, "--predict-only"), str(damaged), words,
+                   "delete it, then measure it again")
+    assert line.startswith(f"error: {damaged}: not a whole result")
+
+
 def test_a_damaged_timed_run_is_named_as_a_stored_result(measured, tmp_path, capsys):
     """A timed run cut short, under --timelines, gave two tracebacks advising to re-export the trace with
     traces.io.save_trace: one line naming it as a stored result to delete and measure again."""

@@ -133,8 +133,23 @@ def read_json(path: Path) -> tuple[dict | None, str | None]:
     return data, None
 
 
-# the JSON files a store holds, as globs under OUT
-STORED_JSON = ("calibration/*.json", "engine/*/*.json", "engine/*/inputs/*.json", "sim/*/*.json")
+# the JSON files a store holds, as globs under OUT, with the fields every one of them holds and their types: a
+# file that is a JSON object but lacks them (cut to ``{}``, hand-edited) is no result either
+STORED_JSON = {"calibration/*.json": {"device": str},
+               "engine/*/*.json": {"key": str, "slice": str, "policy": str, "cache_slots": int, "runs": list},
+               "engine/*/inputs/*.json": {"model_id": str, "mask": list},
+               "sim/*/*.json": {"key": str, "engine_key": str, "tokens_per_s": (int, float)}}
+
+
+def _missing_fields(data: dict, fields: dict) -> str | None:
+    """Why ``data`` is not a whole stored result of its kind (``STORED_JSON``'s fields), or None."""
+    wrong = [name for name, kind in fields.items() if not isinstance(data.get(name), kind)
+             or isinstance(data.get(name), bool)]
+    if wrong:
+        return f"not a whole result (field{'s' if len(wrong) > 1 else ''} {', '.join(wrong)} missing or of another type)"
+    if "runs" in fields and not all(isinstance(run, dict) for run in data["runs"]):
+        return "not a whole result (a run in 'runs' is not an object)"
+    return None
 
 
 def damaged_files(out: Path, traces: tuple[str, ...] = ()) -> dict[Path, str]:
@@ -143,9 +158,10 @@ def damaged_files(out: Path, traces: tuple[str, ...] = ()) -> dict[Path, str]:
     from traces import load_trace
     from traces.io import TraceError
     found = {}
-    for pattern in STORED_JSON:
+    for pattern, fields in STORED_JSON.items():
         for path in sorted(Path(out).glob(pattern)):
-            _, problem = read_json(path)
+            data, problem = read_json(path)
+            problem = problem or _missing_fields(data, fields)
             if problem is not None:
                 found[path] = problem
     for pattern in traces:
