@@ -71,7 +71,7 @@ from experiments.results import ResultStore, config_hash, row_inputs
 from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, compute_notes, expected_seconds, hardware_for,
                                 record_timeline, run_config, share_traces, trace_slices, use_shared_traces,
                                 validate_grid)
-from hardware.profile import hardware_to_dict
+from hardware.profile import PROFILES_DIR, hardware_to_dict
 from offload.session import RunSettings
 from policies.registry import (BUILTIN, POLICY_PARAM_PREFIX, RUN_FAILURES, failure_site, param_text, policy_label,
                                resolve_policy)
@@ -921,14 +921,18 @@ def _canonical_path(text: str) -> str:
 def _canonical_value(key: str, value):
     """``value`` of ``key`` with the file it names, if it names one, as its canonical path (``_canonical_path``): a
     trace; a hardware profile given as a path (a YAML name or one with a separator, as hardware.profile.load_hardware
-    tells it from a profile's name, which stays); a policy's FILE.py of FILE.py:Class, made absolute only
+    tells it from a profile's name, which stays; a shipped profile's file becomes its name); a policy's FILE.py of FILE.py:Class, made absolute only
     (module:Class and the registry's names stay)."""
     if not isinstance(value, str):
         return value
     if key == "trace":
         return _canonical_path(value)
     if key == "hardware" and (value.endswith((".yaml", ".yml")) or "/" in value or "\\" in value):
-        return _canonical_path(value)
+        canonical = _canonical_path(value)
+        path = Path(canonical)
+        # a shipped profile's file is that profile: keyed by its name, as hardware=<name> gives it
+        shipped = path.parent == PROFILES_DIR.resolve() and path.suffix == ".yaml"
+        return path.stem if shipped and path.is_file() else canonical
     if key == "policy" and value not in BUILTIN and (m := _POLICY_FILE.match(value)) and os.path.isfile(m.group(1)):
         # Absolute, its links kept: a policy file's own modules are found beside the path it is given by (a link's
         # folder), and its name is the module's.

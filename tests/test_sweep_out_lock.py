@@ -187,3 +187,15 @@ def test_a_path_that_names_no_file_stays_as_given_for_its_error(tmp_path, monkey
     assert capsys.readouterr().err.splitlines() == [
         "error: missing.npz: file: no such trace file: check the path (traces.DEFAULT_TRACE is the committed sample)"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_shipped_profile_given_by_its_file_is_keyed_by_its_name(tmp_path, monkeypatch):
+    """hardware=a100-pcie4 and hardware=hardware/profiles/a100-pcie4.yaml were two keys, two folders, two rows."""
+    monkeypatch.chdir(PROFILES_DIR.parent.parent)
+    spellings = ["a100-pcie4", "hardware/profiles/a100-pcie4.yaml", str(PROFILES_DIR / "a100-pcie4.yaml"),
+                 "./hardware/../hardware/profiles/a100-pcie4.yaml"]
+    keyed = {sweep.canonical_spec(build_spec([f"hardware={h}"])).to_dict()["hardware"][0] for h in spellings}
+    assert keyed == {"a100-pcie4"}
+    copy = tmp_path / "a100-pcie4.yaml"        # the same name elsewhere is another file: its path
+    copy.write_bytes((PROFILES_DIR / "a100-pcie4.yaml").read_bytes())
+    assert sweep.canonical_spec(build_spec([f"hardware={copy}"])).to_dict()["hardware"] == [os.path.realpath(copy)]
