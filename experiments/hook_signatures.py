@@ -31,7 +31,14 @@ def check_hook_signatures(spec: str, cls: type[Policy]) -> None:
         if raw is inspect.getattr_static(Policy, hook):
             continue
         wanted = f"def {hook}(self{''.join(', ' + a for a in args)})"
+        if isinstance(raw, property):
+            raise PolicyLoadError(f"policy {spec!r}: {cls.__name__}.{hook} is a property, not a method; the "
+                                  f"controller calls it: define {wanted}")
         attr = getattr(cls, hook)
+        if inspect.iscoroutinefunction(attr) or inspect.isasyncgenfunction(attr):
+            # calling it only makes a coroutine, which nothing awaits: the hook would never run, without a word
+            raise PolicyLoadError(f"policy {spec!r}: {cls.__name__}.{hook} is an async def: the controller calls "
+                                  f"hooks synchronously and never awaits them; define {wanted}")
         if not callable(attr):
             shown = repr(attr) if len(repr(attr)) <= 40 else repr(attr)[:37] + "..."
             raise PolicyLoadError(f"policy {spec!r}: {cls.__name__}.{hook} is {type(attr).__name__} {shown}, not a "

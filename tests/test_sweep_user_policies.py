@@ -49,6 +49,8 @@ HOOKS = {
     "missing-args": ("def choose_victim(self, scope):\n        return None", r"choose_victim\(self, scope\) \(at .*bad\.py:\d+\) cannot take"),
     "not-callable": ("choose_victim = 5", r"choose_victim is int 5, not a method"),
     "on_access-short": ("def on_access(self, access, key):\n        pass", r"on_access\(self, access, key\).*def on_access\(self, access, index, key, hit\)"),
+    "async": ("async def on_access(self, access, index, key, hit):\n        pass", r"on_access is an async def"),
+    "property": ("@property\n    def choose_victim(self):\n        return None", r"choose_victim is a property, not a method"),
     "prefetch-keyword-only": ("def prefetch(self, *, access):\n        return None", r"def prefetch\(self, access\)"),
 }
 
