@@ -267,7 +267,7 @@ def measure(scenario: Scenario, slices, store: Store, args, started: float) -> t
             n_left = 1 + sum(later.name in pending for later in slices[i + 1:])
             share = slice_deadline(deadline, elapsed, n_left)
             print(f"{sl.name}: this call's share of the deadline: until {share:.0f} s (of {deadline:.0f} s; "
-                  f"{n_left} slices left)", flush=True)
+                  f"{n_left} slice{'s' if n_left > 1 else ''} left)", flush=True)
         m = SliceMeasurement(sl, store, scenario.repeats, device, dtype, _kernel_path())
         Inputs(store, sl.name).save(m.prepare())
         if deadline is not None and m.stored_calibration(args.calibration_steps) is None:

@@ -338,7 +338,7 @@ def test_slices_share_the_deadline_and_an_early_stop_is_named_and_resumed(tmp_pa
     printed = capsys.readouterr().out
     assert re.search(r"^a: this call's share of the deadline: until 50[01] s \(of 1000 s; 2 slices left\)$", printed,
                      re.MULTILINE)
-    assert "b: this call's share of the deadline: until 1000 s (of 1000 s; 1 slices left)" in printed
+    assert "b: this call's share of the deadline: until 1000 s (of 1000 s; 1 slice left)" in printed
     assert 500 <= deadlines[0] < 502 and deadlines[1] == 1000
     runs = pd.read_csv(out / "noise_floor.csv").set_index("slice")["runs"].to_dict()
     assert runs == {"a": 1, "b": 2}
@@ -349,7 +349,7 @@ def test_slices_share_the_deadline_and_an_early_stop_is_named_and_resumed(tmp_pa
     monkeypatch.setattr(engine_side, "Measurement", measurement)
     assert main(command) == 0
     printed = capsys.readouterr().out
-    assert "a: this call's share of the deadline: until 1000 s (of 1000 s; 1 slices left)" in printed
+    assert "a: this call's share of the deadline: until 1000 s (of 1000 s; 1 slice left)" in printed
     assert "incomplete" not in printed
     assert pd.read_csv(out / "noise_floor.csv").set_index("slice")["runs"].to_dict() == {"a": 2, "b": 2}
 
