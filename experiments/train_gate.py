@@ -17,11 +17,13 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from real.bench.args import check_out, checked_config, checkpoint_errors_exit
+from real.bench.args import (DTYPES, check_out, checked_config, checkpoint_errors_exit, non_negative_int,
+                             positive_float, positive_int)
 from real.corpus import DEFAULT_CORPUS_DIR
 from real.hidden_capture import capture_hidden_states
 from real.lookahead_gate import LookaheadGate, train_lookahead_gate, true_router_probs
@@ -36,13 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=non_negative_int, default=2000)
     p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of the recorded tokens held out (the last ones)")
     p.add_argument("--train-tokens", type=int, default=0,
                    help="train on this many tokens of the corpus's training split instead (0: on the recording)")
@@ -52,12 +54,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--holdout {args.holdout}: must be in (0, 1)")
     if args.depth < 1 or args.rank < 1 or args.steps < 0 or args.train_tokens < 0:
         p.error("--depth and --rank must be at least 1, --steps and --train-tokens at least 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible (use --device cpu)")
     if not args.model.is_dir():
         p.error(f"--model {args.model}: no such folder")
     config = checked_config(p, args.model)
     if args.depth > config.num_layers - 1:      # as make_tracks: a deeper row would predict no layer (NaN recall)
         p.error(f"--depth {args.depth}: {args.model} has {config.num_layers} layers, so a gate looks at most "
                 f"{config.num_layers - 1} layer(s) ahead; use --depth 1..{config.num_layers - 1}")
+    try:        # as make_tracks: a truncated or broken file, no hidden states, another model's recording
+        args.trace_obj = recorded_tokens(load_trace(args.trace), args.trace)
+        check_model_matches(args.trace_obj, SimpleNamespace(config=config), args.trace, args.model)
+    except ValueError as err:       # TraceError included
+        p.error(f"--trace {' '.join(str(err).split())}")
     check_out(p, args.out)
     return args
 
@@ -73,7 +82,7 @@ def evaluate(gate: LookaheadGate, hidden: np.ndarray, experts: np.ndarray) -> di
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    trace = recorded_tokens(load_trace(args.trace), args.trace)
+    trace = args.trace_obj
     with checkpoint_errors_exit():         # the weights (config.json was checked with the arguments)
         model = load_model(args.model, args.device, args.dtype)
     check_model_matches(trace, model, args.trace, args.model)

@@ -44,11 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="transformers experts kernel (grouped_mm, batched_mm, eager); default: the library's")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.minutes <= 0:
-        ap.error("--minutes must be positive")
+    if not 0 < args.minutes < float("inf"):        # NaN too: it failed after the data's preparation
+        ap.error(f"--minutes {args.minutes}: must be a positive number of minutes")
     if args.max_steps is not None and args.max_steps < 1:
         ap.error("--max-steps must be at least 1")
-    if args.max_epochs < 0:
+    if not args.max_epochs >= 0:       # NaN too
         ap.error("--max-epochs must be at least 0 (0 = no cap)")
     if args.compile is None:
         args.compile = args.device == "cuda"

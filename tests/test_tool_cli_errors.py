@@ -311,6 +311,34 @@ def test_train_gate_refuses_a_depth_the_model_has_no_layers_for(world, tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra, trace, words", [
+    (("--lr", "nan"), "recorded.npz", ["--lr", "must be positive"]),
+    (("--lr", "-1"), "recorded.npz", ["--lr", "must be positive"]),
+    (("--batch-size", "0"), "recorded.npz", ["--batch-size", "must be at least 1"]),     # trained nothing, exit 0
+    (("--batch-size", "-4"), "recorded.npz", ["--batch-size", "must be at least 1"]),
+    (("--dtype", "int8"), "recorded.npz", ["--dtype", "invalid choice: 'int8'"]),
+    ((), "bare.npz", ["--trace", "hidden_states: none recorded"]),
+    ((), "truncated.npz", ["--trace", "truncated or corrupt"]),
+    ((), "nope.npz", ["--trace"]),
+])
+def test_train_gate_refuses_bad_arguments_in_one_line_as_make_tracks(world, tmp_path, capsys, extra, trace, words):
+    """Each was a traceback (ValueError from the optimiser, a negative tensor dimension, TraceError, ...) or, for
+    --batch-size 0, a gate that learned nothing reported as trained."""
+    from experiments import train_gate
+    out = tmp_path / "gate"
+    refused(capsys, lambda: train_gate.main(["--trace", str(world / trace), "--model", str(world / "ckpt"),
+                                             "--out", str(out), "--device", "cpu", "--depth", "1", *extra]), *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--minutes", "nan"), ("--minutes", "inf"), ("--max-epochs", "nan")])
+def test_train_lm_refuses_a_nan_budget_before_preparing_data(world, tmp_path, capsys, flag, value):
+    """--minutes nan failed with a traceback after the data's preparation; --max-epochs nan passed unnoticed."""
+    from experiments import train_lm
+    refused(capsys, lambda: train_lm.main(["--out", str(tmp_path / "m"), "--device", "cpu", "--corpus",
+                                           str(world / "corpus"), flag, value]), flag)
+
+
 @pytest.mark.parametrize("where", ["a-file/sub", "locked"])
 def test_train_lm_refuses_an_out_it_cannot_write(world, capsys, locked, where):
     from experiments import train_lm
