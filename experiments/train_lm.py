@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.interrupts import sigterm_as_interrupt
 from real.corpus import DEFAULT_CORPUS_DIR
 from real.train_lm import SIZES, TrainSettings, replace_problem, train_and_save
 from traces.io import output_problem
@@ -68,7 +69,14 @@ def main(argv=None) -> dict:
     settings = TrainSettings(corpus=args.corpus, size=args.size, device=args.device, minutes=args.minutes,
                              seed=args.seed, max_steps=args.max_steps, max_epochs=args.max_epochs,
                              compile=args.compile, experts_implementation=args.experts_implementation)
-    return train_and_save(settings, args.out, [sys.executable, "-m", "experiments.train_lm", *args.argv])
+    try:
+        with sigterm_as_interrupt():
+            return train_and_save(settings, args.out, [sys.executable, "-m", "experiments.train_lm", *args.argv])
+    except KeyboardInterrupt:
+        # --out is written whole at the end (replaced as a whole): an interrupted run leaves it as it was
+        print(f"interrupted: nothing was written; {args.out} is as it was (the model is saved only when training "
+              f"ends): run the command again", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

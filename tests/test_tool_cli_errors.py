@@ -339,6 +339,35 @@ def test_train_lm_refuses_a_nan_budget_before_preparing_data(world, tmp_path, ca
                                            str(world / "corpus"), flag, value]), flag)
 
 
+def test_train_lm_ends_on_sigterm_in_one_line_leaving_nothing_behind(world, tmp_path):
+    """SIGTERM (timeout, a scheduler) killed it without a word and left its partial folder beside --out."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    corpus = tmp_path.parent / f"{tmp_path.name}-corpus"      # held-out splits long enough to train on
+    corpus.mkdir()
+    for files in DOMAIN_FILES.values():
+        for name in files:
+            (corpus / name).write_text("".join(f"the quick brown fox {i} jumps over the lazy dog {i % 7}.\n"
+                                              for i in range(4000)))
+    out = tmp_path / "model"
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.train_lm", "--out", str(out), "--size", "tiny",
+                             "--device", "cpu", "--corpus", str(corpus), "--max-steps", "100000"],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line, deadline = "", time.monotonic() + 120
+    while not line.startswith("step") and time.monotonic() < deadline:      # training steps are under way
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: nothing was written;") and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []          # neither --out nor its partial folder
+
+
 @pytest.mark.parametrize("where", ["a-file/sub", "locked"])
 def test_train_lm_refuses_an_out_it_cannot_write(world, capsys, locked, where):
     from experiments import train_lm
