@@ -188,6 +188,30 @@ def _probe_line(p: dict) -> str:
     return line
 
 
+def _report_problem(out: Path) -> str | None:
+    """Why ``out`` holds no report ``print_report`` can print (no session measured, a damaged table or sessions
+    file), or None. An empty folder, or another command's, printed "no sessions measured" and exited 0."""
+    floor, sessions = out / "noise_floor.csv", out / "noise_sessions.json"
+    recorded = {}
+    if sessions.exists():
+        try:
+            recorded = json.loads(sessions.read_text())
+            if not isinstance(recorded, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, OSError) as err:
+            return f"{sessions} is damaged ({' '.join(str(err).split())}); delete it and measure again"
+    if not floor.is_file():
+        if "host-probe" in recorded:        # a host probe alone: its line is the report
+            return None
+        return (f"holds no noise session (no {floor.name}): measure one with python -m experiments.noise --trace "
+                f"TRACE --out {out}")
+    try:
+        pd.read_csv(floor)
+    except (ValueError, OSError) as err:        # pandas' ParserError and EmptyDataError are ValueErrors
+        return f"{floor} is damaged ({' '.join(str(err).split())}); delete it and measure again"
+    return None
+
+
 def print_report(out: Path, only: str | None = None) -> None:
     """The floor table of every session in OUT (or of session ``only``), the spread over its
     configurations, and each A/B's differences read against the floor."""
@@ -372,6 +396,8 @@ def main(argv=None):
     parser.add_argument("--out", help="where the files go")
     args = parser.parse_args(argv)
     if args.report:
+        if (problem := _report_problem(Path(args.report))) is not None:
+            parser.error(f"--report {args.report}: {problem}")
         print_report(args.report)
         return None
     if not args.out:

@@ -135,6 +135,19 @@ def test_the_probe_and_report_options_are_checked(tmp_path, capsys, extra, words
     assert not (tmp_path / "out").exists()
 
 
+def test_a_report_of_a_folder_without_a_session_or_with_a_damaged_file_is_refused(tmp_path, capsys):
+    """An empty folder printed "no sessions measured" and exited 0; a damaged noise_sessions.json was a
+    JSONDecodeError traceback."""
+    refused(capsys, lambda: noise(["--report", str(tmp_path)]), "--report", "holds no noise session",
+            "python -m experiments.noise")
+    (tmp_path / "noise_floor.csv").write_text("session,policy\nx,lru\n")
+    (tmp_path / "noise_sessions.json").write_text('{"x": ')
+    refused(capsys, lambda: noise(["--report", str(tmp_path)]), "noise_sessions.json is damaged", "delete it")
+    (tmp_path / "noise_sessions.json").write_text('{"host-probe": {}}')
+    (tmp_path / "noise_floor.csv").write_text('"a,b\n')
+    refused(capsys, lambda: noise(["--report", str(tmp_path)]), "noise_floor.csv is damaged", "delete it")
+
+
 def test_a_failing_policy_exits_non_zero_naming_its_configuration(tiny_trace, tmp_path, capsys):
     """A policy that raises at every run: the others are measured, the tables written, the traceback filed under
     OUT/errors, and the command exits 1 naming the failed configuration (it exited 0 beside a NaN row)."""
