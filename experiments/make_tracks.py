@@ -151,7 +151,10 @@ def main(argv=None) -> list[dict]:
     if args.recall_csv:
         atomic_write(args.recall_csv, lambda f: table.to_csv(f, index=False))
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    print(f"-> {args.out} ({trace.num_tokens} tokens, tracks {sorted(predictors)}) in {time.perf_counter() - t0:.1f}s")
+    # the input's other tracks stay in the output (compute_tracks merges): say so, or a user reads them as dropped
+    kept = sorted(set(out.predictions) - set(predictors))
+    print(f"-> {args.out} ({trace.num_tokens} tokens, tracks computed {sorted(predictors)}"
+          + (f", kept from {args.trace}: {kept}" if kept else "") + f") in {time.perf_counter() - t0:.1f}s")
     return rows
 
 

@@ -259,7 +259,8 @@ def test_import_gpt_oss_refuses_outputs_it_cannot_write_and_repeated_generations
             "--out", "is a file, not a folder")
     refused(capsys, lambda: import_main(["--src", str(src), "--generations", "0,2,0", "--out",
                                          str(tmp_path / "x.npz")]), "--generations 0,2,0", "0 given more than once")
-    assert not (tmp_path / "x.npz").exists()
+    refused(capsys, lambda: import_main([*base, "--out", str(tmp_path / "x.txt")]), "--out", "ending in .npz")
+    assert not (tmp_path / "x.npz").exists() and not (tmp_path / "x.txt").exists()
 
 
 @pytest.fixture

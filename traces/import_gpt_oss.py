@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (problem := output_problem(args.out, "file")) is not None:
         parser.error(f"--out {args.out}: {problem}")
+    if args.out.suffix != ".npz":       # a trace is an .npz file: the loaders look for one (a .txt held one silently)
+        parser.error(f"--out {args.out}: a trace is written as an .npz file; give a path ending in .npz")
     if not args.src.is_file():
         parser.error(f"{args.src}: no such file: the importer reads gpt-oss-20b-dev.npz, the project's shared "
                      f"routing data (../shared/data/routing/ beside the checkout); give its path with --src")
