@@ -27,6 +27,7 @@ from hardware.profile import hardware_to_dict, load_hardware
 from policies.registry import policy_sha256
 from traces.digest import ROOT, bytes_sha256, file_sha256, source_sha256
 from traces.io import atomic_write
+from traces.json_file import json_object
 
 if TYPE_CHECKING:
     import pandas as pd     # imported where tables are built: a sweep needs it only once its runs are done
@@ -101,19 +102,6 @@ def _dump_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=1) + "\n"
 
 
-def _json_object(path: Path) -> tuple[dict | None, str | None]:
-    """The JSON object in the file ``path``, or why it holds none (None and the problem in words)."""
-    try:
-        data = json.loads(path.read_bytes())
-    except OSError as err:
-        return None, f"cannot be read ({err.strerror or err})"
-    except ValueError as err:       # JSONDecodeError (a truncated file), UnicodeDecodeError
-        return None, f"not valid JSON ({err})"
-    if not isinstance(data, dict):
-        return None, f"not a JSON object (a {type(data).__name__})"
-    return data, None
-
-
 def _lacking(columns: list[str]) -> str:
     return f"it lacks {', '.join(columns[:3])}{f' and {len(columns) - 3} more' if len(columns) > 3 else ''}"
 
@@ -157,7 +145,7 @@ class ResultStore:
         path = self.row_path(config_hash)
         if not path.exists():
             return None
-        row, problem = _json_object(path)
+        row, problem = json_object(path)
         if problem is None:
             problem = self._row_problem(row, config_hash)
         if problem is not None:
@@ -165,7 +153,7 @@ class ResultStore:
         path = self.perf_path(config_hash)
         if not path.exists():       # a row without one is whole: perf.csv leaves it out
             return None
-        perf, problem = _json_object(path)
+        perf, problem = json_object(path)
         if problem is None:
             missing = [c for c in self.perf_columns if c not in perf]
             if missing:
@@ -195,7 +183,7 @@ class ResultStore:
         for path in sorted(self.rows_dir.glob("*.json")) if self.rows_dir.is_dir() else ():
             if path.stem in names:
                 continue
-            row, problem = _json_object(path)
+            row, problem = json_object(path)
             if problem is None and (missing := [f.name for f in dataclasses.fields(RunConfig) if f.name not in row]):
                 problem = f"not a row: {_lacking(missing)}"
             if problem is None:
@@ -228,7 +216,7 @@ class ResultStore:
         own = {config_hash(cfg, inputs) for cfg, inputs in pending}
         latest: dict[RunConfig, tuple[int, dict]] = {}
         for path in self.rows_dir.glob("*.json") if self.rows_dir.is_dir() else ():
-            row, problem = _json_object(path)
+            row, problem = json_object(path)
             if problem is not None or path.stem in own:    # damaged or foreign: said where it is found
                 continue
             try:

@@ -71,7 +71,7 @@ from experiments.results import ResultStore, config_hash, row_inputs
 from experiments.runner import (PERF_COLUMNS, ROW_COLUMNS, cached_trace, compute_notes, expected_seconds, hardware_for,
                                 record_timeline, run_config, share_traces, trace_slices, use_shared_traces,
                                 validate_grid)
-from hardware.profile import PROFILES_DIR, hardware_to_dict
+from hardware.profile import PROFILES_DIR, hardware_to_dict, is_profile_name
 from offload.session import RunSettings
 from policies.registry import (BUILTIN, POLICY_PARAM_PREFIX, RUN_FAILURES, failure_site, param_text, policy_label,
                                resolve_policy)
@@ -927,7 +927,7 @@ def _canonical_value(key: str, value):
         return value
     if key == "trace":
         return _canonical_path(value)
-    if key == "hardware" and (value.endswith((".yaml", ".yml")) or "/" in value or "\\" in value):
+    if key == "hardware" and not is_profile_name(value):
         canonical = _canonical_path(value)
         path = Path(canonical)
         # a shipped profile's file is that profile: keyed by its name, as hardware=<name> gives it

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hardware.profile import PROFILES_DIR, HardwareProfileError, hardware_from_dict, load_hardware
+from hardware.profile import HardwareProfileError, hardware_from_dict, load_hardware, profile_file
 from plots.figures import plot_validation
 from real.bench.args import cpu_threads, kernel_switch_error, positive_float, positive_int, switched_kernel_path
 from real.bench.engine_runs import exit_message, run_problems
@@ -324,23 +324,20 @@ def timelines(scenario: Scenario, slices, store: Store, profile_path: Path | Non
     return 0
 
 
+def measured_device(store: Store) -> str:
+    """The device OUT's results were measured on, as its copy table names it ("cpu" before it holds one)."""
+    return (store.read(store.out / "calibration" / "copies.json") or {}).get("device", "cpu")
+
+
 def comparison_profile(store: Store, scenario: Scenario, profile_path: Path | None, write: bool = True):
     """(the profile a report predicts with, the device OUT measured or None, its file, the fit's notes per model):
     ``--profile`` when given (no notes), else the fit of OUT's calibrations (``calibrated_profile``) for the device
     its copy table names, in OUT/<name>.yaml (written there unless ``write`` is False)."""
     if profile_path is not None:
         return load_hardware(profile_path), None, profile_file(profile_path), {}
-    device = (store.read(store.out / "calibration" / "copies.json") or {}).get("device", "cpu")
+    device = measured_device(store)
     profile, notes = calibrated_profile(store, scenario, device, write=write)
     return profile, device, store.out / f"{profile.name}.yaml", notes
-
-
-def profile_file(given: Path) -> Path:
-    """The file ``--profile`` names: a profile's name (no '/' and no .yaml suffix, as ``hardware=`` takes it) is
-    hardware/profiles/<name>.yaml, as ``load_hardware`` reads it; else the path given."""
-    text = str(given)
-    by_name = not (text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text)     # load_hardware's rule
-    return PROFILES_DIR / f"{text}.yaml" if by_name else Path(given)
 
 
 def _clamped_note(model_notes: dict, shape, checked: dict) -> str:
@@ -616,8 +613,8 @@ def _main(args, name: str, started: float) -> int:
     found += refused
     written = [f"timelines_{sl.name}.csv" for sl in chosen] if chosen is not None else list(REPORT_FILES)
     if chosen is None and args.profile is None and not refused:     # the profile fitted for the device OUT measured
-        device = (store.read(store.out / "calibration" / "copies.json") or {}).get("device", "cpu") \
-            if args.predict_only else torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        device = measured_device(store) if args.predict_only else \
+            torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         written.append(f"{fitted_name(device)}.yaml")
     if (problem := outputs_problem(args.out, written)) is not None:
         found.append(f"--out {args.out}: {problem}")

@@ -481,11 +481,24 @@ def available_hardware() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
 
-def load_hardware(name_or_path: str | Path) -> HardwareProfile:
-    """A profile by name (``hardware/profiles/<name>.yaml``) or by path to a YAML file."""
+def is_profile_name(name_or_path: str | Path) -> bool:
+    """Whether ``load_hardware`` reads ``name_or_path`` as a shipped profile's name (no ``.yaml``/``.yml`` suffix and
+    no path separator) rather than as a path to a YAML file."""
     text = str(name_or_path)
-    by_name = not (text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text)
-    path = PROFILES_DIR / f"{text}.yaml" if by_name else Path(text)
+    return not (text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text)
+
+
+def profile_file(name_or_path: str | Path) -> Path:
+    """The file ``load_hardware`` reads for ``name_or_path``: ``hardware/profiles/<name>.yaml`` for a name, else the
+    path as given (which may not exist)."""
+    return PROFILES_DIR / f"{name_or_path}.yaml" if is_profile_name(name_or_path) else Path(name_or_path)
+
+
+def load_hardware(name_or_path: str | Path) -> HardwareProfile:
+    """A profile by name (``hardware/profiles/<name>.yaml``) or by path to a YAML file (``profile_file``)."""
+    text = str(name_or_path)
+    by_name = is_profile_name(text)
+    path = profile_file(text)
     if not path.is_file():
         if by_name:
             raise HardwareProfileError(f"unknown hardware profile {text!r}; available: {available_hardware()}")

@@ -31,6 +31,19 @@ def _sweep(trace_path, out, *tokens):
     return main([f"trace={trace_path}", *tokens, "max_tokens=100", "--out", out, "--no-plots", "--workers", "1"])
 
 
+def _raising(tmp_path, name: str, when: str):
+    """A policy file in ``tmp_path`` that raises at run time where ``when``; its spec."""
+    (tmp_path / f"{name}.py").write_text(RAISING.format(when=when))
+    return f"{tmp_path / name}.py:Raising"
+
+
+def _failing_sweep(trace_path, out, capsys, *tokens):
+    """A sweep in which some configuration fails (exit code 1): what it printed, and its table's lines."""
+    assert _sweep(trace_path, out, *tokens) == 1
+    captured = capsys.readouterr()
+    return captured, _table(captured.out)
+
+
 def _table(stdout: str) -> list[str]:
     lines = stdout.splitlines()
     start = next(i for i, x in enumerate(lines) if x.startswith("policy "))
@@ -42,14 +55,11 @@ def test_a_configuration_that_failed_keeps_its_cell_in_the_table(trace_path, tmp
     """The defect's own case: one policy, failing at 3 slots only. The slots=3 column was left out of the table
     (no row held it), as if never asked for; now it is there, its cell marked, and the footer still counts the
     configurations that have rows."""
-    policy = tmp_path / "flaky.py"
-    policy.write_text(RAISING.format(when="self.ctx.cache_slots == 3"))
+    policy = _raising(tmp_path, "flaky", "self.ctx.cache_slots == 3")
     out = tmp_path / "out"
-    assert _sweep(trace_path, out, f"policy={policy}:Raising", "cache_slots=2,3") == 1
-    captured = capsys.readouterr()
-    table = _table(captured.out)
+    captured, table = _failing_sweep(trace_path, out, capsys, f"policy={policy}", "cache_slots=2,3")
     assert "slots=2" in table[0] and "slots=3" in table[0], table
-    (row,) = [x for x in table if x.startswith(f"{policy}:Raising ")]
+    (row,) = [x for x in table if x.startswith(f"{policy} ")]
     assert row.split()[-1] == FAILED_CELL and row.count("|") == 2, row     # slots=2's numbers, then the mark
     assert f"{FAILED_CELL}: the configuration failed, so it has no row in results.csv" in captured.out
     assert f"1 of 2 configurations in {out}/" in captured.out
@@ -59,16 +69,12 @@ def test_a_configuration_that_failed_keeps_its_cell_in_the_table(trace_path, tmp
 def test_every_configuration_of_the_grid_is_in_the_table_in_grid_order(trace_path, tmp_path, capsys):
     """A policy failing at every slot count keeps its row (all cells marked) where the grid names it; one failing at
     one slot count has its numbers at the other; a policy that ran is untouched."""
-    always = tmp_path / "always.py"
-    always.write_text(RAISING.format(when="True"))
-    flaky = tmp_path / "flaky.py"
-    flaky.write_text(RAISING.format(when="self.ctx.cache_slots == 2"))
+    always = _raising(tmp_path, "always", "True")
+    flaky = _raising(tmp_path, "flaky", "self.ctx.cache_slots == 2")
     out = tmp_path / "out"
-    assert _sweep(trace_path, out, f"policy={always}:Raising,lru,{flaky}:Raising", "cache_slots=2,3") == 1
-    captured = capsys.readouterr()
-    table = _table(captured.out)
+    captured, table = _failing_sweep(trace_path, out, capsys, f"policy={always},lru,{flaky}", "cache_slots=2,3")
     body = table[3:-1]
-    assert [x.split()[0] for x in body] == [f"{always}:Raising", "lru", f"{flaky}:Raising"], table
+    assert [x.split()[0] for x in body] == [always, "lru", flaky], table
     assert body[0].split()[1:] == [FAILED_CELL, FAILED_CELL]
     assert FAILED_CELL not in body[1] and body[1].count("|") == 4
     assert body[2].split()[1] == FAILED_CELL and body[2].count("|") == 2

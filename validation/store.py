@@ -27,6 +27,7 @@ from typing import Any
 from policies.registry import imported_module_names
 from traces.digest import ROOT, bytes_sha256, source_sha256
 from traces.io import atomic_write
+from traces.json_file import json_object
 
 ENGINE_PACKAGES = ("offload", "policies", "real", "traces")
 SIM_PACKAGES = ("offload", "hardware", "policies", "sim", "traces", "validation")
@@ -120,19 +121,6 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def read_json(path: Path) -> tuple[dict | None, str | None]:
-    """The JSON object in the file ``path``, or None and why it holds none, in words."""
-    try:
-        data = json.loads(Path(path).read_bytes())
-    except OSError as err:
-        return None, f"cannot be read ({err.strerror or err})"
-    except ValueError as err:       # JSONDecodeError (a file cut short), UnicodeDecodeError
-        return None, f"not valid JSON ({err})"
-    if not isinstance(data, dict):
-        return None, f"not a JSON object (a {type(data).__name__})"
-    return data, None
-
-
 # the JSON files a store holds, as globs under OUT, with the fields every one of them holds and their types: a
 # file that is a JSON object but lacks them (cut to ``{}``, hand-edited) is no result either
 STORED_JSON = {"calibration/*.json": {"device": str},
@@ -160,7 +148,7 @@ def damaged_files(out: Path, traces: tuple[str, ...] = ()) -> dict[Path, str]:
     found = {}
     for pattern, fields in STORED_JSON.items():
         for path in sorted(Path(out).glob(pattern)):
-            data, problem = read_json(path)
+            data, problem = json_object(path)
             problem = problem or _missing_fields(data, fields)
             if problem is not None:
                 found[path] = problem
@@ -189,7 +177,7 @@ class Store:
         naming the file and the fix for a damaged file not named so."""
         if not path.is_file() or Path(path) in self.damaged:
             return None
-        data, problem = read_json(path)
+        data, problem = json_object(path)
         if problem is not None:
             raise ValueError(f"{path}: {problem}; delete it to measure it again")
         return data
